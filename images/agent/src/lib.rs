@@ -1,0 +1,6 @@
+//! kiln's guest agent and its wire protocol.
+//!
+//! The library part is [`proto`], shared by the host (the executor) and the
+//! guest (the agent binary, `src/main.rs`).
+
+pub mod proto;

@@ -1,0 +1,475 @@
+//! The host <-> guest protocol, spoken over one binary-safe virtio-console port.
+//!
+//! A frame is `len: u32 LE | kind: u8 | body`, where `len` counts `kind` and
+//! `body`. `Output` and `Artifact` bodies are binary; every other body is a
+//! JSON object. The guest's first frame is [`Frame::Ready`], which carries
+//! [`PROTOCOL_VERSION`]; the host refuses any other version.
+//!
+//! Both sides treat the peer's bytes as hostile: a frame longer than
+//! [`MAX_FRAME`], an unknown kind or a malformed body is a [`ProtoError`],
+//! never a panic, and never an allocation larger than `MAX_FRAME`.
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped on every incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest `len` either side accepts (kind + body).
+pub const MAX_FRAME: usize = 1024 * 1024;
+/// Largest `Output` payload the agent sends in one frame.
+pub const MAX_OUTPUT_CHUNK: usize = 64 * 1024;
+
+const HEADER: usize = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Kind {
+    Ready = 1,
+    Start = 2,
+    Cancel = 3,
+    Output = 4,
+    StepStart = 5,
+    StepEnd = 6,
+    Artifact = 7,
+    Done = 8,
+    Log = 9,
+    Fatal = 10,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Kind> {
+        Some(match b {
+            1 => Kind::Ready,
+            2 => Kind::Start,
+            3 => Kind::Cancel,
+            4 => Kind::Output,
+            5 => Kind::StepStart,
+            6 => Kind::StepEnd,
+            7 => Kind::Artifact,
+            8 => Kind::Done,
+            9 => Kind::Log,
+            10 => Kind::Fatal,
+            _ => return None,
+        })
+    }
+}
+
+/// Which output stream of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stream {
+    Stdout = 1,
+    Stderr = 2,
+}
+
+/// Guest -> host: the agent is up and waits for `Start`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ready {
+    pub protocol: u32,
+    pub agent_version: String,
+    /// Guest uptime when the agent sent this, from `/proc/uptime`.
+    pub boot_ms: u64,
+    /// The guest kernel's release (`uname -r`).
+    pub kernel: String,
+}
+
+/// Host -> guest: what to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Start {
+    /// Environment for every step (image Env merged with the job's).
+    pub env: Vec<(String, String)>,
+    /// Absolute working directory inside the root filesystem; created if missing.
+    pub workdir: String,
+    /// The image's `User` (`name`, `uid`, `uid:gid`, `name:group`); empty = root.
+    pub user: String,
+    pub steps: Vec<StepSpec>,
+}
+
+/// When a step runs, given how the earlier ones went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum When {
+    OnSuccess,
+    OnFailure,
+    Always,
+}
+
+/// One step as the agent runs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepSpec {
+    pub name: String,
+    /// The program and its arguments. `{script}` in any argument is replaced by
+    /// the path of a file holding `script`.
+    pub argv: Vec<String>,
+    /// Script body written to a file before the step runs (may be empty).
+    pub script: String,
+    /// Added over [`Start::env`].
+    pub env: Vec<(String, String)>,
+    pub when: When,
+    /// Kill the step's process group after this long (0 = no limit).
+    pub timeout_ms: u64,
+    /// A failure of this step does not count as the job failing.
+    pub allow_failure: bool,
+}
+
+/// Host -> guest: stop the job. Graceful: SIGTERM the running step, then run
+/// the `Always` steps. Not graceful: SIGKILL and finish at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancel {
+    pub graceful: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepStart {
+    pub step: u32,
+}
+
+/// How a step ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepEnd {
+    pub step: u32,
+    /// The shell convention: the exit status, or 128 + signal number.
+    pub exit_code: i32,
+    pub duration_ms: u64,
+    pub timed_out: bool,
+    pub canceled: bool,
+    /// The step was not run (its `when` did not match).
+    pub skipped: bool,
+}
+
+/// Agent diagnostics for the debug log (never the job log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Log {
+    pub message: String,
+}
+
+/// The agent cannot go on (a system failure, not the job's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fatal {
+    pub message: String,
+}
+
+/// Every frame of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Ready(Ready),
+    Start(Start),
+    Cancel(Cancel),
+    Output { step: u32, stream: Stream, data: Vec<u8> },
+    StepStart(StepStart),
+    StepEnd(StepEnd),
+    Artifact(Vec<u8>),
+    Done,
+    Log(Log),
+    Fatal(Fatal),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ProtoError {
+    /// The declared length is 0 or above [`MAX_FRAME`].
+    BadLength(usize),
+    UnknownKind(u8),
+    /// The body does not parse as the kind's payload.
+    BadBody { kind: u8, detail: String },
+    /// The frame is too large to encode.
+    TooLarge(usize),
+}
+
+impl std::fmt::Display for ProtoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProtoError::BadLength(n) => write!(f, "frame length {n} is outside 1..={MAX_FRAME}"),
+            ProtoError::UnknownKind(k) => write!(f, "unknown frame kind {k}"),
+            ProtoError::BadBody { kind, detail } => write!(f, "malformed body in frame kind {kind}: {detail}"),
+            ProtoError::TooLarge(n) => write!(f, "frame of {n} bytes exceeds {MAX_FRAME}"),
+        }
+    }
+}
+
+impl std::error::Error for ProtoError {}
+
+impl Frame {
+    /// Append the encoded frame to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), ProtoError> {
+        let start = out.len();
+        out.extend_from_slice(&[0, 0, 0, 0]);
+        let json = |out: &mut Vec<u8>, kind: Kind, v: &dyn erased::Json| {
+            out.push(kind as u8);
+            v.write(out);
+        };
+        match self {
+            Frame::Ready(v) => json(out, Kind::Ready, v),
+            Frame::Start(v) => json(out, Kind::Start, v),
+            Frame::Cancel(v) => json(out, Kind::Cancel, v),
+            Frame::StepStart(v) => json(out, Kind::StepStart, v),
+            Frame::StepEnd(v) => json(out, Kind::StepEnd, v),
+            Frame::Log(v) => json(out, Kind::Log, v),
+            Frame::Fatal(v) => json(out, Kind::Fatal, v),
+            Frame::Done => out.push(Kind::Done as u8),
+            Frame::Output { step, stream, data } => {
+                out.push(Kind::Output as u8);
+                out.extend_from_slice(&step.to_le_bytes());
+                out.push(*stream as u8);
+                out.extend_from_slice(data);
+            }
+            Frame::Artifact(data) => {
+                out.push(Kind::Artifact as u8);
+                out.extend_from_slice(data);
+            }
+        }
+        let len = out.len() - start - HEADER;
+        if len > MAX_FRAME {
+            out.truncate(start);
+            return Err(ProtoError::TooLarge(len));
+        }
+        out[start..start + HEADER].copy_from_slice(&(len as u32).to_le_bytes());
+        Ok(())
+    }
+
+    /// Encode into a fresh buffer.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ProtoError> {
+        let mut v = Vec::new();
+        self.encode(&mut v)?;
+        Ok(v)
+    }
+
+    /// Decode one frame body (`kind` + payload, without the length prefix).
+    fn decode_body(body: &[u8]) -> Result<Frame, ProtoError> {
+        let (&k, payload) = body.split_first().ok_or(ProtoError::BadLength(0))?;
+        let kind = Kind::from_u8(k).ok_or(ProtoError::UnknownKind(k))?;
+        fn j<T: for<'de> Deserialize<'de>>(k: u8, p: &[u8]) -> Result<T, ProtoError> {
+            serde_json::from_slice(p).map_err(|e| ProtoError::BadBody { kind: k, detail: e.to_string() })
+        }
+        Ok(match kind {
+            Kind::Ready => Frame::Ready(j(k, payload)?),
+            Kind::Start => Frame::Start(j(k, payload)?),
+            Kind::Cancel => Frame::Cancel(j(k, payload)?),
+            Kind::StepStart => Frame::StepStart(j(k, payload)?),
+            Kind::StepEnd => Frame::StepEnd(j(k, payload)?),
+            Kind::Log => Frame::Log(j(k, payload)?),
+            Kind::Fatal => Frame::Fatal(j(k, payload)?),
+            Kind::Done => {
+                if !payload.is_empty() {
+                    return Err(ProtoError::BadBody { kind: k, detail: "Done carries no body".into() });
+                }
+                Frame::Done
+            }
+            Kind::Output => {
+                if payload.len() < 5 {
+                    return Err(ProtoError::BadBody { kind: k, detail: "Output shorter than its header".into() });
+                }
+                let step = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                let stream = match payload[4] {
+                    1 => Stream::Stdout,
+                    2 => Stream::Stderr,
+                    s => return Err(ProtoError::BadBody { kind: k, detail: format!("unknown stream {s}") }),
+                };
+                Frame::Output { step, stream, data: payload[5..].to_vec() }
+            }
+            Kind::Artifact => Frame::Artifact(payload.to_vec()),
+        })
+    }
+}
+
+mod erased {
+    /// Object-safe JSON writer, so `encode` can treat every JSON body alike.
+    pub trait Json {
+        fn write(&self, out: &mut Vec<u8>);
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn write(&self, out: &mut Vec<u8>) {
+            // Serialising these plain structs into a Vec cannot fail.
+            let _ = serde_json::to_writer(out, self);
+        }
+    }
+}
+
+/// Incremental, sans-I/O frame decoder: feed it bytes as they arrive, take
+/// frames out. Buffers at most one frame (plus one read's worth).
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    /// Set after an error: the stream is out of sync and must be dropped.
+    poisoned: bool,
+}
+
+impl Decoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Append bytes read from the peer.
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Bytes received but not yet part of a complete frame.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, ProtoError> {
+        if self.poisoned {
+            return Err(ProtoError::BadLength(0));
+        }
+        if self.buf.len() < HEADER {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len == 0 || len > MAX_FRAME {
+            self.poisoned = true;
+            return Err(ProtoError::BadLength(len));
+        }
+        if self.buf.len() < HEADER + len {
+            return Ok(None);
+        }
+        let result = Frame::decode_body(&self.buf[HEADER..HEADER + len]);
+        self.buf.drain(..HEADER + len);
+        if result.is_err() {
+            self.poisoned = true;
+        }
+        result.map(Some)
+    }
+}
+
+/// Split `data` into `Output` frames of at most [`MAX_OUTPUT_CHUNK`] bytes.
+pub fn output_frames(step: u32, stream: Stream, data: &[u8]) -> impl Iterator<Item = Frame> + '_ {
+    data.chunks(MAX_OUTPUT_CHUNK).map(move |c| Frame::Output { step, stream, data: c.to_vec() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_frames() -> Vec<Frame> {
+        vec![
+            Frame::Ready(Ready { protocol: PROTOCOL_VERSION, agent_version: "0.1.0".into(), boot_ms: 812, kernel: "6.1.0".into() }),
+            Frame::Start(Start {
+                env: vec![("PATH".into(), "/bin".into()), ("EMPTY".into(), String::new())],
+                workdir: "/builds/x".into(),
+                user: "1000:1000".into(),
+                steps: vec![StepSpec {
+                    name: "script".into(),
+                    argv: vec!["sh".into(), "-e".into(), "{script}".into()],
+                    script: "echo 'hi'\nexit 3\n".into(),
+                    env: vec![("A".into(), "b=c".into())],
+                    when: When::Always,
+                    timeout_ms: 5000,
+                    allow_failure: true,
+                }],
+            }),
+            Frame::Cancel(Cancel { graceful: true }),
+            Frame::Output { step: 7, stream: Stream::Stderr, data: (0..=255u8).collect() },
+            Frame::Output { step: 0, stream: Stream::Stdout, data: vec![] },
+            Frame::StepStart(StepStart { step: 2 }),
+            Frame::StepEnd(StepEnd { step: 1, exit_code: 137, duration_ms: 10, timed_out: true, canceled: false, skipped: false }),
+            Frame::Artifact(vec![0, 1, 2, 0xff]),
+            Frame::Done,
+            Frame::Log(Log { message: "loaded virtio_mmio".into() }),
+            Frame::Fatal(Fatal { message: "no root disk".into() }),
+        ]
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        for f in all_frames() {
+            let bytes = f.to_bytes().unwrap();
+            let mut d = Decoder::new();
+            d.push(&bytes);
+            assert_eq!(d.next_frame().unwrap(), Some(f));
+            assert_eq!(d.next_frame().unwrap(), None);
+            assert_eq!(d.pending(), 0);
+        }
+    }
+
+    #[test]
+    fn frames_split_at_every_byte_boundary_reassemble() {
+        let mut stream = Vec::new();
+        for f in all_frames() {
+            f.encode(&mut stream).unwrap();
+        }
+        let mut d = Decoder::new();
+        let mut got = Vec::new();
+        for b in &stream {
+            d.push(std::slice::from_ref(b));
+            while let Some(f) = d.next_frame().unwrap() {
+                got.push(f);
+            }
+        }
+        assert_eq!(got, all_frames());
+    }
+
+    #[test]
+    fn oversized_and_zero_lengths_are_rejected_without_allocating() {
+        for len in [0u32, (MAX_FRAME + 1) as u32, u32::MAX] {
+            let mut d = Decoder::new();
+            d.push(&len.to_le_bytes());
+            assert_eq!(d.next_frame(), Err(ProtoError::BadLength(len as usize)));
+            // Poisoned: nothing more comes out of an out-of-sync stream.
+            d.push(&Frame::Done.to_bytes().unwrap());
+            assert!(d.next_frame().is_err());
+        }
+    }
+
+    #[test]
+    fn malformed_bodies_are_errors_not_panics() {
+        let cases: Vec<Vec<u8>> = vec![
+            vec![99],                       // unknown kind
+            vec![1, b'{'],                  // truncated JSON
+            vec![1, b'[', b']'],            // wrong JSON shape
+            vec![4, 1, 0],                  // Output shorter than its header
+            vec![4, 0, 0, 0, 0, 3, b'x'],   // unknown stream
+            vec![8, 0],                     // Done with a body
+            vec![6, 0xff, 0xfe],            // invalid UTF-8 JSON
+        ];
+        for body in cases {
+            let mut bytes = (body.len() as u32).to_le_bytes().to_vec();
+            bytes.extend_from_slice(&body);
+            let mut d = Decoder::new();
+            d.push(&bytes);
+            assert!(d.next_frame().is_err(), "accepted {body:?}");
+        }
+    }
+
+    #[test]
+    fn random_garbage_never_panics() {
+        // A small deterministic xorshift: the decoder must survive any bytes.
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        for _ in 0..2000 {
+            let mut d = Decoder::new();
+            let n = (x % 64) as usize;
+            let mut bytes = Vec::with_capacity(n);
+            for _ in 0..n {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                bytes.push(x as u8);
+            }
+            // Keep lengths small so some frames complete and get parsed.
+            if bytes.len() >= 4 {
+                bytes[1] = 0;
+                bytes[2] = 0;
+                bytes[3] = 0;
+                bytes[0] %= 40;
+            }
+            d.push(&bytes);
+            while let Ok(Some(_)) = d.next_frame() {}
+        }
+    }
+
+    #[test]
+    fn output_is_chunked_below_the_frame_limit() {
+        let data = vec![7u8; MAX_OUTPUT_CHUNK * 2 + 1];
+        let frames: Vec<_> = output_frames(3, Stream::Stdout, &data).collect();
+        assert_eq!(frames.len(), 3);
+        for f in &frames {
+            assert!(f.to_bytes().unwrap().len() <= MAX_FRAME + HEADER);
+        }
+    }
+
+    #[test]
+    fn too_large_frames_are_refused_by_the_encoder() {
+        let f = Frame::Artifact(vec![0; MAX_FRAME]);
+        let mut out = vec![1, 2, 3];
+        assert!(matches!(f.encode(&mut out), Err(ProtoError::TooLarge(_))));
+        assert_eq!(out, vec![1, 2, 3]);
+    }
+}

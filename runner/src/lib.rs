@@ -1,0 +1,1 @@
+//! kiln: the CLI, the executor (job -> VM lifecycle) and the providers.

@@ -1,0 +1,1 @@
+//! Test support for kiln's end-to-end tests.
