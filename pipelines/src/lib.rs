@@ -5,6 +5,4 @@
 
 mod spec;
 
-pub use spec::{
-    ArtifactSpec, ArtifactWhen, JobSource, JobSpec, Shell, Step, StepWhen, Variable,
-};
+pub use spec::{ArtifactSpec, ArtifactWhen, JobSource, JobSpec, Shell, Step, StepWhen, Variable};

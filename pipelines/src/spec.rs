@@ -104,7 +104,12 @@ pub struct Variable {
 
 impl Variable {
     pub fn new(key: impl Into<String>, value: impl Into<String>) -> Self {
-        Variable { key: key.into(), value: value.into(), masked: false, file: false }
+        Variable {
+            key: key.into(),
+            value: value.into(),
+            masked: false,
+            file: false,
+        }
     }
 }
 
@@ -133,5 +138,10 @@ pub enum JobSource {
     /// A host directory copied into the VM's workspace (a local checkout).
     LocalDir(std::path::PathBuf),
     /// A git repository fetched on the host.
-    Git { url: String, refspecs: Vec<String>, sha: String, depth: Option<u32> },
+    Git {
+        url: String,
+        refspecs: Vec<String>,
+        sha: String,
+        depth: Option<u32>,
+    },
 }

@@ -1,1 +1,8 @@
 //! kiln: the CLI, the executor (job -> VM lifecycle) and the providers.
+
+pub mod agent;
+pub mod executor;
+pub mod paths;
+pub mod sink;
+
+pub use executor::{Executor, ExecutorConfig, FailureReason, JobResult};

@@ -88,7 +88,9 @@ impl std::str::FromStr for BackendKind {
             "auto" => Ok(BackendKind::Auto),
             "kvm" => Ok(BackendKind::Kvm),
             "qemu" => Ok(BackendKind::Qemu),
-            other => Err(format!("unknown backend '{other}' (expected auto, kvm or qemu)")),
+            other => Err(format!(
+                "unknown backend '{other}' (expected auto, kvm or qemu)"
+            )),
         }
     }
 }

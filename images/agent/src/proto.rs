@@ -152,7 +152,11 @@ pub enum Frame {
     Ready(Ready),
     Start(Start),
     Cancel(Cancel),
-    Output { step: u32, stream: Stream, data: Vec<u8> },
+    Output {
+        step: u32,
+        stream: Stream,
+        data: Vec<u8>,
+    },
     StepStart(StepStart),
     StepEnd(StepEnd),
     Artifact(Vec<u8>),
@@ -167,7 +171,10 @@ pub enum ProtoError {
     BadLength(usize),
     UnknownKind(u8),
     /// The body does not parse as the kind's payload.
-    BadBody { kind: u8, detail: String },
+    BadBody {
+        kind: u8,
+        detail: String,
+    },
     /// The frame is too large to encode.
     TooLarge(usize),
 }
@@ -177,7 +184,9 @@ impl std::fmt::Display for ProtoError {
         match self {
             ProtoError::BadLength(n) => write!(f, "frame length {n} is outside 1..={MAX_FRAME}"),
             ProtoError::UnknownKind(k) => write!(f, "unknown frame kind {k}"),
-            ProtoError::BadBody { kind, detail } => write!(f, "malformed body in frame kind {kind}: {detail}"),
+            ProtoError::BadBody { kind, detail } => {
+                write!(f, "malformed body in frame kind {kind}: {detail}")
+            }
             ProtoError::TooLarge(n) => write!(f, "frame of {n} bytes exceeds {MAX_FRAME}"),
         }
     }
@@ -235,7 +244,10 @@ impl Frame {
         let (&k, payload) = body.split_first().ok_or(ProtoError::BadLength(0))?;
         let kind = Kind::from_u8(k).ok_or(ProtoError::UnknownKind(k))?;
         fn j<T: for<'de> Deserialize<'de>>(k: u8, p: &[u8]) -> Result<T, ProtoError> {
-            serde_json::from_slice(p).map_err(|e| ProtoError::BadBody { kind: k, detail: e.to_string() })
+            serde_json::from_slice(p).map_err(|e| ProtoError::BadBody {
+                kind: k,
+                detail: e.to_string(),
+            })
         }
         Ok(match kind {
             Kind::Ready => Frame::Ready(j(k, payload)?),
@@ -247,21 +259,36 @@ impl Frame {
             Kind::Fatal => Frame::Fatal(j(k, payload)?),
             Kind::Done => {
                 if !payload.is_empty() {
-                    return Err(ProtoError::BadBody { kind: k, detail: "Done carries no body".into() });
+                    return Err(ProtoError::BadBody {
+                        kind: k,
+                        detail: "Done carries no body".into(),
+                    });
                 }
                 Frame::Done
             }
             Kind::Output => {
                 if payload.len() < 5 {
-                    return Err(ProtoError::BadBody { kind: k, detail: "Output shorter than its header".into() });
+                    return Err(ProtoError::BadBody {
+                        kind: k,
+                        detail: "Output shorter than its header".into(),
+                    });
                 }
                 let step = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
                 let stream = match payload[4] {
                     1 => Stream::Stdout,
                     2 => Stream::Stderr,
-                    s => return Err(ProtoError::BadBody { kind: k, detail: format!("unknown stream {s}") }),
+                    s => {
+                        return Err(ProtoError::BadBody {
+                            kind: k,
+                            detail: format!("unknown stream {s}"),
+                        })
+                    }
                 };
-                Frame::Output { step, stream, data: payload[5..].to_vec() }
+                Frame::Output {
+                    step,
+                    stream,
+                    data: payload[5..].to_vec(),
+                }
             }
             Kind::Artifact => Frame::Artifact(payload.to_vec()),
         })
@@ -332,7 +359,11 @@ impl Decoder {
 
 /// Split `data` into `Output` frames of at most [`MAX_OUTPUT_CHUNK`] bytes.
 pub fn output_frames(step: u32, stream: Stream, data: &[u8]) -> impl Iterator<Item = Frame> + '_ {
-    data.chunks(MAX_OUTPUT_CHUNK).map(move |c| Frame::Output { step, stream, data: c.to_vec() })
+    data.chunks(MAX_OUTPUT_CHUNK).map(move |c| Frame::Output {
+        step,
+        stream,
+        data: c.to_vec(),
+    })
 }
 
 #[cfg(test)]
@@ -341,9 +372,17 @@ mod tests {
 
     fn all_frames() -> Vec<Frame> {
         vec![
-            Frame::Ready(Ready { protocol: PROTOCOL_VERSION, agent_version: "0.1.0".into(), boot_ms: 812, kernel: "6.1.0".into() }),
+            Frame::Ready(Ready {
+                protocol: PROTOCOL_VERSION,
+                agent_version: "0.1.0".into(),
+                boot_ms: 812,
+                kernel: "6.1.0".into(),
+            }),
             Frame::Start(Start {
-                env: vec![("PATH".into(), "/bin".into()), ("EMPTY".into(), String::new())],
+                env: vec![
+                    ("PATH".into(), "/bin".into()),
+                    ("EMPTY".into(), String::new()),
+                ],
                 workdir: "/builds/x".into(),
                 user: "1000:1000".into(),
                 steps: vec![StepSpec {
@@ -357,14 +396,33 @@ mod tests {
                 }],
             }),
             Frame::Cancel(Cancel { graceful: true }),
-            Frame::Output { step: 7, stream: Stream::Stderr, data: (0..=255u8).collect() },
-            Frame::Output { step: 0, stream: Stream::Stdout, data: vec![] },
+            Frame::Output {
+                step: 7,
+                stream: Stream::Stderr,
+                data: (0..=255u8).collect(),
+            },
+            Frame::Output {
+                step: 0,
+                stream: Stream::Stdout,
+                data: vec![],
+            },
             Frame::StepStart(StepStart { step: 2 }),
-            Frame::StepEnd(StepEnd { step: 1, exit_code: 137, duration_ms: 10, timed_out: true, canceled: false, skipped: false }),
+            Frame::StepEnd(StepEnd {
+                step: 1,
+                exit_code: 137,
+                duration_ms: 10,
+                timed_out: true,
+                canceled: false,
+                skipped: false,
+            }),
             Frame::Artifact(vec![0, 1, 2, 0xff]),
             Frame::Done,
-            Frame::Log(Log { message: "loaded virtio_mmio".into() }),
-            Frame::Fatal(Fatal { message: "no root disk".into() }),
+            Frame::Log(Log {
+                message: "loaded virtio_mmio".into(),
+            }),
+            Frame::Fatal(Fatal {
+                message: "no root disk".into(),
+            }),
         ]
     }
 
@@ -412,13 +470,13 @@ mod tests {
     #[test]
     fn malformed_bodies_are_errors_not_panics() {
         let cases: Vec<Vec<u8>> = vec![
-            vec![99],                       // unknown kind
-            vec![1, b'{'],                  // truncated JSON
-            vec![1, b'[', b']'],            // wrong JSON shape
-            vec![4, 1, 0],                  // Output shorter than its header
-            vec![4, 0, 0, 0, 0, 3, b'x'],   // unknown stream
-            vec![8, 0],                     // Done with a body
-            vec![6, 0xff, 0xfe],            // invalid UTF-8 JSON
+            vec![99],                     // unknown kind
+            vec![1, b'{'],                // truncated JSON
+            vec![1, b'[', b']'],          // wrong JSON shape
+            vec![4, 1, 0],                // Output shorter than its header
+            vec![4, 0, 0, 0, 0, 3, b'x'], // unknown stream
+            vec![8, 0],                   // Done with a body
+            vec![6, 0xff, 0xfe],          // invalid UTF-8 JSON
         ];
         for body in cases {
             let mut bytes = (body.len() as u32).to_le_bytes().to_vec();

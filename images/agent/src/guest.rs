@@ -1,0 +1,798 @@
+//! The agent's life as PID 1. Linux only, raw syscalls through `libc`.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use kiln_agent::proto::{
+    self, Decoder, Fatal, Frame, Log, Ready, Start, StepEnd, StepSpec, StepStart, Stream, When,
+};
+
+use crate::user::{self, Identity};
+
+/// Where the image's root filesystem is assembled.
+const NEWROOT: &str = "/newroot";
+/// Inside the job's root: step scripts live here (a tmpfs).
+const SCRIPT_DIR: &str = "/run/kiln";
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// How long devices may take to appear after their modules load.
+const DEVICE_WAIT: Duration = Duration::from_secs(20);
+/// After a step's process exits, how long we keep reading output its
+/// background children may still write to the inherited pipes.
+const DRAIN_GRACE: Duration = Duration::from_millis(200);
+/// Graceful cancel: SIGTERM, then SIGKILL after this long.
+const TERM_GRACE: Duration = Duration::from_secs(5);
+
+type Result<T> = std::result::Result<T, String>;
+
+pub fn main() {
+    let mut port: Option<File> = None;
+    let outcome = run(&mut port);
+    let ok = outcome.is_ok();
+    if let Err(msg) = outcome {
+        kmsg(&format!("fatal: {msg}"));
+        if let Some(p) = port.as_mut() {
+            let _ = send(p, &Frame::Fatal(Fatal { message: msg }));
+        }
+    }
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    // SAFETY: reboot(2) with RB_AUTOBOOT ends the VM (reboot=k -> i8042
+    // reset, or QEMU -no-reboot). It only returns on error.
+    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+    // Still here (not PID 1, e.g. under test): exit instead.
+    std::process::exit(if ok { 0 } else { 1 });
+}
+
+fn run(port_slot: &mut Option<File>) -> Result<()> {
+    mount_early()?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    load_modules()?;
+    let port_path = wait_for(DEVICE_WAIT, "the agent's virtio-console port", find_port)?;
+    let port = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&port_path)
+        .map_err(|e| format!("open {port_path}: {e}"))?;
+    let port = port_slot.insert(port);
+
+    mount_root(&cmdline)?;
+
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    send(
+        port,
+        &Frame::Ready(Ready {
+            protocol: proto::PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            boot_ms: uptime_ms(),
+            kernel: kernel.trim().into(),
+        }),
+    )?;
+
+    let mut decoder = Decoder::new();
+    let start = loop {
+        match read_frame(port, &mut decoder)? {
+            Frame::Start(s) => break s,
+            Frame::Cancel(_) => {
+                send(port, &Frame::Done)?;
+                return Ok(());
+            }
+            other => log(port, &format!("ignoring {other:?} before Start")),
+        }
+    };
+    run_job(port, &mut decoder, start)?;
+    send(port, &Frame::Done)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- boot
+
+fn cstr(s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| format!("path with NUL byte: {s:?}"))
+}
+
+fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> Result<()> {
+    let _ = std::fs::create_dir_all(target);
+    let (s, t, f, d) = (cstr(src)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
+    // SAFETY: every pointer is a valid NUL-terminated string that outlives
+    // the call; mount(2) does not keep them.
+    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) };
+    if rc != 0 {
+        return Err(format!(
+            "mount {src} on {target} ({fstype}): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn mount_early() -> Result<()> {
+    mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755")?;
+    mount(
+        "proc",
+        "/proc",
+        "proc",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    )?;
+    mount(
+        "sysfs",
+        "/sys",
+        "sysfs",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    )?;
+    Ok(())
+}
+
+/// Load `/lib/modules/kiln/*.ko` in the order `/lib/modules/kiln/order` gives
+/// (dependencies first, computed on the host when the initramfs was built).
+fn load_modules() -> Result<()> {
+    let order = match std::fs::read_to_string("/lib/modules/kiln/order") {
+        Ok(o) => o,
+        Err(_) => return Ok(()), // a kernel with everything built in
+    };
+    for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let path = format!("/lib/modules/kiln/{name}");
+        let f = File::open(&path).map_err(|e| format!("open module {path}: {e}"))?;
+        let params = cstr("")?;
+        // SAFETY: finit_module(2) reads the module from the open descriptor
+        // `f` and the NUL-terminated (empty) parameter string.
+        let rc =
+            unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), params.as_ptr(), 0) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EEXIST) {
+                return Err(format!("load module {name}: {err}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            return Err(format!("{what} did not appear within {limit:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn find_port() -> Option<String> {
+    for e in std::fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
+        let name = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
+        if name.trim() == "org.kiln.agent.0" {
+            let dev = format!("/dev/{}", e.file_name().to_string_lossy());
+            if Path::new(&dev).exists() {
+                return Some(dev);
+            }
+        }
+    }
+    None
+}
+
+fn find_disk(serial: &str) -> Option<String> {
+    for e in std::fs::read_dir("/sys/block").ok()?.flatten() {
+        let s = std::fs::read_to_string(e.path().join("serial")).unwrap_or_default();
+        if s.trim() == serial {
+            let dev = format!("/dev/{}", e.file_name().to_string_lossy());
+            if Path::new(&dev).exists() {
+                return Some(dev);
+            }
+        }
+    }
+    None
+}
+
+fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Root filesystem: the image read-only, an overlay whose upper layer is on
+/// the scratch disk (or a tmpfs without one), and the API filesystems.
+fn mount_root(cmdline: &str) -> Result<()> {
+    let fstype = cmdline_value(cmdline, "kiln.rootfstype").unwrap_or("ext4");
+    let root = wait_for(DEVICE_WAIT, "the root disk (serial kiln-root)", || {
+        find_disk("kiln-root")
+    })?;
+    mount(&root, "/lower", fstype, libc::MS_RDONLY, "")?;
+    match find_disk("kiln-scratch") {
+        Some(dev) => mount(&dev, "/scratch", "ext4", libc::MS_NOATIME, "")?,
+        None if cmdline_value(cmdline, "kiln.scratch") == Some("none") => {
+            mount("tmpfs", "/scratch", "tmpfs", 0, "mode=0755")?
+        }
+        None => {
+            let dev = wait_for(
+                DEVICE_WAIT,
+                "the scratch disk (serial kiln-scratch)",
+                || find_disk("kiln-scratch"),
+            )?;
+            mount(&dev, "/scratch", "ext4", libc::MS_NOATIME, "")?
+        }
+    }
+    for d in ["/scratch/upper", "/scratch/work"] {
+        std::fs::create_dir_all(d).map_err(|e| format!("mkdir {d}: {e}"))?;
+    }
+    mount(
+        "overlay",
+        NEWROOT,
+        "overlay",
+        0,
+        "lowerdir=/lower,upperdir=/scratch/upper,workdir=/scratch/work",
+    )?;
+    let nr = |p: &str| format!("{NEWROOT}{p}");
+    mount(
+        "proc",
+        &nr("/proc"),
+        "proc",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    )?;
+    mount(
+        "sysfs",
+        &nr("/sys"),
+        "sysfs",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
+        "",
+    )?;
+    mount(
+        "devtmpfs",
+        &nr("/dev"),
+        "devtmpfs",
+        libc::MS_NOSUID,
+        "mode=0755",
+    )?;
+    mount(
+        "devpts",
+        &nr("/dev/pts"),
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )?;
+    mount(
+        "tmpfs",
+        &nr("/dev/shm"),
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=1777",
+    )?;
+    mount(
+        "tmpfs",
+        &nr(SCRIPT_DIR),
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=0755",
+    )?;
+    let _ = std::fs::create_dir_all(nr("/tmp"));
+    let _ = set_mode(&nr("/tmp"), 0o1777);
+    let hostname = b"kiln";
+    // SAFETY: the buffer is valid for `len` bytes.
+    unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) };
+    Ok(())
+}
+
+fn set_mode(path: &str, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("chmod {path}: {e}"))
+}
+
+fn uptime_ms() -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|s| (s * 1000.0) as u64)
+        .unwrap_or(0)
+}
+
+fn kmsg(msg: &str) {
+    if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
+        let _ = writeln!(f, "<3>kiln-agent: {msg}");
+    }
+}
+
+// ---------------------------------------------------------------- protocol
+
+fn send(port: &mut File, frame: &Frame) -> Result<()> {
+    let bytes = frame.to_bytes().map_err(|e| e.to_string())?;
+    port.write_all(&bytes)
+        .map_err(|e| format!("write to console port: {e}"))
+}
+
+fn log(port: &mut File, message: &str) {
+    kmsg(message);
+    let _ = send(
+        port,
+        &Frame::Log(Log {
+            message: message.into(),
+        }),
+    );
+}
+
+/// Block until one whole frame has arrived.
+fn read_frame(port: &mut File, decoder: &mut Decoder) -> Result<Frame> {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if let Some(f) = decoder
+            .next_frame()
+            .map_err(|e| format!("from host: {e}"))?
+        {
+            return Ok(f);
+        }
+        let n = port
+            .read(&mut buf)
+            .map_err(|e| format!("read console port: {e}"))?;
+        if n == 0 {
+            // The host side is not connected (yet); virtio-console reads 0.
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        decoder.push(&buf[..n]);
+    }
+}
+
+// ---------------------------------------------------------------- steps
+
+/// What the host asked for while a step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CancelState {
+    None,
+    Graceful,
+    Hard,
+}
+
+fn should_run(when: When, failed: bool, cancel: CancelState) -> bool {
+    match cancel {
+        CancelState::Hard => false,
+        CancelState::Graceful => when == When::Always,
+        CancelState::None => match when {
+            When::OnSuccess => !failed,
+            When::OnFailure => failed,
+            When::Always => true,
+        },
+    }
+}
+
+fn run_job(port: &mut File, decoder: &mut Decoder, start: Start) -> Result<()> {
+    let read = |p: &str| std::fs::read_to_string(format!("{NEWROOT}{p}")).unwrap_or_default();
+    let ident = match user::resolve(&start.user, &read("/etc/passwd"), &read("/etc/group")) {
+        Ok(i) => i,
+        Err(e) => return Err(format!("image user: {e}")),
+    };
+    let workdir = if start.workdir.is_empty() {
+        "/".to_string()
+    } else {
+        start.workdir.clone()
+    };
+    if !workdir.starts_with('/') {
+        return Err(format!("working directory '{workdir}' is not absolute"));
+    }
+    let host_workdir = format!("{NEWROOT}{workdir}");
+    if !Path::new(&host_workdir).exists() {
+        std::fs::create_dir_all(&host_workdir)
+            .map_err(|e| format!("create working directory {workdir}: {e}"))?;
+        let c = cstr(&host_workdir)?;
+        // SAFETY: `c` is a valid path string; lchown(2) does not keep it.
+        unsafe { libc::lchown(c.as_ptr(), ident.uid, ident.gid) };
+    }
+    let mut base_env = start.env.clone();
+    let has = |env: &[(String, String)], k: &str| env.iter().any(|(key, _)| key == k);
+    if !has(&base_env, "PATH") {
+        base_env.push(("PATH".into(), DEFAULT_PATH.into()));
+    }
+    if !has(&base_env, "HOME") {
+        base_env.push(("HOME".into(), ident.home.clone()));
+    }
+    if !has(&base_env, "HOSTNAME") {
+        base_env.push(("HOSTNAME".into(), "kiln".into()));
+    }
+
+    let mut failed = false;
+    let mut cancel = CancelState::None;
+    for (i, step) in start.steps.iter().enumerate() {
+        let idx = i as u32;
+        if !should_run(step.when, failed, cancel) {
+            send(
+                port,
+                &Frame::StepEnd(StepEnd {
+                    step: idx,
+                    exit_code: 0,
+                    duration_ms: 0,
+                    timed_out: false,
+                    canceled: false,
+                    skipped: true,
+                }),
+            )?;
+            continue;
+        }
+        send(port, &Frame::StepStart(StepStart { step: idx }))?;
+        let mut env = base_env.clone();
+        for (k, v) in &step.env {
+            env.retain(|(key, _)| key != k);
+            env.push((k.clone(), v.clone()));
+        }
+        let end = run_step(
+            port,
+            decoder,
+            idx,
+            step,
+            &env,
+            &workdir,
+            &ident,
+            &mut cancel,
+        )?;
+        if end.exit_code != 0 && !step.allow_failure {
+            failed = true;
+        }
+        send(port, &Frame::StepEnd(end))?;
+    }
+    Ok(())
+}
+
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+fn pipe() -> Result<Pipe> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2(2) writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by us alone.
+    Ok(unsafe {
+        Pipe {
+            read: OwnedFd::from_raw_fd(fds[0]),
+            write: OwnedFd::from_raw_fd(fds[1]),
+        }
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_step(
+    port: &mut File,
+    decoder: &mut Decoder,
+    idx: u32,
+    step: &StepSpec,
+    env: &[(String, String)],
+    workdir: &str,
+    ident: &Identity,
+    cancel: &mut CancelState,
+) -> Result<StepEnd> {
+    let started = Instant::now();
+    let script_path = format!("{SCRIPT_DIR}/step-{idx}.sh");
+    let host_script = format!("{NEWROOT}{script_path}");
+    std::fs::write(&host_script, &step.script).map_err(|e| format!("write {script_path}: {e}"))?;
+    set_mode(&host_script, 0o755)?;
+    let argv: Vec<String> = step
+        .argv
+        .iter()
+        .map(|a| a.replace("{script}", &script_path))
+        .collect();
+    if argv.is_empty() {
+        return Err(format!("step '{}' has no command", step.name));
+    }
+
+    let out = pipe()?;
+    let err = pipe()?;
+    let child = spawn(&argv, env, workdir, ident, &out, &err)?;
+    drop(out.write);
+    drop(err.write);
+
+    let mut fds: Vec<(Option<OwnedFd>, Stream)> = vec![
+        (Some(out.read), Stream::Stdout),
+        (Some(err.read), Stream::Stderr),
+    ];
+    let deadline = (step.timeout_ms > 0).then(|| started + Duration::from_millis(step.timeout_ms));
+    let mut status: Option<i32> = None;
+    let mut exited_at: Option<Instant> = None;
+    let mut timed_out = false;
+    let mut term_sent_at: Option<Instant> = None;
+    let mut step_canceled = false;
+    let mut buf = vec![0u8; proto::MAX_OUTPUT_CHUNK];
+
+    loop {
+        // Reap: our child, and any orphan re-parented to PID 1.
+        loop {
+            let mut st = 0;
+            // SAFETY: waitpid(2) with a valid out-pointer; WNOHANG never blocks.
+            let pid = unsafe { libc::waitpid(-1, &mut st, libc::WNOHANG) };
+            if pid <= 0 {
+                break;
+            }
+            if pid == child && status.is_none() {
+                status = Some(st);
+                exited_at = Some(Instant::now());
+            }
+        }
+        let open = fds.iter().any(|(fd, _)| fd.is_some());
+        if status.is_some() && (!open || exited_at.is_some_and(|t| t.elapsed() > DRAIN_GRACE)) {
+            break;
+        }
+        let now = Instant::now();
+        if status.is_none() {
+            if let Some(d) = deadline {
+                if now >= d && !timed_out {
+                    timed_out = true;
+                    kill_group(child, libc::SIGKILL);
+                }
+            }
+            if let Some(t) = term_sent_at {
+                if t.elapsed() > TERM_GRACE {
+                    kill_group(child, libc::SIGKILL);
+                }
+            }
+        }
+
+        let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(3);
+        let mut which: Vec<usize> = Vec::new();
+        for (i, (fd, _)) in fds.iter().enumerate() {
+            if let Some(fd) = fd {
+                pfds.push(libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+                which.push(i);
+            }
+        }
+        let port_fd: RawFd = port.as_raw_fd();
+        pfds.push(libc::pollfd {
+            fd: port_fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        let mut wait_ms: i64 = 50;
+        if let Some(d) = deadline {
+            wait_ms = wait_ms.min(d.saturating_duration_since(now).as_millis() as i64);
+        }
+        // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs.
+        let n = unsafe {
+            libc::poll(
+                pfds.as_mut_ptr(),
+                pfds.len() as libc::nfds_t,
+                wait_ms.max(0) as i32,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("poll: {e}"));
+        }
+        for (pi, &fi) in which.iter().enumerate() {
+            if pfds[pi].revents == 0 {
+                continue;
+            }
+            let stream = fds[fi].1;
+            let fd = match &fds[fi].0 {
+                Some(fd) => fd.as_raw_fd(),
+                None => continue,
+            };
+            // SAFETY: `buf` is valid for `buf.len()` bytes; `fd` is open.
+            let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if r > 0 {
+                send(
+                    port,
+                    &Frame::Output {
+                        step: idx,
+                        stream,
+                        data: buf[..r as usize].to_vec(),
+                    },
+                )?;
+            } else if r == 0
+                || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+            {
+                fds[fi].0 = None; // EOF or error: this stream is done
+            }
+        }
+        if pfds.last().is_some_and(|p| p.revents & libc::POLLIN != 0) {
+            // SAFETY: as above, for the port descriptor.
+            let r = unsafe { libc::read(port_fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if r > 0 {
+                decoder.push(&buf[..r as usize]);
+                while let Some(f) = decoder
+                    .next_frame()
+                    .map_err(|e| format!("from host: {e}"))?
+                {
+                    if let Frame::Cancel(c) = f {
+                        step_canceled = true;
+                        if c.graceful && *cancel == CancelState::None {
+                            *cancel = CancelState::Graceful;
+                            kill_group(child, libc::SIGTERM);
+                            term_sent_at = Some(Instant::now());
+                        } else {
+                            *cancel = CancelState::Hard;
+                            kill_group(child, libc::SIGKILL);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if timed_out || step_canceled {
+        kill_group(child, libc::SIGKILL);
+    }
+    let exit_code = status.map(exit_code).unwrap_or(-1);
+    Ok(StepEnd {
+        step: idx,
+        exit_code,
+        duration_ms: started.elapsed().as_millis() as u64,
+        timed_out,
+        canceled: step_canceled,
+        skipped: false,
+    })
+}
+
+/// The shell convention: the exit status, or 128 + the signal that killed it.
+fn exit_code(status: i32) -> i32 {
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        -1
+    }
+}
+
+fn kill_group(pid: i32, sig: i32) {
+    // SAFETY: kill(2) on the step's process group (it called setsid, so its
+    // pgid is its pid); a stale id at worst fails with ESRCH.
+    unsafe { libc::kill(-pid, sig) };
+}
+
+/// Fork and exec `argv` chrooted into the job's root, as `ident`.
+fn spawn(
+    argv: &[String],
+    env: &[(String, String)],
+    workdir: &str,
+    ident: &Identity,
+    out: &Pipe,
+    err: &Pipe,
+) -> Result<i32> {
+    // Everything the child needs is prepared before fork: the agent is
+    // single-threaded, but the child should only make raw syscalls.
+    let c_root = cstr(NEWROOT)?;
+    let c_wd = cstr(workdir)?;
+    let c_slash = cstr("/")?;
+    let c_null = cstr("/dev/null")?;
+    let path_var = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or(DEFAULT_PATH);
+    let candidates: Vec<CString> = exec_candidates(&argv[0], path_var)
+        .into_iter()
+        .filter_map(|p| CString::new(p).ok())
+        .collect();
+    let c_args: Vec<CString> = argv.iter().map(|a| cstr(a)).collect::<Result<_>>()?;
+    let c_env: Vec<CString> = env
+        .iter()
+        .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
+        .collect();
+    let mut p_args: Vec<*const libc::c_char> = c_args.iter().map(|c| c.as_ptr()).collect();
+    p_args.push(std::ptr::null());
+    let mut p_env: Vec<*const libc::c_char> = c_env.iter().map(|c| c.as_ptr()).collect();
+    p_env.push(std::ptr::null());
+    let groups: Vec<libc::gid_t> = ident.groups.clone();
+    let not_found = format!("kiln: {}: command not found\n", argv[0]);
+    let (out_w, err_w) = (out.write.as_raw_fd(), err.write.as_raw_fd());
+
+    // SAFETY: fork(2) in a single-threaded process; the child only performs
+    // raw syscalls on memory prepared above and then execs or _exits.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: in the child, every pointer refers to data allocated before
+        // fork and still alive; we never return from this block.
+        unsafe {
+            let fail = |msg: &[u8], code: i32| -> ! {
+                libc::write(2, msg.as_ptr().cast(), msg.len());
+                libc::_exit(code)
+            };
+            libc::setsid();
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            let null = libc::open(c_null.as_ptr(), libc::O_RDONLY);
+            libc::dup2(null, 0);
+            libc::dup2(out_w, 1);
+            libc::dup2(err_w, 2);
+            if libc::chroot(c_root.as_ptr()) != 0 || libc::chdir(c_slash.as_ptr()) != 0 {
+                fail(b"kiln: cannot enter the job's root filesystem\n", 125);
+            }
+            if libc::chdir(c_wd.as_ptr()) != 0 {
+                fail(b"kiln: cannot enter the working directory\n", 125);
+            }
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(ident.gid) != 0
+                || libc::setuid(ident.uid) != 0
+            {
+                fail(b"kiln: cannot switch to the image's user\n", 125);
+            }
+            let mut eacces = false;
+            for c in &candidates {
+                libc::execve(c.as_ptr(), p_args.as_ptr(), p_env.as_ptr());
+                if *libc::__errno_location() == libc::EACCES {
+                    eacces = true;
+                }
+            }
+            if eacces {
+                fail(b"kiln: permission denied\n", 126);
+            }
+            fail(not_found.as_bytes(), 127);
+        }
+    }
+    Ok(pid)
+}
+
+/// Where to look for `prog`: itself if it has a slash, else each PATH entry.
+fn exec_candidates(prog: &str, path: &str) -> Vec<String> {
+    if prog.contains('/') {
+        return vec![prog.to_string()];
+    }
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| format!("{}/{prog}", d.trim_end_matches('/')))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_run_by_when_failure_and_cancel() {
+        use CancelState::*;
+        assert!(should_run(When::OnSuccess, false, None));
+        assert!(!should_run(When::OnSuccess, true, None));
+        assert!(should_run(When::OnFailure, true, None));
+        assert!(!should_run(When::OnFailure, false, None));
+        assert!(should_run(When::Always, true, None));
+        assert!(should_run(When::Always, true, Graceful));
+        assert!(!should_run(When::OnSuccess, false, Graceful));
+        assert!(!should_run(When::Always, false, Hard));
+    }
+
+    #[test]
+    fn exit_codes_follow_the_shell_convention() {
+        assert_eq!(exit_code(0), 0);
+        assert_eq!(exit_code(3 << 8), 3);
+        assert_eq!(exit_code(libc::SIGKILL), 137);
+    }
+
+    #[test]
+    fn path_search() {
+        assert_eq!(exec_candidates("/bin/sh", "/x"), vec!["/bin/sh"]);
+        assert_eq!(
+            exec_candidates("sh", "/usr/bin:/bin/:"),
+            vec!["/usr/bin/sh", "/bin/sh"]
+        );
+    }
+
+    #[test]
+    fn cmdline_values() {
+        let c = "quiet kiln.rootfstype=erofs kiln.scratch=none";
+        assert_eq!(cmdline_value(c, "kiln.rootfstype"), Some("erofs"));
+        assert_eq!(cmdline_value(c, "kiln.scratch"), Some("none"));
+        assert_eq!(cmdline_value(c, "kiln.x"), Option::None);
+    }
+}

@@ -1,0 +1,270 @@
+//! OCI image layouts (`oci-layout`, `index.json`, `blobs/<alg>/<hex>`) and
+//! image configuration.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ImageError;
+
+const MAX_JSON: u64 = 4 << 20;
+
+/// What a job needs from the image's config.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    pub env: Vec<String>,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub working_dir: String,
+    pub user: String,
+    pub diff_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    #[serde(default)]
+    pub platform: Option<Platform>,
+    #[serde(default)]
+    pub annotations: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Platform {
+    pub architecture: String,
+    pub os: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Index {
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Manifest {
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    #[serde(default)]
+    config: Option<RawContainerConfig>,
+    rootfs: RawRootfs,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RawContainerConfig {
+    #[serde(default)]
+    env: Option<Vec<String>>,
+    #[serde(default)]
+    entrypoint: Option<Vec<String>>,
+    #[serde(default)]
+    cmd: Option<Vec<String>>,
+    #[serde(default)]
+    working_dir: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawRootfs {
+    #[serde(rename = "type")]
+    kind: String,
+    diff_ids: Vec<String>,
+}
+
+/// An image inside an OCI layout directory, resolved to one manifest.
+#[derive(Debug)]
+pub struct LayoutImage {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub manifest_digest: String,
+    pub config: ImageConfig,
+}
+
+impl LayoutImage {
+    /// Open `dir`, choosing the manifest tagged `tag` (annotation
+    /// `org.opencontainers.image.ref.name`), else the only one, else the
+    /// linux/amd64 one.
+    pub fn open(dir: &Path, tag: Option<&str>) -> Result<LayoutImage, ImageError> {
+        if !dir.join("oci-layout").is_file() {
+            return Err(ImageError::NotFound(format!(
+                "{} is not an OCI image layout (no oci-layout file)",
+                dir.display()
+            )));
+        }
+        let index: Index = parse_json(&read_limited(&dir.join("index.json"))?, "index.json")?;
+        let mut desc = pick(&index.manifests, tag, dir)?.clone();
+        // Follow nested indexes down to an image manifest.
+        for _ in 0..4 {
+            if !is_index(&desc.media_type) {
+                break;
+            }
+            let nested: Index = parse_json(&read_blob_verified(dir, &desc)?, &desc.digest)?;
+            desc = pick(&nested.manifests, None, dir)?.clone();
+        }
+        let manifest: Manifest = parse_json(&read_blob_verified(dir, &desc)?, &desc.digest)?;
+        let raw: RawConfig = parse_json(
+            &read_blob_verified(dir, &manifest.config)?,
+            &manifest.config.digest,
+        )?;
+        if raw.rootfs.kind != "layers" {
+            return Err(corrupt(
+                &manifest.config.digest,
+                "rootfs.type is not \"layers\"",
+            ));
+        }
+        if raw.rootfs.diff_ids.len() != manifest.layers.len() {
+            return Err(corrupt(
+                &manifest.config.digest,
+                &format!(
+                    "{} diff_ids for {} layers",
+                    raw.rootfs.diff_ids.len(),
+                    manifest.layers.len()
+                ),
+            ));
+        }
+        let c = raw.config.unwrap_or_default();
+        let config = ImageConfig {
+            env: c.env.unwrap_or_default(),
+            entrypoint: c.entrypoint.unwrap_or_default(),
+            cmd: c.cmd.unwrap_or_default(),
+            working_dir: c.working_dir.unwrap_or_default(),
+            user: c.user.unwrap_or_default(),
+            diff_ids: raw.rootfs.diff_ids,
+        };
+        Ok(LayoutImage {
+            dir: dir.to_path_buf(),
+            manifest,
+            manifest_digest: desc.digest.clone(),
+            config,
+        })
+    }
+
+    /// Path of a blob, after checking the digest's form (no path tricks).
+    pub fn blob_path(&self, d: &Descriptor) -> Result<PathBuf, ImageError> {
+        blob_path(&self.dir, &d.digest)
+    }
+}
+
+fn is_index(mt: &str) -> bool {
+    mt == "application/vnd.oci.image.index.v1+json"
+        || mt == "application/vnd.docker.distribution.manifest.list.v2+json"
+}
+
+fn pick<'a>(
+    list: &'a [Descriptor],
+    tag: Option<&str>,
+    dir: &Path,
+) -> Result<&'a Descriptor, ImageError> {
+    if let Some(t) = tag {
+        return list
+            .iter()
+            .find(|d| {
+                d.annotations
+                    .get("org.opencontainers.image.ref.name")
+                    .map(String::as_str)
+                    == Some(t)
+            })
+            .ok_or_else(|| {
+                ImageError::NotFound(format!("no image tagged '{t}' in {}", dir.display()))
+            });
+    }
+    let usable: Vec<&Descriptor> = list
+        .iter()
+        .filter(|d| {
+            d.platform
+                .as_ref()
+                .is_none_or(|p| p.os == "linux" && p.architecture == "amd64")
+        })
+        .filter(|d| !d.annotations.contains_key("vnd.docker.reference.type"))
+        .collect();
+    match usable.as_slice() {
+        [] => Err(ImageError::NotFound(format!(
+            "no linux/amd64 image in {}",
+            dir.display()
+        ))),
+        [one] => Ok(one),
+        many => Ok(many[0]),
+    }
+}
+
+fn corrupt(what: &str, detail: &str) -> ImageError {
+    ImageError::Corrupt {
+        what: what.to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+fn parse_json<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T, ImageError> {
+    serde_json::from_slice(bytes).map_err(|e| corrupt(what, &e.to_string()))
+}
+
+fn read_limited(p: &Path) -> Result<Vec<u8>, ImageError> {
+    use std::io::Read;
+    let f = std::fs::File::open(p).map_err(|e| ImageError::io("open", p, e))?;
+    let mut v = Vec::new();
+    f.take(MAX_JSON + 1)
+        .read_to_end(&mut v)
+        .map_err(|e| ImageError::io("read", p, e))?;
+    if v.len() as u64 > MAX_JSON {
+        return Err(corrupt(&p.display().to_string(), "larger than 4 MiB"));
+    }
+    Ok(v)
+}
+
+/// `blobs/<alg>/<hex>` for a well-formed `sha256:<64 hex>` digest.
+pub fn blob_path(dir: &Path, digest: &str) -> Result<PathBuf, ImageError> {
+    let hex = digest
+        .strip_prefix("sha256:")
+        .filter(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        })
+        .ok_or_else(|| corrupt(digest, "not a sha256 digest"))?;
+    Ok(dir.join("blobs").join("sha256").join(hex))
+}
+
+/// Read a small blob and check its size and digest.
+fn read_blob_verified(dir: &Path, d: &Descriptor) -> Result<Vec<u8>, ImageError> {
+    let p = blob_path(dir, &d.digest)?;
+    let bytes = read_limited(&p)?;
+    if bytes.len() as u64 != d.size {
+        return Err(corrupt(
+            &d.digest,
+            &format!("size {} but the descriptor says {}", bytes.len(), d.size),
+        ));
+    }
+    let got = format!("sha256:{}", crate::cache::sha256_hex(&[&bytes]));
+    if got != d.digest {
+        return Err(corrupt(&d.digest, &format!("content hashes to {got}")));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_with_path_tricks_are_refused() {
+        let d = Path::new("/x");
+        assert!(blob_path(d, "sha256:../../etc/passwd").is_err());
+        assert!(blob_path(d, "md5:abc").is_err());
+        assert!(blob_path(d, &format!("sha256:{}", "A".repeat(64))).is_err());
+        assert!(blob_path(d, &format!("sha256:{}", "a".repeat(64))).is_ok());
+    }
+
+    #[test]
+    fn a_directory_without_oci_layout_is_not_found() {
+        let t = tempfile::tempdir().unwrap();
+        let e = LayoutImage::open(t.path(), None).unwrap_err().to_string();
+        assert!(e.contains("not an OCI image layout"), "{e}");
+    }
+}

@@ -1,0 +1,201 @@
+//! `kiln doctor`: what this host has, and how to fix each gap.
+
+use std::path::Path;
+use std::process::{Command, ExitCode};
+
+use anyhow::Result;
+use kiln_images::{Cache, Kernel};
+use kiln_vmm::{BackendKind, KvmSupport};
+use serde::Serialize;
+
+#[derive(Serialize)]
+struct Check {
+    name: &'static str,
+    /// ok, warn or fail
+    status: &'static str,
+    detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fix: Option<String>,
+}
+
+fn tool_version(cmd: &str, args: &[&str]) -> Option<String> {
+    let o = Command::new(cmd).args(args).output().ok()?;
+    let text = if o.stdout.is_empty() {
+        o.stderr
+    } else {
+        o.stdout
+    };
+    String::from_utf8_lossy(&text)
+        .lines()
+        .next()
+        .map(|l| l.trim().to_string())
+}
+
+pub fn run(cache_dir: &Path, json: bool) -> Result<ExitCode> {
+    let mut checks = Vec::new();
+    let kvm = kiln_vmm::probe_kvm();
+    checks.push(match &kvm {
+        KvmSupport::Hardware => Check { name: "kvm", status: "ok", detail: kvm.describe(), fix: None },
+        KvmSupport::NoHardwareVirt(d) => Check {
+            name: "kvm",
+            status: "warn",
+            detail: d.clone(),
+            fix: Some("run kiln on a host with VT-x/AMD-V (bare metal or nested virtualization) for fast VMs".into()),
+        },
+        KvmSupport::Unavailable(d) => Check {
+            name: "kvm",
+            status: "warn",
+            detail: d.clone(),
+            fix: Some("modprobe kvm_intel (or kvm_amd) and give this user access to /dev/kvm".into()),
+        },
+    });
+    let qemu = kiln_vmm::qemu::qemu_binary();
+    checks.push(match tool_version(&qemu, &["--version"]) {
+        Some(v) => Check {
+            name: "qemu",
+            status: "ok",
+            detail: v,
+            fix: None,
+        },
+        None => Check {
+            name: "qemu",
+            status: "fail",
+            detail: format!("{qemu} not found"),
+            fix: Some("apt-get install qemu-system-x86".into()),
+        },
+    });
+    let backend = match BackendKind::Auto.resolve(&kvm) {
+        Ok((b, why)) => format!(
+            "{b:?}{}",
+            why.map(|w| format!(" ({w})")).unwrap_or_default()
+        ),
+        Err(e) => e.to_string(),
+    };
+    let accel = if kvm.runs_unmodified_guests() {
+        "qemu with KVM"
+    } else {
+        "qemu with TCG (slow)"
+    };
+    checks.push(Check {
+        name: "backend",
+        status: "ok",
+        detail: format!("auto selects {accel}: {backend}"),
+        fix: None,
+    });
+    for (tool, pkg) in [
+        ("mkfs.ext4", "e2fsprogs"),
+        ("modinfo", "kmod"),
+        ("apt-get", "apt"),
+        ("dpkg-deb", "dpkg"),
+    ] {
+        let found = Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        checks.push(if found {
+            Check {
+                name: tool,
+                status: "ok",
+                detail: "found".into(),
+                fix: None,
+            }
+        } else {
+            Check {
+                name: tool,
+                status: "fail",
+                detail: "not found".into(),
+                fix: Some(format!("apt-get install {pkg}")),
+            }
+        });
+    }
+    match Cache::open(cache_dir) {
+        Ok(cache) => {
+            let ks = Kernel::cached(&cache);
+            checks.push(match ks.first() {
+                Some(k) => Check {
+                    name: "kernel",
+                    status: "ok",
+                    detail: format!(
+                        "{} ({}), PVH {}",
+                        k.release,
+                        k.source,
+                        if k.pvh { "yes" } else { "no" }
+                    ),
+                    fix: None,
+                },
+                None => Check {
+                    name: "kernel",
+                    status: "warn",
+                    detail: format!("no guest kernel cached in {}", cache_dir.display()),
+                    fix: Some("kiln kernel fetch (run-job also fetches it on first use)".into()),
+                },
+            });
+        }
+        Err(e) => checks.push(Check {
+            name: "cache",
+            status: "fail",
+            detail: format!("{e}"),
+            fix: Some(format!(
+                "make {} writable or pass --cache-dir",
+                cache_dir.display()
+            )),
+        }),
+    }
+    checks.push(match kiln::agent::locate_agent() {
+        Ok(p) => Check {
+            name: "agent",
+            status: "ok",
+            detail: p.display().to_string(),
+            fix: None,
+        },
+        Err(e) => Check {
+            name: "agent",
+            status: "fail",
+            detail: e,
+            fix: Some(kiln::agent::BUILD_HINT.into()),
+        },
+    });
+    let run_dir = kiln::paths::default_run_dir();
+    let writable = std::fs::create_dir_all(&run_dir).is_ok() && tempfile_in(&run_dir);
+    checks.push(if writable {
+        Check {
+            name: "run-dir",
+            status: "ok",
+            detail: run_dir.display().to_string(),
+            fix: None,
+        }
+    } else {
+        Check {
+            name: "run-dir",
+            status: "fail",
+            detail: format!("{} is not writable", run_dir.display()),
+            fix: Some("set KILN_RUN_DIR to a writable directory".into()),
+        }
+    });
+
+    let failed = checks.iter().any(|c| c.status == "fail");
+    if json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        for c in &checks {
+            println!("{:<5} {:<10} {}", c.status, c.name, c.detail);
+            if let Some(f) = &c.fix {
+                println!("{:<16} fix: {f}", "");
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn tempfile_in(dir: &Path) -> bool {
+    let p = dir.join(format!(".doctor-{}", std::process::id()));
+    let ok = std::fs::write(&p, b"").is_ok();
+    let _ = std::fs::remove_file(&p);
+    ok
+}
