@@ -100,21 +100,22 @@ fn load_cached(image: &Path, meta: &Path) -> Option<Rootfs> {
 fn build_from_layout(cache: &Cache, img: &LayoutImage, label: &str) -> Result<Rootfs, ImageError> {
     let chain_id = apply::chain_id(&img.config.diff_ids);
     let (image_path, meta_path) = paths_for(cache, &chain_id);
+    // The ext4 image is shared by every image with the same layers (same
+    // ChainID); the config is each image's own, so it always comes from `img`.
+    let hit = |r: Rootfs| Rootfs {
+        source: label.to_string(),
+        config: img.config.clone(),
+        ..r
+    };
     if let Some(r) = load_cached(&image_path, &meta_path) {
-        return Ok(Rootfs {
-            source: label.to_string(),
-            ..r
-        });
+        return Ok(hit(r));
     }
     let _lock = cache.lock(&format!(
         "rootfs-{}",
         chain_id.trim_start_matches("sha256:")
     ))?;
     if let Some(r) = load_cached(&image_path, &meta_path) {
-        return Ok(Rootfs {
-            source: label.to_string(),
-            ..r
-        });
+        return Ok(hit(r));
     }
     let tmp = cache.temp_dir("rootfs")?;
     let tree = tmp.path().join("tree");

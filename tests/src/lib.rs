@@ -1,1 +1,6 @@
-//! Test support for kiln's end-to-end tests.
+//! Test support for kiln's end-to-end tests: image fixtures, the guest agent
+//! build, a shared kernel cache, and leak checks (no QEMU process, no per-VM
+//! file left behind).
+
+pub mod fixtures;
+pub mod harness;

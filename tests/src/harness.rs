@@ -1,0 +1,181 @@
+//! Shared set-up for tests that boot VMs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use kiln::{Executor, ExecutorConfig};
+use kiln_images::{Cache, Kernel};
+use kiln_vmm::BackendKind;
+
+use crate::fixtures::BusyboxImage;
+
+/// `target/kiln-tests`: a cache shared by every test run (kernel, initramfs,
+/// root filesystems), so only the first run pays for them.
+pub fn test_root() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("workspace root")
+                .join("target")
+        });
+    let d = target.join("kiln-tests");
+    std::fs::create_dir_all(&d).expect("create target/kiln-tests");
+    d
+}
+
+/// Why VM tests cannot run here, if they cannot.
+pub fn vm_skip_reason() -> Option<String> {
+    if Command::new(kiln_vmm::qemu::qemu_binary())
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return Some(
+            "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".into(),
+        );
+    }
+    if crate::fixtures::busybox_path().is_err() {
+        return Some("busybox-static is not installed".into());
+    }
+    None
+}
+
+/// The guest agent, built for musl once per test run.
+pub fn agent() -> PathBuf {
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    AGENT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("workspace root");
+            let st = Command::new(cargo)
+                .args([
+                    "build",
+                    "-q",
+                    "-p",
+                    "kiln-agent",
+                    "--target",
+                    "x86_64-unknown-linux-musl",
+                    "--profile",
+                    "agent",
+                ])
+                .current_dir(root)
+                .status()
+                .expect("run cargo to build the agent");
+            assert!(
+                st.success(),
+                "building the agent failed (rustup target add x86_64-unknown-linux-musl)"
+            );
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            target.join("x86_64-unknown-linux-musl/agent/kiln-agent")
+        })
+        .clone()
+}
+
+pub fn cache_dir() -> PathBuf {
+    test_root().join("cache")
+}
+
+/// The default guest kernel (fetched into the test cache on first use).
+pub fn kernel() -> Kernel {
+    static K: OnceLock<Kernel> = OnceLock::new();
+    K.get_or_init(|| {
+        let cache = Cache::open(cache_dir()).expect("open the test cache");
+        Kernel::default_kernel(&cache)
+            .expect("provision the default guest kernel (apt-get download)")
+    })
+    .clone()
+}
+
+/// The busybox fixture image (built once per run).
+pub fn busybox_image() -> PathBuf {
+    static IMG: OnceLock<PathBuf> = OnceLock::new();
+    IMG.get_or_init(|| {
+        let dir = test_root().join(format!("busybox-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        BusyboxImage::default()
+            .build(&dir)
+            .expect("build the busybox fixture");
+        dir
+    })
+    .clone()
+}
+
+/// A fresh, unique per-test run directory.
+pub fn run_dir(name: &str) -> PathBuf {
+    let d = test_root()
+        .join("run")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create the run dir");
+    d
+}
+
+pub fn config(run_dir: &Path) -> ExecutorConfig {
+    ExecutorConfig {
+        cache_dir: cache_dir(),
+        run_dir: run_dir.to_path_buf(),
+        agent: agent(),
+        kernel: kernel(),
+        backend: BackendKind::Auto,
+        vcpus: 1,
+        memory_mib: 512,
+        scratch_bytes: 4 << 30,
+        boot_timeout: Duration::from_secs(90),
+        default_job_timeout: Duration::from_secs(300),
+        log_dir: Some(test_root().join("logs")),
+        extra_cmdline: String::new(),
+    }
+}
+
+pub fn executor(run_dir: &Path) -> Executor {
+    Executor::new(config(run_dir)).expect("create the executor")
+}
+
+/// QEMU processes whose command line mentions `dir`.
+pub fn qemu_processes_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().to_string();
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("qemu-system") && cmd.contains(&needle) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Assert that no VM process and no per-VM file is left under `run_dir`.
+pub fn assert_no_leaks(run_dir: &Path) {
+    // A killed process may take a moment to be reaped.
+    for _ in 0..50 {
+        if qemu_processes_under(run_dir).is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        qemu_processes_under(run_dir),
+        Vec::<u32>::new(),
+        "QEMU processes left behind"
+    );
+    let left: Vec<_> = std::fs::read_dir(run_dir)
+        .expect("read the run dir")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "per-VM files left behind: {left:?}");
+}

@@ -1,0 +1,286 @@
+//! End-to-end: jobs in real VMs (qemu backend; TCG where KVM cannot run
+//! unmodified guests). Every test asserts that no QEMU process and no per-VM
+//! file is left behind.
+
+use std::time::{Duration, Instant};
+
+use kiln::executor::FailureReason;
+use kiln::sink::BufferSink;
+use kiln_agent::proto::Stream;
+use kiln_pipelines::{JobSpec, Shell, Step, StepWhen, Variable};
+use kiln_tests::fixtures::BusyboxImage;
+use kiln_tests::harness::{self, assert_no_leaks};
+
+macro_rules! skip_without_vm {
+    () => {
+        if let Some(why) = harness::vm_skip_reason() {
+            eprintln!("skipping: {why}");
+            return;
+        }
+    };
+}
+
+fn job(script: &str) -> JobSpec {
+    JobSpec::single(
+        "test",
+        harness::busybox_image().to_string_lossy(),
+        Step::script("script", script),
+    )
+}
+
+async fn run(name: &str, job: &JobSpec) -> (kiln::JobResult, BufferSink) {
+    let dir = harness::run_dir(name);
+    let ex = harness::executor(&dir);
+    let (_tx, rx) = tokio::sync::watch::channel(None);
+    let mut sink = BufferSink::default();
+    let result = ex.run(job, &mut sink, rx).await;
+    assert_no_leaks(&dir);
+    (result, sink)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdout_and_stderr_arrive_intact_and_in_order() {
+    skip_without_vm!();
+    let (r, sink) = run(
+        "order",
+        &job("i=0; while [ $i -lt 3000 ]; do echo \"out $i\"; echo \"err $i\" >&2; i=$((i+1)); done; uname -r; cat /etc/os-release"),
+    )
+    .await;
+    assert!(
+        r.success(),
+        "{r:?}\nstderr: {}",
+        String::from_utf8_lossy(&sink.stderr)
+    );
+    let out = String::from_utf8(sink.stdout).unwrap();
+    let err = String::from_utf8(sink.stderr).unwrap();
+    let out_lines: Vec<&str> = out.lines().collect();
+    let err_lines: Vec<&str> = err.lines().collect();
+    for i in 0..3000 {
+        assert_eq!(out_lines[i], format!("out {i}"));
+        assert_eq!(err_lines[i], format!("err {i}"));
+    }
+    assert_eq!(err_lines.len(), 3000, "stderr has only the job's lines");
+    assert!(
+        out.contains("cloud-amd64") || out.contains('.'),
+        "uname -r from inside the VM: {out}"
+    );
+    assert!(
+        out.contains("kiln busybox fixture"),
+        "the image's /etc/os-release: {out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_mib_of_binary_output_arrives_byte_for_byte() {
+    skip_without_vm!();
+    let (r, sink) = run(
+        "binary",
+        &job("head -c 10485760 /dev/urandom > /tmp/blob\ncat /tmp/blob\nsha256sum /tmp/blob >&2\nprintf '\\000\\001\\377' >&2"),
+    )
+    .await;
+    assert!(
+        r.success(),
+        "{r:?}\nstderr: {}",
+        String::from_utf8_lossy(&sink.stderr)
+    );
+    assert_eq!(sink.stdout.len(), 10 << 20);
+    use sha2::Digest;
+    let ours = hex::encode(sha2::Sha256::digest(&sink.stdout));
+    let theirs = String::from_utf8_lossy(&sink.stderr[..64]).to_string();
+    assert_eq!(ours, theirs, "hash of what arrived vs what the guest sent");
+    assert!(
+        sink.stderr.ends_with(&[0, 1, 0xff]),
+        "binary bytes on stderr"
+    );
+    // Chunks of one stream concatenate in order (no reordering in transit).
+    let rebuilt: Vec<u8> = sink
+        .chunks
+        .iter()
+        .filter(|c| c.1 == Stream::Stdout)
+        .flat_map(|c| c.2.clone())
+        .collect();
+    assert_eq!(rebuilt, sink.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_0_1_and_137_pass_through() {
+    skip_without_vm!();
+    let mut j = job("exit 0");
+    for (name, script) in [("one", "exit 1"), ("killed", "kill -9 $$")] {
+        let mut s = Step::script(name, script);
+        s.when = StepWhen::Always;
+        s.allow_failure = true;
+        j.steps.push(s);
+    }
+    let mut last = Step::script("fails", "echo about to fail; exit 1");
+    last.when = StepWhen::Always;
+    j.steps.push(last);
+    let (r, sink) = run("exit-codes", &j).await;
+    let codes: Vec<i32> = r.steps.iter().map(|s| s.exit_code).collect();
+    assert_eq!(codes, vec![0, 1, 137, 1], "{r:?}");
+    assert_eq!(r.failure, Some(FailureReason::ScriptFailure));
+    assert_eq!(
+        r.exit_code, 1,
+        "allowed failures do not set the job's code; the last step does"
+    );
+    assert_eq!(String::from_utf8_lossy(&sink.stdout), "about to fail\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_timeout_ends_the_step_and_is_reported() {
+    skip_without_vm!();
+    let mut j = job("echo started; sleep 600");
+    j.steps[0].timeout = Some(Duration::from_secs(2));
+    let mut after = Step::script("after", "echo after ran");
+    after.when = StepWhen::Always;
+    j.steps.push(after);
+    let mut never = Step::script("never", "echo must not run");
+    never.when = StepWhen::OnSuccess;
+    j.steps.push(never);
+    let t = Instant::now();
+    let (r, sink) = run("step-timeout", &j).await;
+    assert_eq!(r.failure, Some(FailureReason::JobExecutionTimeout), "{r:?}");
+    assert!(r.steps[0].timed_out);
+    assert_eq!(r.steps[0].exit_code, 137);
+    assert!(r.steps[2].skipped);
+    assert_eq!(
+        String::from_utf8_lossy(&sink.stdout),
+        "started\nafter ran\n"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(300),
+        "the sleep was not cut short"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_timeout_kills_the_vm() {
+    skip_without_vm!();
+    let mut j = job("echo started; sleep 600");
+    j.timeout = Some(Duration::from_secs(3));
+    let (r, sink) = run("job-timeout", &j).await;
+    assert_eq!(r.failure, Some(FailureReason::JobExecutionTimeout), "{r:?}");
+    assert_eq!(String::from_utf8_lossy(&sink.stdout), "started\n");
+    assert!(r.run_ms < 60_000, "killed at its timeout: {} ms", r.run_ms);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_never_answers_is_killed_at_the_boot_timeout() {
+    skip_without_vm!();
+    // busybox as /init boots fine but never speaks the protocol.
+    let dir = harness::run_dir("boot-timeout");
+    let mut cfg = harness::config(&dir);
+    cfg.agent = kiln_tests::fixtures::busybox_path().unwrap();
+    cfg.boot_timeout = Duration::from_secs(8);
+    let ex = kiln::Executor::new(cfg).unwrap();
+    let (_tx, rx) = tokio::sync::watch::channel(None);
+    let t = Instant::now();
+    let r = ex
+        .run(&job("echo hi"), &mut BufferSink::default(), rx)
+        .await;
+    let elapsed = t.elapsed();
+    assert_no_leaks(&dir);
+    match &r.failure {
+        Some(FailureReason::RunnerSystemFailure(m)) => assert!(m.contains("boot timeout"), "{m}"),
+        other => panic!("expected a system failure, got {other:?}"),
+    }
+    assert!(
+        elapsed >= Duration::from_secs(8) && elapsed < Duration::from_secs(60),
+        "{elapsed:?}"
+    );
+    assert!(
+        r.debug_log.as_ref().is_some_and(|p| p.exists()),
+        "the serial log is kept for failed boots"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_image_fails_before_any_vm_starts() {
+    skip_without_vm!();
+    let j = JobSpec::single("x", "/nonexistent/image", Step::script("s", "true"));
+    let (r, _) = run("missing-image", &j).await;
+    match &r.failure {
+        Some(FailureReason::ImagePullFailure(m)) => {
+            assert!(m.contains("/nonexistent/image"), "{m}")
+        }
+        other => panic!("expected an image failure, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_see_the_image_env_workdir_and_user() {
+    skip_without_vm!();
+    let dir = harness::test_root().join(format!("user-image-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    BusyboxImage {
+        env: vec![
+            "PATH=/bin".into(),
+            "FROM_IMAGE=image-value".into(),
+            "OVERRIDDEN=image".into(),
+        ],
+        working_dir: "/home/builder/work".into(),
+        user: "builder".into(),
+        files: vec![],
+    }
+    .build(&dir)
+    .unwrap();
+    let mut j = JobSpec::single(
+        "env",
+        dir.to_string_lossy(),
+        Step::script("s", "id -u; id -g; id -G; pwd; echo $FROM_IMAGE $OVERRIDDEN $HOME; touch here && echo writable"),
+    );
+    j.variables.push(Variable::new("OVERRIDDEN", "job"));
+    j.steps[0].shell = Shell::Sh;
+    let (r, sink) = run("image-env", &j).await;
+    assert!(
+        r.success(),
+        "{r:?}: {}",
+        String::from_utf8_lossy(&sink.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&sink.stdout),
+        "1000\n1000\n1000 10\n/home/builder/work\nimage-value job /home/builder\nwritable\n"
+    );
+}
+
+/// Collects output and requests a graceful cancel at the first byte.
+struct CancelAtFirstOutput {
+    inner: BufferSink,
+    tx: tokio::sync::watch::Sender<Option<bool>>,
+}
+
+impl kiln::sink::JobSink for CancelAtFirstOutput {
+    fn output(&mut self, step: u32, stream: Stream, data: &[u8]) {
+        self.inner.output(step, stream, data);
+        let _ = self.tx.send(Some(true));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_cancel_stops_the_step_and_runs_always_steps() {
+    skip_without_vm!();
+    let mut j = job("echo started; sleep 600; echo not reached");
+    let mut after = Step::script("after", "echo cleanup");
+    after.when = StepWhen::Always;
+    j.steps.push(after);
+    let dir = harness::run_dir("cancel");
+    let ex = harness::executor(&dir);
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let mut sink = CancelAtFirstOutput {
+        inner: BufferSink::default(),
+        tx,
+    };
+    let t = Instant::now();
+    let r = ex.run(&j, &mut sink, rx).await;
+    assert_no_leaks(&dir);
+    assert_eq!(r.failure, Some(FailureReason::Canceled), "{r:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&sink.inner.stdout),
+        "started\ncleanup\n"
+    );
+    assert!(
+        r.steps[0].canceled && r.steps[0].exit_code == 143,
+        "SIGTERM ended the step: {r:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(300));
+}
