@@ -212,6 +212,11 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
             j.needs = Some(Vec::new());
         }
     }
+    let all: Vec<&str> = w.jobs.iter().map(|j| j.name.as_str()).collect();
+    if let Err(Error::Invalid { path, message, .. }) = crate::order::run_order(&w.jobs, &[], &all) {
+        let id = w.job(&path).map(|j| j.id.clone()).unwrap_or(path);
+        return Err(c.err(&[key("jobs"), key(&id), key("needs")], message));
+    }
     if opts.strict && !w.unsupported.is_empty() {
         return Err(Error::Unsupported {
             file: file.to_string(),
@@ -279,14 +284,13 @@ fn str_list(v: &Value) -> Option<Vec<String>> {
     }
 }
 
+/// One matrix combination: key and value, in order.
+type Combo = Vec<(String, Value)>;
+
 /// Expands `strategy.matrix`: the product of the keys, minus `exclude`,
 /// plus `include` (merged into matching combinations or appended).
 /// `Ok(None)` when the matrix is an expression.
-fn matrix(
-    job: &Mapping,
-    jp: &[Seg],
-    c: &yaml::Ctx<'_>,
-) -> Result<Option<Vec<Vec<(String, Value)>>>> {
+fn matrix(job: &Mapping, jp: &[Seg], c: &yaml::Ctx<'_>) -> Result<Option<Vec<Combo>>> {
     let path = join(jp, &[key("strategy"), key("matrix")]);
     let Some(m) = job.get("strategy").and_then(|s| s.get("matrix")) else {
         return Ok(Some(vec![Vec::new()]));
@@ -296,7 +300,7 @@ fn matrix(
         Value::String(s) if s.contains("${{") => return Ok(None),
         _ => return Err(c.err(&path, "`matrix` must be a mapping")),
     };
-    let mut combos: Vec<Vec<(String, Value)>> = vec![Vec::new()];
+    let mut combos: Vec<Combo> = vec![Vec::new()];
     let mut base_keys = Vec::new();
     for (k, v) in m {
         let k = scalar(k).unwrap_or_default();

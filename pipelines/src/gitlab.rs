@@ -439,7 +439,9 @@ impl Parser<'_> {
             .collect();
         let mut resolved: HashMap<String, Mapping> = HashMap::new();
         for name in &names {
-            if RESERVED.contains(&name.as_str()) {
+            let hidden_scalar =
+                name.starts_with('.') && !top.get(name.as_str()).is_some_and(Value::is_mapping);
+            if RESERVED.contains(&name.as_str()) || hidden_scalar {
                 continue;
             }
             self.resolve_extends(name, &top, &mut resolved, &mut Vec::new())?;
@@ -494,6 +496,17 @@ impl Parser<'_> {
                 .unwrap_or(0)
         };
         jobs.sort_by_key(stage_pos);
+        let all: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
+        if let Err(Error::Invalid { path, message, .. }) =
+            crate::order::run_order(&jobs, &stages, &all)
+        {
+            let id = jobs
+                .iter()
+                .find(|j| j.name == path)
+                .map(|j| j.id.clone())
+                .unwrap_or(path);
+            return Err(self.err(&[key(&id), key("needs")], message));
+        }
         Ok(GitlabPipeline {
             stages,
             jobs,
@@ -547,7 +560,7 @@ impl Parser<'_> {
         stack.push(name.to_string());
         let mut base = Value::Mapping(Mapping::new());
         for parent in &parents {
-            if !matches!(top.get(parent.as_str()), Some(_)) {
+            if top.get(parent.as_str()).is_none() {
                 stack.pop();
                 return Err(self.err(
                     &[key(name), key("extends")],

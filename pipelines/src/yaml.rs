@@ -138,7 +138,7 @@ pub(crate) fn locate(text: &str, path: &[Seg]) -> Option<Location> {
                     column: indent + 1,
                 });
                 let item_end = (idx + 1..end)
-                    .find(|&i| lines[i].indent < indent || (lines[i].indent == indent))
+                    .find(|&i| lines[i].indent <= indent)
                     .unwrap_or(end);
                 // Re-read the item line as the first line of its content.
                 let rest = lines[idx].text[1..].trim_start_matches(' ');

@@ -37,7 +37,7 @@ pub fn parse_file_commands(content: &str) -> Result<Vec<(String, String)>, FileC
         let heredoc = line.find("<<");
         let err = |message: String| FileCommandError { line: no, message };
         match (eq, heredoc) {
-            (Some(e), h) if h.map_or(true, |h| e < h) => {
+            (Some(e), h) if h.filter(|&h| h < e).is_none() => {
                 let name = &line[..e];
                 if name.is_empty() {
                     return Err(err("empty name before `=`".into()));
