@@ -23,13 +23,33 @@ pub struct JobSpec {
     pub artifacts: Vec<ArtifactSpec>,
     /// Where the job's sources come from.
     pub source: JobSource,
+    /// Provider job key: the GitHub `jobs.<id>` key, or the GitLab job name
+    /// before `parallel` expansion. Equals `name` for jobs built by hand.
+    pub id: String,
+    /// GitLab stage (`build`, `test`, ...); `None` for GitHub jobs.
+    pub stage: Option<String>,
+    /// Names of the jobs (other `JobSpec::name`s of the same pipeline) that
+    /// must finish first. `None` means "no `needs:` keyword": GitLab then
+    /// orders by stage (every job of an earlier stage); `Some(vec![])` means
+    /// "start at once".
+    pub needs: Option<Vec<String>>,
+    /// When the job runs, as decided by GitLab `rules`/`when` (jobs that
+    /// resolve to `never` are left out of the pipeline altogether).
+    pub when: JobWhen,
+    /// Whether a failure of this job fails the pipeline.
+    pub allow_failure: AllowFailure,
+    /// A GitHub job-level `if:` that could not be decided when the file was
+    /// parsed (it uses `needs.*` or a status function); evaluate it with
+    /// `github::eval_condition` before starting the job.
+    pub condition: Option<String>,
 }
 
 impl JobSpec {
     /// A job with a single step, as `kiln run-job --image IMG -- cmd...` builds it.
     pub fn single(name: impl Into<String>, image: impl Into<String>, step: Step) -> Self {
+        let name = name.into();
         JobSpec {
-            name: name.into(),
+            name: name.clone(),
             image: image.into(),
             entrypoint: None,
             steps: vec![step],
@@ -38,6 +58,12 @@ impl JobSpec {
             timeout: None,
             artifacts: Vec::new(),
             source: JobSource::None,
+            id: name,
+            stage: None,
+            needs: None,
+            when: JobWhen::OnSuccess,
+            allow_failure: AllowFailure::No,
+            condition: None,
         }
     }
 }
@@ -55,6 +81,19 @@ pub struct Step {
     pub timeout: Option<Duration>,
     /// A failure of this step does not fail the job.
     pub allow_failure: bool,
+    /// GitHub step `id` (the key of `steps.<id>.outputs`).
+    pub id: Option<String>,
+    /// Working directory for this step (GitHub `working-directory`);
+    /// `None` uses the job's `working_dir`.
+    pub working_dir: Option<String>,
+    /// A GitHub `if:` expression that must be evaluated at run time with
+    /// `github::eval_condition`, after `when` has been checked. `None`: no
+    /// extra condition.
+    pub condition: Option<String>,
+    /// `script`, `env` values or `name` still contain `${{ }}` expressions
+    /// that need run-time contexts (`steps.*.outputs`, `secrets`, ...):
+    /// pass them through `github::substitute` before running the step.
+    pub runtime_expressions: bool,
 }
 
 impl Step {
@@ -67,6 +106,10 @@ impl Step {
             when: StepWhen::OnSuccess,
             timeout: None,
             allow_failure: false,
+            id: None,
+            working_dir: None,
+            condition: None,
+            runtime_expressions: false,
         }
     }
 }
@@ -90,6 +133,40 @@ pub enum StepWhen {
     OnSuccess,
     OnFailure,
     Always,
+}
+
+/// When a job runs relative to the rest of the pipeline (GitLab `when`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobWhen {
+    /// Run when every job it depends on succeeded (the default).
+    OnSuccess,
+    /// Run only when a job it depends on failed.
+    OnFailure,
+    /// Run regardless of earlier failures.
+    Always,
+    /// Run only when started by hand.
+    Manual,
+}
+
+/// Whether a job's failure fails the pipeline (GitLab `allow_failure`,
+/// GitHub job `continue-on-error`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AllowFailure {
+    No,
+    Yes,
+    /// Allowed only when the job's script exits with one of these codes.
+    ExitCodes(Vec<i32>),
+}
+
+impl AllowFailure {
+    /// Whether a job that exited with `code` counts as allowed to fail.
+    pub fn allows(&self, code: i32) -> bool {
+        match self {
+            AllowFailure::No => false,
+            AllowFailure::Yes => true,
+            AllowFailure::ExitCodes(codes) => codes.contains(&code),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

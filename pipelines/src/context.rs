@@ -1,0 +1,72 @@
+//! What a local run knows about the checkout, and parse options.
+
+use std::path::PathBuf;
+
+use crate::github::RunnerImages;
+
+/// Facts about the local checkout that the caller reads (from git) and
+/// passes in: this crate spawns no processes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalContext {
+    /// Host directory of the checkout. GitLab `include: local` paths are
+    /// relative to it, and jobs get it as `JobSource::LocalDir`.
+    pub project_dir: PathBuf,
+    /// `CI_PROJECT_NAME` / `github.repository`.
+    pub project_name: String,
+    /// Full commit id (may be empty when unknown).
+    pub commit_sha: String,
+    /// Current branch; `None` on a detached HEAD.
+    pub branch: Option<String>,
+    /// Variables given on the command line. They take precedence over
+    /// every variable defined in the file (like GitLab pipeline variables)
+    /// and are visible to `rules: if` and GitHub `vars.*`.
+    pub extra_vars: Vec<(String, String)>,
+    /// Where the checkout appears inside the guest (`CI_PROJECT_DIR`,
+    /// `GITHUB_WORKSPACE`, each job's `working_dir`).
+    pub guest_dir: String,
+}
+
+impl LocalContext {
+    /// A context with an unknown commit, no branch and the guest directory
+    /// `/builds/<project_name>` (GitLab's layout).
+    pub fn new(project_dir: impl Into<PathBuf>, project_name: impl Into<String>) -> Self {
+        let project_name = project_name.into();
+        LocalContext {
+            project_dir: project_dir.into(),
+            guest_dir: format!("/builds/{project_name}"),
+            project_name,
+            commit_sha: String::new(),
+            branch: None,
+            extra_vars: Vec::new(),
+        }
+    }
+
+    pub(crate) fn short_sha(&self) -> String {
+        self.commit_sha.chars().take(8).collect()
+    }
+}
+
+/// Parse options that are not facts about the checkout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Image for GitLab jobs that name none (GitLab.com's default is `ruby:3.1`).
+    pub gitlab_default_image: String,
+    /// `runs-on` label to image map for GitHub jobs (act's `-P`).
+    pub runner_images: RunnerImages,
+    /// GitHub: fail on `uses:` steps kiln cannot run, instead of listing them
+    /// in `Workflow::unsupported`.
+    pub strict: bool,
+    /// GitHub `github.event_name` (default `push`).
+    pub event_name: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            gitlab_default_image: "ruby:3.1".to_string(),
+            runner_images: RunnerImages::default(),
+            strict: false,
+            event_name: "push".to_string(),
+        }
+    }
+}
