@@ -103,6 +103,8 @@ pub struct ExecutorConfig {
     pub log_dir: Option<PathBuf>,
     /// Extra kernel command-line arguments.
     pub extra_cmdline: String,
+    /// Always write the guest's serial log (kernel messages) here.
+    pub serial_log: Option<PathBuf>,
 }
 
 /// Runs jobs, each in a fresh VM.
@@ -342,6 +344,11 @@ impl Executor {
         let serial = machine.serial_log();
         if let Err(e) = machine.destroy().await {
             tracing::warn!("destroying the VM: {e}");
+        }
+        if let Some(p) = &self.config.serial_log {
+            if let Err(e) = std::fs::write(p, &serial) {
+                tracing::warn!("writing the serial log {}: {e}", p.display());
+            }
         }
         r.map_err(|(reason, msg)| {
             tracing::debug!("job ended early: {msg}");

@@ -83,6 +83,12 @@ struct VmArgs {
     /// Directory for per-VM files.
     #[arg(long, env = "KILN_RUN_DIR")]
     run_dir: Option<PathBuf>,
+    /// Extra guest kernel command-line argument (repeatable).
+    #[arg(long = "kernel-arg")]
+    kernel_args: Vec<String>,
+    /// Write the guest's serial console (kernel messages) to this file.
+    #[arg(long)]
+    serial_log: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -203,7 +209,8 @@ fn executor_config(vm: &VmArgs, cache_dir: PathBuf) -> Result<ExecutorConfig> {
         boot_timeout: Duration::from_secs(vm.boot_timeout),
         default_job_timeout: Duration::from_secs(3600),
         log_dir: state,
-        extra_cmdline: String::new(),
+        extra_cmdline: vm.kernel_args.join(" "),
+        serial_log: vm.serial_log.clone(),
     })
 }
 

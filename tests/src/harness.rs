@@ -132,6 +132,7 @@ pub fn config(run_dir: &Path) -> ExecutorConfig {
         default_job_timeout: Duration::from_secs(300),
         log_dir: Some(test_root().join("logs")),
         extra_cmdline: String::new(),
+        serial_log: None,
     }
 }
 
@@ -178,4 +179,36 @@ pub fn assert_no_leaks(run_dir: &Path) {
         .map(|e| e.path())
         .collect();
     assert!(left.is_empty(), "per-VM files left behind: {left:?}");
+}
+
+/// The `kiln` binary (debug build), built once per test run.
+pub fn kiln_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root");
+        let st = Command::new(cargo)
+            .args(["build", "-q", "-p", "kiln", "--bin", "kiln"])
+            .current_dir(root)
+            .status()
+            .expect("run cargo to build kiln");
+        assert!(st.success(), "building kiln failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        target.join("debug/kiln")
+    })
+    .clone()
+}
+
+/// A `kiln` command set up for tests: test cache, agent, a fresh run dir.
+pub fn kiln_cmd(run_dir: &Path) -> Command {
+    let mut c = Command::new(kiln_bin());
+    c.env("KILN_CACHE_DIR", cache_dir())
+        .env("KILN_AGENT", agent())
+        .env("KILN_RUN_DIR", run_dir)
+        .env("XDG_STATE_HOME", test_root().join("state"));
+    c
 }

@@ -355,8 +355,11 @@ pub fn qemu_args(config: &MachineConfig, accel: &str, console_sock: &Path) -> Ve
         // Under TCG the guest's TSC runs at the host's rate, and PIT-based
         // calibration fails on a loaded host (the kernel then stalls for
         // seconds or more): tell the guest the rate instead.
+        // Likewise the delay-loop calibration of each vCPU (about 0.6 s per
+        // secondary vCPU under TCG): loops_per_jiffy for a TSC delay loop is
+        // the TSC rate over HZ (Debian's kernels use HZ=250).
         if let Some(khz) = host_tsc_khz() {
-            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+            cmdline.push_str(&format!(" tsc_early_khz={khz} lpj={}", khz * 4));
         }
     }
     push(&cmdline);

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what kiln needs on a Debian/Ubuntu host and builds it.
+# Idempotent: re-running only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+PKGS=(qemu-system-x86 busybox-static e2fsprogs erofs-utils kmod cpio dpkg
+      debootstrap skopeo umoci docker-registry acpica-tools git zstd xz-utils
+      ca-certificates tar)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# The kernel package lists must be current for `kiln kernel fetch`.
+if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+  $SUDO apt-get update -qq
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "setup: Rust is missing; install it from https://rustup.rs" >&2
+  exit 1
+fi
+for t in x86_64-unknown-linux-musl x86_64-unknown-none; do
+  rustup target list --installed | grep -qx "$t" || rustup target add "$t"
+done
+
+cargo build -q --release -p kiln
+cargo build -q -p kiln-agent --target x86_64-unknown-linux-musl --profile agent
+./target/release/kiln kernel fetch
