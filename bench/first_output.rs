@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_agent::proto::{Decoder, Frame, Start, StepSpec, When};
+use kiln_agent::proto::{Decoder, Frame, Start, StepSpec};
 use kiln_images::rootfs::{rootfs_for, ImageSource};
 use kiln_images::Cache;
 use kiln_tests::harness;
@@ -202,19 +202,21 @@ fn bare_once(kernel: &Path, initramfs: &Path, rootfs: &Path, run_dir: &Path, i: 
                         env: vec![],
                         workdir: "/".into(),
                         user: String::new(),
-                        steps: vec![StepSpec {
-                            name: "x".into(),
-                            argv: vec!["echo".into(), "x".into()],
-                            script: String::new(),
-                            env: vec![],
-                            when: When::OnSuccess,
-                            timeout_ms: 0,
-                            allow_failure: false,
-                        }],
+                    };
+                    let step = StepSpec {
+                        index: 0,
+                        name: "x".into(),
+                        argv: vec!["echo".into(), "x".into()],
+                        script: String::new(),
+                        env: vec![],
+                        workdir: String::new(),
+                        timeout_ms: 0,
+                        file_commands: false,
                     };
                     use std::io::Write;
-                    con.write_all(&Frame::Start(start).to_bytes().unwrap())
-                        .unwrap();
+                    let mut bytes = Frame::Start(start).to_bytes().unwrap();
+                    Frame::RunStep(step).encode(&mut bytes).unwrap();
+                    con.write_all(&bytes).unwrap();
                 }
                 Frame::Output { .. } => break 'outer t.elapsed(),
                 _ => {}

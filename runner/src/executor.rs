@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use kiln_agent::proto::{self, Decoder, Frame, Start, StepSpec, When};
+use kiln_agent::proto::{self, Decoder, Frame, Start, StepEnd, StepSpec, Stream};
 use kiln_images::rootfs::{rootfs_for, ImageSource, Rootfs};
 use kiln_images::{Cache, Kernel};
-use kiln_pipelines::{JobSpec, Shell, StepWhen};
+use kiln_pipelines::github::{self, Contexts, ExprValue, JobStatus};
+use kiln_pipelines::{JobSpec, Shell, Step, StepWhen};
 use kiln_vmm::{BackendKind, Disk, KvmSupport, Machine, MachineConfig};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -423,6 +424,7 @@ impl Executor {
         tracing::debug!(kernel = %ready.kernel, agent = %ready.agent_version, "guest ready");
 
         let run_started = Instant::now();
+        let start_env = start.env.clone();
         let bytes = Frame::Start(start)
             .to_bytes()
             .map_err(|e| sys(format!("job too large: {e}")))?;
@@ -432,79 +434,118 @@ impl Executor {
             .map_err(|e| sys(format!("sending the job to the guest: {e}")))?;
 
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut canceled = false;
-        let mut cancel_sent = false;
-        loop {
-            loop {
-                let frame = match decoder.next_frame() {
-                    Ok(Some(f)) => f,
-                    Ok(None) => break,
-                    Err(e) => return Err(sys(format!("protocol error from the guest: {e}"))),
+        let mut io = Conversation {
+            machine,
+            console,
+            decoder,
+            buf,
+            deadline,
+            timeout,
+            cancel,
+            cancel_state: None,
+        };
+        let mut state = StepState::new(job, &start_env);
+        for (i, step) in job.steps.iter().enumerate() {
+            let index = i as u32;
+            if io.cancel_state == Some(false) {
+                break;
+            }
+            let run = match self.should_run(step, &mut state, io.cancel_state, sink) {
+                Ok(run) => run,
+                Err(message) => {
+                    // A condition that cannot be evaluated fails the step.
+                    sink.output(
+                        index,
+                        Stream::Stderr,
+                        format!("kiln: step '{}': {message}\n", step.name).as_bytes(),
+                    );
+                    let end = StepEnd {
+                        step: index,
+                        exit_code: 1,
+                        duration_ms: 0,
+                        timed_out: false,
+                        canceled: false,
+                        skipped: false,
+                        files: None,
+                    };
+                    state.record(step, &end, &[], &mut Vec::new());
+                    sink.step_end(&step.name, &end);
+                    result.steps.push(end);
+                    continue;
+                }
+            };
+            if !run {
+                let end = StepEnd {
+                    step: index,
+                    exit_code: 0,
+                    duration_ms: 0,
+                    timed_out: false,
+                    canceled: false,
+                    skipped: true,
+                    files: None,
                 };
-                match frame {
-                    Frame::Output { step, stream, data } => sink.output(step, stream, &data),
-                    Frame::StepStart(s) => {
-                        let name = job
-                            .steps
-                            .get(s.step as usize)
-                            .map(|s| s.name.as_str())
-                            .unwrap_or("?");
-                        sink.step_start(s.step, name);
-                    }
-                    Frame::StepEnd(end) => {
-                        let name = job
-                            .steps
-                            .get(end.step as usize)
-                            .map(|s| s.name.as_str())
-                            .unwrap_or("?");
-                        sink.step_end(name, &end);
-                        result.steps.push(end);
-                    }
-                    Frame::Log(l) => tracing::debug!(target: "kiln::agent", "{}", l.message),
-                    Frame::Fatal(f) => {
-                        return Err(sys(format!("the guest agent failed: {}", f.message)))
-                    }
-                    Frame::Done => {
-                        result.run_ms = run_started.elapsed().as_millis() as u64;
-                        self.finish(job, result, canceled);
-                        return Ok(());
-                    }
-                    other => {
-                        return Err(sys(format!("unexpected frame from the guest: {other:?}")))
-                    }
-                }
+                state.record(step, &end, &[], &mut Vec::new());
+                sink.step_end(&step.name, &end);
+                result.steps.push(end);
+                continue;
             }
-            tokio::select! {
-                r = console.read(&mut buf) => match r {
-                    Ok(0) | Err(_) => {
-                        let status = machine.wait().await;
-                        return Err(sys(format!("the VM ended before the job finished ({status:?})")));
-                    }
-                    Ok(n) => decoder.push(&buf[..n]),
-                },
-                _ = tokio::time::sleep_until(deadline) => {
-                    result.run_ms = run_started.elapsed().as_millis() as u64;
-                    return Err((
-                        FailureReason::JobExecutionTimeout,
-                        format!("the job ran past its timeout of {timeout:?}; the VM was killed"),
-                    ));
-                }
-                changed = cancel.changed(), if !cancel_sent => {
-                    if changed.is_err() {
-                        cancel_sent = true; // sender gone: nobody will cancel
-                        continue;
-                    }
-                    let graceful = cancel.borrow().unwrap_or(true);
-                    canceled = true;
-                    if !graceful {
-                        return Err((FailureReason::Canceled, "canceled".into()));
-                    }
-                    let bytes = Frame::Cancel(proto::Cancel { graceful }).to_bytes().unwrap_or_default();
-                    let _ = console.write_all(&bytes).await;
-                    cancel_sent = graceful;
-                }
+            let spec = state
+                .spec(index, step)
+                .map_err(|m| sys(format!("step '{}': {m}", step.name)))?;
+            io.send(&Frame::RunStep(spec)).await?;
+            let end = io.wait_step(index, job, sink).await?;
+            let mut warnings = Vec::new();
+            let outputs = state.apply_files(&end, &mut warnings);
+            for w in warnings {
+                sink.output(index, Stream::Stderr, format!("kiln: {w}\n").as_bytes());
             }
+            state.record(step, &end, &outputs, &mut Vec::new());
+            sink.step_end(&step.name, &end);
+            result.steps.push(end);
         }
+        // No more steps: the agent syncs and answers Done.
+        io.send(&Frame::Finish).await?;
+        io.wait_done(sink).await?;
+        result.run_ms = run_started.elapsed().as_millis() as u64;
+        let canceled = io.cancel_state.is_some();
+        self.finish(job, result, canceled);
+        Ok(())
+    }
+
+    /// Whether a step runs, given earlier failures, a cancel, its `when` and
+    /// its condition (GitHub `if:`).
+    fn should_run(
+        &self,
+        step: &Step,
+        state: &mut StepState,
+        cancel: Option<bool>,
+        _sink: &mut dyn JobSink,
+    ) -> Result<bool, String> {
+        let by_when = match cancel {
+            Some(_) => step.when == StepWhen::Always,
+            None => match step.when {
+                StepWhen::OnSuccess => !state.failed,
+                StepWhen::OnFailure => state.failed,
+                StepWhen::Always => true,
+            },
+        };
+        let Some(cond) = &step.condition else {
+            return Ok(by_when);
+        };
+        state.contexts.status = Some(if cancel.is_some() {
+            JobStatus::Cancelled
+        } else if state.failed {
+            JobStatus::Failure
+        } else {
+            JobStatus::Success
+        });
+        state.refresh_env_context();
+        // GitHub: an `if:` replaces the implicit success() unless it names a
+        // status function itself; `eval_condition` adds it when absent.
+        if cancel.is_some() && !cond.contains("always()") && !cond.contains("cancelled()") {
+            return Ok(false);
+        }
+        github::eval_condition(cond, &state.contexts).map_err(|e| format!("if: {e}"))
     }
 
     /// Work out the job's exit code and failure from its steps.
@@ -530,7 +571,290 @@ impl Executor {
     }
 }
 
-/// The agent's `Start` for a job on an image.
+/// The console and everything needed to wait on it.
+struct Conversation<'a> {
+    machine: &'a mut Machine,
+    console: &'a mut kiln_vmm::ConsoleStream,
+    decoder: Decoder,
+    buf: Vec<u8>,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+    cancel: &'a mut watch::Receiver<Option<bool>>,
+    /// `Some(graceful)` once a cancel was requested.
+    cancel_state: Option<bool>,
+}
+
+fn sys(m: String) -> Early {
+    (FailureReason::RunnerSystemFailure(m.clone()), m)
+}
+
+impl Conversation<'_> {
+    async fn send(&mut self, frame: &Frame) -> Result<(), Early> {
+        let bytes = frame
+            .to_bytes()
+            .map_err(|e| sys(format!("frame too large: {e}")))?;
+        self.console
+            .write_all(&bytes)
+            .await
+            .map_err(|e| sys(format!("writing to the guest: {e}")))
+    }
+
+    /// Read more from the console; handles the job deadline and cancels.
+    async fn fill(&mut self) -> Result<(), Early> {
+        tokio::select! {
+            r = self.console.read(&mut self.buf) => match r {
+                Ok(0) | Err(_) => {
+                    let status = self.machine.wait().await;
+                    Err(sys(format!("the VM ended before the job finished ({status:?})")))
+                }
+                Ok(n) => {
+                    self.decoder.push(&self.buf[..n]);
+                    Ok(())
+                }
+            },
+            _ = tokio::time::sleep_until(self.deadline) => Err((
+                FailureReason::JobExecutionTimeout,
+                format!("the job ran past its timeout of {:?}; the VM was killed", self.timeout),
+            )),
+            changed = self.cancel.changed(), if self.cancel_state != Some(false) => {
+                if changed.is_err() {
+                    // The sender is gone: nobody can cancel any more.
+                    std::future::pending::<()>().await;
+                }
+                let graceful = self.cancel.borrow().unwrap_or(true);
+                if !graceful {
+                    return Err((FailureReason::Canceled, "canceled".into()));
+                }
+                if self.cancel_state.is_none() {
+                    self.cancel_state = Some(true);
+                    self.send(&Frame::Cancel(proto::Cancel { graceful: true })).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Stream output until the agent reports the end of step `index`.
+    async fn wait_step(
+        &mut self,
+        index: u32,
+        job: &JobSpec,
+        sink: &mut dyn JobSink,
+    ) -> Result<StepEnd, Early> {
+        loop {
+            while let Some(frame) = self
+                .decoder
+                .next_frame()
+                .map_err(|e| sys(format!("protocol error from the guest: {e}")))?
+            {
+                match frame {
+                    Frame::Output { step, stream, data } => sink.output(step, stream, &data),
+                    Frame::StepStart(s) => {
+                        let name = job
+                            .steps
+                            .get(s.step as usize)
+                            .map(|s| s.name.as_str())
+                            .unwrap_or("?");
+                        sink.step_start(s.step, name);
+                    }
+                    Frame::StepEnd(end) if end.step == index => return Ok(end),
+                    Frame::Log(l) => tracing::debug!(target: "kiln::agent", "{}", l.message),
+                    Frame::Fatal(f) => {
+                        return Err(sys(format!("the guest agent failed: {}", f.message)))
+                    }
+                    other => {
+                        return Err(sys(format!("unexpected frame from the guest: {other:?}")))
+                    }
+                }
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// After `Finish`: wait (briefly) for `Done`.
+    async fn wait_done(&mut self, sink: &mut dyn JobSink) -> Result<(), Early> {
+        let limit = tokio::time::Instant::now() + Duration::from_secs(30);
+        self.deadline = self.deadline.min(limit);
+        loop {
+            while let Some(frame) = self
+                .decoder
+                .next_frame()
+                .map_err(|e| sys(format!("protocol error from the guest: {e}")))?
+            {
+                match frame {
+                    Frame::Done => return Ok(()),
+                    Frame::Output { step, stream, data } => sink.output(step, stream, &data),
+                    Frame::Log(l) => tracing::debug!(target: "kiln::agent", "{}", l.message),
+                    Frame::Fatal(f) => {
+                        return Err(sys(format!("the guest agent failed: {}", f.message)))
+                    }
+                    other => {
+                        return Err(sys(format!("unexpected frame from the guest: {other:?}")))
+                    }
+                }
+            }
+            self.fill().await?;
+        }
+    }
+}
+
+/// What carries from one step to the next: failures, file-command updates,
+/// and the expression contexts (GitHub `steps.*.outputs`, `env`).
+struct StepState {
+    failed: bool,
+    env: Vec<(String, String)>,
+    path_adds: Vec<String>,
+    contexts: Contexts,
+    /// Give steps `GITHUB_ENV`/`GITHUB_OUTPUT`/`GITHUB_PATH` (GitHub jobs).
+    file_commands: bool,
+}
+
+impl StepState {
+    fn new(job: &JobSpec, start_env: &[(String, String)]) -> StepState {
+        let file_commands = job
+            .variables
+            .iter()
+            .any(|v| v.key == "GITHUB_ACTIONS" && v.value == "true");
+        let mut s = StepState {
+            failed: false,
+            env: start_env.to_vec(),
+            path_adds: Vec::new(),
+            contexts: Contexts::default(),
+            file_commands,
+        };
+        s.refresh_env_context();
+        s
+    }
+
+    fn refresh_env_context(&mut self) {
+        self.contexts
+            .set("env", ExprValue::object(self.env.iter().cloned()));
+    }
+
+    /// The agent's spec for `step`: environment with file-command updates,
+    /// runtime `${{ }}` expressions substituted.
+    fn spec(&mut self, index: u32, step: &Step) -> Result<StepSpec, String> {
+        let mut env = self.env.clone();
+        for (k, v) in &step.env {
+            env.retain(|(key, _)| key != k);
+            env.push((k.clone(), v.clone()));
+        }
+        let mut script = step.script.clone();
+        if step.runtime_expressions {
+            self.refresh_env_context();
+            self.contexts.partial = false;
+            script = github::substitute(&script, &self.contexts).map_err(|e| e.to_string())?;
+            for (_, v) in env.iter_mut() {
+                *v = github::substitute(v, &self.contexts).map_err(|e| e.to_string())?;
+            }
+        }
+        if !self.path_adds.is_empty() {
+            let current = env
+                .iter()
+                .find(|(k, _)| k == "PATH")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+            let path = github::prepend_path(&current, &self.path_adds);
+            env.retain(|(k, _)| k != "PATH");
+            env.push(("PATH".into(), path));
+        }
+        let (argv, script) = match &step.shell {
+            Shell::Sh => (vec!["sh".into(), "-e".into(), "{script}".into()], script),
+            Shell::Bash => (
+                [
+                    "bash",
+                    "--noprofile",
+                    "--norc",
+                    "-eo",
+                    "pipefail",
+                    "{script}",
+                ]
+                .map(String::from)
+                .to_vec(),
+                script,
+            ),
+            Shell::Custom(args) => (
+                args.iter().map(|a| a.replace("{0}", "{script}")).collect(),
+                script,
+            ),
+            Shell::Exec(argv) => (argv.clone(), String::new()),
+        };
+        Ok(StepSpec {
+            index,
+            name: step.name.clone(),
+            argv,
+            script,
+            env,
+            workdir: step.working_dir.clone().unwrap_or_default(),
+            timeout_ms: step.timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
+            file_commands: self.file_commands,
+        })
+    }
+
+    /// Apply a step's file commands; returns its outputs.
+    fn apply_files(&mut self, end: &StepEnd, warnings: &mut Vec<String>) -> Vec<(String, String)> {
+        let Some(files) = &end.files else {
+            return Vec::new();
+        };
+        if files.truncated {
+            warnings.push(
+                "a GITHUB_ENV/GITHUB_OUTPUT/GITHUB_PATH file was over 256 KiB and was cut".into(),
+            );
+        }
+        match github::parse_env_file(&files.env) {
+            Ok(vars) => {
+                for (k, v) in vars {
+                    self.env.retain(|(key, _)| key != &k);
+                    self.env.push((k, v));
+                }
+            }
+            Err(e) => warnings.push(format!("GITHUB_ENV: {e}")),
+        }
+        self.path_adds
+            .splice(0..0, github::parse_path_file(&files.path));
+        match github::parse_file_commands(&files.output) {
+            Ok(o) => o,
+            Err(e) => {
+                warnings.push(format!("GITHUB_OUTPUT: {e}"));
+                Vec::new()
+            }
+        }
+    }
+
+    /// Record how a step went, for later `when` and `steps.<id>` lookups.
+    fn record(
+        &mut self,
+        step: &Step,
+        end: &StepEnd,
+        outputs: &[(String, String)],
+        _w: &mut Vec<String>,
+    ) {
+        let ok = end.exit_code == 0;
+        if !end.skipped && !ok && !step.allow_failure {
+            self.failed = true;
+        }
+        if let Some(id) = &step.id {
+            let outcome = if end.skipped {
+                "skipped"
+            } else if end.canceled {
+                "cancelled"
+            } else if ok {
+                "success"
+            } else {
+                "failure"
+            };
+            let conclusion = if !ok && !end.skipped && step.allow_failure {
+                "success"
+            } else {
+                outcome
+            };
+            self.contexts.set_step(id, outcome, conclusion, outputs);
+        }
+    }
+}
+
+/// The agent's `Start` for a job on an image: image Env, then the job's
+/// variables; the job's working directory, else the image's, else `/`.
 pub fn build_start(job: &JobSpec, rootfs: &Rootfs) -> Start {
     let mut env: Vec<(String, String)> = rootfs
         .config
@@ -551,54 +875,10 @@ pub fn build_start(job: &JobSpec, rootfs: &Rootfs) -> Start {
         .filter(|w| !w.is_empty())
         .or_else(|| Some(rootfs.config.working_dir.clone()).filter(|w| !w.is_empty()))
         .unwrap_or_else(|| "/".into());
-    let steps = job
-        .steps
-        .iter()
-        .map(|s| {
-            let (argv, script) = match &s.shell {
-                Shell::Sh => (
-                    vec!["sh".into(), "-e".into(), "{script}".into()],
-                    s.script.clone(),
-                ),
-                Shell::Bash => (
-                    [
-                        "bash",
-                        "--noprofile",
-                        "--norc",
-                        "-eo",
-                        "pipefail",
-                        "{script}",
-                    ]
-                    .map(String::from)
-                    .to_vec(),
-                    s.script.clone(),
-                ),
-                Shell::Custom(args) => (
-                    args.iter().map(|a| a.replace("{0}", "{script}")).collect(),
-                    s.script.clone(),
-                ),
-                Shell::Exec(argv) => (argv.clone(), String::new()),
-            };
-            StepSpec {
-                name: s.name.clone(),
-                argv,
-                script,
-                env: s.env.clone(),
-                when: match s.when {
-                    StepWhen::OnSuccess => When::OnSuccess,
-                    StepWhen::OnFailure => When::OnFailure,
-                    StepWhen::Always => When::Always,
-                },
-                timeout_ms: s.timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
-                allow_failure: s.allow_failure,
-            }
-        })
-        .collect();
     Start {
         env,
         workdir,
         user: rootfs.config.user.clone(),
-        steps,
     }
 }
 
@@ -650,7 +930,9 @@ mod tests {
         );
         assert_eq!(s.workdir, "/srv");
         assert_eq!(s.user, "1000");
-        assert_eq!(s.steps[0].argv, vec!["sh", "-e", "{script}"]);
+        let spec = StepState::new(&job, &s.env).spec(0, &job.steps[0]).unwrap();
+        assert_eq!(spec.argv, vec!["sh", "-e", "{script}"]);
+        assert!(!spec.file_commands, "only GitHub jobs get file commands");
         job.working_dir = Some("/builds/p".into());
         assert_eq!(build_start(&job, &rootfs()).workdir, "/builds/p");
     }
@@ -660,9 +942,49 @@ mod tests {
         let mut st = Step::script("s", "x");
         st.shell = Shell::Custom(vec!["python3".into(), "{0}".into()]);
         st.timeout = Some(Duration::from_secs(2));
-        let job = JobSpec::single("j", "img", st);
+        st.env.push(("A".into(), "step".into()));
+        let mut job = JobSpec::single("j", "img", st);
+        job.variables.push(Variable::new("GITHUB_ACTIONS", "true"));
         let s = build_start(&job, &rootfs());
-        assert_eq!(s.steps[0].argv, vec!["python3", "{script}"]);
-        assert_eq!(s.steps[0].timeout_ms, 2000);
+        let mut state = StepState::new(&job, &s.env);
+        state.path_adds = vec!["/opt/x".into()];
+        let spec = state.spec(4, &job.steps[0]).unwrap();
+        assert_eq!(spec.argv, vec!["python3", "{script}"]);
+        assert_eq!(
+            (spec.index, spec.timeout_ms, spec.file_commands),
+            (4, 2000, true)
+        );
+        assert!(spec.env.contains(&("A".into(), "step".into())));
+        assert!(
+            spec.env.contains(&("PATH".into(), "/opt/x:/bin".into())),
+            "{:?}",
+            spec.env
+        );
+    }
+
+    #[test]
+    fn file_commands_update_env_path_and_outputs() {
+        let job = JobSpec::single("j", "img", Step::script("s", "x"));
+        let mut state = StepState::new(&job, &[("PATH".into(), "/bin".into())]);
+        let end = StepEnd {
+            step: 0,
+            exit_code: 0,
+            duration_ms: 1,
+            timed_out: false,
+            canceled: false,
+            skipped: false,
+            files: Some(proto::FileCommands {
+                env: "X=1\nML<<EOF\na\nb\nEOF\n".into(),
+                output: "o=v\n".into(),
+                path: "/p1\n".into(),
+                truncated: false,
+            }),
+        };
+        let mut w = Vec::new();
+        let outputs = state.apply_files(&end, &mut w);
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(outputs, vec![("o".to_string(), "v".to_string())]);
+        assert!(state.env.contains(&("ML".into(), "a\nb".into())));
+        assert_eq!(state.path_adds, vec!["/p1"]);
     }
 }

@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run one job in a fresh VM and stream its output.
-    RunJob(RunJob),
+    RunJob(Box<RunJob>),
     /// Report what this host has for running VMs, with a fix for each gap.
     Doctor {
         /// Machine-readable output.
@@ -175,7 +175,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::RunJob(args) => run_job(args, cache_dir),
+        Command::RunJob(args) => run_job(*args, cache_dir),
     }
 }
 

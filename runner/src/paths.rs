@@ -43,10 +43,11 @@ pub fn clean_stale_jobs(run_dir: &Path) -> usize {
         else {
             continue;
         };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            if std::fs::remove_dir_all(e.path()).is_ok() {
-                removed += 1;
-            }
+        if pid != std::process::id()
+            && !Path::new(&format!("/proc/{pid}")).exists()
+            && std::fs::remove_dir_all(e.path()).is_ok()
+        {
+            removed += 1;
         }
     }
     removed

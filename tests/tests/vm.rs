@@ -284,3 +284,35 @@ async fn a_graceful_cancel_stops_the_step_and_runs_always_steps() {
     );
     assert!(t.elapsed() < Duration::from_secs(300));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_file_commands_and_conditions_carry_between_steps() {
+    skip_without_vm!();
+    let mut j = job("echo FROM_ENV_FILE=hello >> $GITHUB_ENV\necho 'greeting=hi there' >> $GITHUB_OUTPUT\nmkdir -p /opt/tool && printf '#!/bin/sh\\necho tool ran\\n' > /opt/tool/mytool && chmod +x /opt/tool/mytool\necho /opt/tool >> $GITHUB_PATH");
+    j.variables.push(Variable::new("GITHUB_ACTIONS", "true"));
+    j.steps[0].id = Some("first".into());
+    let mut second = Step::script(
+        "second",
+        "echo \"$FROM_ENV_FILE\"; mytool; echo '${{ steps.first.outputs.greeting }}'",
+    );
+    second.runtime_expressions = true;
+    j.steps.push(second);
+    let mut skipped = Step::script("skipped", "echo must not run");
+    skipped.condition = Some("steps.first.outputs.greeting == 'nope'".into());
+    j.steps.push(skipped);
+    let mut taken = Step::script("taken", "echo condition held");
+    taken.condition =
+        Some("steps.first.outcome == 'success' && env.FROM_ENV_FILE == 'hello'".into());
+    j.steps.push(taken);
+    let (r, sink) = run("file-commands", &j).await;
+    assert!(
+        r.success(),
+        "{r:?}: {}",
+        String::from_utf8_lossy(&sink.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&sink.stdout),
+        "hello\ntool ran\nhi there\ncondition held\n"
+    );
+    assert!(r.steps[2].skipped && !r.steps[3].skipped);
+}

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kiln_agent::proto::{
-    self, Decoder, Fatal, Frame, Log, Ready, Start, StepEnd, StepSpec, StepStart, Stream, When,
+    self, Cancel, Decoder, Fatal, Frame, Log, Ready, Start, StepEnd, StepSpec, StepStart, Stream,
 };
 
 use crate::user::{self, Identity};
@@ -347,32 +347,18 @@ fn read_frame(port: &mut File, decoder: &mut Decoder) -> Result<Frame> {
 
 // ---------------------------------------------------------------- steps
 
-/// What the host asked for while a step runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CancelState {
-    None,
-    Graceful,
-    Hard,
+/// The job's context, fixed by `Start`.
+struct Job {
+    ident: Identity,
+    workdir: String,
+    /// Defaults (`PATH`, `HOME`, `HOSTNAME`) for variables a step leaves unset.
+    defaults: Vec<(String, String)>,
 }
 
-fn should_run(when: When, failed: bool, cancel: CancelState) -> bool {
-    match cancel {
-        CancelState::Hard => false,
-        CancelState::Graceful => when == When::Always,
-        CancelState::None => match when {
-            When::OnSuccess => !failed,
-            When::OnFailure => failed,
-            When::Always => true,
-        },
-    }
-}
-
-fn run_job(port: &mut File, decoder: &mut Decoder, start: Start) -> Result<()> {
+fn prepare_job(start: &Start) -> Result<Job> {
     let read = |p: &str| std::fs::read_to_string(format!("{NEWROOT}{p}")).unwrap_or_default();
-    let ident = match user::resolve(&start.user, &read("/etc/passwd"), &read("/etc/group")) {
-        Ok(i) => i,
-        Err(e) => return Err(format!("image user: {e}")),
-    };
+    let ident = user::resolve(&start.user, &read("/etc/passwd"), &read("/etc/group"))
+        .map_err(|e| format!("image user: {e}"))?;
     let workdir = if start.workdir.is_empty() {
         "/".to_string()
     } else {
@@ -381,66 +367,111 @@ fn run_job(port: &mut File, decoder: &mut Decoder, start: Start) -> Result<()> {
     if !workdir.starts_with('/') {
         return Err(format!("working directory '{workdir}' is not absolute"));
     }
-    let host_workdir = format!("{NEWROOT}{workdir}");
-    if !Path::new(&host_workdir).exists() {
-        std::fs::create_dir_all(&host_workdir)
-            .map_err(|e| format!("create working directory {workdir}: {e}"))?;
-        let c = cstr(&host_workdir)?;
+    ensure_dir(&workdir, &ident)?;
+    let defaults = vec![
+        ("PATH".to_string(), DEFAULT_PATH.to_string()),
+        ("HOME".to_string(), ident.home.clone()),
+        ("HOSTNAME".to_string(), "kiln".to_string()),
+    ];
+    Ok(Job {
+        ident,
+        workdir,
+        defaults,
+    })
+}
+
+/// Create `dir` (inside the job's root) owned by the job's user if missing.
+fn ensure_dir(dir: &str, ident: &Identity) -> Result<()> {
+    let host = format!("{NEWROOT}{dir}");
+    if !Path::new(&host).exists() {
+        std::fs::create_dir_all(&host)
+            .map_err(|e| format!("create working directory {dir}: {e}"))?;
+        let c = cstr(&host)?;
         // SAFETY: `c` is a valid path string; lchown(2) does not keep it.
         unsafe { libc::lchown(c.as_ptr(), ident.uid, ident.gid) };
     }
-    let mut base_env = start.env.clone();
-    let has = |env: &[(String, String)], k: &str| env.iter().any(|(key, _)| key == k);
-    if !has(&base_env, "PATH") {
-        base_env.push(("PATH".into(), DEFAULT_PATH.into()));
-    }
-    if !has(&base_env, "HOME") {
-        base_env.push(("HOME".into(), ident.home.clone()));
-    }
-    if !has(&base_env, "HOSTNAME") {
-        base_env.push(("HOSTNAME".into(), "kiln".into()));
-    }
+    Ok(())
+}
 
-    let mut failed = false;
-    let mut cancel = CancelState::None;
-    for (i, step) in start.steps.iter().enumerate() {
-        let idx = i as u32;
-        if !should_run(step.when, failed, cancel) {
-            send(
-                port,
-                &Frame::StepEnd(StepEnd {
-                    step: idx,
-                    exit_code: 0,
-                    duration_ms: 0,
-                    timed_out: false,
-                    canceled: false,
-                    skipped: true,
-                }),
-            )?;
-            continue;
+/// Serve `RunStep` frames until `Finish` (or a hard cancel between steps).
+fn run_job(port: &mut File, decoder: &mut Decoder, start: Start) -> Result<()> {
+    let job = prepare_job(&start)?;
+    loop {
+        match read_frame(port, decoder)? {
+            Frame::RunStep(step) => {
+                send(port, &Frame::StepStart(StepStart { step: step.index }))?;
+                let end = run_step(port, decoder, &job, &step)?;
+                send(port, &Frame::StepEnd(end))?;
+            }
+            Frame::Finish | Frame::Cancel(Cancel { graceful: false }) => return Ok(()),
+            Frame::Cancel(_) => {} // nothing running; the host decides what comes next
+            other => log(port, &format!("ignoring {other:?} between steps")),
         }
-        send(port, &Frame::StepStart(StepStart { step: idx }))?;
-        let mut env = base_env.clone();
-        for (k, v) in &step.env {
-            env.retain(|(key, _)| key != k);
+    }
+}
+
+/// The step's environment: its own, then the defaults for what it leaves unset.
+fn step_env(job: &Job, step: &StepSpec, files: Option<&StepFiles>) -> Vec<(String, String)> {
+    let mut env = step.env.clone();
+    for (k, v) in &job.defaults {
+        if !env.iter().any(|(key, _)| key == k) {
             env.push((k.clone(), v.clone()));
         }
-        let end = run_step(
-            port,
-            decoder,
-            idx,
-            step,
-            &env,
-            &workdir,
-            &ident,
-            &mut cancel,
-        )?;
-        if end.exit_code != 0 && !step.allow_failure {
-            failed = true;
-        }
-        send(port, &Frame::StepEnd(end))?;
     }
-    Ok(())
+    if let Some(f) = files {
+        for (k, v) in [
+            ("GITHUB_ENV", &f.env),
+            ("GITHUB_OUTPUT", &f.output),
+            ("GITHUB_PATH", &f.path),
+        ] {
+            env.retain(|(key, _)| key != k);
+            env.push((k.to_string(), v.clone()));
+        }
+    }
+    env
+}
+
+/// A step's file-command files, as guest paths.
+struct StepFiles {
+    env: String,
+    output: String,
+    path: String,
+}
+
+fn make_step_files(idx: u32, ident: &Identity) -> Result<StepFiles> {
+    let dir = format!("{SCRIPT_DIR}/files-{idx}");
+    let host_dir = format!("{NEWROOT}{dir}");
+    std::fs::create_dir_all(&host_dir).map_err(|e| format!("create {dir}: {e}"))?;
+    let files = StepFiles {
+        env: format!("{dir}/env"),
+        output: format!("{dir}/output"),
+        path: format!("{dir}/path"),
+    };
+    for p in [&dir, &files.env, &files.output, &files.path] {
+        let host = format!("{NEWROOT}{p}");
+        if p != &dir {
+            std::fs::write(&host, b"").map_err(|e| format!("create {p}: {e}"))?;
+        }
+        let c = cstr(&host)?;
+        // SAFETY: `c` is a valid path string; lchown(2) does not keep it.
+        unsafe { libc::lchown(c.as_ptr(), ident.uid, ident.gid) };
+    }
+    Ok(files)
+}
+
+/// Read a file-command file back, at most `MAX_FILE_COMMANDS` bytes.
+fn read_step_file(guest_path: &str, truncated: &mut bool) -> String {
+    let mut buf = Vec::new();
+    if let Ok(f) = File::open(format!("{NEWROOT}{guest_path}")) {
+        let _ = f
+            .take(proto::MAX_FILE_COMMANDS as u64 + 1)
+            .read_to_end(&mut buf);
+    }
+    if buf.len() > proto::MAX_FILE_COMMANDS {
+        buf.truncate(proto::MAX_FILE_COMMANDS);
+        *truncated = true;
+    }
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 struct Pipe {
@@ -463,18 +494,10 @@ fn pipe() -> Result<Pipe> {
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_step(
-    port: &mut File,
-    decoder: &mut Decoder,
-    idx: u32,
-    step: &StepSpec,
-    env: &[(String, String)],
-    workdir: &str,
-    ident: &Identity,
-    cancel: &mut CancelState,
-) -> Result<StepEnd> {
+fn run_step(port: &mut File, decoder: &mut Decoder, job: &Job, step: &StepSpec) -> Result<StepEnd> {
     let started = Instant::now();
+    let idx = step.index;
+    let ident = &job.ident;
     let script_path = format!("{SCRIPT_DIR}/step-{idx}.sh");
     let host_script = format!("{NEWROOT}{script_path}");
     std::fs::write(&host_script, &step.script).map_err(|e| format!("write {script_path}: {e}"))?;
@@ -487,10 +510,26 @@ fn run_step(
     if argv.is_empty() {
         return Err(format!("step '{}' has no command", step.name));
     }
+    let workdir = match step.workdir.as_str() {
+        "" => job.workdir.clone(),
+        w if w.starts_with('/') => w.to_string(),
+        w => format!("{}/{w}", job.workdir.trim_end_matches('/')),
+    };
+    if workdir.split('/').any(|c| c == "..") {
+        return Err(format!("step working directory '{workdir}' contains '..'"));
+    }
+    ensure_dir(&workdir, ident)?;
+    let files = if step.file_commands {
+        Some(make_step_files(idx, ident)?)
+    } else {
+        None
+    };
+    let env = step_env(job, step, files.as_ref());
+    let mut term_sent = false;
 
     let out = pipe()?;
     let err = pipe()?;
-    let child = spawn(&argv, env, workdir, ident, &out, &err)?;
+    let child = spawn(&argv, &env, &workdir, ident, &out, &err)?;
     drop(out.write);
     drop(err.write);
 
@@ -613,12 +652,11 @@ fn run_step(
                 {
                     if let Frame::Cancel(c) = f {
                         step_canceled = true;
-                        if c.graceful && *cancel == CancelState::None {
-                            *cancel = CancelState::Graceful;
+                        if c.graceful && !term_sent {
+                            term_sent = true;
                             kill_group(child, libc::SIGTERM);
                             term_sent_at = Some(Instant::now());
                         } else {
-                            *cancel = CancelState::Hard;
                             kill_group(child, libc::SIGKILL);
                         }
                     }
@@ -637,6 +675,18 @@ fn run_step(
         timed_out,
         canceled: step_canceled,
         skipped: false,
+        files: files.map(|f| {
+            let mut truncated = false;
+            let env = read_step_file(&f.env, &mut truncated);
+            let output = read_step_file(&f.output, &mut truncated);
+            let path = read_step_file(&f.path, &mut truncated);
+            proto::FileCommands {
+                env,
+                output,
+                path,
+                truncated,
+            }
+        }),
     })
 }
 
@@ -758,19 +808,6 @@ fn exec_candidates(prog: &str, path: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn steps_run_by_when_failure_and_cancel() {
-        use CancelState::*;
-        assert!(should_run(When::OnSuccess, false, None));
-        assert!(!should_run(When::OnSuccess, true, None));
-        assert!(should_run(When::OnFailure, true, None));
-        assert!(!should_run(When::OnFailure, false, None));
-        assert!(should_run(When::Always, true, None));
-        assert!(should_run(When::Always, true, Graceful));
-        assert!(!should_run(When::OnSuccess, false, Graceful));
-        assert!(!should_run(When::Always, false, Hard));
-    }
 
     #[test]
     fn exit_codes_follow_the_shell_convention() {

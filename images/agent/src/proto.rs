@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest `len` either side accepts (kind + body).
 pub const MAX_FRAME: usize = 1024 * 1024;
 /// Largest `Output` payload the agent sends in one frame.
@@ -33,6 +33,8 @@ enum Kind {
     Done = 8,
     Log = 9,
     Fatal = 10,
+    RunStep = 11,
+    Finish = 12,
 }
 
 impl Kind {
@@ -48,6 +50,8 @@ impl Kind {
             8 => Kind::Done,
             9 => Kind::Log,
             10 => Kind::Fatal,
+            11 => Kind::RunStep,
+            12 => Kind::Finish,
             _ => return None,
         })
     }
@@ -71,7 +75,9 @@ pub struct Ready {
     pub kernel: String,
 }
 
-/// Host -> guest: what to run.
+/// Host -> guest: the job's context. Steps follow one at a time as
+/// [`Frame::RunStep`]; the host decides which steps run (their `when`,
+/// conditions, earlier failures), the agent only runs what it is sent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Start {
     /// Environment for every step (image Env merged with the job's).
@@ -80,34 +86,42 @@ pub struct Start {
     pub workdir: String,
     /// The image's `User` (`name`, `uid`, `uid:gid`, `name:group`); empty = root.
     pub user: String,
-    pub steps: Vec<StepSpec>,
-}
-
-/// When a step runs, given how the earlier ones went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum When {
-    OnSuccess,
-    OnFailure,
-    Always,
 }
 
 /// One step as the agent runs it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepSpec {
+    /// Index of the step in the job (echoed in `Output`/`StepEnd`).
+    pub index: u32,
     pub name: String,
     /// The program and its arguments. `{script}` in any argument is replaced by
     /// the path of a file holding `script`.
     pub argv: Vec<String>,
     /// Script body written to a file before the step runs (may be empty).
     pub script: String,
-    /// Added over [`Start::env`].
+    /// The step's whole environment (replaces `Start::env` for this step).
     pub env: Vec<(String, String)>,
-    pub when: When,
+    /// Working directory, absolute or relative to `Start::workdir`; empty = that.
+    pub workdir: String,
     /// Kill the step's process group after this long (0 = no limit).
     pub timeout_ms: u64,
-    /// A failure of this step does not count as the job failing.
-    pub allow_failure: bool,
+    /// Give the step `GITHUB_ENV`, `GITHUB_OUTPUT` and `GITHUB_PATH` files and
+    /// return their contents in [`StepEnd::files`].
+    pub file_commands: bool,
 }
+
+/// What a step wrote to its file-command files (raw; the host parses them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileCommands {
+    pub env: String,
+    pub output: String,
+    pub path: String,
+    /// A file was larger than [`MAX_FILE_COMMANDS`] and was cut.
+    pub truncated: bool,
+}
+
+/// Largest file-command file the agent returns.
+pub const MAX_FILE_COMMANDS: usize = 256 * 1024;
 
 /// Host -> guest: stop the job. Graceful: SIGTERM the running step, then run
 /// the `Always` steps. Not graceful: SIGKILL and finish at once.
@@ -130,8 +144,10 @@ pub struct StepEnd {
     pub duration_ms: u64,
     pub timed_out: bool,
     pub canceled: bool,
-    /// The step was not run (its `when` did not match).
+    /// The step was not run (decided by the host; the agent never sets it).
     pub skipped: bool,
+    #[serde(default)]
+    pub files: Option<FileCommands>,
 }
 
 /// Agent diagnostics for the debug log (never the job log).
@@ -163,6 +179,9 @@ pub enum Frame {
     Done,
     Log(Log),
     Fatal(Fatal),
+    RunStep(StepSpec),
+    /// Host -> guest: no more steps; sync and answer `Done`.
+    Finish,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -211,7 +230,9 @@ impl Frame {
             Frame::StepEnd(v) => json(out, Kind::StepEnd, v),
             Frame::Log(v) => json(out, Kind::Log, v),
             Frame::Fatal(v) => json(out, Kind::Fatal, v),
+            Frame::RunStep(v) => json(out, Kind::RunStep, v),
             Frame::Done => out.push(Kind::Done as u8),
+            Frame::Finish => out.push(Kind::Finish as u8),
             Frame::Output { step, stream, data } => {
                 out.push(Kind::Output as u8);
                 out.extend_from_slice(&step.to_le_bytes());
@@ -257,14 +278,19 @@ impl Frame {
             Kind::StepEnd => Frame::StepEnd(j(k, payload)?),
             Kind::Log => Frame::Log(j(k, payload)?),
             Kind::Fatal => Frame::Fatal(j(k, payload)?),
-            Kind::Done => {
+            Kind::RunStep => Frame::RunStep(j(k, payload)?),
+            Kind::Done | Kind::Finish => {
                 if !payload.is_empty() {
                     return Err(ProtoError::BadBody {
                         kind: k,
-                        detail: "Done carries no body".into(),
+                        detail: "Done and Finish carry no body".into(),
                     });
                 }
-                Frame::Done
+                if kind == Kind::Done {
+                    Frame::Done
+                } else {
+                    Frame::Finish
+                }
             }
             Kind::Output => {
                 if payload.len() < 5 {
@@ -385,16 +411,18 @@ mod tests {
                 ],
                 workdir: "/builds/x".into(),
                 user: "1000:1000".into(),
-                steps: vec![StepSpec {
-                    name: "script".into(),
-                    argv: vec!["sh".into(), "-e".into(), "{script}".into()],
-                    script: "echo 'hi'\nexit 3\n".into(),
-                    env: vec![("A".into(), "b=c".into())],
-                    when: When::Always,
-                    timeout_ms: 5000,
-                    allow_failure: true,
-                }],
             }),
+            Frame::RunStep(StepSpec {
+                index: 3,
+                name: "script".into(),
+                argv: vec!["sh".into(), "-e".into(), "{script}".into()],
+                script: "echo 'hi'\nexit 3\n".into(),
+                env: vec![("A".into(), "b=c".into())],
+                workdir: "sub".into(),
+                timeout_ms: 5000,
+                file_commands: true,
+            }),
+            Frame::Finish,
             Frame::Cancel(Cancel { graceful: true }),
             Frame::Output {
                 step: 7,
@@ -414,6 +442,21 @@ mod tests {
                 timed_out: true,
                 canceled: false,
                 skipped: false,
+                files: None,
+            }),
+            Frame::StepEnd(StepEnd {
+                step: 2,
+                exit_code: 0,
+                duration_ms: 1,
+                timed_out: false,
+                canceled: false,
+                skipped: false,
+                files: Some(FileCommands {
+                    env: "A=1\n".into(),
+                    output: "x<<EOF\ny\nEOF\n".into(),
+                    path: "/opt/bin\n".into(),
+                    truncated: false,
+                }),
             }),
             Frame::Artifact(vec![0, 1, 2, 0xff]),
             Frame::Done,
@@ -476,6 +519,8 @@ mod tests {
             vec![4, 1, 0],                // Output shorter than its header
             vec![4, 0, 0, 0, 0, 3, b'x'], // unknown stream
             vec![8, 0],                   // Done with a body
+            vec![12, 1],                  // Finish with a body
+            vec![11, b'{', b'}'],         // RunStep without its fields
             vec![6, 0xff, 0xfe],          // invalid UTF-8 JSON
         ];
         for body in cases {
