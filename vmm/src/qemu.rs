@@ -30,18 +30,22 @@ pub fn qemu_binary() -> String {
 
 /// A byte buffer that keeps only the last `limit` bytes written to it.
 #[derive(Debug)]
-pub(crate) struct TailBuffer {
+pub struct TailBuffer {
     buf: VecDeque<u8>,
     limit: usize,
     dropped: u64,
 }
 
 impl TailBuffer {
-    pub(crate) fn new(limit: usize) -> Self {
-        TailBuffer { buf: VecDeque::new(), limit, dropped: 0 }
+    pub fn new(limit: usize) -> Self {
+        TailBuffer {
+            buf: VecDeque::new(),
+            limit,
+            dropped: 0,
+        }
     }
 
-    pub(crate) fn push(&mut self, data: &[u8]) {
+    pub fn push(&mut self, data: &[u8]) {
         let data = if data.len() > self.limit {
             self.dropped += (data.len() - self.limit) as u64;
             &data[data.len() - self.limit..]
@@ -54,10 +58,12 @@ impl TailBuffer {
         self.buf.extend(data);
     }
 
-    pub(crate) fn contents(&self) -> Vec<u8> {
+    pub fn contents(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.buf.len() + 64);
         if self.dropped > 0 {
-            out.extend_from_slice(format!("[... {} earlier bytes dropped]\n", self.dropped).as_bytes());
+            out.extend_from_slice(
+                format!("[... {} earlier bytes dropped]\n", self.dropped).as_bytes(),
+            );
         }
         out.extend(self.buf.iter());
         out
@@ -89,14 +95,18 @@ impl QemuMachine {
                 )));
             }
         }
-        std::fs::create_dir(&config.run_dir)
-            .map_err(|source| MachineError::RunDir { path: config.run_dir.clone(), source })?;
+        std::fs::create_dir(&config.run_dir).map_err(|source| MachineError::RunDir {
+            path: config.run_dir.clone(),
+            source,
+        })?;
         // From here on, failures must remove the directory: `RunDirGuard` does.
         let guard = RunDirGuard(Some(config.run_dir.clone()));
 
         let sock = config.run_dir.join("agent.sock");
-        let listener = UnixListener::bind(&sock)
-            .map_err(|source| MachineError::Io { what: "console socket", source })?;
+        let listener = UnixListener::bind(&sock).map_err(|source| MachineError::Io {
+            what: "console socket",
+            source,
+        })?;
         let accel = if hardware_kvm { "kvm" } else { "tcg" };
         let args = qemu_args(&config, accel, &sock);
         tracing::debug!(?args, "starting qemu");
@@ -119,11 +129,14 @@ impl QemuMachine {
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|source| MachineError::Spawn { program: qemu_binary(), source })?;
+        let mut child = cmd.spawn().map_err(|source| MachineError::Spawn {
+            program: qemu_binary(),
+            source,
+        })?;
 
-        let serial = Arc::new(Mutex::new(TailBuffer::new(config.serial_log_limit.max(4096))));
+        let serial = Arc::new(Mutex::new(TailBuffer::new(
+            config.serial_log_limit.max(4096),
+        )));
         let stderr = Arc::new(Mutex::new(TailBuffer::new(64 * 1024)));
         if let Some(out) = child.stdout.take() {
             tokio::spawn(drain(out, serial.clone()));
@@ -241,14 +254,21 @@ fn remove_run_dir(dir: &Path) -> Result<(), MachineError> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(MachineError::Io { what: "per-VM directory", source }),
+        Err(source) => Err(MachineError::Io {
+            what: "per-VM directory",
+            source,
+        }),
     }
 }
 
 fn check_readable(what: &'static str, path: &Path) -> Result<(), MachineError> {
     std::fs::File::open(path)
         .map(drop)
-        .map_err(|source| MachineError::MissingFile { what, path: path.to_path_buf(), source })
+        .map_err(|source| MachineError::MissingFile {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 async fn drain(mut from: impl tokio::io::AsyncRead + Unpin, into: Arc<Mutex<TailBuffer>>) {
@@ -279,7 +299,13 @@ pub fn qemu_args(config: &MachineConfig, accel: &str, console_sock: &Path) -> Ve
     push(&config.vcpus.to_string());
     push("-m");
     push(&format!("{}M", config.memory_mib));
-    for s in ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"] {
+    for s in [
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ] {
         push(s);
     }
     // QEMU's own seccomp filter: no spawning, no privilege changes.
@@ -292,9 +318,14 @@ pub fn qemu_args(config: &MachineConfig, accel: &str, console_sock: &Path) -> Ve
     push("-device");
     push("virtio-serial-device,max_ports=2");
     push("-chardev");
-    push(&format!("socket,id=agent,path={}", qemu_escape(&console_sock.to_string_lossy())));
+    push(&format!(
+        "socket,id=agent,path={}",
+        qemu_escape(&console_sock.to_string_lossy())
+    ));
     push("-device");
-    push(&format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"));
+    push(&format!(
+        "virtserialport,chardev=agent,name={AGENT_PORT_NAME}"
+    ));
     for (i, d) in config.disks.iter().enumerate() {
         let mut drive = format!(
             "id=disk{i},file={},format=raw,if=none,read-only={}",
@@ -307,7 +338,10 @@ pub fn qemu_args(config: &MachineConfig, accel: &str, console_sock: &Path) -> Ve
         push("-drive");
         push(&drive);
         push("-device");
-        push(&format!("virtio-blk-device,drive=disk{i},serial={}", d.serial));
+        push(&format!(
+            "virtio-blk-device,drive=disk{i},serial={}",
+            d.serial
+        ));
     }
     push("-device");
     push("virtio-rng-device");
@@ -335,7 +369,11 @@ mod tests {
         t.push(b"0123");
         t.push(b"456789ab");
         let c = t.contents();
-        assert!(c.ends_with(b"456789ab"), "{:?}", String::from_utf8_lossy(&c));
+        assert!(
+            c.ends_with(b"456789ab"),
+            "{:?}",
+            String::from_utf8_lossy(&c)
+        );
         assert!(String::from_utf8_lossy(&c).contains("4 earlier bytes dropped"));
         let mut t = TailBuffer::new(4);
         t.push(b"abcdefgh");
@@ -351,8 +389,18 @@ mod tests {
             vcpus: 2,
             memory_mib: 256,
             disks: vec![
-                crate::Disk { path: "/a,b.img".into(), read_only: true, serial: "kiln-root".into(), ephemeral: false },
-                crate::Disk { path: "/s.img".into(), read_only: false, serial: "kiln-scratch".into(), ephemeral: true },
+                crate::Disk {
+                    path: "/a,b.img".into(),
+                    read_only: true,
+                    serial: "kiln-root".into(),
+                    ephemeral: false,
+                },
+                crate::Disk {
+                    path: "/s.img".into(),
+                    read_only: false,
+                    serial: "kiln-scratch".into(),
+                    ephemeral: true,
+                },
             ],
             run_dir: "/tmp/x".into(),
             serial_log_limit: 1024,
@@ -360,7 +408,10 @@ mod tests {
         };
         let a = qemu_args(&cfg, "tcg", Path::new("/tmp/x/agent.sock"));
         let joined = a.join(" ");
-        assert!(joined.contains("file=/a,,b.img,format=raw,if=none,read-only=on"), "{joined}");
+        assert!(
+            joined.contains("file=/a,,b.img,format=raw,if=none,read-only=on"),
+            "{joined}"
+        );
         assert!(joined.contains("virtio-blk-device,drive=disk1,serial=kiln-scratch"));
         assert!(joined.contains("read-only=off,cache=unsafe"));
         assert!(joined.contains("-cpu max"));
