@@ -165,7 +165,7 @@ pub struct Machine {
 
 /// The backends, as a closed set.
 enum Inner {
-    Qemu(QemuMachine),
+    Qemu(Box<QemuMachine>),
     Kvm(Box<KvmMachine>),
 }
 
@@ -195,7 +195,7 @@ impl Machine {
                     QemuMachine::start(config, kvm.runs_unmodified_guests()).await?;
                 Ok((
                     Machine {
-                        inner: Inner::Qemu(inner),
+                        inner: Inner::Qemu(Box::new(inner)),
                     },
                     console,
                 ))

@@ -92,13 +92,13 @@ impl Block {
                 if !all(!write) {
                     return Err(QueueError::Layout("data buffers have the wrong direction"));
                 }
-                if total % SECTOR_SIZE != 0 || total > MAX_REQUEST {
+                if total & (SECTOR_SIZE - 1) != 0 || total > MAX_REQUEST {
                     return Err(QueueError::Layout(
                         "data length is not whole sectors or too large",
                     ));
                 }
                 let end = sector.checked_add(total / SECTOR_SIZE);
-                if end.is_none_or(|e| e > self.sectors) {
+                if !matches!(end, Some(e) if e <= self.sectors) {
                     tracing::debug!(sector, total, "virtio-blk: request beyond the disk");
                     Ok((VIRTIO_BLK_S_IOERR, 0))
                 } else if write && self.read_only {

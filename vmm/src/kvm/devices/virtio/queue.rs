@@ -137,7 +137,7 @@ impl Queue {
             return false;
         }
         let fits = |a: GuestAddress, len: u64, align: u64| {
-            a.0 % align == 0 && usize::try_from(len).is_ok_and(|l| mem.check_range(a, l))
+            a.0 & (align - 1) == 0 && usize::try_from(len).is_ok_and(|l| mem.check_range(a, l))
         };
         fits(self.desc_table, 16 * n, 16)
             && fits(self.avail_ring, 6 + 2 * n, 2)
