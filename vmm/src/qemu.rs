@@ -311,6 +311,10 @@ pub fn qemu_args(config: &MachineConfig, accel: &str, console_sock: &Path) -> Ve
     // QEMU's own seccomp filter: no spawning, no privilege changes.
     push("-sandbox");
     push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
+    // Modern (version 2) virtio-mmio, as the kvm backend offers; QEMU
+    // defaults to the legacy interface.
+    push("-global");
+    push("virtio-mmio.force-legacy=false");
     push("-chardev");
     push("stdio,id=serial0,signal=off");
     push("-serial");

@@ -9,7 +9,6 @@ const F_VERSION_1: u64 = 1 << 32;
 const CONSOLE_F_MULTIPORT: u64 = 1 << 1;
 const BLK_F_RO: u64 = 1 << 5;
 const BLK_F_FLUSH: u64 = 1 << 9;
-const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 const MAX_DEVICES: u64 = 19;
 const PORT_NAME: &[u8] = b"org.kiln.agent.0";
 
@@ -110,6 +109,11 @@ impl Ctx {
             .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
     }
 
+    fn flag(&self, key: &str) -> bool {
+        core::str::from_utf8(&self.cmdline[..self.cmdline_len])
+            .is_ok_and(|s| s.split(' ').any(|w| w == key))
+    }
+
     fn num(&self, key: &str) -> u64 {
         self.arg(key).and_then(|v| v.parse().ok()).unwrap_or(0)
     }
@@ -155,7 +159,7 @@ pub fn run(ctx: &mut Ctx, si: u64) {
     // Memory map: RAM below 640 KiB, reserved up to 1 MiB, RAM from 1 MiB.
     let mem_mib = ctx.num("mem_mib");
     let mut ram = 0u64;
-    let mut reserved_ok = false;
+    let mut reserved_ok = true;
     let mut himem_ok = false;
     for i in 0..u64::from(memmap_entries) {
         let e = memmap + 24 * i;
@@ -163,8 +167,10 @@ pub fn run(ctx: &mut Ctx, si: u64) {
         if kind == 1 {
             ram += size;
             himem_ok |= addr == 0x10_0000;
-        } else if addr <= 0x9fc00 && addr + size >= 0x10_0000 {
-            reserved_ok = true;
+        }
+        // No RAM in the legacy hole [0x9fc00, 1 MiB).
+        if kind == 1 && addr < 0x10_0000 && addr + size > 0x9fc00 {
+            reserved_ok = false;
         }
     }
     let expect = mem_mib * (1 << 20) - (0x10_0000 - 0x9fc00);
@@ -190,8 +196,8 @@ pub fn run(ctx: &mut Ctx, si: u64) {
         format_args!("{size} bytes at {paddr:#x}"),
     );
 
-    let devices = check_acpi(ctx, rsdp);
-    let found = scan_virtio(ctx, devices);
+    let windows = check_acpi(ctx, rsdp);
+    let found = scan_virtio(ctx, &windows);
     check_console(ctx, &found);
     for d in found.iter().flatten() {
         if d.device_id() == 2 {
@@ -206,9 +212,23 @@ pub fn run(ctx: &mut Ctx, si: u64) {
     check_console_rx(ctx);
 }
 
-/// Returns the number of `LNRO0005` devices in the DSDT.
-fn check_acpi(ctx: &mut Ctx, rsdp: u64) -> u64 {
-    let rsdp = if rsdp == 0 { 0xe0000 } else { rsdp };
+/// Find the RSDP in the BIOS area when the start info does not name it.
+fn find_rsdp() -> u64 {
+    (0xe0000..0x100000u64)
+        .step_by(16)
+        .find(|&a| bytes_eq(a, b"RSD PTR "))
+        .unwrap_or(0xe0000)
+}
+
+/// The virtio-mmio windows the DSDT describes: the first `Memory32Fixed`
+/// after each `LNRO0005`.
+pub struct Windows {
+    pub bases: [u64; MAX_DEVICES as usize],
+    pub n: usize,
+}
+
+fn check_acpi(ctx: &mut Ctx, rsdp: u64) -> Windows {
+    let rsdp = if rsdp == 0 { find_rsdp() } else { rsdp };
     let ok = bytes_eq(rsdp, b"RSD PTR ")
         && sum(rsdp, 20) == 0
         && rd8(rsdp + 15) == 2
@@ -250,10 +270,25 @@ fn check_acpi(ctx: &mut Ctx, rsdp: u64) -> u64 {
             .count() as u64
     };
     let lnro = count(b"LNRO0005");
+    let mut win = Windows {
+        bases: [0; MAX_DEVICES as usize],
+        n: 0,
+    };
+    for i in 0..dlen.saturating_sub(8) {
+        if win.n < win.bases.len() && bytes_eq(dsdt + i, b"LNRO0005") {
+            // Memory32Fixed: 0x86, length 9, read/write flag, base, size.
+            if let Some(j) =
+                (i..(i + 96).min(dlen)).find(|&j| rd8(dsdt + j) == 0x86 && rd16(dsdt + j + 1) == 9)
+            {
+                win.bases[win.n] = u64::from(rd32(dsdt + j + 4));
+                win.n += 1;
+            }
+        }
+    }
     let com1 = count(b"COM1");
     ctx.check(
         "acpi-dsdt",
-        table_ok(dsdt, b"DSDT") && lnro == ctx.num("virtio") && com1 == 1,
+        table_ok(dsdt, b"DSDT") && lnro >= ctx.num("virtio") && com1 == 1,
         format_args!("at {dsdt:#x}, {dlen} bytes, {lnro} LNRO0005, COM1={com1}"),
     );
     let mlen = if madt != 0 {
@@ -261,7 +296,7 @@ fn check_acpi(ctx: &mut Ctx, rsdp: u64) -> u64 {
     } else {
         0
     };
-    let (mut lapics, mut ioapics, mut ioapic_addr) = (0, 0, 0);
+    let (mut lapics, mut ioapics, mut ioapic_addr, mut first_ioapic) = (0, 0, 0, 0);
     let mut off = 44;
     while off + 2 <= mlen {
         let (kind, len) = (rd8(madt + off), u64::from(rd8(madt + off + 1)));
@@ -270,6 +305,9 @@ fn check_acpi(ctx: &mut Ctx, rsdp: u64) -> u64 {
         } else if kind == 1 {
             ioapics += 1;
             ioapic_addr = rd32(madt + off + 4);
+            if first_ioapic == 0 {
+                first_ioapic = ioapic_addr;
+            }
         }
         if len == 0 {
             break;
@@ -280,32 +318,35 @@ fn check_acpi(ctx: &mut Ctx, rsdp: u64) -> u64 {
         "acpi-madt",
         table_ok(madt, b"APIC")
             && lapics == ctx.num("vcpus")
-            && ioapics == 1
-            && ioapic_addr == 0xfec0_0000,
+            && ioapics >= 1
+            && first_ioapic == 0xfec0_0000,
         format_args!(
-            "{lapics} LAPIC, {ioapics} IOAPIC at {ioapic_addr:#x}, LAPIC at {:#x}",
+            "{lapics} LAPIC, {ioapics} IOAPIC (first at {first_ioapic:#x}, last at {ioapic_addr:#x}), LAPIC at {:#x}",
             rd32(madt + 36)
         ),
     );
-    lnro
+    win
 }
 
-fn scan_virtio(ctx: &mut Ctx, expected: u64) -> [Option<Dev>; MAX_DEVICES as usize] {
+fn scan_virtio(ctx: &mut Ctx, win: &Windows) -> [Option<Dev>; MAX_DEVICES as usize] {
     let mut found = [None; MAX_DEVICES as usize];
     let mut n = 0;
-    for i in 0..MAX_DEVICES {
-        let d = Dev {
-            base: VIRTIO_MMIO_BASE + i * 0x1000,
-        };
-        if d.present() {
-            found[i as usize] = Some(d);
+    for (i, &base) in win.bases[..win.n].iter().enumerate() {
+        let d = Dev { base };
+        // Unused windows (QEMU lists eight) read device ID 0.
+        if d.present() && d.device_id() != 0 {
+            found[i] = Some(d);
             n += 1;
         }
     }
+    let expected = ctx.num("virtio");
     ctx.check(
         "virtio-mmio-scan",
         n == expected && n > 0,
-        format_args!("{n} devices, DSDT lists {expected}"),
+        format_args!(
+            "{n} devices in {} DSDT windows from {:#x}, expected {expected}",
+            win.n, win.bases[0]
+        ),
     );
     found
 }
@@ -326,32 +367,30 @@ fn check_console(ctx: &mut Ctx, found: &[Option<Dev>]) {
         );
         return;
     };
-    let mut q = [Vq::empty(); 4];
-    if let Err(e) = dev.init(F_VERSION_1 | CONSOLE_F_MULTIPORT, 4, &mut q) {
+    // Ports 0..max_ports: port 0 uses queues 0/1, control 2/3, port n 2+2n/3+2n.
+    let mut q = [Vq::empty(); 8];
+    let max_ports = dev.r(R_CONFIG + 4).clamp(1, 3);
+    let nq = 2 + 2 * max_ports as u16;
+    if let Err(e) = dev.init(F_VERSION_1 | CONSOLE_F_MULTIPORT, nq, &mut q) {
         ctx.check("virtio-console-init", false, format_args!("{e}"));
         return;
     }
-    let max_ports = dev.r(R_CONFIG + 4);
     ctx.check(
         "virtio-console-init",
-        max_ports >= 1,
+        true,
         format_args!("multiport, max_nr_ports={max_ports}"),
     );
-    let [mut rx, tx, mut crx, mut ctx_q] = q;
-    // Receive buffers: one for data, four for control messages.
-    let rx_page = alloc_page();
-    rx.submit(&[(rx_page, 4096, true)]);
+    let (mut crx, mut cq) = (q[2], q[3]);
     let cpage = alloc_page();
     for i in 0..4 {
         crx.submit(&[(cpage + 256 * i, 256, true)]);
     }
     let out = alloc_page();
-    ctx_q.call(&[ctrl_msg(out, 0, 0, 1)]); // DEVICE_READY
-    let mut name = [0u8; 64];
-    let mut name_len = 0;
-    let mut host_open = false;
-    let mut added = false;
-    for _ in 0..8 {
+    cq.call(&[ctrl_msg(out, 0, 0, 1)]); // DEVICE_READY
+    let mut named: Option<u32> = None;
+    let mut open = [false; 4];
+    let mut added = 0;
+    for _ in 0..16 {
         let Some((head, len)) = crx.wait_used(POLL_LIMIT) else {
             break;
         };
@@ -359,35 +398,51 @@ fn check_console(ctx: &mut Ctx, found: &[Option<Dev>]) {
         let buf = rd64(crx.desc + 16 * u64::from(head));
         let (id, event, value) = (rd32(buf), rd16(buf + 4), rd16(buf + 6));
         match event {
-            1 if id == 0 => {
-                added = true;
-                ctx_q.call(&[ctrl_msg(out, 0, 3, 1)]); // PORT_READY
+            1 if id < max_ports => {
+                added += 1;
+                cq.call(&[ctrl_msg(out, id, 3, 1)]); // PORT_READY
             }
             7 => {
-                name_len = (len as usize).saturating_sub(8).min(64);
-                for (i, b) in name.iter_mut().enumerate().take(name_len) {
+                let n = (len as usize).saturating_sub(8).min(64);
+                let mut name = [0u8; 64];
+                for (i, b) in name.iter_mut().enumerate().take(n) {
                     *b = rd8(buf + 8 + i as u64);
                 }
+                let end = name[..n].iter().position(|&b| b == 0).unwrap_or(n);
+                if &name[..end] == PORT_NAME {
+                    named = Some(id);
+                }
             }
-            6 => host_open = value == 1,
+            6 if id < 4 => open[id as usize] = value == 1,
             _ => {}
         }
         crx.submit(&[(buf, 256, true)]);
-        if name_len > 0 && host_open {
+        if named.is_some_and(|p| open[p as usize]) {
             break;
         }
     }
-    let name = &name[..name_len];
+    let Some(port) = named else {
+        ctx.check(
+            "console-port-name",
+            false,
+            format_args!("{added} ports added, none named {}", "org.kiln.agent.0"),
+        );
+        return;
+    };
     ctx.check(
         "console-port-name",
-        added && name == PORT_NAME && host_open,
+        open[port as usize],
         format_args!(
-            "added={added} name={} host_open={host_open}",
-            core::str::from_utf8(name).unwrap_or("?")
+            "port {port} of {added} is org.kiln.agent.0, host_open={}",
+            open[port as usize]
         ),
     );
-    ctx_q.call(&[ctrl_msg(out, 0, 6, 1)]); // PORT_OPEN from the guest
-    let mut port = ConsolePort {
+    cq.call(&[ctrl_msg(out, port, 6, 1)]); // PORT_OPEN from the guest
+    let rxq = if port == 0 { 0 } else { 2 + 2 * port as usize };
+    let (mut rx, tx) = (q[rxq], q[rxq + 1]);
+    let rx_page = alloc_page();
+    rx.submit(&[(rx_page, 4096, true)]);
+    let mut p = ConsolePort {
         tx,
         rx,
         tx_page: alloc_page(),
@@ -395,8 +450,8 @@ fn check_console(ctx: &mut Ctx, found: &[Option<Dev>]) {
     };
     // Everything reported so far goes out on the port now.
     let log = ctx.log;
-    console_send(&mut port, &log[..ctx.log_len]);
-    ctx.console = Some(port);
+    console_send(&mut p, &log[..ctx.log_len]);
+    ctx.console = Some(p);
 }
 
 fn check_block(ctx: &mut Ctx, dev: Dev) {
@@ -461,19 +516,22 @@ fn check_block(ctx: &mut Ctx, dev: Dev) {
             format_args!("write status={st}"),
         );
         // A malformed chain: data buffer far outside guest memory. The
-        // device must return it (no status) and keep working.
-        wr8(status, 0xff);
-        let n = q.call(&[
-            (req, 16, false),
-            (0x7f_0000_0000, 512, true),
-            (status, 1, true),
-        ]);
-        let (st2, _) = request(&mut q, 0, 0, 512, false);
-        ctx.check(
-            "virtio-blk-bad-chain",
-            n == Some(0) && st2 == 0,
-            format_args!("bad request used len={n:?}, next request status={st2}"),
-        );
+        // device must return it (no status) and keep working. (QEMU marks
+        // the device broken instead: `no_bad_chain` skips this there.)
+        if !ctx.flag("no_bad_chain") {
+            wr8(status, 0xff);
+            let n = q.call(&[
+                (req, 16, false),
+                (0x7f_0000_0000, 512, true),
+                (status, 1, true),
+            ]);
+            let (st2, _) = request(&mut q, 0, 0, 512, false);
+            ctx.check(
+                "virtio-blk-bad-chain",
+                n == Some(0) && st2 == 0,
+                format_args!("bad request used len={n:?}, next request status={st2}"),
+            );
+        }
     } else if is_rw {
         for i in 0..512u64 {
             wr8(data + i, (0x5a ^ i) as u8);

@@ -69,9 +69,18 @@ impl core::fmt::Write for Serial {
     }
 }
 
-/// Pulse the reset line through the i8042: the VM ends.
+/// Pulse the reset line through the i8042: the VM ends. Machines without
+/// an i8042 (QEMU microvm) get a triple fault instead, which `-no-reboot`
+/// also turns into the end of the VM.
 pub fn reset() -> ! {
     outb(0x64, 0xfe);
+    for _ in 0..100_000 {
+        core::hint::spin_loop();
+    }
+    let null_idt = [0u16; 5];
+    // SAFETY: deliberately loads an empty IDT and raises an exception: the
+    // CPU shuts down. Nothing after this runs.
+    unsafe { asm!("lidt [{0}]", "int3", in(reg) null_idt.as_ptr(), options(nostack)) };
     loop {
         // SAFETY: halting with interrupts off just stops this vCPU.
         unsafe { asm!("cli; hlt", options(nomem, nostack)) }
