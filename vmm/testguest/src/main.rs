@@ -37,6 +37,9 @@ global_asm!(
     .global _start32
 _start32:
     cli
+    # POST code 0x01 on port 0x80: the VMM's first exit, "guest is running".
+    movb $0x01, %al
+    outb %al, $0x80
     movl %ebx, %esi
     movl $pdpt, %eax
     orl $3, %eax
