@@ -288,3 +288,79 @@ async fn linux_boots_to_the_agent_on_hardware_kvm() {
         "no agent frame within 30 s; serial log:\n{serial}"
     );
 }
+
+/// `destroy` stops a guest that is still running (vCPU 0 polling, vCPU 1
+/// waiting for SIPI inside KVM_RUN) promptly, and dropping works the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvm_destroy_and_drop_stop_a_running_guest() {
+    let kvm = probe_kvm();
+    if !kvm.device_usable() {
+        eprintln!("SKIP destroy on kvm: {}", kvm.describe());
+        return;
+    }
+    let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
+    for use_drop in [false, true] {
+        let fx = fixture(guest.clone(), "");
+        let (machine, console) = Machine::start(fx.config.clone(), BackendKind::Kvm, &kvm)
+            .await
+            .expect("start");
+        let mut lines = BufReader::new(console).lines();
+        // The guest now polls for a ping that never comes.
+        let waited = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Ok(Some(l)) = lines.next_line().await {
+                if l == "WAIT ping" {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(waited, Ok(true));
+        let t = std::time::Instant::now();
+        if use_drop {
+            tokio::task::spawn_blocking(move || drop(machine))
+                .await
+                .unwrap();
+        } else {
+            machine.destroy().await.unwrap();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "stopping took {:?}",
+            t.elapsed()
+        );
+        assert!(!fx.config.run_dir.exists());
+        // The console sees EOF once the VM is gone.
+        let eof = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await;
+        assert!(matches!(eof, Ok(Ok(None)) | Ok(Err(_))), "{eof:?}");
+    }
+}
+
+/// Start-up failures are typed errors and leave no per-VM directory behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvm_start_failures_clean_up() {
+    let kvm = probe_kvm();
+    if !kvm.device_usable() {
+        eprintln!("SKIP kvm start failures: {}", kvm.describe());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("junk"), vec![0u8; 8192]).unwrap();
+    let mut fx = fixture(dir.path().join("junk"), "");
+    let err = match Machine::start(fx.config.clone(), BackendKind::Kvm, &kvm).await {
+        Err(e) => e,
+        Ok(_) => panic!("a zero-filled kernel must not boot"),
+    };
+    assert!(err.to_string().contains("neither an ELF"), "{err}");
+    assert!(!fx.config.run_dir.exists());
+    fx.config.vcpus = 0;
+    assert!(Machine::start(fx.config.clone(), BackendKind::Kvm, &kvm)
+        .await
+        .is_err());
+    fx.config.vcpus = 1;
+    fx.config.disks[0].serial = "x".repeat(21);
+    assert!(Machine::start(fx.config.clone(), BackendKind::Kvm, &kvm)
+        .await
+        .is_err());
+    assert!(!fx.config.run_dir.exists());
+}
