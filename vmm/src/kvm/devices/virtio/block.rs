@@ -4,12 +4,13 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use super::mmio::{read_config_bytes, VirtioDevice};
 use super::queue::{Descriptor, Queue, QueueError};
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
+pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 
@@ -25,8 +26,14 @@ pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 pub const SECTOR_SIZE: u64 = 512;
 pub const VIRTIO_BLK_ID_BYTES: usize = 20;
 const QUEUE_SIZE: u16 = 256;
-/// The most data one request may move (bounds host buffers).
-const MAX_REQUEST: u64 = 4 << 20;
+/// Segments per request we tell the driver about (the queue also holds the
+/// header and status descriptors).
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Requests larger than this fail with an I/O error.
+const MAX_REQUEST: u64 = 64 << 20;
+/// Host bounce buffer: guest buffers are copied through it piecewise, so a
+/// huge descriptor never makes the host allocate its length.
+const CHUNK: usize = 64 * 1024;
 
 pub struct Block {
     file: File,
@@ -92,13 +99,14 @@ impl Block {
                 if !all(!write) {
                     return Err(QueueError::Layout("data buffers have the wrong direction"));
                 }
-                if total & (SECTOR_SIZE - 1) != 0 || total > MAX_REQUEST {
-                    return Err(QueueError::Layout(
-                        "data length is not whole sectors or too large",
-                    ));
-                }
                 let end = sector.checked_add(total / SECTOR_SIZE);
-                if !matches!(end, Some(e) if e <= self.sectors) {
+                if total & (SECTOR_SIZE - 1) != 0 || total > MAX_REQUEST {
+                    tracing::debug!(
+                        total,
+                        "virtio-blk: data length not whole sectors or too large"
+                    );
+                    Ok((VIRTIO_BLK_S_IOERR, 0))
+                } else if !matches!(end, Some(e) if e <= self.sectors) {
                     tracing::debug!(sector, total, "virtio-blk: request beyond the disk");
                     Ok((VIRTIO_BLK_S_IOERR, 0))
                 } else if write && self.read_only {
@@ -142,15 +150,21 @@ impl Block {
         mem: &GuestMemoryMmap,
         mut offset: u64,
     ) -> Result<(), QueueError> {
+        let mut buf = vec![0u8; CHUNK];
         for d in data {
-            let mut buf = vec![0u8; d.len as usize];
-            if let Err(e) = self.file.read_exact_at(&mut buf, offset) {
-                tracing::warn!("virtio-blk: read failed: {e}");
-                return Err(QueueError::Layout("host read failed"));
+            let mut done = 0usize;
+            while done < d.len as usize {
+                let n = (d.len as usize - done).min(CHUNK);
+                if let Err(e) = self.file.read_exact_at(&mut buf[..n], offset) {
+                    tracing::warn!("virtio-blk: read failed: {e}");
+                    return Err(QueueError::Layout("host read failed"));
+                }
+                let at = d.addr.unchecked_add(done as u64);
+                mem.write_slice(&buf[..n], at)
+                    .map_err(|_| QueueError::Memory(at.0))?;
+                done += n;
+                offset += n as u64;
             }
-            mem.write_slice(&buf, d.addr)
-                .map_err(|_| QueueError::Memory(d.addr.0))?;
-            offset += u64::from(d.len);
         }
         Ok(())
     }
@@ -161,15 +175,21 @@ impl Block {
         mem: &GuestMemoryMmap,
         mut offset: u64,
     ) -> Result<(), QueueError> {
+        let mut buf = vec![0u8; CHUNK];
         for d in data {
-            let mut buf = vec![0u8; d.len as usize];
-            mem.read_slice(&mut buf, d.addr)
-                .map_err(|_| QueueError::Memory(d.addr.0))?;
-            if let Err(e) = self.file.write_all_at(&buf, offset) {
-                tracing::warn!("virtio-blk: write failed: {e}");
-                return Err(QueueError::Layout("host write failed"));
+            let mut done = 0usize;
+            while done < d.len as usize {
+                let n = (d.len as usize - done).min(CHUNK);
+                let at = d.addr.unchecked_add(done as u64);
+                mem.read_slice(&mut buf[..n], at)
+                    .map_err(|_| QueueError::Memory(at.0))?;
+                if let Err(e) = self.file.write_all_at(&buf[..n], offset) {
+                    tracing::warn!("virtio-blk: write failed: {e}");
+                    return Err(QueueError::Layout("host write failed"));
+                }
+                done += n;
+                offset += n as u64;
             }
-            offset += u64::from(d.len);
         }
         Ok(())
     }
@@ -185,12 +205,16 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_BLK_F_FLUSH | if self.read_only { VIRTIO_BLK_F_RO } else { 0 }
+        VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX | if self.read_only { VIRTIO_BLK_F_RO } else { 0 }
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // capacity (u64, in 512-byte sectors); nothing else is offered.
-        read_config_bytes(&self.sectors.to_le_bytes(), offset, data);
+        // capacity (u64, 512-byte sectors), size_max (u32, not offered),
+        // seg_max (u32).
+        let mut cfg = [0u8; 16];
+        cfg[..8].copy_from_slice(&self.sectors.to_le_bytes());
+        cfg[12..].copy_from_slice(&SEG_MAX.to_le_bytes());
+        read_config_bytes(&cfg, offset, data);
     }
 
     fn process_queue(
@@ -360,10 +384,15 @@ mod tests {
             request(&mem, &mut t, VIRTIO_BLK_T_OUT, 0, 512, WRITE),
             (0xff, 0)
         );
-        // Not whole sectors.
+        // Not whole sectors: an I/O error, not a broken chain.
         assert_eq!(
             request(&mem, &mut t, VIRTIO_BLK_T_IN, 0, 100, WRITE),
-            (0xff, 0)
+            (VIRTIO_BLK_S_IOERR, 1)
+        );
+        // A descriptor larger than guest memory fails its request.
+        assert_eq!(
+            request(&mem, &mut t, VIRTIO_BLK_T_IN, 0, 0x8000_0000, WRITE).0,
+            0xff
         );
         // Data buffer outside guest memory.
         set_desc(&mem, 0, HDR, 16, NEXT, 1);
@@ -382,8 +411,8 @@ mod tests {
         set_desc(&mem, 5, HDR, 16, NEXT, 4);
         publish(&mem, 4);
         t.process_queue(0);
-        assert_eq!(used_idx(&mem), 7);
-        for i in 3..7 {
+        assert_eq!(used_idx(&mem), 8);
+        for i in 4..8 {
             assert_eq!(used_elem(&mem, i).1, 0);
         }
         // The device still works afterwards.
@@ -391,5 +420,46 @@ mod tests {
             request(&mem, &mut t, VIRTIO_BLK_T_IN, 0, 512, WRITE).0,
             VIRTIO_BLK_S_OK
         );
+    }
+
+    #[test]
+    fn large_transfers_are_copied_in_chunks_at_the_right_offsets() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..(256 * 1024u32))
+            .map(|i| (i / 512 + i % 7) as u8)
+            .collect();
+        f.write_all(&data).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(f.path())
+            .unwrap();
+        let mem = Arc::new(memory());
+        let b = Block::new(file, false, true, "big").unwrap();
+        let mut t = MmioTransport::new(Box::new(b), mem.clone()).unwrap();
+        init(&mut t, VIRTIO_F_VERSION_1);
+        const BIG: u64 = 0x40000;
+        let len = 160 * 1024u32;
+        let mut h = [0u8; 16];
+        h[8..].copy_from_slice(&2u64.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+        set_desc(&mem, 0, HDR, 16, NEXT, 1);
+        set_desc(&mem, 1, BIG, len, NEXT | WRITE, 2);
+        set_desc(&mem, 2, ST, 1, WRITE, 0);
+        publish(&mem, 0);
+        t.process_queue(0);
+        assert_eq!(used_elem(&mem, 0).1, len + 1);
+        let mut got = vec![0u8; len as usize];
+        mem.read_slice(&mut got, GuestAddress(BIG)).unwrap();
+        assert_eq!(&got[..], &data[1024..1024 + len as usize]);
+        // And back out at another offset.
+        h[..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        h[8..].copy_from_slice(&100u64.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+        set_desc(&mem, 1, BIG, len, NEXT, 2);
+        publish(&mem, 0);
+        t.process_queue(0);
+        let on_disk = std::fs::read(f.path()).unwrap();
+        assert_eq!(&on_disk[51200..51200 + len as usize], &got[..]);
     }
 }
