@@ -152,6 +152,9 @@ impl Queue {
     /// Pop the next available chain, if the driver made one available.
     /// `Err` means the queue itself is broken (the device should stop using it).
     pub fn pop(&mut self, mem: &GuestMemoryMmap) -> Result<Option<Chain>, QueueError> {
+        if !self.ready || self.size == 0 {
+            return Ok(None);
+        }
         let avail_idx = Self::read_u16(mem, self.avail_ring.unchecked_add(2))?;
         // Read the ring entries only after seeing the index that covers them.
         fence(Ordering::Acquire);
@@ -214,6 +217,9 @@ impl Queue {
         head: u16,
         len: u32,
     ) -> Result<(), QueueError> {
+        if self.size == 0 {
+            return Err(QueueError::Layout("queue has no entries"));
+        }
         let slot = u64::from(self.next_used % self.size);
         let elem = self.used_ring.unchecked_add(4 + 8 * slot);
         mem.write_obj(u32::from(head), elem)
@@ -346,6 +352,20 @@ mod tests {
             q.pop(&mem).unwrap().unwrap().descriptors.unwrap_err(),
             QueueError::DescriptorIndex(99)
         );
+    }
+
+    #[test]
+    fn a_queue_that_is_not_ready_yields_nothing() {
+        let mem = memory();
+        let mut q = queue(16);
+        set_desc(&mem, 0, DATA, 16, 0, 0);
+        publish(&mem, 0);
+        q.ready = false;
+        assert!(q.pop(&mem).unwrap().is_none());
+        q.size = 0;
+        q.ready = true;
+        assert!(q.pop(&mem).unwrap().is_none());
+        assert!(q.add_used(&mem, 0, 0).is_err());
     }
 
     #[test]
