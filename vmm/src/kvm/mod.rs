@@ -12,6 +12,13 @@
 //! exits; queue notifications arrive through ioeventfds and are handled by
 //! the event loop, which also moves console bytes to and from the host
 //! socket. Interrupts are raised through irqfds on the in-kernel IOAPIC.
+//!
+//! Where `/dev/kvm` is nested PVM (no VT-x/AMD-V), guest code runs by
+//! instruction emulation and interrupts cannot be delivered into a
+//! protected- or long-mode guest: stock Linux does not boot there, and the
+//! backend is verified with the polling test guest in `vmm/testguest`.
+//! `start_timeout` is not needed here: start-up is synchronous and takes
+//! milliseconds.
 
 pub mod acpi;
 pub mod boot;
@@ -535,7 +542,14 @@ impl Drop for KvmMachine {
 }
 
 fn boot_err(e: boot::BootError) -> MachineError {
-    MachineError::Boot(e.to_string())
+    match e {
+        boot::BootError::Open { what, path, source } => MachineError::MissingFile {
+            what,
+            path: path.into(),
+            source,
+        },
+        other => MachineError::Boot(other.to_string()),
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
