@@ -248,6 +248,11 @@ impl KvmMachine {
     /// stream is registered with it).
     pub fn start(config: MachineConfig) -> Result<(KvmMachine, ConsoleStream), MachineError> {
         let created = Instant::now();
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(MachineError::Config(
+                "the kvm backend must be started inside a tokio runtime".into(),
+            ));
+        }
         validate(&config)?;
         std::fs::create_dir(&config.run_dir).map_err(|source| MachineError::RunDir {
             path: config.run_dir.clone(),
