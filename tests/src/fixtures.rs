@@ -181,7 +181,7 @@ pub fn write_layout(
 pub fn debian_minbase(dir: &Path, suite: &str) -> Result<()> {
     let work = dir.with_extension("debootstrap");
     let _ = std::fs::remove_dir_all(&work);
-    let mirror = host_mirror().unwrap_or_else(|| "http://deb.debian.org/debian".into());
+    let mirror = host_mirror(suite).unwrap_or_else(|| "http://deb.debian.org/debian".into());
     let st = Command::new("debootstrap")
         .args(["--variant=minbase", suite])
         .arg(&work)
@@ -216,8 +216,9 @@ pub fn debian_minbase(dir: &Path, suite: &str) -> Result<()> {
     )
 }
 
-/// The first `deb` URL in the host's apt sources.
-fn host_mirror() -> Option<String> {
+/// The host's apt mirror for `suite` (a `deb` line or a deb822 stanza that
+/// lists that suite), so debootstrap uses what apt already reaches.
+fn host_mirror(suite: &str) -> Option<String> {
     let mut texts = Vec::new();
     if let Ok(rd) = std::fs::read_dir("/etc/apt/sources.list.d") {
         for e in rd.flatten() {
@@ -225,20 +226,25 @@ fn host_mirror() -> Option<String> {
         }
     }
     texts.push(std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default());
-    for t in texts {
-        for l in t.lines() {
-            let l = l.trim();
-            if let Some(u) = l.strip_prefix("URIs:") {
-                let u = u.trim();
-                if !u.contains("security") {
+    for t in &texts {
+        // deb822: blank-line separated stanzas.
+        for stanza in t.split("\n\n") {
+            let field = |name: &str| {
+                stanza.lines().find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_string()))
+            };
+            let (Some(uris), Some(suites)) = (field("URIs:"), field("Suites:")) else { continue };
+            if suites.split_whitespace().any(|s| s == suite) {
+                if let Some(u) = uris.split_whitespace().next() {
                     return Some(u.to_string());
                 }
             }
-            if let Some(rest) = l.strip_prefix("deb ") {
-                if let Some(u) = rest.split_whitespace().find(|w| w.starts_with("http")) {
-                    if !u.contains("security") {
-                        return Some(u.to_string());
-                    }
+        }
+        for l in t.lines() {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            if words.first() == Some(&"deb") {
+                let rest: Vec<&str> = words[1..].iter().copied().filter(|w| !w.starts_with('[')).collect();
+                if rest.len() >= 2 && rest[1] == suite {
+                    return Some(rest[0].to_string());
                 }
             }
         }

@@ -9,9 +9,11 @@
 //! Backends:
 //! - `qemu`: `qemu-system-x86_64 -M microvm,acpi=on`, KVM where it runs
 //!   unmodified guests, TCG elsewhere.
-//! - `kvm`: the embedded VMM (see the "Embedded KVM VMM" issue); not built yet.
+//! - `kvm`: the embedded VMM ([`kvm`]): kvm-ioctls, vm-memory, linux-loader,
+//!   ACPI, 8250 serial, i8042 reset, virtio-mmio console/block/rng.
 
 mod host;
+pub mod kvm;
 mod machine;
 pub mod qemu;
 

@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::kvm::KvmMachine;
 use crate::qemu::QemuMachine;
 use crate::KvmSupport;
 
@@ -65,18 +66,24 @@ impl BackendKind {
     pub fn resolve(self, kvm: &KvmSupport) -> Result<(BackendKind, Option<String>), MachineError> {
         match self {
             BackendKind::Qemu => Ok((BackendKind::Qemu, None)),
+            BackendKind::Kvm if kvm.device_usable() => {
+                let why = (!kvm.runs_unmodified_guests()).then(|| {
+                    format!(
+                        "{}; only tiny guests run on the kvm backend here",
+                        kvm.describe()
+                    )
+                });
+                Ok((BackendKind::Kvm, why))
+            }
             BackendKind::Kvm => Err(MachineError::BackendUnavailable {
                 backend: "kvm",
-                why: "the embedded KVM backend is not built yet; use --backend qemu".into(),
+                why: kvm.describe(),
             }),
-            BackendKind::Auto => {
-                let why = if kvm.runs_unmodified_guests() {
-                    "the embedded KVM backend is not built yet: using QEMU with KVM".to_string()
-                } else {
-                    format!("{}; guests will be slow", kvm.describe())
-                };
-                Ok((BackendKind::Qemu, Some(why)))
-            }
+            BackendKind::Auto if kvm.runs_unmodified_guests() => Ok((BackendKind::Kvm, None)),
+            BackendKind::Auto => Ok((
+                BackendKind::Qemu,
+                Some(format!("{}; guests will be slow", kvm.describe())),
+            )),
         }
     }
 }
@@ -135,6 +142,14 @@ pub enum MachineError {
     StartTimeout(Duration),
     #[error("invalid machine configuration: {0}")]
     Config(String),
+    #[error("KVM could not {what}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the guest could not be set up for boot: {0}")]
+    Boot(String),
     #[error("I/O error on the VM's {what}")]
     Io {
         what: &'static str,
@@ -145,7 +160,13 @@ pub enum MachineError {
 
 /// One running VM. Dropping it kills the VM and removes its per-VM directory.
 pub struct Machine {
-    inner: QemuMachine,
+    inner: Inner,
+}
+
+/// The backends, as a closed set.
+enum Inner {
+    Qemu(Box<QemuMachine>),
+    Kvm(Box<KvmMachine>),
 }
 
 impl Machine {
@@ -155,34 +176,120 @@ impl Machine {
         backend: BackendKind,
         kvm: &KvmSupport,
     ) -> Result<(Machine, ConsoleStream), MachineError> {
-        let (backend, _) = backend.resolve(kvm)?;
-        debug_assert_eq!(backend, BackendKind::Qemu);
-        let (inner, console) = QemuMachine::start(config, kvm.runs_unmodified_guests()).await?;
-        Ok((Machine { inner }, console))
+        let (backend, why) = backend.resolve(kvm)?;
+        if let Some(why) = why {
+            tracing::warn!("{why}");
+        }
+        match backend {
+            BackendKind::Kvm => {
+                let (inner, console) = KvmMachine::start(config)?;
+                Ok((
+                    Machine {
+                        inner: Inner::Kvm(Box::new(inner)),
+                    },
+                    console,
+                ))
+            }
+            _ => {
+                let (inner, console) =
+                    QemuMachine::start(config, kvm.runs_unmodified_guests()).await?;
+                Ok((
+                    Machine {
+                        inner: Inner::Qemu(Box::new(inner)),
+                    },
+                    console,
+                ))
+            }
+        }
     }
 
-    /// Backend and accelerator, e.g. `qemu/tcg`.
+    /// Backend and accelerator, e.g. `qemu/tcg` or `kvm`.
     pub fn describe(&self) -> String {
-        self.inner.describe()
+        match &self.inner {
+            Inner::Qemu(m) => m.describe(),
+            Inner::Kvm(m) => m.describe(),
+        }
     }
 
     /// Host process id of the VM (for memory accounting); `None` once gone.
+    /// For the kvm backend this is the current process.
     pub fn pid(&self) -> Option<u32> {
-        self.inner.pid()
+        match &self.inner {
+            Inner::Qemu(m) => m.pid(),
+            Inner::Kvm(m) => m.pid(),
+        }
     }
 
     /// Wait for the VM to end by itself.
     pub async fn wait(&mut self) -> ExitStatus {
-        self.inner.wait().await
+        match &mut self.inner {
+            Inner::Qemu(m) => m.wait().await,
+            Inner::Kvm(m) => m.wait().await,
+        }
     }
 
     /// The last `serial_log_limit` bytes the guest wrote to its serial console.
     pub fn serial_log(&self) -> Vec<u8> {
-        self.inner.serial_log()
+        match &self.inner {
+            Inner::Qemu(m) => m.serial_log(),
+            Inner::Kvm(m) => m.serial_log(),
+        }
+    }
+
+    /// kvm backend only: time from start to the guest's first I/O exit.
+    pub fn first_guest_exit(&self) -> Option<Duration> {
+        match &self.inner {
+            Inner::Qemu(_) => None,
+            Inner::Kvm(m) => m.first_exit(),
+        }
+    }
+
+    /// kvm backend only: (guest RAM bytes, bytes of it resident on the host).
+    pub fn guest_memory_resident(&self) -> Option<(u64, u64)> {
+        match &self.inner {
+            Inner::Qemu(_) => None,
+            Inner::Kvm(m) => Some(m.guest_memory_resident()),
+        }
     }
 
     /// Kill the VM, wait for it, and remove every per-VM file.
     pub async fn destroy(self) -> Result<(), MachineError> {
-        self.inner.destroy().await
+        match self.inner {
+            Inner::Qemu(m) => m.destroy().await,
+            Inner::Kvm(m) => m.destroy().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_resolution() {
+        let hw = KvmSupport::Hardware;
+        let pvm = KvmSupport::NoHardwareVirt("nested PVM".into());
+        let none = KvmSupport::Unavailable("no /dev/kvm".into());
+        assert_eq!(
+            BackendKind::Auto.resolve(&hw).unwrap(),
+            (BackendKind::Kvm, None)
+        );
+        assert_eq!(
+            BackendKind::Auto.resolve(&pvm).unwrap().0,
+            BackendKind::Qemu
+        );
+        assert_eq!(
+            BackendKind::Auto.resolve(&none).unwrap().0,
+            BackendKind::Qemu
+        );
+        assert_eq!(
+            BackendKind::Kvm.resolve(&hw).unwrap(),
+            (BackendKind::Kvm, None)
+        );
+        let (b, why) = BackendKind::Kvm.resolve(&pvm).unwrap();
+        assert_eq!(b, BackendKind::Kvm);
+        assert!(why.unwrap().contains("tiny guests"));
+        assert!(BackendKind::Kvm.resolve(&none).is_err());
+        assert_eq!(BackendKind::Qemu.resolve(&hw).unwrap().0, BackendKind::Qemu);
     }
 }

@@ -30,14 +30,14 @@ pub fn qemu_binary() -> String {
 
 /// A byte buffer that keeps only the last `limit` bytes written to it.
 #[derive(Debug)]
-pub(crate) struct TailBuffer {
+pub struct TailBuffer {
     buf: VecDeque<u8>,
     limit: usize,
     dropped: u64,
 }
 
 impl TailBuffer {
-    pub(crate) fn new(limit: usize) -> Self {
+    pub fn new(limit: usize) -> Self {
         TailBuffer {
             buf: VecDeque::new(),
             limit,
@@ -45,7 +45,7 @@ impl TailBuffer {
         }
     }
 
-    pub(crate) fn push(&mut self, data: &[u8]) {
+    pub fn push(&mut self, data: &[u8]) {
         let data = if data.len() > self.limit {
             self.dropped += (data.len() - self.limit) as u64;
             &data[data.len() - self.limit..]
@@ -58,7 +58,7 @@ impl TailBuffer {
         self.buf.extend(data);
     }
 
-    pub(crate) fn contents(&self) -> Vec<u8> {
+    pub fn contents(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.buf.len() + 64);
         if self.dropped > 0 {
             out.extend_from_slice(
@@ -311,6 +311,10 @@ pub fn qemu_args(config: &MachineConfig, accel: &str, console_sock: &Path) -> Ve
     // QEMU's own seccomp filter: no spawning, no privilege changes.
     push("-sandbox");
     push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
+    // Modern (version 2) virtio-mmio, as the kvm backend offers; QEMU
+    // defaults to the legacy interface.
+    push("-global");
+    push("virtio-mmio.force-legacy=false");
     push("-chardev");
     push("stdio,id=serial0,signal=off");
     push("-serial");
