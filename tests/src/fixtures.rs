@@ -230,9 +230,13 @@ fn host_mirror(suite: &str) -> Option<String> {
         // deb822: blank-line separated stanzas.
         for stanza in t.split("\n\n") {
             let field = |name: &str| {
-                stanza.lines().find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_string()))
+                stanza
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_string()))
             };
-            let (Some(uris), Some(suites)) = (field("URIs:"), field("Suites:")) else { continue };
+            let (Some(uris), Some(suites)) = (field("URIs:"), field("Suites:")) else {
+                continue;
+            };
             if suites.split_whitespace().any(|s| s == suite) {
                 if let Some(u) = uris.split_whitespace().next() {
                     return Some(u.to_string());
@@ -242,7 +246,11 @@ fn host_mirror(suite: &str) -> Option<String> {
         for l in t.lines() {
             let words: Vec<&str> = l.split_whitespace().collect();
             if words.first() == Some(&"deb") {
-                let rest: Vec<&str> = words[1..].iter().copied().filter(|w| !w.starts_with('[')).collect();
+                let rest: Vec<&str> = words[1..]
+                    .iter()
+                    .copied()
+                    .filter(|w| !w.starts_with('['))
+                    .collect();
                 if rest.len() >= 2 && rest[1] == suite {
                     return Some(rest[0].to_string());
                 }
