@@ -185,7 +185,7 @@ async fn jobs_pass_fail_time_out_and_miss_images_two_at_a_time() {
     // The loop's output arrives byte for byte, right after its command line.
     let echoed = format!("\x1b[32;1m$ {LOOP}\x1b[0;m\n{}", lines(500));
     assert!(t.contains(&echoed), "the loop's output is intact:\n{t}");
-    assert_eq!(j.artifacts.len(), 1, "one artifact upload");
+    assert_eq!(j.artifacts.len(), 1, "one artifact upload:\n{t}");
     let up = &j.artifacts[0];
     assert_eq!(up.filename, "results.zip");
     assert_eq!(up.query.get("expire_in").map(String::as_str), Some("1 day"));

@@ -84,6 +84,10 @@ fn run(port_slot: &mut Option<File>) -> Result<()> {
         }
     };
     run_job(port, &mut decoder, start)?;
+    // The host may kill the VM as soon as it sees Done, and it reads the
+    // workspace disk back afterwards: flush every filesystem first.
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
     send(port, &Frame::Done)?;
     Ok(())
 }
