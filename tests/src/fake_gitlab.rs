@@ -446,11 +446,11 @@ fn authed<'a>(
     st: &'a mut Inner,
     id: u64,
     token: Option<&str>,
-) -> Result<&'a mut FakeJob, Response> {
+) -> Result<&'a mut FakeJob, (StatusCode, &'static str)> {
     match st.jobs.get_mut(&id) {
         Some(j) if token == Some(j.token.as_str()) => Ok(j),
-        Some(_) => Err((StatusCode::FORBIDDEN, "403 Forbidden").into_response()),
-        None => Err((StatusCode::NOT_FOUND, "404 Not Found").into_response()),
+        Some(_) => Err((StatusCode::FORBIDDEN, "403 Forbidden")),
+        None => Err((StatusCode::NOT_FOUND, "404 Not Found")),
     }
 }
 
@@ -466,7 +466,7 @@ async fn update_job(
         .map(str::to_string);
     let job = match authed(&mut st, id, token.as_deref()) {
         Ok(j) => j,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let state = body["state"].as_str().unwrap_or("");
     if state == "running" {
@@ -517,7 +517,7 @@ async fn patch_trace(
     let mut st = lock(&s);
     let job = match authed(&mut st, id, header(&headers, "job-token")) {
         Ok(j) => j,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let Some(start) = header(&headers, "content-range")
         .and_then(|r| r.split('-').next())
@@ -552,7 +552,7 @@ async fn upload(
     {
         let mut st = lock(&s);
         if let Err(r) = authed(&mut st, id, header(&headers, "job-token")) {
-            return r;
+            return r.into_response();
         }
     }
     let mut got = None;

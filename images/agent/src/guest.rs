@@ -297,7 +297,9 @@ fn mount_workspace(cmdline: &str) -> Result<()> {
         return Ok(());
     };
     if !workdir.starts_with('/') || workdir.split('/').any(|c| c == "..") {
-        return Err(format!("kiln.workdir '{workdir}' is not a clean absolute path"));
+        return Err(format!(
+            "kiln.workdir '{workdir}' is not a clean absolute path"
+        ));
     }
     let dev = wait_for(DEVICE_WAIT, "the workspace disk (serial kiln-work)", || {
         find_disk("kiln-work")
