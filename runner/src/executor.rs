@@ -13,7 +13,7 @@ use kiln_agent::proto::{self, Decoder, Frame, Start, StepEnd, StepSpec, Stream};
 use kiln_images::rootfs::{rootfs_for, ImageSource, Rootfs};
 use kiln_images::{Cache, Kernel};
 use kiln_pipelines::github::{self, Contexts, ExprValue, JobStatus};
-use kiln_pipelines::{JobSpec, Shell, Step, StepWhen};
+use kiln_pipelines::{JobSource, JobSpec, Shell, Step, StepWhen};
 use kiln_vmm::{BackendKind, Disk, KvmSupport, Machine, MachineConfig};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -245,33 +245,62 @@ impl Executor {
                 return result;
             }
         }
+        // The job's sources (`JobSource::LocalDir`) travel as a third disk.
+        let start = build_start(job, &rootfs);
+        let workspace = match &job.source {
+            JobSource::LocalDir(src) => {
+                let img = dir.0.join("work.ext4");
+                match self.make_workspace(src, &img, &start.workdir).await {
+                    Ok(()) => Some((src.clone(), img)),
+                    Err(m) => {
+                        result.failure = Some(FailureReason::RunnerSystemFailure(m));
+                        return result;
+                    }
+                }
+            }
+            _ => None,
+        };
         result.prepare_ms = t0.elapsed().as_millis() as u64;
+
+        let mut cmdline = self.cmdline(&rootfs);
+        let mut disks = vec![
+            Disk {
+                path: rootfs.image.clone(),
+                read_only: true,
+                serial: "kiln-root".into(),
+                ephemeral: false,
+            },
+            Disk {
+                path: scratch,
+                read_only: false,
+                serial: "kiln-scratch".into(),
+                ephemeral: true,
+            },
+        ];
+        if let Some((_, img)) = &workspace {
+            // The agent mounts it at the job's working directory (checked
+            // for whitespace in `make_workspace`).
+            cmdline.push_str(&format!(" kiln.workdir={}", start.workdir));
+            disks.push(Disk {
+                path: img.clone(),
+                read_only: false,
+                serial: "kiln-work".into(),
+                // Read back after the VM ends: writes must reach the file.
+                ephemeral: false,
+            });
+        }
 
         let mconfig = MachineConfig {
             kernel: self.config.kernel.image.clone(),
             initramfs: self.initramfs.clone(),
-            cmdline: self.cmdline(&rootfs),
+            cmdline,
             vcpus: self.config.vcpus,
             memory_mib: self.config.memory_mib,
-            disks: vec![
-                Disk {
-                    path: rootfs.image.clone(),
-                    read_only: true,
-                    serial: "kiln-root".into(),
-                    ephemeral: false,
-                },
-                Disk {
-                    path: scratch,
-                    read_only: false,
-                    serial: "kiln-scratch".into(),
-                    ephemeral: true,
-                },
-            ],
+            disks,
             run_dir: dir.0.join("vm"),
             serial_log_limit: 256 * 1024,
             start_timeout: Duration::from_secs(10),
         };
-        let start = build_start(job, &rootfs);
         let boot_started = Instant::now();
         let (machine, console) = match Machine::start(mconfig, self.config.backend, &self.kvm).await
         {
@@ -302,8 +331,57 @@ impl Executor {
             }
             result.failure = Some(reason);
         }
+        // Artifacts are collected from the workspace by the caller: copy the
+        // guest's view of it back (the VM is gone, the disk is quiescent).
+        if let Some((src, img)) = &workspace {
+            if !job.artifacts.is_empty() && result.boot_ms > 0 {
+                if let Err(m) = read_back_workspace(img, src).await {
+                    tracing::warn!("reading the workspace back: {m}");
+                    if result.failure.is_none() {
+                        result.failure = Some(FailureReason::RunnerSystemFailure(m));
+                    }
+                }
+            }
+        }
         drop(dir);
         result
+    }
+
+    /// Build `img`, an ext4 image holding a copy of `src`, sized like the
+    /// scratch disk (sparse) so the job can write into its workspace.
+    async fn make_workspace(&self, src: &Path, img: &Path, workdir: &str) -> Result<(), String> {
+        if workdir.is_empty() || workdir.contains(char::is_whitespace) || !workdir.starts_with('/')
+        {
+            return Err(format!(
+                "the working directory '{workdir}' must be an absolute path without spaces to hold the workspace"
+            ));
+        }
+        let f = std::fs::File::create(img).map_err(|e| format!("create {}: {e}", img.display()))?;
+        f.set_len(self.config.scratch_bytes)
+            .map_err(|e| format!("size {}: {e}", img.display()))?;
+        drop(f);
+        let o = tokio::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0"])
+            .args([
+                "-L",
+                "kiln-work",
+                "-E",
+                "lazy_itable_init=1,nodiscard",
+                "-d",
+            ])
+            .arg(src)
+            .arg(img)
+            .output()
+            .await
+            .map_err(|e| format!("running mkfs.ext4 (install e2fsprogs): {e}"))?;
+        if !o.status.success() {
+            return Err(format!(
+                "mkfs.ext4 -d {}: {}",
+                src.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        Ok(())
     }
 
     fn keep_serial_log(&self, job_dir: &Path, serial: &[u8]) -> Option<PathBuf> {
@@ -880,6 +958,33 @@ pub fn build_start(job: &JobSpec, rootfs: &Rootfs) -> Start {
         workdir,
         user: rootfs.config.user.clone(),
     }
+}
+
+/// Replace the contents of `dest` with the files of the ext4 image `img`
+/// (`debugfs rdump`, which needs no mount and no privileges).
+async fn read_back_workspace(img: &Path, dest: &Path) -> Result<(), String> {
+    if dest.exists() {
+        std::fs::remove_dir_all(dest).map_err(|e| format!("clear {}: {e}", dest.display()))?;
+    }
+    std::fs::create_dir_all(dest).map_err(|e| format!("create {}: {e}", dest.display()))?;
+    let o = tokio::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("rdump / {}", dest.display()))
+        .arg(img)
+        .output()
+        .await
+        .map_err(|e| format!("running debugfs (install e2fsprogs): {e}"))?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    if !o.status.success() {
+        return Err(format!("debugfs rdump: {}", err.trim()));
+    }
+    // debugfs exits 0 even when a command fails; it reports on stderr
+    // after its version banner.
+    for l in err.lines().filter(|l| !l.starts_with("debugfs ")) {
+        tracing::warn!("debugfs rdump: {l}");
+    }
+    let _ = std::fs::remove_dir(dest.join("lost+found"));
+    Ok(())
 }
 
 /// `err` and its sources, joined with ": ".

@@ -1,7 +1,9 @@
 //! kiln: the CLI, the executor (job -> VM lifecycle) and the providers.
 
 pub mod agent;
+pub mod config;
 pub mod executor;
+pub mod gitlab;
 pub mod paths;
 pub mod sink;
 

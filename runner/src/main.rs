@@ -40,6 +40,45 @@ enum Command {
     /// Guest kernels.
     #[command(subcommand)]
     Kernel(KernelCmd),
+    /// Serve CI jobs from GitLab (see docs/gitlab.md), each in a fresh VM.
+    Daemon {
+        /// The configuration file.
+        #[arg(long, default_value = "kiln.toml")]
+        config: PathBuf,
+    },
+    /// GitLab runner registration.
+    #[command(subcommand)]
+    Gitlab(GitlabCmd),
+}
+
+#[derive(Subcommand)]
+enum GitlabCmd {
+    /// Check the runner tokens of the configuration with GitLab.
+    Verify {
+        #[arg(long, default_value = "kiln.toml")]
+        config: PathBuf,
+    },
+    /// Register with a (deprecated) registration token and add the runner
+    /// to the configuration. For `glrt-` tokens, write them into the file
+    /// and run `kiln gitlab verify`.
+    Register {
+        #[arg(long, default_value = "kiln.toml")]
+        config: PathBuf,
+        /// GitLab's address.
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        registration_token: String,
+        /// The runner's name (its description in GitLab).
+        #[arg(long, default_value = "kiln")]
+        name: String,
+        /// Tags (repeatable); without any, the runner takes untagged jobs.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Default image for jobs that name none.
+        #[arg(long)]
+        image: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -176,7 +215,77 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::RunJob(args) => run_job(*args, cache_dir),
+        Command::Daemon { config } => daemon(&config),
+        Command::Gitlab(cmd) => gitlab(cmd),
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn daemon(path: &std::path::Path) -> Result<ExitCode> {
+    let config = kiln::config::Config::load(path)?;
+    runtime()?.block_on(async move {
+        let shutdown = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                },
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        };
+        kiln::gitlab::daemon::run(config, shutdown).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn gitlab(cmd: GitlabCmd) -> Result<ExitCode> {
+    use kiln::gitlab::daemon;
+    runtime()?.block_on(async move {
+        match cmd {
+            GitlabCmd::Verify { config } => {
+                let config = kiln::config::Config::load(&config)?;
+                let mut ok = true;
+                for (name, r) in daemon::verify_all(&config).await? {
+                    match r {
+                        Ok(id) => println!(
+                            "{name}: valid (runner id {})",
+                            id.map(|i| i.to_string()).unwrap_or("?".into())
+                        ),
+                        Err(e) => {
+                            ok = false;
+                            println!("{name}: {}", kiln::executor::error_chain(&e));
+                        }
+                    }
+                }
+                Ok(if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                })
+            }
+            GitlabCmd::Register {
+                config,
+                url,
+                registration_token,
+                name,
+                tags,
+                image,
+            } => {
+                let id = daemon::register(&config, &url, &registration_token, &name, &tags, image)
+                    .await?;
+                println!("registered runner {id} as '{name}' in {}", config.display());
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    })
 }
 
 fn executor_config(vm: &VmArgs, cache_dir: PathBuf) -> Result<ExecutorConfig> {

@@ -84,6 +84,10 @@ fn run(port_slot: &mut Option<File>) -> Result<()> {
         }
     };
     run_job(port, &mut decoder, start)?;
+    // The host may kill the VM as soon as it sees Done, and it reads the
+    // workspace disk back afterwards: flush every filesystem first.
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
     send(port, &Frame::Done)?;
     Ok(())
 }
@@ -275,9 +279,35 @@ fn mount_root(cmdline: &str) -> Result<()> {
     )?;
     let _ = std::fs::create_dir_all(nr("/tmp"));
     let _ = set_mode(&nr("/tmp"), 0o1777);
+    mount_workspace(cmdline)?;
     let hostname = b"kiln";
     // SAFETY: the buffer is valid for `len` bytes.
     unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) };
+    Ok(())
+}
+
+/// The job's workspace: when the host attached a disk with serial
+/// `kiln-work` (an ext4 image built from a host directory, e.g. a git
+/// checkout) and named its mount point with `kiln.workdir=<abs path>`, mount
+/// it read-write there, inside the job's root. The host reads the disk back
+/// after the VM ends (artifacts), so writes must reach it: `main` syncs
+/// before the VM reboots.
+fn mount_workspace(cmdline: &str) -> Result<()> {
+    let Some(workdir) = cmdline_value(cmdline, "kiln.workdir") else {
+        return Ok(());
+    };
+    if !workdir.starts_with('/') || workdir.split('/').any(|c| c == "..") {
+        return Err(format!(
+            "kiln.workdir '{workdir}' is not a clean absolute path"
+        ));
+    }
+    let dev = wait_for(DEVICE_WAIT, "the workspace disk (serial kiln-work)", || {
+        find_disk("kiln-work")
+    })?;
+    let target = format!("{NEWROOT}{workdir}");
+    mount(&dev, &target, "ext4", libc::MS_NOATIME, "")?;
+    // mkfs.ext4 always creates lost+found; it is not part of the workspace.
+    let _ = std::fs::remove_dir(format!("{target}/lost+found"));
     Ok(())
 }
 

@@ -1,0 +1,248 @@
+//! `kiln.toml`: the daemon's configuration (see `runner/kiln.example.toml`
+//! and `docs/gitlab.md`). Modelled on gitlab-runner's `config.toml`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln_vmm::BackendKind;
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid kiln.toml")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Jobs running at once across all runners.
+    #[serde(default = "one")]
+    pub concurrent: usize,
+    /// Seconds between job requests of one runner when there is no work.
+    #[serde(default = "three")]
+    pub check_interval: u64,
+    /// Seconds running jobs may take to finish after SIGTERM/SIGINT; then
+    /// they are canceled and reported as `runner_system_failure`.
+    #[serde(default = "thirty")]
+    pub shutdown_timeout: u64,
+    /// Per-VM files and per-job workspaces (default: see `paths::default_run_dir`).
+    #[serde(default)]
+    pub run_dir: Option<PathBuf>,
+    /// Guest agent binary (default: found next to kiln).
+    #[serde(default)]
+    pub agent: Option<PathBuf>,
+    /// Guest kernel (default: the cached distribution kernel).
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    /// Seconds from VM start to the agent being ready.
+    #[serde(default = "sixty")]
+    pub boot_timeout: u64,
+    #[serde(default)]
+    pub runners: Vec<RunnerConfig>,
+}
+
+/// One `[[runners]]` entry: a GitLab runner registration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunnerConfig {
+    pub name: String,
+    /// GitLab's base URL (`https://gitlab.example.com`).
+    pub url: String,
+    /// The runner authentication token (`glrt-…`).
+    pub token: String,
+    /// Jobs of this runner at once; 0 = only `concurrent` limits.
+    #[serde(default)]
+    pub limit: usize,
+    /// Image for jobs that name none (an OCI layout directory for now).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// vCPUs per VM.
+    #[serde(default = "two")]
+    pub cpus: u32,
+    /// Guest memory, MiB.
+    #[serde(default = "mem")]
+    pub memory: u32,
+    /// Scratch and workspace disk size, GiB (sparse).
+    #[serde(default = "disk")]
+    pub disk: u64,
+    /// Trace size cap in KiB.
+    #[serde(default = "output_limit")]
+    pub output_limit: u64,
+    /// Image, kernel and initramfs cache (default: kiln's cache directory).
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// `auto`, `kvm` or `qemu`.
+    #[serde(default = "auto")]
+    pub backend: String,
+}
+
+fn one() -> usize {
+    1
+}
+fn two() -> u32 {
+    2
+}
+fn three() -> u64 {
+    3
+}
+fn thirty() -> u64 {
+    30
+}
+fn sixty() -> u64 {
+    60
+}
+fn mem() -> u32 {
+    2048
+}
+fn disk() -> u64 {
+    16
+}
+fn output_limit() -> u64 {
+    4096
+}
+fn auto() -> String {
+    "auto".into()
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let c: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.concurrent == 0 {
+            return Err(ConfigError::Invalid("concurrent must be at least 1".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for r in &self.runners {
+            if !names.insert(&r.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "two runners are named '{}'",
+                    r.name
+                )));
+            }
+            if !(r.url.starts_with("http://") || r.url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "runner '{}': url '{}' is not http(s)",
+                    r.name, r.url
+                )));
+            }
+            r.backend_kind()?;
+        }
+        Ok(())
+    }
+
+    /// Write the file (used by `kiln gitlab register`).
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+        let text = toml::to_string_pretty(self).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        std::fs::write(path, text).map_err(|source| ConfigError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    pub fn check_interval(&self) -> Duration {
+        Duration::from_secs(self.check_interval.max(1))
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout)
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        toml::from_str("").expect("an empty kiln.toml is valid")
+    }
+}
+
+impl RunnerConfig {
+    pub fn backend_kind(&self) -> Result<BackendKind, ConfigError> {
+        self.backend
+            .parse()
+            .map_err(|e| ConfigError::Invalid(format!("runner '{}': backend: {e}", self.name)))
+    }
+
+    /// The trace cap in bytes.
+    pub fn output_limit_bytes(&self) -> usize {
+        (self.output_limit.max(1) as usize).saturating_mul(1024)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_runners_parse() {
+        let c: Config = toml::from_str(
+            r#"
+concurrent = 4
+[[runners]]
+name = "a"
+url = "https://gitlab.example.com"
+token = "glrt-x"
+limit = 2
+image = "/images/debian"
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.concurrent, 4);
+        assert_eq!(c.check_interval, 3);
+        assert_eq!(c.shutdown_timeout, 30);
+        let r = &c.runners[0];
+        assert_eq!(
+            (r.limit, r.output_limit, r.cpus, r.memory),
+            (2, 4096, 2, 2048)
+        );
+        assert_eq!(r.output_limit_bytes(), 4096 * 1024);
+        assert_eq!(r.backend_kind().unwrap(), BackendKind::Auto);
+    }
+
+    #[test]
+    fn mistakes_are_refused() {
+        assert!(toml::from_str::<Config>("concurent = 1").is_err(), "typo");
+        let c: Config = toml::from_str("concurrent = 0").unwrap();
+        assert!(c.validate().is_err());
+        let c: Config =
+            toml::from_str("[[runners]]\nname='a'\nurl='ftp://x'\ntoken='t'\n").unwrap();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn the_example_file_is_valid() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("kiln.example.toml");
+        Config::load(&p).unwrap();
+    }
+}

@@ -1,0 +1,187 @@
+//! Artifacts: pick files of the workspace by GitLab's glob patterns, zip
+//! them for upload, and unpack the archives of `dependencies`.
+
+use std::io::{Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+use super::GitlabError;
+
+/// Does `name` match the single-component pattern `pat` (`*`, `?`)?
+fn match_component(pat: &[u8], name: &[u8]) -> bool {
+    match (pat.first(), name.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => {
+            match_component(&pat[1..], name)
+                || (!name.is_empty() && match_component(pat, &name[1..]))
+        }
+        (Some(b'?'), Some(_)) => match_component(&pat[1..], &name[1..]),
+        (Some(p), Some(n)) if p == n => match_component(&pat[1..], &name[1..]),
+        _ => false,
+    }
+}
+
+fn match_parts(pat: &[&str], path: &[&str]) -> bool {
+    match pat.first() {
+        None => path.is_empty(),
+        Some(&"**") => (0..=path.len()).any(|i| match_parts(&pat[1..], &path[i..])),
+        Some(p) => {
+            !path.is_empty()
+                && match_component(p.as_bytes(), path[0].as_bytes())
+                && match_parts(&pat[1..], &path[1..])
+        }
+    }
+}
+
+/// Does the relative path `path` (or a directory above it) match the
+/// GitLab artifact pattern `pattern` (`out/`, `*.log`, `dist/**/*.js`)?
+pub fn matches(pattern: &str, path: &str) -> bool {
+    let pattern = pattern.trim_start_matches("./").trim_end_matches('/');
+    let pat: Vec<&str> = pattern
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    let parts: Vec<&str> = path.split('/').collect();
+    if pat.is_empty() {
+        return false;
+    }
+    // A matching directory takes everything below it.
+    (1..=parts.len()).any(|n| match_parts(&pat, &parts[..n]))
+}
+
+/// Regular files below `root`, as relative `/`-separated paths, sorted.
+/// Symbolic links are not followed (nor archived).
+fn walk(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(root.join(&rel)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            let r = rel.join(e.file_name());
+            if ft.is_dir() {
+                stack.push(r);
+            } else if ft.is_file() {
+                out.push(r.to_string_lossy().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The files of `root` that `paths` select and `exclude` does not.
+pub fn select(root: &Path, paths: &[String], exclude: &[String]) -> Vec<String> {
+    walk(root)
+        .into_iter()
+        .filter(|f| paths.iter().any(|p| matches(p, f)))
+        .filter(|f| !exclude.iter().any(|p| matches(p, f)))
+        .collect()
+}
+
+/// A zip archive (deflate) of `files` (relative to `root`).
+pub fn zip_files(root: &Path, files: &[String]) -> Result<Vec<u8>, GitlabError> {
+    let zerr = |e: zip::result::ZipError| GitlabError::Archive(e.to_string());
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for f in files {
+        let p = root.join(f);
+        let mode = {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(&p)
+                .map(|m| m.permissions().mode() & 0o777)
+                .unwrap_or(0o644)
+        };
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated)
+            .unix_permissions(mode)
+            .large_file(true);
+        w.start_file(f.as_str(), opts).map_err(zerr)?;
+        let mut src = std::fs::File::open(&p)
+            .map_err(|e| GitlabError::Archive(format!("{}: {e}", p.display())))?;
+        std::io::copy(&mut src, &mut w)
+            .map_err(|e| GitlabError::Archive(format!("{}: {e}", p.display())))?;
+    }
+    let c = w.finish().map_err(zerr)?;
+    Ok(c.into_inner())
+}
+
+/// Unpack a zip archive into `root`; entries that would land outside it
+/// are refused. Returns how many files were written.
+pub fn unzip_into(archive: &[u8], root: &Path) -> Result<usize, GitlabError> {
+    let zerr = |e: zip::result::ZipError| GitlabError::Archive(e.to_string());
+    let mut z = zip::ZipArchive::new(std::io::Cursor::new(archive)).map_err(zerr)?;
+    let mut n = 0;
+    for i in 0..z.len() {
+        let mut entry = z.by_index(i).map_err(zerr)?;
+        let Some(rel) = entry.enclosed_name() else {
+            return Err(GitlabError::Archive(format!(
+                "unsafe path in archive: {}",
+                entry.name()
+            )));
+        };
+        if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+            return Err(GitlabError::Archive(format!(
+                "unsafe path in archive: {}",
+                entry.name()
+            )));
+        }
+        let dest = root.join(&rel);
+        let io = |e: std::io::Error| GitlabError::Archive(format!("{}: {e}", dest.display()));
+        if entry.is_dir() {
+            std::fs::create_dir_all(&dest).map_err(io)?;
+            continue;
+        }
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        let mut buf = Vec::new();
+        entry.read_to_end(&mut buf).map_err(io)?;
+        let mut f = std::fs::File::create(&dest).map_err(io)?;
+        f.write_all(&buf).map_err(io)?;
+        if let Some(mode) = entry.unix_mode() {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode & 0o777));
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gitlab_patterns_match() {
+        assert!(matches("out/", "out/a.txt"));
+        assert!(matches("out", "out/sub/b"));
+        assert!(matches("out/*", "out/a.txt"));
+        assert!(
+            matches("out/*", "out/sub/b"),
+            "a matched directory takes its contents"
+        );
+        assert!(matches("*.log", "x.log"));
+        assert!(!matches("*.log", "d/x.log"));
+        assert!(matches("**/*.log", "d/e/x.log"));
+        assert!(matches("./build/a?.bin", "build/ab.bin"));
+        assert!(!matches("out/", "outside/a"));
+        assert!(!matches("", "a"));
+    }
+
+    #[test]
+    fn select_zip_and_unzip_round_trip() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir_all(src.join("out/sub")).unwrap();
+        std::fs::write(src.join("out/a.txt"), "a").unwrap();
+        std::fs::write(src.join("out/sub/b.log"), "b").unwrap();
+        std::fs::write(src.join("other"), "o").unwrap();
+        let files = select(&src, &["out/".into()], &["**/*.log".into()]);
+        assert_eq!(files, vec!["out/a.txt"]);
+        let z = zip_files(&src, &files).unwrap();
+        let dst = d.path().join("dst");
+        assert_eq!(unzip_into(&z, &dst).unwrap(), 1);
+        assert_eq!(std::fs::read_to_string(dst.join("out/a.txt")).unwrap(), "a");
+    }
+}

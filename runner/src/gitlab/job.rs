@@ -1,0 +1,504 @@
+//! The job payload of `POST /jobs/request` (201) and its translation into a
+//! provider-neutral [`JobSpec`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kiln_pipelines::{
+    ArtifactSpec, ArtifactWhen, JobSource, JobSpec, Shell, Step, StepWhen, Variable,
+};
+use serde::{Deserialize, Deserializer};
+
+/// `null` and missing both mean "default".
+fn nd<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct JobResponse {
+    pub id: u64,
+    pub token: String,
+    #[serde(default, deserialize_with = "nd")]
+    pub allow_git_fetch: bool,
+    #[serde(default, deserialize_with = "nd")]
+    pub job_info: JobInfo,
+    #[serde(default, deserialize_with = "nd")]
+    pub git_info: GitInfo,
+    #[serde(default, deserialize_with = "nd")]
+    pub runner_info: RunnerInfo,
+    #[serde(default, deserialize_with = "nd")]
+    pub variables: Vec<JobVariable>,
+    #[serde(default, deserialize_with = "nd")]
+    pub steps: Vec<JobStep>,
+    #[serde(default, deserialize_with = "nd")]
+    pub image: Option<Image>,
+    #[serde(default, deserialize_with = "nd")]
+    pub artifacts: Vec<Artifact>,
+    #[serde(default, deserialize_with = "nd")]
+    pub dependencies: Vec<Dependency>,
+    #[serde(default, deserialize_with = "nd")]
+    pub features: Features,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct JobInfo {
+    #[serde(default, deserialize_with = "nd")]
+    pub name: String,
+    #[serde(default, deserialize_with = "nd")]
+    pub stage: String,
+    #[serde(default, deserialize_with = "nd")]
+    pub project_id: u64,
+    #[serde(default, deserialize_with = "nd")]
+    pub project_name: String,
+    #[serde(default, deserialize_with = "nd")]
+    pub project_full_path: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct GitInfo {
+    #[serde(default, deserialize_with = "nd")]
+    pub repo_url: String,
+    #[serde(rename = "ref", default, deserialize_with = "nd")]
+    pub git_ref: String,
+    #[serde(default, deserialize_with = "nd")]
+    pub sha: String,
+    #[serde(default, deserialize_with = "nd")]
+    pub before_sha: String,
+    #[serde(default, deserialize_with = "nd")]
+    pub ref_type: String,
+    #[serde(default, deserialize_with = "nd")]
+    pub refspecs: Vec<String>,
+    #[serde(default, deserialize_with = "nd")]
+    pub depth: u32,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RunnerInfo {
+    #[serde(default, deserialize_with = "nd")]
+    pub timeout: i64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct JobVariable {
+    pub key: String,
+    #[serde(default, deserialize_with = "nd")]
+    pub value: String,
+    #[serde(default, deserialize_with = "nd")]
+    pub public: bool,
+    #[serde(default, deserialize_with = "nd")]
+    pub masked: bool,
+    #[serde(default, deserialize_with = "nd")]
+    pub file: bool,
+    #[serde(default, deserialize_with = "nd")]
+    pub raw: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct JobStep {
+    pub name: String,
+    #[serde(default, deserialize_with = "nd")]
+    pub script: Vec<String>,
+    #[serde(default, deserialize_with = "nd")]
+    pub timeout: i64,
+    #[serde(default, deserialize_with = "nd")]
+    pub when: String,
+    #[serde(default, deserialize_with = "nd")]
+    pub allow_failure: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Image {
+    #[serde(default, deserialize_with = "nd")]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Artifact {
+    #[serde(default, deserialize_with = "nd")]
+    pub name: Option<String>,
+    #[serde(default, deserialize_with = "nd")]
+    pub untracked: bool,
+    #[serde(default, deserialize_with = "nd")]
+    pub paths: Vec<String>,
+    #[serde(default, deserialize_with = "nd")]
+    pub exclude: Vec<String>,
+    #[serde(default, deserialize_with = "nd")]
+    pub when: Option<String>,
+    #[serde(default, deserialize_with = "nd")]
+    pub artifact_type: Option<String>,
+    #[serde(default, deserialize_with = "nd")]
+    pub artifact_format: Option<String>,
+    #[serde(default, deserialize_with = "nd")]
+    pub expire_in: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Dependency {
+    pub id: u64,
+    #[serde(default, deserialize_with = "nd")]
+    pub name: String,
+    #[serde(default, deserialize_with = "nd")]
+    pub token: String,
+    #[serde(default, deserialize_with = "nd")]
+    pub artifacts_file: Option<ArtifactsFile>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ArtifactsFile {
+    #[serde(default, deserialize_with = "nd")]
+    pub filename: String,
+    #[serde(default, deserialize_with = "nd")]
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Features {
+    #[serde(default, deserialize_with = "nd")]
+    pub trace_sections: bool,
+    #[serde(default, deserialize_with = "nd")]
+    pub token_mask_prefixes: Vec<String>,
+    #[serde(default, deserialize_with = "nd")]
+    pub failure_reasons: Vec<String>,
+}
+
+/// Where the sources come from (`GIT_STRATEGY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GitStrategy {
+    /// No sources (`none`, `empty`).
+    None,
+    /// Fetch into a fresh workspace (`fetch`, `clone`: the same thing in a
+    /// disposable workspace).
+    Clone,
+}
+
+/// `GIT_SUBMODULE_STRATEGY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submodules {
+    None,
+    Normal,
+    Recursive,
+}
+
+/// What the runner adds to a job.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub runner_id: Option<u64>,
+    pub runner_name: String,
+    pub default_image: Option<String>,
+    /// Slot of this job among the daemon's running jobs (`CI_CONCURRENT_ID`).
+    pub concurrent_id: usize,
+    /// Host directory holding the job's workspace.
+    pub workspace: PathBuf,
+}
+
+/// A job ready for the executor, plus what the runner needs around it.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub spec: JobSpec,
+    /// Values to mask in the trace.
+    pub masked: Vec<String>,
+    pub git: GitStrategy,
+    pub git_depth: u32,
+    pub submodules: Submodules,
+    pub project_dir: String,
+}
+
+/// Jobs whose `builds_dir` is `/builds`, like the Docker executor.
+pub const BUILDS_DIR: &str = "/builds";
+/// Default `after_script` timeout (gitlab-runner's `RUNNER_AFTER_SCRIPT_TIMEOUT`).
+pub const AFTER_SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Used when the server sends no timeout (gitlab-runner's default).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(7200);
+
+/// Why a job cannot be run as sent.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("the job names no image and the runner has no default `image`")]
+    NoImage,
+}
+
+/// `s` in single quotes for `sh`.
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// A path below `/builds` for the project: `CI_PROJECT_PATH` cleaned.
+fn project_path(job: &JobResponse) -> String {
+    let var = job
+        .variables
+        .iter()
+        .find(|v| v.key == "CI_PROJECT_PATH")
+        .map(|v| v.value.clone())
+        .unwrap_or_else(|| job.job_info.project_full_path.clone());
+    let clean: Vec<String> = var
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != "." && *c != "..")
+        .map(|c| {
+            c.chars()
+                .map(|ch| {
+                    if ch.is_ascii_alphanumeric() || "._-".contains(ch) {
+                        ch
+                    } else {
+                        '_'
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    if clean.is_empty() {
+        format!("project-{}", job.job_info.project_id)
+    } else {
+        clean.join("/")
+    }
+}
+
+impl JobResponse {
+    pub fn variable(&self, key: &str) -> Option<&str> {
+        self.variables
+            .iter()
+            .rev()
+            .find(|v| v.key == key)
+            .map(|v| v.value.as_str())
+    }
+
+    /// Translate to a [`JobSpec`] (see docs/gitlab.md for the mapping).
+    pub fn to_spec(&self, ctx: &Context) -> Result<Prepared, JobError> {
+        let image = Some(
+            self.image
+                .as_ref()
+                .map(|i| i.name.clone())
+                .unwrap_or_default(),
+        )
+        .filter(|n| !n.is_empty())
+        .or_else(|| ctx.default_image.clone())
+        .ok_or(JobError::NoImage)?;
+        let project_dir = format!("{BUILDS_DIR}/{}", project_path(self));
+        let tmp_dir = format!("{project_dir}.tmp");
+        let timeout = if self.runner_info.timeout > 0 {
+            Duration::from_secs(self.runner_info.timeout as u64)
+        } else {
+            DEFAULT_TIMEOUT
+        };
+
+        // Server variables, then the runner's (gitlab-runner appends its
+        // own after the server's; later ones win).
+        let mut vars: Vec<Variable> = Vec::new();
+        let mut prelude = String::new();
+        let mut masked = vec![self.token.clone()];
+        for v in &self.variables {
+            if v.masked {
+                masked.push(v.value.clone());
+            }
+            let mut var = Variable::new(&v.key, &v.value);
+            var.masked = v.masked;
+            if v.file {
+                // File variables: the value goes to a file, the variable
+                // holds its path (written by every step's prelude).
+                let path = format!("{tmp_dir}/{}", v.key);
+                if prelude.is_empty() {
+                    prelude.push_str(&format!("mkdir -p {}\n", sh_quote(&tmp_dir)));
+                }
+                prelude.push_str(&format!(
+                    "printf '%s' {} > {}\n",
+                    sh_quote(&v.value),
+                    sh_quote(&path)
+                ));
+                var.value = path;
+            }
+            vars.push(var);
+        }
+        // The runner's own values describe its layout: they win.
+        let mut add = |k: &str, v: String| {
+            vars.retain(|x| x.key != k);
+            vars.push(Variable::new(k, v));
+        };
+        add("CI_BUILDS_DIR", BUILDS_DIR.into());
+        add("CI_PROJECT_DIR", project_dir.clone());
+        add("CI_CONCURRENT_ID", ctx.concurrent_id.to_string());
+        add("CI_CONCURRENT_PROJECT_ID", ctx.concurrent_id.to_string());
+        add("CI_SERVER", "yes".into());
+        add("CI_JOB_STATUS", "running".into());
+        add("CI_JOB_TIMEOUT", timeout.as_secs().to_string());
+        add("CI_JOB_IMAGE", image.clone());
+        add("CI_DISPOSABLE_ENVIRONMENT", "true".into());
+        add("CI_RUNNER_VERSION", env!("CARGO_PKG_VERSION").into());
+        add("CI_RUNNER_REVISION", "unknown".into());
+        add(
+            "CI_RUNNER_EXECUTABLE_ARCH",
+            format!(
+                "linux/{}",
+                std::env::consts::ARCH.replace("x86_64", "amd64")
+            ),
+        );
+        // Normally sent by the server; filled in when it does not.
+        if let Some(id) = ctx
+            .runner_id
+            .filter(|_| self.variable("CI_RUNNER_ID").is_none())
+        {
+            add("CI_RUNNER_ID", id.to_string());
+        }
+        if self.variable("CI_RUNNER_DESCRIPTION").is_none() {
+            add("CI_RUNNER_DESCRIPTION", ctx.runner_name.clone());
+        }
+
+        let mut steps = Vec::new();
+        for s in &self.steps {
+            let mut body = String::from(&prelude);
+            for cmd in &s.script {
+                let shown = match cmd.split_once('\n') {
+                    Some((first, _)) => format!("{first} # collapsed multi-line command"),
+                    None => cmd.clone(),
+                };
+                body.push_str(&format!(
+                    "printf '\\033[32;1m$ %s\\033[0;m\\n' {}\n{cmd}\n",
+                    sh_quote(&shown)
+                ));
+            }
+            let mut step = Step::script(&s.name, body);
+            step.shell = Shell::Sh;
+            step.allow_failure = s.allow_failure;
+            step.when = match s.when.as_str() {
+                "always" => StepWhen::Always,
+                "on_failure" => StepWhen::OnFailure,
+                _ => StepWhen::OnSuccess,
+            };
+            if s.name == "after_script" {
+                // Its own shell (every step is) and its own timeout.
+                step.when = StepWhen::Always;
+                step.allow_failure = true;
+                step.timeout = Some(AFTER_SCRIPT_TIMEOUT);
+            }
+            steps.push(step);
+        }
+
+        let artifacts = self
+            .artifacts
+            .iter()
+            .map(|a| ArtifactSpec {
+                name: a.name.clone(),
+                paths: a.paths.clone(),
+                exclude: a.exclude.clone(),
+                untracked: a.untracked,
+                when: match a.when.as_deref() {
+                    Some("always") => ArtifactWhen::Always,
+                    Some("on_failure") => ArtifactWhen::OnFailure,
+                    _ => ArtifactWhen::OnSuccess,
+                },
+                expire_in: a.expire_in.clone(),
+            })
+            .collect();
+
+        let git = match self.variable("GIT_STRATEGY") {
+            Some("none") | Some("empty") => GitStrategy::None,
+            _ => GitStrategy::Clone,
+        };
+        let git_depth = self
+            .variable("GIT_DEPTH")
+            .and_then(|d| d.trim().parse().ok())
+            .unwrap_or(self.git_info.depth);
+        let submodules = match self.variable("GIT_SUBMODULE_STRATEGY") {
+            Some("normal") => Submodules::Normal,
+            Some("recursive") => Submodules::Recursive,
+            _ => Submodules::None,
+        };
+
+        let name = if self.job_info.name.is_empty() {
+            format!("job-{}", self.id)
+        } else {
+            self.job_info.name.clone()
+        };
+        let mut spec = JobSpec::single(&name, image, Step::script("-", ""));
+        spec.steps = steps;
+        spec.variables = vars;
+        spec.working_dir = Some(project_dir.clone());
+        spec.timeout = Some(timeout);
+        spec.artifacts = artifacts;
+        spec.source = JobSource::LocalDir(ctx.workspace.clone());
+        spec.stage = Some(self.job_info.stage.clone()).filter(|s| !s.is_empty());
+        masked.retain(|m| !m.is_empty());
+        Ok(Prepared {
+            spec,
+            masked,
+            git,
+            git_depth,
+            submodules,
+            project_dir,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> JobResponse {
+        serde_json::from_value(serde_json::json!({
+            "id": 10, "token": "job-token",
+            "job_info": {"name": "test-job", "stage": "test", "project_id": 123, "project_name": "p"},
+            "git_info": {"repo_url": "http://x/g/p.git", "ref": "main", "sha": "abc", "refspecs": ["+refs/heads/main:refs/remotes/origin/main"], "depth": 20},
+            "runner_info": {"timeout": 600},
+            "variables": [
+                {"key": "CI_PROJECT_PATH", "value": "group/p", "public": true},
+                {"key": "SECRET", "value": "hunter22", "masked": true},
+                {"key": "CFG", "value": "it's\nfile", "file": true},
+                {"key": "GIT_DEPTH", "value": "3"}
+            ],
+            "steps": [
+                {"name": "script", "script": ["echo hi", "false"], "timeout": 600, "when": "on_success"},
+                {"name": "after_script", "script": ["echo bye"], "timeout": 600, "when": "always", "allow_failure": true}
+            ],
+            "image": null,
+            "artifacts": [{"name": "a", "paths": ["out/"], "when": "always", "expire_in": "1d"}],
+            "dependencies": null
+        }))
+        .unwrap()
+    }
+
+    fn ctx() -> Context {
+        Context {
+            runner_id: Some(7),
+            runner_name: "r".into(),
+            default_image: Some("/img".into()),
+            concurrent_id: 0,
+            workspace: "/ws".into(),
+        }
+    }
+
+    #[test]
+    fn the_payload_becomes_a_job_spec() {
+        let p = job().to_spec(&ctx()).unwrap();
+        let s = &p.spec;
+        assert_eq!(s.image, "/img");
+        assert_eq!(s.timeout, Some(Duration::from_secs(600)));
+        assert_eq!(s.working_dir.as_deref(), Some("/builds/group/p"));
+        assert_eq!(p.masked, vec!["job-token", "hunter22"]);
+        assert_eq!(p.git_depth, 3);
+        assert_eq!(s.steps.len(), 2);
+        assert!(s.steps[0].script.contains("echo hi\n"));
+        assert!(s.steps[0]
+            .script
+            .contains("printf '%s' 'it'\\''s\nfile' > '/builds/group/p.tmp/CFG'"));
+        assert_eq!(s.steps[1].when, StepWhen::Always);
+        assert_eq!(s.steps[1].timeout, Some(AFTER_SCRIPT_TIMEOUT));
+        let var = |k: &str| {
+            s.variables
+                .iter()
+                .find(|v| v.key == k)
+                .unwrap()
+                .value
+                .clone()
+        };
+        assert_eq!(var("CFG"), "/builds/group/p.tmp/CFG");
+        assert_eq!(var("CI_PROJECT_DIR"), "/builds/group/p");
+        assert_eq!(var("CI_RUNNER_ID"), "7");
+        assert_eq!(s.artifacts[0].when, ArtifactWhen::Always);
+        assert_eq!(s.source, JobSource::LocalDir("/ws".into()));
+    }
+
+    #[test]
+    fn no_image_anywhere_is_an_error() {
+        let mut c = ctx();
+        c.default_image = None;
+        assert!(job().to_spec(&c).is_err());
+    }
+}

@@ -1,0 +1,239 @@
+//! `kiln run-job FILE JOB`: pipeline files on a developer's machine, like act
+//! and gitlab-ci-local, each job in a VM.
+//!
+//! The workspace is a *copy* of the checkout (git-tracked files plus
+//! uncommitted and untracked-but-not-ignored ones, like act), staged in the
+//! run directory: the job can never modify the user's checkout. Artifacts
+//! are copied from the job's view of the workspace into a host folder.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use kiln_pipelines::{JobSpec, LocalContext, Options, Pipeline};
+
+/// Facts about the checkout around `file`, read from git.
+pub fn local_context(file: &Path, extra_vars: Vec<(String, String)>) -> Result<LocalContext> {
+    let file_dir = file
+        .canonicalize()
+        .with_context(|| format!("cannot open {}", file.display()))?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let git = |args: &[&str]| -> Option<String> {
+        let o = Command::new("git").args(args).current_dir(&file_dir).output().ok()?;
+        o.status.success().then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let project_dir = git(&["rev-parse", "--show-toplevel"]).map(PathBuf::from).unwrap_or_else(|| {
+        // Not a git checkout: the file's directory (or the one above `.github/workflows`).
+        let mut d = file_dir.clone();
+        if d.ends_with(".github/workflows") {
+            d.pop();
+            d.pop();
+        }
+        d
+    });
+    let name = project_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "project".into());
+    let mut ctx = LocalContext::new(project_dir, name);
+    ctx.commit_sha = git(&["rev-parse", "HEAD"]).unwrap_or_default();
+    ctx.branch = git(&["symbolic-ref", "--short", "-q", "HEAD"]).filter(|b| !b.is_empty());
+    ctx.extra_vars = extra_vars;
+    Ok(ctx)
+}
+
+/// Parse `file` (format detected).
+pub fn load_pipeline(file: &Path, ctx: &LocalContext, opts: &Options) -> Result<Pipeline> {
+    let contents = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let base = ctx.project_dir.clone();
+    let read = move |rel: &str| std::fs::read_to_string(base.join(rel.trim_start_matches('/')));
+    Ok(kiln_pipelines::load(file, &contents, ctx, opts, &read)?)
+}
+
+/// The jobs to run for `name`: every job called `name` (or expanded from the
+/// job key `name` by a matrix), filtered by `matrix` (`key=value` pairs,
+/// matched against the job's variables or its name), with their `needs`
+/// first, in dependency order.
+pub fn select_jobs<'a>(pipeline: &'a Pipeline, name: &str, matrix: &[(String, String)]) -> Result<Vec<&'a JobSpec>> {
+    let matches_matrix = |j: &JobSpec| {
+        matrix.iter().all(|(k, v)| j.variables.iter().any(|var| &var.key == k && &var.value == v) || j.name.contains(v.as_str()))
+    };
+    let targets: Vec<&JobSpec> =
+        pipeline.jobs.iter().filter(|j| (j.name == name || j.id == name) && matches_matrix(j)).collect();
+    if targets.is_empty() {
+        let names: Vec<&str> = pipeline.jobs.iter().map(|j| j.name.as_str()).collect();
+        bail!("no job '{name}'{} in the pipeline; jobs: {}", if matrix.is_empty() { "" } else { " matching --matrix" }, names.join(", "));
+    }
+    // Depth-first over needs, dependencies first; cycles were rejected by the parser.
+    let mut order: Vec<&JobSpec> = Vec::new();
+    let mut seen = BTreeSet::new();
+    fn visit<'a>(j: &'a JobSpec, p: &'a Pipeline, order: &mut Vec<&'a JobSpec>, seen: &mut BTreeSet<String>, depth: usize) -> Result<()> {
+        if depth > 64 {
+            bail!("`needs` nest deeper than 64 jobs at '{}'", j.name);
+        }
+        if !seen.insert(j.name.clone()) {
+            return Ok(());
+        }
+        for n in j.needs.iter().flatten() {
+            let dep = p.jobs.iter().find(|d| &d.name == n).with_context(|| format!("job '{}' needs '{n}', which is not in the pipeline", j.name))?;
+            visit(dep, p, order, seen, depth + 1)?;
+        }
+        order.push(j);
+        Ok(())
+    }
+    for t in targets {
+        visit(t, pipeline, &mut order, &mut seen, 0)?;
+    }
+    Ok(order)
+}
+
+/// Copy the checkout's files (tracked, modified, untracked-not-ignored; or
+/// every file when it is not a git checkout) into `dest`.
+pub fn stage_workspace(project_dir: &Path, dest: &Path) -> Result<u64> {
+    std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let listed = Command::new("git")
+        .args(["ls-files", "-z", "--cached", "--others", "--exclude-standard"])
+        .current_dir(project_dir)
+        .output();
+    let files: Vec<PathBuf> = match listed {
+        Ok(o) if o.status.success() => o
+            .stdout
+            .split(|b| *b == 0)
+            .filter(|p| !p.is_empty())
+            .map(|p| PathBuf::from(String::from_utf8_lossy(p).to_string()))
+            .collect(),
+        _ => walk(project_dir)?,
+    };
+    let mut n = 0;
+    for rel in files {
+        if rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+            continue;
+        }
+        let src = project_dir.join(&rel);
+        let Ok(meta) = std::fs::symlink_metadata(&src) else { continue }; // deleted but tracked
+        let to = dest.join(&rel);
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        if meta.file_type().is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &to)?;
+        } else if meta.is_file() {
+            std::fs::copy(&src, &to).with_context(|| format!("copying {}", src.display()))?;
+        } else {
+            continue; // submodule directories and the like
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn walk(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for e in std::fs::read_dir(root.join(&rel))? {
+            let e = e?;
+            let name = e.file_name();
+            if name == ".git" {
+                continue;
+            }
+            let r = rel.join(&name);
+            if e.file_type()?.is_dir() {
+                stack.push(r);
+            } else {
+                out.push(r);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Copy the job's artifacts (glob `paths` minus `exclude`, relative to the
+/// workspace) from the job's workspace `from` into `to`. Returns the paths copied.
+pub fn collect_artifacts(job: &JobSpec, from: &Path, to: &Path, succeeded: bool) -> Result<Vec<PathBuf>> {
+    use kiln_pipelines::ArtifactWhen;
+    let mut copied = Vec::new();
+    for a in &job.artifacts {
+        let wanted = match a.when {
+            ArtifactWhen::OnSuccess => succeeded,
+            ArtifactWhen::OnFailure => !succeeded,
+            ArtifactWhen::Always => true,
+        };
+        if !wanted {
+            continue;
+        }
+        let all = walk(from)?;
+        for rel in all {
+            let s = rel.to_string_lossy();
+            let included = a.paths.iter().any(|p| glob_match(p.trim_end_matches('/'), &s) || s.starts_with(&format!("{}/", p.trim_end_matches('/'))));
+            let excluded = a.exclude.iter().any(|p| glob_match(p, &s));
+            if included && !excluded {
+                let dest = to.join(&rel);
+                if let Some(parent) = dest.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::copy(from.join(&rel), &dest).with_context(|| format!("copying artifact {s}"))?;
+                copied.push(rel);
+            }
+        }
+    }
+    Ok(copied)
+}
+
+/// `*` (within a path component), `**` (any number of components), `?`.
+pub fn glob_match(pattern: &str, path: &str) -> bool {
+    fn m(p: &[u8], s: &[u8]) -> bool {
+        match (p.first(), s.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) if p.get(1) == Some(&b'*') => {
+                let rest = p[2..].strip_prefix(b"/").unwrap_or(&p[2..]);
+                (0..=s.len()).any(|i| (i == 0 || s[i - 1] == b'/' || rest.is_empty()) && m(rest, &s[i..]))
+            }
+            (Some(b'*'), _) => (0..=s.len()).take_while(|&i| i == 0 || s[i - 1] != b'/').any(|i| m(&p[1..], &s[i..])),
+            (Some(b'?'), Some(c)) if *c != b'/' => m(&p[1..], &s[1..]),
+            (Some(a), Some(b)) if a == b => m(&p[1..], &s[1..]),
+            _ => false,
+        }
+    }
+    m(pattern.as_bytes(), path.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("target/*.txt", "target/a.txt"));
+        assert!(!glob_match("target/*.txt", "target/x/a.txt"));
+        assert!(glob_match("target/**/*.txt", "target/x/y/a.txt"));
+        assert!(glob_match("target/**/*.txt", "target/a.txt"));
+        assert!(glob_match("a?c", "abc") && !glob_match("a?c", "a/c"));
+        assert!(glob_match("dist", "dist"));
+    }
+
+    #[test]
+    fn staging_copies_tracked_and_untracked_but_not_ignored_files() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = d.path().join("repo");
+        std::fs::create_dir_all(repo.join("src")).unwrap();
+        let git = |args: &[&str]| {
+            let ok = Command::new("git").args(args).current_dir(&repo).output().map(|o| o.status.success());
+            ok.unwrap_or(false)
+        };
+        if !git(&["init", "-q"]) {
+            eprintln!("skipping: git is not installed");
+            return;
+        }
+        std::fs::write(repo.join(".gitignore"), "ignored.txt\n").unwrap();
+        std::fs::write(repo.join("src/main.rs"), "fn main() {}").unwrap();
+        std::fs::write(repo.join("ignored.txt"), "no").unwrap();
+        git(&["add", "."]);
+        std::fs::write(repo.join("new.txt"), "uncommitted").unwrap();
+        let dest = d.path().join("stage");
+        let n = stage_workspace(&repo, &dest).unwrap();
+        assert_eq!(n, 3, "src/main.rs, .gitignore, new.txt");
+        assert!(dest.join("new.txt").exists() && dest.join("src/main.rs").exists());
+        assert!(!dest.join("ignored.txt").exists() && !dest.join(".git").exists());
+    }
+}
