@@ -568,7 +568,7 @@ impl Executor {
                 continue;
             }
             let spec = state
-                .spec(index, step)
+                .spec(index, step, io.cancel_state.is_some())
                 .map_err(|m| sys(format!("step '{}': {m}", step.name)))?;
             io.send(&Frame::RunStep(spec)).await?;
             let end = io.wait_step(index, job, sink).await?;
@@ -811,8 +811,26 @@ impl StepState {
 
     /// The agent's spec for `step`: environment with file-command updates,
     /// runtime `${{ }}` expressions substituted.
-    fn spec(&mut self, index: u32, step: &Step) -> Result<StepSpec, String> {
+    fn spec(&mut self, index: u32, step: &Step, canceled: bool) -> Result<StepSpec, String> {
         let mut env = self.env.clone();
+        // GitLab: CI_JOB_STATUS is `running` in the script and the job's
+        // outcome in after_script (the steps that run whatever happened).
+        if env
+            .iter()
+            .any(|(k, _)| k == "GITLAB_CI" || k == "CI_JOB_STATUS")
+        {
+            let status = if step.when != StepWhen::Always {
+                "running"
+            } else if canceled {
+                "canceled"
+            } else if self.failed {
+                "failed"
+            } else {
+                "success"
+            };
+            env.retain(|(k, _)| k != "CI_JOB_STATUS");
+            env.push(("CI_JOB_STATUS".into(), status.into()));
+        }
         for (k, v) in &step.env {
             env.retain(|(key, _)| key != k);
             env.push((k.clone(), v.clone()));
@@ -1035,7 +1053,9 @@ mod tests {
         );
         assert_eq!(s.workdir, "/srv");
         assert_eq!(s.user, "1000");
-        let spec = StepState::new(&job, &s.env).spec(0, &job.steps[0]).unwrap();
+        let spec = StepState::new(&job, &s.env)
+            .spec(0, &job.steps[0], false)
+            .unwrap();
         assert_eq!(spec.argv, vec!["sh", "-e", "{script}"]);
         assert!(!spec.file_commands, "only GitHub jobs get file commands");
         job.working_dir = Some("/builds/p".into());
@@ -1053,7 +1073,7 @@ mod tests {
         let s = build_start(&job, &rootfs());
         let mut state = StepState::new(&job, &s.env);
         state.path_adds = vec!["/opt/x".into()];
-        let spec = state.spec(4, &job.steps[0]).unwrap();
+        let spec = state.spec(4, &job.steps[0], false).unwrap();
         assert_eq!(spec.argv, vec!["python3", "{script}"]);
         assert_eq!(
             (spec.index, spec.timeout_ms, spec.file_commands),

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod config;
 pub mod executor;
 pub mod gitlab;
+pub mod local;
 pub mod paths;
 pub mod sink;
 

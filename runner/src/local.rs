@@ -22,19 +22,30 @@ pub fn local_context(file: &Path, extra_vars: Vec<(String, String)>) -> Result<L
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     let git = |args: &[&str]| -> Option<String> {
-        let o = Command::new("git").args(args).current_dir(&file_dir).output().ok()?;
-        o.status.success().then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        let o = Command::new("git")
+            .args(args)
+            .current_dir(&file_dir)
+            .output()
+            .ok()?;
+        o.status
+            .success()
+            .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
-    let project_dir = git(&["rev-parse", "--show-toplevel"]).map(PathBuf::from).unwrap_or_else(|| {
-        // Not a git checkout: the file's directory (or the one above `.github/workflows`).
-        let mut d = file_dir.clone();
-        if d.ends_with(".github/workflows") {
-            d.pop();
-            d.pop();
-        }
-        d
-    });
-    let name = project_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "project".into());
+    let project_dir = git(&["rev-parse", "--show-toplevel"])
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            // Not a git checkout: the file's directory (or the one above `.github/workflows`).
+            let mut d = file_dir.clone();
+            if d.ends_with(".github/workflows") {
+                d.pop();
+                d.pop();
+            }
+            d
+        });
+    let name = project_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "project".into());
     let mut ctx = LocalContext::new(project_dir, name);
     ctx.commit_sha = git(&["rev-parse", "HEAD"]).unwrap_or_default();
     ctx.branch = git(&["symbolic-ref", "--short", "-q", "HEAD"]).filter(|b| !b.is_empty());
@@ -44,7 +55,8 @@ pub fn local_context(file: &Path, extra_vars: Vec<(String, String)>) -> Result<L
 
 /// Parse `file` (format detected).
 pub fn load_pipeline(file: &Path, ctx: &LocalContext, opts: &Options) -> Result<Pipeline> {
-    let contents = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let contents =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let base = ctx.project_dir.clone();
     let read = move |rel: &str| std::fs::read_to_string(base.join(rel.trim_start_matches('/')));
     Ok(kiln_pipelines::load(file, &contents, ctx, opts, &read)?)
@@ -54,20 +66,46 @@ pub fn load_pipeline(file: &Path, ctx: &LocalContext, opts: &Options) -> Result<
 /// job key `name` by a matrix), filtered by `matrix` (`key=value` pairs,
 /// matched against the job's variables or its name), with their `needs`
 /// first, in dependency order.
-pub fn select_jobs<'a>(pipeline: &'a Pipeline, name: &str, matrix: &[(String, String)]) -> Result<Vec<&'a JobSpec>> {
+pub fn select_jobs<'a>(
+    pipeline: &'a Pipeline,
+    name: &str,
+    matrix: &[(String, String)],
+) -> Result<Vec<&'a JobSpec>> {
     let matches_matrix = |j: &JobSpec| {
-        matrix.iter().all(|(k, v)| j.variables.iter().any(|var| &var.key == k && &var.value == v) || j.name.contains(v.as_str()))
+        matrix.iter().all(|(k, v)| {
+            j.variables
+                .iter()
+                .any(|var| &var.key == k && &var.value == v)
+                || j.name.contains(v.as_str())
+        })
     };
-    let targets: Vec<&JobSpec> =
-        pipeline.jobs.iter().filter(|j| (j.name == name || j.id == name) && matches_matrix(j)).collect();
+    let targets: Vec<&JobSpec> = pipeline
+        .jobs
+        .iter()
+        .filter(|j| (j.name == name || j.id == name) && matches_matrix(j))
+        .collect();
     if targets.is_empty() {
         let names: Vec<&str> = pipeline.jobs.iter().map(|j| j.name.as_str()).collect();
-        bail!("no job '{name}'{} in the pipeline; jobs: {}", if matrix.is_empty() { "" } else { " matching --matrix" }, names.join(", "));
+        bail!(
+            "no job '{name}'{} in the pipeline; jobs: {}",
+            if matrix.is_empty() {
+                ""
+            } else {
+                " matching --matrix"
+            },
+            names.join(", ")
+        );
     }
     // Depth-first over needs, dependencies first; cycles were rejected by the parser.
     let mut order: Vec<&JobSpec> = Vec::new();
     let mut seen = BTreeSet::new();
-    fn visit<'a>(j: &'a JobSpec, p: &'a Pipeline, order: &mut Vec<&'a JobSpec>, seen: &mut BTreeSet<String>, depth: usize) -> Result<()> {
+    fn visit<'a>(
+        j: &'a JobSpec,
+        p: &'a Pipeline,
+        order: &mut Vec<&'a JobSpec>,
+        seen: &mut BTreeSet<String>,
+        depth: usize,
+    ) -> Result<()> {
         if depth > 64 {
             bail!("`needs` nest deeper than 64 jobs at '{}'", j.name);
         }
@@ -75,7 +113,9 @@ pub fn select_jobs<'a>(pipeline: &'a Pipeline, name: &str, matrix: &[(String, St
             return Ok(());
         }
         for n in j.needs.iter().flatten() {
-            let dep = p.jobs.iter().find(|d| &d.name == n).with_context(|| format!("job '{}' needs '{n}', which is not in the pipeline", j.name))?;
+            let dep = p.jobs.iter().find(|d| &d.name == n).with_context(|| {
+                format!("job '{}' needs '{n}', which is not in the pipeline", j.name)
+            })?;
             visit(dep, p, order, seen, depth + 1)?;
         }
         order.push(j);
@@ -92,7 +132,13 @@ pub fn select_jobs<'a>(pipeline: &'a Pipeline, name: &str, matrix: &[(String, St
 pub fn stage_workspace(project_dir: &Path, dest: &Path) -> Result<u64> {
     std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
     let listed = Command::new("git")
-        .args(["ls-files", "-z", "--cached", "--others", "--exclude-standard"])
+        .args([
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ])
         .current_dir(project_dir)
         .output();
     let files: Vec<PathBuf> = match listed {
@@ -106,11 +152,16 @@ pub fn stage_workspace(project_dir: &Path, dest: &Path) -> Result<u64> {
     };
     let mut n = 0;
     for rel in files {
-        if rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+        if rel
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
             continue;
         }
         let src = project_dir.join(&rel);
-        let Ok(meta) = std::fs::symlink_metadata(&src) else { continue }; // deleted but tracked
+        let Ok(meta) = std::fs::symlink_metadata(&src) else {
+            continue;
+        }; // deleted but tracked
         let to = dest.join(&rel);
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent)?;
@@ -150,7 +201,12 @@ fn walk(root: &Path) -> Result<Vec<PathBuf>> {
 
 /// Copy the job's artifacts (glob `paths` minus `exclude`, relative to the
 /// workspace) from the job's workspace `from` into `to`. Returns the paths copied.
-pub fn collect_artifacts(job: &JobSpec, from: &Path, to: &Path, succeeded: bool) -> Result<Vec<PathBuf>> {
+pub fn collect_artifacts(
+    job: &JobSpec,
+    from: &Path,
+    to: &Path,
+    succeeded: bool,
+) -> Result<Vec<PathBuf>> {
     use kiln_pipelines::ArtifactWhen;
     let mut copied = Vec::new();
     for a in &job.artifacts {
@@ -165,19 +221,36 @@ pub fn collect_artifacts(job: &JobSpec, from: &Path, to: &Path, succeeded: bool)
         let all = walk(from)?;
         for rel in all {
             let s = rel.to_string_lossy();
-            let included = a.paths.iter().any(|p| glob_match(p.trim_end_matches('/'), &s) || s.starts_with(&format!("{}/", p.trim_end_matches('/'))));
+            let included = a.paths.iter().any(|p| {
+                glob_match(p.trim_end_matches('/'), &s)
+                    || s.starts_with(&format!("{}/", p.trim_end_matches('/')))
+            });
             let excluded = a.exclude.iter().any(|p| glob_match(p, &s));
             if included && !excluded {
                 let dest = to.join(&rel);
                 if let Some(parent) = dest.parent() {
                     std::fs::create_dir_all(parent)?;
                 }
-                std::fs::copy(from.join(&rel), &dest).with_context(|| format!("copying artifact {s}"))?;
+                std::fs::copy(from.join(&rel), &dest)
+                    .with_context(|| format!("copying artifact {s}"))?;
                 copied.push(rel);
             }
         }
     }
     Ok(copied)
+}
+
+/// Copy every file under `from` into `to` (same relative paths).
+pub fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    for rel in walk(from)? {
+        let dest = to.join(&rel);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::copy(from.join(&rel), &dest)
+            .with_context(|| format!("copying {}", rel.display()))?;
+    }
+    Ok(())
 }
 
 /// `*` (within a path component), `**` (any number of components), `?`.
@@ -187,9 +260,12 @@ pub fn glob_match(pattern: &str, path: &str) -> bool {
             (None, None) => true,
             (Some(b'*'), _) if p.get(1) == Some(&b'*') => {
                 let rest = p[2..].strip_prefix(b"/").unwrap_or(&p[2..]);
-                (0..=s.len()).any(|i| (i == 0 || s[i - 1] == b'/' || rest.is_empty()) && m(rest, &s[i..]))
+                (0..=s.len())
+                    .any(|i| (i == 0 || s[i - 1] == b'/' || rest.is_empty()) && m(rest, &s[i..]))
             }
-            (Some(b'*'), _) => (0..=s.len()).take_while(|&i| i == 0 || s[i - 1] != b'/').any(|i| m(&p[1..], &s[i..])),
+            (Some(b'*'), _) => (0..=s.len())
+                .take_while(|&i| i == 0 || s[i - 1] != b'/')
+                .any(|i| m(&p[1..], &s[i..])),
             (Some(b'?'), Some(c)) if *c != b'/' => m(&p[1..], &s[1..]),
             (Some(a), Some(b)) if a == b => m(&p[1..], &s[1..]),
             _ => false,
@@ -218,7 +294,11 @@ mod tests {
         let repo = d.path().join("repo");
         std::fs::create_dir_all(repo.join("src")).unwrap();
         let git = |args: &[&str]| {
-            let ok = Command::new("git").args(args).current_dir(&repo).output().map(|o| o.status.success());
+            let ok = Command::new("git")
+                .args(args)
+                .current_dir(&repo)
+                .output()
+                .map(|o| o.status.success());
             ok.unwrap_or(false)
         };
         if !git(&["init", "-q"]) {

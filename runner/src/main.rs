@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use kiln::executor::{Executor, ExecutorConfig, FailureReason};
 use kiln::sink::{JobSink, JsonSink, TerminalSink};
 use kiln_images::{Cache, Kernel};
-use kiln_pipelines::{JobSpec, Shell, Step};
+use kiln_pipelines::{JobSource, JobSpec, Shell, Step, Variable};
 use kiln_vmm::BackendKind;
 
 mod doctor;
@@ -132,18 +132,40 @@ struct VmArgs {
 
 #[derive(Args)]
 struct RunJob {
+    /// A pipeline file (.gitlab-ci.yml or a GitHub workflow); without it,
+    /// give --image and a command or --script.
+    file: Option<PathBuf>,
+    /// The job to run from FILE (its `needs` run first).
+    job: Option<String>,
+    /// List FILE's jobs and exit.
+    #[arg(long, requires = "file")]
+    list: bool,
     /// Job image: an OCI image layout directory (optionally DIR:TAG).
+    /// With FILE, it replaces every job's image.
     #[arg(long)]
-    image: String,
+    image: Option<String>,
     /// Run this script file with `sh -e` instead of a command.
     #[arg(long, conflicts_with = "command")]
     script: Option<PathBuf>,
     /// Shell for --script: sh or bash.
     #[arg(long, default_value = "sh")]
     shell: String,
-    /// Environment variable for the job (KEY=VALUE), repeatable.
-    #[arg(long = "env", short = 'e')]
-    env: Vec<String>,
+    /// Variable for the job (KEY=VALUE), repeatable; with FILE it takes
+    /// precedence over the file's variables.
+    #[arg(long = "var", short = 'e', alias = "env")]
+    vars: Vec<String>,
+    /// Like --var, but the value is masked in all output.
+    #[arg(long = "secret", short = 's')]
+    secrets: Vec<String>,
+    /// With FILE: run only the matrix combination with KEY=VALUE (repeatable).
+    #[arg(long)]
+    matrix: Vec<String>,
+    /// GitHub `runs-on` label to image (LABEL=IMAGE, repeatable), like act's -P.
+    #[arg(long = "platform", short = 'P')]
+    platforms: Vec<String>,
+    /// With FILE: where artifacts are copied (a folder per job).
+    #[arg(long, default_value = "kiln-artifacts")]
+    artifacts_dir: PathBuf,
     /// Working directory inside the guest (default: the image's WorkingDir).
     #[arg(long)]
     workdir: Option<String>,
@@ -323,36 +345,112 @@ fn executor_config(vm: &VmArgs, cache_dir: PathBuf) -> Result<ExecutorConfig> {
     })
 }
 
-fn run_job(args: RunJob, cache_dir: PathBuf) -> Result<ExitCode> {
-    let step = match (&args.script, args.command.is_empty()) {
-        (Some(path), _) => {
-            let body = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the script {}", path.display()))?;
-            let mut s = Step::script(path.display().to_string(), body);
-            s.shell = match args.shell.as_str() {
-                "sh" => Shell::Sh,
-                "bash" => Shell::Bash,
-                other => bail!("unknown --shell '{other}' (expected sh or bash)"),
-            };
-            s
+fn key_values(items: &[String], what: &str) -> Result<Vec<(String, String)>> {
+    items
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("{what} '{kv}' is not KEY=VALUE"))
+        })
+        .collect()
+}
+
+/// The jobs `run-job` was asked for: one ad-hoc job, or jobs from a file.
+fn plan_jobs(args: &RunJob) -> Result<Option<(Vec<JobSpec>, Option<PathBuf>)>> {
+    let vars = key_values(&args.vars, "--var")?;
+    let secrets = key_values(&args.secrets, "--secret")?;
+    let Some(file) = &args.file else {
+        let Some(image) = &args.image else {
+            bail!("give a pipeline FILE and JOB, or --image with a command after `--` or --script");
+        };
+        let step = match (&args.script, args.command.is_empty()) {
+            (Some(path), _) => {
+                let body = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the script {}", path.display()))?;
+                let mut s = Step::script(path.display().to_string(), body);
+                s.shell = match args.shell.as_str() {
+                    "sh" => Shell::Sh,
+                    "bash" => Shell::Bash,
+                    other => bail!("unknown --shell '{other}' (expected sh or bash)"),
+                };
+                s
+            }
+            (None, false) => {
+                let mut s = Step::script(args.command.join(" "), String::new());
+                s.shell = Shell::Exec(args.command.clone());
+                s
+            }
+            (None, true) => bail!("nothing to run: give a command after `--` or --script FILE"),
+        };
+        let mut job = JobSpec::single("run-job", image.clone(), step);
+        job.timeout = Some(Duration::from_secs(args.timeout));
+        job.working_dir = args.workdir.clone();
+        for (k, v) in vars {
+            job.variables.push(Variable::new(k, v));
         }
-        (None, false) => {
-            let mut s = Step::script(args.command.join(" "), String::new());
-            s.shell = Shell::Exec(args.command.clone());
-            s
+        for (k, v) in secrets {
+            job.variables.push(Variable {
+                masked: true,
+                ..Variable::new(k, v)
+            });
         }
-        (None, true) => bail!("nothing to run: give a command after `--` or --script FILE"),
+        return Ok(Some((vec![job], None)));
     };
-    let mut job = JobSpec::single("run-job", args.image.clone(), step);
-    job.timeout = Some(Duration::from_secs(args.timeout));
-    job.working_dir = args.workdir.clone();
-    for kv in &args.env {
-        let (k, v) = kv
-            .split_once('=')
-            .with_context(|| format!("--env '{kv}' is not KEY=VALUE"))?;
-        job.variables.push(kiln_pipelines::Variable::new(k, v));
+    let mut all_vars = vars.clone();
+    all_vars.extend(secrets.iter().cloned());
+    let ctx = kiln::local::local_context(file, all_vars)?;
+    let mut opts = kiln_pipelines::Options::default();
+    for (label, image) in key_values(&args.platforms, "--platform")? {
+        opts.runner_images.set(label, image);
     }
+    let pipeline = kiln::local::load_pipeline(file, &ctx, &opts)?;
+    for n in &pipeline.notes {
+        eprintln!("kiln: note: {n}");
+    }
+    if args.list {
+        for j in &pipeline.jobs {
+            let needs = j.needs.as_ref().map(|n| n.join(",")).unwrap_or_default();
+            println!(
+                "{:<40} stage={:<10} image={:<30} needs={}",
+                j.name,
+                j.stage.as_deref().unwrap_or("-"),
+                j.image,
+                if needs.is_empty() { "-" } else { &needs }
+            );
+        }
+        return Ok(None);
+    }
+    let Some(name) = &args.job else {
+        bail!("which job? give its name after the file (list them with --list)");
+    };
+    let matrix = key_values(&args.matrix, "--matrix")?;
+    let mut jobs: Vec<JobSpec> = kiln::local::select_jobs(&pipeline, name, &matrix)?
+        .into_iter()
+        .cloned()
+        .collect();
+    for job in &mut jobs {
+        if let Some(image) = &args.image {
+            job.image = image.clone();
+        }
+        for v in &mut job.variables {
+            if secrets.iter().any(|(k, _)| k == &v.key) {
+                v.masked = true;
+            }
+        }
+        if job.timeout.is_none() {
+            job.timeout = Some(Duration::from_secs(args.timeout));
+        }
+    }
+    Ok(Some((jobs, Some(ctx.project_dir))))
+}
+
+fn run_job(args: RunJob, cache_dir: PathBuf) -> Result<ExitCode> {
+    let Some((jobs, project_dir)) = plan_jobs(&args)? else {
+        return Ok(ExitCode::SUCCESS);
+    };
     let config = executor_config(&args.vm, cache_dir)?;
+    let run_dir = config.run_dir.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -377,30 +475,115 @@ fn run_job(args: RunJob, cache_dir: PathBuf) -> Result<ExitCode> {
                 let _ = tx.send(Some(graceful));
             }
         });
-        let mut sink: Box<dyn JobSink> = if args.json {
-            Box::new(JsonSink)
-        } else {
-            Box::new(TerminalSink { headers: false })
-        };
-        let result = executor.run(&job, sink.as_mut(), rx).await;
-        if args.json {
-            println!(
-                "{}",
-                serde_json::json!({"event": "result", "result": result})
-            );
-        } else {
-            eprintln!("kiln: {}", result.summary());
-            if let Some(p) = &result.debug_log {
-                eprintln!("kiln: the guest's serial log is in {}", p.display());
+        let many = jobs.len() > 1 || project_dir.is_some();
+        let mut code = 0u8;
+        let mut collected: Vec<PathBuf> = Vec::new();
+        for mut job in jobs {
+            let stage = match &project_dir {
+                Some(dir) => {
+                    let stage = run_dir.join(format!(
+                        "stage-{}-{}",
+                        std::process::id(),
+                        sanitize(&job.name)
+                    ));
+                    let _ = std::fs::remove_dir_all(&stage);
+                    let n = kiln::local::stage_workspace(dir, &stage)?;
+                    tracing::info!("staged {n} files of {} as the workspace", dir.display());
+                    // Artifacts of the jobs that ran before (this job's needs)
+                    // are in its workspace, as GitLab downloads them.
+                    for earlier in &collected {
+                        kiln::local::copy_tree(earlier, &stage)?;
+                    }
+                    job.source = JobSource::LocalDir(stage.clone());
+                    Some(StageDir(stage))
+                }
+                None => None,
+            };
+            if many && !args.json {
+                eprintln!("\x1b[1;36m▶ job {}\x1b[0m (image {})", job.name, job.image);
+            }
+            let secrets: Vec<String> = job
+                .variables
+                .iter()
+                .filter(|v| v.masked && !v.value.is_empty())
+                .map(|v| v.value.clone())
+                .collect();
+            let inner: Box<dyn JobSink> = if args.json {
+                Box::new(JsonSink)
+            } else {
+                Box::new(TerminalSink { headers: many })
+            };
+            let mut sink = kiln::sink::MaskingSink::new(inner, &secrets);
+            let result = executor.run(&job, &mut sink, rx.clone()).await;
+            sink.flush();
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "result", "job": job.name, "result": result})
+                );
+            } else {
+                eprintln!("kiln: {}", result.summary());
+                if let Some(p) = &result.debug_log {
+                    eprintln!("kiln: the guest's serial log is in {}", p.display());
+                }
+            }
+            if let Some(stage) = &stage {
+                if !job.artifacts.is_empty() {
+                    let to = args.artifacts_dir.join(sanitize(&job.name));
+                    match kiln::local::collect_artifacts(&job, &stage.0, &to, result.success()) {
+                        Ok(files) if !files.is_empty() => {
+                            eprintln!(
+                                "kiln: {} artifact files copied to {}",
+                                files.len(),
+                                to.display()
+                            );
+                            collected.push(to.clone());
+                        }
+                        Ok(_) => eprintln!(
+                            "kiln: no artifact matched {:?}",
+                            job.artifacts.iter().map(|a| &a.paths).collect::<Vec<_>>()
+                        ),
+                        Err(e) => eprintln!("kiln: collecting artifacts: {e:#}"),
+                    }
+                }
+            }
+            code = match &result.failure {
+                None => 0,
+                Some(FailureReason::ScriptFailure) => result.exit_code.clamp(1, 255) as u8,
+                Some(FailureReason::JobExecutionTimeout) => 124,
+                Some(FailureReason::Canceled) => 130,
+                Some(_) => 125,
+            };
+            let allowed = job.allow_failure.allows(result.exit_code)
+                && matches!(result.failure, Some(FailureReason::ScriptFailure));
+            if code != 0 && !allowed {
+                break;
+            }
+            if allowed {
+                code = 0;
             }
         }
-        let code = match &result.failure {
-            None => 0,
-            Some(FailureReason::ScriptFailure) => result.exit_code.clamp(1, 255),
-            Some(FailureReason::JobExecutionTimeout) => 124,
-            Some(FailureReason::Canceled) => 130,
-            Some(_) => 125,
-        };
-        Ok(ExitCode::from(code as u8))
+        Ok(ExitCode::from(code))
     })
+}
+
+/// A staged workspace, removed when the job is done.
+struct StageDir(PathBuf);
+
+impl Drop for StageDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }

@@ -104,3 +104,71 @@ impl JobSink for BufferSink {
         self.ends.push(end.clone());
     }
 }
+
+/// Masks secret values in every stream before the inner sink sees them,
+/// across chunk boundaries (a secret split over two frames is still masked).
+pub struct MaskingSink {
+    inner: Box<dyn JobSink>,
+    /// One masker per (step, stream): each holds back a possible secret prefix.
+    maskers: std::collections::BTreeMap<(u32, u8), crate::gitlab::mask::Masker>,
+    secrets: Vec<String>,
+}
+
+impl MaskingSink {
+    pub fn new(inner: Box<dyn JobSink>, secrets: &[String]) -> MaskingSink {
+        MaskingSink {
+            inner,
+            maskers: Default::default(),
+            secrets: secrets.to_vec(),
+        }
+    }
+
+    /// Release what the maskers hold back (at the end of the job).
+    pub fn flush(&mut self) {
+        let keys: Vec<(u32, u8)> = self.maskers.keys().copied().collect();
+        for (step, s) in keys {
+            self.flush_one(step, s);
+        }
+    }
+
+    fn flush_one(&mut self, step: u32, s: u8) {
+        if let Some(m) = self.maskers.get_mut(&(step, s)) {
+            let rest = m.finish();
+            if !rest.is_empty() {
+                let stream = if s == Stream::Stdout as u8 {
+                    Stream::Stdout
+                } else {
+                    Stream::Stderr
+                };
+                self.inner.output(step, stream, &rest);
+            }
+        }
+    }
+}
+
+impl JobSink for MaskingSink {
+    fn step_start(&mut self, step: u32, name: &str) {
+        self.inner.step_start(step, name);
+    }
+
+    fn output(&mut self, step: u32, stream: Stream, data: &[u8]) {
+        if self.secrets.is_empty() {
+            return self.inner.output(step, stream, data);
+        }
+        let secrets = &self.secrets;
+        let m = self
+            .maskers
+            .entry((step, stream as u8))
+            .or_insert_with(|| crate::gitlab::mask::Masker::new(secrets, &[] as &[&str]));
+        let out = m.write(data);
+        if !out.is_empty() {
+            self.inner.output(step, stream, &out);
+        }
+    }
+
+    fn step_end(&mut self, name: &str, end: &StepEnd) {
+        self.flush_one(end.step, Stream::Stdout as u8);
+        self.flush_one(end.step, Stream::Stderr as u8);
+        self.inner.step_end(name, end);
+    }
+}

@@ -316,3 +316,41 @@ async fn github_file_commands_and_conditions_carry_between_steps() {
     );
     assert!(r.steps[2].skipped && !r.steps[3].skipped);
 }
+
+/// The embedded KVM backend boots the stock Debian kernel and runs a job.
+/// Needs hardware virtualization (VT-x/AMD-V); elsewhere it says why it skips.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linux_job_runs_on_the_kvm_backend_with_hardware_kvm() {
+    skip_without_vm!();
+    let kvm = kiln_vmm::probe_kvm();
+    if !kvm.runs_unmodified_guests() {
+        eprintln!(
+            "skipping: the kvm backend cannot boot Linux here: {}",
+            kvm.describe()
+        );
+        return;
+    }
+    let dir = harness::run_dir("kvm-linux");
+    let mut cfg = harness::config(&dir);
+    cfg.backend = kiln_vmm::BackendKind::Kvm;
+    let ex = kiln::Executor::new(cfg).unwrap();
+    let (_tx, rx) = tokio::sync::watch::channel(None);
+    let mut sink = BufferSink::default();
+    let r = ex
+        .run(
+            &job("uname -r; echo from-kvm; echo err >&2; exit 3"),
+            &mut sink,
+            rx,
+        )
+        .await;
+    assert_no_leaks(&dir);
+    assert!(r.backend.starts_with("kvm"), "{r:?}");
+    assert_eq!(r.exit_code, 3, "{r:?}; serial log: {:?}", r.debug_log);
+    let out = String::from_utf8_lossy(&sink.stdout);
+    assert!(out.ends_with("from-kvm\n"), "{out}");
+    assert_eq!(String::from_utf8_lossy(&sink.stderr), "err\n");
+    eprintln!(
+        "kvm backend: boot {} ms (guest {} ms), run {} ms",
+        r.boot_ms, r.guest_boot_ms, r.run_ms
+    );
+}

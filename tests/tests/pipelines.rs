@@ -1,0 +1,290 @@
+//! `kiln run-job FILE JOB` end to end: a `.gitlab-ci.yml` job and a GitHub
+//! workflow job, each in a VM, from a real git checkout.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use kiln_tests::harness::{self, assert_no_leaks, kiln_cmd};
+
+macro_rules! skip_without_vm {
+    () => {
+        if let Some(why) = harness::vm_skip_reason() {
+            eprintln!("skipping: {why}");
+            return;
+        }
+        if Command::new("git").arg("--version").output().is_err() {
+            eprintln!("skipping: git is not installed");
+            return;
+        }
+    };
+}
+
+const GITLAB: &str = r#"
+variables:
+  FROM_FILE: file-value
+build:
+  image: registry.example.com/not/used:1
+  variables:
+    JOB_VAR: job-value
+  before_script:
+    - echo "before $FROM_FILE $JOB_VAR"
+  script:
+    - pwd
+    - cat tracked.txt
+    - cat uncommitted.txt
+    - echo "secret is $MY_SECRET, split ${MY_SECRET%%-*}-${MY_SECRET#*-}"
+    - mkdir -p dist && echo built > dist/out.txt && echo skip > dist/skip.log
+  artifacts:
+    paths: [dist/]
+    exclude: ["dist/*.log"]
+uses-artifact:
+  needs: [build]
+  script:
+    - cat dist/out.txt
+pipefail:
+  script:
+    - false | true
+    - echo after-pipe
+fail:
+  script:
+    - echo one
+    - exit 4
+    - echo never
+  after_script:
+    - echo "after ran with status $CI_JOB_STATUS"
+"#;
+
+const GITHUB: &str = r#"
+on: push
+env:
+  WF: wf-value
+jobs:
+  build:
+    runs-on: ubuntu-latest
+    env:
+      JOB: job-value
+    defaults:
+      run:
+        shell: sh
+    steps:
+      - uses: actions/checkout@v4
+      - id: first
+        run: |
+          echo "wf=$WF job=$JOB ws=$GITHUB_WORKSPACE pwd=$(pwd)"
+          echo "FROM_STEP=carried" >> "$GITHUB_ENV"
+          echo "answer=42" >> "$GITHUB_OUTPUT"
+      - run: echo "env=$FROM_STEP out=${{ steps.first.outputs.answer }}"
+      - if: failure()
+        run: echo must-not-run
+      - name: in a subdirectory
+        working-directory: sub
+        run: pwd && cat file.txt
+      - run: exit 5
+      - run: echo skipped-after-failure
+      - if: always()
+        run: echo always-ran
+"#;
+
+/// A git checkout with both pipeline files, one committed file and one not.
+fn repo(name: &str) -> PathBuf {
+    let dir = harness::test_root().join(format!("repo-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join(".github/workflows")).unwrap();
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(dir.join(".gitlab-ci.yml"), GITLAB).unwrap();
+    std::fs::write(dir.join(".github/workflows/ci.yml"), GITHUB).unwrap();
+    std::fs::write(dir.join("tracked.txt"), "tracked content\n").unwrap();
+    std::fs::write(dir.join("sub/file.txt"), "in sub\n").unwrap();
+    let git = |args: &[&str]| {
+        let st = Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+    };
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "init"]);
+    std::fs::write(dir.join("uncommitted.txt"), "not committed yet\n").unwrap();
+    dir
+}
+
+fn run(repo: &Path, file: &str, job: &str, extra: &[&str], run_dir: &Path) -> Output {
+    let o = kiln_cmd(run_dir)
+        .args(["--log-level", "error", "run-job"])
+        .arg(repo.join(file))
+        .arg(job)
+        .arg("--image")
+        .arg(harness::busybox_image())
+        .args(["--cpus", "1", "--memory", "512", "--artifacts-dir"])
+        .arg(repo.join("artifacts"))
+        .args(extra)
+        .output()
+        .unwrap();
+    assert_no_leaks(run_dir);
+    o
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).to_string()
+}
+
+#[test]
+fn gitlab_job_gets_env_workspace_masking_and_artifacts() {
+    skip_without_vm!();
+    let repo = repo("gl-build");
+    let dir = harness::run_dir("gl-build");
+    let o = run(
+        &repo,
+        ".gitlab-ci.yml",
+        "uses-artifact",
+        &["--secret", "MY_SECRET=hunter2-topsecret"],
+        &dir,
+    );
+    let out = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{out}\n{}", text(&o.stderr));
+    let name = repo.file_name().unwrap().to_string_lossy().to_string();
+    assert!(out.contains("before file-value job-value"), "{out}");
+    assert!(
+        out.contains(&format!("/builds/{name}\n")),
+        "working dir: {out}"
+    );
+    assert!(
+        out.contains("tracked content") && out.contains("not committed yet"),
+        "{out}"
+    );
+    assert!(
+        out.contains("secret is [MASKED], split hunter2-topsecret")
+            || out.contains("secret is [MASKED], split [MASKED]"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("hunter2-topsecret") && !text(&o.stderr).contains("hunter2-topsecret"),
+        "secret leaked: {out}"
+    );
+    // The build job's artifact, copied back, then handed to the job that needs it.
+    assert_eq!(
+        std::fs::read_to_string(repo.join("artifacts/build/dist/out.txt")).unwrap(),
+        "built\n"
+    );
+    assert!(
+        !repo.join("artifacts/build/dist/skip.log").exists(),
+        "exclude honoured"
+    );
+    assert!(out.ends_with("built\n"), "needs get the artifacts: {out}");
+    // The user's checkout was not touched.
+    assert!(!repo.join("dist").exists());
+}
+
+#[test]
+fn gitlab_shell_semantics_and_after_script_on_failure() {
+    skip_without_vm!();
+    let repo = repo("gl-fail");
+    let dir = harness::run_dir("gl-fail");
+    let o = run(&repo, ".gitlab-ci.yml", "fail", &[], &dir);
+    let out = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(4), "{out}\n{}", text(&o.stderr));
+    assert!(
+        out.contains("one\n") && !out.contains("never"),
+        "set -e: {out}"
+    );
+    assert!(
+        out.contains("after ran with status failed"),
+        "after_script after a failure: {out}"
+    );
+
+    let o = run(&repo, ".gitlab-ci.yml", "pipefail", &[], &dir);
+    let out = text(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "pipefail: {out}\n{}",
+        text(&o.stderr)
+    );
+    assert!(!out.contains("after-pipe"), "{out}");
+}
+
+#[test]
+fn github_job_gets_env_file_commands_conditions_and_exit_code() {
+    skip_without_vm!();
+    let repo = repo("gh");
+    let dir = harness::run_dir("gh");
+    let o = run(&repo, ".github/workflows/ci.yml", "build", &[], &dir);
+    let out = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(5), "{out}\n{}", text(&o.stderr));
+    let name = repo.file_name().unwrap().to_string_lossy().to_string();
+    assert!(
+        out.contains(&format!(
+            "wf=wf-value job=job-value ws=/builds/{name} pwd=/builds/{name}"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("env=carried out=42"),
+        "GITHUB_ENV and GITHUB_OUTPUT: {out}"
+    );
+    assert!(
+        out.contains(&format!("/builds/{name}/sub\nin sub\n")),
+        "working-directory: {out}"
+    );
+    assert!(
+        !out.contains("must-not-run") && !out.contains("skipped-after-failure"),
+        "{out}"
+    );
+    assert!(out.ends_with("always-ran\n"), "{out}");
+}
+
+#[test]
+fn list_and_bad_files_give_clear_answers() {
+    skip_without_vm!();
+    let repo = repo("list");
+    let dir = harness::run_dir("list");
+    let o = kiln_cmd(&dir)
+        .arg("run-job")
+        .arg(repo.join(".gitlab-ci.yml"))
+        .arg("--list")
+        .output()
+        .unwrap();
+    let out = text(&o.stdout);
+    assert!(o.status.success());
+    for j in ["build", "uses-artifact", "pipefail", "fail"] {
+        assert!(
+            out.lines().any(|l| l.starts_with(j)),
+            "--list lacks {j}: {out}"
+        );
+    }
+    std::fs::write(repo.join("bad.gitlab-ci.yml"), "job:\n  script: [echo\n").unwrap();
+    let o = kiln_cmd(&dir)
+        .arg("run-job")
+        .arg(repo.join("bad.gitlab-ci.yml"))
+        .arg("job")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("bad.gitlab-ci.yml:") && err.contains(':'),
+        "line and column: {err}"
+    );
+    let o = kiln_cmd(&dir)
+        .arg("run-job")
+        .arg(repo.join(".gitlab-ci.yml"))
+        .arg("nope")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("no job 'nope'"));
+}
