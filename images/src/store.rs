@@ -309,16 +309,22 @@ mod tests {
             .lock(&format!("blob-{}", locked.trim_start_matches("sha256:")))
             .unwrap();
         let r = prune(&cache, false, Some(2000)).unwrap();
-        assert_eq!(r.removed, vec![format!("blob {old}")], "{r:?}");
+        // Oldest first, skipping the locked one; `mid` was used after `new`.
+        assert_eq!(
+            r.removed,
+            vec![format!("blob {old}"), format!("blob {new}")],
+            "{r:?}"
+        );
+        assert_eq!(r.remaining_bytes, 2000);
         let exists = |d: &str| blob_path(&cache, d).unwrap().exists();
-        assert!(!exists(&old));
-        assert!(exists(&locked) && exists(&mid) && exists(&new));
+        assert!(!exists(&old) && !exists(&new));
+        assert!(exists(&locked) && exists(&mid));
         // Unreferenced pruning removes what no record names.
         let rec = ImageRecord {
             reference: "x/y:z".into(),
-            digest: new.clone(),
-            manifest: new.clone(),
-            config: new.clone(),
+            digest: mid.clone(),
+            manifest: mid.clone(),
+            config: mid.clone(),
             layers: vec![],
             size: 0,
             chain_id: "sha256:00".into(),
@@ -327,8 +333,8 @@ mod tests {
         save_record(&cache, &rec).unwrap();
         drop(_held);
         let r = prune(&cache, true, None).unwrap();
-        assert_eq!(r.removed.len(), 2, "{r:?}");
-        assert!(exists(&new) && !exists(&mid) && !exists(&locked));
+        assert_eq!(r.removed, vec![format!("blob {locked}")], "{r:?}");
+        assert!(exists(&mid) && !exists(&locked));
     }
 
     #[test]
