@@ -13,6 +13,7 @@ use kiln_pipelines::{JobSpec, Shell, Step};
 use kiln_vmm::BackendKind;
 
 mod doctor;
+mod image_cmd;
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Run CI jobs in disposable microVMs")]
@@ -40,6 +41,9 @@ enum Command {
     /// Guest kernels.
     #[command(subcommand)]
     Kernel(KernelCmd),
+    /// Job images: pull, list, remove, prune the cache.
+    #[command(subcommand)]
+    Image(image_cmd::ImageCmd),
 }
 
 #[derive(Subcommand)]
@@ -87,7 +91,8 @@ struct VmArgs {
 
 #[derive(Args)]
 struct RunJob {
-    /// Job image: an OCI image layout directory (optionally DIR:TAG).
+    /// Job image: a registry reference (NAME[:TAG][@DIGEST]), an OCI image
+    /// layout directory (DIR[:TAG]) or a `docker save` tar (FILE[:TAG]).
     #[arg(long)]
     image: String,
     /// Run this script file with `sh -e` instead of a command.
@@ -170,6 +175,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::RunJob(args) => run_job(args, cache_dir),
+        Command::Image(cmd) => image_cmd::run(cmd, &cache_dir),
     }
 }
 
