@@ -366,7 +366,7 @@ pub fn apply_blob_file(
 /// [`apply_blob_file`] for a blob read from anywhere. A layer without a
 /// media type (`docker save` archives) has its compression sniffed.
 pub fn apply_blob_reader(
-    blob: impl Read,
+    blob: impl Read + Send,
     layer: &Descriptor,
     diff_id: &str,
     tree: &Path,
@@ -394,13 +394,47 @@ pub fn apply_blob_reader(
     } else {
         apply::Compression::from_media_type(&layer.media_type).map_err(wrap)?
     };
-    {
-        let reader = apply::decompress(&mut hashing, compression).map_err(wrap)?;
-        apply::apply_layer_verified(tree, reader, Some(diff_id)).map_err(wrap)?;
-    }
-    // Whatever the decompressor left unread still belongs to the blob.
-    std::io::copy(&mut hashing, &mut std::io::sink()).map_err(read_err)?;
-    let mut hashing = hashing.into_inner();
+    // Decompression (and the blob hash) runs on its own thread, feeding
+    // the applier through a bounded channel: the two overlap.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(8);
+    let (applied, hashing) = std::thread::scope(|s| {
+        let producer = s.spawn(move || -> Result<_, ImageError> {
+            {
+                let mut reader = apply::decompress(&mut hashing, compression).map_err(wrap)?;
+                loop {
+                    let mut buf = vec![0u8; 256 << 10];
+                    let n = match read_full(&mut reader, &mut buf) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            break;
+                        }
+                    };
+                    if n == 0 {
+                        break;
+                    }
+                    buf.truncate(n);
+                    if tx.send(Ok(buf)).is_err() {
+                        break; // the applier stopped
+                    }
+                }
+            }
+            drop(tx);
+            // Whatever the decompressor left unread still belongs to the blob.
+            std::io::copy(&mut hashing, &mut std::io::sink()).map_err(read_err)?;
+            Ok(hashing.into_inner())
+        });
+        let applied = apply::apply_layer_verified(tree, ChannelReader::new(rx), Some(diff_id));
+        let hashing = producer.join().unwrap_or_else(|_| {
+            Err(ImageError::Corrupt {
+                what: format!("layer {}", layer.digest),
+                detail: "the decompressor thread panicked".into(),
+            })
+        });
+        (applied, hashing)
+    });
+    let mut hashing = hashing?;
+    applied.map_err(wrap)?;
     let got = hashing
         .hasher
         .take()
@@ -417,6 +451,55 @@ pub fn apply_blob_reader(
         });
     }
     Ok(())
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Reads the chunks a decompressor thread sends.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl ChannelReader {
+    fn new(rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>) -> Self {
+        ChannelReader {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(Ok(v)) => {
+                    self.cur = v;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 /// `mkfs.erofs` (uncompressed) of `tree` into `out`.

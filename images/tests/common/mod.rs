@@ -1,6 +1,6 @@
 //! Test support: a local `docker-registry` on a free port, image layouts
 //! built from the host's busybox, and `skopeo` pushes.
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros, unused_imports)]
 
 use std::io::Write;
 use std::net::TcpListener;
