@@ -481,8 +481,10 @@ fn bearer_token_auth_redirects_retries_and_one_download_for_concurrent_pulls() {
 
     // Without credentials: a clear error.
     let (_t, cache) = new_cache();
-    let mut cfg = RegistryConfig::default();
-    cfg.backoff = std::time::Duration::from_millis(10);
+    let mut cfg = RegistryConfig {
+        backoff: std::time::Duration::from_millis(10),
+        ..Default::default()
+    };
     let anon = Registry::new(cfg.clone()).unwrap();
     let src_ref = ImageSource::Registry(reference.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -565,9 +567,11 @@ fn bearer_token_auth_redirects_retries_and_one_download_for_concurrent_pulls() {
 fn insecure_http_is_refused_for_non_loopback_hosts() {
     // No registry needed: the scheme is decided before connecting.
     let (_t, cache) = new_cache();
-    let mut cfg = RegistryConfig::default();
-    cfg.retries = 0;
-    cfg.connect_timeout = std::time::Duration::from_millis(300);
+    let cfg = RegistryConfig {
+        retries: 0,
+        connect_timeout: std::time::Duration::from_millis(300),
+        ..Default::default()
+    };
     let reg = Registry::new(cfg).unwrap();
     // 192.0.2.0/24 is TEST-NET-1: unroutable. https is what is tried.
     let src = ImageSource::parse("192.0.2.1:5000/x/y:z").unwrap();
