@@ -33,7 +33,15 @@ impl Cache {
 
     pub fn open(root: impl Into<PathBuf>) -> Result<Cache, ImageError> {
         let root = root.into();
-        for sub in ["kernels", "initramfs", "rootfs", "tmp", "locks"] {
+        for sub in [
+            "kernels",
+            "initramfs",
+            "rootfs",
+            "tmp",
+            "locks",
+            "blobs/sha256",
+            "images",
+        ] {
             let d = root.join(sub);
             std::fs::create_dir_all(&d)
                 .map_err(|e| ImageError::io("create cache directory", &d, e))?;
@@ -81,6 +89,21 @@ impl Cache {
             return Err(ImageError::io("lock", &p, std::io::Error::last_os_error()));
         }
         Ok(LockGuard(f))
+    }
+
+    /// Take the lock for `key` if nobody holds it.
+    pub fn try_lock(&self, key: &str) -> Result<Option<LockGuard>, ImageError> {
+        let p = self.root.join("locks").join(format!("{key}.lock"));
+        let f = File::create(&p).map_err(|e| ImageError::io("create lock file", &p, e))?;
+        // SAFETY: flock(2) on a descriptor we own, as in `lock`.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                return Ok(None);
+            }
+            return Err(ImageError::io("lock", &p, e));
+        }
+        Ok(Some(LockGuard(f)))
     }
 
     /// Remove leftovers of builds that died half-way (`tmp/*`), skipping those

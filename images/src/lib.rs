@@ -7,17 +7,24 @@
 use std::path::{Path, PathBuf};
 
 pub mod apply;
+pub mod archive;
 pub mod cache;
 pub mod initramfs;
 pub mod kernel;
 pub mod oci;
+pub mod pull;
+pub mod reference;
+pub mod registry;
 pub mod rootfs;
 pub mod scratch;
+pub mod store;
 
 pub use cache::Cache;
 pub use initramfs::build_initramfs;
 pub use kernel::Kernel;
 pub use oci::ImageConfig;
+pub use reference::Reference;
+pub use registry::{PullProgress, RegistryConfig};
 pub use rootfs::Rootfs;
 
 /// Errors of this crate. Messages name the file or layer that failed.
@@ -40,6 +47,15 @@ pub enum ImageError {
     },
     #[error("image not found: {0}")]
     NotFound(String),
+    #[error("invalid image reference {reference:?}: {reason}")]
+    BadReference { reference: String, reason: String },
+    #[error("{reference}: {detail}")]
+    Registry {
+        reference: String,
+        detail: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     #[error("layer {layer}")]
     Layer {
         layer: String,

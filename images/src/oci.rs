@@ -20,7 +20,7 @@ pub struct ImageConfig {
     pub diff_ids: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct Descriptor {
     #[serde(rename = "mediaType", default)]
     pub media_type: String,
@@ -32,7 +32,7 @@ pub struct Descriptor {
     pub annotations: std::collections::BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct Platform {
     pub architecture: String,
     pub os: String,
@@ -43,7 +43,7 @@ struct Index {
     manifests: Vec<Descriptor>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct Manifest {
     pub config: Descriptor,
     pub layers: Vec<Descriptor>,
@@ -108,36 +108,12 @@ impl LayoutImage {
             let nested: Index = parse_json(&read_blob_verified(dir, &desc)?, &desc.digest)?;
             desc = pick(&nested.manifests, None, dir)?.clone();
         }
-        let manifest: Manifest = parse_json(&read_blob_verified(dir, &desc)?, &desc.digest)?;
-        let raw: RawConfig = parse_json(
+        let manifest = parse_manifest(&read_blob_verified(dir, &desc)?, &desc.digest)?;
+        let config = parse_image_config(
             &read_blob_verified(dir, &manifest.config)?,
             &manifest.config.digest,
+            manifest.layers.len(),
         )?;
-        if raw.rootfs.kind != "layers" {
-            return Err(corrupt(
-                &manifest.config.digest,
-                "rootfs.type is not \"layers\"",
-            ));
-        }
-        if raw.rootfs.diff_ids.len() != manifest.layers.len() {
-            return Err(corrupt(
-                &manifest.config.digest,
-                &format!(
-                    "{} diff_ids for {} layers",
-                    raw.rootfs.diff_ids.len(),
-                    manifest.layers.len()
-                ),
-            ));
-        }
-        let c = raw.config.unwrap_or_default();
-        let config = ImageConfig {
-            env: c.env.unwrap_or_default(),
-            entrypoint: c.entrypoint.unwrap_or_default(),
-            cmd: c.cmd.unwrap_or_default(),
-            working_dir: c.working_dir.unwrap_or_default(),
-            user: c.user.unwrap_or_default(),
-            diff_ids: raw.rootfs.diff_ids,
-        };
         Ok(LayoutImage {
             dir: dir.to_path_buf(),
             manifest,
@@ -152,7 +128,93 @@ impl LayoutImage {
     }
 }
 
-fn is_index(mt: &str) -> bool {
+/// Parse an image config blob (`what` names it in errors), checking that it
+/// has `layers` DiffIDs.
+pub fn parse_image_config(
+    bytes: &[u8],
+    what: &str,
+    layers: usize,
+) -> Result<ImageConfig, ImageError> {
+    let raw: RawConfig = parse_json(bytes, what)?;
+    if raw.rootfs.kind != "layers" {
+        return Err(corrupt(what, "rootfs.type is not \"layers\""));
+    }
+    if raw.rootfs.diff_ids.len() != layers {
+        return Err(corrupt(
+            what,
+            &format!(
+                "{} diff_ids for {} layers",
+                raw.rootfs.diff_ids.len(),
+                layers
+            ),
+        ));
+    }
+    if let Some(bad) = raw
+        .rootfs
+        .diff_ids
+        .iter()
+        .find(|d| !crate::reference::is_sha256_digest(d))
+    {
+        return Err(corrupt(what, &format!("bad DiffID {bad:?}")));
+    }
+    let c = raw.config.unwrap_or_default();
+    Ok(ImageConfig {
+        env: c.env.unwrap_or_default(),
+        entrypoint: c.entrypoint.unwrap_or_default(),
+        cmd: c.cmd.unwrap_or_default(),
+        working_dir: c.working_dir.unwrap_or_default(),
+        user: c.user.unwrap_or_default(),
+        diff_ids: raw.rootfs.diff_ids,
+    })
+}
+
+/// Parse an image manifest (OCI or Docker schema 2), checking its digests.
+pub fn parse_manifest(bytes: &[u8], what: &str) -> Result<Manifest, ImageError> {
+    let m: Manifest = parse_json(bytes, what)?;
+    for d in std::iter::once(&m.config).chain(&m.layers) {
+        if !crate::reference::is_sha256_digest(&d.digest) {
+            return Err(corrupt(what, &format!("bad digest {:?}", d.digest)));
+        }
+    }
+    Ok(m)
+}
+
+/// The manifests listed by an image index (OCI or Docker manifest list).
+pub fn parse_index(bytes: &[u8], what: &str) -> Result<Vec<Descriptor>, ImageError> {
+    let i: Index = parse_json(bytes, what)?;
+    Ok(i.manifests)
+}
+
+/// Whether a manifest body is an index: by media type, else by shape.
+pub fn looks_like_index(media_type: &str, bytes: &[u8]) -> bool {
+    if !media_type.is_empty() && media_type != "application/json" {
+        return is_index(media_type);
+    }
+    #[derive(Deserialize)]
+    struct Probe {
+        #[serde(rename = "mediaType", default)]
+        media_type: String,
+        #[serde(default)]
+        manifests: Option<serde_json::Value>,
+    }
+    serde_json::from_slice::<Probe>(bytes)
+        .map(|p| is_index(&p.media_type) || p.manifests.is_some())
+        .unwrap_or(false)
+}
+
+/// The linux/amd64 entry of an index (the first that matches, skipping
+/// attestation manifests); entries without a platform count as matching.
+pub fn select_platform(list: &[Descriptor]) -> Option<&Descriptor> {
+    list.iter()
+        .filter(|d| !d.annotations.contains_key("vnd.docker.reference.type"))
+        .find(|d| {
+            d.platform
+                .as_ref()
+                .is_none_or(|p| p.os == "linux" && p.architecture == "amd64")
+        })
+}
+
+pub(crate) fn is_index(mt: &str) -> bool {
     mt == "application/vnd.oci.image.index.v1+json"
         || mt == "application/vnd.docker.distribution.manifest.list.v2+json"
 }
@@ -175,23 +237,8 @@ fn pick<'a>(
                 ImageError::NotFound(format!("no image tagged '{t}' in {}", dir.display()))
             });
     }
-    let usable: Vec<&Descriptor> = list
-        .iter()
-        .filter(|d| {
-            d.platform
-                .as_ref()
-                .is_none_or(|p| p.os == "linux" && p.architecture == "amd64")
-        })
-        .filter(|d| !d.annotations.contains_key("vnd.docker.reference.type"))
-        .collect();
-    match usable.as_slice() {
-        [] => Err(ImageError::NotFound(format!(
-            "no linux/amd64 image in {}",
-            dir.display()
-        ))),
-        [one] => Ok(one),
-        many => Ok(many[0]),
-    }
+    select_platform(list)
+        .ok_or_else(|| ImageError::NotFound(format!("no linux/amd64 image in {}", dir.display())))
 }
 
 fn corrupt(what: &str, detail: &str) -> ImageError {

@@ -13,6 +13,7 @@ use kiln_pipelines::{JobSource, JobSpec, Shell, Step, Variable};
 use kiln_vmm::BackendKind;
 
 mod doctor;
+mod image_cmd;
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Run CI jobs in disposable microVMs")]
@@ -40,6 +41,9 @@ enum Command {
     /// Guest kernels.
     #[command(subcommand)]
     Kernel(KernelCmd),
+    /// Job images: pull, list, remove, prune the cache.
+    #[command(subcommand)]
+    Image(image_cmd::ImageCmd),
     /// Serve CI jobs from GitLab (see docs/gitlab.md), each in a fresh VM.
     Daemon {
         /// The configuration file.
@@ -140,7 +144,8 @@ struct RunJob {
     /// List FILE's jobs and exit.
     #[arg(long, requires = "file")]
     list: bool,
-    /// Job image: an OCI image layout directory (optionally DIR:TAG).
+    /// Job image: a registry reference (NAME[:TAG][@DIGEST]), an OCI image
+    /// layout directory (DIR[:TAG]) or a `docker save` tar (FILE[:TAG]).
     /// With FILE, it replaces every job's image.
     #[arg(long)]
     image: Option<String>,
@@ -239,6 +244,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::RunJob(args) => run_job(*args, cache_dir),
         Command::Daemon { config } => daemon(&config),
         Command::Gitlab(cmd) => gitlab(cmd),
+        Command::Image(cmd) => image_cmd::run(cmd, &cache_dir),
     }
 }
 
