@@ -18,25 +18,6 @@ fn github_err(file: &str) -> Error {
     .expect_err("must fail")
 }
 
-#[test]
-#[ignore]
-fn print_all() {
-    for f in std::fs::read_dir(corpus("broken")).unwrap() {
-        let f = f.unwrap().file_name().into_string().unwrap();
-        let text = std::fs::read_to_string(corpus("broken").join(&f)).unwrap();
-        let c = ctx("broken", Some("main"));
-        let r = if f.ends_with(".gitlab-ci.yml") {
-            gitlab_with("broken", &f, &c).map(|_| ())
-        } else {
-            kiln_pipelines::github::parse(&f, &text, &c, &Options::default()).map(|_| ())
-        };
-        match r {
-            Err(e) => println!("{f} => {e} | {:?}", e.location()),
-            Ok(()) => println!("{f} => OK?!"),
-        }
-    }
-}
-
 fn check(e: Error, line: usize, column: usize, msg: &str) {
     assert_eq!(e.location(), Some(Location { line, column }), "{e}");
     assert_eq!(e.to_string(), msg);
