@@ -547,55 +547,30 @@ fn tree_usage(root: &Path) -> std::io::Result<(u64, u64)> {
 
 /// `mkfs.ext4 -d tree out`, sized from the tree, retried larger if full.
 pub fn make_ext4(tree: &Path, out: &Path) -> Result<(), ImageError> {
+    use crate::scratch::{mkfs_ext4, Ext4};
     let (bytes, entries) = tree_usage(tree).map_err(|e| ImageError::io("measure", tree, e))?;
     let inodes = entries + entries / 4 + 1024;
     let mut size = (bytes + bytes / 4 + inodes * 256 + (32 << 20)).div_ceil(1 << 20) << 20;
-    for attempt in 0..3 {
-        let _ = std::fs::remove_file(out);
-        let f = std::fs::File::create(out).map_err(|e| ImageError::io("create", out, e))?;
-        f.set_len(size)
-            .map_err(|e| ImageError::io("size", out, e))?;
-        drop(f);
-        let o = Command::new("mkfs.ext4")
-            .args([
-                "-q",
-                "-F",
-                "-t",
-                "ext4",
-                "-O",
-                "^has_journal",
-                "-m",
-                "0",
-                "-L",
-                "kiln-root",
-            ])
-            .args(["-E", "root_owner=0:0,lazy_itable_init=0,nodiscard"])
-            .arg("-N")
-            .arg(inodes.to_string())
-            .arg("-d")
-            .arg(tree)
-            .arg(out)
-            .output()
-            .map_err(|e| ImageError::Tool {
-                tool: "mkfs.ext4".into(),
-                detail: e.to_string(),
-                hint: "install e2fsprogs (apt-get install e2fsprogs)".into(),
-            })?;
-        if o.status.success() {
-            return Ok(());
+    let mut attempt = 0;
+    loop {
+        let spec = Ext4 {
+            label: "kiln-root",
+            size,
+            from: Some(tree),
+            inodes: Some(inodes),
+            eager: true,
+        };
+        match mkfs_ext4(out, &spec) {
+            Err(ImageError::Tool { detail, .. })
+                if attempt < 2
+                    && (detail.contains("allocate")
+                        || detail.contains("No space")
+                        || detail.contains("full")) =>
+            {
+                attempt += 1;
+                size = size * 3 / 2;
+            }
+            other => return other,
         }
-        let err = String::from_utf8_lossy(&o.stderr).to_string();
-        if attempt < 2
-            && (err.contains("allocate") || err.contains("No space") || err.contains("full"))
-        {
-            size = size * 3 / 2;
-            continue;
-        }
-        return Err(ImageError::Tool {
-            tool: "mkfs.ext4 -d".into(),
-            detail: err.trim().into(),
-            hint: String::new(),
-        });
     }
-    unreachable!("the loop returns on its last attempt")
 }

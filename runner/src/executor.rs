@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use kiln_agent::proto::{self, Decoder, Frame, Start, StepEnd, StepSpec, Stream};
 use kiln_images::rootfs::{rootfs_for, ImageSource, Rootfs};
+use kiln_images::scratch::{mkfs_ext4, Ext4};
 use kiln_images::{Cache, Kernel};
 use kiln_pipelines::github::{self, Contexts, ExprValue, JobStatus};
 use kiln_pipelines::{JobSource, JobSpec, Shell, Step, StepWhen};
@@ -356,31 +357,23 @@ impl Executor {
                 "the working directory '{workdir}' must be an absolute path without spaces to hold the workspace"
             ));
         }
-        let f = std::fs::File::create(img).map_err(|e| format!("create {}: {e}", img.display()))?;
-        f.set_len(self.config.scratch_bytes)
-            .map_err(|e| format!("size {}: {e}", img.display()))?;
-        drop(f);
-        let o = tokio::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0"])
-            .args([
-                "-L",
-                "kiln-work",
-                "-E",
-                "lazy_itable_init=1,nodiscard",
-                "-d",
-            ])
-            .arg(src)
-            .arg(img)
-            .output()
-            .await
-            .map_err(|e| format!("running mkfs.ext4 (install e2fsprogs): {e}"))?;
-        if !o.status.success() {
-            return Err(format!(
-                "mkfs.ext4 -d {}: {}",
-                src.display(),
-                String::from_utf8_lossy(&o.stderr).trim()
-            ));
-        }
+        let (src, img, size) = (
+            src.to_path_buf(),
+            img.to_path_buf(),
+            self.config.scratch_bytes,
+        );
+        tokio::task::spawn_blocking(move || {
+            let spec = Ext4 {
+                label: "kiln-work",
+                size,
+                from: Some(&src),
+                inodes: None,
+                eager: false,
+            };
+            mkfs_ext4(&img, &spec).map_err(|e| error_chain(&e))
+        })
+        .await
+        .map_err(|e| format!("workspace task: {e}"))??;
         Ok(())
     }
 
@@ -583,7 +576,7 @@ impl Executor {
         }
         // No more steps: the agent syncs and answers Done.
         io.send(&Frame::Finish).await?;
-        io.wait_done(sink).await?;
+        io.wait_done(job, sink).await?;
         result.run_ms = run_started.elapsed().as_millis() as u64;
         let canceled = io.cancel_state.is_some();
         self.finish(job, result, canceled);
@@ -712,13 +705,9 @@ impl Conversation<'_> {
         }
     }
 
-    /// Stream output until the agent reports the end of step `index`.
-    async fn wait_step(
-        &mut self,
-        index: u32,
-        job: &JobSpec,
-        sink: &mut dyn JobSink,
-    ) -> Result<StepEnd, Early> {
+    /// The next frame that needs a decision (`StepEnd`, `Done`, ...);
+    /// output, step starts and agent logs are passed on along the way.
+    async fn next_event(&mut self, job: &JobSpec, sink: &mut dyn JobSink) -> Result<Frame, Early> {
         loop {
             while let Some(frame) = self
                 .decoder
@@ -735,43 +724,38 @@ impl Conversation<'_> {
                             .unwrap_or("?");
                         sink.step_start(s.step, name);
                     }
-                    Frame::StepEnd(end) if end.step == index => return Ok(end),
                     Frame::Log(l) => tracing::debug!(target: "kiln::agent", "{}", l.message),
                     Frame::Fatal(f) => {
                         return Err(sys(format!("the guest agent failed: {}", f.message)))
                     }
-                    other => {
-                        return Err(sys(format!("unexpected frame from the guest: {other:?}")))
-                    }
+                    other => return Ok(other),
                 }
             }
             self.fill().await?;
         }
     }
 
-    /// After `Finish`: wait (briefly) for `Done`.
-    async fn wait_done(&mut self, sink: &mut dyn JobSink) -> Result<(), Early> {
-        let limit = tokio::time::Instant::now() + Duration::from_secs(30);
-        self.deadline = self.deadline.min(limit);
-        loop {
-            while let Some(frame) = self
-                .decoder
-                .next_frame()
-                .map_err(|e| sys(format!("protocol error from the guest: {e}")))?
-            {
-                match frame {
-                    Frame::Done => return Ok(()),
-                    Frame::Output { step, stream, data } => sink.output(step, stream, &data),
-                    Frame::Log(l) => tracing::debug!(target: "kiln::agent", "{}", l.message),
-                    Frame::Fatal(f) => {
-                        return Err(sys(format!("the guest agent failed: {}", f.message)))
-                    }
-                    other => {
-                        return Err(sys(format!("unexpected frame from the guest: {other:?}")))
-                    }
-                }
-            }
-            self.fill().await?;
+    /// Stream output until the agent reports the end of step `index`.
+    async fn wait_step(
+        &mut self,
+        index: u32,
+        job: &JobSpec,
+        sink: &mut dyn JobSink,
+    ) -> Result<StepEnd, Early> {
+        match self.next_event(job, sink).await? {
+            Frame::StepEnd(end) if end.step == index => Ok(end),
+            other => Err(sys(format!("unexpected frame from the guest: {other:?}"))),
+        }
+    }
+
+    /// After `Finish`: wait (at most 30 s more) for `Done`.
+    async fn wait_done(&mut self, job: &JobSpec, sink: &mut dyn JobSink) -> Result<(), Early> {
+        self.deadline = self
+            .deadline
+            .min(tokio::time::Instant::now() + Duration::from_secs(30));
+        match self.next_event(job, sink).await? {
+            Frame::Done => Ok(()),
+            other => Err(sys(format!("unexpected frame from the guest: {other:?}"))),
         }
     }
 }
