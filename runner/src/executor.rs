@@ -198,7 +198,23 @@ impl Executor {
         &self,
         job: &JobSpec,
         sink: &mut dyn JobSink,
+        cancel: watch::Receiver<Option<bool>>,
+    ) -> JobResult {
+        self.run_collecting(job, sink, cancel, None).await
+    }
+
+    /// [`Executor::run`], and when the job has artifacts, put the workspace
+    /// files any of its artifact specs' `paths` select (regardless of `when`
+    /// and `exclude`, which the caller applies) into `artifacts_to`, a
+    /// directory that must not exist yet. The guest sends them as a tar
+    /// stream; only regular files and directories are extracted, inside
+    /// `artifacts_to`.
+    pub async fn run_collecting(
+        &self,
+        job: &JobSpec,
+        sink: &mut dyn JobSink,
         mut cancel: watch::Receiver<Option<bool>>,
+        artifacts_to: Option<&Path>,
     ) -> JobResult {
         let t0 = Instant::now();
         let mut result = JobResult {
@@ -286,8 +302,8 @@ impl Executor {
                 path: img.clone(),
                 read_only: false,
                 serial: "kiln-work".into(),
-                // Read back after the VM ends: writes must reach the file.
-                ephemeral: false,
+                // Artifacts come back over the console, never from this disk.
+                ephemeral: true,
             });
         }
 
@@ -324,6 +340,7 @@ impl Executor {
                 boot_started,
                 timeout,
                 &mut cancel,
+                artifacts_to.map(|to| (to, dir.0.join("artifacts.tar"))),
             )
             .await;
         if let Err((reason, serial)) = outcome {
@@ -331,18 +348,6 @@ impl Executor {
                 result.debug_log = self.keep_serial_log(&dir.0, &serial);
             }
             result.failure = Some(reason);
-        }
-        // Artifacts are collected from the workspace by the caller: copy the
-        // guest's view of it back (the VM is gone, the disk is quiescent).
-        if let Some((src, img)) = &workspace {
-            if !job.artifacts.is_empty() && result.boot_ms > 0 {
-                if let Err(m) = read_back_workspace(img, src).await {
-                    tracing::warn!("reading the workspace back: {m}");
-                    if result.failure.is_none() {
-                        result.failure = Some(FailureReason::RunnerSystemFailure(m));
-                    }
-                }
-            }
         }
         drop(dir);
         result
@@ -399,6 +404,7 @@ impl Executor {
         boot_started: Instant,
         timeout: Duration,
         cancel: &mut watch::Receiver<Option<bool>>,
+        artifacts: Option<(&Path, PathBuf)>,
     ) -> Result<(), (FailureReason, Vec<u8>)> {
         let r = self
             .converse(
@@ -411,6 +417,7 @@ impl Executor {
                 boot_started,
                 timeout,
                 cancel,
+                artifacts,
             )
             .await;
         let serial = machine.serial_log();
@@ -440,6 +447,7 @@ impl Executor {
         boot_started: Instant,
         timeout: Duration,
         cancel: &mut watch::Receiver<Option<bool>>,
+        artifacts: Option<(&Path, PathBuf)>,
     ) -> Result<(), Early> {
         let sys = |m: String| (FailureReason::RunnerSystemFailure(m.clone()), m);
         let mut decoder = Decoder::new();
@@ -573,6 +581,16 @@ impl Executor {
             state.record(step, &end, &outputs, &mut Vec::new());
             sink.step_end(&step.name, &end);
             result.steps.push(end);
+        }
+        if let Some((to, tar)) = artifacts {
+            let paths: Vec<String> = job
+                .artifacts
+                .iter()
+                .flat_map(|a| a.paths.iter().cloned())
+                .collect();
+            if !paths.is_empty() && io.cancel_state != Some(false) {
+                io.collect_artifacts(job, sink, paths, &tar, to).await?;
+            }
         }
         // No more steps: the agent syncs and answers Done.
         io.send(&Frame::Finish).await?;
@@ -733,6 +751,61 @@ impl Conversation<'_> {
             }
             self.fill().await?;
         }
+    }
+
+    /// Ask the agent for the artifact files, spool the tar stream to `tar`
+    /// (bounded), and extract it into `to`.
+    async fn collect_artifacts(
+        &mut self,
+        job: &JobSpec,
+        sink: &mut dyn JobSink,
+        paths: Vec<String>,
+        tar: &Path,
+        to: &Path,
+    ) -> Result<(), Early> {
+        use std::io::Write;
+        self.send(&Frame::CollectArtifacts(proto::CollectArtifacts {
+            paths,
+            exclude: Vec::new(),
+        }))
+        .await?;
+        let io_err =
+            |e: std::io::Error| sys(format!("spooling artifacts to {}: {e}", tar.display()));
+        let mut file = std::io::BufWriter::new(std::fs::File::create(tar).map_err(io_err)?);
+        // File contents plus tar headers and padding.
+        let limit = proto::MAX_ARTIFACT_BYTES + (256 << 20);
+        let mut written = 0u64;
+        let end = loop {
+            match self.next_event(job, sink).await? {
+                Frame::Artifact(chunk) => {
+                    written += chunk.len() as u64;
+                    if written > limit {
+                        return Err(sys(format!(
+                            "the guest sent more than {limit} bytes of artifacts"
+                        )));
+                    }
+                    file.write_all(&chunk).map_err(io_err)?;
+                }
+                Frame::ArtifactsEnd(end) => break end,
+                other => return Err(sys(format!("unexpected frame from the guest: {other:?}"))),
+            }
+        };
+        file.flush().map_err(io_err)?;
+        drop(file);
+        if end.truncated {
+            sink.output(
+                0,
+                Stream::Stderr,
+                b"kiln: artifacts over 4 GiB: later files were left out\n",
+            );
+        }
+        let (tar, to) = (tar.to_path_buf(), to.to_path_buf());
+        let n = tokio::task::spawn_blocking(move || extract_artifacts(&tar, &to))
+            .await
+            .map_err(|e| sys(format!("artifacts task: {e}")))?
+            .map_err(sys)?;
+        tracing::debug!(files = n, bytes = end.bytes, "artifacts received");
+        Ok(())
     }
 
     /// Stream output until the agent reports the end of step `index`.
@@ -962,31 +1035,54 @@ pub fn build_start(job: &JobSpec, rootfs: &Rootfs) -> Start {
     }
 }
 
-/// Replace the contents of `dest` with the files of the ext4 image `img`
-/// (`debugfs rdump`, which needs no mount and no privileges).
-async fn read_back_workspace(img: &Path, dest: &Path) -> Result<(), String> {
-    if dest.exists() {
-        std::fs::remove_dir_all(dest).map_err(|e| format!("clear {}: {e}", dest.display()))?;
+/// Extract the guest's artifact tar into `to` (created; must not exist).
+/// The tar is hostile: only regular files and directories with plain
+/// relative paths are written, never through a symlink (none is ever
+/// created), never over an existing file, without setuid/setgid bits.
+pub fn extract_artifacts(tar: &Path, to: &Path) -> Result<u64, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::path::Component;
+    std::fs::create_dir(to).map_err(|e| format!("creating {}: {e}", to.display()))?;
+    let file = std::fs::File::open(tar).map_err(|e| format!("{}: {e}", tar.display()))?;
+    let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+    let bad = |e: std::io::Error| format!("the guest's artifact archive is malformed: {e}");
+    let mut files = 0;
+    for entry in archive.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        let rel = entry.path().map_err(bad)?.into_owned();
+        if rel.as_os_str().is_empty()
+            || !rel.components().all(|c| matches!(c, Component::Normal(_)))
+        {
+            tracing::warn!(
+                "artifact {} skipped: not a plain relative path",
+                rel.display()
+            );
+            continue;
+        }
+        let dest = to.join(&rel);
+        let kind = entry.header().entry_type();
+        if kind.is_dir() {
+            std::fs::create_dir_all(&dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+            continue;
+        }
+        if !kind.is_file() {
+            continue; // symlinks, devices, ... are never extracted
+        }
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        let mode = entry.header().mode().unwrap_or(0o644) & 0o777;
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode | 0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&dest)
+            .map_err(|e| format!("{}: {e}", dest.display()))?;
+        std::io::copy(&mut entry, &mut out).map_err(|e| format!("{}: {e}", dest.display()))?;
+        files += 1;
     }
-    std::fs::create_dir_all(dest).map_err(|e| format!("create {}: {e}", dest.display()))?;
-    let o = tokio::process::Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("rdump / {}", dest.display()))
-        .arg(img)
-        .output()
-        .await
-        .map_err(|e| format!("running debugfs (install e2fsprogs): {e}"))?;
-    let err = String::from_utf8_lossy(&o.stderr);
-    if !o.status.success() {
-        return Err(format!("debugfs rdump: {}", err.trim()));
-    }
-    // debugfs exits 0 even when a command fails; it reports on stderr
-    // after its version banner.
-    for l in err.lines().filter(|l| !l.starts_with("debugfs ")) {
-        tracing::warn!("debugfs rdump: {l}");
-    }
-    let _ = std::fs::remove_dir(dest.join("lost+found"));
-    Ok(())
+    Ok(files)
 }
 
 /// `err` and its sources, joined with ": ".
@@ -1069,6 +1165,51 @@ mod tests {
             "{:?}",
             spec.env
         );
+    }
+
+    #[test]
+    fn hostile_artifact_tars_cannot_escape_or_plant_links() {
+        let d = tempfile::tempdir().unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |kind: tar::EntryType, path: &str, link: Option<&str>, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            // Write the name bytes raw, so `..` and absolute paths get through.
+            h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+            if let Some(l) = link {
+                h.set_link_name(l).unwrap();
+            }
+            h.set_size(data.len() as u64);
+            h.set_mode(0o4755);
+            h.set_cksum();
+            b.append(&h, data).unwrap();
+        };
+        add(tar::EntryType::Symlink, "evil", Some("/etc"), b"");
+        add(tar::EntryType::Regular, "evil/passwd", None, b"owned");
+        add(tar::EntryType::Regular, "../escape.txt", None, b"x");
+        add(tar::EntryType::Regular, "/abs.txt", None, b"x");
+        add(tar::EntryType::Char, "dev-null", None, b"");
+        add(tar::EntryType::Regular, "dist/ok.txt", None, b"fine");
+        add(tar::EntryType::Regular, "dist/ok.txt", None, b"again");
+        let tar_path = d.path().join("a.tar");
+        std::fs::write(&tar_path, b.into_inner().unwrap()).unwrap();
+        let to = d.path().join("out");
+        // The duplicate is refused (never written over).
+        assert!(extract_artifacts(&tar_path, &to).is_err());
+        assert_eq!(std::fs::read(to.join("dist/ok.txt")).unwrap(), b"fine");
+        assert!(
+            std::fs::symlink_metadata(to.join("evil")).is_ok_and(|m| m.is_dir()),
+            "a real directory, no link"
+        );
+        assert_eq!(std::fs::read(to.join("evil/passwd")).unwrap(), b"owned");
+        assert!(!to.join("dev-null").exists());
+        assert!(!d.path().join("escape.txt").exists() && !to.join("abs.txt").exists());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(to.join("dist/ok.txt"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7000, 0, "no setuid from the guest");
     }
 
     #[test]

@@ -199,16 +199,18 @@ fn walk(root: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Copy the job's artifacts (glob `paths` minus `exclude`, relative to the
-/// workspace) from the job's workspace `from` into `to`. Returns the paths copied.
+/// Copy the job's artifacts (per spec: `paths` minus `exclude`, if its
+/// `when` matches) from `from` (what the guest sent back) into `to`, which
+/// is replaced. Returns the relative paths copied. Regular files only.
 pub fn collect_artifacts(
     job: &JobSpec,
     from: &Path,
     to: &Path,
     succeeded: bool,
-) -> Result<Vec<PathBuf>> {
+) -> Result<Vec<String>> {
     use kiln_pipelines::ArtifactWhen;
     let mut copied = Vec::new();
+    let _ = std::fs::remove_dir_all(to);
     for a in &job.artifacts {
         let wanted = match a.when {
             ArtifactWhen::OnSuccess => succeeded,
@@ -218,23 +220,14 @@ pub fn collect_artifacts(
         if !wanted {
             continue;
         }
-        let all = walk(from)?;
-        for rel in all {
-            let s = rel.to_string_lossy();
-            let included = a.paths.iter().any(|p| {
-                glob_match(p.trim_end_matches('/'), &s)
-                    || s.starts_with(&format!("{}/", p.trim_end_matches('/')))
-            });
-            let excluded = a.exclude.iter().any(|p| glob_match(p, &s));
-            if included && !excluded {
-                let dest = to.join(&rel);
-                if let Some(parent) = dest.parent() {
-                    std::fs::create_dir_all(parent)?;
-                }
-                std::fs::copy(from.join(&rel), &dest)
-                    .with_context(|| format!("copying artifact {s}"))?;
-                copied.push(rel);
+        for rel in kiln_agent::glob::select(from, &a.paths, &a.exclude) {
+            let dest = to.join(&rel);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
             }
+            std::fs::copy(from.join(&rel), &dest)
+                .with_context(|| format!("copying artifact {rel}"))?;
+            copied.push(rel);
         }
     }
     Ok(copied)
@@ -243,6 +236,9 @@ pub fn collect_artifacts(
 /// Copy every file under `from` into `to` (same relative paths).
 pub fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     for rel in walk(from)? {
+        if !std::fs::symlink_metadata(from.join(&rel))?.is_file() {
+            continue; // never follow a link out of `from`
+        }
         let dest = to.join(&rel);
         if let Some(parent) = dest.parent() {
             std::fs::create_dir_all(parent)?;
@@ -253,40 +249,9 @@ pub fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `*` (within a path component), `**` (any number of components), `?`.
-pub fn glob_match(pattern: &str, path: &str) -> bool {
-    fn m(p: &[u8], s: &[u8]) -> bool {
-        match (p.first(), s.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) if p.get(1) == Some(&b'*') => {
-                let rest = p[2..].strip_prefix(b"/").unwrap_or(&p[2..]);
-                (0..=s.len())
-                    .any(|i| (i == 0 || s[i - 1] == b'/' || rest.is_empty()) && m(rest, &s[i..]))
-            }
-            (Some(b'*'), _) => (0..=s.len())
-                .take_while(|&i| i == 0 || s[i - 1] != b'/')
-                .any(|i| m(&p[1..], &s[i..])),
-            (Some(b'?'), Some(c)) if *c != b'/' => m(&p[1..], &s[1..]),
-            (Some(a), Some(b)) if a == b => m(&p[1..], &s[1..]),
-            _ => false,
-        }
-    }
-    m(pattern.as_bytes(), path.as_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn globs() {
-        assert!(glob_match("target/*.txt", "target/a.txt"));
-        assert!(!glob_match("target/*.txt", "target/x/a.txt"));
-        assert!(glob_match("target/**/*.txt", "target/x/y/a.txt"));
-        assert!(glob_match("target/**/*.txt", "target/a.txt"));
-        assert!(glob_match("a?c", "abc") && !glob_match("a?c", "a/c"));
-        assert!(glob_match("dist", "dist"));
-    }
 
     #[test]
     fn staging_copies_tracked_and_untracked_but_not_ignored_files() {

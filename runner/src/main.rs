@@ -483,12 +483,13 @@ fn run_job(args: RunJob, cache_dir: PathBuf) -> Result<ExitCode> {
         });
         let many = jobs.len() > 1 || project_dir.is_some();
         let mut code = 0u8;
-        let mut collected: Vec<PathBuf> = Vec::new();
+        let mut collected_dirs: Vec<PathBuf> = Vec::new();
         for mut job in jobs {
             let stage = match &project_dir {
                 Some(dir) => {
+                    // Named like job directories, so a later kiln removes them if this one dies.
                     let stage = run_dir.join(format!(
-                        "stage-{}-{}",
+                        "job-{}-stage-{}",
                         std::process::id(),
                         sanitize(&job.name)
                     ));
@@ -497,7 +498,7 @@ fn run_job(args: RunJob, cache_dir: PathBuf) -> Result<ExitCode> {
                     tracing::info!("staged {n} files of {} as the workspace", dir.display());
                     // Artifacts of the jobs that ran before (this job's needs)
                     // are in its workspace, as GitLab downloads them.
-                    for earlier in &collected {
+                    for earlier in &collected_dirs {
                         kiln::local::copy_tree(earlier, &stage)?;
                     }
                     job.source = JobSource::LocalDir(stage.clone());
@@ -520,7 +521,15 @@ fn run_job(args: RunJob, cache_dir: PathBuf) -> Result<ExitCode> {
                 Box::new(TerminalSink { headers: many })
             };
             let mut sink = kiln::sink::MaskingSink::new(inner, &secrets);
-            let result = executor.run(&job, &mut sink, rx.clone()).await;
+            let collected = stage
+                .as_ref()
+                .map(|s| PathBuf::from(format!("{}-artifacts", s.0.display())));
+            if let Some(c) = &collected {
+                let _ = std::fs::remove_dir_all(c);
+            }
+            let result = executor
+                .run_collecting(&job, &mut sink, rx.clone(), collected.as_deref())
+                .await;
             sink.flush();
             if args.json {
                 println!(
@@ -533,17 +542,17 @@ fn run_job(args: RunJob, cache_dir: PathBuf) -> Result<ExitCode> {
                     eprintln!("kiln: the guest's serial log is in {}", p.display());
                 }
             }
-            if let Some(stage) = &stage {
+            if let Some(from) = &collected {
                 if !job.artifacts.is_empty() {
                     let to = args.artifacts_dir.join(sanitize(&job.name));
-                    match kiln::local::collect_artifacts(&job, &stage.0, &to, result.success()) {
+                    match kiln::local::collect_artifacts(&job, from, &to, result.success()) {
                         Ok(files) if !files.is_empty() => {
                             eprintln!(
                                 "kiln: {} artifact files copied to {}",
                                 files.len(),
                                 to.display()
                             );
-                            collected.push(to.clone());
+                            collected_dirs.push(to.clone());
                         }
                         Ok(_) => eprintln!(
                             "kiln: no artifact matched {:?}",
@@ -552,6 +561,7 @@ fn run_job(args: RunJob, cache_dir: PathBuf) -> Result<ExitCode> {
                         Err(e) => eprintln!("kiln: collecting artifacts: {e:#}"),
                     }
                 }
+                let _ = std::fs::remove_dir_all(from);
             }
             code = match &result.failure {
                 None => 0,

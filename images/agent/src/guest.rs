@@ -433,11 +433,87 @@ fn run_job(port: &mut File, decoder: &mut Decoder, start: Start) -> Result<()> {
                 let end = run_step(port, decoder, &job, &step)?;
                 send(port, &Frame::StepEnd(end))?;
             }
+            Frame::CollectArtifacts(req) => send_artifacts(port, &job, &req)?,
             Frame::Finish | Frame::Cancel(Cancel { graceful: false }) => return Ok(()),
             Frame::Cancel(_) => {} // nothing running; the host decides what comes next
             other => log(port, &format!("ignoring {other:?} between steps")),
         }
     }
+}
+
+/// Writes a tar stream to the host as `Artifact` frames.
+struct ArtifactWriter<'a> {
+    port: &'a mut File,
+    buf: Vec<u8>,
+}
+
+impl Write for ArtifactWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        while self.buf.len() >= proto::MAX_OUTPUT_CHUNK {
+            let rest = self.buf.split_off(proto::MAX_OUTPUT_CHUNK);
+            let chunk = std::mem::replace(&mut self.buf, rest);
+            send(self.port, &Frame::Artifact(chunk)).map_err(std::io::Error::other)?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            let chunk = std::mem::take(&mut self.buf);
+            send(self.port, &Frame::Artifact(chunk)).map_err(std::io::Error::other)?;
+        }
+        Ok(())
+    }
+}
+
+/// Send the workspace files `req` selects as a tar stream, then `ArtifactsEnd`.
+/// Regular files only (and their directories); symbolic links are skipped.
+fn send_artifacts(port: &mut File, job: &Job, req: &proto::CollectArtifacts) -> Result<()> {
+    let root = format!("{NEWROOT}{}", job.workdir);
+    let files = kiln_agent::glob::select(Path::new(&root), &req.paths, &req.exclude);
+    let mut end = proto::ArtifactsEnd {
+        files: 0,
+        bytes: 0,
+        truncated: false,
+    };
+    let mut skipped = Vec::new();
+    {
+        let mut tar = tar::Builder::new(ArtifactWriter {
+            port: &mut *port,
+            buf: Vec::new(),
+        });
+        tar.follow_symlinks(false);
+        for rel in &files {
+            let path = Path::new(&root).join(rel);
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if !meta.is_file() {
+                continue;
+            }
+            if end.bytes + meta.len() > proto::MAX_ARTIFACT_BYTES {
+                end.truncated = true;
+                break;
+            }
+            match tar.append_path_with_name(&path, rel) {
+                Ok(()) => {
+                    end.files += 1;
+                    end.bytes += meta.len();
+                }
+                // A file that vanished or cannot be read is left out, said in the log;
+                // a broken console is fatal.
+                Err(e) if e.kind() == std::io::ErrorKind::Other => return Err(e.to_string()),
+                Err(e) => skipped.push(format!("{rel}: {e}")),
+            }
+        }
+        let mut w = tar.into_inner().map_err(|e| format!("artifacts: {e}"))?;
+        w.flush().map_err(|e| format!("artifacts: {e}"))?;
+    }
+    for s in skipped {
+        log(port, &format!("artifact left out: {s}"));
+    }
+    send(port, &Frame::ArtifactsEnd(end))
 }
 
 /// The step's environment: its own, then the defaults for what it leaves unset.

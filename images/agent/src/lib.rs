@@ -3,4 +3,5 @@
 //! The library part is [`proto`], shared by the host (the executor) and the
 //! guest (the agent binary, `src/main.rs`).
 
+pub mod glob;
 pub mod proto;

@@ -35,6 +35,8 @@ enum Kind {
     Fatal = 10,
     RunStep = 11,
     Finish = 12,
+    CollectArtifacts = 13,
+    ArtifactsEnd = 14,
 }
 
 impl Kind {
@@ -52,6 +54,8 @@ impl Kind {
             10 => Kind::Fatal,
             11 => Kind::RunStep,
             12 => Kind::Finish,
+            13 => Kind::CollectArtifacts,
+            14 => Kind::ArtifactsEnd,
             _ => return None,
         })
     }
@@ -109,6 +113,28 @@ pub struct StepSpec {
     /// return their contents in [`StepEnd::files`].
     pub file_commands: bool,
 }
+
+/// Host -> guest: send the workspace files these patterns select (GitLab
+/// artifact syntax, relative to `Start::workdir`) as a tar stream of
+/// `Artifact` frames, then `ArtifactsEnd`. Only regular files and the
+/// directories above them are sent; symbolic links are not followed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectArtifacts {
+    pub paths: Vec<String>,
+    pub exclude: Vec<String>,
+}
+
+/// Guest -> host: the artifact tar stream is complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactsEnd {
+    pub files: u64,
+    pub bytes: u64,
+    /// [`MAX_ARTIFACT_BYTES`] was reached: later files were left out.
+    pub truncated: bool,
+}
+
+/// Most artifact bytes (file contents) the agent sends for one job.
+pub const MAX_ARTIFACT_BYTES: u64 = 4 << 30;
 
 /// What a step wrote to its file-command files (raw; the host parses them).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,6 +208,8 @@ pub enum Frame {
     RunStep(StepSpec),
     /// Host -> guest: no more steps; sync and answer `Done`.
     Finish,
+    CollectArtifacts(CollectArtifacts),
+    ArtifactsEnd(ArtifactsEnd),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -231,6 +259,8 @@ impl Frame {
             Frame::Log(v) => json(out, Kind::Log, v),
             Frame::Fatal(v) => json(out, Kind::Fatal, v),
             Frame::RunStep(v) => json(out, Kind::RunStep, v),
+            Frame::CollectArtifacts(v) => json(out, Kind::CollectArtifacts, v),
+            Frame::ArtifactsEnd(v) => json(out, Kind::ArtifactsEnd, v),
             Frame::Done => out.push(Kind::Done as u8),
             Frame::Finish => out.push(Kind::Finish as u8),
             Frame::Output { step, stream, data } => {
@@ -279,6 +309,8 @@ impl Frame {
             Kind::Log => Frame::Log(j(k, payload)?),
             Kind::Fatal => Frame::Fatal(j(k, payload)?),
             Kind::RunStep => Frame::RunStep(j(k, payload)?),
+            Kind::CollectArtifacts => Frame::CollectArtifacts(j(k, payload)?),
+            Kind::ArtifactsEnd => Frame::ArtifactsEnd(j(k, payload)?),
             Kind::Done | Kind::Finish => {
                 if !payload.is_empty() {
                     return Err(ProtoError::BadBody {
@@ -423,6 +455,15 @@ mod tests {
                 file_commands: true,
             }),
             Frame::Finish,
+            Frame::CollectArtifacts(CollectArtifacts {
+                paths: vec!["dist/".into()],
+                exclude: vec!["*.log".into()],
+            }),
+            Frame::ArtifactsEnd(ArtifactsEnd {
+                files: 2,
+                bytes: 10,
+                truncated: false,
+            }),
             Frame::Cancel(Cancel { graceful: true }),
             Frame::Output {
                 step: 7,

@@ -567,7 +567,12 @@ async fn execute(
         sections,
         current: None,
     };
-    let result = runner.executor.run(&prepared.spec, &mut sink, cancel).await;
+    // The guest sends the artifact files over its console; they land here.
+    let collected = workspace.with_file_name("artifacts");
+    let result = runner
+        .executor
+        .run_collecting(&prepared.spec, &mut sink, cancel, Some(&collected))
+        .await;
     trace.flush();
     if let Some(open) = sink.current.take() {
         let name = if open == "after_script" {
@@ -607,7 +612,7 @@ async fn execute(
         Some(FailureReason::Canceled) => failed("job_canceled".into(), None, "canceled".into()),
     };
 
-    // Artifacts, from the workspace the executor read back.
+    // Artifacts: the files the guest sent back, selected per artifact spec.
     let ok = fin.state == "success";
     let booted = result.boot_ms > 0;
     let wanted: Vec<_> = prepared
@@ -632,7 +637,7 @@ async fn execute(
             if spec.untracked {
                 trace.line("WARNING: artifacts:untracked is not supported by kiln yet");
             }
-            let files = artifacts::select(workspace, &spec.paths, &spec.exclude);
+            let files = artifacts::select(&collected, &spec.paths, &spec.exclude);
             if files.is_empty() {
                 trace.line(&format!(
                     "WARNING: {}: no matching files",
@@ -651,7 +656,7 @@ async fn execute(
                 .artifact_type
                 .clone()
                 .unwrap_or_else(|| "archive".into());
-            let up = match artifacts::zip_files(workspace, &files) {
+            let up = match artifacts::zip_files(&collected, &files) {
                 Ok(zip) => {
                     upload_with_retries(
                         &runner.client,
