@@ -34,6 +34,7 @@ build:
     - cat uncommitted.txt
     - echo "secret is $MY_SECRET, split ${MY_SECRET%%-*}-${MY_SECRET#*-}"
     - mkdir -p dist && echo built > dist/out.txt && echo skip > dist/skip.log
+    - ln -s /etc/passwd dist/leak && ln -s / dist/root
   artifacts:
     paths: [dist/]
     exclude: ["dist/*.log"]
@@ -184,6 +185,9 @@ fn gitlab_job_gets_env_workspace_masking_and_artifacts() {
         !repo.join("artifacts/build/dist/skip.log").exists(),
         "exclude honoured"
     );
+    // Links the guest planted are not followed on the host, nor recreated.
+    assert!(std::fs::symlink_metadata(repo.join("artifacts/build/dist/leak")).is_err());
+    assert!(std::fs::symlink_metadata(repo.join("artifacts/build/dist/root")).is_err());
     assert!(out.ends_with("built\n"), "needs get the artifacts: {out}");
     // The user's checkout was not touched.
     assert!(!repo.join("dist").exists());
