@@ -1122,7 +1122,7 @@ fn verified_apply_hashes_the_whole_stream() {
 // Comparison with umoci
 
 /// What is compared between two trees, per path.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct NodeInfo {
     kind: &'static str,
     mode: u32,
@@ -1323,6 +1323,22 @@ fn matches_umoci_unpack() {
     let got_paths: BTreeSet<_> = got.keys().collect();
     assert_eq!(got_paths, want_paths);
     for (path, info) in &want {
+        if path == "bin" {
+            // Layer 2 re-creates `bin/tool` (a hard-link pair) without an
+            // entry for `bin/` itself. umoci leaves `bin`'s mtime at the
+            // time of its unpack; we keep the one the image recorded. The
+            // spec leaves this open, and the two differ whenever the unpack
+            // crosses a second boundary, so only the mtime is exempt.
+            assert_eq!(
+                NodeInfo {
+                    mtime: info.mtime,
+                    ..got[path].clone()
+                },
+                *info,
+                "{path}"
+            );
+            continue;
+        }
         assert_eq!(&got[path], info, "{path}");
     }
     assert_eq!(got_links, want_links);
