@@ -59,7 +59,14 @@ fn main() {
         // Alternate, so drift in host load hits both alike; the first
         // round of each is a warm-up and not counted.
         let (t, rss) = kiln_once(&kiln, &image, &run_dir);
-        let b = bare_once(&kernel.image, &initramfs, &rootfs.image, &run_dir, i);
+        let b = bare_once(
+            &kernel.image,
+            &initramfs,
+            &rootfs.image,
+            &rootfs.fstype,
+            &run_dir,
+            i,
+        );
         if i > 0 {
             kiln_times.push(t);
             kiln_rss.push(rss);
@@ -141,7 +148,14 @@ fn kiln_once(kiln: &Path, image: &Path, run_dir: &Path) -> (Duration, u64) {
 
 /// QEMU with kiln's own arguments, driven by a minimal host: accept the
 /// console, wait for Ready, send Start, stop at the first Output frame.
-fn bare_once(kernel: &Path, initramfs: &Path, rootfs: &Path, run_dir: &Path, i: usize) -> Duration {
+fn bare_once(
+    kernel: &Path,
+    initramfs: &Path,
+    rootfs: &Path,
+    fstype: &str,
+    run_dir: &Path,
+    i: usize,
+) -> Duration {
     let dir = run_dir.join(format!("bare-{i}"));
     std::fs::create_dir_all(&dir).unwrap();
     let scratch = dir.join("scratch.ext4");
@@ -150,7 +164,10 @@ fn bare_once(kernel: &Path, initramfs: &Path, rootfs: &Path, run_dir: &Path, i: 
     let config = MachineConfig {
         kernel: kernel.to_path_buf(),
         initramfs: initramfs.to_path_buf(),
-        cmdline: format!("{} kiln.rootfstype=ext4", MachineConfig::default_cmdline()),
+        cmdline: format!(
+            "{} kiln.rootfstype={fstype}",
+            MachineConfig::default_cmdline()
+        ),
         vcpus: VCPUS,
         memory_mib: MEMORY,
         disks: vec![
