@@ -82,11 +82,14 @@ pub fn run(cache_dir: &Path, json: bool) -> Result<ExitCode> {
         detail: format!("auto selects {accel}: {backend}"),
         fix: None,
     });
-    for (tool, pkg) in [
-        ("mkfs.ext4", "e2fsprogs"),
-        ("modinfo", "kmod"),
-        ("apt-get", "apt"),
-        ("dpkg-deb", "dpkg"),
+    // (tool, package, what it is for; None = required)
+    for (tool, pkg, optional) in [
+        ("mkfs.ext4", "e2fsprogs", None),
+        ("mkfs.erofs", "erofs-utils", Some("root filesystems are built as ext4 instead of erofs (slower)")),
+        ("git", "git", Some("GitLab jobs cannot fetch sources; run-job copies the directory instead")),
+        ("modinfo", "kmod", Some("needed to fetch a kernel or use --modules")),
+        ("apt-get", "apt", Some("needed to fetch the default kernel")),
+        ("dpkg-deb", "dpkg", Some("needed to fetch the default kernel")),
     ] {
         let found = Command::new("sh")
             .arg("-c")
@@ -104,8 +107,11 @@ pub fn run(cache_dir: &Path, json: bool) -> Result<ExitCode> {
         } else {
             Check {
                 name: tool,
-                status: "fail",
-                detail: "not found".into(),
+                status: if optional.is_some() { "warn" } else { "fail" },
+                detail: match optional {
+                    Some(why) => format!("not found: {why}"),
+                    None => "not found".into(),
+                },
                 fix: Some(format!("apt-get install {pkg}")),
             }
         });
