@@ -85,11 +85,27 @@ pub fn run(cache_dir: &Path, json: bool) -> Result<ExitCode> {
     // (tool, package, what it is for; None = required)
     for (tool, pkg, optional) in [
         ("mkfs.ext4", "e2fsprogs", None),
-        ("mkfs.erofs", "erofs-utils", Some("root filesystems are built as ext4 instead of erofs (slower)")),
-        ("git", "git", Some("GitLab jobs cannot fetch sources; run-job copies the directory instead")),
-        ("modinfo", "kmod", Some("needed to fetch a kernel or use --modules")),
+        (
+            "mkfs.erofs",
+            "erofs-utils",
+            Some("root filesystems are built as ext4 instead of erofs (slower)"),
+        ),
+        (
+            "git",
+            "git",
+            Some("GitLab jobs cannot fetch sources; run-job copies the directory instead"),
+        ),
+        (
+            "modinfo",
+            "kmod",
+            Some("needed to fetch a kernel or use --modules"),
+        ),
         ("apt-get", "apt", Some("needed to fetch the default kernel")),
-        ("dpkg-deb", "dpkg", Some("needed to fetch the default kernel")),
+        (
+            "dpkg-deb",
+            "dpkg",
+            Some("needed to fetch the default kernel"),
+        ),
     ] {
         let found = Command::new("sh")
             .arg("-c")

@@ -43,6 +43,10 @@ pub struct Faults {
     /// Answer the first final update of each job with 412 and drop the
     /// stored trace, so the whole trace must be sent again.
     pub final_412: bool,
+    /// Once per job, after the trace passes 1 KiB, acknowledge a patch but
+    /// keep only half of the trace (the server lost data): the runner's next
+    /// patch starts past the end, gets 416 and must resync from `Range`.
+    pub trace_lose_tail: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +71,9 @@ pub struct FakeJob {
     pub artifacts: Vec<Upload>,
     pub final_202_left: u32,
     pub final_412_left: bool,
+    pub lose_tail_left: bool,
+    /// How many trace patches were answered 416.
+    pub range_errors: u32,
 }
 
 impl FakeJob {
@@ -291,6 +298,8 @@ impl FakeGitlab {
                 artifacts: Vec::new(),
                 final_202_left: f.final_202,
                 final_412_left: f.final_412,
+                lose_tail_left: f.trace_lose_tail,
+                range_errors: 0,
             },
         );
         s.queue.push_back(id);
@@ -528,14 +537,22 @@ async fn patch_trace(
     if job.done() {
         return (StatusCode::FORBIDDEN, "job is finished").into_response();
     }
+    let mut acknowledged = None;
     let mut r = if start > job.trace.len() {
+        job.range_errors += 1;
         StatusCode::RANGE_NOT_SATISFIABLE.into_response()
     } else {
         job.trace.truncate(start);
         job.trace.extend_from_slice(&body);
+        if job.lose_tail_left && job.trace.len() > 1024 {
+            job.lose_tail_left = false;
+            acknowledged = Some(job.trace.len());
+            let keep = job.trace.len() / 2;
+            job.trace.truncate(keep);
+        }
         StatusCode::ACCEPTED.into_response()
     };
-    let range = format!("0-{}", job.trace.len());
+    let range = format!("0-{}", acknowledged.unwrap_or(job.trace.len()));
     r.headers_mut()
         .insert("range", HeaderValue::from_str(&range).unwrap());
     job_headers(&mut r, job);

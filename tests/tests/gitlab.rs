@@ -278,6 +278,7 @@ async fn server_faults_lose_no_job_and_report_none_twice() {
         error_after: 0.2,
         final_202: 2,
         final_412: true,
+        trace_lose_tail: false,
     });
     let run_dir = harness::run_dir("gitlab-faults");
     let ids: Vec<u64> = (0..2)
@@ -297,6 +298,35 @@ async fn server_faults_lose_no_job_and_report_none_twice() {
         );
     }
     assert!(fake.requests() > 2, "the runner kept asking through errors");
+    let _ = stop.send(());
+    daemon.await.unwrap();
+    assert_no_leaks(&run_dir);
+}
+
+/// The server loses the tail of a trace it acknowledged: the runner's next
+/// patch gets 416 and resends from the server's `Range`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_the_server_lost_is_resent_from_its_range() {
+    skip_without_vm!();
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]).await;
+    fake.set_faults(Faults {
+        trace_lose_tail: true,
+        ..Faults::default()
+    });
+    let run_dir = harness::run_dir("gitlab-416");
+    let id = fake.push(fake.job(&image(), &[LOOP, "sleep 3", LOOP]));
+    let (stop, daemon) = start_daemon(config(&fake, &run_dir, 1, 30));
+    let j = fake.wait_done(id, LIMIT).await;
+    assert_eq!(final_of(&j).0, "success", "{}", j.trace_text());
+    assert_consistent(&j);
+    assert!(j.range_errors >= 1, "the 416 path ran");
+    let block = format!("\x1b[32;1m$ {LOOP}\x1b[0;m\n{}", lines(500));
+    assert_eq!(
+        j.trace_text().matches(&block).count(),
+        2,
+        "{}",
+        j.trace_text()
+    );
     let _ = stop.send(());
     daemon.await.unwrap();
     assert_no_leaks(&run_dir);
