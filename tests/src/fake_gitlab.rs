@@ -38,6 +38,10 @@ pub struct Faults {
     pub error_before: f64,
     /// Handle the request, then answer 500 (trace patches and job updates).
     pub error_after: f64,
+    /// Every Nth trace patch or job update (0: none) is handled, then its
+    /// connection is dropped without an answer: the acknowledgement is lost
+    /// on the wire.
+    pub drop_every: u32,
     /// Answer the first N final updates of each job with 202.
     pub final_202: u32,
     /// Answer the first final update of each job with 412 and drop the
@@ -100,6 +104,8 @@ struct Inner {
     rng: u64,
     verifies: u32,
     requests: u32,
+    acks: u32,
+    drops: u32,
     running: usize,
     max_running: usize,
     dependency_artifacts: HashMap<u64, (String, Vec<u8>)>,
@@ -337,6 +343,11 @@ impl FakeGitlab {
         lock(&self.state).requests
     }
 
+    /// Connections dropped by the `drop_every` fault.
+    pub fn drops(&self) -> u32 {
+        lock(&self.state).drops
+    }
+
     /// Wait until `f` holds for the job, or panic after `limit`.
     pub async fn wait_for(
         &self,
@@ -370,18 +381,36 @@ impl FakeGitlab {
 async fn faults(State(s): State<Shared>, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     let api = path.starts_with("/api/v4/jobs");
-    let (before, after) = {
+    let is_ack = path.ends_with("/trace") || req.method() == Method::PUT;
+    let (before, after, drop) = {
         let mut st = lock(&s);
         let f = st.faults;
-        (st.random() < f.error_before, st.random() < f.error_after)
+        let drop = api && is_ack && f.drop_every > 0 && {
+            st.acks += 1;
+            st.acks % f.drop_every == 0
+        };
+        if drop {
+            st.drops += 1;
+        }
+        (
+            st.random() < f.error_before,
+            st.random() < f.error_after,
+            drop,
+        )
     };
     if api && before {
         return (StatusCode::INTERNAL_SERVER_ERROR, "injected fault (before)").into_response();
     }
-    let is_ack = path.ends_with("/trace") || req.method() == Method::PUT;
     let resp = next.run(req).await;
     if api && is_ack && after {
         return (StatusCode::INTERNAL_SERVER_ERROR, "injected fault (after)").into_response();
+    }
+    if drop {
+        // Unwinding out of the connection's task closes the socket with no
+        // response written: the client sees the connection drop.
+        std::panic::resume_unwind(Box::new(
+            "fake GitLab: dropping the connection (injected fault)",
+        ));
     }
     resp
 }

@@ -275,7 +275,8 @@ async fn server_faults_lose_no_job_and_report_none_twice() {
     let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]).await;
     fake.set_faults(Faults {
         error_before: 0.2,
-        error_after: 0.2,
+        error_after: 0.15,
+        drop_every: 4,
         final_202: 2,
         final_412: true,
         trace_lose_tail: false,
@@ -298,6 +299,10 @@ async fn server_faults_lose_no_job_and_report_none_twice() {
         );
     }
     assert!(fake.requests() > 2, "the runner kept asking through errors");
+    assert!(
+        fake.drops() >= 1,
+        "connections were dropped mid-acknowledgement"
+    );
     let _ = stop.send(());
     daemon.await.unwrap();
     assert_no_leaks(&run_dir);
