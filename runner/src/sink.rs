@@ -20,7 +20,7 @@ pub struct TerminalSink {
 impl JobSink for TerminalSink {
     fn step_start(&mut self, _step: u32, name: &str) {
         if self.headers {
-            eprintln!("\x1b[1m$ step: {name}\x1b[0m");
+            eprintln!("\x1b[1;36m{}\x1b[0m", step_header(name));
         }
     }
 
@@ -44,6 +44,17 @@ impl JobSink for TerminalSink {
                 end.duration_ms
             );
         }
+    }
+}
+
+/// A step header that reads like the provider's log: GitLab's stage lines
+/// for `script`/`after_script`, GitHub's `Run ...` for named steps.
+pub fn step_header(name: &str) -> String {
+    match name {
+        "script" => "Executing \"step_script\" stage of the job script".to_string(),
+        "after_script" => "Running after_script".to_string(),
+        n if n.starts_with("Run ") => n.to_string(),
+        n => format!("Run {n}"),
     }
 }
 
@@ -170,5 +181,44 @@ impl JobSink for MaskingSink {
         self.flush_one(end.step, Stream::Stdout as u8);
         self.flush_one(end.step, Stream::Stderr as u8);
         self.inner.step_end(name, end);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_read_like_the_providers_logs() {
+        assert_eq!(
+            step_header("script"),
+            "Executing \"step_script\" stage of the job script"
+        );
+        assert_eq!(step_header("after_script"), "Running after_script");
+        assert_eq!(step_header("Run cargo test"), "Run cargo test");
+        assert_eq!(step_header("build"), "Run build");
+    }
+
+    /// Forwards into a shared buffer so the test can look after the sink is boxed.
+    struct Shared(std::sync::Arc<std::sync::Mutex<BufferSink>>);
+
+    impl JobSink for Shared {
+        fn output(&mut self, step: u32, stream: Stream, data: &[u8]) {
+            self.0.lock().unwrap().output(step, stream, data);
+        }
+    }
+
+    #[test]
+    fn secrets_split_across_chunks_and_streams_are_masked() {
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(BufferSink::default()));
+        let mut sink = MaskingSink::new(Box::new(Shared(buf.clone())), &["hunter2".to_string()]);
+        sink.output(0, Stream::Stdout, b"pass=hun");
+        sink.output(0, Stream::Stderr, b"hunter");
+        sink.output(0, Stream::Stdout, b"ter2 done");
+        sink.output(0, Stream::Stderr, b"2!");
+        sink.flush();
+        let b = buf.lock().unwrap();
+        assert_eq!(String::from_utf8_lossy(&b.stdout), "pass=[MASKED] done");
+        assert_eq!(String::from_utf8_lossy(&b.stderr), "[MASKED]!");
     }
 }

@@ -153,7 +153,13 @@ fn executor_config(config: &Config, r: &RunnerConfig) -> Result<ExecutorConfig, 
         scratch_bytes: r.disk << 30,
         boot_timeout: Duration::from_secs(config.boot_timeout),
         default_job_timeout: super::job::DEFAULT_TIMEOUT,
-        log_dir: None,
+        // Serial logs of VMs that failed to boot, for the operator.
+        log_dir: std::env::var_os("XDG_STATE_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".local/state"))
+            })
+            .map(|d| d.join("kiln").join("logs")),
         extra_cmdline: String::new(),
         serial_log: None,
     })
