@@ -387,7 +387,7 @@ async fn faults(State(s): State<Shared>, req: Request, next: Next) -> Response {
         let f = st.faults;
         let drop = api && is_ack && f.drop_every > 0 && {
             st.acks += 1;
-            st.acks % f.drop_every == 0
+            st.acks.is_multiple_of(f.drop_every)
         };
         if drop {
             st.drops += 1;
