@@ -239,55 +239,9 @@ async fn testguest_passes_every_check_on_the_qemu_backend() {
         .all(|(i, &b)| b == (0x5a ^ i) as u8));
 }
 
-/// Booting a real Linux kernel needs hardware KVM (not nested PVM): set
-/// KILN_TEST_KERNEL and KILN_TEST_INITRAMFS (an initramfs with the kiln
-/// agent as /init) to run it.
-///
-/// TODO(main session): wire the agent protocol: read the first frame from
-/// the console and expect `Ready`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn linux_boots_to_the_agent_on_hardware_kvm() {
-    let kvm = probe_kvm();
-    if !kvm.runs_unmodified_guests() {
-        eprintln!("SKIP linux on kvm: {}", kvm.describe());
-        return;
-    }
-    let (Some(kernel), Some(initramfs)) = (
-        std::env::var_os("KILN_TEST_KERNEL"),
-        std::env::var_os("KILN_TEST_INITRAMFS"),
-    ) else {
-        eprintln!("SKIP linux on kvm: set KILN_TEST_KERNEL and KILN_TEST_INITRAMFS");
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let config = MachineConfig {
-        kernel: kernel.into(),
-        initramfs: initramfs.into(),
-        cmdline: MachineConfig::default_cmdline().to_string(),
-        vcpus: 2,
-        memory_mib: 512,
-        disks: vec![],
-        run_dir: dir.path().join("run"),
-        serial_log_limit: 256 * 1024,
-        start_timeout: Duration::from_secs(10),
-    };
-    let (machine, console) = Machine::start(config, BackendKind::Kvm, &kvm)
-        .await
-        .expect("start");
-    let mut first = [0u8; 4];
-    let r = tokio::time::timeout(Duration::from_secs(30), async {
-        use tokio::io::AsyncReadExt;
-        let mut c = console;
-        c.read_exact(&mut first).await
-    })
-    .await;
-    let serial = String::from_utf8_lossy(&machine.serial_log()).to_string();
-    machine.destroy().await.unwrap();
-    assert!(
-        matches!(r, Ok(Ok(_))),
-        "no agent frame within 30 s; serial log:\n{serial}"
-    );
-}
+// Linux on the kvm backend (Debian's kernel, our initramfs and agent, a
+// whole job) is `linux_job_runs_on_the_kvm_backend_with_hardware_kvm` in
+// tests/tests/vm.rs: it needs hardware KVM and says why it skips elsewhere.
 
 /// `destroy` stops a guest that is still running (vCPU 0 polling, vCPU 1
 /// waiting for SIPI inside KVM_RUN) promptly, and dropping works the same.
