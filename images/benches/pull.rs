@@ -118,6 +118,8 @@ fn large_layout(minbase: &Path) -> PathBuf {
             .unwrap();
         h.set_size(data.len() as u64);
         h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
         h.set_mtime(1_700_000_000);
         h.set_cksum();
         big.append(&h, data.as_slice()).unwrap();
