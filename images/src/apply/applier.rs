@@ -760,10 +760,15 @@ fn set_xattrs_at(
 /// Reads an entry's metadata from its header and PAX records.
 fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>, shown: &str) -> Result<Meta, ApplyError> {
     let header = entry.header();
-    let mode = header.mode().map_err(|e| bad_field(shown, "mode", &e))? & 0o7777;
-    let mut uid = header.uid().map_err(|e| bad_field(shown, "uid", &e))?;
-    let mut gid = header.gid().map_err(|e| bad_field(shown, "gid", &e))?;
-    let mtime = header.mtime().map_err(|e| bad_field(shown, "mtime", &e))?;
+    // Go's archive/tar (Docker, containerd, skopeo, umoci) reads an empty
+    // (all NUL or space) numeric field as 0; images built with it do exist.
+    let raw = header.as_old();
+    let mode = or_zero(&raw.mode, header.mode().map(u64::from))
+        .map_err(|e| bad_field(shown, "mode", &e))? as u32
+        & 0o7777;
+    let mut uid = or_zero(&raw.uid, header.uid()).map_err(|e| bad_field(shown, "uid", &e))?;
+    let mut gid = or_zero(&raw.gid, header.gid()).map_err(|e| bad_field(shown, "gid", &e))?;
+    let mtime = or_zero(&raw.mtime, header.mtime()).map_err(|e| bad_field(shown, "mtime", &e))?;
     let mut mtime = Timespec {
         tv_sec: i64::try_from(mtime).map_err(|_| invalid(shown, "mtime out of range"))?,
         tv_nsec: 0,
@@ -881,6 +886,15 @@ fn invalid(path: &str, reason: impl Into<String>) -> ApplyError {
     ApplyError::InvalidEntry {
         path: path.to_owned(),
         reason: reason.into(),
+    }
+}
+
+/// `parsed`, or 0 when the raw field is empty (only NUL bytes and spaces).
+fn or_zero(raw: &[u8], parsed: std::io::Result<u64>) -> std::io::Result<u64> {
+    if raw.iter().all(|b| *b == 0 || *b == b' ') {
+        Ok(0)
+    } else {
+        parsed
     }
 }
 

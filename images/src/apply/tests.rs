@@ -330,6 +330,37 @@ fn pax_records_give_long_paths_precise_times_and_large_ids() {
 }
 
 #[test]
+fn empty_numeric_fields_read_as_zero_like_go_archive_tar() {
+    require_root!("empty_numeric_fields_read_as_zero_like_go_archive_tar");
+    let sb = Sandbox::new();
+    let mut h = tar::Header::new_gnu();
+    h.set_path("empty-ids").unwrap();
+    h.set_size(2);
+    h.set_mode(0o640);
+    // uid, gid and mtime left all NUL, as some image builders write them.
+    h.set_cksum();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(&h, &b"hi"[..]).unwrap();
+    sb.apply(&b.into_inner().unwrap()).unwrap();
+    let m = lmeta(&sb.p("empty-ids"));
+    assert_eq!(
+        (m.uid(), m.gid(), m.mtime(), m.mode() & 0o777),
+        (0, 0, 0, 0o640)
+    );
+    // A field with garbage in it is still an error.
+    let mut h = tar::Header::new_gnu();
+    h.set_path("bad-uid").unwrap();
+    h.set_size(0);
+    h.set_mode(0o640);
+    h.as_old_mut().uid.copy_from_slice(b"zz\0\0\0\0\0\0");
+    h.set_cksum();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(&h, std::io::empty()).unwrap();
+    assert!(sb.apply(&b.into_inner().unwrap()).is_err());
+    sb.assert_outside_clean();
+}
+
+#[test]
 fn pax_uid_gid_override_the_header() {
     require_root!("pax_uid_gid_override_the_header");
     let sb = Sandbox::new();
