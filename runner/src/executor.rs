@@ -529,8 +529,7 @@ impl Executor {
             if io.cancel_state == Some(false) {
                 break;
             }
-            let run = match self.should_run(step, &mut state, io.cancel_state, sink) {
-                Ok(run) => run,
+            let (end, outputs) = match self.should_run(step, &mut state, io.cancel_state) {
                 Err(message) => {
                     // A condition that cannot be evaluated fails the step.
                     sink.output(
@@ -538,47 +537,24 @@ impl Executor {
                         Stream::Stderr,
                         format!("kiln: step '{}': {message}\n", step.name).as_bytes(),
                     );
-                    let end = StepEnd {
-                        step: index,
-                        exit_code: 1,
-                        duration_ms: 0,
-                        timed_out: false,
-                        canceled: false,
-                        skipped: false,
-                        files: None,
-                    };
-                    state.record(step, &end, &[], &mut Vec::new());
-                    sink.step_end(&step.name, &end);
-                    result.steps.push(end);
-                    continue;
+                    (not_run(index, 1, false), Vec::new())
+                }
+                Ok(false) => (not_run(index, 0, true), Vec::new()),
+                Ok(true) => {
+                    let spec = state
+                        .spec(index, step, io.cancel_state.is_some())
+                        .map_err(|m| sys(format!("step '{}': {m}", step.name)))?;
+                    io.send(&Frame::RunStep(spec)).await?;
+                    let end = io.wait_step(index, job, sink).await?;
+                    let mut warnings = Vec::new();
+                    let outputs = state.apply_files(&end, &mut warnings);
+                    for w in warnings {
+                        sink.output(index, Stream::Stderr, format!("kiln: {w}\n").as_bytes());
+                    }
+                    (end, outputs)
                 }
             };
-            if !run {
-                let end = StepEnd {
-                    step: index,
-                    exit_code: 0,
-                    duration_ms: 0,
-                    timed_out: false,
-                    canceled: false,
-                    skipped: true,
-                    files: None,
-                };
-                state.record(step, &end, &[], &mut Vec::new());
-                sink.step_end(&step.name, &end);
-                result.steps.push(end);
-                continue;
-            }
-            let spec = state
-                .spec(index, step, io.cancel_state.is_some())
-                .map_err(|m| sys(format!("step '{}': {m}", step.name)))?;
-            io.send(&Frame::RunStep(spec)).await?;
-            let end = io.wait_step(index, job, sink).await?;
-            let mut warnings = Vec::new();
-            let outputs = state.apply_files(&end, &mut warnings);
-            for w in warnings {
-                sink.output(index, Stream::Stderr, format!("kiln: {w}\n").as_bytes());
-            }
-            state.record(step, &end, &outputs, &mut Vec::new());
+            state.record(step, &end, &outputs);
             sink.step_end(&step.name, &end);
             result.steps.push(end);
         }
@@ -608,7 +584,6 @@ impl Executor {
         step: &Step,
         state: &mut StepState,
         cancel: Option<bool>,
-        _sink: &mut dyn JobSink,
     ) -> Result<bool, String> {
         let by_when = match cancel {
             Some(_) => step.when == StepWhen::Always,
@@ -833,6 +808,20 @@ impl Conversation<'_> {
     }
 }
 
+/// The record of a step that did not run: skipped, or failed before it
+/// could start (e.g. its condition could not be evaluated).
+fn not_run(step: u32, exit_code: i32, skipped: bool) -> StepEnd {
+    StepEnd {
+        step,
+        exit_code,
+        duration_ms: 0,
+        timed_out: false,
+        canceled: false,
+        skipped,
+        files: None,
+    }
+}
+
 /// What carries from one step to the next: failures, file-command updates,
 /// and the expression contexts (GitHub `steps.*.outputs`, `env`).
 struct StepState {
@@ -975,13 +964,7 @@ impl StepState {
     }
 
     /// Record how a step went, for later `when` and `steps.<id>` lookups.
-    fn record(
-        &mut self,
-        step: &Step,
-        end: &StepEnd,
-        outputs: &[(String, String)],
-        _w: &mut Vec<String>,
-    ) {
+    fn record(&mut self, step: &Step, end: &StepEnd, outputs: &[(String, String)]) {
         let ok = end.exit_code == 0;
         if !end.skipped && !ok && !step.allow_failure {
             self.failed = true;
