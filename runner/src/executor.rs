@@ -449,7 +449,6 @@ impl Executor {
         cancel: &mut watch::Receiver<Option<bool>>,
         artifacts: Option<(&Path, PathBuf)>,
     ) -> Result<(), Early> {
-        let sys = |m: String| (FailureReason::RunnerSystemFailure(m.clone()), m);
         let mut decoder = Decoder::new();
         let mut buf = vec![0u8; 64 * 1024];
 
