@@ -100,10 +100,10 @@ mod tests {
     fn scratch_disk_is_sparse_ext4() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("s.img");
-        if let Err(e) = create_scratch(&p, 1 << 30) {
-            eprintln!("skipping: {e}");
+        if !kiln_testkit::require("scratch", &[kiln_testkit::tool("mkfs.ext4", "e2fsprogs")]) {
             return;
         }
+        create_scratch(&p, 1 << 30).unwrap();
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(&p).unwrap();
         assert_eq!(m.len(), 1 << 30);
@@ -131,10 +131,16 @@ mod tests {
             inodes: None,
             eager: false,
         };
-        if let Err(e) = mkfs_ext4(&img, &spec) {
-            eprintln!("skipping: {e}");
+        if !kiln_testkit::require(
+            "mkfs_ext4",
+            &[
+                kiln_testkit::tool("mkfs.ext4", "e2fsprogs"),
+                kiln_testkit::tool("debugfs", "e2fsprogs"),
+            ],
+        ) {
             return;
         }
+        mkfs_ext4(&img, &spec).unwrap();
         let o = Command::new("debugfs")
             .args(["-R", "cat /hello.txt"])
             .arg(&img)

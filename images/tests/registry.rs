@@ -11,7 +11,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response;
-use common::{skip_unless_tools, Comp, TestRegistry};
+use common::{Comp, TestRegistry};
 use kiln_images::registry::{Registry, RegistryConfig};
 use kiln_images::rootfs::{rootfs_for, ImageSource};
 use kiln_images::{Cache, ImageError, Reference};
@@ -44,9 +44,7 @@ fn tmp_leftovers(cache: &Cache) -> Vec<String> {
         .collect()
 }
 
-#[test]
 fn pulls_oci_gzip_and_zstd_images_and_caches_them() {
-    skip_unless_tools!();
     let reg = TestRegistry::start();
     let src = tempfile::tempdir().unwrap();
     for (i, comp) in [Comp::Gzip, Comp::Zstd].into_iter().enumerate() {
@@ -95,9 +93,7 @@ fn pulls_oci_gzip_and_zstd_images_and_caches_them() {
     }
 }
 
-#[test]
 fn pulls_docker_v2s2_images_and_pins_by_digest() {
-    skip_unless_tools!();
     let reg = TestRegistry::start();
     let src = tempfile::tempdir().unwrap();
     let layers = [common::layer_tar(true, &[("hello", b"v2s2\n")])];
@@ -128,9 +124,7 @@ fn pulls_docker_v2s2_images_and_pins_by_digest() {
     assert!(e.contains("404") || e.contains("not found"), "{e}");
 }
 
-#[test]
 fn picks_linux_amd64_from_a_multi_arch_index() {
-    skip_unless_tools!();
     let reg = TestRegistry::start();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -203,9 +197,7 @@ fn picks_linux_amd64_from_a_multi_arch_index() {
     );
 }
 
-#[test]
 fn a_corrupt_blob_names_the_layer_and_leaves_the_cache_clean() {
-    skip_unless_tools!();
     let reg = TestRegistry::start();
     let src = tempfile::tempdir().unwrap();
     let layers = [
@@ -253,9 +245,7 @@ fn a_corrupt_blob_names_the_layer_and_leaves_the_cache_clean() {
     assert!(tmp_leftovers(&cache).is_empty());
 }
 
-#[test]
 fn imports_docker_save_tars_legacy_and_oci() {
-    skip_unless_tools!();
     let src = tempfile::tempdir().unwrap();
     let layout = src.path().join("layout");
     let layers = [
@@ -461,9 +451,7 @@ fn start_proxy(upstream: String) -> Arc<AuthProxy> {
     p
 }
 
-#[test]
 fn bearer_token_auth_redirects_retries_and_one_download_for_concurrent_pulls() {
-    skip_unless_tools!();
     let reg = TestRegistry::start();
     let src = tempfile::tempdir().unwrap();
     let layers = [
@@ -563,7 +551,6 @@ fn bearer_token_auth_redirects_retries_and_one_download_for_concurrent_pulls() {
     assert_eq!(proxy.first_429.load(Ordering::SeqCst), before);
 }
 
-#[test]
 fn insecure_http_is_refused_for_non_loopback_hosts() {
     // No registry needed: the scheme is decided before connecting.
     let (_t, cache) = new_cache();
@@ -599,4 +586,44 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+fn main() -> std::process::ExitCode {
+    kiln_testkit::Suite::new()
+        .test(
+            "pulls_oci_gzip_and_zstd_images_and_caches_them",
+            &common::tools(),
+            pulls_oci_gzip_and_zstd_images_and_caches_them,
+        )
+        .test(
+            "pulls_docker_v2s2_images_and_pins_by_digest",
+            &common::tools(),
+            pulls_docker_v2s2_images_and_pins_by_digest,
+        )
+        .test(
+            "picks_linux_amd64_from_a_multi_arch_index",
+            &common::tools(),
+            picks_linux_amd64_from_a_multi_arch_index,
+        )
+        .test(
+            "a_corrupt_blob_names_the_layer_and_leaves_the_cache_clean",
+            &common::tools(),
+            a_corrupt_blob_names_the_layer_and_leaves_the_cache_clean,
+        )
+        .test(
+            "imports_docker_save_tars_legacy_and_oci",
+            &common::tools(),
+            imports_docker_save_tars_legacy_and_oci,
+        )
+        .test(
+            "bearer_token_auth_redirects_retries_and_one_download_for_concurrent_pulls",
+            &common::tools(),
+            bearer_token_auth_redirects_retries_and_one_download_for_concurrent_pulls,
+        )
+        .test(
+            "insecure_http_is_refused_for_non_loopback_hosts",
+            &[],
+            insecure_http_is_refused_for_non_loopback_hosts,
+        )
+        .run()
 }

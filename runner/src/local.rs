@@ -266,10 +266,10 @@ mod tests {
                 .map(|o| o.status.success());
             ok.unwrap_or(false)
         };
-        if !git(&["init", "-q"]) {
-            eprintln!("skipping: git is not installed");
+        if !kiln_testkit::require("staging", &[kiln_testkit::tool("git", "git")]) {
             return;
         }
+        assert!(git(&["init", "-q"]), "git init failed");
         std::fs::write(repo.join(".gitignore"), "ignored.txt\n").unwrap();
         std::fs::write(repo.join("src/main.rs"), "fn main() {}").unwrap();
         std::fs::write(repo.join("ignored.txt"), "no").unwrap();

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use kiln::{Executor, ExecutorConfig};
 use kiln_images::{Cache, Kernel};
+use kiln_testkit::Need;
 use kiln_vmm::BackendKind;
 
 use crate::fixtures::BusyboxImage;
@@ -27,21 +28,52 @@ pub fn test_root() -> PathBuf {
     d
 }
 
+/// QEMU, which runs every Linux VM on a host without hardware KVM.
+pub fn qemu() -> Need {
+    Need::custom("qemu", || {
+        let bin = kiln_vmm::qemu::qemu_binary();
+        match Command::new(&bin).arg("--version").output() {
+            Ok(o) if o.status.success() => Ok(()),
+            _ => Err(format!(
+                "{bin} does not run (apt-get install qemu-system-x86, or run scripts/setup.sh)"
+            )),
+        }
+    })
+}
+
+/// A static busybox, the fixture image's only program.
+pub fn busybox() -> Need {
+    Need::custom("busybox", || {
+        crate::fixtures::busybox_path()
+            .map(|_| ())
+            .map_err(|e| format!("busybox-static is not installed: {e}"))
+    })
+}
+
+/// Everything a test that boots a Linux VM needs.
+pub fn vm() -> [Need; 2] {
+    [qemu(), busybox()]
+}
+
 /// Why VM tests cannot run here, if they cannot.
 pub fn vm_skip_reason() -> Option<String> {
-    if Command::new(kiln_vmm::qemu::qemu_binary())
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        return Some(
-            "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".into(),
-        );
-    }
-    if crate::fixtures::busybox_path().is_err() {
-        return Some("busybox-static is not installed".into());
-    }
-    None
+    vm().iter().find_map(Need::unmet)
+}
+
+/// A host whose KVM runs unmodified guests (VT-x/AMD-V, or an L1 VM with
+/// nested SVM), where the kvm backend can boot Linux.
+pub fn hardware_kvm() -> Need {
+    Need::custom("hardware-kvm", || {
+        let kvm = kiln_vmm::probe_kvm();
+        if kvm.runs_unmodified_guests() {
+            Ok(())
+        } else {
+            Err(format!(
+                "the kvm backend cannot boot Linux here: {}",
+                kvm.describe()
+            ))
+        }
+    })
 }
 
 /// The guest agent, built for musl once per test run.

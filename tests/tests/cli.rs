@@ -2,16 +2,6 @@
 
 use kiln_tests::harness::{self, assert_no_leaks, kiln_cmd};
 
-macro_rules! skip_without_vm {
-    () => {
-        if let Some(why) = harness::vm_skip_reason() {
-            eprintln!("skipping: {why}");
-            return;
-        }
-    };
-}
-
-#[test]
 fn help_lists_the_commands() {
     let o = std::process::Command::new(harness::kiln_bin())
         .arg("--help")
@@ -24,7 +14,6 @@ fn help_lists_the_commands() {
     }
 }
 
-#[test]
 fn doctor_reports_kvm_and_qemu_as_json() {
     let dir = harness::run_dir("doctor");
     let o = kiln_cmd(&dir).args(["doctor", "--json"]).output().unwrap();
@@ -45,9 +34,7 @@ fn doctor_reports_kvm_and_qemu_as_json() {
     }
 }
 
-#[test]
 fn run_job_keeps_streams_apart_and_passes_the_exit_code() {
-    skip_without_vm!();
     let dir = harness::run_dir("cli-exit");
     let o = kiln_cmd(&dir)
         .args([
@@ -80,9 +67,7 @@ fn run_job_keeps_streams_apart_and_passes_the_exit_code() {
     );
 }
 
-#[test]
 fn run_job_reports_a_killed_job_as_137_and_runs_scripts() {
-    skip_without_vm!();
     let dir = harness::run_dir("cli-137");
     let script = dir.join("../cli-137-script.sh");
     std::fs::write(&script, "echo from-script\nkill -9 $$\necho not reached\n").unwrap();
@@ -103,7 +88,6 @@ fn run_job_reports_a_killed_job_as_137_and_runs_scripts() {
     assert_eq!(String::from_utf8_lossy(&o.stdout), "from-script\n");
 }
 
-#[test]
 fn bad_input_gets_clear_errors() {
     let dir = harness::run_dir("cli-bad");
     let o = kiln_cmd(&dir)
@@ -146,4 +130,30 @@ fn bad_input_gets_clear_errors() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown backend 'vmware'"));
     assert_no_leaks(&dir);
+}
+
+fn main() -> std::process::ExitCode {
+    kiln_testkit::Suite::new()
+        .test("help_lists_the_commands", &[], help_lists_the_commands)
+        .test(
+            "doctor_reports_kvm_and_qemu_as_json",
+            &[],
+            doctor_reports_kvm_and_qemu_as_json,
+        )
+        .test(
+            "run_job_keeps_streams_apart_and_passes_the_exit_code",
+            &harness::vm(),
+            run_job_keeps_streams_apart_and_passes_the_exit_code,
+        )
+        .test(
+            "run_job_reports_a_killed_job_as_137_and_runs_scripts",
+            &harness::vm(),
+            run_job_reports_a_killed_job_as_137_and_runs_scripts,
+        )
+        .test(
+            "bad_input_gets_clear_errors",
+            &[],
+            bad_input_gets_clear_errors,
+        )
+        .run()
 }

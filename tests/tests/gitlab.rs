@@ -11,15 +11,6 @@ use kiln_tests::fake_gitlab::{FakeGitlab, FakeJob, Faults};
 use kiln_tests::harness::{self, assert_no_leaks};
 use serde_json::json;
 
-macro_rules! skip_without_vm {
-    () => {
-        if let Some(why) = harness::vm_skip_reason() {
-            eprintln!("skipping: {why}");
-            return;
-        }
-    };
-}
-
 const TOKEN: &str = "glrt-test-runner-token";
 const LIMIT: Duration = Duration::from_secs(420);
 
@@ -115,9 +106,7 @@ fn lines(n: usize) -> String {
 
 const LOOP: &str = "i=0; while [ $i -lt 500 ]; do echo \"line $i\"; i=$((i+1)); done";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jobs_pass_fail_time_out_and_miss_images_two_at_a_time() {
-    skip_without_vm!();
     let fake = FakeGitlab::start(TOKEN, &[("README", "hello from git\n")]).await;
     let run_dir = harness::run_dir("gitlab-main");
 
@@ -236,9 +225,7 @@ async fn jobs_pass_fail_time_out_and_miss_images_two_at_a_time() {
     assert_no_leaks(&run_dir);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_canceled_job_runs_after_script_and_is_reported_canceled() {
-    skip_without_vm!();
     let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]).await;
     let run_dir = harness::run_dir("gitlab-cancel");
     let mut job = fake.job(&image(), &["while true; do echo tick; sleep 1; done"]);
@@ -269,9 +256,7 @@ async fn a_canceled_job_runs_after_script_and_is_reported_canceled() {
     assert_no_leaks(&run_dir);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn server_faults_lose_no_job_and_report_none_twice() {
-    skip_without_vm!();
     let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]).await;
     fake.set_faults(Faults {
         error_before: 0.2,
@@ -310,9 +295,7 @@ async fn server_faults_lose_no_job_and_report_none_twice() {
 
 /// The server loses the tail of a trace it acknowledged: the runner's next
 /// patch gets 416 and resends from the server's `Range`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trace_the_server_lost_is_resent_from_its_range() {
-    skip_without_vm!();
     let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]).await;
     fake.set_faults(Faults {
         trace_lose_tail: true,
@@ -369,9 +352,7 @@ fn leftovers(run_dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_mid_job_then_restart_cleans_up_and_sigterm_fails_running_jobs() {
-    skip_without_vm!();
     let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]).await;
     let run_dir = harness::run_dir("gitlab-kill");
     let cfg = config(&fake, &run_dir, 1, 2);
@@ -444,4 +425,34 @@ async fn kill_9_mid_job_then_restart_cleans_up_and_sigterm_fails_running_jobs() 
     assert_consistent(&j);
     assert_no_leaks(&run_dir);
     let _ = std::fs::remove_file(&cfg_path);
+}
+
+fn main() -> std::process::ExitCode {
+    kiln_testkit::Suite::new()
+        .tokio(
+            "jobs_pass_fail_time_out_and_miss_images_two_at_a_time",
+            &harness::vm(),
+            jobs_pass_fail_time_out_and_miss_images_two_at_a_time,
+        )
+        .tokio(
+            "a_canceled_job_runs_after_script_and_is_reported_canceled",
+            &harness::vm(),
+            a_canceled_job_runs_after_script_and_is_reported_canceled,
+        )
+        .tokio(
+            "server_faults_lose_no_job_and_report_none_twice",
+            &harness::vm(),
+            server_faults_lose_no_job_and_report_none_twice,
+        )
+        .tokio(
+            "a_trace_the_server_lost_is_resent_from_its_range",
+            &harness::vm(),
+            a_trace_the_server_lost_is_resent_from_its_range,
+        )
+        .tokio(
+            "kill_9_mid_job_then_restart_cleans_up_and_sigterm_fails_running_jobs",
+            &harness::vm(),
+            kill_9_mid_job_then_restart_cleans_up_and_sigterm_fails_running_jobs,
+        )
+        .run()
 }

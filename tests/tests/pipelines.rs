@@ -6,19 +6,6 @@ use std::process::{Command, Output};
 
 use kiln_tests::harness::{self, assert_no_leaks, kiln_cmd};
 
-macro_rules! skip_without_vm {
-    () => {
-        if let Some(why) = harness::vm_skip_reason() {
-            eprintln!("skipping: {why}");
-            return;
-        }
-        if Command::new("git").arg("--version").output().is_err() {
-            eprintln!("skipping: git is not installed");
-            return;
-        }
-    };
-}
-
 const GITLAB: &str = r#"
 variables:
   FROM_FILE: file-value
@@ -143,9 +130,7 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).to_string()
 }
 
-#[test]
 fn gitlab_job_gets_env_workspace_masking_and_artifacts() {
-    skip_without_vm!();
     let repo = repo("gl-build");
     let dir = harness::run_dir("gl-build");
     let o = run(
@@ -193,9 +178,7 @@ fn gitlab_job_gets_env_workspace_masking_and_artifacts() {
     assert!(!repo.join("dist").exists());
 }
 
-#[test]
 fn gitlab_shell_semantics_and_after_script_on_failure() {
-    skip_without_vm!();
     let repo = repo("gl-fail");
     let dir = harness::run_dir("gl-fail");
     let o = run(&repo, ".gitlab-ci.yml", "fail", &[], &dir);
@@ -221,9 +204,7 @@ fn gitlab_shell_semantics_and_after_script_on_failure() {
     assert!(!out.contains("after-pipe"), "{out}");
 }
 
-#[test]
 fn github_job_gets_env_file_commands_conditions_and_exit_code() {
-    skip_without_vm!();
     let repo = repo("gh");
     let dir = harness::run_dir("gh");
     let o = run(&repo, ".github/workflows/ci.yml", "build", &[], &dir);
@@ -251,9 +232,7 @@ fn github_job_gets_env_file_commands_conditions_and_exit_code() {
     assert!(out.ends_with("always-ran\n"), "{out}");
 }
 
-#[test]
 fn list_and_bad_files_give_clear_answers() {
-    skip_without_vm!();
     let repo = repo("list");
     let dir = harness::run_dir("list");
     let o = kiln_cmd(&dir)
@@ -291,4 +270,45 @@ fn list_and_bad_files_give_clear_answers() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o.stderr).contains("no job 'nope'"));
+}
+
+fn main() -> std::process::ExitCode {
+    kiln_testkit::Suite::new()
+        .test(
+            "gitlab_job_gets_env_workspace_masking_and_artifacts",
+            &[
+                harness::qemu(),
+                harness::busybox(),
+                kiln_testkit::tool("git", "git"),
+            ],
+            gitlab_job_gets_env_workspace_masking_and_artifacts,
+        )
+        .test(
+            "gitlab_shell_semantics_and_after_script_on_failure",
+            &[
+                harness::qemu(),
+                harness::busybox(),
+                kiln_testkit::tool("git", "git"),
+            ],
+            gitlab_shell_semantics_and_after_script_on_failure,
+        )
+        .test(
+            "github_job_gets_env_file_commands_conditions_and_exit_code",
+            &[
+                harness::qemu(),
+                harness::busybox(),
+                kiln_testkit::tool("git", "git"),
+            ],
+            github_job_gets_env_file_commands_conditions_and_exit_code,
+        )
+        .test(
+            "list_and_bad_files_give_clear_answers",
+            &[
+                harness::qemu(),
+                harness::busybox(),
+                kiln_testkit::tool("git", "git"),
+            ],
+            list_and_bad_files_give_clear_answers,
+        )
+        .run()
 }

@@ -11,15 +11,6 @@ use kiln_pipelines::{JobSpec, Shell, Step, StepWhen, Variable};
 use kiln_tests::fixtures::BusyboxImage;
 use kiln_tests::harness::{self, assert_no_leaks};
 
-macro_rules! skip_without_vm {
-    () => {
-        if let Some(why) = harness::vm_skip_reason() {
-            eprintln!("skipping: {why}");
-            return;
-        }
-    };
-}
-
 fn job(script: &str) -> JobSpec {
     JobSpec::single(
         "test",
@@ -38,9 +29,7 @@ async fn run(name: &str, job: &JobSpec) -> (kiln::JobResult, BufferSink) {
     (result, sink)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stdout_and_stderr_arrive_intact_and_in_order() {
-    skip_without_vm!();
     let (r, sink) = run(
         "order",
         &job("i=0; while [ $i -lt 3000 ]; do echo \"out $i\"; echo \"err $i\" >&2; i=$((i+1)); done; uname -r; cat /etc/os-release"),
@@ -70,9 +59,7 @@ async fn stdout_and_stderr_arrive_intact_and_in_order() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_mib_of_binary_output_arrives_byte_for_byte() {
-    skip_without_vm!();
     let (r, sink) = run(
         "binary",
         &job("head -c 10485760 /dev/urandom > /tmp/blob\ncat /tmp/blob\nsha256sum /tmp/blob >&2\nprintf '\\000\\001\\377' >&2"),
@@ -102,9 +89,7 @@ async fn ten_mib_of_binary_output_arrives_byte_for_byte() {
     assert_eq!(rebuilt, sink.stdout);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_codes_0_1_and_137_pass_through() {
-    skip_without_vm!();
     let mut j = job("exit 0");
     for (name, script) in [("one", "exit 1"), ("killed", "kill -9 $$")] {
         let mut s = Step::script(name, script);
@@ -126,9 +111,7 @@ async fn exit_codes_0_1_and_137_pass_through() {
     assert_eq!(String::from_utf8_lossy(&sink.stdout), "about to fail\n");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_timeout_ends_the_step_and_is_reported() {
-    skip_without_vm!();
     let mut j = job("echo started; sleep 600");
     j.steps[0].timeout = Some(Duration::from_secs(2));
     let mut after = Step::script("after", "echo after ran");
@@ -153,9 +136,7 @@ async fn a_step_timeout_ends_the_step_and_is_reported() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_timeout_kills_the_vm() {
-    skip_without_vm!();
     let mut j = job("echo started; sleep 600");
     j.timeout = Some(Duration::from_secs(3));
     let (r, sink) = run("job-timeout", &j).await;
@@ -164,9 +145,7 @@ async fn a_job_timeout_kills_the_vm() {
     assert!(r.run_ms < 60_000, "killed at its timeout: {} ms", r.run_ms);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_that_never_answers_is_killed_at_the_boot_timeout() {
-    skip_without_vm!();
     // busybox as /init boots fine but never speaks the protocol.
     let dir = harness::run_dir("boot-timeout");
     let mut cfg = harness::config(&dir);
@@ -194,9 +173,7 @@ async fn a_guest_that_never_answers_is_killed_at_the_boot_timeout() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_image_fails_before_any_vm_starts() {
-    skip_without_vm!();
     let j = JobSpec::single("x", "/nonexistent/image", Step::script("s", "true"));
     let (r, _) = run("missing-image", &j).await;
     match &r.failure {
@@ -207,9 +184,7 @@ async fn a_missing_image_fails_before_any_vm_starts() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steps_see_the_image_env_workdir_and_user() {
-    skip_without_vm!();
     let dir = harness::test_root().join(format!("user-image-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     BusyboxImage {
@@ -256,9 +231,7 @@ impl kiln::sink::JobSink for CancelAtFirstOutput {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_cancel_stops_the_step_and_runs_always_steps() {
-    skip_without_vm!();
     let mut j = job("echo started; sleep 600; echo not reached");
     let mut after = Step::script("after", "echo cleanup");
     after.when = StepWhen::Always;
@@ -285,9 +258,7 @@ async fn a_graceful_cancel_stops_the_step_and_runs_always_steps() {
     assert!(t.elapsed() < Duration::from_secs(300));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn github_file_commands_and_conditions_carry_between_steps() {
-    skip_without_vm!();
     let mut j = job("echo FROM_ENV_FILE=hello >> $GITHUB_ENV\necho 'greeting=hi there' >> $GITHUB_OUTPUT\nmkdir -p /opt/tool && printf '#!/bin/sh\\necho tool ran\\n' > /opt/tool/mytool && chmod +x /opt/tool/mytool\necho /opt/tool >> $GITHUB_PATH");
     j.variables.push(Variable::new("GITHUB_ACTIONS", "true"));
     j.steps[0].id = Some("first".into());
@@ -318,18 +289,9 @@ async fn github_file_commands_and_conditions_carry_between_steps() {
 }
 
 /// The embedded KVM backend boots the stock Debian kernel and runs a job.
-/// Needs hardware virtualization (VT-x/AMD-V); elsewhere it says why it skips.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Needs KVM that runs unmodified guests (VT-x/AMD-V, or the nested-KVM
+/// tier's L1); elsewhere it is reported as skipped, with the reason.
 async fn linux_job_runs_on_the_kvm_backend_with_hardware_kvm() {
-    skip_without_vm!();
-    let kvm = kiln_vmm::probe_kvm();
-    if !kvm.runs_unmodified_guests() {
-        eprintln!(
-            "skipping: the kvm backend cannot boot Linux here: {}",
-            kvm.describe()
-        );
-        return;
-    }
     let dir = harness::run_dir("kvm-linux");
     let mut cfg = harness::config(&dir);
     cfg.backend = kiln_vmm::BackendKind::Kvm;
@@ -353,4 +315,64 @@ async fn linux_job_runs_on_the_kvm_backend_with_hardware_kvm() {
         "kvm backend: boot {} ms (guest {} ms), run {} ms",
         r.boot_ms, r.guest_boot_ms, r.run_ms
     );
+}
+
+fn main() -> std::process::ExitCode {
+    kiln_testkit::Suite::new()
+        .tokio(
+            "stdout_and_stderr_arrive_intact_and_in_order",
+            &harness::vm(),
+            stdout_and_stderr_arrive_intact_and_in_order,
+        )
+        .tokio(
+            "ten_mib_of_binary_output_arrives_byte_for_byte",
+            &harness::vm(),
+            ten_mib_of_binary_output_arrives_byte_for_byte,
+        )
+        .tokio(
+            "exit_codes_0_1_and_137_pass_through",
+            &harness::vm(),
+            exit_codes_0_1_and_137_pass_through,
+        )
+        .tokio(
+            "a_step_timeout_ends_the_step_and_is_reported",
+            &harness::vm(),
+            a_step_timeout_ends_the_step_and_is_reported,
+        )
+        .tokio(
+            "a_job_timeout_kills_the_vm",
+            &harness::vm(),
+            a_job_timeout_kills_the_vm,
+        )
+        .tokio(
+            "a_guest_that_never_answers_is_killed_at_the_boot_timeout",
+            &harness::vm(),
+            a_guest_that_never_answers_is_killed_at_the_boot_timeout,
+        )
+        .tokio(
+            "a_missing_image_fails_before_any_vm_starts",
+            &harness::vm(),
+            a_missing_image_fails_before_any_vm_starts,
+        )
+        .tokio(
+            "steps_see_the_image_env_workdir_and_user",
+            &harness::vm(),
+            steps_see_the_image_env_workdir_and_user,
+        )
+        .tokio(
+            "a_graceful_cancel_stops_the_step_and_runs_always_steps",
+            &harness::vm(),
+            a_graceful_cancel_stops_the_step_and_runs_always_steps,
+        )
+        .tokio(
+            "github_file_commands_and_conditions_carry_between_steps",
+            &harness::vm(),
+            github_file_commands_and_conditions_carry_between_steps,
+        )
+        .tokio(
+            "linux_job_runs_on_the_kvm_backend_with_hardware_kvm",
+            &[harness::qemu(), harness::busybox(), harness::hardware_kvm()],
+            linux_job_runs_on_the_kvm_backend_with_hardware_kvm,
+        )
+        .run()
 }

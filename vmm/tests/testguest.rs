@@ -2,8 +2,8 @@
 //! `CHECK` line it reports over the agent's console port.
 //!
 //! The guest is built with `vmm/testguest/build.sh` (or taken from
-//! `KILN_TESTGUEST`). Tests print a `SKIP` line with the reason when the host
-//! cannot run them.
+//! `KILN_TESTGUEST`). Tests that the host cannot run are reported as
+//! ignored, with the reason (`kiln_testkit`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -177,13 +177,8 @@ const ALL_CHECKS: &[&str] = &[
     "console-rx",
 ];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn testguest_passes_every_check_on_the_kvm_backend() {
     let kvm = probe_kvm();
-    if !kvm.device_usable() {
-        eprintln!("SKIP testguest on kvm: {}", kvm.describe());
-        return;
-    }
     let guest = match testguest() {
         Ok(g) => g,
         Err(why) => panic!("cannot build the test guest: {why}"),
@@ -214,13 +209,7 @@ async fn testguest_passes_every_check_on_the_kvm_backend() {
 /// the checks describe what any kiln backend must provide, so both must pass
 /// them. QEMU marks a device broken on a bad descriptor instead of failing
 /// the request, so that one check is skipped there.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn testguest_passes_every_check_on_the_qemu_backend() {
-    let qemu = kiln_vmm::qemu::qemu_binary();
-    if Command::new(&qemu).arg("--version").output().is_err() {
-        eprintln!("SKIP testguest on qemu: {qemu} is not installed");
-        return;
-    }
     let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
     let kvm = probe_kvm();
     let fx = fixture(guest, " no_bad_chain");
@@ -245,13 +234,8 @@ async fn testguest_passes_every_check_on_the_qemu_backend() {
 
 /// `destroy` stops a guest that is still running (vCPU 0 polling, vCPU 1
 /// waiting for SIPI inside KVM_RUN) promptly, and dropping works the same.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvm_destroy_and_drop_stop_a_running_guest() {
     let kvm = probe_kvm();
-    if !kvm.device_usable() {
-        eprintln!("SKIP destroy on kvm: {}", kvm.describe());
-        return;
-    }
     let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
     for use_drop in [false, true] {
         let fx = fixture(guest.clone(), "");
@@ -291,13 +275,8 @@ async fn kvm_destroy_and_drop_stop_a_running_guest() {
 }
 
 /// Start-up failures are typed errors and leave no per-VM directory behind.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvm_start_failures_clean_up() {
     let kvm = probe_kvm();
-    if !kvm.device_usable() {
-        eprintln!("SKIP kvm start failures: {}", kvm.describe());
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("junk"), vec![0u8; 8192]).unwrap();
     let mut fx = fixture(dir.path().join("junk"), "");
@@ -317,4 +296,47 @@ async fn kvm_start_failures_clean_up() {
         .await
         .is_err());
     assert!(!fx.config.run_dir.exists());
+}
+
+fn main() -> std::process::ExitCode {
+    let kvm = kiln_testkit::Need::custom("kvm", || {
+        let kvm = probe_kvm();
+        if kvm.device_usable() {
+            Ok(())
+        } else {
+            Err(kvm.describe())
+        }
+    });
+    let qemu = kiln_testkit::Need::custom("qemu", || {
+        let qemu = kiln_vmm::qemu::qemu_binary();
+        match Command::new(&qemu).arg("--version").output() {
+            Ok(o) if o.status.success() => Ok(()),
+            _ => Err(format!(
+                "{qemu} does not run (apt-get install qemu-system-x86)"
+            )),
+        }
+    });
+    let kvms = [kvm];
+    kiln_testkit::Suite::new()
+        .tokio(
+            "testguest_passes_every_check_on_the_kvm_backend",
+            &kvms,
+            testguest_passes_every_check_on_the_kvm_backend,
+        )
+        .tokio(
+            "testguest_passes_every_check_on_the_qemu_backend",
+            &[qemu],
+            testguest_passes_every_check_on_the_qemu_backend,
+        )
+        .tokio(
+            "kvm_destroy_and_drop_stop_a_running_guest",
+            &kvms,
+            kvm_destroy_and_drop_stop_a_running_guest,
+        )
+        .tokio(
+            "kvm_start_failures_clean_up",
+            &kvms,
+            kvm_start_failures_clean_up,
+        )
+        .run()
 }

@@ -14,17 +14,9 @@ use super::*;
 /// A fixed mtime for entries (2023-11-14).
 const MTIME: u64 = 1_700_000_000;
 
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
 macro_rules! require_root {
     ($what:expr) => {
-        if !is_root() {
-            eprintln!(
-                "skipping {}: needs root (to set owners / make device nodes)",
-                $what
-            );
+        if !kiln_testkit::require($what, &[kiln_testkit::root()]) {
             return;
         }
     };
@@ -1265,12 +1257,10 @@ fn oci_layers(layout: &Path, tag: &str) -> Vec<(String, PathBuf, String)> {
 #[test]
 fn matches_umoci_unpack() {
     require_root!("matches_umoci_unpack");
-    if std::process::Command::new("umoci")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipping matches_umoci_unpack: umoci is not installed");
+    if !kiln_testkit::require(
+        "matches_umoci_unpack",
+        &[kiln_testkit::tool("umoci", "umoci")],
+    ) {
         return;
     }
     use std::os::unix::fs::{lchown, symlink};

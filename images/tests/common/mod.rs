@@ -16,33 +16,18 @@ pub fn sha256(b: &[u8]) -> String {
 
 /// Why registry tests cannot run here, if they cannot.
 pub fn skip_reason() -> Option<String> {
-    for (tool, pkg) in [
-        ("docker-registry", "docker-registry"),
-        ("skopeo", "skopeo"),
-        ("busybox", "busybox-static"),
-    ] {
-        if Command::new("which")
-            .arg(tool)
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| !s.success())
-            .unwrap_or(true)
-        {
-            return Some(format!("{tool} is not installed (apt-get install {pkg})"));
-        }
-    }
-    None
+    tools().iter().find_map(kiln_testkit::Need::unmet)
 }
 
-macro_rules! skip_unless_tools {
-    () => {
-        if let Some(why) = common::skip_reason() {
-            eprintln!("SKIPPED: {why}");
-            return;
-        }
-    };
+/// What the registry tests need: a local registry, skopeo to push to it,
+/// and busybox to build the images pushed.
+pub fn tools() -> [kiln_testkit::Need; 3] {
+    [
+        kiln_testkit::tool("docker-registry", "docker-registry"),
+        kiln_testkit::tool("skopeo", "skopeo"),
+        kiln_testkit::tool("busybox", "busybox-static"),
+    ]
 }
-pub(crate) use skip_unless_tools;
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

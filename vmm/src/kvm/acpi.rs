@@ -235,10 +235,13 @@ mod tests {
     /// Disassemble our DSDT with `iasl -d` when it is installed.
     #[test]
     fn iasl_disassembles_the_dsdt() {
-        let Ok(iasl) = which("iasl") else {
-            eprintln!("SKIP iasl_disassembles_the_dsdt: iasl is not installed (apt-get install acpica-tools)");
+        if !kiln_testkit::require(
+            "iasl_disassembles_the_dsdt",
+            &[kiln_testkit::tool("iasl", "acpica-tools")],
+        ) {
             return;
-        };
+        }
+        let iasl = which("iasl").expect("iasl is on PATH");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dsdt.aml");
         std::fs::write(&path, dsdt(&devs())).unwrap();
