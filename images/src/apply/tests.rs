@@ -260,7 +260,8 @@ fn applies_files_dirs_symlinks_and_hard_links() {
         ApplyStats {
             entries: 6,
             bytes: 5,
-            whiteouts: 0
+            whiteouts: 0,
+            holes: 0,
         }
     );
 
@@ -941,12 +942,16 @@ fn bad_input_gives_errors() {
     let err = sb
         .apply(&b"this is not a tar archive at all"[..].repeat(40))
         .unwrap_err();
-    assert!(matches!(err, ApplyError::Read { .. }), "{err}");
+    assert!(matches!(err, ApplyError::Malformed { .. }), "{err}");
+    assert!(err.to_string().contains("not a tar archive"), "{err}");
 
-    // Truncated in the middle of a file's contents.
+    // Truncated in the middle of a file's contents, or of a header.
     let tar = Layer::new().file("f", 0o644, &[7u8; 4000]).finish();
     let err = sb.apply(&tar[..1024]).unwrap_err();
+    assert!(matches!(err, ApplyError::Truncated { .. }), "{err}");
     assert!(err.to_string().contains("\"f\""), "{err}");
+    let err = sb.apply(&tar[..100]).unwrap_err();
+    assert!(matches!(err, ApplyError::Truncated { .. }), "{err}");
 
     // An unknown type flag.
     let tar = Layer::new()
