@@ -269,7 +269,19 @@ impl<'b, S: Source> TarReader<'b, S> {
         let mut header = tar::Header::new_old();
         let at = self.at();
         let context = || format!("in a header {at}");
-        if !self.fill(header.as_mut_bytes(), &context)? {
+        let filled = self.fill(header.as_mut_bytes(), &context);
+        let bytes = header.as_bytes();
+        if self.members == 0
+            && (bytes.starts_with(&[0x1f, 0x8b]) || bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]))
+        {
+            return Err(ApplyError::Malformed {
+                context: "at its start".to_owned(),
+                reason: "this is not a tar archive but a compressed one (gzip or zstd), \
+                         although its media type says uncompressed"
+                    .to_owned(),
+            });
+        }
+        if !filled? {
             self.end = End::Eof;
             return Ok(None);
         }
@@ -297,17 +309,10 @@ impl<'b, S: Source> TarReader<'b, S> {
         let stored = header.cksum().ok().map(i64::from);
         if stored != Some(unsigned) && stored != Some(signed) {
             return Err(if self.members == 0 {
-                let compressed = bytes.starts_with(&[0x1f, 0x8b])
-                    || bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]);
                 ApplyError::Malformed {
                     context: "at its start".to_owned(),
-                    reason: if compressed {
-                        "this is not a tar archive but a compressed one (gzip or zstd), \
-                         although its media type says uncompressed"
-                    } else {
-                        "this is not a tar archive (the first header's checksum is wrong)"
-                    }
-                    .to_owned(),
+                    reason: "this is not a tar archive (the first header's checksum is wrong)"
+                        .to_owned(),
                 }
             } else {
                 self.malformed("a header's checksum is wrong")
@@ -465,6 +470,12 @@ impl<'b, S: Source> TarReader<'b, S> {
         if matches!(kind.as_byte(), b'1' | b'2' | b'3' | b'4' | b'5' | b'6') {
             size = 0;
         }
+        // A size beyond what the layer or the image may still hold is
+        // refused from the header, before anything is written.
+        let image_total = self.budget.bytes().saturating_add(size);
+        check_claim(Limit::LayerBytes, size, self.limits.max_layer_bytes)
+            .and_then(|()| check_claim(Limit::ImageBytes, image_total, self.limits.max_image_bytes))
+            .map_err(|e| self.located(e, &there))?;
         self.remaining = size;
         self.padding = padding(size);
         let sparse = if kind.as_byte() == b'S' {
