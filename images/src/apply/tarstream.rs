@@ -296,16 +296,15 @@ impl<'b, S: Source> TarReader<'b, S> {
             return Ok(None);
         }
         let bytes = header.as_bytes();
-        let unsigned: i64 = bytes
-            .iter()
-            .enumerate()
-            .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { i64::from(b) })
-            .sum();
-        let signed: i64 = bytes
-            .iter()
-            .enumerate()
-            .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { i64::from(b as i8) })
-            .sum();
+        // The checksum field counts as spaces. Some old writers summed
+        // signed bytes; both are accepted (as Go does).
+        let (mut unsigned, mut signed) = (8 * 32i64, 8 * 32i64);
+        for (i, &b) in bytes.iter().enumerate() {
+            if !(148..156).contains(&i) {
+                unsigned += i64::from(b);
+                signed += i64::from(b as i8);
+            }
+        }
         let stored = header.cksum().ok().map(i64::from);
         if stored != Some(unsigned) && stored != Some(signed) {
             return Err(if self.members == 0 {
