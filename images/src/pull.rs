@@ -150,6 +150,8 @@ pub async fn resolve(
         &manifest_bytes,
         &format!("manifest {manifest_digest} of {r}"),
     )?;
+    // Before the config is fetched and the image recorded.
+    rootfs::check_layer_count(cache, manifest.layers.len(), &r.to_string())?;
     let config_bytes = match store::read_small_blob(cache, &manifest.config.digest) {
         Some(b) => b,
         None => {

@@ -21,6 +21,7 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
@@ -133,7 +134,9 @@ impl Case {
         cmd.args([self.test, "--exact", "--nocapture", "--test-threads=1"])
             .env(CHILD, &self.base)
             .env_remove("KILN_IMAGE_MAX_GB")
-            .env_remove("KILN_IMAGE_MAX_ENTRIES");
+            .env_remove("KILN_IMAGE_MAX_ENTRIES")
+            .env_remove("KILN_REGISTRY_CONFIG")
+            .env_remove("KILN_ROOTFS_FS");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -1093,5 +1096,125 @@ fn image_json_and_archive_headers_are_bounded() {
     drop(f);
     let out = case.convert(&archive, &[]);
     out.error(&["not a readable image tar", "GNU long name", "(1073741824 bytes)"]);
+    out.assert_peak_under(64 * MIB);
+}
+
+// ---------------------------------------------------------------------------
+// Registries
+
+/// A registry on 127.0.0.1 (a free port) that answers `GET path` with
+/// `routes[path]`, sent chunked (no `Content-Length`, so only the client's
+/// own bound stops it), and counts blob requests.
+fn fake_registry(routes: Vec<(String, Vec<u8>)>) -> (u16, std::sync::Arc<AtomicUsize>) {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let blobs = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = blobs.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut request = String::new();
+            if reader.read_line(&mut request).is_err() {
+                continue;
+            }
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).map(|n| n == 0).unwrap_or(true) || line == "\r\n" {
+                    break;
+                }
+            }
+            let mut parts = request.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            if path.contains("/blobs/") {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+            let _ = match routes.iter().find(|(p, _)| p == path) {
+                Some((_, body)) => {
+                    let mut out = b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+                    if method != "HEAD" {
+                        for chunk in body.chunks(64 << 10) {
+                            out.extend(format!("{:x}\r\n", chunk.len()).as_bytes());
+                            out.extend(chunk);
+                            out.extend(b"\r\n");
+                        }
+                        out.extend(b"0\r\n\r\n");
+                    }
+                    conn.write_all(&out)
+                }
+                None => conn.write_all(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                ),
+            };
+        }
+    });
+    (port, blobs)
+}
+
+fn manifest_json(config: (&str, u64), layers: &[(String, u64)]) -> Vec<u8> {
+    let layers: Vec<serde_json::Value> = layers
+        .iter()
+        .map(|(d, s)| serde_json::json!({"mediaType": TAR_GZ, "digest": d, "size": s}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config.0, "size": config.1},
+        "layers": layers,
+    }))
+    .unwrap()
+}
+
+/// From a registry: a manifest bigger than 4 MiB (sent without a length),
+/// a config whose descriptor says 5 MiB, and an image of 300 layers are all
+/// refused before anything else is fetched or recorded.
+#[test]
+fn registry_json_and_layer_count_are_bounded() {
+    let case = Case::new("registry_json_and_layer_count_are_bounded");
+    let env = |dir: &Path| -> Vec<(String, String)> {
+        vec![("DOCKER_CONFIG".into(), dir.display().to_string())]
+    };
+    let docker_config = case.base.join("input");
+    let env_owned = env(&docker_config);
+    let env: Vec<(&str, &str)> = env_owned
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let assert_nothing_recorded = || {
+        assert!(names(&case.cache().join("images")).is_empty());
+    };
+
+    let big = vec![b' '; (5 * MIB) as usize];
+    let (port, blobs) = fake_registry(vec![("/v2/hostile/manifests/v1".into(), big)]);
+    let image = PathBuf::from(format!("127.0.0.1:{port}/hostile:v1"));
+    let out = case.convert(&image, &env);
+    out.error(&["manifest v1", "larger than the 4194304 bytes allowed"]);
+    assert_eq!(blobs.load(Ordering::SeqCst), 0);
+    assert_nothing_recorded();
+
+    let config = config_json(&[some_diff_id()]);
+    let manifest = manifest_json((&sha256(&config), 5 * MIB), &[(some_diff_id(), 100)]);
+    let (port, blobs) = fake_registry(vec![("/v2/hostile/manifests/v1".into(), manifest)]);
+    let image = PathBuf::from(format!("127.0.0.1:{port}/hostile:v1"));
+    let out = case.convert(&image, &env);
+    out.error(&["config", "5242880 bytes is more than the 4 MiB allowed"]);
+    assert_eq!(blobs.load(Ordering::SeqCst), 0);
+    assert_nothing_recorded();
+
+    let layers: Vec<(String, u64)> = (0..300).map(|i| (sha256(&[i as u8, 1]), 100)).collect();
+    let diff_ids: Vec<String> = (0..300).map(|i| sha256(&[i as u8, 2])).collect();
+    let config = config_json(&diff_ids);
+    let manifest = manifest_json((&sha256(&config), config.len() as u64), &layers);
+    let (port, blobs) = fake_registry(vec![
+        ("/v2/hostile/manifests/v1".into(), manifest),
+        (format!("/v2/hostile/blobs/{}", sha256(&config)), config),
+    ]);
+    let image = PathBuf::from(format!("127.0.0.1:{port}/hostile:v1"));
+    let out = case.convert(&image, &env);
+    out.error(&["300 layers: more than the 256 kiln allows"]);
+    assert_eq!(blobs.load(Ordering::SeqCst), 0, "no blob is fetched");
+    assert_nothing_recorded();
     out.assert_peak_under(64 * MIB);
 }
