@@ -70,7 +70,11 @@ impl TarIndex {
 
     fn reader(&self, name: &str) -> Result<(impl Read, u64), ImageError> {
         let &(pos, size) = self.files.get(&norm(name)).ok_or_else(|| {
-            ImageError::NotFound(format!("{} has no file {}", self.path.display(), quote(name)))
+            ImageError::NotFound(format!(
+                "{} has no file {}",
+                self.path.display(),
+                quote(name)
+            ))
         })?;
         let mut f = File::open(&self.path).map_err(|e| ImageError::io("open", &self.path, e))?;
         f.seek(SeekFrom::Start(pos))
@@ -210,7 +214,10 @@ fn plan_legacy(ix: &TarIndex, tag: Option<&str>) -> Result<(ImageConfig, Plan), 
         let d = Descriptor {
             // No media type: the compression is sniffed. The "digest" names
             // the layer in messages; the DiffID check verifies the content.
-            digest: format!("{} (DiffID {diff_id})", crate::trunc(name, crate::MAX_SHOWN)),
+            digest: format!(
+                "{} (DiffID {diff_id})",
+                crate::trunc(name, crate::MAX_SHOWN)
+            ),
             size,
             ..Descriptor::default()
         };

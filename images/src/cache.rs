@@ -207,7 +207,12 @@ fn writable_below(dir: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
         }
         // A directory (checked just above, in a tree only this process
         // writes): chmodat follows symlinks, but this is none.
-        rfs::chmodat(dir, name.as_slice(), Mode::from_raw_mode(0o700), AtFlags::empty())?;
+        rfs::chmodat(
+            dir,
+            name.as_slice(),
+            Mode::from_raw_mode(0o700),
+            AtFlags::empty(),
+        )?;
         let child = rfs::openat(dir, name.as_slice(), flags, Mode::empty())?;
         writable_below(std::os::fd::AsFd::as_fd(&child))?;
     }
@@ -261,6 +266,35 @@ mod tests {
         drop(t);
         assert!(!p.exists());
         assert_eq!(std::fs::read(dest).unwrap(), b"1");
+    }
+
+    #[test]
+    fn read_only_trees_are_made_removable() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let tree = root.path().join("tree");
+        let deep = tree.join("a/b/c");
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::write(deep.join("f"), b"x").unwrap();
+        std::os::unix::fs::symlink("/", tree.join("a/up")).unwrap();
+        for (d, mode) in [("a/b/c", 0o000), ("a/b", 0o555), ("a", 0o000)] {
+            std::fs::set_permissions(tree.join(d), std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        make_tree_writable(&tree).unwrap();
+        for d in ["a", "a/b", "a/b/c"] {
+            let mode = std::fs::metadata(tree.join(d))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o700, "{d}");
+        }
+        // The symlink was not followed.
+        assert_ne!(
+            std::fs::metadata("/").unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        remove_any(&tree).unwrap();
+        assert!(!tree.exists());
     }
 
     #[test]

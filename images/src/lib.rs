@@ -143,11 +143,17 @@ mod tests {
         let ctl = "\u{1}".repeat(10_000);
         assert!(quote(&ctl).len() < MAX_SHOWN + 40);
         let q = quote_bytes(&vec![b'x'; 5_000_000]);
-        assert!(q.len() < MAX_SHOWN + 40 && q.ends_with("(5000000 bytes)"), "{q}");
+        assert!(
+            q.len() < MAX_SHOWN + 40 && q.ends_with("(5000000 bytes)"),
+            "{q}"
+        );
         assert_eq!(quote_bytes(b"a\xffb"), "\"a\u{fffd}b\"");
         assert_eq!(trunc("short", 10), "short");
         let t = trunc(&"é".repeat(300), 201);
-        assert!(t.starts_with(&"é".repeat(100)) && t.ends_with("…(600 bytes)"), "{t}");
+        assert!(
+            t.starts_with(&"é".repeat(100)) && t.ends_with("…(600 bytes)"),
+            "{t}"
+        );
         let e = ImageError::Corrupt {
             what: "w".repeat(1 << 20),
             detail: "d".repeat(1 << 20),

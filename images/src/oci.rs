@@ -173,7 +173,10 @@ pub fn parse_manifest(bytes: &[u8], what: &str) -> Result<Manifest, ImageError> 
     let m: Manifest = parse_json(bytes, what)?;
     for d in std::iter::once(&m.config).chain(&m.layers) {
         if !crate::reference::is_sha256_digest(&d.digest) {
-            return Err(corrupt(what, &format!("bad digest {}", crate::quote(&d.digest))));
+            return Err(corrupt(
+                what,
+                &format!("bad digest {}", crate::quote(&d.digest)),
+            ));
         }
     }
     Ok(m)

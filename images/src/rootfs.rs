@@ -343,7 +343,11 @@ pub(crate) fn build_from_layout(
 }
 
 /// An error if an image has more layers than the cache's limits allow.
-pub(crate) fn check_layer_count(cache: &Cache, layers: usize, label: &str) -> Result<(), ImageError> {
+pub(crate) fn check_layer_count(
+    cache: &Cache,
+    layers: usize,
+    label: &str,
+) -> Result<(), ImageError> {
     let max = cache.limits().max_layers;
     if layers > max {
         return Err(ImageError::Corrupt {

@@ -129,7 +129,11 @@ impl Case {
     fn convert(&self, source: &Path, env: &[(&str, &str)]) -> Outcome {
         let before = snapshot(&self.base, &["cache", "source", "result"]);
         let _ = fs::remove_file(self.base.join("result"));
-        fs::write(self.base.join("source"), source.as_os_str().as_encoded_bytes()).unwrap();
+        fs::write(
+            self.base.join("source"),
+            source.as_os_str().as_encoded_bytes(),
+        )
+        .unwrap();
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.args([self.test, "--exact", "--nocapture", "--test-threads=1"])
             .env(CHILD, &self.base)
@@ -179,7 +183,12 @@ impl Outcome {
             Ok(p) => panic!("converted to {} instead of failing", p.display()),
             Err(e) => e.as_str(),
         };
-        assert!(e.len() < 1024, "error of {} bytes: {}", e.len(), &e[..2000.min(e.len())]);
+        assert!(
+            e.len() < 1024,
+            "error of {} bytes: {}",
+            e.len(),
+            &e[..2000.min(e.len())]
+        );
         for n in needles {
             assert!(e.contains(n), "error does not say {n:?}: {e}");
         }
@@ -195,7 +204,11 @@ impl Outcome {
     }
 
     fn assert_peak_under(&self, bound: u64) {
-        eprintln!("peak memory: {} MiB (bound {} MiB)", self.peak / MIB, bound / MIB);
+        eprintln!(
+            "peak memory: {} MiB (bound {} MiB)",
+            self.peak / MIB,
+            bound / MIB
+        );
         assert!(
             self.peak < bound,
             "peak memory {} MiB, more than the {} MiB allowed",
@@ -220,7 +233,13 @@ fn snapshot(root: &Path, skip: &[&str]) -> BTreeMap<PathBuf, String> {
             let link = fs::read_link(&p).ok();
             out.insert(
                 rel,
-                format!("{:o} {} {:?} {:?}", m.mode(), m.len(), link, m.modified().ok()),
+                format!(
+                    "{:o} {} {:?} {:?}",
+                    m.mode(),
+                    m.len(),
+                    link,
+                    m.modified().ok()
+                ),
             );
             if m.is_dir() {
                 walk(root, &p, skip, out);
@@ -494,9 +513,7 @@ fn pax_header_of_1_gib_is_refused_from_its_header() {
         }],
     );
     let out = case.convert(&case.input(), &[]);
-    out.error(&[
-        "PAX extended header (1073741824 bytes) exceeds kiln's limit of 1048576 bytes",
-    ]);
+    out.error(&["PAX extended header (1073741824 bytes) exceeds kiln's limit of 1048576 bytes"]);
     out.assert_peak_under(64 * MIB);
 }
 
@@ -611,7 +628,11 @@ fn sparse_file_of_2_gib_keeps_its_holes() {
     let f = direct.path().join("sparse");
     let m = fs::metadata(&f).unwrap();
     assert_eq!(m.len(), real);
-    assert!(m.blocks() * 512 <= 64 * KIB, "{} bytes allocated", m.blocks() * 512);
+    assert!(
+        m.blocks() * 512 <= 64 * KIB,
+        "{} bytes allocated",
+        m.blocks() * 512
+    );
     let mut head = [0u8; 4];
     let mut tail = [0u8; 4];
     let mut middle = [1u8; 4];
@@ -631,11 +652,19 @@ fn sparse_file_of_2_gib_keeps_its_holes() {
     let out = case.convert(&case.input(), &[]);
     let image = out.image();
     let allocated = fs::metadata(image).unwrap().blocks() * 512;
-    eprintln!("rootfs {}: {} KiB allocated", image.display(), allocated / KIB);
+    eprintln!(
+        "rootfs {}: {} KiB allocated",
+        image.display(),
+        allocated / KIB
+    );
     assert!(allocated < 16 * MIB, "rootfs takes {} MiB", allocated / MIB);
     let cache_total: u64 = walk_sizes(&case.cache());
     eprintln!("cache: {} KiB allocated", cache_total / KIB);
-    assert!(cache_total < 32 * MIB, "cache takes {} MiB", cache_total / MIB);
+    assert!(
+        cache_total < 32 * MIB,
+        "cache takes {} MiB",
+        cache_total / MIB
+    );
     out.assert_peak_under(64 * MIB);
 }
 
@@ -726,7 +755,10 @@ fn sparse_maps_with_millions_of_segments_are_refused() {
     }
     layout(&case.input(), &[layer(&tar, TAR_ZST)]);
     let out = case.convert(&case.input(), &[]);
-    out.error(&["a sparse file's map exceeds kiln's limit of 65536 segments", "\"old\""]);
+    out.error(&[
+        "a sparse file's map exceeds kiln's limit of 65536 segments",
+        "\"old\"",
+    ]);
     out.assert_peak_under(64 * MIB);
 }
 
@@ -847,7 +879,10 @@ fn hard_links_count_as_entries() {
     tar.extend(end());
     layout(&case.input(), &[layer(&tar, TAR_GZ)]);
     let out = case.convert(&case.input(), &[("KILN_IMAGE_MAX_ENTRIES", "1000")]);
-    out.error(&["the image's tar entries exceeds kiln's limit of 1000 entries", "\"link998\""]);
+    out.error(&[
+        "the image's tar entries exceeds kiln's limit of 1000 entries",
+        "\"link998\"",
+    ]);
     out.assert_peak_under(64 * MIB);
 }
 
@@ -900,12 +935,7 @@ fn huge_uid_gid_and_mtime() {
 #[test]
 fn plain_layer_cut_short_is_reported_as_truncated() {
     let case = Case::new("plain_layer_cut_short_is_reported_as_truncated");
-    let tar = [
-        file("a", &[b'a'; 3000]),
-        file("b", &[b'b'; 3000]),
-        end(),
-    ]
-    .concat();
+    let tar = [file("a", &[b'a'; 3000]), file("b", &[b'b'; 3000]), end()].concat();
     let full = layer(&tar, TAR);
     let digests = layout(&case.input(), &[full]);
     // Cut the blob in the layout, keeping its descriptor.
@@ -915,7 +945,12 @@ fn plain_layer_cut_short_is_reported_as_truncated() {
         .join(digests[0].trim_start_matches("sha256:"));
     fs::write(&blob, &tar[..2000]).unwrap();
     let out = case.convert(&case.input(), &[]);
-    out.error(&[&digests[0], "truncated", "2000 bytes", "descriptor says 8192"]);
+    out.error(&[
+        &digests[0],
+        "truncated",
+        "2000 bytes",
+        "descriptor says 8192",
+    ]);
 
     let diff_id = sha256(&tar);
     let config = config_json(std::slice::from_ref(&diff_id));
@@ -945,14 +980,20 @@ fn plain_layer_cut_short_is_reported_as_truncated() {
         &["l1/layer.tar"],
     );
     let out = case.convert(&archive, &[]);
-    out.error(&["l1/layer.tar", "without the end-of-archive marker", "truncated"]);
+    out.error(&[
+        "l1/layer.tar",
+        "without the end-of-archive marker",
+        "truncated",
+    ]);
     out.assert_peak_under(64 * MIB);
 }
 
 #[test]
 fn layers_that_are_not_tars() {
     let case = Case::new("layers_that_are_not_tars");
-    let junk: Vec<u8> = (0..100_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let junk: Vec<u8> = (0..100_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let digests = layout(
         &case.input(),
         &[Layer {
@@ -1091,11 +1132,16 @@ fn image_json_and_archive_headers_are_bounded() {
     out.error(&["manifest.json", "larger than 4 MiB"]);
 
     let mut f = fs::File::create(&archive).unwrap();
-    f.write_all(&block(&header(b'L', b"././@LongLink", GIB))).unwrap();
+    f.write_all(&block(&header(b'L', b"././@LongLink", GIB)))
+        .unwrap();
     f.write_all(&vec![b'a'; MIB as usize]).unwrap();
     drop(f);
     let out = case.convert(&archive, &[]);
-    out.error(&["not a readable image tar", "GNU long name", "(1073741824 bytes)"]);
+    out.error(&[
+        "not a readable image tar",
+        "GNU long name",
+        "(1073741824 bytes)",
+    ]);
     out.assert_peak_under(64 * MIB);
 }
 

@@ -82,6 +82,9 @@ impl DirFd {
     }
 }
 
+/// How many walked parent paths are remembered.
+const WALKED_CACHE: usize = 1 << 16;
+
 /// Copy buffer size for file contents.
 const COPY_BUFFER: usize = 128 * 1024;
 
@@ -104,6 +107,8 @@ pub(super) struct Applier<'b> {
     budget: &'b Budget,
     /// The length of the root's path, when `/proc` tells it.
     root_path_len: Option<usize>,
+    /// Extended attributes not applied (namespaces a layer may not set).
+    skipped_xattrs: u64,
 }
 
 impl<'b> Applier<'b> {
@@ -123,6 +128,7 @@ impl<'b> Applier<'b> {
             buf: vec![0; COPY_BUFFER],
             budget,
             root_path_len: fd_path(fd.as_fd()).ok().map(|p| p.len()),
+            skipped_xattrs: 0,
             root: fd,
         })
     }
@@ -136,6 +142,13 @@ impl<'b> Applier<'b> {
             self.apply_entry(&mut reader, &member, &shown)?;
         }
         self.finish()?;
+        if self.skipped_xattrs > 0 {
+            tracing::warn!(
+                "skipped {} extended attributes (outside the user, security and POSIX ACL \
+                 namespaces, or user.* on symlinks)",
+                self.skipped_xattrs
+            );
+        }
         Ok((self.stats, reader.end()))
     }
 
@@ -295,6 +308,10 @@ impl<'b> Applier<'b> {
                 Err(e) => return Err(io_err(shown, "open a parent directory", e)),
             }
         }
+        // A cache only: bounded, as a layer's directories are not.
+        if self.walked.len() >= WALKED_CACHE {
+            self.walked.clear();
+        }
         self.walked.insert(parent_key);
         Ok(cur)
     }
@@ -348,7 +365,7 @@ impl<'b> Applier<'b> {
         let root = self.root.as_fd();
         let id = dev_ino(&fsops::fstat(root).map_err(|e| io_err(shown, "stat the root", e))?);
         self.chown_fd(root, meta, shown)?;
-        set_xattrs_fd(root, meta, shown)?;
+        self.skipped_xattrs += set_xattrs_fd(root, meta, shown)?;
         self.dirs.insert(
             Vec::new(),
             DirMeta {
@@ -390,7 +407,7 @@ impl<'b> Applier<'b> {
             self.touched.insert(parent.key(name), Origin::Created);
         }
         self.chown_fd(fd.as_fd(), &meta, shown)?;
-        set_xattrs_fd(fd.as_fd(), &meta, shown)?;
+        self.skipped_xattrs += set_xattrs_fd(fd.as_fd(), &meta, shown)?;
         self.dirs.insert(
             path.key(),
             DirMeta {
@@ -450,7 +467,7 @@ impl<'b> Applier<'b> {
         self.chown_fd(file.as_fd(), meta, shown)?;
         rfs::fchmod(&file, Mode::from_raw_mode(meta.mode))
             .map_err(|e| io_err(shown, "set the file mode", e.into()))?;
-        set_xattrs_fd(file.as_fd(), meta, shown)?;
+        self.skipped_xattrs += set_xattrs_fd(file.as_fd(), meta, shown)?;
         rfs::futimens(&file, &meta.times())
             .map_err(|e| io_err(shown, "set the file times", e.into()))?;
         self.stats.entries += 1;
@@ -504,7 +521,7 @@ impl<'b> Applier<'b> {
         self.chown_at(dir, name, meta, shown)?;
         fsops::chmod_at_not_symlink(dir, name, meta.mode)
             .map_err(|e| io_err(shown, "set the mode", e))?;
-        set_xattrs_at(dir, name, meta, false, shown)?;
+        self.skipped_xattrs += set_xattrs_at(dir, name, meta, false, shown)?;
         rfs::utimensat(dir, name, &meta.times(), AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| io_err(shown, "set the times", e.into()))?;
         self.stats.entries += 1;
@@ -531,7 +548,7 @@ impl<'b> Applier<'b> {
             .map_err(|e| io_err(shown, "create the symlink", e.into()))?;
         self.touched.insert(parent.key(name), Origin::Created);
         self.chown_at(dir, name, meta, shown)?;
-        set_xattrs_at(dir, name, meta, true, shown)?;
+        self.skipped_xattrs += set_xattrs_at(dir, name, meta, true, shown)?;
         rfs::utimensat(dir, name, &meta.times(), AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| io_err(shown, "set the symlink times", e.into()))?;
         self.stats.entries += 1;
@@ -709,7 +726,10 @@ impl<'b> Applier<'b> {
                 if below.len() > limits.max_path_bytes {
                     return Err(too_deep(super::Limit::PathBytes, Some(below.len() as u64)));
                 }
-                let depth = below.split(|&b| b == b'/').filter(|c| !c.is_empty()).count();
+                let depth = below
+                    .split(|&b| b == b'/')
+                    .filter(|c| !c.is_empty())
+                    .count();
                 if depth > limits.max_path_depth {
                     return Err(too_deep(super::Limit::PathDepth, Some(depth as u64)));
                 }
@@ -801,10 +821,12 @@ fn xattr_allowed(name: &[u8]) -> bool {
         || name == b"system.posix_acl_default"
 }
 
-fn set_xattrs_fd(fd: BorrowedFd<'_>, meta: &Meta, shown: &str) -> Result<(), ApplyError> {
+fn set_xattrs_fd(fd: BorrowedFd<'_>, meta: &Meta, shown: &str) -> Result<u64, ApplyError> {
+    let mut skipped = 0;
     for (name, value) in &meta.xattrs {
         if !xattr_allowed(name) {
-            tracing::warn!(path = shown, xattr = %String::from_utf8_lossy(name), "skipping extended attribute");
+            tracing::debug!(path = shown, xattr = %quote_bytes(name), "skipping extended attribute");
+            skipped += 1;
             continue;
         }
         rfs::fsetxattr(fd, name.as_slice(), value, rfs::XattrFlags::empty()).map_err(|e| {
@@ -815,7 +837,7 @@ fn set_xattrs_fd(fd: BorrowedFd<'_>, meta: &Meta, shown: &str) -> Result<(), App
             }
         })?;
     }
-    Ok(())
+    Ok(skipped)
 }
 
 fn set_xattrs_at(
@@ -824,11 +846,13 @@ fn set_xattrs_at(
     meta: &Meta,
     is_symlink: bool,
     shown: &str,
-) -> Result<(), ApplyError> {
+) -> Result<u64, ApplyError> {
+    let mut skipped = 0;
     for (key, value) in &meta.xattrs {
         // Linux refuses user.* attributes on symlinks.
         if !xattr_allowed(key) || (is_symlink && key.starts_with(b"user.")) {
-            tracing::warn!(path = shown, xattr = %String::from_utf8_lossy(key), "skipping extended attribute");
+            tracing::debug!(path = shown, xattr = %quote_bytes(key), "skipping extended attribute");
+            skipped += 1;
             continue;
         }
         fsops::lsetxattr_at(dir, name, key, value).map_err(|e| ApplyError::Xattr {
@@ -837,7 +861,7 @@ fn set_xattrs_at(
             source: e,
         })?;
     }
-    Ok(())
+    Ok(skipped)
 }
 
 /// Reads an entry's metadata from its header and PAX records.

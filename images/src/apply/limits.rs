@@ -87,7 +87,9 @@ impl Limits {
         if let Ok(v) = std::env::var("KILN_IMAGE_MAX_ENTRIES") {
             match v.trim().parse::<u64>() {
                 Ok(n) if n > 0 => limits.max_entries = n,
-                _ => tracing::warn!("ignoring KILN_IMAGE_MAX_ENTRIES={v:?}: not a positive integer"),
+                _ => {
+                    tracing::warn!("ignoring KILN_IMAGE_MAX_ENTRIES={v:?}: not a positive integer")
+                }
             }
         }
         limits

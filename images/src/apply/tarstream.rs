@@ -232,7 +232,11 @@ impl<'b, S: Source> TarReader<'b, S> {
     }
 
     /// Reads exactly `buf.len()` bytes of data, which must be there.
-    fn fill_data(&mut self, buf: &mut [u8], context: &dyn Fn() -> String) -> Result<(), ApplyError> {
+    fn fill_data(
+        &mut self,
+        buf: &mut [u8],
+        context: &dyn Fn() -> String,
+    ) -> Result<(), ApplyError> {
         if buf.is_empty() || self.fill(buf, context)? {
             Ok(())
         } else {
@@ -244,10 +248,7 @@ impl<'b, S: Source> TarReader<'b, S> {
         if n == 0 {
             return Ok(());
         }
-        let skipped = self
-            .src
-            .skip(n)
-            .map_err(|e| super::from_io(e, context()))?;
+        let skipped = self.src.skip(n).map_err(|e| super::from_io(e, context()))?;
         self.offset += skipped;
         if skipped < n {
             return Err(ApplyError::Truncated { context: context() });
@@ -362,9 +363,7 @@ impl<'b, S: Source> TarReader<'b, S> {
                 return Ok(None);
             };
             let at = self.at();
-            self.budget
-                .add_entry()
-                .map_err(|e| self.located(e, &at))?;
+            self.budget.add_entry().map_err(|e| self.located(e, &at))?;
             self.members += 1;
             let size = self.size_field(&header)?;
             match header.entry_type().as_byte() {
@@ -414,11 +413,10 @@ impl<'b, S: Source> TarReader<'b, S> {
     ) -> Result<Member, ApplyError> {
         let at = self.at();
         let records = match pax {
-            Some(data) => parse_pax(data, self.limits.max_pax_records)
-                .map_err(|e| match e {
-                    PaxError::Malformed(reason) => self.malformed(reason),
-                    PaxError::Limit(e) => self.located(e, &at),
-                })?,
+            Some(data) => parse_pax(data, self.limits.max_pax_records).map_err(|e| match e {
+                PaxError::Malformed(reason) => self.malformed(reason),
+                PaxError::Limit(e) => self.located(e, &at),
+            })?,
             None => Vec::new(),
         };
         let mut path = header.path_bytes().into_owned();
@@ -434,8 +432,8 @@ impl<'b, S: Source> TarReader<'b, S> {
                 b"path" => path = value.to_vec(),
                 b"linkpath" => link = value.to_vec(),
                 b"size" => {
-                    size = parse_decimal(value)
-                        .ok_or_else(|| self.malformed("bad PAX size record"))?
+                    size =
+                        parse_decimal(value).ok_or_else(|| self.malformed("bad PAX size record"))?
                 }
                 k if KEPT_PAX_KEYS.contains(&k) || k.starts_with(PAX_XATTR_PREFIX) => {
                     kept.push((key.to_vec(), value.to_vec()))
@@ -515,7 +513,11 @@ impl<'b, S: Source> TarReader<'b, S> {
         check_claim(Limit::PathBytes, link.len() as u64, max)?;
         for name in [path, link] {
             let depth = name.split(|&b| b == b'/').filter(|c| !c.is_empty()).count();
-            check_claim(Limit::PathDepth, depth as u64, self.limits.max_path_depth as u64)?;
+            check_claim(
+                Limit::PathDepth,
+                depth as u64,
+                self.limits.max_path_depth as u64,
+            )?;
         }
         self.name_bytes += (path.len() + link.len()) as u64;
         check_claim(
@@ -533,9 +535,9 @@ impl<'b, S: Source> TarReader<'b, S> {
         _stored: u64,
         shown: &str,
     ) -> Result<Sparse, ApplyError> {
-        let gnu = header
-            .as_gnu()
-            .ok_or_else(|| self.malformed(format!("entry {shown}: sparse, but not a GNU header")))?;
+        let gnu = header.as_gnu().ok_or_else(|| {
+            self.malformed(format!("entry {shown}: sparse, but not a GNU header"))
+        })?;
         let max = self.limits.max_sparse_segments;
         let real_size = gnu
             .real_size()
@@ -687,7 +689,9 @@ impl<'b, S: Source> TarReader<'b, S> {
         if self.remaining == 0 || buf.is_empty() {
             return Ok(0);
         }
-        let want = buf.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        let want = buf
+            .len()
+            .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
         loop {
             match self.src.read(&mut buf[..want]) {
                 Ok(0) => {
@@ -736,6 +740,9 @@ fn parse_decimal(s: &[u8]) -> Option<u64> {
     std::str::from_utf8(s).ok()?.parse().ok()
 }
 
+/// A PAX record's key and value.
+type PaxRecord<'a> = (&'a [u8], &'a [u8]);
+
 enum PaxError {
     Malformed(String),
     Limit(ApplyError),
@@ -744,7 +751,7 @@ enum PaxError {
 /// Splits PAX extended header data into `(key, value)` records
 /// (`"%d %s=%s\n"`, the length counting the whole record). Values may hold
 /// any byte, newlines included (extended attributes are binary).
-fn parse_pax(data: &[u8], max_records: usize) -> Result<Vec<(&[u8], &[u8])>, PaxError> {
+fn parse_pax(data: &[u8], max_records: usize) -> Result<Vec<PaxRecord<'_>>, PaxError> {
     let malformed = || PaxError::Malformed("malformed PAX record".to_owned());
     let mut records = Vec::new();
     let mut rest = data;
@@ -819,14 +826,20 @@ impl GnuSparsePax {
                 if value.is_empty() {
                     return Ok(());
                 }
-                let numbers: Vec<&[u8]> = value.split(|&b| b == b',').collect();
-                if numbers.len() % 2 != 0 {
-                    return Err(bad());
-                }
-                if numbers.len() / 2 > max {
+                // Counted before the numbers are collected.
+                let count = value.iter().filter(|&&b| b == b',').count() + 1;
+                if count / 2 > max {
                     return Err(limit());
                 }
-                for pair in numbers.chunks(2) {
+                let numbers: Vec<&[u8]> = value.split(|&b| b == b',').collect();
+                let pairs = numbers.chunks_exact(2);
+                if !pairs.remainder().is_empty() {
+                    return Err(bad());
+                }
+                if pairs.len() > max {
+                    return Err(limit());
+                }
+                for pair in pairs {
                     let offset = parse_decimal(pair[0]).ok_or_else(bad)?;
                     let length = parse_decimal(pair[1]).ok_or_else(bad)?;
                     self.map.push((offset, length));
@@ -843,7 +856,8 @@ impl GnuSparsePax {
                 if self.map.len() >= max {
                     return Err(limit());
                 }
-                self.map.push((offset, parse_decimal(value).ok_or_else(bad)?));
+                self.map
+                    .push((offset, parse_decimal(value).ok_or_else(bad)?));
                 self.has_map = true;
             }
             _ => {}

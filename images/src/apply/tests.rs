@@ -1409,7 +1409,12 @@ fn sparse_files_from_gnu_tar_keep_their_holes() {
     let path = src.path().join("sparse");
     let size: u64 = 64 << 20;
     let runs: Vec<(u64, Vec<u8>)> = (0..30u64)
-        .map(|i| (i * (2 << 20) + i * 4096, vec![b'a' + (i % 26) as u8; 4096 + i as usize]))
+        .map(|i| {
+            (
+                i * (2 << 20) + i * 4096,
+                vec![b'a' + (i % 26) as u8; 4096 + i as usize],
+            )
+        })
         .collect();
     {
         use std::os::unix::fs::FileExt;
@@ -1433,15 +1438,31 @@ fn sparse_files_from_gnu_tar_keep_their_holes() {
             .args(["-cf", "-", "sparse"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert!(out.stdout.len() < 1 << 20, "{args:?}: tar did not make it sparse");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stdout.len() < 1 << 20,
+            "{args:?}: tar did not make it sparse"
+        );
         let sb = Sandbox::new();
-        let stats = sb.apply(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        let stats = sb
+            .apply(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
         let m = lmeta(&sb.p("sparse"));
         assert_eq!(m.len(), size, "{args:?}");
-        assert!(stats.holes > 0 && stats.bytes < 2 << 20, "{args:?}: {stats:?}");
+        assert!(
+            stats.holes > 0 && stats.bytes < 2 << 20,
+            "{args:?}: {stats:?}"
+        );
         // Allocation rounds each run up to blocks; far below 64 MiB.
-        assert!(m.blocks() * 512 < 2 << 20, "{args:?}: {} bytes allocated", m.blocks() * 512);
+        assert!(
+            m.blocks() * 512 < 2 << 20,
+            "{args:?}: {} bytes allocated",
+            m.blocks() * 512
+        );
         let got = fs::read(sb.p("sparse")).unwrap();
         let mut want = vec![0u8; size as usize];
         for (off, data) in &runs {
@@ -1485,7 +1506,10 @@ fn bad_sparse_maps_are_errors() {
         (&[(u64::MAX - 10, 512)], u64::MAX, 512),  // overflow
     ] {
         let err = sb.apply(&sparse(segments, real, stored)).unwrap_err();
-        assert!(matches!(err, ApplyError::Malformed { .. }), "{segments:?}: {err}");
+        assert!(
+            matches!(err, ApplyError::Malformed { .. }),
+            "{segments:?}: {err}"
+        );
         assert!(err.to_string().contains("\"s\""), "{err}");
     }
     assert!(tree(&sb.root).is_empty());
@@ -1520,7 +1544,9 @@ fn limits_are_enforced_per_layer_and_per_image() {
         many.file(&format!("f{i}"), 0o644, b"");
     }
     assert_eq!(limit_of(apply(&many.finish())), Limit::Entries);
-    let long = Layer::new().file("a-name-longer-than-20", 0o644, b"").finish();
+    let long = Layer::new()
+        .file("a-name-longer-than-20", 0o644, b"")
+        .finish();
     assert_eq!(limit_of(apply(&long)), Limit::PathBytes);
     let deep = Layer::new().file("a/b/c/d", 0o644, b"").finish();
     assert_eq!(limit_of(apply(&deep)), Limit::PathDepth);
@@ -1542,11 +1568,20 @@ fn limits_are_enforced_per_layer_and_per_image() {
         max_entries: 3,
         ..Limits::default()
     });
-    let two = Layer::new().file("a", 0o644, b"").file("b", 0o644, b"").finish();
+    let two = Layer::new()
+        .file("a", 0o644, b"")
+        .file("b", 0o644, b"")
+        .finish();
     apply_layer_with(&sb.root, &two[..], &budget).unwrap();
     let err = apply_layer_with(&sb.root, &two[..], &budget).unwrap_err();
     assert!(
-        matches!(err, ApplyError::LimitExceeded { limit: Limit::Entries, .. }),
+        matches!(
+            err,
+            ApplyError::LimitExceeded {
+                limit: Limit::Entries,
+                ..
+            }
+        ),
         "{err}"
     );
     assert_eq!(budget.entries(), 4);
