@@ -187,7 +187,7 @@ impl Outcome {
             e.len() < 1024,
             "error of {} bytes: {}",
             e.len(),
-            &e[..2000.min(e.len())]
+            e.chars().take(2000).collect::<String>()
         );
         for n in needles {
             assert!(e.contains(n), "error does not say {n:?}: {e}");

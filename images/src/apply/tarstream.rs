@@ -476,7 +476,7 @@ impl<'b, S: Source> TarReader<'b, S> {
         self.remaining = size;
         self.padding = padding(size);
         let sparse = if kind.as_byte() == b'S' {
-            Some(self.old_gnu_sparse(&header, size, &shown)?)
+            Some(self.old_gnu_sparse(&header, &shown)?)
         } else if gnu.is_sparse() {
             if !matches!(kind.as_byte(), b'0' | b'\0' | b'7') {
                 return Err(self.malformed(format!("entry {shown}: a sparse map on a non-file")));
@@ -529,12 +529,7 @@ impl<'b, S: Source> TarReader<'b, S> {
 
     /// The map of an old GNU sparse member (type `S`): up to 4 segments in
     /// the header, then extension blocks of 21 each.
-    fn old_gnu_sparse(
-        &mut self,
-        header: &tar::Header,
-        _stored: u64,
-        shown: &str,
-    ) -> Result<Sparse, ApplyError> {
+    fn old_gnu_sparse(&mut self, header: &tar::Header, shown: &str) -> Result<Sparse, ApplyError> {
         let gnu = header.as_gnu().ok_or_else(|| {
             self.malformed(format!("entry {shown}: sparse, but not a GNU header"))
         })?;
