@@ -620,9 +620,9 @@ impl<'b, S: Source> TarReader<'b, S> {
             }
             if pos == block.len() {
                 if self.remaining < BLOCK {
-                    return Err(ApplyError::Truncated {
-                        context: format!("in the sparse map of entry {shown}"),
-                    });
+                    return Err(self.malformed(format!(
+                        "entry {shown}: its sparse map is longer than its data"
+                    )));
                 }
                 let context = || format!("in the sparse map of entry {shown}");
                 self.fill_data(&mut block, &context)?;

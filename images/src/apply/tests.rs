@@ -1586,3 +1586,30 @@ fn limits_are_enforced_per_layer_and_per_image() {
     );
     assert_eq!(budget.entries(), 4);
 }
+
+/// GNU long names and long links (as the `tar` crate's builder writes
+/// them for paths over 100 bytes) are applied like short ones.
+#[test]
+fn gnu_long_names_and_links() {
+    let sb = Sandbox::new();
+    let dir = format!("{}/{}", "d".repeat(120), "e".repeat(120));
+    let name = format!("{dir}/file");
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o644);
+    h.set_size(4);
+    h.set_entry_type(tar::EntryType::Regular);
+    b.append_data(&mut h, &name, &b"long"[..]).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_mode(0o777);
+    h.set_size(0);
+    b.append_link(&mut h, "short", &name).unwrap();
+    let tar = b.into_inner().unwrap();
+    assert!(tar.windows(13).any(|w| w == b"././@LongLink"));
+    let stats = sb.apply(&tar).unwrap();
+    assert_eq!(stats.entries, 2);
+    assert_eq!(fs::read(sb.p(&name)).unwrap(), b"long");
+    assert_eq!(fs::read_link(sb.p("short")).unwrap(), PathBuf::from(&name));
+    sb.assert_outside_clean();
+}
