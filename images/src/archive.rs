@@ -12,10 +12,15 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::apply::tarstream::{Seekable, TarReader};
+use crate::apply::{Budget, Limits};
 use crate::cache::Cache;
 use crate::oci::{self, Descriptor, ImageConfig};
 use crate::rootfs::{self, Rootfs};
-use crate::ImageError;
+use crate::{quote, ImageError};
+
+/// Entries an image tar may have: a `docker save` tar has a few per layer.
+const MAX_ARCHIVE_ENTRIES: u64 = 1 << 16;
 
 /// Regular files of a tar: name → (data offset, size).
 struct TarIndex {
@@ -30,21 +35,32 @@ fn norm(name: &str) -> String {
 }
 
 impl TarIndex {
+    /// Indexes the regular files of the tar at `path`, skipping their data
+    /// by seeking. The tar is as hostile as a layer: the same reader, with
+    /// the same bounds on names and headers, and at most
+    /// [`MAX_ARCHIVE_ENTRIES`] entries.
     fn open(path: &Path) -> Result<TarIndex, ImageError> {
-        let corrupt = |e: std::io::Error| ImageError::Corrupt {
+        let corrupt = |e: crate::apply::ApplyError| ImageError::Corrupt {
             what: path.display().to_string(),
-            detail: format!("not a readable tar: {e}"),
+            detail: format!("not a readable image tar: {e}"),
         };
         let f = File::open(path).map_err(|e| ImageError::io("open", path, e))?;
-        let mut ar = tar::Archive::new(f);
+        let src = Seekable::new(f).map_err(|e| ImageError::io("stat", path, e))?;
+        // Layer sizes are the layers' business, checked when applied.
+        let budget = Budget::new(Limits {
+            max_entries: MAX_ARCHIVE_ENTRIES,
+            max_layer_bytes: u64::MAX,
+            max_image_bytes: u64::MAX,
+            ..Limits::default()
+        });
+        let mut ar = TarReader::new(src, &budget);
         let mut files = HashMap::new();
-        for e in ar.entries_with_seek().map_err(corrupt)? {
-            let e = e.map_err(corrupt)?;
-            if e.header().entry_type() != tar::EntryType::Regular {
+        while let Some(e) = ar.next().map_err(corrupt)? {
+            if !matches!(e.kind.as_byte(), b'0' | b'\0' | b'7') || e.sparse.is_some() {
                 continue;
             }
-            let name = norm(&String::from_utf8_lossy(&e.path_bytes()));
-            files.insert(name, (e.raw_file_position(), e.size()));
+            let name = norm(&String::from_utf8_lossy(&e.path));
+            files.insert(name, (e.data_offset, e.size));
         }
         Ok(TarIndex {
             path: path.to_path_buf(),
@@ -54,7 +70,11 @@ impl TarIndex {
 
     fn reader(&self, name: &str) -> Result<(impl Read, u64), ImageError> {
         let &(pos, size) = self.files.get(&norm(name)).ok_or_else(|| {
-            ImageError::NotFound(format!("{} has no {name}", self.path.display()))
+            ImageError::NotFound(format!(
+                "{} has no file {}",
+                self.path.display(),
+                quote(name)
+            ))
         })?;
         let mut f = File::open(&self.path).map_err(|e| ImageError::io("open", &self.path, e))?;
         f.seek(SeekFrom::Start(pos))
@@ -189,12 +209,15 @@ fn plan_legacy(ix: &TarIndex, tag: Option<&str>) -> Result<(ImageConfig, Plan), 
             .get(&norm(name))
             .ok_or_else(|| ImageError::Corrupt {
                 what: what.clone(),
-                detail: format!("layer {name} is not in the archive"),
+                detail: format!("layer {} is not in the archive", quote(name)),
             })?;
         let d = Descriptor {
             // No media type: the compression is sniffed. The "digest" names
             // the layer in messages; the DiffID check verifies the content.
-            digest: name.clone(),
+            digest: format!(
+                "{} (DiffID {diff_id})",
+                crate::trunc(name, crate::MAX_SHOWN)
+            ),
             size,
             ..Descriptor::default()
         };
@@ -226,10 +249,20 @@ pub fn rootfs_from_archive(
     if let Some(r) = rootfs::cached_rootfs(cache, &chain_id, &config, label) {
         return Ok(r);
     }
-    rootfs::build_rootfs_with(cache, &config, label, |tree| {
+    rootfs::build_rootfs_with(cache, &config, label, |tree, budget| {
         for (name, d, diff_id) in &plan {
-            let (r, _) = ix.reader(name)?;
-            rootfs::apply_blob_reader(r, d, diff_id, tree, oci_form)?;
+            let (r, size) = ix.reader(name)?;
+            if size != d.size {
+                return Err(ImageError::Corrupt {
+                    what: format!("layer {}", d.digest),
+                    detail: format!(
+                        "the blob {} {size} bytes in the archive, its descriptor says {}",
+                        if size < d.size { "is truncated:" } else { "is" },
+                        d.size
+                    ),
+                });
+            }
+            rootfs::apply_blob_reader(r, d, diff_id, tree, oci_form, budget)?;
         }
         Ok(())
     })

@@ -8,12 +8,15 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use crate::apply::Limits;
 use crate::ImageError;
 
-/// The cache root and its sub-directories.
+/// The cache root and its sub-directories, and the limits images are
+/// converted into it under.
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
+    limits: Limits,
 }
 
 impl Cache {
@@ -31,6 +34,8 @@ impl Cache {
         home.join(".cache").join("kiln")
     }
 
+    /// Opens (creating what is missing) the cache at `root`; images are
+    /// converted under [`Limits::from_env`].
     pub fn open(root: impl Into<PathBuf>) -> Result<Cache, ImageError> {
         let root = root.into();
         for sub in [
@@ -46,7 +51,21 @@ impl Cache {
             std::fs::create_dir_all(&d)
                 .map_err(|e| ImageError::io("create cache directory", &d, e))?;
         }
-        Ok(Cache { root })
+        Ok(Cache {
+            root,
+            limits: Limits::from_env(),
+        })
+    }
+
+    /// The same cache, converting images under `limits`.
+    pub fn with_limits(mut self, limits: Limits) -> Cache {
+        self.limits = limits;
+        self
+    }
+
+    /// The limits images are converted under.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     pub fn root(&self) -> &Path {
@@ -151,11 +170,67 @@ impl Drop for TempDir {
 
 pub(crate) fn remove_any(p: &Path) -> std::io::Result<()> {
     match std::fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
+        Ok(m) if m.is_dir() => match std::fs::remove_dir_all(p) {
+            // A layer's read-only directories (mode 0555, 0000) stop a
+            // caller that is not root: make them writable, then again.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                make_tree_writable(p)?;
+                std::fs::remove_dir_all(p)
+            }
+            other => other,
+        },
         Ok(_) => std::fs::remove_file(p),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// `chmod 0700` every directory of the tree at `dir`, never following a
+/// symlink. Directories are opened relative to their parent, so a tree
+/// deeper than `PATH_MAX` is handled too; the recursion is as deep as the
+/// tree (bounded by the layer path depth limit).
+fn make_tree_writable(dir: &Path) -> std::io::Result<()> {
+    use rustix::fs::{self as rfs, Mode, OFlags};
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rfs::open(dir, flags, Mode::empty())?;
+    writable_below(std::os::fd::AsFd::as_fd(&fd))
+}
+
+fn writable_below(dir: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    for name in subdirs(dir)? {
+        let st = rfs::statat(dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+            continue;
+        }
+        // A directory (checked just above, in a tree only this process
+        // writes): chmodat follows symlinks, but this is none.
+        rfs::chmodat(
+            dir,
+            name.as_slice(),
+            Mode::from_raw_mode(0o700),
+            AtFlags::empty(),
+        )?;
+        let child = rfs::openat(dir, name.as_slice(), flags, Mode::empty())?;
+        writable_below(std::os::fd::AsFd::as_fd(&child))?;
+    }
+    Ok(())
+}
+
+/// The names in a directory, without `.` and `..`.
+fn subdirs(dir: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Vec<Vec<u8>>> {
+    let mut names = Vec::new();
+    let mut entries = rustix::fs::Dir::read_from(dir)?;
+    while let Some(entry) = entries.read() {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            names.push(name.to_vec());
+        }
+    }
+    Ok(names)
 }
 
 fn nanos() -> u128 {
@@ -191,6 +266,35 @@ mod tests {
         drop(t);
         assert!(!p.exists());
         assert_eq!(std::fs::read(dest).unwrap(), b"1");
+    }
+
+    #[test]
+    fn read_only_trees_are_made_removable() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let tree = root.path().join("tree");
+        let deep = tree.join("a/b/c");
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::write(deep.join("f"), b"x").unwrap();
+        std::os::unix::fs::symlink("/", tree.join("a/up")).unwrap();
+        for (d, mode) in [("a/b/c", 0o000), ("a/b", 0o555), ("a", 0o000)] {
+            std::fs::set_permissions(tree.join(d), std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        make_tree_writable(&tree).unwrap();
+        for d in ["a", "a/b", "a/b/c"] {
+            let mode = std::fs::metadata(tree.join(d))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o700, "{d}");
+        }
+        // The symlink was not followed.
+        assert_ne!(
+            std::fs::metadata("/").unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        remove_any(&tree).unwrap();
+        assert!(!tree.exists());
     }
 
     #[test]

@@ -155,7 +155,7 @@ pub fn parse_image_config(
         .iter()
         .find(|d| !crate::reference::is_sha256_digest(d))
     {
-        return Err(corrupt(what, &format!("bad DiffID {bad:?}")));
+        return Err(corrupt(what, &format!("bad DiffID {}", crate::quote(bad))));
     }
     let c = raw.config.unwrap_or_default();
     Ok(ImageConfig {
@@ -173,7 +173,10 @@ pub fn parse_manifest(bytes: &[u8], what: &str) -> Result<Manifest, ImageError> 
     let m: Manifest = parse_json(bytes, what)?;
     for d in std::iter::once(&m.config).chain(&m.layers) {
         if !crate::reference::is_sha256_digest(&d.digest) {
-            return Err(corrupt(what, &format!("bad digest {:?}", d.digest)));
+            return Err(corrupt(
+                what,
+                &format!("bad digest {}", crate::quote(&d.digest)),
+            ));
         }
     }
     Ok(m)
@@ -255,6 +258,14 @@ fn parse_json<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<
 fn read_limited(p: &Path) -> Result<Vec<u8>, ImageError> {
     use std::io::Read;
     let f = std::fs::File::open(p).map_err(|e| ImageError::io("open", p, e))?;
+    // Not a FIFO (a read would wait forever) or a device.
+    let m = f.metadata().map_err(|e| ImageError::io("stat", p, e))?;
+    if !m.is_file() {
+        return Err(corrupt(&p.display().to_string(), "not a regular file"));
+    }
+    if m.len() > MAX_JSON {
+        return Err(corrupt(&p.display().to_string(), "larger than 4 MiB"));
+    }
     let mut v = Vec::new();
     f.take(MAX_JSON + 1)
         .read_to_end(&mut v)

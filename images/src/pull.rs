@@ -150,6 +150,8 @@ pub async fn resolve(
         &manifest_bytes,
         &format!("manifest {manifest_digest} of {r}"),
     )?;
+    // Before the config is fetched and the image recorded.
+    rootfs::check_layer_count(cache, manifest.layers.len(), &r.to_string())?;
     let config_bytes = match store::read_small_blob(cache, &manifest.config.digest) {
         Some(b) => b,
         None => {
@@ -171,7 +173,10 @@ pub async fn resolve(
         manifest: manifest_digest,
         config: manifest.config.digest.clone(),
         layers: manifest.layers.iter().map(|l| l.digest.clone()).collect(),
-        size: manifest.layers.iter().map(|l| l.size).sum(),
+        size: manifest
+            .layers
+            .iter()
+            .fold(0u64, |total, l| total.saturating_add(l.size)),
         chain_id: crate::apply::chain_id(&config.diff_ids),
         resolved_at: store::now(),
     };
@@ -240,6 +245,8 @@ pub async fn build_rootfs(
     if let Some(rf) = rootfs::cached_rootfs(cache, &img.record.chain_id, &img.config, &label) {
         return Ok(rf);
     }
+    // Before any download.
+    rootfs::check_layer_count(cache, img.manifest.layers.len(), &label)?;
     let pinned = r.with_digest(&img.record.digest);
     let slots = Arc::new(tokio::sync::Semaphore::new(
         reg.config().max_concurrent_downloads.max(1),
@@ -261,7 +268,7 @@ pub async fn build_rootfs(
     let rt = tokio::runtime::Handle::current();
     let (cache2, img2, label2) = (cache.clone(), img.clone(), label.clone());
     let built = tokio::task::spawn_blocking(move || {
-        rootfs::build_rootfs_with(&cache2, &img2.config, &label2, |tree| {
+        rootfs::build_rootfs_with(&cache2, &img2.config, &label2, |tree, budget| {
             let layers = img2.manifest.layers.iter().zip(&img2.config.diff_ids);
             for ((layer, diff_id), h) in layers.zip(downloads) {
                 let path = rt.block_on(h).map_err(|e| ImageError::Corrupt {
@@ -269,7 +276,7 @@ pub async fn build_rootfs(
                     detail: format!("download task: {e}"),
                 })??;
                 progress.stage(&format!("applying layer {}", short(&layer.digest)));
-                rootfs::apply_blob_file(&path, layer, diff_id, tree, false)?;
+                rootfs::apply_blob_file(&path, layer, diff_id, tree, false, budget)?;
             }
             progress.stage("building the root filesystem");
             Ok(())

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::apply;
+use crate::apply::{self, Budget};
 use crate::cache::Cache;
 use crate::oci::{Descriptor, ImageConfig, LayoutImage};
 use crate::reference::Reference;
@@ -212,8 +212,15 @@ impl RootfsFormat {
     }
 
     pub fn make(self, tree: &Path, out: &Path) -> Result<(), ImageError> {
+        self.make_tree(tree, out, false)
+    }
+
+    /// [`make`](Self::make); `sparse`: the tree has sparse files, whose
+    /// holes must stay holes in the image.
+    pub fn make_tree(self, tree: &Path, out: &Path, sparse: bool) -> Result<(), ImageError> {
         match self {
-            RootfsFormat::Erofs => make_erofs(tree, out),
+            RootfsFormat::Erofs => erofs(tree, out, sparse),
+            // mke2fs -d keeps holes (SEEK_DATA/SEEK_HOLE).
             RootfsFormat::Ext4 => make_ext4(tree, out),
         }
     }
@@ -257,13 +264,16 @@ pub fn cached_rootfs(
 }
 
 /// Build (once, under a lock) the rootfs of `config.diff_ids`: `apply`
-/// applies the layers into the empty tree it is given.
+/// applies the layers into the empty tree it is given, counting against the
+/// budget it is given (the cache's [`Limits`](crate::apply::Limits), for this
+/// one image). On any error nothing is left in the cache.
 pub fn build_rootfs_with(
     cache: &Cache,
     config: &ImageConfig,
     label: &str,
-    apply: impl FnOnce(&Path) -> Result<(), ImageError>,
+    apply: impl FnOnce(&Path, &Budget) -> Result<(), ImageError>,
 ) -> Result<Rootfs, ImageError> {
+    check_layer_count(cache, config.diff_ids.len(), label)?;
     let format = RootfsFormat::from_env();
     let chain_id = apply::chain_id(&config.diff_ids);
     let (image_path, meta_path) = paths_for(cache, &chain_id, format);
@@ -289,10 +299,11 @@ pub fn build_rootfs_with(
     let tmp = cache.temp_dir("rootfs")?;
     let tree = tmp.path().join("tree");
     std::fs::create_dir(&tree).map_err(|e| ImageError::io("create", &tree, e))?;
-    apply(&tree)?;
+    let budget = Budget::new(*cache.limits());
+    apply(&tree, &budget)?;
     let t1 = std::time::Instant::now();
     let out = tmp.path().join(format!("rootfs.{}", format.fstype()));
-    format.make(&tree, &out)?;
+    format.make_tree(&tree, &out, budget.holes() > 0)?;
     tracing::info!(
         "{label}: layers applied in {:.2} s, {} built in {:.2} s",
         (t1 - t0).as_secs_f64(),
@@ -322,13 +333,29 @@ pub(crate) fn build_from_layout(
     img: &LayoutImage,
     label: &str,
 ) -> Result<Rootfs, ImageError> {
-    build_rootfs_with(cache, &img.config, label, |tree| {
+    build_rootfs_with(cache, &img.config, label, |tree, budget| {
         for (layer, diff_id) in img.manifest.layers.iter().zip(&img.config.diff_ids) {
             let path = img.blob_path(layer)?;
-            apply_blob_file(&path, layer, diff_id, tree, true)?;
+            apply_blob_file(&path, layer, diff_id, tree, true, budget)?;
         }
         Ok(())
     })
+}
+
+/// An error if an image has more layers than the cache's limits allow.
+pub(crate) fn check_layer_count(
+    cache: &Cache,
+    layers: usize,
+    label: &str,
+) -> Result<(), ImageError> {
+    let max = cache.limits().max_layers;
+    if layers > max {
+        return Err(ImageError::Corrupt {
+            what: label.to_string(),
+            detail: format!("{layers} layers: more than the {max} kiln allows"),
+        });
+    }
+    Ok(())
 }
 
 /// Hashes what passes through, to check a blob against its digest.
@@ -351,26 +378,60 @@ impl<R: Read> Read for HashingReader<R> {
 
 /// Apply the layer blob at `path` to `tree`, checking the DiffID and, with
 /// `verify_blob`, the blob's digest (blobs in the cache were verified when
-/// they were downloaded); the size is always checked.
+/// they were downloaded); the size is always checked. Sizes count against
+/// `budget`.
 pub fn apply_blob_file(
     path: &Path,
     layer: &Descriptor,
     diff_id: &str,
     tree: &Path,
     verify_blob: bool,
+    budget: &Budget,
 ) -> Result<(), ImageError> {
     let file = std::fs::File::open(path).map_err(|e| ImageError::io("open layer blob", path, e))?;
-    apply_blob_reader(file, layer, diff_id, tree, verify_blob)
+    // Not a FIFO or a device someone put in a layout directory.
+    let meta = file
+        .metadata()
+        .map_err(|e| ImageError::io("stat layer blob", path, e))?;
+    if !meta.is_file() {
+        return Err(ImageError::Corrupt {
+            what: format!("layer {}", layer.digest),
+            detail: format!("{} is not a regular file", path.display()),
+        });
+    }
+    if meta.len() != layer.size {
+        return Err(ImageError::Corrupt {
+            what: format!("layer {}", layer.digest),
+            detail: if meta.len() < layer.size {
+                format!(
+                    "the blob is truncated: {} bytes, its descriptor says {}",
+                    meta.len(),
+                    layer.size
+                )
+            } else {
+                format!(
+                    "the blob is {} bytes, its descriptor says {}",
+                    meta.len(),
+                    layer.size
+                )
+            },
+        });
+    }
+    apply_blob_reader(file, layer, diff_id, tree, verify_blob, budget)
 }
 
 /// [`apply_blob_file`] for a blob read from anywhere. A layer without a
 /// media type (`docker save` archives) has its compression sniffed.
+///
+/// A blob that is not what its descriptor says (shorter, longer, another
+/// digest) is reported as such, before whatever the applier made of it.
 pub fn apply_blob_reader(
     blob: impl Read + Send,
     layer: &Descriptor,
     diff_id: &str,
     tree: &Path,
     verify_blob: bool,
+    budget: &Budget,
 ) -> Result<(), ImageError> {
     use std::io::BufRead;
     let wrap = |source| ImageError::Layer {
@@ -399,6 +460,9 @@ pub fn apply_blob_reader(
     let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(8);
     let (applied, hashing) = std::thread::scope(|s| {
         let producer = s.spawn(move || -> Result<_, ImageError> {
+            // Whether the applier read everything (else it failed: its error
+            // is the one to report, and the rest of the blob is not read).
+            let mut complete = true;
             {
                 let mut reader = apply::decompress(&mut hashing, compression).map_err(wrap)?;
                 loop {
@@ -415,16 +479,21 @@ pub fn apply_blob_reader(
                     }
                     buf.truncate(n);
                     if tx.send(Ok(buf)).is_err() {
-                        break; // the applier stopped
+                        complete = false; // the applier stopped
+                        break;
                     }
                 }
             }
             drop(tx);
-            // Whatever the decompressor left unread still belongs to the blob.
-            std::io::copy(&mut hashing, &mut std::io::sink()).map_err(read_err)?;
-            Ok(hashing.into_inner())
+            if complete {
+                // Whatever the decompressor left unread still belongs to
+                // the blob.
+                std::io::copy(&mut hashing, &mut std::io::sink()).map_err(read_err)?;
+            }
+            Ok((hashing.into_inner(), complete))
         });
-        let applied = apply::apply_layer_verified(tree, ChannelReader::new(rx), Some(diff_id));
+        let applied =
+            apply::apply_layer_verified_with(tree, ChannelReader::new(rx), Some(diff_id), budget);
         let hashing = producer.join().unwrap_or_else(|_| {
             Err(ImageError::Corrupt {
                 what: format!("layer {}", layer.digest),
@@ -433,12 +502,24 @@ pub fn apply_blob_reader(
         });
         (applied, hashing)
     });
-    let mut hashing = hashing?;
-    applied.map_err(wrap)?;
+    let (mut hashing, complete) = hashing?;
+    let applied = match applied {
+        Err(e) if !complete => return Err(wrap(e)),
+        other => other,
+    };
     let got = hashing
         .hasher
         .take()
         .map(|h| format!("sha256:{}", hex::encode(h.finalize())));
+    if hashing.bytes < layer.size {
+        return Err(ImageError::Corrupt {
+            what: format!("layer {}", layer.digest),
+            detail: format!(
+                "the blob is truncated: {} bytes, its descriptor says {}",
+                hashing.bytes, layer.size
+            ),
+        });
+    }
     if got.as_ref().is_some_and(|g| *g != layer.digest) || hashing.bytes != layer.size {
         return Err(ImageError::Corrupt {
             what: format!("layer {}", layer.digest),
@@ -450,6 +531,7 @@ pub fn apply_blob_reader(
             ),
         });
     }
+    applied.map_err(wrap)?;
     Ok(())
 }
 
@@ -504,11 +586,29 @@ impl Read for ChannelReader {
 
 /// `mkfs.erofs` (uncompressed) of `tree` into `out`.
 pub fn make_erofs(tree: &Path, out: &Path) -> Result<(), ImageError> {
+    erofs(tree, out, false)
+}
+
+/// `mkfs.erofs`; with `sparse`, chunk-based files (`--chunksize=4096`), in
+/// which a hole takes no space: without it, every byte of a 2 GiB sparse
+/// file is written into the image. (erofs-utils 1.5 still reads the holes,
+/// and dedups the zero chunks; hence [`Limits::max_hole_bytes`].)
+///
+/// [`Limits::max_hole_bytes`]: crate::apply::Limits::max_hole_bytes
+fn erofs(tree: &Path, out: &Path, sparse: bool) -> Result<(), ImageError> {
     let _ = std::fs::remove_file(out);
-    let o = Command::new("mkfs.erofs")
-        .arg("--quiet")
-        .arg(out)
-        .arg(tree)
+    let out = std::path::absolute(out).map_err(|e| ImageError::io("resolve", out, e))?;
+    let mut cmd = Command::new("mkfs.erofs");
+    cmd.arg("--quiet");
+    if sparse {
+        cmd.arg("--chunksize=4096");
+    }
+    // Run in the tree, so that the paths mkfs.erofs builds are the image's
+    // own (up to PATH_MAX), without the cache's prefix.
+    let o = cmd
+        .arg(&out)
+        .arg(".")
+        .current_dir(tree)
         .output()
         .map_err(|e| ImageError::Tool {
             tool: "mkfs.erofs".into(),
@@ -536,7 +636,9 @@ fn tree_usage(root: &Path) -> std::io::Result<(u64, u64)> {
             let e = e?;
             let m = e.path().symlink_metadata()?;
             entries += 1;
-            bytes += m.size().div_ceil(4096) * 4096;
+            // Allocated rather than apparent size: holes of sparse files
+            // take no space in the image either.
+            bytes += m.size().min(m.blocks() * 512).div_ceil(4096) * 4096;
             if m.is_dir() {
                 stack.push(e.path());
             }

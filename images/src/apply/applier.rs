@@ -1,10 +1,9 @@
 //! The apply loop: one pass over the tar entries, then a final pass that sets
 //! directory modes and times.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
@@ -12,8 +11,11 @@ use rustix::fs::{self as rfs, AtFlags, FileType, Gid, Mode, OFlags, Timespec, Ti
 use rustix::io::Errno;
 
 use super::fsops::{self, dev_ino, file_type};
+use super::limits::Budget;
 use super::path::{classify, EntryKind, LayerPath};
+use super::tarstream::{End, Member, Streamed, TarReader, PAX_XATTR_PREFIX};
 use super::{ApplyError, ApplyStats};
+use crate::quote_bytes;
 
 /// Identifies a directory entry: the device and inode of the directory that
 /// holds it, and its name. Unlike a path, this does not change when the
@@ -80,14 +82,14 @@ impl DirFd {
     }
 }
 
+/// How many walked parent paths are remembered.
+const WALKED_CACHE: usize = 1 << 16;
+
 /// Copy buffer size for file contents.
 const COPY_BUFFER: usize = 128 * 1024;
 
-/// The prefix of PAX records that carry extended attributes.
-const PAX_XATTR_PREFIX: &[u8] = b"SCHILY.xattr.";
-
 /// State while applying one layer.
-pub(super) struct Applier {
+pub(super) struct Applier<'b> {
     /// The root, opened for reading (so it can be `fchmod`ed too).
     root: OwnedFd,
     /// Whether to set owners (only root may give files away).
@@ -100,65 +102,65 @@ pub(super) struct Applier {
     dirs: BTreeMap<Vec<u8>, DirMeta>,
     stats: ApplyStats,
     buf: Vec<u8>,
+    /// The image's budget (holes are counted here; bytes and entries by the
+    /// reader).
+    budget: &'b Budget,
+    /// The length of the root's path, when `/proc` tells it.
+    root_path_len: Option<usize>,
+    /// Extended attributes not applied (namespaces a layer may not set).
+    skipped_xattrs: u64,
 }
 
-impl Applier {
+impl<'b> Applier<'b> {
     /// Opens `root`, which must be a directory.
-    pub(super) fn open(root: &Path) -> Result<Applier, ApplyError> {
+    pub(super) fn open(root: &Path, budget: &'b Budget) -> Result<Applier<'b>, ApplyError> {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
         let fd = rfs::open(root, flags, Mode::empty()).map_err(|e| ApplyError::OpenRoot {
             path: root.to_owned(),
             source: e.into(),
         })?;
         Ok(Applier {
-            root: fd,
             same_owner: rustix::process::geteuid().is_root(),
             touched: HashMap::new(),
             walked: HashSet::new(),
             dirs: BTreeMap::new(),
             stats: ApplyStats::default(),
             buf: vec![0; COPY_BUFFER],
+            budget,
+            root_path_len: fd_path(fd.as_fd()).ok().map(|p| p.len()),
+            skipped_xattrs: 0,
+            root: fd,
         })
     }
 
     /// Applies every entry of `tar`, then sets directory modes and times.
-    pub(super) fn run(mut self, tar: impl Read) -> Result<ApplyStats, ApplyError> {
-        let mut archive = tar::Archive::new(tar);
-        let entries = archive.entries().map_err(|source| ApplyError::Read {
-            context: "at its start".to_owned(),
-            source,
-        })?;
-        let mut last: Option<String> = None;
-        for entry in entries {
-            let mut entry = entry.map_err(|source| ApplyError::Read {
-                context: match &last {
-                    Some(path) => format!("after entry {path:?}"),
-                    None => "at its first entry".to_owned(),
-                },
-                source,
-            })?;
-            let shown = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-            self.apply_entry(&mut entry, &shown)?;
-            last = Some(shown);
+    /// Returns how the tar ended too.
+    pub(super) fn run(mut self, tar: impl Read) -> Result<(ApplyStats, End), ApplyError> {
+        let mut reader = TarReader::new(Streamed(tar), self.budget);
+        while let Some(member) = reader.next()? {
+            let shown = String::from_utf8_lossy(&member.path).into_owned();
+            self.apply_entry(&mut reader, &member, &shown)?;
         }
         self.finish()?;
-        Ok(self.stats)
+        if self.skipped_xattrs > 0 {
+            tracing::warn!(
+                "skipped {} extended attributes (outside the user, security and POSIX ACL \
+                 namespaces, or user.* on symlinks)",
+                self.skipped_xattrs
+            );
+        }
+        Ok((self.stats, reader.end()))
     }
 
     fn apply_entry<R: Read>(
         &mut self,
-        entry: &mut tar::Entry<'_, R>,
+        reader: &mut TarReader<'_, Streamed<R>>,
+        entry: &Member,
         shown: &str,
     ) -> Result<(), ApplyError> {
-        let entry_type = entry.header().entry_type();
-        if entry_type.is_pax_global_extensions() {
-            // Global PAX headers hold archive-wide defaults (comments, in
-            // practice); no layer tool relies on them.
-            tracing::debug!(path = shown, "skipping a global PAX header");
-            return Ok(());
-        }
-        let raw_path = entry.path_bytes().into_owned();
-        let path = LayerPath::parse(&raw_path).map_err(|reason| ApplyError::UnsafePath {
+        let entry_type = entry.kind;
+        let raw_path = &entry.path;
+        let path = LayerPath::parse(raw_path).map_err(|reason| ApplyError::UnsafePath {
             path: shown.to_owned(),
             reason: reason.to_owned(),
         })?;
@@ -199,21 +201,21 @@ impl Applier {
         }
         match entry_type {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                self.make_file(&parent, name, &path, &meta, entry, shown)
+                self.make_file(&parent, name, &path, &meta, reader, entry, shown)
             }
             tar::EntryType::Symlink => {
                 let target = link_name(entry, shown)?;
-                self.make_symlink(&parent, name, &path, &meta, &target, shown)
+                self.make_symlink(&parent, name, &path, &meta, target, shown)
             }
             tar::EntryType::Link => {
                 let target = link_name(entry, shown)?;
-                self.make_hardlink(&parent, name, &path, &target, shown)
+                self.make_hardlink(&parent, name, &path, target, shown)
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
                 let (kind, dev) = match entry_type {
                     tar::EntryType::Fifo => (FileType::Fifo, 0),
                     _ => {
-                        let header = entry.header();
+                        let header = &entry.header;
                         let major = header
                             .device_major()
                             .map_err(|e| bad_field(shown, "device major", &e))?;
@@ -281,8 +283,8 @@ impl Applier {
                             return Err(invalid(
                                 shown,
                                 format!(
-                                    "parent {:?} is a symlink to a missing directory",
-                                    String::from_utf8_lossy(&prefix)
+                                    "parent {} is a symlink to a missing directory",
+                                    quote_bytes(&prefix)
                                 ),
                             ))
                         }
@@ -290,6 +292,7 @@ impl Applier {
                     }
                     let fd = fsops::open_dir_nofollow(cur.fd.as_fd(), comp)
                         .map_err(|e| io_err(shown, "open a created parent directory", e))?;
+                    self.check_dir_depth(fd.as_fd(), shown)?;
                     // mkdirat's mode went through the umask.
                     rfs::fchmod(&fd, Mode::from_raw_mode(0o755)).map_err(|e| {
                         io_err(
@@ -304,6 +307,10 @@ impl Applier {
                 }
                 Err(e) => return Err(io_err(shown, "open a parent directory", e)),
             }
+        }
+        // A cache only: bounded, as a layer's directories are not.
+        if self.walked.len() >= WALKED_CACHE {
+            self.walked.clear();
         }
         self.walked.insert(parent_key);
         Ok(cur)
@@ -358,7 +365,7 @@ impl Applier {
         let root = self.root.as_fd();
         let id = dev_ino(&fsops::fstat(root).map_err(|e| io_err(shown, "stat the root", e))?);
         self.chown_fd(root, meta, shown)?;
-        set_xattrs_fd(root, meta, shown)?;
+        self.skipped_xattrs += set_xattrs_fd(root, meta, shown)?;
         self.dirs.insert(
             Vec::new(),
             DirMeta {
@@ -387,6 +394,9 @@ impl Applier {
         }
         let fd = fsops::open_dir_nofollow(parent.fd.as_fd(), name)
             .map_err(|e| io_err(shown, "open the directory", e))?;
+        if !merged {
+            self.check_dir_depth(fd.as_fd(), shown)?;
+        }
         let id =
             dev_ino(&fsops::fstat(fd.as_fd()).map_err(|e| io_err(shown, "stat the directory", e))?);
         if merged {
@@ -397,7 +407,7 @@ impl Applier {
             self.touched.insert(parent.key(name), Origin::Created);
         }
         self.chown_fd(fd.as_fd(), &meta, shown)?;
-        set_xattrs_fd(fd.as_fd(), &meta, shown)?;
+        self.skipped_xattrs += set_xattrs_fd(fd.as_fd(), &meta, shown)?;
         self.dirs.insert(
             path.key(),
             DirMeta {
@@ -411,15 +421,23 @@ impl Applier {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn make_file<R: Read>(
         &mut self,
         parent: &DirFd,
         name: &[u8],
         path: &LayerPath,
         meta: &Meta,
-        entry: &mut tar::Entry<'_, R>,
+        reader: &mut TarReader<'_, Streamed<R>>,
+        entry: &Member,
         shown: &str,
     ) -> Result<(), ApplyError> {
+        if let Some(sparse) = &entry.sparse {
+            // Counted before anything is written.
+            self.budget
+                .add_holes(sparse.hole_bytes())
+                .map_err(|e| at_entry(e, shown))?;
+        }
         self.clear_slot(parent, name, path, false, shown)?;
         let flags =
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
@@ -427,32 +445,60 @@ impl Applier {
             .map_err(|e| io_err(shown, "create the file", e.into()))?;
         self.touched.insert(parent.key(name), Origin::Created);
         let mut file = File::from(fd);
-        loop {
-            let n = match entry.read(&mut self.buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => {
-                    return Err(ApplyError::Read {
-                        context: format!("in the contents of entry {shown:?}"),
-                        source,
-                    })
+        match &entry.sparse {
+            None => self.copy_data(reader, &mut file, u64::MAX, shown)?,
+            Some(sparse) => {
+                // Each segment at its offset; what is between stays a hole.
+                for &(offset, length) in &sparse.segments {
+                    if length == 0 {
+                        continue;
+                    }
+                    file.seek(SeekFrom::Start(offset))
+                        .map_err(|e| io_err(shown, "seek in the sparse file", e))?;
+                    self.copy_data(reader, &mut file, length, shown)?;
                 }
-            };
-            let data = self.buf.get(..n).unwrap_or(&self.buf);
-            file.write_all(data)
-                .map_err(|e| io_err(shown, "write the file", e))?;
-            self.stats.bytes += data.len() as u64;
+                file.set_len(sparse.real_size)
+                    .map_err(|e| io_err(shown, "set the sparse file's size", e))?;
+                self.stats.holes += sparse.hole_bytes();
+            }
         }
         // Owner, then mode (chown clears setuid), then extended attributes
         // (writing and chown clear security.capability), then times.
         self.chown_fd(file.as_fd(), meta, shown)?;
         rfs::fchmod(&file, Mode::from_raw_mode(meta.mode))
             .map_err(|e| io_err(shown, "set the file mode", e.into()))?;
-        set_xattrs_fd(file.as_fd(), meta, shown)?;
+        self.skipped_xattrs += set_xattrs_fd(file.as_fd(), meta, shown)?;
         rfs::futimens(&file, &meta.times())
             .map_err(|e| io_err(shown, "set the file times", e.into()))?;
         self.stats.entries += 1;
+        Ok(())
+    }
+
+    /// Copies up to `limit` bytes of the entry's data (all of it with
+    /// `u64::MAX`) to `file`.
+    fn copy_data<R: Read>(
+        &mut self,
+        reader: &mut TarReader<'_, Streamed<R>>,
+        file: &mut File,
+        limit: u64,
+        shown: &str,
+    ) -> Result<(), ApplyError> {
+        let mut left = limit;
+        while left > 0 {
+            let want = self
+                .buf
+                .len()
+                .min(usize::try_from(left).unwrap_or(usize::MAX));
+            let n = reader.read_data(&mut self.buf[..want])?;
+            if n == 0 {
+                break;
+            }
+            let data = self.buf.get(..n).unwrap_or(&self.buf);
+            file.write_all(data)
+                .map_err(|e| io_err(shown, "write the file", e))?;
+            self.stats.bytes += n as u64;
+            left -= n as u64;
+        }
         Ok(())
     }
 
@@ -475,7 +521,7 @@ impl Applier {
         self.chown_at(dir, name, meta, shown)?;
         fsops::chmod_at_not_symlink(dir, name, meta.mode)
             .map_err(|e| io_err(shown, "set the mode", e))?;
-        set_xattrs_at(dir, name, meta, false, shown)?;
+        self.skipped_xattrs += set_xattrs_at(dir, name, meta, false, shown)?;
         rfs::utimensat(dir, name, &meta.times(), AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| io_err(shown, "set the times", e.into()))?;
         self.stats.entries += 1;
@@ -502,7 +548,7 @@ impl Applier {
             .map_err(|e| io_err(shown, "create the symlink", e.into()))?;
         self.touched.insert(parent.key(name), Origin::Created);
         self.chown_at(dir, name, meta, shown)?;
-        set_xattrs_at(dir, name, meta, true, shown)?;
+        self.skipped_xattrs += set_xattrs_at(dir, name, meta, true, shown)?;
         rfs::utimensat(dir, name, &meta.times(), AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| io_err(shown, "set the symlink times", e.into()))?;
         self.stats.entries += 1;
@@ -526,11 +572,11 @@ impl Applier {
         let Some(target_name) = target.name() else {
             return Err(invalid(shown, "hard link to the root"));
         };
-        let target_display = String::from_utf8_lossy(&target.key()).into_owned();
+        let target_display = quote_bytes(&target.key());
         let missing = || {
             invalid(
                 shown,
-                format!("hard link target {target_display:?} does not exist"),
+                format!("hard link target {target_display} does not exist"),
             )
         };
         let target_dir = match fsops::open_in_root(
@@ -549,7 +595,7 @@ impl Applier {
         if file_type(&target_st) == FileType::Directory {
             return Err(invalid(
                 shown,
-                format!("hard link target {target_display:?} is a directory"),
+                format!("hard link target {target_display} is a directory"),
             ));
         }
         if target_dir.id == parent.id && target_name == name {
@@ -645,6 +691,56 @@ impl Applier {
         Ok(())
     }
 
+    /// Refuses a directory this layer has just created where the tree
+    /// would get deeper than a path may be ([`Limits::max_path_bytes`],
+    /// [`Limits::max_path_depth`]): a layer's paths are bounded, but a path
+    /// through a symlink to a deep directory reaches deeper, and trees
+    /// deeper than `PATH_MAX` cannot be built into an image or removed with
+    /// a bounded number of open files. The directory's place is what the
+    /// kernel says (`/proc/self/fd`).
+    ///
+    /// [`Limits::max_path_bytes`]: super::Limits::max_path_bytes
+    /// [`Limits::max_path_depth`]: super::Limits::max_path_depth
+    fn check_dir_depth(&self, dir: BorrowedFd<'_>, shown: &str) -> Result<(), ApplyError> {
+        let limits = self.budget.limits();
+        let too_deep = |limit, claimed| {
+            at_entry(
+                ApplyError::LimitExceeded {
+                    limit,
+                    claimed,
+                    max: match limit {
+                        super::Limit::PathDepth => limits.max_path_depth as u64,
+                        _ => limits.max_path_bytes as u64,
+                    },
+                    at: String::new(),
+                },
+                shown,
+            )
+        };
+        let Some(root_len) = self.root_path_len else {
+            return Ok(());
+        };
+        match fd_path(dir) {
+            Ok(path) => {
+                let below = path.get(root_len..).unwrap_or(&[]);
+                if below.len() > limits.max_path_bytes {
+                    return Err(too_deep(super::Limit::PathBytes, Some(below.len() as u64)));
+                }
+                let depth = below
+                    .split(|&b| b == b'/')
+                    .filter(|c| !c.is_empty())
+                    .count();
+                if depth > limits.max_path_depth {
+                    return Err(too_deep(super::Limit::PathDepth, Some(depth as u64)));
+                }
+                Ok(())
+            }
+            Err(Errno::NAMETOOLONG) => Err(too_deep(super::Limit::PathBytes, None)),
+            // No /proc: the lexical bounds still hold.
+            Err(_) => Ok(()),
+        }
+    }
+
     /// Sets directory modes and times, now that their contents are written.
     fn finish(&mut self) -> Result<(), ApplyError> {
         let dirs = std::mem::take(&mut self.dirs);
@@ -702,6 +798,13 @@ impl Applier {
     }
 }
 
+/// Where an open directory is, as the kernel says (`/proc/self/fd`).
+fn fd_path(fd: BorrowedFd<'_>) -> Result<Vec<u8>, Errno> {
+    use std::os::fd::AsRawFd;
+    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    rfs::readlink(link, Vec::new()).map(|p| p.into_bytes())
+}
+
 fn owner(meta: &Meta) -> (Uid, Gid) {
     (Uid::from_raw(meta.uid), Gid::from_raw(meta.gid))
 }
@@ -718,10 +821,12 @@ fn xattr_allowed(name: &[u8]) -> bool {
         || name == b"system.posix_acl_default"
 }
 
-fn set_xattrs_fd(fd: BorrowedFd<'_>, meta: &Meta, shown: &str) -> Result<(), ApplyError> {
+fn set_xattrs_fd(fd: BorrowedFd<'_>, meta: &Meta, shown: &str) -> Result<u64, ApplyError> {
+    let mut skipped = 0;
     for (name, value) in &meta.xattrs {
         if !xattr_allowed(name) {
-            tracing::warn!(path = shown, xattr = %String::from_utf8_lossy(name), "skipping extended attribute");
+            tracing::debug!(path = shown, xattr = %quote_bytes(name), "skipping extended attribute");
+            skipped += 1;
             continue;
         }
         rfs::fsetxattr(fd, name.as_slice(), value, rfs::XattrFlags::empty()).map_err(|e| {
@@ -732,7 +837,7 @@ fn set_xattrs_fd(fd: BorrowedFd<'_>, meta: &Meta, shown: &str) -> Result<(), App
             }
         })?;
     }
-    Ok(())
+    Ok(skipped)
 }
 
 fn set_xattrs_at(
@@ -741,11 +846,13 @@ fn set_xattrs_at(
     meta: &Meta,
     is_symlink: bool,
     shown: &str,
-) -> Result<(), ApplyError> {
+) -> Result<u64, ApplyError> {
+    let mut skipped = 0;
     for (key, value) in &meta.xattrs {
         // Linux refuses user.* attributes on symlinks.
         if !xattr_allowed(key) || (is_symlink && key.starts_with(b"user.")) {
-            tracing::warn!(path = shown, xattr = %String::from_utf8_lossy(key), "skipping extended attribute");
+            tracing::debug!(path = shown, xattr = %quote_bytes(key), "skipping extended attribute");
+            skipped += 1;
             continue;
         }
         fsops::lsetxattr_at(dir, name, key, value).map_err(|e| ApplyError::Xattr {
@@ -754,12 +861,12 @@ fn set_xattrs_at(
             source: e,
         })?;
     }
-    Ok(())
+    Ok(skipped)
 }
 
 /// Reads an entry's metadata from its header and PAX records.
-fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>, shown: &str) -> Result<Meta, ApplyError> {
-    let header = entry.header();
+fn read_meta(entry: &Member, shown: &str) -> Result<Meta, ApplyError> {
+    let header = &entry.header;
     // Go's archive/tar (Docker, containerd, skopeo, umoci) reads an empty
     // (all NUL or space) numeric field as 0; images built with it do exist.
     let raw = header.as_old();
@@ -775,35 +882,19 @@ fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>, shown: &str) -> Result<Meta
     };
     let mut atime = None;
     let mut xattrs = Vec::new();
-    let pax = entry.pax_extensions().map_err(|source| ApplyError::Read {
-        context: format!("in the PAX records of entry {shown:?}"),
-        source,
-    })?;
-    if let Some(pax) = pax {
-        for record in pax {
-            let record = record.map_err(|source| ApplyError::Read {
-                context: format!("in the PAX records of entry {shown:?}"),
-                source,
-            })?;
-            let (key, value) = (record.key_bytes(), record.value_bytes());
-            match key {
-                b"uid" => {
-                    uid = parse_pax_u64(value).ok_or_else(|| invalid(shown, "bad PAX uid"))?
-                }
-                b"gid" => {
-                    gid = parse_pax_u64(value).ok_or_else(|| invalid(shown, "bad PAX gid"))?
-                }
-                b"mtime" => {
-                    mtime = parse_pax_time(value).ok_or_else(|| invalid(shown, "bad PAX mtime"))?
-                }
-                b"atime" => {
-                    atime =
-                        Some(parse_pax_time(value).ok_or_else(|| invalid(shown, "bad PAX atime"))?)
-                }
-                _ => {
-                    if let Some(name) = key.strip_prefix(PAX_XATTR_PREFIX) {
-                        xattrs.push((name.to_vec(), value.to_vec()));
-                    }
+    for (key, value) in &entry.pax {
+        match key.as_slice() {
+            b"uid" => uid = parse_pax_u64(value).ok_or_else(|| invalid(shown, "bad PAX uid"))?,
+            b"gid" => gid = parse_pax_u64(value).ok_or_else(|| invalid(shown, "bad PAX gid"))?,
+            b"mtime" => {
+                mtime = parse_pax_time(value).ok_or_else(|| invalid(shown, "bad PAX mtime"))?
+            }
+            b"atime" => {
+                atime = Some(parse_pax_time(value).ok_or_else(|| invalid(shown, "bad PAX atime"))?)
+            }
+            _ => {
+                if let Some(name) = key.strip_prefix(PAX_XATTR_PREFIX) {
+                    xattrs.push((name.to_vec(), value.clone()));
                 }
             }
         }
@@ -826,11 +917,29 @@ fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>, shown: &str) -> Result<Meta
 }
 
 /// The link target of a symlink or hard link entry.
-fn link_name<R: Read>(entry: &tar::Entry<'_, R>, shown: &str) -> Result<Vec<u8>, ApplyError> {
-    entry
-        .link_name_bytes()
-        .map(Cow::into_owned)
-        .ok_or_else(|| invalid(shown, "link without a target"))
+fn link_name<'m>(entry: &'m Member, shown: &str) -> Result<&'m [u8], ApplyError> {
+    if entry.link.is_empty() {
+        return Err(invalid(shown, "link without a target"));
+    }
+    Ok(&entry.link)
+}
+
+/// Fills in the entry a limit was exceeded at.
+fn at_entry(e: ApplyError, shown: &str) -> ApplyError {
+    match e {
+        ApplyError::LimitExceeded {
+            limit,
+            claimed,
+            max,
+            at,
+        } if at.is_empty() => ApplyError::LimitExceeded {
+            limit,
+            claimed,
+            max,
+            at: format!("at entry {}", quote_bytes(shown.as_bytes())),
+        },
+        e => e,
+    }
 }
 
 fn parse_pax_u64(value: &[u8]) -> Option<u64> {

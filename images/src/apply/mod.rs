@@ -25,14 +25,23 @@
 //!   including `security.capability`) are set after both, and directory
 //!   modes and times are set in a final pass, after their contents.
 //!
-//! Everything a layer contains is treated as hostile. On error the root is
-//! left half-applied; callers should apply into a scratch directory and
-//! discard it on failure.
+//! - Sparse files keep their holes: data segments are written at their
+//!   offsets and the file is extended with `ftruncate`, so a 2 GiB file with
+//!   10 KB of data takes 10 KB on the host. Holes are not counted as data,
+//!   but have a budget of their own ([`Limits::max_hole_bytes`]).
+//!
+//! Everything a layer contains is treated as hostile: every size it
+//! controls is checked against [`Limits`] before anything is allocated or
+//! written for it (see `tarstream.rs`). On error the root is left
+//! half-applied; callers should apply into a scratch directory and discard it
+//! on failure.
 
 mod applier;
 mod digest;
 mod fsops;
+mod limits;
 mod path;
+pub(crate) mod tarstream;
 
 #[cfg(test)]
 mod tests;
@@ -41,6 +50,9 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 pub use digest::{chain_id, DiffIdReader};
+pub use limits::{Budget, Limit, Limits};
+
+use crate::quote;
 
 /// Compression of a layer blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +127,8 @@ pub struct ApplyStats {
     pub bytes: u64,
     /// Whiteout entries seen, opaque ones included.
     pub whiteouts: u64,
+    /// Bytes of holes in sparse files, left as holes.
+    pub holes: u64,
 }
 
 /// Why applying a layer failed.
@@ -125,7 +139,7 @@ pub struct ApplyStats {
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     /// The media type is not a layer type this module knows.
-    #[error("unsupported layer media type {0:?}")]
+    #[error("unsupported layer media type {}", quote(.0))]
     UnsupportedMediaType(String),
     /// The decompressor could not be set up.
     #[error("failed to start the {kind} decompressor")]
@@ -145,7 +159,8 @@ pub enum ApplyError {
         #[source]
         source: io::Error,
     },
-    /// The tar stream could not be read or parsed.
+    /// The tar stream could not be read (a decompressor's error, an I/O
+    /// error).
     #[error("failed to read the layer tar {context}")]
     Read {
         /// Where in the stream it happened, e.g. `at entry "etc/passwd"`.
@@ -154,8 +169,42 @@ pub enum ApplyError {
         #[source]
         source: io::Error,
     },
+    /// The stream ends inside a header or an entry's contents.
+    #[error("the layer tar ends unexpectedly {context}: the layer is truncated")]
+    Truncated {
+        /// Where, e.g. `in the contents of entry "etc/passwd"`.
+        context: String,
+    },
+    /// The stream is not a valid tar.
+    #[error("the layer is not a valid tar {context}: {reason}")]
+    Malformed {
+        /// Where, e.g. `after entry "etc/passwd"`.
+        context: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A size the layer controls is over one of the [`Limits`].
+    #[error(
+        "{} {}exceeds kiln's limit of {max} {}{}{}",
+        .limit.what(),
+        match .claimed { Some(c) => format!("({c} {}) ", .limit.unit()), None => String::new() },
+        .limit.unit(),
+        if .at.is_empty() { String::new() } else { format!(" ({})", .at) },
+        .limit.hint()
+    )]
+    LimitExceeded {
+        /// Which limit.
+        limit: Limit,
+        /// The size a header or map claimed, when the limit was met by one
+        /// claim rather than by a running total.
+        claimed: Option<u64>,
+        /// The limit.
+        max: u64,
+        /// Where, e.g. `at entry "x"` (empty if unknown).
+        at: String,
+    },
     /// An entry's path is refused (e.g. it has a `..` component).
-    #[error("layer entry {path:?}: unsafe path: {reason}")]
+    #[error("layer entry {}: unsafe path: {reason}", quote(.path))]
     UnsafePath {
         /// The entry's path as found in the tar.
         path: String,
@@ -163,7 +212,7 @@ pub enum ApplyError {
         reason: String,
     },
     /// An entry is malformed or cannot be applied as described.
-    #[error("layer entry {path:?}: {reason}")]
+    #[error("layer entry {}: {reason}", quote(.path))]
     InvalidEntry {
         /// The entry's path as found in the tar.
         path: String,
@@ -171,7 +220,7 @@ pub enum ApplyError {
         reason: String,
     },
     /// An entry has a tar type flag this module does not apply.
-    #[error("layer entry {path:?}: unsupported tar entry type {typeflag:?}")]
+    #[error("layer entry {}: unsupported tar entry type {typeflag:?}", quote(.path))]
     UnsupportedEntryType {
         /// The entry's path as found in the tar.
         path: String,
@@ -179,7 +228,7 @@ pub enum ApplyError {
         typeflag: char,
     },
     /// A filesystem operation failed.
-    #[error("layer entry {path:?}: failed to {op}")]
+    #[error("layer entry {}: failed to {op}", quote(.path))]
     Io {
         /// The entry's path as found in the tar (empty for the final pass
         /// over the root itself).
@@ -191,7 +240,7 @@ pub enum ApplyError {
         source: io::Error,
     },
     /// An extended attribute could not be set.
-    #[error("layer entry {path:?}: failed to set extended attribute {name:?}")]
+    #[error("layer entry {}: failed to set extended attribute {}", quote(.path), quote(.name))]
     Xattr {
         /// The entry's path as found in the tar.
         path: String,
@@ -202,7 +251,7 @@ pub enum ApplyError {
         source: io::Error,
     },
     /// An expected DiffID is not of the form `sha256:<64 lowercase hex>`.
-    #[error("invalid DiffID {0:?}: expected sha256:<64 lowercase hex digits>")]
+    #[error("invalid DiffID {}: expected sha256:<64 lowercase hex digits>", quote(.0))]
     InvalidDigest(String),
     /// The uncompressed layer did not hash to the expected DiffID.
     #[error("layer DiffID mismatch: expected {expected}, got {actual}")]
@@ -215,12 +264,26 @@ pub enum ApplyError {
 }
 
 /// Apply one uncompressed layer tar to the directory `root` (which holds the
-/// lower layers already applied).
+/// lower layers already applied), under the default [`Limits`].
 ///
 /// Reading stops at the tar's end-of-archive marker; use
 /// [`apply_layer_verified`] to hash the whole stream.
 pub fn apply_layer(root: &Path, tar: impl Read) -> Result<ApplyStats, ApplyError> {
-    applier::Applier::open(root)?.run(tar)
+    let budget = Budget::new(Limits::default());
+    apply_layer_with(root, tar, &budget)
+}
+
+/// [`apply_layer`], counting against `budget` (shared by the layers of one
+/// image).
+pub fn apply_layer_with(
+    root: &Path,
+    tar: impl Read,
+    budget: &Budget,
+) -> Result<ApplyStats, ApplyError> {
+    let counted = Counted::new(tar, budget);
+    applier::Applier::open(root, budget)?
+        .run(counted)
+        .map(|(stats, _)| stats)
 }
 
 /// Like [`apply_layer`], and also computes the layer's DiffID (the sha256 of
@@ -235,19 +298,41 @@ pub fn apply_layer_verified(
     tar_reader: impl Read,
     expected_diff_id: Option<&str>,
 ) -> Result<(ApplyStats, String), ApplyError> {
+    let budget = Budget::new(Limits::default());
+    apply_layer_verified_with(root, tar_reader, expected_diff_id, &budget)
+}
+
+/// [`apply_layer_verified`], counting against `budget` (shared by the layers
+/// of one image). Every uncompressed byte counts, those after the
+/// end-of-archive marker included.
+pub fn apply_layer_verified_with(
+    root: &Path,
+    tar_reader: impl Read,
+    expected_diff_id: Option<&str>,
+    budget: &Budget,
+) -> Result<(ApplyStats, String), ApplyError> {
     if let Some(expected) = expected_diff_id {
         if !digest::is_valid_sha256_digest(expected) {
             return Err(ApplyError::InvalidDigest(expected.to_owned()));
         }
     }
-    let mut reader = DiffIdReader::new(tar_reader);
-    let stats = apply_layer(root, &mut reader)?;
-    let actual = reader.finish().map_err(|source| ApplyError::Read {
-        context: "after its end-of-archive marker".to_owned(),
-        source,
-    })?;
+    let mut reader = DiffIdReader::new(Counted::new(tar_reader, budget));
+    let (stats, end) = applier::Applier::open(root, budget)?.run(&mut reader)?;
+    let actual = reader
+        .finish()
+        .map_err(|e| from_io(e, "after its end-of-archive marker".to_owned()))?;
     if let Some(expected) = expected_diff_id {
         if expected != actual {
+            if end == tarstream::End::Eof {
+                // What a layer cut at a header boundary looks like.
+                return Err(ApplyError::Truncated {
+                    context: format!(
+                        "after {} entries, without the end-of-archive marker \
+                         (and its DiffID {actual} is not the expected {expected})",
+                        stats.entries + stats.whiteouts
+                    ),
+                });
+            }
             return Err(ApplyError::DiffIdMismatch {
                 expected: expected.to_owned(),
                 actual,
@@ -255,4 +340,66 @@ pub fn apply_layer_verified(
         }
     }
     Ok((stats, actual))
+}
+
+/// Counts the uncompressed bytes of a layer against its own limit and the
+/// image's budget.
+struct Counted<'b, R> {
+    inner: R,
+    budget: &'b Budget,
+    bytes: u64,
+}
+
+impl<'b, R: Read> Counted<'b, R> {
+    fn new(inner: R, budget: &'b Budget) -> Self {
+        Counted {
+            inner,
+            budget,
+            bytes: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes = self.bytes.saturating_add(n as u64);
+        let max = self.budget.limits().max_layer_bytes;
+        if self.bytes > max {
+            return Err(io::Error::other(LimitHit(Limit::LayerBytes, max)));
+        }
+        if self.budget.add_bytes(n as u64).is_err() {
+            let max = self.budget.limits().max_image_bytes;
+            return Err(io::Error::other(LimitHit(Limit::ImageBytes, max)));
+        }
+        Ok(n)
+    }
+}
+
+/// A limit met while reading, carried through `io::Error`.
+#[derive(Debug)]
+struct LimitHit(Limit, u64);
+
+impl std::fmt::Display for LimitHit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} exceeds {} {}", self.0.what(), self.1, self.0.unit())
+    }
+}
+
+impl std::error::Error for LimitHit {}
+
+/// The error for an I/O error met while reading the layer `context`.
+pub(crate) fn from_io(e: io::Error, context: String) -> ApplyError {
+    if let Some(LimitHit(limit, max)) = e.get_ref().and_then(|i| i.downcast_ref::<LimitHit>()) {
+        return ApplyError::LimitExceeded {
+            limit: *limit,
+            claimed: None,
+            max: *max,
+            at: context,
+        };
+    }
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        return ApplyError::Truncated { context };
+    }
+    ApplyError::Read { context, source: e }
 }

@@ -252,7 +252,8 @@ fn applies_files_dirs_symlinks_and_hard_links() {
         ApplyStats {
             entries: 6,
             bytes: 5,
-            whiteouts: 0
+            whiteouts: 0,
+            holes: 0,
         }
     );
 
@@ -933,12 +934,16 @@ fn bad_input_gives_errors() {
     let err = sb
         .apply(&b"this is not a tar archive at all"[..].repeat(40))
         .unwrap_err();
-    assert!(matches!(err, ApplyError::Read { .. }), "{err}");
+    assert!(matches!(err, ApplyError::Malformed { .. }), "{err}");
+    assert!(err.to_string().contains("not a tar archive"), "{err}");
 
-    // Truncated in the middle of a file's contents.
+    // Truncated in the middle of a file's contents, or of a header.
     let tar = Layer::new().file("f", 0o644, &[7u8; 4000]).finish();
     let err = sb.apply(&tar[..1024]).unwrap_err();
+    assert!(matches!(err, ApplyError::Truncated { .. }), "{err}");
     assert!(err.to_string().contains("\"f\""), "{err}");
+    let err = sb.apply(&tar[..100]).unwrap_err();
+    assert!(matches!(err, ApplyError::Truncated { .. }), "{err}");
 
     // An unknown type flag.
     let tar = Layer::new()
@@ -1371,4 +1376,230 @@ fn matches_umoci_unpack() {
         chain_id(&diff_ids),
         chain_id(&layers.iter().map(|l| l.2.clone()).collect::<Vec<_>>())
     );
+}
+
+// ---------------------------------------------------------------------------
+// Sparse files
+
+/// A sparse file of 64 MiB with 30 data runs (more than an old GNU header
+/// and one extension block hold), archived by GNU tar in each of its sparse
+/// formats: applied, it has the same contents, and its holes are holes.
+#[test]
+fn sparse_files_from_gnu_tar_keep_their_holes() {
+    if std::process::Command::new("tar")
+        .arg("--version")
+        .output()
+        .map(|o| !String::from_utf8_lossy(&o.stdout).contains("GNU tar"))
+        .unwrap_or(true)
+    {
+        eprintln!("skipping: needs GNU tar");
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    let path = src.path().join("sparse");
+    let size: u64 = 64 << 20;
+    let runs: Vec<(u64, Vec<u8>)> = (0..30u64)
+        .map(|i| {
+            (
+                i * (2 << 20) + i * 4096,
+                vec![b'a' + (i % 26) as u8; 4096 + i as usize],
+            )
+        })
+        .collect();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::File::create(&path).unwrap();
+        for (off, data) in &runs {
+            f.write_all_at(data, *off).unwrap();
+        }
+        f.set_len(size).unwrap();
+    }
+    let data_bytes: u64 = runs.iter().map(|(_, d)| d.len() as u64).sum();
+    for args in [
+        &["--format=gnu"][..],
+        &["--format=posix", "--sparse-version=0.0"],
+        &["--format=posix", "--sparse-version=0.1"],
+        &["--format=posix", "--sparse-version=1.0"],
+    ] {
+        let out = std::process::Command::new("tar")
+            .args(["--sparse", "-C"])
+            .arg(src.path())
+            .args(args)
+            .args(["-cf", "-", "sparse"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stdout.len() < 1 << 20,
+            "{args:?}: tar did not make it sparse"
+        );
+        let sb = Sandbox::new();
+        let stats = sb
+            .apply(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        let m = lmeta(&sb.p("sparse"));
+        assert_eq!(m.len(), size, "{args:?}");
+        assert!(
+            stats.holes > 0 && stats.bytes < 2 << 20,
+            "{args:?}: {stats:?}"
+        );
+        // Allocation rounds each run up to blocks; far below 64 MiB.
+        assert!(
+            m.blocks() * 512 < 2 << 20,
+            "{args:?}: {} bytes allocated",
+            m.blocks() * 512
+        );
+        let got = fs::read(sb.p("sparse")).unwrap();
+        let mut want = vec![0u8; size as usize];
+        for (off, data) in &runs {
+            want[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+        }
+        assert!(got == want, "{args:?}: contents differ");
+        assert!(stats.bytes >= data_bytes, "{args:?}: {stats:?}");
+        sb.assert_outside_clean();
+    }
+}
+
+/// Sparse maps that do not fit their file are errors, not panics.
+#[test]
+fn bad_sparse_maps_are_errors() {
+    let sb = Sandbox::new();
+    let sparse = |segments: &[(u64, u64)], real: u64, stored: u64| {
+        let mut h = tar::Header::new_gnu();
+        h.set_path("s").unwrap();
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        h.set_mode(0o644);
+        h.set_size(stored);
+        {
+            let gnu = h.as_gnu_mut().unwrap();
+            for (i, &(o, l)) in segments.iter().enumerate() {
+                gnu.sparse[i].set_offset(o);
+                gnu.sparse[i].set_length(l);
+            }
+            gnu.set_real_size(real);
+        }
+        h.set_cksum();
+        let mut tar = h.as_bytes().to_vec();
+        tar.extend(vec![b'x'; stored.div_ceil(512) as usize * 512]);
+        tar.extend([0u8; 1024]);
+        tar
+    };
+    for (segments, real, stored) in [
+        (&[(0, 512), (256, 512)][..], 4096, 1024), // overlapping
+        (&[(1024, 512), (0, 512)], 4096, 1024),    // out of order
+        (&[(4000, 512)], 4096, 512),               // past the end
+        (&[(0, 512)], 4096, 1024),                 // data the map does not list
+        (&[(u64::MAX - 10, 512)], u64::MAX, 512),  // overflow
+    ] {
+        let err = sb.apply(&sparse(segments, real, stored)).unwrap_err();
+        assert!(
+            matches!(err, ApplyError::Malformed { .. }),
+            "{segments:?}: {err}"
+        );
+        assert!(err.to_string().contains("\"s\""), "{err}");
+    }
+    assert!(tree(&sb.root).is_empty());
+    sb.assert_outside_clean();
+}
+
+/// Every limit is met with an error naming it, before anything is
+/// written for the entry at fault.
+#[test]
+fn limits_are_enforced_per_layer_and_per_image() {
+    let limits = Limits {
+        max_entries: 5,
+        max_path_bytes: 20,
+        max_path_depth: 3,
+        max_layer_name_bytes: 40,
+        max_pax_records: 2,
+        ..Limits::default()
+    };
+    let apply = |tar: &[u8]| {
+        let sb = Sandbox::new();
+        let budget = Budget::new(limits);
+        let r = apply_layer_with(&sb.root, tar, &budget);
+        sb.assert_outside_clean();
+        r
+    };
+    let limit_of = |r: Result<ApplyStats, ApplyError>| match r {
+        Err(ApplyError::LimitExceeded { limit, .. }) => limit,
+        other => panic!("{other:?}"),
+    };
+    let mut many = Layer::new();
+    for i in 0..6 {
+        many.file(&format!("f{i}"), 0o644, b"");
+    }
+    assert_eq!(limit_of(apply(&many.finish())), Limit::Entries);
+    let long = Layer::new()
+        .file("a-name-longer-than-20", 0o644, b"")
+        .finish();
+    assert_eq!(limit_of(apply(&long)), Limit::PathBytes);
+    let deep = Layer::new().file("a/b/c/d", 0o644, b"").finish();
+    assert_eq!(limit_of(apply(&deep)), Limit::PathDepth);
+    let names = Layer::new()
+        .file("name-of-15-chars", 0o644, b"")
+        .file("name-of-15-char2", 0o644, b"")
+        .file("name-of-15-char3", 0o644, b"")
+        .finish();
+    assert_eq!(limit_of(apply(&names)), Limit::LayerNameBytes);
+    let pax = Layer::new()
+        .pax(&[("uid", b"1"), ("gid", b"1"), ("mtime", b"1")])
+        .file("p", 0o644, b"")
+        .finish();
+    assert_eq!(limit_of(apply(&pax)), Limit::PaxRecords);
+
+    // The image's budget spans layers.
+    let sb = Sandbox::new();
+    let budget = Budget::new(Limits {
+        max_entries: 3,
+        ..Limits::default()
+    });
+    let two = Layer::new()
+        .file("a", 0o644, b"")
+        .file("b", 0o644, b"")
+        .finish();
+    apply_layer_with(&sb.root, &two[..], &budget).unwrap();
+    let err = apply_layer_with(&sb.root, &two[..], &budget).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ApplyError::LimitExceeded {
+                limit: Limit::Entries,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(budget.entries(), 4);
+}
+
+/// GNU long names and long links (as the `tar` crate's builder writes
+/// them for paths over 100 bytes) are applied like short ones.
+#[test]
+fn gnu_long_names_and_links() {
+    let sb = Sandbox::new();
+    let dir = format!("{}/{}", "d".repeat(120), "e".repeat(120));
+    let name = format!("{dir}/file");
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o644);
+    h.set_size(4);
+    h.set_entry_type(tar::EntryType::Regular);
+    b.append_data(&mut h, &name, &b"long"[..]).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_mode(0o777);
+    h.set_size(0);
+    b.append_link(&mut h, "short", &name).unwrap();
+    let tar = b.into_inner().unwrap();
+    assert!(tar.windows(13).any(|w| w == b"././@LongLink"));
+    let stats = sb.apply(&tar).unwrap();
+    assert_eq!(stats.entries, 2);
+    assert_eq!(fs::read(sb.p(&name)).unwrap(), b"long");
+    assert_eq!(fs::read_link(sb.p("short")).unwrap(), PathBuf::from(&name));
+    sb.assert_outside_clean();
 }
