@@ -336,10 +336,49 @@ async fn a_canceled_job_runs_after_script_and_is_reported_canceled() {
     assert_no_leaks(run_dir.path());
 }
 
+/// A job whose VM never becomes ready (busybox is its init; the boot
+/// timeout is 300 s), caught while it boots: everything kiln wrote before
+/// the boot has reached the fake, QEMU runs, and a few update intervals
+/// (1 s) have passed without output.
+async fn a_job_stuck_in_boot(
+    fake: &FakeGitlab,
+    run_dir: &Path,
+) -> (
+    u64,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let id = fake.push(fake.job(&image(), &["echo should-not-run"]));
+    let (stop, daemon) = start_daemon(config(
+        fake,
+        run_dir,
+        Setup {
+            boot_timeout: 300,
+            agent: kiln_tests::fixtures::busybox_path().unwrap(),
+            ..Setup::default()
+        },
+    ));
+    fake.wait_for(id, LIMIT, "the trace up to the boot", |j| {
+        j.trace_text().contains(":get_sources\r")
+    })
+    .await;
+    let t0 = Instant::now();
+    while harness::qemu_processes_under(run_dir).is_empty() {
+        assert!(t0.elapsed() < LIMIT, "no VM started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !harness::qemu_processes_under(run_dir).is_empty(),
+        "the VM still boots"
+    );
+    (id, stop, daemon)
+}
+
 /// A cancel that arrives while the VM boots is noticed at the next update
-/// interval (1 s here), not at gitlab-runner's 30 s "touch": the guest
-/// here never becomes ready (busybox is its init), so only the cancel can
-/// end the job before the 300 s boot timeout.
+/// interval (1 s here), not at gitlab-runner's 30 s "touch" (kiln before
+/// this test: 27 s); only the cancel can end this job before its 300 s
+/// boot timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancel_during_boot_is_reported_within_seconds() {
     skip_without_vm!();
@@ -348,39 +387,52 @@ async fn a_cancel_during_boot_is_reported_within_seconds() {
     const NOTICED_WITHIN: Duration = Duration::from_secs(15);
     let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
     let run_dir = RunDir::new("gitlab-boot-cancel");
-    let id = fake.push(fake.job(&image(), &["echo should-not-run"]));
-    let (stop, daemon) = start_daemon(config(
-        &fake,
-        run_dir.path(),
-        Setup {
-            boot_timeout: 300,
-            agent: kiln_tests::fixtures::busybox_path().unwrap(),
-            ..Setup::default()
-        },
-    ));
-    let t0 = Instant::now();
-    while harness::qemu_processes_under(run_dir.path()).is_empty() {
-        assert!(t0.elapsed() < LIMIT, "no VM started");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // Let the trace so far reach GitLab, so the last contact is recent.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        !harness::qemu_processes_under(run_dir.path()).is_empty(),
-        "the VM still boots"
-    );
+    let (id, stop, daemon) = a_job_stuck_in_boot(&fake, run_dir.path()).await;
     fake.set_status(id, "canceling");
     let j = fake.wait_done(id, Duration::from_secs(120)).await;
     let waited = j.status_set_at.unwrap().elapsed();
+    eprintln!("a cancel during boot was reported after {waited:?}");
     assert_eq!(j.status, "canceled");
     assert!(
         waited < NOTICED_WITHIN,
         "the cancel was reported after {waited:?}"
     );
-    assert!(!j.trace_text().contains("should-not-run\n"));
+    let t = j.trace_text();
+    assert!(
+        t.contains("ERROR: Job failed: canceled"),
+        "the cancel ended the job:\n{t}"
+    );
+    assert!(!t.contains("should-not-run\n"));
     assert_consistent(&j);
     let _ = stop.send(());
     daemon.await.unwrap();
+    assert_no_leaks(run_dir.path());
+}
+
+/// A hard cancel during the boot is learnt from a touch answered 403:
+/// the VM is killed, nothing more is sent (kiln before this test sent one
+/// more trace patch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hard_cancel_during_boot_sends_nothing_after_the_403() {
+    skip_without_vm!();
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let run_dir = RunDir::new("gitlab-boot-hard-cancel");
+    let (id, stop, daemon) = a_job_stuck_in_boot(&fake, run_dir.path()).await;
+    fake.set_status(id, "canceled");
+    wait_idle(run_dir.path(), Duration::from_secs(120)).await;
+    let _ = stop.send(());
+    daemon.await.unwrap();
+    let j = fake.get(id);
+    let refused: Vec<_> = j.requests.iter().filter(|r| r.status == 403).collect();
+    assert_eq!(refused.len(), 1, "{:?}", j.requests);
+    assert_eq!(refused[0].what, "PUT running", "a touch learnt of it");
+    assert!(
+        j.requests_after_forbidden().is_empty(),
+        "nothing is sent after the 403: {:?}",
+        j.requests_after_forbidden()
+    );
+    assert!(j.finals.is_empty(), "no final update: {:?}", j.finals);
+    assert!(j.violations.is_empty(), "{:?}", j.violations);
     assert_no_leaks(run_dir.path());
 }
 
