@@ -178,9 +178,9 @@ impl Config {
             path: path.to_path_buf(),
             source,
         };
-        let name = path
-            .file_name()
-            .ok_or_else(|| ConfigError::Invalid(format!("{} is not a file name", path.display())))?;
+        let name = path.file_name().ok_or_else(|| {
+            ConfigError::Invalid(format!("{} is not a file name", path.display()))
+        })?;
         let mut tmp_name = std::ffi::OsString::from(".");
         tmp_name.push(name);
         tmp_name.push(format!(".tmp-{}", std::process::id()));
@@ -298,7 +298,11 @@ image = "/images/debian"
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("kiln.toml")], "no temporary file left");
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from("kiln.toml")],
+            "no temporary file left"
+        );
     }
 
     #[test]

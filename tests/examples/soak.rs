@@ -194,7 +194,10 @@ fn main() -> ExitCode {
         .spawn()
         .expect("start kiln daemon");
     let pid = child.id();
-    println!("soak: {n} jobs, kiln daemon pid {pid}, log {}", log_path.display());
+    println!(
+        "soak: {n} jobs, kiln daemon pid {pid}, log {}",
+        log_path.display()
+    );
 
     // RSS, sampled every second.
     let samples: Arc<Mutex<Vec<(f64, u64)>>> = Arc::default();
@@ -219,7 +222,12 @@ fn main() -> ExitCode {
     let mut canceled = Vec::new();
     let mut last_print = Instant::now();
     let mut max_vms = 0;
+    // RSS figures count from the daemon's start (its token check).
+    let mut started = None;
     loop {
+        if started.is_none() && fake.verifies() > 0 {
+            started = Some(t0.elapsed().as_secs_f64());
+        }
         let jobs = fake.jobs();
         for j in &jobs {
             if to_cancel.contains(&j.id)
@@ -265,7 +273,8 @@ fn main() -> ExitCode {
     let _ = sampler.join();
     // QEMU dies with kiln (PDEATHSIG); give a killed one a moment.
     let t1 = Instant::now();
-    while !harness::qemu_processes_under(&run_dir).is_empty() && t1.elapsed() < Duration::from_secs(5)
+    while !harness::qemu_processes_under(&run_dir).is_empty()
+        && t1.elapsed() < Duration::from_secs(5)
     {
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -285,7 +294,14 @@ fn main() -> ExitCode {
     for p in &leaked_files {
         println!("leaked file: {}", p.display());
     }
-    let samples = samples.lock().unwrap().clone();
+    let from = started.unwrap_or(0.0);
+    let samples: Vec<(f64, u64)> = samples
+        .lock()
+        .unwrap()
+        .iter()
+        .copied()
+        .filter(|s| s.0 >= from)
+        .collect();
     println!("kiln RSS over time (MiB):");
     let step = (samples.len() / 20).max(1);
     for (t, kib) in samples.iter().step_by(step) {
@@ -302,10 +318,11 @@ fn main() -> ExitCode {
         canceled.len(),
         jobs.iter().map(|j| j.range_errors).sum::<u32>(),
     );
-    let bad = o.lost.len() + o.duplicated.len() + o.inconsistent.len() + leaked_vms + leaked_files.len();
+    let bad =
+        o.lost.len() + o.duplicated.len() + o.inconsistent.len() + leaked_vms + leaked_files.len();
     println!(
         "soak: {n} jobs in {:.0} s: lost {}, duplicated {}, inconsistent {}, leaked VMs {leaked_vms}, \
-         leaked files {}; kiln RSS {:.1} MiB first, {:.1} MiB last, {:.1} MiB peak",
+         leaked files {}; kiln RSS {:.1} MiB after start, {:.1} MiB at the end, {:.1} MiB peak",
         elapsed.as_secs_f64(),
         o.lost.len(),
         o.duplicated.len(),

@@ -214,7 +214,10 @@ impl FakeJob {
 
     /// The accepted final update (answered 200), if any.
     pub fn accepted_final(&self) -> Option<&Value> {
-        self.finals.iter().find(|f| f.status == 200).map(|f| &f.body)
+        self.finals
+            .iter()
+            .find(|f| f.status == 200)
+            .map(|f| &f.body)
     }
 
     /// The accepted final update.
@@ -479,7 +482,9 @@ impl FakeGitlab {
             .layer(DefaultBodyLimit::max(1 << 30))
             .with_state(state.clone());
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        listener.set_nonblocking(true).expect("non-blocking listener");
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -807,12 +812,12 @@ fn authed<'a>(
     token: Option<&str>,
     what: &str,
     bytes: usize,
-) -> Result<&'a mut FakeJob, Response> {
+) -> Result<&'a mut FakeJob, Box<Response>> {
     let Some(j) = st.jobs.get_mut(&id) else {
-        return Err(error(StatusCode::FORBIDDEN, "403 Forbidden"));
+        return Err(Box::new(error(StatusCode::FORBIDDEN, "403 Forbidden")));
     };
     if token != Some(j.token.as_str()) {
-        return Err(error(StatusCode::FORBIDDEN, "403 Forbidden"));
+        return Err(Box::new(error(StatusCode::FORBIDDEN, "403 Forbidden")));
     }
     if !j.processing() {
         j.requests.push(JobRequest {
@@ -824,7 +829,7 @@ fn authed<'a>(
         let mut r = error(StatusCode::FORBIDDEN, "403 Forbidden - Job is not running");
         r.headers_mut()
             .insert("job-status", HeaderValue::from_str(&j.status).unwrap());
-        return Err(r);
+        return Err(Box::new(r));
     }
     Ok(j)
 }
@@ -860,7 +865,7 @@ async fn update_job(
                 }
             }
         }
-        return r;
+        return *r;
     }
     let job = st.jobs.get_mut(&id).expect("authenticated job");
     if state == "running" {
@@ -966,12 +971,19 @@ async fn patch_trace(
     let limit = st.trace_limit;
     let range = header(&headers, "content-range").map(str::to_string);
     let what = format!("PATCH {}", range.as_deref().unwrap_or("?"));
-    let job = match authed(&mut st, id, header(&headers, "job-token"), &what, body.len()) {
+    let job = match authed(
+        &mut st,
+        id,
+        header(&headers, "job-token"),
+        &what,
+        body.len(),
+    ) {
         Ok(j) => j,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(range) = range else {
-        job.violations.push("trace patch without Content-Range".into());
+        job.violations
+            .push("trace patch without Content-Range".into());
         record(job, what, body.len(), StatusCode::BAD_REQUEST);
         return error(StatusCode::BAD_REQUEST, "400 Missing header Content-Range");
     };
@@ -1046,9 +1058,15 @@ async fn upload(
     }
     let mut st = lock(&s);
     let limit = st.artifact_limit;
-    let job = match authed(&mut st, id, header(&headers, "job-token"), "POST artifacts", bytes) {
+    let job = match authed(
+        &mut st,
+        id,
+        header(&headers, "job-token"),
+        "POST artifacts",
+        bytes,
+    ) {
         Ok(j) => j,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     job.upload_attempts += 1;
     if let Some(code) = job.upload_answers_left.pop_front() {
@@ -1061,8 +1079,16 @@ async fn upload(
         return error(StatusCode::BAD_REQUEST, "400 Bad request - file is missing");
     };
     if up.data.len() > limit {
-        record(job, "POST artifacts".into(), bytes, StatusCode::PAYLOAD_TOO_LARGE);
-        return error(StatusCode::PAYLOAD_TOO_LARGE, "413 Request Entity Too Large");
+        record(
+            job,
+            "POST artifacts".into(),
+            bytes,
+            StatusCode::PAYLOAD_TOO_LARGE,
+        );
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "413 Request Entity Too Large",
+        );
     }
     record(job, "POST artifacts".into(), bytes, StatusCode::CREATED);
     job.artifacts.push(up);
@@ -1245,8 +1271,18 @@ mod tests {
             status: "success".into(),
             failure_reason: None,
             requests: vec![
-                JobRequest { at: now, what: format!("PATCH 0-{}", trace.len() - 1), bytes: trace.len(), status: 202 },
-                JobRequest { at: now, what: "PUT success".into(), bytes: 0, status: 200 },
+                JobRequest {
+                    at: now,
+                    what: format!("PATCH 0-{}", trace.len() - 1),
+                    bytes: trace.len(),
+                    status: 202,
+                },
+                JobRequest {
+                    at: now,
+                    what: "PUT success".into(),
+                    bytes: 0,
+                    status: 200,
+                },
             ],
             trace,
             finals: vec![FinalUpdate { body, status: 200 }],
@@ -1272,7 +1308,10 @@ mod tests {
         // The first answer was lost; the resend met a finished job.
         let mut j = recorded();
         let again = j.finals[0].body.clone();
-        j.finals.push(FinalUpdate { body: again, status: 403 });
+        j.finals.push(FinalUpdate {
+            body: again,
+            status: 403,
+        });
         j.check_consistent().unwrap();
     }
 
@@ -1288,7 +1327,10 @@ mod tests {
         let mut other = j.finals[0].body.clone();
         other["state"] = json!("failed");
         other["failure_reason"] = json!("script_failure");
-        j.finals.push(FinalUpdate { body: other, status: 403 });
+        j.finals.push(FinalUpdate {
+            body: other,
+            status: 403,
+        });
         let e = j.check_consistent().unwrap_err();
         assert!(e.contains("two outcomes"), "{e}");
     }
@@ -1322,7 +1364,12 @@ mod tests {
         let now = Instant::now();
         j.requests.insert(
             1,
-            JobRequest { at: now, what: "PUT running".into(), bytes: 0, status: 403 },
+            JobRequest {
+                at: now,
+                what: "PUT running".into(),
+                bytes: 0,
+                status: 403,
+            },
         );
         let e = j.check_consistent().unwrap_err();
         assert!(e.contains("after a 403"), "{e}");

@@ -162,7 +162,9 @@ async fn wait_idle(dir: &Path, limit: Duration) {
     let t0 = Instant::now();
     loop {
         let busy = !harness::qemu_processes_under(dir).is_empty()
-            || std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+            || std::fs::read_dir(dir)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(false);
         if !busy {
             return;
         }
@@ -460,7 +462,12 @@ async fn a_hard_cancel_kills_the_vm_and_nothing_is_sent_after_it() {
     daemon.await.unwrap();
     let j = fake.get(id);
     let refused: Vec<_> = j.requests.iter().filter(|r| r.status == 403).collect();
-    assert_eq!(refused.len(), 1, "one request learnt of the cancel: {:?}", j.requests);
+    assert_eq!(
+        refused.len(),
+        1,
+        "one request learnt of the cancel: {:?}",
+        j.requests
+    );
     assert!(
         j.requests_after_forbidden().is_empty(),
         "nothing is sent after the 403: {:?}",
@@ -673,7 +680,10 @@ async fn a_large_trace_is_capped_and_sent_in_1_mib_patches() {
     let t = j.trace_text();
     assert_eq!(final_of(&j).0, "success", "the job goes on past the cap");
     assert!(t.contains("Job's log exceeded limit of 2097152 bytes"));
-    assert!(!t.contains("after-the-cap"), "output past the cap is dropped");
+    assert!(
+        !t.contains("after-the-cap"),
+        "output past the cap is dropped"
+    );
     assert!(j.trace.len() <= 2 * MIB + 512, "{} bytes", j.trace.len());
     let sizes = j.patch_sizes();
     assert!(sizes.iter().all(|&n| n <= MIB), "{sizes:?}");
@@ -858,7 +868,10 @@ async fn the_fake_refuses_what_gitlab_refuses() {
     let sid = "s_000000000000";
 
     // Runner tokens.
-    assert_eq!(c.verify("wrong", sid).await.unwrap_err().status(), Some(403));
+    assert_eq!(
+        c.verify("wrong", sid).await.unwrap_err().status(),
+        Some(403)
+    );
     assert_eq!(c.verify(TOKEN, sid).await.unwrap().id, Some(42));
     let e = c.request_job("wrong", sid, None).await.unwrap_err();
     assert_eq!(e.status(), Some(403));
@@ -879,25 +892,54 @@ async fn the_fake_refuses_what_gitlab_refuses() {
     let tok = job.token.clone();
 
     // Trace patches: the start must be the stored length.
-    let r = c.patch_trace(id, &tok, 0, b"hello ".to_vec()).await.unwrap();
+    let r = c
+        .patch_trace(id, &tok, 0, b"hello ".to_vec())
+        .await
+        .unwrap();
     assert_eq!((r.status, r.range_end), (202, Some(6)));
     assert_eq!(r.remote.job_status.as_deref(), Some("running"));
-    let r = c.patch_trace(id, &tok, 0, b"hello ".to_vec()).await.unwrap();
-    assert_eq!((r.status, r.range_end), (416, Some(6)), "a start below the length");
+    let r = c
+        .patch_trace(id, &tok, 0, b"hello ".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.range_end),
+        (416, Some(6)),
+        "a start below the length"
+    );
     let r = c.patch_trace(id, &tok, 9, b"x".to_vec()).await.unwrap();
-    assert_eq!((r.status, r.range_end), (416, Some(6)), "a start past the length");
+    assert_eq!(
+        (r.status, r.range_end),
+        (416, Some(6)),
+        "a start past the length"
+    );
     let r = c.patch_trace(id, "wrong", 6, b"x".to_vec()).await.unwrap();
     assert_eq!(r.status, 403, "a wrong job token");
-    let r = c.patch_trace(id, &tok, 6, b"world\n".to_vec()).await.unwrap();
+    let r = c
+        .patch_trace(id, &tok, 6, b"world\n".to_vec())
+        .await
+        .unwrap();
     assert_eq!((r.status, r.range_end), (202, Some(12)));
 
     // Updates: a touch, a state GitLab does not know, a wrong checksum.
-    let r = c.update_job(id, &update(&tok, "running", b"")).await.unwrap();
-    assert_eq!((r.status, r.remote.job_status.as_deref()), (200, Some("running")));
+    let r = c
+        .update_job(id, &update(&tok, "running", b""))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.remote.job_status.as_deref()),
+        (200, Some("running"))
+    );
     let r = c.update_job(id, &update(&tok, "done", b"")).await.unwrap();
     assert_eq!(r.status, 400);
-    let r = c.update_job(id, &update(&tok, "success", b"hello")).await.unwrap();
-    assert_eq!(r.status, 412, "the checksum does not match the stored trace");
+    let r = c
+        .update_job(id, &update(&tok, "success", b"hello"))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status, 412,
+        "the checksum does not match the stored trace"
+    );
     let r = c
         .update_job(id, &update(&tok, "success", b"hello world\n"))
         .await
@@ -906,9 +948,18 @@ async fn the_fake_refuses_what_gitlab_refuses() {
 
     // A finished job: 403 "Job is not running" with Job-Status.
     let r = c.patch_trace(id, &tok, 12, b"late".to_vec()).await.unwrap();
-    assert_eq!((r.status, r.remote.job_status.as_deref()), (403, Some("success")));
-    let r = c.update_job(id, &update(&tok, "running", b"")).await.unwrap();
-    assert_eq!((r.status, r.remote.job_status.as_deref()), (403, Some("success")));
+    assert_eq!(
+        (r.status, r.remote.job_status.as_deref()),
+        (403, Some("success"))
+    );
+    let r = c
+        .update_job(id, &update(&tok, "running", b""))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.remote.job_status.as_deref()),
+        (403, Some("success"))
+    );
     let e = c
         .upload_artifacts(id, &tok, b"PK".to_vec(), "a.zip", "archive", "zip", None)
         .await
@@ -949,7 +1000,10 @@ async fn the_fake_checks_failure_reasons_and_the_trace_size_limit() {
     );
     assert_eq!(j.violations.len(), 1, "{:?}", j.violations);
 
-    let r = c.patch_trace(b, &jb.token, 0, vec![b'x'; 101]).await.unwrap();
+    let r = c
+        .patch_trace(b, &jb.token, 0, vec![b'x'; 101])
+        .await
+        .unwrap();
     assert_eq!(r.status, 403);
     let j = fake.get(b);
     assert_eq!(
@@ -993,12 +1047,21 @@ async fn the_fake_can_hand_a_job_out_twice_and_catches_a_double_run() {
     }
     let trace = b"ran\n".to_vec();
     assert_eq!(
-        c.patch_trace(id, &first.token, 0, trace.clone()).await.unwrap().status,
+        c.patch_trace(id, &first.token, 0, trace.clone())
+            .await
+            .unwrap()
+            .status,
         202
     );
-    let done = c.update_job(id, &update(&first.token, "success", &trace)).await.unwrap();
+    let done = c
+        .update_job(id, &update(&first.token, "success", &trace))
+        .await
+        .unwrap();
     assert_eq!(done.status, 200);
-    let again = c.update_job(id, &update(&second.token, "failed", &trace)).await.unwrap();
+    let again = c
+        .update_job(id, &update(&second.token, "failed", &trace))
+        .await
+        .unwrap();
     assert_eq!(again.status, 403);
     let j = fake.get(id);
     assert_eq!(j.runs, 2);
@@ -1068,7 +1131,11 @@ async fn a_refused_runner_token_stops_the_daemon_loudly() {
         }
     };
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "kiln's exit code for errors:\n{err}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "kiln's exit code for errors:\n{err}"
+    );
     assert!(
         err.contains("runner 'refused-runner': GitLab refused the runner token (403"),
         "{err}"
@@ -1096,7 +1163,10 @@ async fn a_token_revoked_while_serving_stops_the_daemon() {
         .unwrap();
     let e = r.expect_err("a refused token is an error");
     assert!(
-        matches!(e, kiln::gitlab::GitlabError::TokenRefused { status: 403, .. }),
+        matches!(
+            e,
+            kiln::gitlab::GitlabError::TokenRefused { status: 403, .. }
+        ),
         "{e}"
     );
 }
@@ -1124,21 +1194,42 @@ async fn register_writes_a_private_config_and_verify_checks_it() {
     let cfg_s = cfg.display().to_string();
 
     let (code, _, err) = kiln(&[
-        "gitlab", "register", "--config", &cfg_s, "--url", &fake.url,
-        "--registration-token", "wrong", "--name", "r1",
+        "gitlab",
+        "register",
+        "--config",
+        &cfg_s,
+        "--url",
+        &fake.url,
+        "--registration-token",
+        "wrong",
+        "--name",
+        "r1",
     ]);
     assert_ne!(code, Some(0));
     assert!(err.contains("403"), "{err}");
     assert!(!cfg.exists(), "nothing written for a refused registration");
 
     let (code, out, err) = kiln(&[
-        "gitlab", "register", "--config", &cfg_s, "--url", &fake.url,
-        "--registration-token", "registration-token", "--name", "r1", "--tag", "vm",
+        "gitlab",
+        "register",
+        "--config",
+        &cfg_s,
+        "--url",
+        &fake.url,
+        "--registration-token",
+        "registration-token",
+        "--name",
+        "r1",
+        "--tag",
+        "vm",
     ]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("registered runner 43 as 'r1'"), "{out}");
     let mode = std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "the runner token is readable by its owner only");
+    assert_eq!(
+        mode, 0o600,
+        "the runner token is readable by its owner only"
+    );
     let written = Config::load(&cfg).unwrap();
     assert_eq!(written.runners.len(), 1);
     assert_eq!(written.runners[0].token, TOKEN);

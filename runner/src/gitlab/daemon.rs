@@ -913,7 +913,10 @@ async fn final_update(mut up: Updater, fin: &Final) {
     let mut b = Backoff::new();
     for attempt in 0..FINAL_ATTEMPTS {
         if up.is_gone() {
-            tracing::info!(job = up.job_id, "the job is gone on GitLab: no final update");
+            tracing::info!(
+                job = up.job_id,
+                "the job is gone on GitLab: no final update"
+            );
             return;
         }
         if !up.patch().await {

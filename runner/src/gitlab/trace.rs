@@ -386,8 +386,7 @@ impl Updater {
             if self.trace.len() > self.sent {
                 self.patch().await;
             }
-            if self.last_contact.elapsed() >= self.interval.min(TOUCH_INTERVAL) && !self.is_gone()
-            {
+            if self.last_contact.elapsed() >= self.interval.min(TOUCH_INTERVAL) && !self.is_gone() {
                 self.touch().await;
             }
         }
