@@ -161,6 +161,7 @@ pub struct JobRequest {
     pub what: String,
     /// Body bytes (trace patches and uploads).
     pub bytes: usize,
+    /// The answer the runner got (0: none, the connection was dropped).
     pub status: u16,
 }
 
@@ -710,6 +711,12 @@ async fn faults(State(s): State<Shared>, req: Request, next: Next) -> Response {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "injected fault (before)");
     }
     let resp = next.run(req).await;
+    if api && is_ack && (after || drop) {
+        // The request was handled, but the runner gets another answer (or
+        // none): the record says what the runner saw.
+        let seen = if drop { 0 } else { 500 };
+        amend(&s, &path, resp.status().as_u16(), seen);
+    }
     if api && is_ack && after {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "injected fault (after)");
     }
@@ -721,6 +728,22 @@ async fn faults(State(s): State<Shared>, req: Request, next: Next) -> Response {
         ));
     }
     resp
+}
+
+/// Record that the runner saw `seen` (0: no answer) instead of `answered`
+/// for its last request to the job of `path` (`/api/v4/jobs/<id>...`).
+fn amend(s: &Shared, path: &str, answered: u16, seen: u16) {
+    let id = path
+        .trim_start_matches("/api/v4/jobs/")
+        .split('/')
+        .next()
+        .and_then(|i| i.parse::<u64>().ok());
+    let mut st = lock(s);
+    if let Some(job) = id.and_then(|id| st.jobs.get_mut(&id)) {
+        if let Some(r) = job.requests.iter_mut().rev().find(|r| r.status == answered) {
+            r.status = seen;
+        }
+    }
 }
 
 async fn verify(State(s): State<Shared>, Json(body): Json<Value>) -> Response {
