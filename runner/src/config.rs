@@ -58,6 +58,10 @@ pub struct Config {
     /// Seconds from VM start to the agent being ready.
     #[serde(default = "sixty")]
     pub boot_timeout: u64,
+    /// Where serial logs of VMs that failed are kept (default:
+    /// `$XDG_STATE_HOME/kiln/logs`, else `~/.local/state/kiln/logs`).
+    #[serde(default)]
+    pub log_dir: Option<PathBuf>,
     #[serde(default)]
     pub runners: Vec<RunnerConfig>,
 }
@@ -162,13 +166,43 @@ impl Config {
         Ok(())
     }
 
-    /// Write the file (used by `kiln gitlab register`).
+    /// Write the file (used by `kiln gitlab register`). It holds runner
+    /// tokens, so it is only readable by its owner (mode 0600, whatever the
+    /// umask or the mode of the file it replaces), and it is replaced
+    /// atomically: a crash leaves the old file or the new one, never half.
     pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+        use std::io::Write;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let text = toml::to_string_pretty(self).map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        std::fs::write(path, text).map_err(|source| ConfigError::Write {
+        let werr = |source| ConfigError::Write {
             path: path.to_path_buf(),
             source,
-        })
+        };
+        let name = path.file_name().ok_or_else(|| {
+            ConfigError::Invalid(format!("{} is not a file name", path.display()))
+        })?;
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".tmp-{}", std::process::id()));
+        let tmp = path.with_file_name(tmp_name);
+        let written = (|| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            // The mode given to open(2) is filtered by the umask; 0600 is
+            // what we want whatever the umask allows.
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(werr(e));
+        }
+        Ok(())
     }
 
     pub fn check_interval(&self) -> Duration {
@@ -238,6 +272,37 @@ image = "/images/debian"
         let c: Config =
             toml::from_str("[[runners]]\nname='a'\nurl='ftp://x'\ntoken='t'\n").unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn saved_files_are_private_and_round_trip() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kiln.toml");
+        // An existing, world-readable file is replaced by a private one.
+        std::fs::write(&p, "concurrent = 1\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut c: Config = toml::from_str(
+            "concurrent = 3\n[[runners]]\nname='a'\nurl='https://x'\ntoken='glrt-secret'\n",
+        )
+        .unwrap();
+        c.log_dir = Some(d.path().join("logs"));
+        c.save(&p).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the token file is private: {mode:o}");
+        let back = Config::load(&p).unwrap();
+        assert_eq!(back.concurrent, 3);
+        assert_eq!(back.runners[0].token, "glrt-secret");
+        assert_eq!(back.log_dir, Some(d.path().join("logs")));
+        let names: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from("kiln.toml")],
+            "no temporary file left"
+        );
     }
 
     #[test]

@@ -1,12 +1,17 @@
-//! End-to-end: `kiln daemon` against a fake GitLab, every job in a real VM
-//! (qemu backend; TCG where KVM cannot run). Each test asserts that no QEMU
-//! process and no per-job file is left behind.
+//! End-to-end: `kiln daemon` against a fake GitLab as strict as GitLab's
+//! runner API, every job in a real VM (qemu backend; TCG where KVM cannot
+//! run). VM tests assert that no QEMU process and no per-job file is left
+//! behind, and that every job was run once and finalised once
+//! (`FakeJob::check_consistent`). Tests without a VM check the fake's own
+//! rules, registration, token checks and the daemon's reaction to a refused
+//! token.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln::config::Config;
+use kiln::gitlab::client::{Client, Output, UpdateJob};
 use kiln_tests::fake_gitlab::{FakeGitlab, FakeJob, Faults};
 use kiln_tests::harness::{self, assert_no_leaks};
 use serde_json::json;
@@ -14,16 +19,62 @@ use serde_json::json;
 const TOKEN: &str = "glrt-test-runner-token";
 const LIMIT: Duration = Duration::from_secs(420);
 
-fn config(fake: &FakeGitlab, run_dir: &Path, concurrent: usize, shutdown_timeout: u64) -> Config {
+/// A per-test run directory, removed when the test ends.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn new(name: &str) -> RunDir {
+        RunDir(harness::run_dir(name))
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What a test changes in the daemon's configuration.
+struct Setup {
+    concurrent: usize,
+    shutdown_timeout: u64,
+    boot_timeout: u64,
+    /// Trace cap, KiB.
+    output_limit: u64,
+    agent: PathBuf,
+}
+
+impl Default for Setup {
+    fn default() -> Setup {
+        Setup {
+            concurrent: 1,
+            shutdown_timeout: 30,
+            boot_timeout: 120,
+            output_limit: 4096,
+            agent: PathBuf::new(),
+        }
+    }
+}
+
+fn config(fake: &FakeGitlab, run_dir: &Path, s: Setup) -> Config {
     harness::kernel(); // provision the default kernel into the test cache
+    let agent = if s.agent.as_os_str().is_empty() {
+        harness::agent()
+    } else {
+        s.agent
+    };
     let text = format!(
         r#"
 concurrent = {concurrent}
 check_interval = 1
 shutdown_timeout = {shutdown_timeout}
-boot_timeout = 120
+boot_timeout = {boot_timeout}
 run_dir = {run_dir:?}
 agent = {agent:?}
+log_dir = {log_dir:?}
 
 [[runners]]
 name = "test-runner"
@@ -32,10 +83,16 @@ token = "{TOKEN}"
 cpus = 1
 memory = 512
 disk = 2
+output_limit = {output_limit}
 cache_dir = {cache:?}
 "#,
+        concurrent = s.concurrent,
+        shutdown_timeout = s.shutdown_timeout,
+        boot_timeout = s.boot_timeout,
+        output_limit = s.output_limit,
         run_dir = run_dir.display().to_string(),
-        agent = harness::agent().display().to_string(),
+        agent = agent.display().to_string(),
+        log_dir = harness::test_root().join("logs").display().to_string(),
         url = fake.url,
         cache = harness::cache_dir().display().to_string(),
     );
@@ -75,40 +132,43 @@ fn final_of(j: &FakeJob) -> (String, Option<String>, Option<i64>) {
     )
 }
 
-/// Every job was handed out once, finished once, with a trace whose
-/// checksum and size are what the runner reported.
+/// The job was handed out once, started once (one git fetch) and
+/// finalised once, with a trace whose checksum and size are what the
+/// runner reported, nothing sent after a 403 and no protocol violation.
 fn assert_consistent(j: &FakeJob) {
-    assert_eq!(j.assigned, 1, "job {} assigned once", j.id);
-    assert_eq!(
-        j.finals.len(),
-        1,
-        "job {} has one accepted final update",
-        j.id
-    );
-    let f = j.last_final();
-    assert_eq!(
-        f["output"]["checksum"].as_str().unwrap(),
-        format!("crc32:{:08x}", crc32fast::hash(&j.trace))
-    );
-    assert_eq!(
-        f["output"]["bytesize"].as_u64().unwrap(),
-        j.trace.len() as u64
-    );
-    assert!(
-        !j.trace_text().contains(&j.token),
-        "the job token never reaches the trace"
-    );
+    assert_eq!(j.assigned, 1, "job {} handed out once", j.id);
+    assert_eq!(j.runs, 1, "job {} started once", j.id);
+    if let Err(e) = j.check_consistent() {
+        panic!("{e}\ntrace:\n{}", j.trace_text());
+    }
 }
 
 fn lines(n: usize) -> String {
     (0..n).map(|i| format!("line {i}\n")).collect()
 }
 
+/// Wait until no QEMU runs under `dir` and `dir` is empty: the daemon has
+/// finished with every job it took (it removes a job's directory last).
+async fn wait_idle(dir: &Path, limit: Duration) {
+    let t0 = Instant::now();
+    loop {
+        let busy = !harness::qemu_processes_under(dir).is_empty()
+            || std::fs::read_dir(dir)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(false);
+        if !busy {
+            return;
+        }
+        assert!(t0.elapsed() < limit, "the daemon did not finish its jobs");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 const LOOP: &str = "i=0; while [ $i -lt 500 ]; do echo \"line $i\"; i=$((i+1)); done";
 
 async fn jobs_pass_fail_time_out_and_miss_images_two_at_a_time() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "hello from git\n")]).await;
-    let run_dir = harness::run_dir("gitlab-main");
+    let fake = FakeGitlab::start(TOKEN, &[("README", "hello from git\n")]);
+    let run_dir = RunDir::new("gitlab-main");
 
     // Artifacts of an earlier job this one depends on.
     let dep = tempfile::tempdir().unwrap();
@@ -146,11 +206,19 @@ async fn jobs_pass_fail_time_out_and_miss_images_two_at_a_time() {
     let slow = fake.push(slow);
     let noimg = fake.push(fake.job("/nonexistent/kiln/image", &["true"]));
 
-    let (stop, daemon) = start_daemon(config(&fake, &run_dir, 2, 30));
+    let (stop, daemon) = start_daemon(config(
+        &fake,
+        run_dir.path(),
+        Setup {
+            concurrent: 2,
+            ..Setup::default()
+        },
+    ));
 
     let j = fake.wait_done(pass, LIMIT).await;
     let t = j.trace_text();
     assert_eq!(final_of(&j), ("success".into(), None, Some(0)), "{t}");
+    assert_eq!(j.status, "success");
     assert_consistent(&j);
     for want in [
         "hello from git\n",
@@ -175,6 +243,7 @@ async fn jobs_pass_fail_time_out_and_miss_images_two_at_a_time() {
     let echoed = format!("\x1b[32;1m$ {LOOP}\x1b[0;m\n{}", lines(500));
     assert!(t.contains(&echoed), "the loop's output is intact:\n{t}");
     assert_eq!(j.artifacts.len(), 1, "one artifact upload:\n{t}");
+    assert_eq!(j.upload_attempts, 1);
     let up = &j.artifacts[0];
     assert_eq!(up.filename, "results.zip");
     assert_eq!(up.query.get("expire_in").map(String::as_str), Some("1 day"));
@@ -207,12 +276,15 @@ async fn jobs_pass_fail_time_out_and_miss_images_two_at_a_time() {
     );
     assert_consistent(&j);
 
+    // GitLab does not know image_pull_failure (it is not in the job's
+    // features.failure_reasons): kiln falls back as gitlab-runner does.
     let j = fake.wait_done(noimg, LIMIT).await;
     let (state, reason, _) = final_of(&j);
     assert_eq!(
         (state.as_str(), reason.as_deref()),
-        ("failed", Some("image_pull_failure"))
+        ("failed", Some("runner_system_failure"))
     );
+    assert!(j.trace_text().contains("image"), "{}", j.trace_text());
     assert_consistent(&j);
 
     assert_eq!(
@@ -222,29 +294,26 @@ async fn jobs_pass_fail_time_out_and_miss_images_two_at_a_time() {
     );
     let _ = stop.send(());
     daemon.await.unwrap();
-    assert_no_leaks(&run_dir);
+    assert_no_leaks(run_dir.path());
 }
 
 async fn a_canceled_job_runs_after_script_and_is_reported_canceled() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]).await;
-    let run_dir = harness::run_dir("gitlab-cancel");
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let run_dir = RunDir::new("gitlab-cancel");
     let mut job = fake.job(&image(), &["while true; do echo tick; sleep 1; done"]);
     job["steps"].as_array_mut().unwrap().push(json!(
         {"name": "after_script", "script": ["echo cleanup-ran"], "timeout": 300, "when": "always", "allow_failure": true}
     ));
     let id = fake.push(job);
-    let (stop, daemon) = start_daemon(config(&fake, &run_dir, 1, 30));
+    let (stop, daemon) = start_daemon(config(&fake, run_dir.path(), Setup::default()));
     fake.wait_for(id, LIMIT, "ticks in the trace", |j| {
         j.trace_text().contains("tick\n")
     })
     .await;
     fake.set_status(id, "canceling");
     let j = fake.wait_done(id, Duration::from_secs(120)).await;
-    let (state, reason, _) = final_of(&j);
-    assert_eq!(
-        (state.as_str(), reason.as_deref()),
-        ("failed", Some("job_canceled"))
-    );
+    assert_eq!(j.status, "canceled", "GitLab ends a canceling job canceled");
+    assert_eq!(final_of(&j).0, "failed");
     assert!(
         j.trace_text().contains("cleanup-ran\n"),
         "after_script ran:\n{}",
@@ -253,24 +322,167 @@ async fn a_canceled_job_runs_after_script_and_is_reported_canceled() {
     assert_consistent(&j);
     let _ = stop.send(());
     daemon.await.unwrap();
-    assert_no_leaks(&run_dir);
+    assert_no_leaks(run_dir.path());
+}
+
+/// A job whose VM never becomes ready (busybox is its init; the boot
+/// timeout is 300 s), caught while it boots: everything kiln wrote before
+/// the boot has reached the fake, QEMU runs, and a few update intervals
+/// (1 s) have passed without output.
+async fn a_job_stuck_in_boot(
+    fake: &FakeGitlab,
+    run_dir: &Path,
+) -> (
+    u64,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let id = fake.push(fake.job(&image(), &["echo should-not-run"]));
+    let (stop, daemon) = start_daemon(config(
+        fake,
+        run_dir,
+        Setup {
+            boot_timeout: 300,
+            agent: kiln_tests::fixtures::busybox_path().unwrap(),
+            ..Setup::default()
+        },
+    ));
+    fake.wait_for(id, LIMIT, "the trace up to the boot", |j| {
+        j.trace_text().contains(":get_sources\r")
+    })
+    .await;
+    let t0 = Instant::now();
+    while harness::qemu_processes_under(run_dir).is_empty() {
+        assert!(t0.elapsed() < LIMIT, "no VM started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !harness::qemu_processes_under(run_dir).is_empty(),
+        "the VM still boots"
+    );
+    (id, stop, daemon)
+}
+
+/// A cancel that arrives while the VM boots is noticed at the next update
+/// interval (1 s here), not at gitlab-runner's 30 s "touch" (kiln before
+/// this test: 27 s); only the cancel can end this job before its 300 s
+/// boot timeout.
+async fn a_cancel_during_boot_is_reported_within_seconds() {
+    /// Half of the 30 s touch interval; kiln needs about one update
+    /// interval (1 s) plus the VM's teardown.
+    const NOTICED_WITHIN: Duration = Duration::from_secs(15);
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let run_dir = RunDir::new("gitlab-boot-cancel");
+    let (id, stop, daemon) = a_job_stuck_in_boot(&fake, run_dir.path()).await;
+    fake.set_status(id, "canceling");
+    let j = fake.wait_done(id, Duration::from_secs(120)).await;
+    let waited = j.status_set_at.unwrap().elapsed();
+    eprintln!("a cancel during boot was reported after {waited:?}");
+    assert_eq!(j.status, "canceled");
+    assert!(
+        waited < NOTICED_WITHIN,
+        "the cancel was reported after {waited:?}"
+    );
+    let t = j.trace_text();
+    assert!(
+        t.contains("ERROR: Job failed: canceled"),
+        "the cancel ended the job:\n{t}"
+    );
+    assert!(!t.contains("should-not-run\n"));
+    assert_consistent(&j);
+    let _ = stop.send(());
+    daemon.await.unwrap();
+    assert_no_leaks(run_dir.path());
+}
+
+/// A hard cancel during the boot is learnt from a touch answered 403:
+/// the VM is killed, nothing more is sent (kiln before this test sent one
+/// more trace patch).
+async fn a_hard_cancel_during_boot_sends_nothing_after_the_403() {
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let run_dir = RunDir::new("gitlab-boot-hard-cancel");
+    let (id, stop, daemon) = a_job_stuck_in_boot(&fake, run_dir.path()).await;
+    fake.set_status(id, "canceled");
+    wait_idle(run_dir.path(), Duration::from_secs(120)).await;
+    let _ = stop.send(());
+    daemon.await.unwrap();
+    let j = fake.get(id);
+    let refused: Vec<_> = j.requests.iter().filter(|r| r.status == 403).collect();
+    assert_eq!(refused.len(), 1, "{:?}", j.requests);
+    assert_eq!(refused[0].what, "PUT running", "a touch learnt of it");
+    assert!(
+        j.requests_after_forbidden().is_empty(),
+        "nothing is sent after the 403: {:?}",
+        j.requests_after_forbidden()
+    );
+    assert!(j.finals.is_empty(), "no final update: {:?}", j.finals);
+    assert!(j.violations.is_empty(), "{:?}", j.violations);
+    assert_no_leaks(run_dir.path());
+}
+
+/// A hard cancel (the job is `canceled` on GitLab: every job endpoint
+/// answers 403 "Job is not running"): the VM is killed and nothing more is
+/// sent for the job, neither trace nor final update.
+async fn a_hard_cancel_kills_the_vm_and_nothing_is_sent_after_it() {
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let run_dir = RunDir::new("gitlab-hard-cancel");
+    let mut job = fake.job(&image(), &["while true; do echo tick; sleep 1; done"]);
+    job["steps"].as_array_mut().unwrap().push(json!(
+        {"name": "after_script", "script": ["echo cleanup-ran"], "timeout": 300, "when": "always", "allow_failure": true}
+    ));
+    let id = fake.push(job);
+    let (stop, daemon) = start_daemon(config(&fake, run_dir.path(), Setup::default()));
+    fake.wait_for(id, LIMIT, "ticks in the trace", |j| {
+        j.trace_text().contains("tick\n")
+    })
+    .await;
+    fake.set_status(id, "canceled");
+    wait_idle(run_dir.path(), Duration::from_secs(120)).await;
+    let _ = stop.send(());
+    daemon.await.unwrap();
+    let j = fake.get(id);
+    let refused: Vec<_> = j.requests.iter().filter(|r| r.status == 403).collect();
+    assert_eq!(
+        refused.len(),
+        1,
+        "one request learnt of the cancel: {:?}",
+        j.requests
+    );
+    assert!(
+        j.requests_after_forbidden().is_empty(),
+        "nothing is sent after the 403: {:?}",
+        j.requests_after_forbidden()
+    );
+    assert!(j.finals.is_empty(), "no final update: {:?}", j.finals);
+    assert_eq!(j.status, "canceled");
+    assert!(!j.trace_text().contains("cleanup-ran"));
+    assert!(j.violations.is_empty(), "{:?}", j.violations);
+    assert_no_leaks(run_dir.path());
 }
 
 async fn server_faults_lose_no_job_and_report_none_twice() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]).await;
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
     fake.set_faults(Faults {
         error_before: 0.2,
         error_after: 0.15,
         drop_every: 4,
         final_202: 2,
         final_412: true,
-        trace_lose_tail: false,
+        ..Faults::default()
     });
-    let run_dir = harness::run_dir("gitlab-faults");
+    let run_dir = RunDir::new("gitlab-faults");
     let ids: Vec<u64> = (0..2)
         .map(|_| fake.push(fake.job(&image(), &[LOOP, "sleep 2", LOOP])))
         .collect();
-    let (stop, daemon) = start_daemon(config(&fake, &run_dir, 2, 30));
+    let (stop, daemon) = start_daemon(config(
+        &fake,
+        run_dir.path(),
+        Setup {
+            concurrent: 2,
+            ..Setup::default()
+        },
+    ));
     for id in ids {
         let j = fake.wait_done(id, LIMIT).await;
         assert_eq!(final_of(&j).0, "success", "{}", j.trace_text());
@@ -290,20 +502,53 @@ async fn server_faults_lose_no_job_and_report_none_twice() {
     );
     let _ = stop.send(());
     daemon.await.unwrap();
-    assert_no_leaks(&run_dir);
+    assert_no_leaks(run_dir.path());
+}
+
+/// GitLab hands the same job out twice (a resent answer, a retried
+/// request): kiln runs it once and reports it once.
+async fn a_job_handed_out_twice_runs_once() {
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    fake.set_faults(Faults {
+        duplicate_every: 1,
+        ..Faults::default()
+    });
+    let run_dir = RunDir::new("gitlab-dup");
+    let id = fake.push(fake.job(&image(), &["echo once", "sleep 2"]));
+    let (stop, daemon) = start_daemon(config(
+        &fake,
+        run_dir.path(),
+        Setup {
+            concurrent: 2,
+            ..Setup::default()
+        },
+    ));
+    let j = fake.wait_done(id, LIMIT).await;
+    wait_idle(run_dir.path(), Duration::from_secs(120)).await;
+    let _ = stop.send(());
+    daemon.await.unwrap();
+    let j2 = fake.get(id);
+    assert_eq!(j.assigned, 2, "the fake handed the job out twice");
+    assert_eq!(final_of(&j2).0, "success");
+    assert_eq!(j2.runs, 1, "run once");
+    if let Err(e) = j2.check_consistent() {
+        panic!("{e}");
+    }
+    assert_eq!(j2.trace_text().matches("once\n").count(), 1);
+    assert_no_leaks(run_dir.path());
 }
 
 /// The server loses the tail of a trace it acknowledged: the runner's next
 /// patch gets 416 and resends from the server's `Range`.
 async fn a_trace_the_server_lost_is_resent_from_its_range() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]).await;
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
     fake.set_faults(Faults {
         trace_lose_tail: true,
         ..Faults::default()
     });
-    let run_dir = harness::run_dir("gitlab-416");
+    let run_dir = RunDir::new("gitlab-416");
     let id = fake.push(fake.job(&image(), &[LOOP, "sleep 3", LOOP]));
-    let (stop, daemon) = start_daemon(config(&fake, &run_dir, 1, 30));
+    let (stop, daemon) = start_daemon(config(&fake, run_dir.path(), Setup::default()));
     let j = fake.wait_done(id, LIMIT).await;
     assert_eq!(final_of(&j).0, "success", "{}", j.trace_text());
     assert_consistent(&j);
@@ -317,31 +562,163 @@ async fn a_trace_the_server_lost_is_resent_from_its_range() {
     );
     let _ = stop.send(());
     daemon.await.unwrap();
-    assert_no_leaks(&run_dir);
+    assert_no_leaks(run_dir.path());
+}
+
+fn artifact_job(fake: &FakeGitlab) -> serde_json::Value {
+    let mut job = fake.job(&image(), &["mkdir -p out && echo data > out/a.txt"]);
+    job["artifacts"] = json!([{"name": "out", "paths": ["out/"], "when": "on_success",
+        "artifact_type": "archive", "artifact_format": "zip"}]);
+    job
+}
+
+/// Uploads answered 5xx are retried (the third attempt is stored); a 413
+/// (larger than the instance allows) is not retried and fails the job as
+/// the job's doing, not the runner's.
+async fn artifact_uploads_are_retried_after_5xx_and_a_413_is_not() {
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let run_dir = RunDir::new("gitlab-upload");
+    fake.set_faults(Faults {
+        upload_answers: vec![500, 502],
+        ..Faults::default()
+    });
+    let retried = fake.push(artifact_job(&fake));
+    fake.set_faults(Faults {
+        upload_answers: vec![413],
+        ..Faults::default()
+    });
+    let too_large = fake.push(artifact_job(&fake));
+    let (stop, daemon) = start_daemon(config(
+        &fake,
+        run_dir.path(),
+        Setup {
+            concurrent: 2,
+            ..Setup::default()
+        },
+    ));
+
+    let j = fake.wait_done(retried, LIMIT).await;
+    assert_eq!(final_of(&j).0, "success", "{}", j.trace_text());
+    assert_eq!(j.upload_attempts, 3, "two 5xx answers, then stored");
+    assert_eq!(j.artifacts.len(), 1);
+    assert_consistent(&j);
+
+    let j = fake.wait_done(too_large, LIMIT).await;
+    let t = j.trace_text();
+    assert_eq!(j.upload_attempts, 1, "a 413 is not retried:\n{t}");
+    assert!(j.artifacts.is_empty());
+    assert_eq!(
+        final_of(&j),
+        ("failed".into(), Some("script_failure".into()), None),
+        "{t}"
+    );
+    assert!(
+        t.contains("ERROR: Uploading artifacts failed") && t.contains("413"),
+        "the trace says why:\n{t}"
+    );
+    assert_consistent(&j);
+    let _ = stop.send(());
+    daemon.await.unwrap();
+    assert_no_leaks(run_dir.path());
+}
+
+/// Output past `output_limit` is dropped (the job goes on and says so),
+/// and a trace sent in one go travels in patches of at most 1 MiB: the
+/// fake asks for an update every 60 s, so everything after the first
+/// patch is sent when the job ends.
+async fn a_large_trace_is_capped_and_sent_in_1_mib_patches() {
+    const MIB: usize = 1 << 20;
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    fake.set_update_interval(60);
+    let run_dir = RunDir::new("gitlab-cap");
+    let id = fake.push(fake.job(
+        &image(),
+        &[
+            // 3 MiB of 'x', no newline.
+            "dd if=/dev/zero bs=65536 count=48 2>/dev/null | tr '\\0' x",
+            "echo; echo after-the-cap",
+        ],
+    ));
+    let (stop, daemon) = start_daemon(config(
+        &fake,
+        run_dir.path(),
+        Setup {
+            output_limit: 2048,
+            ..Setup::default()
+        },
+    ));
+    let j = fake.wait_done(id, LIMIT).await;
+    let t = j.trace_text();
+    assert_eq!(final_of(&j).0, "success", "the job goes on past the cap");
+    assert!(t.contains("Job's log exceeded limit of 2097152 bytes"));
+    assert!(
+        !t.contains("after-the-cap"),
+        "output past the cap is dropped"
+    );
+    assert!(j.trace.len() <= 2 * MIB + 512, "{} bytes", j.trace.len());
+    let sizes = j.patch_sizes();
+    assert!(sizes.iter().all(|&n| n <= MIB), "{sizes:?}");
+    assert!(
+        sizes.iter().filter(|&&n| n == MIB).count() >= 1,
+        "a full 1 MiB patch: {sizes:?}"
+    );
+    assert_consistent(&j);
+    let _ = stop.send(());
+    daemon.await.unwrap();
+    assert_no_leaks(run_dir.path());
+}
+
+/// GitLab drops a job whose trace passes its size limit (403 to the
+/// patch, the job `failed` with `trace_size_exceeded`): kiln kills the VM
+/// and sends nothing more.
+async fn the_server_trace_size_limit_stops_the_job() {
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    fake.set_trace_limit(256 << 10);
+    let run_dir = RunDir::new("gitlab-tracelimit");
+    let id = fake.push(fake.job(
+        &image(),
+        &[
+            "dd if=/dev/zero bs=65536 count=16 2>/dev/null | tr '\\0' x",
+            "sleep 600",
+        ],
+    ));
+    let (stop, daemon) = start_daemon(config(&fake, run_dir.path(), Setup::default()));
+    fake.wait_for(id, LIMIT, "the job dropped", |j| j.status == "failed")
+        .await;
+    wait_idle(run_dir.path(), Duration::from_secs(120)).await;
+    let _ = stop.send(());
+    daemon.await.unwrap();
+    let j = fake.get(id);
+    assert_eq!(j.failure_reason.as_deref(), Some("trace_size_exceeded"));
+    assert!(j.trace.len() <= 256 << 10);
+    assert!(
+        j.requests_after_forbidden().is_empty(),
+        "{:?}",
+        j.requests_after_forbidden()
+    );
+    assert!(j.finals.is_empty(), "{:?}", j.finals);
+    assert!(j.violations.is_empty(), "{:?}", j.violations);
+    assert_no_leaks(run_dir.path());
 }
 
 fn kiln_binary() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "-q", "-p", "kiln", "--bin", "kiln"])
-        .current_dir(root)
-        .status()
-        .expect("run cargo build -p kiln");
-    assert!(st.success(), "building kiln failed");
-    // target/debug/deps/gitlab-* -> target/debug/kiln
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("kiln");
-    assert!(bin.exists(), "{} not found", bin.display());
-    bin
+    harness::kiln_bin()
 }
 
-fn spawn_daemon(bin: &Path, config: &Path) -> Child {
-    Command::new(bin)
-        .args(["--log-level", "info", "daemon", "--config"])
-        .arg(config)
-        .spawn()
-        .expect("start kiln daemon")
+/// Environment for a `kiln` child: nothing from `$HOME`.
+fn isolated(cmd: &mut Command, home: &Path) {
+    cmd.env("HOME", home)
+        .env("XDG_STATE_HOME", home.join("state"))
+        .env("DOCKER_CONFIG", home.join("docker"))
+        .env("KILN_REGISTRY_CONFIG", home.join("registry.json"));
+}
+
+fn spawn_daemon(bin: &Path, config: &Path, home: &Path) -> Child {
+    let mut c = Command::new(bin);
+    c.args(["--log-level", "info", "daemon", "--config"])
+        .arg(config);
+    isolated(&mut c, home);
+    c.spawn().expect("start kiln daemon")
 }
 
 fn leftovers(run_dir: &Path) -> Vec<PathBuf> {
@@ -353,53 +730,55 @@ fn leftovers(run_dir: &Path) -> Vec<PathBuf> {
 }
 
 async fn kill_9_mid_job_then_restart_cleans_up_and_sigterm_fails_running_jobs() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]).await;
-    let run_dir = harness::run_dir("gitlab-kill");
-    let cfg = config(&fake, &run_dir, 1, 2);
-    let cfg_path = run_dir
-        .parent()
-        .unwrap()
-        .join(format!("gitlab-kill-{}.toml", std::process::id()));
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let run_dir = RunDir::new("gitlab-kill");
+    let home = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &fake,
+        run_dir.path(),
+        Setup {
+            shutdown_timeout: 2,
+            ..Setup::default()
+        },
+    );
+    let cfg_path = home.path().join("kiln.toml");
     std::fs::write(&cfg_path, toml::to_string(&cfg).unwrap()).unwrap();
     let bin = kiln_binary();
 
     let id = fake.push(fake.job(&image(), &["echo started", "sleep 600"]));
-    let mut child = spawn_daemon(&bin, &cfg_path);
+    let mut child = spawn_daemon(&bin, &cfg_path, home.path());
     fake.wait_for(id, LIMIT, "the job started", |j| {
         j.trace_text().contains("started\n")
     })
     .await;
     assert!(
-        !harness::qemu_processes_under(&run_dir).is_empty(),
+        !harness::qemu_processes_under(run_dir.path()).is_empty(),
         "a VM runs the job"
     );
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let t0 = Instant::now();
-    while !harness::qemu_processes_under(&run_dir).is_empty() {
+    while !harness::qemu_processes_under(run_dir.path()).is_empty() {
         assert!(
-            t0.elapsed() < Duration::from_secs(10),
+            t0.elapsed() < Duration::from_secs(30),
             "QEMU outlived the killed daemon"
         );
-        std::thread::sleep(Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        !leftovers(&run_dir).is_empty(),
+        !leftovers(run_dir.path()).is_empty(),
         "a killed daemon cannot clean up (test precondition)"
     );
 
     // A new daemon removes what the dead one left, then serves jobs.
     let verified = fake.verifies();
-    let mut child = spawn_daemon(&bin, &cfg_path);
+    let mut child = spawn_daemon(&bin, &cfg_path, home.path());
     let t0 = Instant::now();
     while fake.verifies() == verified {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "the daemon did not start"
-        );
+        assert!(t0.elapsed() < LIMIT, "the daemon did not start");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_no_leaks(&run_dir);
+    assert_no_leaks(run_dir.path());
 
     // SIGTERM: running jobs get shutdown_timeout (2 s), then are canceled
     // and reported as runner_system_failure.
@@ -410,7 +789,10 @@ async fn kill_9_mid_job_then_restart_cleans_up_and_sigterm_fails_running_jobs() 
     .await;
     // SAFETY: kill(2) with plain integers, on our own unreaped child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let st = child.wait().unwrap();
+    let st = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
         st.success(),
         "the daemon exits cleanly after SIGTERM: {st:?}"
@@ -423,8 +805,405 @@ async fn kill_9_mid_job_then_restart_cleans_up_and_sigterm_fails_running_jobs() 
         ("failed", Some("runner_system_failure"))
     );
     assert_consistent(&j);
-    assert_no_leaks(&run_dir);
-    let _ = std::fs::remove_file(&cfg_path);
+    assert_no_leaks(run_dir.path());
+}
+
+// ---- Without a VM: the fake's rules, registration, refused tokens. ----
+
+fn update(token: &str, state: &str, trace: &[u8]) -> UpdateJob {
+    let output = Output {
+        checksum: format!("crc32:{:08x}", crc32fast::hash(trace)),
+        bytesize: trace.len() as u64,
+    };
+    UpdateJob {
+        token: token.into(),
+        state: state.into(),
+        failure_reason: None,
+        exit_code: None,
+        checksum: output.checksum.clone(),
+        output,
+    }
+}
+
+/// The fake answers what GitLab answers (`runner.rb`,
+/// `append_build_trace_service.rb`, `authenticate_job!`), so a runner
+/// that sends what GitLab refuses is caught.
+async fn the_fake_refuses_what_gitlab_refuses() {
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let c = Client::new(&fake.url).unwrap();
+    let sid = "s_000000000000";
+
+    // Runner tokens.
+    assert_eq!(
+        c.verify("wrong", sid).await.unwrap_err().status(),
+        Some(403)
+    );
+    assert_eq!(c.verify(TOKEN, sid).await.unwrap().id, Some(42));
+    let e = c.request_job("wrong", sid, None).await.unwrap_err();
+    assert_eq!(e.status(), Some(403));
+
+    // Job requests: 204 + X-GitLab-Last-Update; sending that value back
+    // means "nothing changed since" (204 at once); queuing a job changes it.
+    let (none, lu) = c.request_job(TOKEN, sid, None).await.unwrap();
+    assert!(none.is_none());
+    let lu = lu.expect("X-GitLab-Last-Update");
+    let (none, lu2) = c.request_job(TOKEN, sid, Some(&lu)).await.unwrap();
+    assert!(none.is_none());
+    assert_eq!(lu2.as_deref(), Some(lu.as_str()), "nothing changed");
+    let id = fake.push(fake.job("img", &["true"]));
+    let (job, lu3) = c.request_job(TOKEN, sid, Some(&lu)).await.unwrap();
+    let job = job.expect("the queued job");
+    assert_eq!(job.id, id);
+    assert_eq!(lu3, None, "GitLab sends no X-GitLab-Last-Update with a job");
+    let tok = job.token.clone();
+
+    // Trace patches: the start must be the stored length.
+    let r = c
+        .patch_trace(id, &tok, 0, b"hello ".to_vec())
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.range_end), (202, Some(6)));
+    assert_eq!(r.remote.job_status.as_deref(), Some("running"));
+    let r = c
+        .patch_trace(id, &tok, 0, b"hello ".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.range_end),
+        (416, Some(6)),
+        "a start below the length"
+    );
+    let r = c.patch_trace(id, &tok, 9, b"x".to_vec()).await.unwrap();
+    assert_eq!(
+        (r.status, r.range_end),
+        (416, Some(6)),
+        "a start past the length"
+    );
+    let r = c.patch_trace(id, "wrong", 6, b"x".to_vec()).await.unwrap();
+    assert_eq!(r.status, 403, "a wrong job token");
+    let r = c
+        .patch_trace(id, &tok, 6, b"world\n".to_vec())
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.range_end), (202, Some(12)));
+
+    // Updates: a touch, a state GitLab does not know, a wrong checksum.
+    let r = c
+        .update_job(id, &update(&tok, "running", b""))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.remote.job_status.as_deref()),
+        (200, Some("running"))
+    );
+    let r = c.update_job(id, &update(&tok, "done", b"")).await.unwrap();
+    assert_eq!(r.status, 400);
+    let r = c
+        .update_job(id, &update(&tok, "success", b"hello"))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status, 412,
+        "the checksum does not match the stored trace"
+    );
+    let r = c
+        .update_job(id, &update(&tok, "success", b"hello world\n"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+
+    // A finished job: 403 "Job is not running" with Job-Status.
+    let r = c.patch_trace(id, &tok, 12, b"late".to_vec()).await.unwrap();
+    assert_eq!(
+        (r.status, r.remote.job_status.as_deref()),
+        (403, Some("success"))
+    );
+    let r = c
+        .update_job(id, &update(&tok, "running", b""))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.remote.job_status.as_deref()),
+        (403, Some("success"))
+    );
+    let e = c
+        .upload_artifacts(id, &tok, b"PK".to_vec(), "a.zip", "archive", "zip", None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(403), "uploads only while the job runs");
+
+    let j = fake.get(id);
+    assert_eq!(j.status, "success");
+    assert_eq!(j.trace, b"hello world\n");
+    assert_eq!(j.violations, vec!["PUT with state \"done\"".to_string()]);
+    assert_eq!(j.range_errors, 2);
+    assert_eq!(j.requests_after_forbidden().len(), 2);
+    let e = j.check_consistent().unwrap_err();
+    assert!(e.contains("requests after a 403"), "{e}");
+}
+
+/// Failure reasons GitLab does not know are stored as `unknown_failure`
+/// and recorded; the trace size limit drops the job with 403.
+async fn the_fake_checks_failure_reasons_and_the_trace_size_limit() {
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let c = Client::new(&fake.url).unwrap();
+    let sid = "s_000000000000";
+    fake.set_trace_limit(100);
+    let a = fake.push(fake.job("img", &["true"]));
+    let b = fake.push(fake.job("img", &["true"]));
+    let ja = c.request_job(TOKEN, sid, None).await.unwrap().0.unwrap();
+    let jb = c.request_job(TOKEN, sid, None).await.unwrap().0.unwrap();
+    assert_eq!((ja.id, jb.id), (a, b));
+
+    let mut u = update(&ja.token, "failed", b"");
+    u.failure_reason = Some("image_pull_failure".into());
+    assert_eq!(c.update_job(a, &u).await.unwrap().status, 200);
+    let j = fake.get(a);
+    assert_eq!(
+        (j.status.as_str(), j.failure_reason.as_deref()),
+        ("failed", Some("unknown_failure"))
+    );
+    assert_eq!(j.violations.len(), 1, "{:?}", j.violations);
+
+    let r = c
+        .patch_trace(b, &jb.token, 0, vec![b'x'; 101])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403);
+    let j = fake.get(b);
+    assert_eq!(
+        (j.status.as_str(), j.failure_reason.as_deref()),
+        ("failed", Some("trace_size_exceeded"))
+    );
+    assert!(j.trace.is_empty());
+}
+
+/// With `duplicate_every`, the fake hands the same job to two requests,
+/// and a runner that ran both copies is caught by `check_consistent`.
+async fn the_fake_can_hand_a_job_out_twice_and_catches_a_double_run() {
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    fake.set_faults(Faults {
+        duplicate_every: 1,
+        ..Faults::default()
+    });
+    let c = Client::new(&fake.url).unwrap();
+    let sid = "s_000000000000";
+    let id = fake.push(fake.job("img", &["true"]));
+    let first = c.request_job(TOKEN, sid, None).await.unwrap().0.unwrap();
+    let second = c.request_job(TOKEN, sid, None).await.unwrap().0.unwrap();
+    assert_eq!((first.id, second.id), (id, id));
+    assert!(c.request_job(TOKEN, sid, None).await.unwrap().0.is_none());
+    assert_eq!(fake.get(id).assignments, vec![1, 2]);
+
+    // A runner that runs both copies: each fetches the sources and sends
+    // its own trace and final update.
+    let ws = tempfile::tempdir().unwrap();
+    for (n, copy) in [&first, &second].into_iter().enumerate() {
+        let dir = ws.path().join(format!("copy{n}"));
+        let st = Command::new("git")
+            .args(["clone", "-q", &copy.git_info.repo_url])
+            .arg(&dir)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .stdin(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let trace = b"ran\n".to_vec();
+    assert_eq!(
+        c.patch_trace(id, &first.token, 0, trace.clone())
+            .await
+            .unwrap()
+            .status,
+        202
+    );
+    let done = c
+        .update_job(id, &update(&first.token, "success", &trace))
+        .await
+        .unwrap();
+    assert_eq!(done.status, 200);
+    let again = c
+        .update_job(id, &update(&second.token, "failed", &trace))
+        .await
+        .unwrap();
+    assert_eq!(again.status, 403);
+    let j = fake.get(id);
+    assert_eq!(j.runs, 2);
+    let e = j.check_consistent().unwrap_err();
+    assert!(e.contains("run 2 times"), "{e}");
+}
+
+/// A kernel and an agent that are files but never boot: enough for the
+/// daemon to start without a VM.
+fn no_vm_config(fake: &FakeGitlab, dir: &Path, token: &str) -> PathBuf {
+    std::fs::write(dir.join("vmlinux"), b"not a kernel").unwrap();
+    std::fs::write(dir.join("agent"), b"not an agent").unwrap();
+    std::fs::create_dir_all(dir.join("run")).unwrap();
+    let text = format!(
+        r#"
+check_interval = 1
+run_dir = {run:?}
+agent = {agent:?}
+kernel = {kernel:?}
+log_dir = {logs:?}
+
+[[runners]]
+name = "refused-runner"
+url = "{url}"
+token = "{token}"
+backend = "qemu"
+cache_dir = {cache:?}
+"#,
+        run = dir.join("run").display().to_string(),
+        agent = dir.join("agent").display().to_string(),
+        kernel = dir.join("vmlinux").display().to_string(),
+        logs = dir.join("logs").display().to_string(),
+        url = fake.url,
+        cache = dir.join("cache").display().to_string(),
+    );
+    let p = dir.join("kiln.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// A token GitLab refuses at start: `kiln daemon` says so and exits with
+/// an error instead of idling.
+async fn a_refused_runner_token_stops_the_daemon_loudly() {
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let home = tempfile::tempdir().unwrap();
+    let cfg = no_vm_config(&fake, home.path(), "glrt-wrong");
+    let mut c = Command::new(kiln_binary());
+    c.args(["daemon", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    isolated(&mut c, home.path());
+    let child = c.spawn().unwrap();
+    let pid = child.id();
+    let waited = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await;
+    let out = match waited {
+        Ok(r) => r.unwrap().unwrap(),
+        Err(_) => {
+            // SAFETY: kill(2) with plain integers, on our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("the daemon kept running with a refused token");
+        }
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "kiln's exit code for errors:\n{err}"
+    );
+    assert!(
+        err.contains("runner 'refused-runner': GitLab refused the runner token (403"),
+        "{err}"
+    );
+}
+
+/// A token that stops working while the daemon serves (runner deleted,
+/// token reset): job requests get 403, verify confirms it, the daemon
+/// returns the error.
+async fn a_token_revoked_while_serving_stops_the_daemon() {
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let home = tempfile::tempdir().unwrap();
+    let cfg = Config::load(&no_vm_config(&fake, home.path(), TOKEN)).unwrap();
+    let daemon = tokio::spawn(kiln::gitlab::daemon::run(cfg, std::future::pending()));
+    let t0 = Instant::now();
+    while fake.requests() == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no job request");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fake.set_runner_token("glrt-rotated");
+    let r = tokio::time::timeout(Duration::from_secs(120), daemon)
+        .await
+        .expect("the daemon stops")
+        .unwrap();
+    let e = r.expect_err("a refused token is an error");
+    assert!(
+        matches!(
+            e,
+            kiln::gitlab::GitlabError::TokenRefused { status: 403, .. }
+        ),
+        "{e}"
+    );
+}
+
+/// `kiln gitlab register` writes the runner token into a file only its
+/// owner can read; `kiln gitlab verify` accepts the token, and says which
+/// runner fails when GitLab refuses it.
+async fn register_writes_a_private_config_and_verify_checks_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let home = tempfile::tempdir().unwrap();
+    let cfg = home.path().join("kiln.toml");
+    let kiln = |args: &[&str]| {
+        let mut c = Command::new(kiln_binary());
+        c.args(args);
+        isolated(&mut c, home.path());
+        let out = c.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let cfg_s = cfg.display().to_string();
+
+    let (code, _, err) = kiln(&[
+        "gitlab",
+        "register",
+        "--config",
+        &cfg_s,
+        "--url",
+        &fake.url,
+        "--registration-token",
+        "wrong",
+        "--name",
+        "r1",
+    ]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("403"), "{err}");
+    assert!(!cfg.exists(), "nothing written for a refused registration");
+
+    let (code, out, err) = kiln(&[
+        "gitlab",
+        "register",
+        "--config",
+        &cfg_s,
+        "--url",
+        &fake.url,
+        "--registration-token",
+        "registration-token",
+        "--name",
+        "r1",
+        "--tag",
+        "vm",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("registered runner 43 as 'r1'"), "{out}");
+    let mode = std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode, 0o600,
+        "the runner token is readable by its owner only"
+    );
+    let written = Config::load(&cfg).unwrap();
+    assert_eq!(written.runners.len(), 1);
+    assert_eq!(written.runners[0].token, TOKEN);
+    assert_eq!(written.runners[0].url, fake.url);
+
+    let (code, out, err) = kiln(&["gitlab", "verify", "--config", &cfg_s]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("r1: valid (runner id 42)"), "{out}");
+
+    fake.set_runner_token("glrt-rotated");
+    let (code, out, _) = kiln(&["gitlab", "verify", "--config", &cfg_s]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("r1:") && out.contains("403"), "{out}");
 }
 
 fn main() -> std::process::ExitCode {
@@ -440,9 +1219,29 @@ fn main() -> std::process::ExitCode {
             a_canceled_job_runs_after_script_and_is_reported_canceled,
         )
         .tokio(
+            "a_cancel_during_boot_is_reported_within_seconds",
+            &harness::vm(),
+            a_cancel_during_boot_is_reported_within_seconds,
+        )
+        .tokio(
+            "a_hard_cancel_during_boot_sends_nothing_after_the_403",
+            &harness::vm(),
+            a_hard_cancel_during_boot_sends_nothing_after_the_403,
+        )
+        .tokio(
+            "a_hard_cancel_kills_the_vm_and_nothing_is_sent_after_it",
+            &harness::vm(),
+            a_hard_cancel_kills_the_vm_and_nothing_is_sent_after_it,
+        )
+        .tokio(
             "server_faults_lose_no_job_and_report_none_twice",
             &harness::vm(),
             server_faults_lose_no_job_and_report_none_twice,
+        )
+        .tokio(
+            "a_job_handed_out_twice_runs_once",
+            &harness::vm(),
+            a_job_handed_out_twice_runs_once,
         )
         .tokio(
             "a_trace_the_server_lost_is_resent_from_its_range",
@@ -450,9 +1249,54 @@ fn main() -> std::process::ExitCode {
             a_trace_the_server_lost_is_resent_from_its_range,
         )
         .tokio(
+            "artifact_uploads_are_retried_after_5xx_and_a_413_is_not",
+            &harness::vm(),
+            artifact_uploads_are_retried_after_5xx_and_a_413_is_not,
+        )
+        .tokio(
+            "a_large_trace_is_capped_and_sent_in_1_mib_patches",
+            &harness::vm(),
+            a_large_trace_is_capped_and_sent_in_1_mib_patches,
+        )
+        .tokio(
+            "the_server_trace_size_limit_stops_the_job",
+            &harness::vm(),
+            the_server_trace_size_limit_stops_the_job,
+        )
+        .tokio(
             "kill_9_mid_job_then_restart_cleans_up_and_sigterm_fails_running_jobs",
             &harness::vm(),
             kill_9_mid_job_then_restart_cleans_up_and_sigterm_fails_running_jobs,
+        )
+        .tokio(
+            "the_fake_refuses_what_gitlab_refuses",
+            &[],
+            the_fake_refuses_what_gitlab_refuses,
+        )
+        .tokio(
+            "the_fake_checks_failure_reasons_and_the_trace_size_limit",
+            &[],
+            the_fake_checks_failure_reasons_and_the_trace_size_limit,
+        )
+        .tokio(
+            "the_fake_can_hand_a_job_out_twice_and_catches_a_double_run",
+            &[],
+            the_fake_can_hand_a_job_out_twice_and_catches_a_double_run,
+        )
+        .tokio(
+            "a_refused_runner_token_stops_the_daemon_loudly",
+            &[],
+            a_refused_runner_token_stops_the_daemon_loudly,
+        )
+        .tokio(
+            "a_token_revoked_while_serving_stops_the_daemon",
+            &[],
+            a_token_revoked_while_serving_stops_the_daemon,
+        )
+        .tokio(
+            "register_writes_a_private_config_and_verify_checks_it",
+            &[],
+            register_writes_a_private_config_and_verify_checks_it,
         )
         .run()
 }

@@ -1,9 +1,8 @@
-//! Test support: a local `docker-registry` on a free port, image layouts
+//! Test support: a local `docker-registry` on a port it picks, image layouts
 //! built from the host's busybox, and `skopeo` pushes.
 #![allow(dead_code, unused_macros, unused_imports)]
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,14 +28,6 @@ pub fn tools() -> [kiln_testkit::Need; 3] {
     ]
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A `docker-registry` serving on 127.0.0.1; killed on drop.
 pub struct TestRegistry {
     pub port: u16,
@@ -44,38 +35,55 @@ pub struct TestRegistry {
     child: Child,
 }
 
+/// The port in the registry's `listening on 127.0.0.1:<port>` log line.
+fn listening_port(log: &str) -> Option<u16> {
+    let rest = &log[log.find("listening on 127.0.0.1:")? + "listening on 127.0.0.1:".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
 impl TestRegistry {
+    /// The registry binds a port the kernel picks (`127.0.0.1:0`) and
+    /// holds it from then on; the port is read from its log. (Picking a
+    /// free port first and handing it over would race with every other
+    /// process binding ports meanwhile.)
     pub fn start() -> TestRegistry {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
         let config = dir.path().join("config.yml");
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\n  secret: kiln-test-registry\n",
                 data.display()
             ),
         )
         .unwrap();
-        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-        let child = Command::new("docker-registry")
+        let log_path = dir.path().join("registry.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config)
+            .env_remove("REGISTRY_HTTP_ADDR")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("start docker-registry");
         let t0 = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "docker-registry did not start: {}",
-                std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default()
-            );
+        let port = loop {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if let Some(port) = listening_port(&log) {
+                break port;
+            }
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || t0.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("docker-registry did not start ({exited:?}): {log}");
+            }
             std::thread::sleep(Duration::from_millis(10));
-        }
+        };
         TestRegistry { port, dir, child }
     }
 

@@ -300,6 +300,11 @@ impl Client {
         offset: u64,
         data: Vec<u8>,
     ) -> Result<PatchResponse, GitlabError> {
+        if data.is_empty() {
+            // GitLab's runner never sends an empty patch (its range would
+            // end before it starts).
+            return Err(GitlabError::Internal("an empty trace patch".into()));
+        }
         let end = offset + data.len() as u64 - 1;
         let r = Self::send(
             "sending the trace",

@@ -5,8 +5,13 @@
 //! one of each, and the job keeps them until its final update is sent.
 //! Shutdown: stop asking, wait up to `shutdown_timeout` for running jobs,
 //! then cancel them (reported as `runner_system_failure`).
+//! A runner whose token GitLab refuses stops with an error; when every
+//! runner has stopped, the daemon lets running jobs finish and exits with
+//! that error instead of idling.
+//! A job id is run at most once per daemon: GitLab handing the same job out
+//! again (a resent answer, a retried request) is logged and ignored.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,6 +33,9 @@ use crate::executor::{error_chain, Executor, ExecutorConfig, FailureReason};
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How often the final update is tried before the job is given up.
 const FINAL_ATTEMPTS: u32 = 30;
+/// Job ids remembered after they finish, so that GitLab handing one out
+/// again is recognised (at least this many, and twice `concurrent`).
+const SEEN_JOBS: usize = 10_000;
 
 /// A delay in [d/2, 3d/2): spreads retries of many runners apart.
 pub fn jitter(d: Duration) -> Duration {
@@ -87,11 +95,35 @@ struct Shared {
     /// Running jobs were canceled because of shutdown.
     forced: AtomicBool,
     running: Mutex<HashMap<u64, Arc<watch::Sender<Option<bool>>>>>,
+    /// Ids of the jobs taken, oldest first: running ones and recent ones.
+    seen: Mutex<(HashSet<u64>, VecDeque<u64>)>,
     slots: Mutex<Vec<bool>>,
     system_id: String,
 }
 
 impl Shared {
+    /// Take job `id`; false when this daemon already took it.
+    fn claim(&self, id: u64) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let (set, order) = &mut *seen;
+        if !set.insert(id) {
+            return false;
+        }
+        order.push_back(id);
+        let limit = SEEN_JOBS.max(2 * self.concurrent);
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        while order.len() > limit {
+            let Some(old) = order.pop_front() else { break };
+            if running.contains_key(&old) {
+                // Never forget a job that still runs (at most `concurrent`).
+                order.push_back(old);
+            } else {
+                set.remove(&old);
+            }
+        }
+        true
+    }
+
     fn take_slot(&self) -> usize {
         let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         match s.iter().position(|used| !used) {
@@ -154,18 +186,23 @@ fn executor_config(config: &Config, r: &RunnerConfig) -> Result<ExecutorConfig, 
         boot_timeout: Duration::from_secs(config.boot_timeout),
         default_job_timeout: super::job::DEFAULT_TIMEOUT,
         // Serial logs of VMs that failed to boot, for the operator.
-        log_dir: std::env::var_os("XDG_STATE_HOME")
-            .map(std::path::PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".local/state"))
-            })
-            .map(|d| d.join("kiln").join("logs")),
+        log_dir: config.log_dir.clone().or_else(|| {
+            std::env::var_os("XDG_STATE_HOME")
+                .map(std::path::PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME")
+                        .map(|h| std::path::PathBuf::from(h).join(".local/state"))
+                })
+                .map(|d| d.join("kiln").join("logs"))
+        }),
         extra_cmdline: String::new(),
         serial_log: None,
     })
 }
 
 /// Run the daemon until `shutdown` resolves, then shut down cleanly.
+/// Returns an error, after the running jobs have finished, when every
+/// runner stopped on its own (GitLab refused its token).
 pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
@@ -184,6 +221,7 @@ pub async fn run(
         stopping: stop_rx,
         forced: AtomicBool::new(false),
         running: Mutex::new(HashMap::new()),
+        seen: Mutex::new((HashSet::new(), VecDeque::new())),
         slots: Mutex::new(Vec::new()),
         system_id: system_id(),
     });
@@ -216,13 +254,52 @@ pub async fn run(
         concurrent = config.concurrent,
         "kiln daemon started"
     );
-    shutdown.await;
-    tracing::info!("shutting down: no new jobs; waiting for running ones");
-    let _ = stop_tx.send(true);
-    for l in loops {
-        let _ = l.await;
-    }
     let all = shared.concurrent as u32;
+    tokio::pin!(shutdown);
+    let loops = async move {
+        let mut errors = Vec::new();
+        for l in loops {
+            match l.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => errors.push(e),
+                Err(e) => tracing::error!("a runner loop failed: {e}"),
+            }
+        }
+        errors
+    };
+    tokio::pin!(loops);
+    let stopped_alone = tokio::select! {
+        _ = &mut shutdown => None,
+        errors = &mut loops => Some(errors),
+    };
+    let _ = stop_tx.send(true);
+    let mut refused = None;
+    if let Some(mut errors) = stopped_alone {
+        // Every runner loop ended by itself: nothing will ask for jobs any
+        // more. Say so, let the running jobs finish, and exit with the error
+        // (a daemon that idles forever would hide it).
+        tracing::error!(
+            "no runner is left asking GitLab for jobs; kiln exits once the running jobs have finished"
+        );
+        let finished = tokio::select! {
+            p = shared.global.acquire_many(all) => { drop(p); true }
+            _ = &mut shutdown => false,
+        };
+        let error = errors.pop().unwrap_or_else(|| {
+            GitlabError::Config(crate::config::ConfigError::Invalid(
+                "every runner stopped".into(),
+            ))
+        });
+        if finished {
+            tracing::info!("kiln daemon stopped");
+            return Err(error);
+        }
+        // A signal arrived meanwhile: shut down as usual, then report.
+        refused = Some(error);
+    } else {
+        loops.await;
+    }
+    tracing::info!("shutting down: no new jobs; waiting for running ones");
     let waited =
         tokio::time::timeout(config.shutdown_timeout(), shared.global.acquire_many(all)).await;
     if waited.is_err() {
@@ -242,7 +319,10 @@ pub async fn run(
         let _ = shared.global.acquire_many(all).await;
     }
     tracing::info!("kiln daemon stopped");
-    Ok(())
+    match refused {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// Wait for `d` unless the daemon stops first. Returns false when stopping.
@@ -257,7 +337,22 @@ async fn pause(shared: &Shared, d: Duration) -> bool {
     }
 }
 
-async fn runner_loop(runner: Arc<Runner>, shared: Arc<Shared>) {
+/// The runner's token was refused: log it loudly, end the runner's loop.
+fn refused(name: &str, e: &GitlabError) -> GitlabError {
+    let (status, body) = match e {
+        GitlabError::Status { status, body, .. } => (*status, body.clone()),
+        other => (other.status().unwrap_or(0), other.to_string()),
+    };
+    let e = GitlabError::TokenRefused {
+        runner: name.to_string(),
+        status,
+        body: body.chars().take(200).collect(),
+    };
+    tracing::error!(runner = %name, "{e}; this runner stops asking for jobs");
+    e
+}
+
+async fn runner_loop(runner: Arc<Runner>, shared: Arc<Shared>) -> Result<(), GitlabError> {
     let name = runner.cfg.name.clone();
     let mut backoff = Backoff::new();
     // Verify the token first (and learn the runner's id).
@@ -271,14 +366,11 @@ async fn runner_loop(runner: Arc<Runner>, shared: Arc<Shared>) {
                 tracing::info!(runner = %name, id = ?id.id, "runner token verified");
                 break id.id;
             }
-            Err(e) if matches!(e.status(), Some(403) | Some(401) | Some(422)) => {
-                tracing::error!(runner = %name, "the runner token was refused: {}", error_chain(&e));
-                return;
-            }
+            Err(e) if e.token_refused() => return Err(refused(&name, &e)),
             Err(e) => {
                 tracing::warn!(runner = %name, "verifying the runner: {}", error_chain(&e));
                 if !pause(&shared, backoff.next()).await {
-                    return;
+                    return Ok(());
                 }
             }
         }
@@ -288,7 +380,7 @@ async fn runner_loop(runner: Arc<Runner>, shared: Arc<Shared>) {
     let mut stopping = shared.stopping.clone();
     loop {
         if *stopping.borrow() {
-            return;
+            return Ok(());
         }
         // Capacity first: a job is only requested when it can start.
         let permits = tokio::select! {
@@ -297,16 +389,18 @@ async fn runner_loop(runner: Arc<Runner>, shared: Arc<Shared>) {
                 let b = shared.global.clone().acquire_owned().await;
                 (a, b)
             } => p,
-            _ = stopping.wait_for(|v| *v) => return,
+            _ = stopping.wait_for(|v| *v) => return Ok(()),
         };
-        let (Ok(rp), Ok(gp)) = permits else { return };
+        let (Ok(rp), Ok(gp)) = permits else {
+            return Ok(());
+        };
         let req =
             runner
                 .client
                 .request_job(&runner.cfg.token, &shared.system_id, last_update.as_deref());
         let answer = tokio::select! {
             a = req => a,
-            _ = stopping.wait_for(|v| *v) => return,
+            _ = stopping.wait_for(|v| *v) => return Ok(()),
         };
         match answer {
             Ok((Some(job), lu)) => {
@@ -314,6 +408,21 @@ async fn runner_loop(runner: Arc<Runner>, shared: Arc<Shared>) {
                     last_update = lu;
                 }
                 backoff.reset();
+                if !shared.claim(job.id) {
+                    // A resent answer or a retried request: this daemon
+                    // runs (or ran) the job and alone reports it.
+                    tracing::warn!(
+                        runner = %name,
+                        job = job.id,
+                        "GitLab handed out job {} again; it is already taken here, ignoring the copy",
+                        job.id
+                    );
+                    drop((rp, gp));
+                    if !pause(&shared, shared.check_interval).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
                 tracing::info!(runner = %name, job = job.id, "received a job");
                 let (r, s) = (runner.clone(), shared.clone());
                 tokio::spawn(async move {
@@ -328,15 +437,28 @@ async fn runner_loop(runner: Arc<Runner>, shared: Arc<Shared>) {
                 backoff.reset();
                 drop((rp, gp));
                 if !pause(&shared, shared.check_interval).await {
-                    return;
+                    return Ok(());
                 }
             }
             Err(e) => {
                 drop((rp, gp));
+                if e.token_refused() {
+                    // GitLab answers 403 to a token it no longer knows
+                    // (runner deleted, token reset): ask verify to tell a
+                    // refused token from a passing fault.
+                    match runner
+                        .client
+                        .verify(&runner.cfg.token, &shared.system_id)
+                        .await
+                    {
+                        Err(v) if v.token_refused() => return Err(refused(&name, &v)),
+                        _ => {}
+                    }
+                }
                 let d = backoff.next();
                 tracing::warn!(runner = %name, "{} (retrying in {d:.1?})", error_chain(&e));
                 if !pause(&shared, d).await {
-                    return;
+                    return Ok(());
                 }
             }
         }
@@ -349,6 +471,9 @@ struct Final {
     reason: Option<String>,
     exit_code: Option<i32>,
     message: String,
+    /// GitLab answered 403/404 for the job: it no longer runs there, and
+    /// nothing more is sent.
+    gone: bool,
 }
 
 fn reason_for(job: &JobResponse, wanted: &str, fallback: &str) -> String {
@@ -366,6 +491,7 @@ fn failed(reason: String, exit_code: Option<i32>, message: String) -> Final {
         reason: Some(reason),
         exit_code,
         message,
+        gone: false,
     }
 }
 
@@ -416,6 +542,7 @@ async fn run_job(
         cancel_tx.clone(),
     );
     let remote_canceled = updater.remote_canceled.clone();
+    let gone = updater.gone.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let updater = tokio::spawn(updater.run(stop_rx));
 
@@ -427,6 +554,9 @@ async fn run_job(
         Ok(f) => f,
         Err(e) => failed("runner_system_failure".into(), None, error_chain(&e)),
     };
+    if fin.gone {
+        gone.store(true, Ordering::SeqCst);
+    }
     if fin.reason.as_deref() == Some("job_canceled") || fin.reason.as_deref() == Some("canceled") {
         if shared.forced.load(Ordering::SeqCst) && !remote_canceled.load(Ordering::SeqCst) {
             fin = failed(
@@ -568,6 +698,14 @@ async fn execute(
         end("download_artifacts");
     }
 
+    if cancel.borrow().is_some() {
+        // Canceled while the sources or dependencies were fetched: no VM.
+        return Ok(failed(
+            "job_canceled".into(),
+            None,
+            "canceled before the VM started".into(),
+        ));
+    }
     let mut sink = TraceSink {
         trace: trace.clone(),
         sections,
@@ -596,6 +734,7 @@ async fn execute(
             reason: None,
             exit_code: Some(0),
             message: String::new(),
+            gone: false,
         },
         Some(FailureReason::ScriptFailure) => failed(
             "script_failure".into(),
@@ -679,17 +818,34 @@ async fn execute(
             };
             match up {
                 Ok(()) => trace.line("Uploading artifacts... ok"),
+                Err(e) if matches!(e.status(), Some(403 | 404)) => {
+                    // The job is no longer running on GitLab (canceled,
+                    // failed, erased): it takes nothing more from us.
+                    tracing::warn!(job = job.id, "uploading artifacts: {}", error_chain(&e));
+                    fin.gone = true;
+                    break;
+                }
                 Err(e) => {
                     trace.line(&format!(
                         "\x1b[31;1mERROR: Uploading artifacts failed: {}\x1b[0;m",
                         error_chain(&e)
                     ));
                     if ok {
-                        fin = failed(
-                            "runner_system_failure".into(),
-                            None,
-                            "uploading artifacts failed".into(),
-                        );
+                        fin = match e.status() {
+                            // GitLab refused these artifacts (413: larger
+                            // than the instance allows): the job's doing,
+                            // and retrying it elsewhere would not help.
+                            Some(s @ 400..=499) => failed(
+                                "script_failure".into(),
+                                None,
+                                format!("GitLab refused the artifacts ({s})"),
+                            ),
+                            _ => failed(
+                                "runner_system_failure".into(),
+                                None,
+                                "uploading artifacts failed".into(),
+                            ),
+                        };
                     }
                 }
             }
@@ -756,11 +912,15 @@ async fn upload_with_retries(
 async fn final_update(mut up: Updater, fin: &Final) {
     let mut b = Backoff::new();
     for attempt in 0..FINAL_ATTEMPTS {
-        if up.gone {
+        if up.is_gone() {
+            tracing::info!(
+                job = up.job_id,
+                "the job is gone on GitLab: no final update"
+            );
             return;
         }
         if !up.patch().await {
-            if up.gone {
+            if up.is_gone() {
                 return;
             }
             tokio::time::sleep(b.next().min(Duration::from_secs(5))).await;

@@ -39,11 +39,24 @@ pub enum GitlabError {
     Archive(String),
     #[error("workspace: {0}")]
     Workspace(String),
+    /// A bug in kiln's use of the API.
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("runner '{runner}': the executor could not start")]
     Executor {
         runner: String,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "runner '{runner}': GitLab refused the runner token ({status}: {body}); \
+         put a valid runner authentication token in the configuration \
+         (check it with `kiln gitlab verify`)"
+    )]
+    TokenRefused {
+        runner: String,
+        status: u16,
+        body: String,
     },
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -53,8 +66,16 @@ impl GitlabError {
     /// An HTTP status GitLab answered, if that is what this is.
     pub fn status(&self) -> Option<u16> {
         match self {
-            GitlabError::Status { status, .. } => Some(*status),
+            GitlabError::Status { status, .. } | GitlabError::TokenRefused { status, .. } => {
+                Some(*status)
+            }
             _ => None,
         }
+    }
+
+    /// GitLab said the runner token is not (or no longer) valid: 401, 403,
+    /// or 422 ("Runner is orphaned").
+    pub fn token_refused(&self) -> bool {
+        matches!(self.status(), Some(401 | 403 | 422))
     }
 }

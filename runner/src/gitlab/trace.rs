@@ -18,8 +18,13 @@ use crate::sink::JobSink;
 
 /// GitLab's patch size cap (`DefaultTracePatchLimit`).
 const PATCH_LIMIT: usize = 1 << 20;
-/// Without a patch for this long, `PUT` the job to learn whether it was
-/// canceled (`MinTraceForceSendInterval`).
+/// The longest a job goes without contact with GitLab: without a patch to
+/// send for the update interval (capped at this), the job is "touched"
+/// (`PUT {state: running}`) to learn whether it was canceled. gitlab-runner
+/// touches only every 30 s or more (`MinTraceForceSendInterval`); kiln's
+/// quiet phases (image preparation, VM boot) are long enough that a cancel
+/// would go unnoticed that long, so it asks once per update interval, the
+/// request rate GitLab asks of a job that prints.
 const TOUCH_INTERVAL: Duration = Duration::from_secs(30);
 /// The default update interval; the server's header overrides it.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(3);
@@ -222,8 +227,9 @@ pub struct Updater {
     pub cancel: Arc<watch::Sender<Option<bool>>>,
     /// Set once GitLab said the job was canceled or failed.
     pub remote_canceled: Arc<AtomicBool>,
-    /// The job is gone on the server (404/403): stop sending.
-    pub gone: bool,
+    /// The job is gone on the server (GitLab answered 403 or 404: not
+    /// running any more, dropped, or unknown): nothing more may be sent.
+    pub gone: Arc<AtomicBool>,
     last_contact: Instant,
 }
 
@@ -244,9 +250,28 @@ impl Updater {
             interval: DEFAULT_INTERVAL,
             cancel,
             remote_canceled: Arc::new(AtomicBool::new(false)),
-            gone: false,
+            gone: Arc::new(AtomicBool::new(false)),
             last_contact: Instant::now(),
         }
+    }
+
+    pub fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::SeqCst)
+    }
+
+    /// GitLab answered 403/404 for the job: it is no longer running there
+    /// (canceled, failed, dropped for its trace size, erased). Stop the VM
+    /// and send nothing more.
+    fn lost(&mut self, status: u16, r: &RemoteState) {
+        tracing::warn!(
+            job = self.job_id,
+            status,
+            job_status = r.job_status.as_deref().unwrap_or("?"),
+            "the job is no longer running on GitLab; stopping it"
+        );
+        self.gone.store(true, Ordering::SeqCst);
+        self.remote_canceled.store(true, Ordering::SeqCst);
+        self.cancel.send_replace(Some(false));
     }
 
     fn remote(&mut self, r: &RemoteState) {
@@ -274,7 +299,7 @@ impl Updater {
     /// whether everything was acknowledged.
     pub async fn patch(&mut self) -> bool {
         loop {
-            if self.gone {
+            if self.is_gone() {
                 return false;
             }
             let data = self.trace.chunk(self.sent, PATCH_LIMIT);
@@ -304,14 +329,7 @@ impl Updater {
                             self.sent = end;
                         }
                         403 | 404 => {
-                            tracing::warn!(
-                                job = self.job_id,
-                                status = r.status,
-                                "the job is gone on the server"
-                            );
-                            self.gone = true;
-                            self.remote_canceled.store(true, Ordering::SeqCst);
-                            let _ = self.cancel.send(Some(false));
+                            self.lost(r.status, &r.remote);
                             return false;
                         }
                         s => {
@@ -342,9 +360,16 @@ impl Updater {
             checksum: self.trace.output().checksum,
             output: self.trace.output(),
         };
-        if let Ok(r) = self.client.update_job(self.job_id, &body).await {
-            self.last_contact = Instant::now();
-            self.remote(&r.remote);
+        match self.client.update_job(self.job_id, &body).await {
+            Ok(r) if matches!(r.status, 403 | 404) => {
+                self.last_contact = Instant::now();
+                self.lost(r.status, &r.remote);
+            }
+            Ok(r) => {
+                self.last_contact = Instant::now();
+                self.remote(&r.remote);
+            }
+            Err(e) => tracing::debug!(job = self.job_id, "touching the job: {e}"),
         }
     }
 
@@ -361,7 +386,7 @@ impl Updater {
             if self.trace.len() > self.sent {
                 self.patch().await;
             }
-            if self.last_contact.elapsed() >= TOUCH_INTERVAL && !self.gone {
+            if self.last_contact.elapsed() >= self.interval.min(TOUCH_INTERVAL) && !self.is_gone() {
                 self.touch().await;
             }
         }
