@@ -443,7 +443,8 @@ impl Executor {
         if r.is_err() && result.boot_ms > 0 && result.run_ms == 0 {
             // Ended early (timeout, cancel, protocol error): the job ran from
             // the agent's `Ready` until now.
-            result.run_ms = (boot_started.elapsed().as_millis() as u64).saturating_sub(result.boot_ms);
+            result.run_ms =
+                (boot_started.elapsed().as_millis() as u64).saturating_sub(result.boot_ms);
         }
         r.map_err(|(reason, msg)| {
             tracing::debug!("job ended early: {msg}");
@@ -918,10 +919,7 @@ impl Conversation<'_> {
             .min(tokio::time::Instant::now() + Duration::from_secs(30));
         match self.next_event(job, sink).await? {
             Frame::Done => Ok(()),
-            other => Err(protocol(format!(
-                "{} instead of Done",
-                other.describe()
-            ))),
+            other => Err(protocol(format!("{} instead of Done", other.describe()))),
         }
     }
 }
@@ -1328,7 +1326,10 @@ fn make_dirs(root: &Path, rel: &Path) -> Result<u64, ArtifactError> {
                     return Err(ArtifactError::Malformed(format!(
                         "{} is both a file and a directory",
                         proto::quote(
-                            path.strip_prefix(root).unwrap_or(&path).as_os_str().as_encoded_bytes(),
+                            path.strip_prefix(root)
+                                .unwrap_or(&path)
+                                .as_os_str()
+                                .as_encoded_bytes(),
                             proto::QUOTE_MAX
                         )
                     )));
@@ -1530,7 +1531,8 @@ mod tests {
         std::fs::write(&tar_path, &t).unwrap();
         let e = extract_artifacts(&tar_path, &d.path().join("out")).unwrap_err();
         assert!(
-            e.to_string().contains("extension header of 1610612736 bytes"),
+            e.to_string()
+                .contains("extension header of 1610612736 bytes"),
             "{e}"
         );
         // A legitimate long name, and a name that is not UTF-8.
@@ -1541,7 +1543,7 @@ mod tests {
         name.resize(512, 0);
         t.extend_from_slice(&name);
         t.extend_from_slice(&raw_header(b'0', b"ignored", 2));
-        t.extend_from_slice(&[b'h', b'i']);
+        t.extend_from_slice(b"hi");
         t.resize(t.len() + 510, 0);
         t.extend_from_slice(&raw_header(b'0', b"odd\xffname", 1));
         t.push(b'x');
@@ -1557,7 +1559,12 @@ mod tests {
         let to = d.path().join("out2");
         let got = extract_artifacts(&tar_path, &to).unwrap();
         assert_eq!((got.files, got.bytes), (2, 3), "{:?}", got.problems);
-        assert_eq!(got.problems.len(), 1, "the 300-byte name: {:?}", got.problems);
+        assert_eq!(
+            got.problems.len(),
+            1,
+            "the 300-byte name: {:?}",
+            got.problems
+        );
         assert_eq!(std::fs::read(to.join(&long)).unwrap(), b"hi");
         use std::os::unix::ffi::OsStrExt;
         let odd = to.join(std::ffi::OsStr::from_bytes(b"odd\xffname"));

@@ -103,7 +103,10 @@ fn read_bounded(path: &Path, limit: u64) -> std::io::Result<String> {
         ));
     }
     String::from_utf8(buf).map_err(|_| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text".to_string())
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not UTF-8 text".to_string(),
+        )
     })
 }
 
@@ -220,7 +223,9 @@ pub fn stage_workspace(project_dir: &Path, dest: &Path) -> Result<Staged> {
     let mut staged = Staged::default();
     let mut real_dirs: BTreeSet<PathBuf> = BTreeSet::new();
     for rel in files {
-        if rel.as_os_str().is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        if rel.as_os_str().is_empty()
+            || !rel.components().all(|c| matches!(c, Component::Normal(_)))
+        {
             continue;
         }
         // Every directory above the file must be a real directory of the
@@ -437,7 +442,12 @@ pub struct Collected {
 /// as kiln's, then moved into place; an existing `to` is replaced only when
 /// kiln made it or it is empty (see [`check_artifacts_target`]), otherwise
 /// this fails and changes nothing. Regular files only.
-pub fn collect_artifacts(job: &JobSpec, from: &Path, to: &Path, succeeded: bool) -> Result<Collected> {
+pub fn collect_artifacts(
+    job: &JobSpec,
+    from: &Path,
+    to: &Path,
+    succeeded: bool,
+) -> Result<Collected> {
     use kiln_agent::glob::select_paths;
     use kiln_pipelines::ArtifactWhen;
     check_artifacts_target(to)?;
@@ -680,7 +690,11 @@ mod tests {
         let before = (sha_tree(&repo), sha_tree(&outside));
         let dest = d.path().join("stage");
         let staged = stage_workspace(&repo, &dest).unwrap();
-        assert_eq!(before, (sha_tree(&repo), sha_tree(&outside)), "nothing changed");
+        assert_eq!(
+            before,
+            (sha_tree(&repo), sha_tree(&outside)),
+            "nothing changed"
+        );
         assert_eq!(staged.beyond_links, vec![PathBuf::from("sub/file.txt")]);
         let m = std::fs::symlink_metadata(dest.join("sub")).unwrap();
         assert!(m.file_type().is_symlink(), "the link is staged as a link");
@@ -705,7 +719,10 @@ mod tests {
         std::os::unix::fs::symlink(outside.join("top.txt"), stage.join("top.txt")).unwrap();
         copy_tree(&arts, &stage).unwrap();
         assert_eq!(std::fs::read(outside.join("out.txt")).unwrap(), b"precious");
-        assert_eq!(std::fs::read(outside.join("top.txt")).unwrap(), b"precious too");
+        assert_eq!(
+            std::fs::read(outside.join("top.txt")).unwrap(),
+            b"precious too"
+        );
         assert_eq!(std::fs::read(stage.join("top.txt")).unwrap(), b"new top");
         assert!(!stage.join(ARTIFACTS_MARKER).exists());
     }
@@ -714,7 +731,16 @@ mod tests {
     fn job_names_never_become_paths() {
         assert_eq!(job_dir_name("build"), "build");
         assert_eq!(job_dir_name("test-1.2_x"), "test-1.2_x");
-        for hostile in ["..", ".", "../x", "/etc", "a/b", "", ".hidden", &"x".repeat(300)] {
+        for hostile in [
+            "..",
+            ".",
+            "../x",
+            "/etc",
+            "a/b",
+            "",
+            ".hidden",
+            &"x".repeat(300),
+        ] {
             let n = job_dir_name(hostile);
             assert!(
                 !n.is_empty() && !n.starts_with('.') && !n.contains('/') && n.len() <= 80,
@@ -747,7 +773,11 @@ mod tests {
         let e = collect_artifacts(&job, &from, &users, true).unwrap_err();
         assert!(format!("{e:#}").contains("kiln did not create it"), "{e:#}");
         assert_eq!(std::fs::read(users.join("guide.md")).unwrap(), b"mine");
-        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 2, "no staging left");
+        assert_eq!(
+            std::fs::read_dir(d.path()).unwrap().count(),
+            2,
+            "no staging left"
+        );
         // A fresh folder: made and marked; the next run replaces it.
         let to = d.path().join("arts/docs");
         let got = collect_artifacts(&job, &from, &to, true).unwrap();

@@ -650,4 +650,3 @@ impl Drop for StageDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
-

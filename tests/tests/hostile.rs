@@ -67,7 +67,11 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, (u32, Vec<u8>)> {
     while let Some(p) = stack.pop() {
         let m = std::fs::symlink_metadata(&p).unwrap();
         let data = if m.file_type().is_symlink() {
-            std::fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec()
+            std::fs::read_link(&p)
+                .unwrap()
+                .as_os_str()
+                .as_bytes()
+                .to_vec()
         } else if m.is_dir() {
             for e in std::fs::read_dir(&p).unwrap() {
                 stack.push(e.unwrap().path());
@@ -189,12 +193,15 @@ fn artifacts_dir_never_replaces_a_users_folder() {
         .args(["run-job", ".gitlab-ci.yml", "docs", "--artifacts-dir", "."])
         .output()
         .unwrap();
-    assert_eq!(before, snapshot(&d), "nothing in or next to the checkout changed");
+    assert_eq!(
+        before,
+        snapshot(&d),
+        "nothing in or next to the checkout changed"
+    );
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
     let err = text(&o.stderr);
     assert!(
-        err.contains("./docs exists and kiln did not create it")
-            && err.contains("--artifacts-dir"),
+        err.contains("./docs exists and kiln did not create it") && err.contains("--artifacts-dir"),
         "{err}"
     );
     assert!(err.len() < 2 * SHORT, "{} bytes: {err}", err.len());
@@ -274,7 +281,11 @@ fn staging_a_checkout_with_a_linked_directory_changes_nothing() {
         &[("sub/file.txt", "tracked\n"), ("top.txt", "top\n")],
     );
     std::fs::create_dir_all(&elsewhere).unwrap();
-    std::fs::write(elsewhere.join("file.txt"), "precious, outside the checkout\n").unwrap();
+    std::fs::write(
+        elsewhere.join("file.txt"),
+        "precious, outside the checkout\n",
+    )
+    .unwrap();
     std::fs::remove_dir_all(repo_dir.join("sub")).unwrap();
     std::os::unix::fs::symlink(&elsewhere, repo_dir.join("sub")).unwrap();
     let before = snapshot(&d);
@@ -289,10 +300,17 @@ fn staging_a_checkout_with_a_linked_directory_changes_nothing() {
         .output()
         .unwrap();
     assert_no_leaks(&run_dir);
-    assert_eq!(before, snapshot(&d), "the checkout and the linked folder are intact");
+    assert_eq!(
+        before,
+        snapshot(&d),
+        "the checkout and the linked folder are intact"
+    );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     let out = text(&o.stdout);
-    assert!(out.contains("\nsub-is-a-link\n") && out.ends_with("\ntop\n"), "{out}");
+    assert!(
+        out.contains("\nsub-is-a-link\n") && out.ends_with("\ntop\n"),
+        "{out}"
+    );
     let err = text(&o.stderr);
     assert!(
         err.contains("1 file(s) lie beyond a symbolic link") && err.contains("sub/file.txt"),
@@ -348,9 +366,7 @@ async fn jobs_start_with_default_signal_dispositions() {
     skip_without_vm!();
     let (r, sink) = run_vm(
         "signals",
-        &busybox_job(
-            "yes | head -c 1000 | wc -c\ngrep -E '^(SigIgn|SigBlk)' /proc/self/status",
-        ),
+        &busybox_job("yes | head -c 1000 | wc -c\ngrep -E '^(SigIgn|SigBlk)' /proc/self/status"),
         None,
         None,
     )
@@ -359,7 +375,13 @@ async fn jobs_start_with_default_signal_dispositions() {
     assert_eq!(text(&sink.stderr), "", "no 'Broken pipe'");
     assert_eq!(
         text(&sink.stdout).split_whitespace().collect::<Vec<_>>(),
-        ["1000", "SigBlk:", "0000000000000000", "SigIgn:", "0000000000000000"]
+        [
+            "1000",
+            "SigBlk:",
+            "0000000000000000",
+            "SigIgn:",
+            "0000000000000000"
+        ]
     );
 }
 
@@ -444,7 +466,10 @@ fn forging_job(args: &str) -> JobSpec {
     JobSpec::single(
         "forger",
         forger_image().to_string_lossy(),
-        Step::script("script", &format!("echo real; sleep 1; port_writer {args}; sleep 30")),
+        Step::script(
+            "script",
+            format!("echo real; sleep 1; port_writer {args}; sleep 30"),
+        ),
     )
 }
 
@@ -511,7 +536,11 @@ fn in_child(name: &str, mode: &str) -> serde_json::Value {
         .output()
         .unwrap();
     let out = text(&o.stdout);
-    assert!(o.status.success(), "child failed:\n{out}\n{}", text(&o.stderr));
+    assert!(
+        o.status.success(),
+        "child failed:\n{out}\n{}",
+        text(&o.stderr)
+    );
     let line = out
         .lines()
         .find_map(|l| l.split_once("CHILD-RESULT ").map(|(_, json)| json))
@@ -627,7 +656,9 @@ async fn artifacts_with_non_utf8_names_are_kept() {
     use std::os::unix::ffi::OsStrExt;
     let d = test_dir("non-utf8");
     let to = d.join("collected");
-    let mut job = busybox_job("mkdir -p dist && printf odd > \"dist/$(printf 'a\\377b')\" && echo ok > dist/ok.txt");
+    let mut job = busybox_job(
+        "mkdir -p dist && printf odd > \"dist/$(printf 'a\\377b')\" && echo ok > dist/ok.txt",
+    );
     job.artifacts.push(kiln_pipelines::ArtifactSpec {
         name: None,
         paths: vec!["dist/".into()],
@@ -666,7 +697,16 @@ fn sigterm_cancels_run_job_and_exits_143() {
     skip_without_vm!();
     let run_dir = harness::run_dir("sigterm");
     let mut child = kiln_cmd(&run_dir)
-        .args(["--log-level", "error", "run-job", "--cpus", "1", "--memory", "512", "--image"])
+        .args([
+            "--log-level",
+            "error",
+            "run-job",
+            "--cpus",
+            "1",
+            "--memory",
+            "512",
+            "--image",
+        ])
         .arg(harness::busybox_image())
         .args(["--", "sh", "-c", "echo started; sleep 600"])
         .stdout(Stdio::piped())
@@ -684,7 +724,9 @@ fn sigterm_cancels_run_job_and_exits_143() {
     assert_eq!(o.status.code(), Some(143), "{}", text(&o.stderr));
     let lines = kiln_lines(&o.stderr);
     assert!(
-        lines.iter().any(|l| l.starts_with("kiln: canceling the job")),
+        lines
+            .iter()
+            .any(|l| l.starts_with("kiln: canceling the job")),
         "{lines:?}"
     );
     let summary = lines.last().unwrap();

@@ -23,9 +23,7 @@ fn main() {
     let target = std::fs::read_dir("/proc/1/fd")
         .unwrap_or_else(|e| fail(format!("/proc/1/fd: {e}")))
         .flatten()
-        .find(|e| {
-            std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("vport"))
-        })
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("vport")))
         .and_then(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
         .unwrap_or_else(|| fail("the agent holds no vport descriptor".into()));
     // SAFETY: plain syscalls with integer arguments; results are checked.

@@ -187,7 +187,10 @@ mod tests {
         let got = select_utf8(&d, &["out/".into()], &[], &mut not_utf8);
         assert_eq!(got.len(), 2);
         assert_eq!(not_utf8, vec![PathBuf::from(odd)]);
-        assert_eq!(select_paths(&d, &["out/".into()], &["**/*.log".into()]).len(), 2);
+        assert_eq!(
+            select_paths(&d, &["out/".into()], &["**/*.log".into()]).len(),
+            2
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

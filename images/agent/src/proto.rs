@@ -764,7 +764,12 @@ mod tests {
         // them: every frame comes out, and the buffer never holds more than
         // one push plus a partial frame.
         let one = Frame::Done.to_bytes().unwrap();
-        let stream: Vec<u8> = one.iter().copied().cycle().take(one.len() * 300_000).collect();
+        let stream: Vec<u8> = one
+            .iter()
+            .copied()
+            .cycle()
+            .take(one.len() * 300_000)
+            .collect();
         let mut d = Decoder::new();
         let mut n = 0;
         for chunk in stream.chunks(64 * 1024) {
@@ -783,7 +788,8 @@ mod tests {
         let old = br#"{"files":1,"bytes":2,"truncated":false}"#;
         let end: ArtifactsEnd = serde_json::from_slice(old).unwrap();
         assert_eq!((end.files, end.left_out_files), (1, 0));
-        let req: CollectArtifacts = serde_json::from_slice(br#"{"paths":[],"exclude":[]}"#).unwrap();
+        let req: CollectArtifacts =
+            serde_json::from_slice(br#"{"paths":[],"exclude":[]}"#).unwrap();
         assert_eq!(req.max_bytes, MAX_ARTIFACT_BYTES);
     }
 
