@@ -115,6 +115,8 @@ pub struct Executor {
     cache: Cache,
     kvm: KvmSupport,
     initramfs: PathBuf,
+    /// Most artifact bytes (file contents) one job may send back.
+    max_artifact_bytes: u64,
 }
 
 static JOB_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -160,11 +162,20 @@ impl Executor {
             cache,
             kvm,
             initramfs,
+            max_artifact_bytes: proto::MAX_ARTIFACT_BYTES,
         })
     }
 
     pub fn cache(&self) -> &Cache {
         &self.cache
+    }
+
+    /// Limit the artifact bytes (file contents) a job may send back; at
+    /// most, and by default, [`proto::MAX_ARTIFACT_BYTES`]. A job whose
+    /// artifacts are over it fails, as GitLab fails an upload that is too
+    /// large.
+    pub fn set_max_artifact_bytes(&mut self, bytes: u64) {
+        self.max_artifact_bytes = bytes.min(proto::MAX_ARTIFACT_BYTES);
     }
 
     /// The kernel command line every VM gets.
@@ -429,6 +440,12 @@ impl Executor {
                 tracing::warn!("writing the serial log {}: {e}", p.display());
             }
         }
+        if r.is_err() && result.boot_ms > 0 && result.run_ms == 0 {
+            // Ended early (timeout, cancel, protocol error): the job ran from
+            // the agent's `Ready` until now.
+            result.run_ms =
+                (boot_started.elapsed().as_millis() as u64).saturating_sub(result.boot_ms);
+        }
         r.map_err(|(reason, msg)| {
             tracing::debug!("job ended early: {msg}");
             (reason, serial)
@@ -460,18 +477,21 @@ impl Executor {
                 Ok(Some(Frame::Fatal(f))) => {
                     return Err(sys(format!(
                         "the guest agent failed to start: {}",
-                        f.message
+                        proto::quote(f.message.as_bytes(), proto::QUOTE_MAX)
                     )))
                 }
                 Ok(Some(Frame::Log(l))) => {
-                    tracing::debug!(target: "kiln::agent", "{}", l.message);
+                    agent_log(&l.message);
                     continue;
                 }
                 Ok(Some(other)) => {
-                    return Err(sys(format!("the agent sent {other:?} before Ready")))
+                    return Err(protocol(format!(
+                        "the agent sent {} before Ready",
+                        other.describe()
+                    )))
                 }
                 Ok(None) => {}
-                Err(e) => return Err(sys(format!("protocol error from the guest: {e}"))),
+                Err(e) => return Err(protocol(e.to_string())),
             }
             tokio::select! {
                 r = console.read(&mut buf) => match r {
@@ -499,7 +519,11 @@ impl Executor {
         }
         result.boot_ms = boot_started.elapsed().as_millis() as u64;
         result.guest_boot_ms = ready.boot_ms;
-        tracing::debug!(kernel = %ready.kernel, agent = %ready.agent_version, "guest ready");
+        tracing::debug!(
+            kernel = %proto::quote(ready.kernel.as_bytes(), proto::QUOTE_MAX),
+            agent = %proto::quote(ready.agent_version.as_bytes(), proto::QUOTE_MAX),
+            "guest ready"
+        );
 
         let run_started = Instant::now();
         let start_env = start.env.clone();
@@ -521,6 +545,7 @@ impl Executor {
             timeout,
             cancel,
             cancel_state: None,
+            running: None,
         };
         let mut state = StepState::new(job, &start_env);
         for (i, step) in job.steps.iter().enumerate() {
@@ -543,20 +568,39 @@ impl Executor {
                     let spec = state
                         .spec(index, step, io.cancel_state.is_some())
                         .map_err(|m| sys(format!("step '{}': {m}", step.name)))?;
-                    io.send(&Frame::RunStep(spec)).await?;
-                    let end = io.wait_step(index, job, sink).await?;
-                    let mut warnings = Vec::new();
-                    let outputs = state.apply_files(&end, &mut warnings);
-                    for w in warnings {
-                        sink.output(index, Stream::Stderr, format!("kiln: {w}\n").as_bytes());
+                    let frame = Frame::RunStep(spec);
+                    if let Err(proto::ProtoError::TooLarge(n)) = frame.to_bytes() {
+                        // The job's doing (its variables, or GITHUB_ENV grown
+                        // step by step): the step fails, kiln does not.
+                        let line = format!(
+                            "kiln: step '{}' cannot be sent to the guest: its script and environment take {}, more than the {} one frame holds (did GITHUB_ENV grow too large?)\n",
+                            step.name,
+                            human_bytes(n as u64),
+                            human_bytes(proto::MAX_FRAME as u64)
+                        );
+                        sink.output(index, Stream::Stderr, line.as_bytes());
+                        (not_run(index, 1, false), Vec::new())
+                    } else {
+                        io.running = Some(index);
+                        io.send(&frame).await?;
+                        let end = io.wait_step(index, job, sink).await?;
+                        io.running = None;
+                        let mut warnings = Vec::new();
+                        let outputs = state.apply_files(&end, &mut warnings);
+                        for w in warnings {
+                            // Parse errors may quote the guest's files.
+                            let w = proto::quote(w.as_bytes(), 2 * proto::QUOTE_MAX);
+                            sink.output(index, Stream::Stderr, format!("kiln: {w}\n").as_bytes());
+                        }
+                        (end, outputs)
                     }
-                    (end, outputs)
                 }
             };
             state.record(step, &end, &outputs);
             sink.step_end(&step.name, &end);
             result.steps.push(end);
         }
+        let mut artifacts_over = false;
         if let Some((to, tar)) = artifacts {
             let paths: Vec<String> = job
                 .artifacts
@@ -564,7 +608,10 @@ impl Executor {
                 .flat_map(|a| a.paths.iter().cloned())
                 .collect();
             if !paths.is_empty() && io.cancel_state != Some(false) {
-                io.collect_artifacts(job, sink, paths, &tar, to).await?;
+                let max = self.max_artifact_bytes;
+                artifacts_over = io
+                    .collect_artifacts(job, sink, paths, max, &tar, to)
+                    .await?;
             }
         }
         // No more steps: the agent syncs and answers Done.
@@ -573,6 +620,11 @@ impl Executor {
         result.run_ms = run_started.elapsed().as_millis() as u64;
         let canceled = io.cancel_state.is_some();
         self.finish(job, result, canceled);
+        if artifacts_over && result.failure.is_none() {
+            // As GitLab fails a job whose artifacts are too large to upload.
+            result.failure = Some(FailureReason::ScriptFailure);
+            result.exit_code = 1;
+        }
         Ok(())
     }
 
@@ -645,10 +697,26 @@ struct Conversation<'a> {
     cancel: &'a mut watch::Receiver<Option<bool>>,
     /// `Some(graceful)` once a cancel was requested.
     cancel_state: Option<bool>,
+    /// The step the agent is running: the only one it may send output for.
+    running: Option<u32>,
 }
 
 fn sys(m: String) -> Early {
     (FailureReason::RunnerSystemFailure(m.clone()), m)
+}
+
+/// The guest broke the protocol. The agent never does, but a job running
+/// as root can write to the agent's port: the job cannot go on, and the
+/// message says why in one short line.
+fn protocol(detail: String) -> Early {
+    sys(format!(
+        "protocol error from the guest: {detail} (a job running as root can write to the agent's port)"
+    ))
+}
+
+/// An agent diagnostic, for the debug log only, cut to a sane length.
+fn agent_log(message: &str) {
+    tracing::debug!(target: "kiln::agent", "{}", proto::quote(message.as_bytes(), 1024));
 }
 
 impl Conversation<'_> {
@@ -704,11 +772,15 @@ impl Conversation<'_> {
             while let Some(frame) = self
                 .decoder
                 .next_frame()
-                .map_err(|e| sys(format!("protocol error from the guest: {e}")))?
+                .map_err(|e| protocol(e.to_string()))?
             {
+                // Per-step state downstream (maskers, sections) exists only
+                // for the step the host started: anything else is forged.
                 match frame {
-                    Frame::Output { step, stream, data } => sink.output(step, stream, &data),
-                    Frame::StepStart(s) => {
+                    Frame::Output { step, stream, data } if Some(step) == self.running => {
+                        sink.output(step, stream, &data)
+                    }
+                    Frame::StepStart(s) if Some(s.step) == self.running => {
                         let name = job
                             .steps
                             .get(s.step as usize)
@@ -716,9 +788,19 @@ impl Conversation<'_> {
                             .unwrap_or("?");
                         sink.step_start(s.step, name);
                     }
-                    Frame::Log(l) => tracing::debug!(target: "kiln::agent", "{}", l.message),
+                    f @ (Frame::Output { .. } | Frame::StepStart(_)) => {
+                        let running = match self.running {
+                            Some(i) => format!("step {i} was running"),
+                            None => "no step was running".into(),
+                        };
+                        return Err(protocol(format!("{} while {running}", f.describe())));
+                    }
+                    Frame::Log(l) => agent_log(&l.message),
                     Frame::Fatal(f) => {
-                        return Err(sys(format!("the guest agent failed: {}", f.message)))
+                        return Err(sys(format!(
+                            "the guest agent failed: {}",
+                            proto::quote(f.message.as_bytes(), proto::QUOTE_MAX)
+                        )))
                     }
                     other => return Ok(other),
                 }
@@ -728,58 +810,90 @@ impl Conversation<'_> {
     }
 
     /// Ask the agent for the artifact files, spool the tar stream to `tar`
-    /// (bounded), and extract it into `to`.
+    /// (bounded), and extract it into `to`. What could not be collected is
+    /// said in the job's log. Returns whether the artifacts were over
+    /// `max_bytes` (some were left out): the job then fails.
     async fn collect_artifacts(
         &mut self,
         job: &JobSpec,
         sink: &mut dyn JobSink,
         paths: Vec<String>,
+        max_bytes: u64,
         tar: &Path,
         to: &Path,
-    ) -> Result<(), Early> {
+    ) -> Result<bool, Early> {
         use std::io::Write;
         self.send(&Frame::CollectArtifacts(proto::CollectArtifacts {
             paths,
             exclude: Vec::new(),
+            max_bytes,
         }))
         .await?;
         let io_err =
             |e: std::io::Error| sys(format!("spooling artifacts to {}: {e}", tar.display()));
         let mut file = std::io::BufWriter::new(std::fs::File::create(tar).map_err(io_err)?);
-        // File contents plus tar headers and padding.
-        let limit = proto::MAX_ARTIFACT_BYTES + (256 << 20);
+        let limit = max_bytes + ARTIFACT_TAR_OVERHEAD;
         let mut written = 0u64;
         let end = loop {
             match self.next_event(job, sink).await? {
                 Frame::Artifact(chunk) => {
                     written += chunk.len() as u64;
                     if written > limit {
-                        return Err(sys(format!(
-                            "the guest sent more than {limit} bytes of artifacts"
+                        return Err(protocol(format!(
+                            "more than {limit} bytes of artifacts (the limit is {max_bytes} bytes of files)"
                         )));
                     }
                     file.write_all(&chunk).map_err(io_err)?;
                 }
                 Frame::ArtifactsEnd(end) => break end,
-                other => return Err(sys(format!("unexpected frame from the guest: {other:?}"))),
+                other => {
+                    return Err(protocol(format!(
+                        "{} while sending artifacts",
+                        other.describe()
+                    )))
+                }
             }
         };
         file.flush().map_err(io_err)?;
         drop(file);
-        if end.truncated {
-            sink.output(
-                0,
-                Stream::Stderr,
-                b"kiln: artifacts over 4 GiB: later files were left out\n",
-            );
+        let mut say = |line: String| {
+            sink.output(0, Stream::Stderr, format!("kiln: {line}\n").as_bytes());
+        };
+        // The agent's own notes (guest data: quoted and counted there,
+        // re-checked here).
+        for p in end.problems.iter().take(proto::MAX_PROBLEMS + 1) {
+            let max = 2 * proto::QUOTE_MAX + 100;
+            let p = if proto::is_clean_line(p, max) {
+                p.clone()
+            } else {
+                proto::quote(p.as_bytes(), max)
+            };
+            say(format!("artifact left out: {p}"));
         }
-        let (tar, to) = (tar.to_path_buf(), to.to_path_buf());
-        let n = tokio::task::spawn_blocking(move || extract_artifacts(&tar, &to))
+        let (tar, to2) = (tar.to_path_buf(), to.to_path_buf());
+        let got = tokio::task::spawn_blocking(move || extract_artifacts(&tar, &to2))
             .await
             .map_err(|e| sys(format!("artifacts task: {e}")))?
-            .map_err(sys)?;
-        tracing::debug!(files = n, bytes = end.bytes, "artifacts received");
-        Ok(())
+            .map_err(|e| match e {
+                ArtifactError::Io { .. } => sys(format!("extracting artifacts: {e}")),
+                _ => protocol(e.to_string()),
+            })?;
+        for p in &got.problems {
+            say(format!("artifact left out: {p}"));
+        }
+        tracing::debug!(files = got.files, bytes = got.bytes, "artifacts received");
+        if end.truncated {
+            say(format!(
+                "ERROR: the job's artifacts are over the limit of {}: {} files ({}) were collected, \
+                 {} more files ({}) were left out; failing the job",
+                human_bytes(max_bytes),
+                got.files,
+                human_bytes(got.bytes),
+                end.left_out_files,
+                human_bytes(end.left_out_bytes),
+            ));
+        }
+        Ok(end.truncated)
     }
 
     /// Stream output until the agent reports the end of step `index`.
@@ -791,7 +905,10 @@ impl Conversation<'_> {
     ) -> Result<StepEnd, Early> {
         match self.next_event(job, sink).await? {
             Frame::StepEnd(end) if end.step == index => Ok(end),
-            other => Err(sys(format!("unexpected frame from the guest: {other:?}"))),
+            other => Err(protocol(format!(
+                "{} while step {index} was running",
+                other.describe()
+            ))),
         }
     }
 
@@ -802,7 +919,7 @@ impl Conversation<'_> {
             .min(tokio::time::Instant::now() + Duration::from_secs(30));
         match self.next_event(job, sink).await? {
             Frame::Done => Ok(()),
-            other => Err(sys(format!("unexpected frame from the guest: {other:?}"))),
+            other => Err(protocol(format!("{} instead of Done", other.describe()))),
         }
     }
 }
@@ -937,12 +1054,24 @@ impl StepState {
         let Some(files) = &end.files else {
             return Vec::new();
         };
-        if files.truncated {
+        // The agent cuts each file at MAX_FILE_COMMANDS; a forged StepEnd
+        // may not have: the host holds to the same bound.
+        let cut = |s: &'_ str| -> (String, bool) {
+            let mut i = s.len().min(proto::MAX_FILE_COMMANDS);
+            while !s.is_char_boundary(i) {
+                i -= 1;
+            }
+            (s[..i].to_string(), i < s.len())
+        };
+        let (env, e_cut) = cut(&files.env);
+        let (output, o_cut) = cut(&files.output);
+        let (path, p_cut) = cut(&files.path);
+        if files.truncated || e_cut || o_cut || p_cut {
             warnings.push(
                 "a GITHUB_ENV/GITHUB_OUTPUT/GITHUB_PATH file was over 256 KiB and was cut".into(),
             );
         }
-        match github::parse_env_file(&files.env) {
+        match github::parse_env_file(&env) {
             Ok(vars) => {
                 for (k, v) in vars {
                     self.env.retain(|(key, _)| key != &k);
@@ -951,9 +1080,8 @@ impl StepState {
             }
             Err(e) => warnings.push(format!("GITHUB_ENV: {e}")),
         }
-        self.path_adds
-            .splice(0..0, github::parse_path_file(&files.path));
-        match github::parse_file_commands(&files.output) {
+        self.path_adds.splice(0..0, github::parse_path_file(&path));
+        match github::parse_file_commands(&output) {
             Ok(o) => o,
             Err(e) => {
                 warnings.push(format!("GITHUB_OUTPUT: {e}"));
@@ -1017,54 +1145,215 @@ pub fn build_start(job: &JobSpec, rootfs: &Rootfs) -> Start {
     }
 }
 
+/// Tar headers, GNU long names and padding around the artifact files'
+/// contents, at most: per file a header, a long name of up to
+/// [`proto::MAX_ARTIFACT_PATH`] bytes with its header, and padding.
+const ARTIFACT_TAR_OVERHEAD: u64 = proto::MAX_ARTIFACT_FILES * 6 * 1024 + (1 << 20);
+/// Most bytes of names in one job's artifact archive (all paths together).
+const MAX_ARTIFACT_NAME_BYTES: u64 = 64 << 20;
+/// Most PAX extension bytes per entry (kiln's agent writes none).
+const MAX_PAX_BYTES: u64 = 64 * 1024;
+
+/// What extracting the guest's artifact archive gave.
+#[derive(Debug, Default)]
+pub struct Extracted {
+    pub files: u64,
+    /// Bytes of file contents.
+    pub bytes: u64,
+    /// Entries that were not extracted, and why (guest names quoted, at most
+    /// [`proto::MAX_PROBLEMS`] lines plus a count).
+    pub problems: Vec<String>,
+}
+
+/// Why the guest's artifact archive was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("malformed artifact archive: {0}")]
+    Malformed(String),
+    #[error("the artifact archive has more than {0}")]
+    TooMany(String),
+}
+
 /// Extract the guest's artifact tar into `to` (created; must not exist).
 /// The tar is hostile: only regular files and directories with plain
 /// relative paths are written, never through a symlink (none is ever
 /// created), never over an existing file, without setuid/setgid bits.
-pub fn extract_artifacts(tar: &Path, to: &Path) -> Result<u64, String> {
+/// Every size it controls is bounded before anything is allocated: names
+/// ([`proto::MAX_ARTIFACT_PATH`] each, [`MAX_ARTIFACT_NAME_BYTES`] in all),
+/// extension headers, the number of files and of directories. Names need
+/// not be UTF-8.
+pub fn extract_artifacts(tar: &Path, to: &Path) -> Result<Extracted, ArtifactError> {
+    use std::ffi::OsString;
+    use std::io::Read;
+    use std::os::unix::ffi::OsStringExt;
     use std::os::unix::fs::OpenOptionsExt;
     use std::path::Component;
-    std::fs::create_dir(to).map_err(|e| format!("creating {}: {e}", to.display()))?;
-    let file = std::fs::File::open(tar).map_err(|e| format!("{}: {e}", tar.display()))?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |err| ArtifactError::Io { path, err }
+    };
+    let bad = |e: std::io::Error| ArtifactError::Malformed(e.to_string());
+    std::fs::create_dir(to).map_err(io(to))?;
+    let file = std::fs::File::open(tar).map_err(io(tar))?;
     let mut archive = tar::Archive::new(std::io::BufReader::new(file));
-    let bad = |e: std::io::Error| format!("the guest's artifact archive is malformed: {e}");
-    let mut files = 0;
-    for entry in archive.entries().map_err(bad)? {
+    // Raw: the tar crate would read GNU long names and PAX headers of any
+    // size into memory; here they are bounded first.
+    let entries = archive.entries().map_err(bad)?.raw(true);
+    let mut out = Extracted::default();
+    let mut problems = 0usize;
+    let mut problem = |out: &mut Extracted, name: &[u8], why: &str| {
+        problems += 1;
+        if out.problems.len() < proto::MAX_PROBLEMS {
+            out.problems
+                .push(format!("{}: {why}", proto::quote(name, proto::QUOTE_MAX)));
+        }
+    };
+    let (mut dirs, mut name_bytes) = (0u64, 0u64);
+    let max_dirs = 2 * proto::MAX_ARTIFACT_FILES;
+    let mut long_name: Option<Vec<u8>> = None;
+    for entry in entries {
         let mut entry = entry.map_err(bad)?;
-        let rel = entry.path().map_err(bad)?.into_owned();
-        if rel.as_os_str().is_empty()
-            || !rel.components().all(|c| matches!(c, Component::Normal(_)))
-        {
-            tracing::warn!(
-                "artifact {} skipped: not a plain relative path",
-                rel.display()
-            );
+        let kind = entry.header().entry_type();
+        let size = entry.header().entry_size().map_err(bad)?;
+        let long = kind.is_gnu_longname() || kind.is_gnu_longlink();
+        if long || kind.is_pax_local_extensions() || kind.is_pax_global_extensions() {
+            let limit = if long {
+                proto::MAX_ARTIFACT_PATH as u64 + 1
+            } else {
+                MAX_PAX_BYTES
+            };
+            if size > limit {
+                return Err(ArtifactError::Malformed(format!(
+                    "an extension header of {size} bytes (at most {limit})"
+                )));
+            }
+            let mut data = Vec::with_capacity(size as usize);
+            entry.read_to_end(&mut data).map_err(bad)?;
+            if kind.is_gnu_longname() {
+                if long_name.is_some() {
+                    return Err(ArtifactError::Malformed(
+                        "two long names for one entry".into(),
+                    ));
+                }
+                while data.last() == Some(&0) {
+                    data.pop();
+                }
+                long_name = Some(data);
+            }
+            // Long link names and PAX records: kiln's agent writes none,
+            // and links are never extracted; ignored.
             continue;
         }
-        let dest = to.join(&rel);
-        let kind = entry.header().entry_type();
+        let name = match long_name.take() {
+            Some(n) => n,
+            None => entry.path_bytes().into_owned(),
+        };
+        name_bytes += name.len() as u64;
+        if name_bytes > MAX_ARTIFACT_NAME_BYTES {
+            return Err(ArtifactError::TooMany(format!(
+                "{MAX_ARTIFACT_NAME_BYTES} bytes of names"
+            )));
+        }
+        let rel = PathBuf::from(OsString::from_vec(name.clone()));
+        if name.len() > proto::MAX_ARTIFACT_PATH
+            || rel.as_os_str().is_empty()
+            || !rel.components().all(|c| matches!(c, Component::Normal(_)))
+        {
+            problem(&mut out, &name, "not a plain relative path");
+            continue;
+        }
+        if rel.components().any(|c| c.as_os_str().len() > 255) {
+            problem(&mut out, &name, "a name in it is longer than 255 bytes");
+            continue;
+        }
         if kind.is_dir() {
-            std::fs::create_dir_all(&dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+            dirs += make_dirs(to, &rel)?;
+            if dirs > max_dirs {
+                return Err(ArtifactError::TooMany(format!("{max_dirs} directories")));
+            }
             continue;
         }
         if !kind.is_file() {
-            continue; // symlinks, devices, ... are never extracted
+            // Symlinks, hard links, devices: never extracted.
+            problem(&mut out, &name, "not a regular file");
+            continue;
         }
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        out.files += 1;
+        if out.files > proto::MAX_ARTIFACT_FILES {
+            return Err(ArtifactError::TooMany(format!(
+                "{} files",
+                proto::MAX_ARTIFACT_FILES
+            )));
         }
+        if let Some(parent) = rel.parent() {
+            dirs += make_dirs(to, parent)?;
+            if dirs > max_dirs {
+                return Err(ArtifactError::TooMany(format!("{max_dirs} directories")));
+            }
+        }
+        let dest = to.join(&rel);
         let mode = entry.header().mode().unwrap_or(0o644) & 0o777;
-        let mut out = std::fs::OpenOptions::new()
+        let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(mode | 0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&dest)
-            .map_err(|e| format!("{}: {e}", dest.display()))?;
-        std::io::copy(&mut entry, &mut out).map_err(|e| format!("{}: {e}", dest.display()))?;
-        files += 1;
+            .map_err(io(&dest))?;
+        std::io::copy(&mut entry, &mut f).map_err(io(&dest))?;
+        out.bytes += size;
     }
-    Ok(files)
+    if problems > out.problems.len() {
+        let more = problems - out.problems.len();
+        out.problems.push(format!("... and {more} more"));
+    }
+    Ok(out)
+}
+
+/// Create the directories of `rel` below `root` one by one, never through
+/// anything but a real directory. Returns how many were created.
+fn make_dirs(root: &Path, rel: &Path) -> Result<u64, ArtifactError> {
+    let mut path = root.to_path_buf();
+    let mut made = 0;
+    for c in rel.components() {
+        path.push(c);
+        match std::fs::create_dir(&path) {
+            Ok(()) => made += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+                    return Err(ArtifactError::Malformed(format!(
+                        "{} is both a file and a directory",
+                        proto::quote(
+                            path.strip_prefix(root)
+                                .unwrap_or(&path)
+                                .as_os_str()
+                                .as_encoded_bytes(),
+                            proto::QUOTE_MAX
+                        )
+                    )));
+                }
+            }
+            Err(err) => return Err(ArtifactError::Io { path, err }),
+        }
+    }
+    Ok(made)
+}
+
+/// `n` bytes for people: "512 bytes", "3.0 MiB", "4.0 GiB".
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} bytes");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
 }
 
 /// `err` and its sources, joined with ": ".
@@ -1218,5 +1507,100 @@ mod tests {
         assert_eq!(outputs, vec![("o".to_string(), "v".to_string())]);
         assert!(state.env.contains(&("ML".into(), "a\nb".into())));
         assert_eq!(state.path_adds, vec!["/p1"]);
+    }
+
+    /// A tar header block for `name` (raw bytes) of `kind` and `size`.
+    fn raw_header(kind: u8, name: &[u8], size: u64) -> [u8; 512] {
+        let mut h = tar::Header::new_gnu();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_entry_type(tar::EntryType::new(kind));
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_cksum();
+        *h.as_bytes()
+    }
+
+    #[test]
+    fn artifact_long_names_are_bounded_before_they_are_read() {
+        let d = tempfile::tempdir().unwrap();
+        // A GNU long name declaring 1.5 GiB (the tar crate would read it all
+        // into memory); the file itself is tiny.
+        let mut t = raw_header(b'L', b"././@LongLink", 3 << 29).to_vec();
+        t.extend_from_slice(&[b'a'; 1024]);
+        let tar_path = d.path().join("a.tar");
+        std::fs::write(&tar_path, &t).unwrap();
+        let e = extract_artifacts(&tar_path, &d.path().join("out")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("extension header of 1610612736 bytes"),
+            "{e}"
+        );
+        // A legitimate long name, and a name that is not UTF-8.
+        let long = format!("{}/f.txt", vec!["d".repeat(100); 3].join("/"));
+        let mut t = raw_header(b'L', b"././@LongLink", long.len() as u64 + 1).to_vec();
+        let mut name = long.clone().into_bytes();
+        name.push(0);
+        name.resize(512, 0);
+        t.extend_from_slice(&name);
+        t.extend_from_slice(&raw_header(b'0', b"ignored", 2));
+        t.extend_from_slice(b"hi");
+        t.resize(t.len() + 510, 0);
+        t.extend_from_slice(&raw_header(b'0', b"odd\xffname", 1));
+        t.push(b'x');
+        t.resize(t.len() + 511, 0);
+        let mut t2 = raw_header(b'L', b"././@LongLink", 301).to_vec();
+        let mut n2 = vec![b'e'; 300];
+        n2.resize(512, 0);
+        t2.extend_from_slice(&n2);
+        t2.extend_from_slice(&raw_header(b'0', b"x", 0));
+        t.extend_from_slice(&t2);
+        t.resize(t.len() + 1024, 0);
+        std::fs::write(&tar_path, &t).unwrap();
+        let to = d.path().join("out2");
+        let got = extract_artifacts(&tar_path, &to).unwrap();
+        assert_eq!((got.files, got.bytes), (2, 3), "{:?}", got.problems);
+        assert_eq!(
+            got.problems.len(),
+            1,
+            "the 300-byte name: {:?}",
+            got.problems
+        );
+        assert_eq!(std::fs::read(to.join(&long)).unwrap(), b"hi");
+        use std::os::unix::ffi::OsStrExt;
+        let odd = to.join(std::ffi::OsStr::from_bytes(b"odd\xffname"));
+        assert_eq!(std::fs::read(odd).unwrap(), b"x");
+    }
+
+    #[test]
+    fn forged_file_commands_are_held_to_the_agents_bound() {
+        let job = JobSpec::single("j", "img", Step::script("s", "x"));
+        let mut state = StepState::new(&job, &[]);
+        let big = format!("BIG={}\n", "v".repeat(proto::MAX_FILE_COMMANDS * 3));
+        let end = StepEnd {
+            step: 0,
+            exit_code: 0,
+            duration_ms: 1,
+            timed_out: false,
+            canceled: false,
+            skipped: false,
+            files: Some(proto::FileCommands {
+                env: big,
+                output: String::new(),
+                path: String::new(),
+                truncated: false,
+            }),
+        };
+        let mut w = Vec::new();
+        state.apply_files(&end, &mut w);
+        assert!(w.iter().any(|w| w.contains("was cut")), "{w:?}");
+        let total: usize = state.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert!(total <= proto::MAX_FILE_COMMANDS, "{total}");
+    }
+
+    #[test]
+    fn sizes_read_for_people() {
+        assert_eq!(human_bytes(512), "512 bytes");
+        assert_eq!(human_bytes(786432), "768.0 KiB");
+        assert_eq!(human_bytes(4 << 30), "4.0 GiB");
     }
 }

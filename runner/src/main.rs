@@ -455,6 +455,16 @@ fn run_job(args: RunJob, cache_dir: PathBuf) -> Result<ExitCode> {
     let Some((jobs, project_dir)) = plan_jobs(&args)? else {
         return Ok(ExitCode::SUCCESS);
     };
+    if project_dir.is_some() {
+        // Before anything runs: artifacts go only where kiln may put them.
+        for job in jobs.iter().filter(|j| !j.artifacts.is_empty()) {
+            let to = args
+                .artifacts_dir
+                .join(kiln::local::job_dir_name(&job.name));
+            kiln::local::check_artifacts_target(&to)
+                .with_context(|| format!("--artifacts-dir for job '{}'", job.name))?;
+        }
+    }
     let config = executor_config(&args.vm, cache_dir)?;
     let run_dir = config.run_dir.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -464,16 +474,31 @@ fn run_job(args: RunJob, cache_dir: PathBuf) -> Result<ExitCode> {
     rt.block_on(async move {
         let executor = Executor::new(config)?;
         let (tx, rx) = tokio::sync::watch::channel(None);
+        // The signal that canceled the run (SIGINT or SIGTERM), for the exit code.
+        let canceled_by = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let by = canceled_by.clone();
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+        let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
         tokio::spawn(async move {
-            // First Ctrl-C: graceful cancel; second: kill the VM.
+            // First SIGINT or SIGTERM: graceful cancel (after_script and
+            // always() steps still run); second: kill the VM.
             for graceful in [true, false] {
-                if tokio::signal::ctrl_c().await.is_err() {
-                    return;
-                }
+                let sig = tokio::select! {
+                    s = int.recv() => s.map(|()| libc::SIGINT),
+                    s = term.recv() => s.map(|()| libc::SIGTERM),
+                };
+                let Some(sig) = sig else { return };
+                let _ = by.compare_exchange(
+                    0,
+                    sig,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 eprintln!(
                     "kiln: {}",
                     if graceful {
-                        "canceling the job (Ctrl-C again to kill the VM)"
+                        "canceling the job (Ctrl-C or SIGTERM again to kill the VM)"
                     } else {
                         "killing the VM"
                     }
@@ -491,11 +516,23 @@ fn run_job(args: RunJob, cache_dir: PathBuf) -> Result<ExitCode> {
                     let stage = run_dir.join(format!(
                         "job-{}-stage-{}",
                         std::process::id(),
-                        sanitize(&job.name)
+                        kiln::local::job_dir_name(&job.name)
                     ));
+                    // Ours (the run directory, this pid): a leftover of an earlier job.
                     let _ = std::fs::remove_dir_all(&stage);
-                    let n = kiln::local::stage_workspace(dir, &stage)?;
-                    tracing::info!("staged {n} files of {} as the workspace", dir.display());
+                    let staged = kiln::local::stage_workspace(dir, &stage)?;
+                    tracing::info!(
+                        "staged {} files of {} as the workspace",
+                        staged.files,
+                        dir.display()
+                    );
+                    if let Some(first) = staged.beyond_links.first() {
+                        eprintln!(
+                            "kiln: note: {} file(s) lie beyond a symbolic link in the checkout and were not staged (e.g. {})",
+                            staged.beyond_links.len(),
+                            first.display()
+                        );
+                    }
                     // Artifacts of the jobs that ran before (this job's needs)
                     // are in its workspace, as GitLab downloads them.
                     for earlier in &collected_dirs {
@@ -542,32 +579,54 @@ fn run_job(args: RunJob, cache_dir: PathBuf) -> Result<ExitCode> {
                     eprintln!("kiln: the guest's serial log is in {}", p.display());
                 }
             }
-            if let Some(from) = &collected {
+            // Only when the guest sent artifacts back (the VM ran).
+            if let Some(from) = collected.as_ref().filter(|c| c.is_dir()) {
                 if !job.artifacts.is_empty() {
-                    let to = args.artifacts_dir.join(sanitize(&job.name));
+                    let to = args
+                        .artifacts_dir
+                        .join(kiln::local::job_dir_name(&job.name));
                     match kiln::local::collect_artifacts(&job, from, &to, result.success()) {
-                        Ok(files) if !files.is_empty() => {
-                            eprintln!(
-                                "kiln: {} artifact files copied to {}",
-                                files.len(),
-                                to.display()
-                            );
-                            collected_dirs.push(to.clone());
+                        Ok(c) => {
+                            for s in &c.skipped {
+                                eprintln!("kiln: artifact left out: {s}");
+                            }
+                            if !c.files.is_empty() {
+                                eprintln!(
+                                    "kiln: {} artifact files copied to {}",
+                                    c.files.len(),
+                                    to.display()
+                                );
+                                collected_dirs.push(to.clone());
+                            } else {
+                                eprintln!(
+                                    "kiln: no artifact matched {:?}{}",
+                                    job.artifacts.iter().map(|a| &a.paths).collect::<Vec<_>>(),
+                                    if c.removed_stale {
+                                        format!("; removed the previous run's {}", to.display())
+                                    } else {
+                                        String::new()
+                                    }
+                                );
+                            }
                         }
-                        Ok(_) => eprintln!(
-                            "kiln: no artifact matched {:?}",
-                            job.artifacts.iter().map(|a| &a.paths).collect::<Vec<_>>()
-                        ),
                         Err(e) => eprintln!("kiln: collecting artifacts: {e:#}"),
                     }
                 }
+            }
+            if let Some(from) = &collected {
+                // Ours: `<stage>-artifacts` in the run directory.
                 let _ = std::fs::remove_dir_all(from);
             }
             code = match &result.failure {
                 None => 0,
                 Some(FailureReason::ScriptFailure) => result.exit_code.clamp(1, 255) as u8,
                 Some(FailureReason::JobExecutionTimeout) => 124,
-                Some(FailureReason::Canceled) => 130,
+                Some(FailureReason::Canceled) => {
+                    match canceled_by.load(std::sync::atomic::Ordering::Relaxed) {
+                        libc::SIGTERM => 143,
+                        _ => 130,
+                    }
+                }
                 Some(_) => 125,
             };
             let allowed = job.allow_failure.allows(result.exit_code)
@@ -590,16 +649,4 @@ impl Drop for StageDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn sanitize(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }

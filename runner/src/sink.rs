@@ -118,47 +118,61 @@ impl JobSink for BufferSink {
 
 /// Masks secret values in every stream before the inner sink sees them,
 /// across chunk boundaries (a secret split over two frames is still masked).
+///
+/// It holds maskers for one step at a time (one per stream): the step
+/// numbers come from the guest, and a job that forges frames for a
+/// thousand steps must not make the host keep a thousand maskers.
 pub struct MaskingSink {
     inner: Box<dyn JobSink>,
-    /// One masker per (step, stream): each holds back a possible secret prefix.
-    maskers: std::collections::BTreeMap<(u32, u8), crate::gitlab::mask::Masker>,
+    /// The step whose output the maskers hold back, if any.
+    step: Option<u32>,
+    /// stdout's and stderr's masker for `step`, each holding back a
+    /// possible secret prefix.
+    maskers: [Option<crate::gitlab::mask::Masker>; 2],
     secrets: Vec<String>,
+}
+
+fn stream_index(s: Stream) -> usize {
+    match s {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
+    }
 }
 
 impl MaskingSink {
     pub fn new(inner: Box<dyn JobSink>, secrets: &[String]) -> MaskingSink {
         MaskingSink {
             inner,
-            maskers: Default::default(),
+            step: None,
+            maskers: [None, None],
             secrets: secrets.to_vec(),
         }
     }
 
-    /// Release what the maskers hold back (at the end of the job).
+    /// Release what the maskers hold back (at the end of a step and of the job).
     pub fn flush(&mut self) {
-        let keys: Vec<(u32, u8)> = self.maskers.keys().copied().collect();
-        for (step, s) in keys {
-            self.flush_one(step, s);
+        let Some(step) = self.step.take() else {
+            return;
+        };
+        for (i, stream) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
+            if let Some(mut m) = self.maskers[i].take() {
+                let rest = m.finish();
+                if !rest.is_empty() {
+                    self.inner.output(step, stream, &rest);
+                }
+            }
         }
     }
 
-    fn flush_one(&mut self, step: u32, s: u8) {
-        if let Some(m) = self.maskers.get_mut(&(step, s)) {
-            let rest = m.finish();
-            if !rest.is_empty() {
-                let stream = if s == Stream::Stdout as u8 {
-                    Stream::Stdout
-                } else {
-                    Stream::Stderr
-                };
-                self.inner.output(step, stream, &rest);
-            }
-        }
+    /// How many maskers are alive (tests: bounded whatever the guest sends).
+    pub fn maskers_held(&self) -> usize {
+        self.maskers.iter().flatten().count()
     }
 }
 
 impl JobSink for MaskingSink {
     fn step_start(&mut self, step: u32, name: &str) {
+        self.flush();
         self.inner.step_start(step, name);
     }
 
@@ -166,11 +180,13 @@ impl JobSink for MaskingSink {
         if self.secrets.is_empty() {
             return self.inner.output(step, stream, data);
         }
+        if self.step != Some(step) {
+            self.flush();
+            self.step = Some(step);
+        }
         let secrets = &self.secrets;
-        let m = self
-            .maskers
-            .entry((step, stream as u8))
-            .or_insert_with(|| crate::gitlab::mask::Masker::new(secrets, &[] as &[&str]));
+        let m = self.maskers[stream_index(stream)]
+            .get_or_insert_with(|| crate::gitlab::mask::Masker::new(secrets, &[] as &[&str]));
         let out = m.write(data);
         if !out.is_empty() {
             self.inner.output(step, stream, &out);
@@ -178,8 +194,7 @@ impl JobSink for MaskingSink {
     }
 
     fn step_end(&mut self, name: &str, end: &StepEnd) {
-        self.flush_one(end.step, Stream::Stdout as u8);
-        self.flush_one(end.step, Stream::Stderr as u8);
+        self.flush();
         self.inner.step_end(name, end);
     }
 }
@@ -220,5 +235,26 @@ mod tests {
         let b = buf.lock().unwrap();
         assert_eq!(String::from_utf8_lossy(&b.stdout), "pass=[MASKED] done");
         assert_eq!(String::from_utf8_lossy(&b.stderr), "[MASKED]!");
+    }
+
+    #[test]
+    fn maskers_stay_bounded_whatever_steps_the_guest_names() {
+        struct Count(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+        impl JobSink for Count {
+            fn output(&mut self, _: u32, _: Stream, data: &[u8]) {
+                self.0
+                    .fetch_add(data.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut sink = MaskingSink::new(Box::new(Count(n.clone())), &["hunter2".to_string()]);
+        for step in 0..500_000u32 {
+            sink.output(step, Stream::Stdout, b"x hun");
+            assert!(sink.maskers_held() <= 2);
+        }
+        sink.flush();
+        assert_eq!(sink.maskers_held(), 0);
+        // Nothing was lost on the way: each step's held-back "hun" came out.
+        assert_eq!(n.load(std::sync::atomic::Ordering::Relaxed), 500_000 * 5);
     }
 }

@@ -25,6 +25,8 @@ const DEVICE_WAIT: Duration = Duration::from_secs(20);
 const DRAIN_GRACE: Duration = Duration::from_millis(200);
 /// Graceful cancel: SIGTERM, then SIGKILL after this long.
 const TERM_GRACE: Duration = Duration::from_secs(5);
+/// Linux's signal numbers are 1..NSIG (`_NSIG` is 65 on x86_64).
+const NSIG: i32 = 65;
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -445,6 +447,18 @@ fn run_job(port: &mut File, decoder: &mut Decoder, start: Start) -> Result<()> {
 struct ArtifactWriter<'a> {
     port: &'a mut File,
     buf: Vec<u8>,
+    /// Set when the console failed: that ends the agent, whereas an error
+    /// about one file (unreadable, bad name) only leaves that file out.
+    broken: Option<String>,
+}
+
+impl ArtifactWriter<'_> {
+    fn send(&mut self, chunk: Vec<u8>) -> std::io::Result<()> {
+        send(self.port, &Frame::Artifact(chunk)).map_err(|e| {
+            self.broken = Some(e.clone());
+            std::io::Error::other(e)
+        })
+    }
 }
 
 impl Write for ArtifactWriter<'_> {
@@ -453,7 +467,7 @@ impl Write for ArtifactWriter<'_> {
         while self.buf.len() >= proto::MAX_OUTPUT_CHUNK {
             let rest = self.buf.split_off(proto::MAX_OUTPUT_CHUNK);
             let chunk = std::mem::replace(&mut self.buf, rest);
-            send(self.port, &Frame::Artifact(chunk)).map_err(std::io::Error::other)?;
+            self.send(chunk)?;
         }
         Ok(data.len())
     }
@@ -461,57 +475,139 @@ impl Write for ArtifactWriter<'_> {
     fn flush(&mut self) -> std::io::Result<()> {
         if !self.buf.is_empty() {
             let chunk = std::mem::take(&mut self.buf);
-            send(self.port, &Frame::Artifact(chunk)).map_err(std::io::Error::other)?;
+            self.send(chunk)?;
         }
         Ok(())
     }
 }
 
-/// Send the workspace files `req` selects as a tar stream, then `ArtifactsEnd`.
-/// Regular files only (and their directories); symbolic links are skipped.
+/// Exactly `left` bytes of a file: cut if it grew since its size was
+/// taken, zero-filled if it shrank or a read failed (a job's background
+/// process may still write), so the tar entry always matches its header
+/// and the stream stays in sync.
+struct Exact<R> {
+    inner: R,
+    left: u64,
+    /// Why the file was zero-filled, if it was.
+    short: Option<String>,
+}
+
+impl<R: Read> Read for Exact<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        let n = match self.inner.read(&mut buf[..want]) {
+            Ok(n) if n > 0 => n,
+            Ok(_) | Err(_) if self.short.is_some() => {
+                buf[..want].fill(0);
+                want
+            }
+            Ok(_) => {
+                self.short = Some("it shrank while being sent (the rest is zeros)".into());
+                buf[..want].fill(0);
+                want
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Err(e),
+            Err(e) => {
+                self.short = Some(format!("{e} (the rest is zeros)"));
+                buf[..want].fill(0);
+                want
+            }
+        };
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Send the workspace files `req` selects as a tar stream, then
+/// `ArtifactsEnd`. Regular files only (and their directories); symbolic
+/// links are skipped. Past `req.max_bytes` or [`proto::MAX_ARTIFACT_FILES`]
+/// files are left out but counted, so the host can say exactly what it got.
 fn send_artifacts(port: &mut File, job: &Job, req: &proto::CollectArtifacts) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
     let root = format!("{NEWROOT}{}", job.workdir);
-    let files = kiln_agent::glob::select(Path::new(&root), &req.paths, &req.exclude);
-    let mut end = proto::ArtifactsEnd {
-        files: 0,
-        bytes: 0,
-        truncated: false,
+    let files = kiln_agent::glob::select_paths(Path::new(&root), &req.paths, &req.exclude);
+    let max_bytes = req.max_bytes.min(proto::MAX_ARTIFACT_BYTES);
+    let mut end = proto::ArtifactsEnd::default();
+    let mut problems = 0usize;
+    let mut problem = |end: &mut proto::ArtifactsEnd, rel: &Path, why: &str| {
+        problems += 1;
+        if end.problems.len() < proto::MAX_PROBLEMS {
+            let name = proto::quote(rel.as_os_str().as_bytes(), proto::QUOTE_MAX);
+            end.problems.push(format!("{name}: {why}"));
+        }
     };
-    let mut skipped = Vec::new();
     {
         let mut tar = tar::Builder::new(ArtifactWriter {
             port: &mut *port,
             buf: Vec::new(),
+            broken: None,
         });
         tar.follow_symlinks(false);
         for rel in &files {
             let path = Path::new(&root).join(rel);
             let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                problem(&mut end, rel, "vanished before it could be sent");
                 continue;
             };
             if !meta.is_file() {
                 continue;
             }
-            if end.bytes + meta.len() > proto::MAX_ARTIFACT_BYTES {
+            if end.truncated
+                || end.bytes + meta.len() > max_bytes
+                || end.files >= proto::MAX_ARTIFACT_FILES
+            {
+                // Count the rest, send none of it: "later files" must not
+                // quietly include small ones that happened to fit.
                 end.truncated = true;
-                break;
+                end.left_out_files += 1;
+                end.left_out_bytes += meta.len();
+                continue;
             }
-            match tar.append_path_with_name(&path, rel) {
+            if rel.as_os_str().len() > proto::MAX_ARTIFACT_PATH {
+                problem(&mut end, rel, "path longer than 4096 bytes");
+                continue;
+            }
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) => {
+                    problem(&mut end, rel, &e.to_string());
+                    continue;
+                }
+            };
+            let mut header = tar::Header::new_gnu();
+            header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+            let mut data = Exact {
+                inner: file,
+                left: meta.len(),
+                short: None,
+            };
+            match tar.append_data(&mut header, rel, &mut data) {
                 Ok(()) => {
                     end.files += 1;
                     end.bytes += meta.len();
+                    if let Some(why) = &data.short {
+                        problem(&mut end, rel, why);
+                    }
                 }
-                // A file that vanished or cannot be read is left out, said in the log;
-                // a broken console is fatal.
-                Err(e) if e.kind() == std::io::ErrorKind::Other => return Err(e.to_string()),
-                Err(e) => skipped.push(format!("{rel}: {e}")),
+                Err(e) => {
+                    if let Some(b) = &tar.get_ref().broken {
+                        return Err(b.clone());
+                    }
+                    // Only the header can fail now (e.g. its name): nothing
+                    // of the entry was written.
+                    problem(&mut end, rel, &e.to_string());
+                }
             }
         }
         let mut w = tar.into_inner().map_err(|e| format!("artifacts: {e}"))?;
         w.flush().map_err(|e| format!("artifacts: {e}"))?;
     }
-    for s in skipped {
-        log(port, &format!("artifact left out: {s}"));
+    if problems > end.problems.len() {
+        let more = problems - end.problems.len();
+        end.problems.push(format!("... and {more} more"));
     }
     send(port, &Frame::ArtifactsEnd(end))
 }
@@ -547,7 +643,7 @@ struct StepFiles {
 fn make_step_files(idx: u32, ident: &Identity) -> Result<StepFiles> {
     let dir = format!("{SCRIPT_DIR}/files-{idx}");
     let host_dir = format!("{NEWROOT}{dir}");
-    std::fs::create_dir_all(&host_dir).map_err(|e| format!("create {dir}: {e}"))?;
+    std::fs::create_dir_all(&host_dir).map_err(|e| describe_io(&format!("create {dir}"), &e))?;
     let files = StepFiles {
         env: format!("{dir}/env"),
         output: format!("{dir}/output"),
@@ -556,7 +652,7 @@ fn make_step_files(idx: u32, ident: &Identity) -> Result<StepFiles> {
     for p in [&dir, &files.env, &files.output, &files.path] {
         let host = format!("{NEWROOT}{p}");
         if p != &dir {
-            std::fs::write(&host, b"").map_err(|e| format!("create {p}: {e}"))?;
+            std::fs::write(&host, b"").map_err(|e| describe_io(&format!("create {p}"), &e))?;
         }
         let c = cstr(&host)?;
         // SAFETY: `c` is a valid path string; lchown(2) does not keep it.
@@ -600,13 +696,25 @@ fn pipe() -> Result<Pipe> {
     })
 }
 
-fn run_step(port: &mut File, decoder: &mut Decoder, job: &Job, step: &StepSpec) -> Result<StepEnd> {
-    let started = Instant::now();
+/// A started step: its process and the read ends of its output pipes.
+struct Started {
+    child: i32,
+    out: OwnedFd,
+    err: OwnedFd,
+    files: Option<StepFiles>,
+}
+
+/// Everything before the step's process runs: its script, working
+/// directory, file-command files, pipes, fork. A failure here is the
+/// step's (the job may have filled `/run/kiln`, or fork-bombed the VM),
+/// never the agent's: the caller reports it as the step's failure.
+fn start_step(job: &Job, step: &StepSpec) -> Result<Started> {
     let idx = step.index;
     let ident = &job.ident;
     let script_path = format!("{SCRIPT_DIR}/step-{idx}.sh");
     let host_script = format!("{NEWROOT}{script_path}");
-    std::fs::write(&host_script, &step.script).map_err(|e| format!("write {script_path}: {e}"))?;
+    std::fs::write(&host_script, &step.script)
+        .map_err(|e| describe_io(&format!("cannot write the step's script {script_path}"), &e))?;
     set_mode(&host_script, 0o755)?;
     let argv: Vec<String> = step
         .argv
@@ -631,18 +739,59 @@ fn run_step(port: &mut File, decoder: &mut Decoder, job: &Job, step: &StepSpec) 
         None
     };
     let env = step_env(job, step, files.as_ref());
-    let mut term_sent = false;
-
     let out = pipe()?;
     let err = pipe()?;
     let child = spawn(&argv, &env, &workdir, ident, &out, &err)?;
-    drop(out.write);
-    drop(err.write);
+    Ok(Started {
+        child,
+        out: out.read,
+        err: err.read,
+        files,
+    })
+}
 
-    let mut fds: Vec<(Option<OwnedFd>, Stream)> = vec![
-        (Some(out.read), Stream::Stdout),
-        (Some(err.read), Stream::Stderr),
-    ];
+/// "what: error", with a hint when the job filled the filesystem.
+fn describe_io(what: &str, e: &std::io::Error) -> String {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        format!("{what}: {e}: the job filled {SCRIPT_DIR} (a tmpfs in the guest's memory)")
+    } else {
+        format!("{what}: {e}")
+    }
+}
+
+fn run_step(port: &mut File, decoder: &mut Decoder, job: &Job, step: &StepSpec) -> Result<StepEnd> {
+    let started = Instant::now();
+    let idx = step.index;
+    let Started {
+        child,
+        out,
+        err,
+        files,
+    } = match start_step(job, step) {
+        Ok(s) => s,
+        Err(msg) => {
+            // The job's failure, told in its own log: exit code 125 like
+            // the other "could not run the command" cases in `spawn`.
+            kmsg(&msg);
+            let line = format!("kiln: step '{}' could not start: {msg}\n", step.name);
+            for f in proto::output_frames(idx, Stream::Stderr, line.as_bytes()) {
+                send(port, &f)?;
+            }
+            return Ok(StepEnd {
+                step: idx,
+                exit_code: 125,
+                duration_ms: started.elapsed().as_millis() as u64,
+                timed_out: false,
+                canceled: false,
+                skipped: false,
+                files: None,
+            });
+        }
+    };
+    let mut term_sent = false;
+
+    let mut fds: Vec<(Option<OwnedFd>, Stream)> =
+        vec![(Some(out), Stream::Stdout), (Some(err), Stream::Stderr)];
     let deadline = (step.timeout_ms > 0).then(|| started + Duration::from_millis(step.timeout_ms));
     let mut status: Option<i32> = None;
     let mut exited_at: Option<Instant> = None;
@@ -849,6 +998,10 @@ fn spawn(
     let groups: Vec<libc::gid_t> = ident.groups.clone();
     let not_found = format!("kiln: {}: command not found\n", argv[0]);
     let (out_w, err_w) = (out.write.as_raw_fd(), err.write.as_raw_fd());
+    // SAFETY: an all-zero sigaction is a valid value (no flags, empty mask);
+    // SIG_DFL is then set as its handler.
+    let mut default_action: libc::sigaction = unsafe { std::mem::zeroed() };
+    default_action.sa_sigaction = libc::SIG_DFL;
 
     // SAFETY: fork(2) in a single-threaded process; the child only performs
     // raw syscalls on memory prepared above and then execs or _exits.
@@ -865,6 +1018,16 @@ fn spawn(
                 libc::_exit(code)
             };
             libc::setsid();
+            // The job starts as from a plain init: every signal at its
+            // default disposition (Rust's runtime ignores SIGPIPE, and an
+            // ignored signal stays ignored across execve, which POSIX
+            // shells cannot undo) and none blocked. sigaction(2) and
+            // sigprocmask(2) are async-signal-safe; the kernel refuses
+            // SIGKILL/SIGSTOP and libc its internal signals, harmlessly.
+            // The agent changes no rlimits, so the kernel's defaults apply.
+            for sig in 1..NSIG {
+                libc::sigaction(sig, &default_action, std::ptr::null_mut());
+            }
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
@@ -872,6 +1035,9 @@ fn spawn(
             libc::dup2(null, 0);
             libc::dup2(out_w, 1);
             libc::dup2(err_w, 2);
+            if null > 2 {
+                libc::close(null);
+            }
             if libc::chroot(c_root.as_ptr()) != 0 || libc::chdir(c_slash.as_ptr()) != 0 {
                 fail(b"kiln: cannot enter the job's root filesystem\n", 125);
             }

@@ -122,19 +122,84 @@ pub struct StepSpec {
 pub struct CollectArtifacts {
     pub paths: Vec<String>,
     pub exclude: Vec<String>,
+    /// Send at most this many bytes of file contents; files past it are left
+    /// out and counted in [`ArtifactsEnd`].
+    #[serde(default = "default_max_artifact_bytes")]
+    pub max_bytes: u64,
+}
+
+fn default_max_artifact_bytes() -> u64 {
+    MAX_ARTIFACT_BYTES
 }
 
 /// Guest -> host: the artifact tar stream is complete.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArtifactsEnd {
+    /// Files sent, and the bytes of their contents.
     pub files: u64,
     pub bytes: u64,
-    /// [`MAX_ARTIFACT_BYTES`] was reached: later files were left out.
+    /// The size or file limit was reached: the files counted in
+    /// `left_out_files`/`left_out_bytes` were not sent.
     pub truncated: bool,
+    #[serde(default)]
+    pub left_out_files: u64,
+    #[serde(default)]
+    pub left_out_bytes: u64,
+    /// Files that were selected but could not be sent (unreadable, name too
+    /// long, ...): at most [`MAX_PROBLEMS`] lines, each at most
+    /// [`QUOTE_MAX`] bytes of the name.
+    #[serde(default)]
+    pub problems: Vec<String>,
 }
 
-/// Most artifact bytes (file contents) the agent sends for one job.
+/// Most artifact bytes (file contents) the agent sends for one job, unless
+/// the host asks for less ([`CollectArtifacts::max_bytes`]).
 pub const MAX_ARTIFACT_BYTES: u64 = 4 << 30;
+/// Most artifact files (and directories) in one job's archive.
+pub const MAX_ARTIFACT_FILES: u64 = 100_000;
+/// Longest artifact path (bytes, relative to the working directory).
+pub const MAX_ARTIFACT_PATH: usize = 4096;
+/// Most lines in [`ArtifactsEnd::problems`].
+pub const MAX_PROBLEMS: usize = 20;
+/// How much of a peer's (hostile) string an error message quotes.
+pub const QUOTE_MAX: usize = 200;
+
+/// `data` for an error message or log line: at most `max` bytes of it,
+/// control characters and bytes that are not UTF-8 escaped (`\n`, `\xff`,
+/// `\u{1b}`; a backslash doubled), with the full length noted when it was
+/// cut. One line, never longer than about `4 * max + 30` bytes.
+pub fn quote(data: &[u8], max: usize) -> String {
+    use std::fmt::Write;
+    let shown = &data[..data.len().min(max)];
+    let mut s = String::with_capacity(shown.len() + 16);
+    for chunk in shown.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => s.push_str("\\\\"),
+                '\n' => s.push_str("\\n"),
+                '\r' => s.push_str("\\r"),
+                '\t' => s.push_str("\\t"),
+                c if c.is_control() => {
+                    let _ = write!(s, "\\u{{{:x}}}", c as u32);
+                }
+                c => s.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(s, "\\x{b:02x}");
+        }
+    }
+    if data.len() > max {
+        let _ = write!(s, "... ({} bytes)", data.len());
+    }
+    s
+}
+
+/// Whether `line` (from the peer) can be shown as it is: one line, no
+/// control characters, at most `max` bytes.
+pub fn is_clean_line(line: &str, max: usize) -> bool {
+    line.len() <= max && !line.chars().any(char::is_control)
+}
 
 /// What a step wrote to its file-command files (raw; the host parses them).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,13 +282,16 @@ pub enum ProtoError {
     /// The declared length is 0 or above [`MAX_FRAME`].
     BadLength(usize),
     UnknownKind(u8),
-    /// The body does not parse as the kind's payload.
+    /// The body does not parse as the kind's payload. `detail` quotes the
+    /// peer's bytes only through [`quote`].
     BadBody {
         kind: u8,
         detail: String,
     },
     /// The frame is too large to encode.
     TooLarge(usize),
+    /// An earlier error left the stream out of sync.
+    Poisoned,
 }
 
 impl std::fmt::Display for ProtoError {
@@ -235,6 +303,7 @@ impl std::fmt::Display for ProtoError {
                 write!(f, "malformed body in frame kind {kind}: {detail}")
             }
             ProtoError::TooLarge(n) => write!(f, "frame of {n} bytes exceeds {MAX_FRAME}"),
+            ProtoError::Poisoned => write!(f, "the stream is out of sync after an earlier error"),
         }
     }
 }
@@ -283,6 +352,29 @@ impl Frame {
         Ok(())
     }
 
+    /// A short description for error messages: the frame's kind and step or
+    /// size, never its (peer-controlled) contents in full.
+    pub fn describe(&self) -> String {
+        match self {
+            Frame::Ready(r) => format!("Ready (protocol {})", r.protocol),
+            Frame::Start(_) => "Start".into(),
+            Frame::Cancel(c) => format!("Cancel (graceful: {})", c.graceful),
+            Frame::Output { step, stream, data } => {
+                format!("Output for step {step} ({stream:?}, {} bytes)", data.len())
+            }
+            Frame::StepStart(s) => format!("StepStart for step {}", s.step),
+            Frame::StepEnd(e) => format!("StepEnd for step {}", e.step),
+            Frame::Artifact(d) => format!("Artifact ({} bytes)", d.len()),
+            Frame::Done => "Done".into(),
+            Frame::Log(l) => format!("Log \"{}\"", quote(l.message.as_bytes(), QUOTE_MAX)),
+            Frame::Fatal(f) => format!("Fatal \"{}\"", quote(f.message.as_bytes(), QUOTE_MAX)),
+            Frame::RunStep(s) => format!("RunStep for step {}", s.index),
+            Frame::Finish => "Finish".into(),
+            Frame::CollectArtifacts(_) => "CollectArtifacts".into(),
+            Frame::ArtifactsEnd(_) => "ArtifactsEnd".into(),
+        }
+    }
+
     /// Encode into a fresh buffer.
     pub fn to_bytes(&self) -> Result<Vec<u8>, ProtoError> {
         let mut v = Vec::new();
@@ -295,9 +387,11 @@ impl Frame {
         let (&k, payload) = body.split_first().ok_or(ProtoError::BadLength(0))?;
         let kind = Kind::from_u8(k).ok_or(ProtoError::UnknownKind(k))?;
         fn j<T: for<'de> Deserialize<'de>>(k: u8, p: &[u8]) -> Result<T, ProtoError> {
+            // serde's messages quote the input ("invalid type: string \"...\""):
+            // keep only the start of them.
             serde_json::from_slice(p).map_err(|e| ProtoError::BadBody {
                 kind: k,
-                detail: e.to_string(),
+                detail: quote(e.to_string().as_bytes(), QUOTE_MAX),
             })
         }
         Ok(match kind {
@@ -367,10 +461,14 @@ mod erased {
 }
 
 /// Incremental, sans-I/O frame decoder: feed it bytes as they arrive, take
-/// frames out. Buffers at most one frame (plus one read's worth).
+/// frames out. A caller that takes every complete frame out before pushing
+/// more keeps at most one frame plus one push's worth buffered; each byte is
+/// moved at most once however small the frames are.
 #[derive(Debug, Default)]
 pub struct Decoder {
     buf: Vec<u8>,
+    /// Where the next frame starts in `buf` (decoded frames before it).
+    start: usize,
     /// Set after an error: the stream is out of sync and must be dropped.
     poisoned: bool,
 }
@@ -382,32 +480,42 @@ impl Decoder {
 
     /// Append bytes read from the peer.
     pub fn push(&mut self, data: &[u8]) {
+        if self.start > 0 {
+            // Drop the frames already taken out (once per push, not per frame).
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
         self.buf.extend_from_slice(data);
     }
 
     /// Bytes received but not yet part of a complete frame.
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 
     /// The next complete frame, `Ok(None)` if more bytes are needed.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, ProtoError> {
         if self.poisoned {
-            return Err(ProtoError::BadLength(0));
+            return Err(ProtoError::Poisoned);
         }
-        if self.buf.len() < HEADER {
+        let rest = &self.buf[self.start..];
+        if rest.len() < HEADER {
             return Ok(None);
         }
-        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         if len == 0 || len > MAX_FRAME {
             self.poisoned = true;
             return Err(ProtoError::BadLength(len));
         }
-        if self.buf.len() < HEADER + len {
+        if rest.len() < HEADER + len {
             return Ok(None);
         }
-        let result = Frame::decode_body(&self.buf[HEADER..HEADER + len]);
-        self.buf.drain(..HEADER + len);
+        let result = Frame::decode_body(&rest[HEADER..HEADER + len]);
+        self.start += HEADER + len;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
         if result.is_err() {
             self.poisoned = true;
         }
@@ -458,11 +566,15 @@ mod tests {
             Frame::CollectArtifacts(CollectArtifacts {
                 paths: vec!["dist/".into()],
                 exclude: vec!["*.log".into()],
+                max_bytes: 1 << 20,
             }),
             Frame::ArtifactsEnd(ArtifactsEnd {
                 files: 2,
                 bytes: 10,
-                truncated: false,
+                truncated: true,
+                left_out_files: 3,
+                left_out_bytes: 4 << 30,
+                problems: vec!["a\\xff: unreadable".into()],
             }),
             Frame::Cancel(Cancel { graceful: true }),
             Frame::Output {
@@ -607,6 +719,78 @@ mod tests {
         for f in &frames {
             assert!(f.to_bytes().unwrap().len() <= MAX_FRAME + HEADER);
         }
+    }
+
+    #[test]
+    fn hostile_bodies_are_quoted_short_in_errors_and_descriptions() {
+        // A 1 MiB string where a number belongs: serde quotes the input.
+        let huge = "x".repeat(MAX_FRAME - 100);
+        let mut body = vec![Kind::StepStart as u8];
+        body.extend_from_slice(format!("{{\"step\":\"{huge}\"}}").as_bytes());
+        let mut bytes = (body.len() as u32).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&body);
+        let mut d = Decoder::new();
+        d.push(&bytes);
+        let e = d.next_frame().unwrap_err().to_string();
+        assert!(e.len() < 400, "{} bytes: {}", e.len(), &e[..400]);
+        assert!(e.contains("malformed body in frame kind 5"), "{e}");
+        assert_eq!(d.next_frame(), Err(ProtoError::Poisoned));
+
+        for f in [
+            Frame::Artifact(vec![0xff; MAX_FRAME - 1]),
+            Frame::Fatal(Fatal {
+                message: "\n".repeat(MAX_FRAME / 2),
+            }),
+            Frame::Output {
+                step: u32::MAX,
+                stream: Stream::Stdout,
+                data: vec![b'a'; MAX_OUTPUT_CHUNK],
+            },
+        ] {
+            let s = f.describe();
+            assert!(s.len() <= 4 * QUOTE_MAX + 40, "{} bytes", s.len());
+        }
+        assert_eq!(quote(b"ok\n\xff", 10), "ok\\n\\xff");
+        assert_eq!(quote(b"abcdef", 3), "abc... (6 bytes)");
+        assert_eq!(
+            quote("résumé \\ \x1b".as_bytes(), 50),
+            "résumé \\\\ \\u{1b}"
+        );
+    }
+
+    #[test]
+    fn many_tiny_frames_decode_in_one_pass() {
+        // 300k frames of 5 bytes, pushed 64 KiB at a time as the host reads
+        // them: every frame comes out, and the buffer never holds more than
+        // one push plus a partial frame.
+        let one = Frame::Done.to_bytes().unwrap();
+        let stream: Vec<u8> = one
+            .iter()
+            .copied()
+            .cycle()
+            .take(one.len() * 300_000)
+            .collect();
+        let mut d = Decoder::new();
+        let mut n = 0;
+        for chunk in stream.chunks(64 * 1024) {
+            d.push(chunk);
+            assert!(d.buf.len() <= 64 * 1024 + one.len());
+            while let Some(f) = d.next_frame().unwrap() {
+                assert_eq!(f, Frame::Done);
+                n += 1;
+            }
+        }
+        assert_eq!((n, d.pending()), (300_000, 0));
+    }
+
+    #[test]
+    fn artifacts_end_without_the_newer_fields_still_parses() {
+        let old = br#"{"files":1,"bytes":2,"truncated":false}"#;
+        let end: ArtifactsEnd = serde_json::from_slice(old).unwrap();
+        assert_eq!((end.files, end.left_out_files), (1, 0));
+        let req: CollectArtifacts =
+            serde_json::from_slice(br#"{"paths":[],"exclude":[]}"#).unwrap();
+        assert_eq!(req.max_bytes, MAX_ARTIFACT_BYTES);
     }
 
     #[test]
