@@ -5,7 +5,7 @@
 //! changed, that the error is clear and short, and, where memory is the
 //! point, that kiln's peak memory stays under a stated bound.
 //!
-//! VM tests skip without QEMU/busybox (`skip_without_vm!`) and assert that
+//! VM tests need QEMU and busybox (reported as ignored without them) and assert that
 //! no VM process or per-VM file is left (`assert_no_leaks`).
 
 use std::collections::BTreeMap;
@@ -21,24 +21,6 @@ use kiln_agent::proto::{StepEnd, Stream};
 use kiln_pipelines::{JobSpec, Step, StepWhen};
 use kiln_tests::fixtures::BusyboxImage;
 use kiln_tests::harness::{self, assert_no_leaks, kiln_cmd};
-
-macro_rules! skip_without_vm {
-    () => {
-        if let Some(why) = harness::vm_skip_reason() {
-            eprintln!("skipping: {why}");
-            return;
-        }
-    };
-}
-
-macro_rules! skip_without_git {
-    () => {
-        if Command::new("git").arg("--version").output().is_err() {
-            eprintln!("skipping: git is not installed");
-            return;
-        }
-    };
-}
 
 /// Peak memory kiln may use for a job that forges 500k frames: the test's
 /// child process peaks at about 18 MiB here, most of it before the VM
@@ -173,9 +155,7 @@ fn system_failure(r: &kiln::JobResult) -> String {
 /// `kiln run-job .gitlab-ci.yml docs --artifacts-dir .` removed `./docs`
 /// even though the job never ran. Now it refuses before anything runs and
 /// says what to do; the checkout is byte-for-byte what it was.
-#[test]
 fn artifacts_dir_never_replaces_a_users_folder() {
-    skip_without_git!();
     let d = test_dir("artifacts-dir");
     let repo_dir = d.join("repo");
     repo(
@@ -213,10 +193,7 @@ fn artifacts_dir_never_replaces_a_users_folder() {
 /// A job whose name is a path (`a/../../x y`) gets a folder of its own,
 /// made and marked by kiln inside `--artifacts-dir`; nothing else appears
 /// or changes.
-#[test]
 fn artifacts_of_a_job_named_like_a_path_stay_in_a_folder_kiln_made() {
-    skip_without_vm!();
-    skip_without_git!();
     let d = test_dir("job-name");
     let repo_dir = d.join("repo");
     repo(
@@ -268,10 +245,7 @@ fn artifacts_of_a_job_named_like_a_path_stay_in_a_folder_kiln_made() {
 /// A tracked directory replaced by a link to a directory elsewhere: staging
 /// truncated the file there to 0 bytes. Now the link is staged as a link,
 /// nothing beyond it is read or written, and kiln says what it left out.
-#[test]
 fn staging_a_checkout_with_a_linked_directory_changes_nothing() {
-    skip_without_vm!();
-    skip_without_git!();
     let d = test_dir("staging-link");
     let repo_dir = d.join("repo");
     let elsewhere = d.join("elsewhere");
@@ -322,9 +296,7 @@ fn staging_a_checkout_with_a_linked_directory_changes_nothing() {
 
 /// `include: local:` through a link out of the project is refused, with the
 /// file named and nothing of it shown.
-#[test]
 fn include_local_through_a_link_out_of_the_project_is_refused() {
-    skip_without_git!();
     let d = test_dir("include-link");
     let repo_dir = d.join("repo");
     std::fs::write(d.join("secret.yml"), "SECRET_VALUE_XYZ: 1\n").unwrap();
@@ -361,9 +333,7 @@ fn include_local_through_a_link_out_of_the_project_is_refused() {
 /// Jobs start with every signal at its default disposition and none
 /// blocked: `yes | head` ends quietly (it printed "yes: Broken pipe" with
 /// SIGPIPE ignored, inherited from the agent).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_start_with_default_signal_dispositions() {
-    skip_without_vm!();
     let (r, sink) = run_vm(
         "signals",
         &busybox_job("yes | head -c 1000 | wc -c\ngrep -E '^(SigIgn|SigBlk)' /proc/self/status"),
@@ -387,9 +357,7 @@ async fn jobs_start_with_default_signal_dispositions() {
 
 /// A job that fills the agent's tmpfs (`/run/kiln`, where step scripts go)
 /// fails itself, with the reason in its log; it is not a runner failure.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_that_fills_the_agents_tmpfs_fails_itself() {
-    skip_without_vm!();
     let mut job = busybox_job(
         "mount -o remount,size=64k /run/kiln\ndd if=/dev/zero of=/run/kiln/fill bs=4k 2>/dev/null || true\necho filled",
     );
@@ -551,12 +519,10 @@ fn in_child(name: &str, mode: &str) -> serde_json::Value {
 /// 500k forged `Output` frames for steps that never ran: the job fails at
 /// the first with one short line, and kiln's peak memory stays bounded
 /// (the masking sink kept a masker per forged step: 183 MB).
-#[test]
 fn forged_frames_for_steps_that_never_ran_fail_the_job_in_bounded_memory() {
     if std::env::var_os("KILN_HOSTILE_CHILD").is_some() {
         return child_run(&forging_job("outputs 500000"));
     }
-    skip_without_vm!();
     forger_image();
     let v = in_child(
         "forged_frames_for_steps_that_never_ran_fail_the_job_in_bounded_memory",
@@ -587,9 +553,7 @@ fn forged_frames_for_steps_that_never_ran_fail_the_job_in_bounded_memory() {
 /// A frame header declaring 16 MiB, and a ~1 MiB frame the host did not
 /// ask for: each ends the job with a short message (a 1 MiB frame became a
 /// 5 MB summary line).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_and_unexpected_huge_frames_give_short_errors() {
-    skip_without_vm!();
     let (r, sink) = run_vm("oversize", &forging_job("oversize"), None, None).await;
     let m = system_failure(&r);
     assert!(
@@ -618,9 +582,7 @@ async fn oversize_and_unexpected_huge_frames_give_short_errors() {
 /// Past the artifact limit, the job fails and its log says exactly what
 /// was collected and what was left out; a small file after the limit is
 /// not quietly sent.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn artifacts_over_the_limit_fail_the_job_and_say_what_was_sent() {
-    skip_without_vm!();
     let d = test_dir("artifact-cap");
     let to = d.join("collected");
     let mut job = busybox_job(
@@ -650,9 +612,7 @@ async fn artifacts_over_the_limit_fail_the_job_and_say_what_was_sent() {
 }
 
 /// An artifact whose name is not UTF-8 is collected under its own name.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn artifacts_with_non_utf8_names_are_kept() {
-    skip_without_vm!();
     use std::os::unix::ffi::OsStrExt;
     let d = test_dir("non-utf8");
     let to = d.join("collected");
@@ -678,9 +638,7 @@ async fn artifacts_with_non_utf8_names_are_kept() {
 
 /// After a job timeout the summary reports the time the job really ran
 /// (it said "run 0.00s").
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_timeout_reports_the_real_run_time() {
-    skip_without_vm!();
     let mut job = busybox_job("echo started; sleep 600");
     job.timeout = Some(Duration::from_secs(3));
     let (r, _) = run_vm("timeout-run-time", &job, None, None).await;
@@ -692,9 +650,7 @@ async fn a_job_timeout_reports_the_real_run_time() {
 
 /// SIGTERM is a graceful cancel for `kiln run-job`, like the first Ctrl-C:
 /// the VM is stopped, nothing is left, and it exits 143.
-#[test]
 fn sigterm_cancels_run_job_and_exits_143() {
-    skip_without_vm!();
     let run_dir = harness::run_dir("sigterm");
     let mut child = kiln_cmd(&run_dir)
         .args([
@@ -735,4 +691,77 @@ fn sigterm_cancels_run_job_and_exits_143() {
         "{summary}"
     );
     let _ = std::fs::remove_dir_all(&run_dir);
+}
+
+fn main() -> std::process::ExitCode {
+    kiln_testkit::Suite::new()
+        .test(
+            "artifacts_dir_never_replaces_a_users_folder",
+            &[kiln_testkit::tool("git", "git")],
+            artifacts_dir_never_replaces_a_users_folder,
+        )
+        .test(
+            "artifacts_of_a_job_named_like_a_path_stay_in_a_folder_kiln_made",
+            &[
+                harness::qemu(),
+                harness::busybox(),
+                kiln_testkit::tool("git", "git"),
+            ],
+            artifacts_of_a_job_named_like_a_path_stay_in_a_folder_kiln_made,
+        )
+        .test(
+            "staging_a_checkout_with_a_linked_directory_changes_nothing",
+            &[
+                harness::qemu(),
+                harness::busybox(),
+                kiln_testkit::tool("git", "git"),
+            ],
+            staging_a_checkout_with_a_linked_directory_changes_nothing,
+        )
+        .test(
+            "include_local_through_a_link_out_of_the_project_is_refused",
+            &[kiln_testkit::tool("git", "git")],
+            include_local_through_a_link_out_of_the_project_is_refused,
+        )
+        .tokio(
+            "jobs_start_with_default_signal_dispositions",
+            &harness::vm(),
+            jobs_start_with_default_signal_dispositions,
+        )
+        .tokio(
+            "a_job_that_fills_the_agents_tmpfs_fails_itself",
+            &harness::vm(),
+            a_job_that_fills_the_agents_tmpfs_fails_itself,
+        )
+        .test(
+            "forged_frames_for_steps_that_never_ran_fail_the_job_in_bounded_memory",
+            &harness::vm(),
+            forged_frames_for_steps_that_never_ran_fail_the_job_in_bounded_memory,
+        )
+        .tokio(
+            "oversize_and_unexpected_huge_frames_give_short_errors",
+            &harness::vm(),
+            oversize_and_unexpected_huge_frames_give_short_errors,
+        )
+        .tokio(
+            "artifacts_over_the_limit_fail_the_job_and_say_what_was_sent",
+            &harness::vm(),
+            artifacts_over_the_limit_fail_the_job_and_say_what_was_sent,
+        )
+        .tokio(
+            "artifacts_with_non_utf8_names_are_kept",
+            &harness::vm(),
+            artifacts_with_non_utf8_names_are_kept,
+        )
+        .tokio(
+            "a_job_timeout_reports_the_real_run_time",
+            &harness::vm(),
+            a_job_timeout_reports_the_real_run_time,
+        )
+        .test(
+            "sigterm_cancels_run_job_and_exits_143",
+            &harness::vm(),
+            sigterm_cancels_run_job_and_exits_143,
+        )
+        .run()
 }
