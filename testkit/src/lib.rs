@@ -134,6 +134,22 @@ pub fn require(test: &str, needs: &[Need]) -> bool {
     true
 }
 
+type Cleanup = Box<dyn FnOnce() + Send>;
+
+fn cleanups() -> &'static Mutex<Vec<Cleanup>> {
+    static C: OnceLock<Mutex<Vec<Cleanup>>> = OnceLock::new();
+    C.get_or_init(Default::default)
+}
+
+/// Runs `f` when the suite has finished (e.g. removes a fixture that the
+/// tests of this process shared).
+pub fn at_exit(f: impl FnOnce() + Send + 'static) {
+    cleanups()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Box::new(f));
+}
+
 /// The tests of one integration-test target.
 #[derive(Default)]
 pub struct Suite {
@@ -214,7 +230,12 @@ impl Suite {
                 }
             }
         }
-        libtest_mimic::run(&args, std::mem::take(&mut self.trials)).exit_code()
+        let conclusion = libtest_mimic::run(&args, std::mem::take(&mut self.trials));
+        let hooks = std::mem::take(&mut *cleanups().lock().unwrap_or_else(|e| e.into_inner()));
+        for f in hooks.into_iter().rev() {
+            f();
+        }
+        conclusion.exit_code()
     }
 }
 

@@ -135,6 +135,10 @@ pub fn busybox_image() -> PathBuf {
         BusyboxImage::default()
             .build(&dir)
             .expect("build the busybox fixture");
+        let d = dir.clone();
+        kiln_testkit::at_exit(move || {
+            let _ = std::fs::remove_dir_all(d);
+        });
         dir
     })
     .clone()

@@ -424,6 +424,10 @@ fn forger_image() -> PathBuf {
         }
         .build(&dir)
         .unwrap();
+        let d = dir.clone();
+        kiln_testkit::at_exit(move || {
+            let _ = std::fs::remove_dir_all(d);
+        });
         dir
     })
     .clone()
