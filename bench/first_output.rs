@@ -123,6 +123,7 @@ fn main() {
         kiln_rss[kiln_rss.len() / 2] as f64 / 1024.0
     );
     let _ = std::fs::remove_dir_all(&run_dir);
+    let _ = std::fs::remove_dir_all(&image);
 }
 
 fn rss_kib(pid: u32) -> u64 {
