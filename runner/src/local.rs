@@ -679,10 +679,10 @@ mod tests {
                 .output()
                 .is_ok_and(|o| o.status.success())
         };
-        if !git(&["init", "-q"]) {
-            eprintln!("skipping: git is not installed");
+        if !kiln_testkit::require("staging_links", &[kiln_testkit::tool("git", "git")]) {
             return;
         }
+        assert!(git(&["init", "-q"]), "git init failed");
         assert!(git(&["add", "."]));
         // The tracked directory becomes a link to a directory elsewhere.
         std::fs::remove_dir_all(repo.join("sub")).unwrap();

@@ -1386,13 +1386,16 @@ fn matches_umoci_unpack() {
 /// formats: applied, it has the same contents, and its holes are holes.
 #[test]
 fn sparse_files_from_gnu_tar_keep_their_holes() {
-    if std::process::Command::new("tar")
-        .arg("--version")
-        .output()
-        .map(|o| !String::from_utf8_lossy(&o.stdout).contains("GNU tar"))
-        .unwrap_or(true)
-    {
-        eprintln!("skipping: needs GNU tar");
+    let gnu_tar = kiln_testkit::Need::custom("gnu-tar", || {
+        std::process::Command::new("tar")
+            .arg("--version")
+            .output()
+            .ok()
+            .filter(|o| String::from_utf8_lossy(&o.stdout).contains("GNU tar"))
+            .map(|_| ())
+            .ok_or_else(|| "needs GNU tar (apt-get install tar)".to_string())
+    });
+    if !kiln_testkit::require("sparse_files_from_gnu_tar_keep_their_holes", &[gnu_tar]) {
         return;
     }
     let src = tempfile::tempdir().unwrap();
