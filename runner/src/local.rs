@@ -6,7 +6,7 @@
 //! run directory: the job can never modify the user's checkout. Artifacts
 //! are copied from the job's view of the workspace into a host folder.
 
-use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -53,13 +53,19 @@ pub fn local_context(file: &Path, extra_vars: Vec<(String, String)>) -> Result<L
     Ok(ctx)
 }
 
-/// Parse `file` (format detected).
+/// Parse `file` (format detected). The file and its includes are read with
+/// the size limit of `opts.limits`; includes only from inside the project.
 pub fn load_pipeline(file: &Path, ctx: &LocalContext, opts: &Options) -> Result<Pipeline> {
-    let contents =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let base = ctx.project_dir.clone();
-    let read = move |rel: &str| std::fs::read_to_string(base.join(rel.trim_start_matches('/')));
-    Ok(kiln_pipelines::load(file, &contents, ctx, opts, &read)?)
+    let contents = kiln_pipelines::read_file(file, opts.limits.max_file_bytes)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    let files = kiln_pipelines::ProjectFiles::new(&ctx.project_dir, &opts.limits);
+    Ok(kiln_pipelines::load(
+        file,
+        &contents,
+        ctx,
+        opts,
+        &|rel| files.read(rel),
+    )?)
 }
 
 /// The jobs to run for `name`: every job called `name` (or expanded from the
@@ -85,9 +91,20 @@ pub fn select_jobs<'a>(
         .filter(|j| (j.name == name || j.id == name) && matches_matrix(j))
         .collect();
     if targets.is_empty() {
-        let names: Vec<&str> = pipeline.jobs.iter().map(|j| j.name.as_str()).collect();
+        const SHOWN: usize = 20;
+        let mut names: Vec<String> = pipeline
+            .jobs
+            .iter()
+            .take(SHOWN)
+            .map(|j| j.name.chars().take(80).collect())
+            .collect();
+        if pipeline.jobs.len() > SHOWN {
+            names.push(format!("and {} more (see --list)", pipeline.jobs.len() - SHOWN));
+        }
+        let shown: String = name.chars().take(80).collect();
         bail!(
-            "no job '{name}'{} in the pipeline; jobs: {}",
+            "no job '{}'{} in the pipeline; jobs: {}",
+            shown.escape_debug(),
             if matrix.is_empty() {
                 ""
             } else {
@@ -96,33 +113,46 @@ pub fn select_jobs<'a>(
             names.join(", ")
         );
     }
-    // Depth-first over needs, dependencies first; cycles were rejected by the parser.
+    // Dependencies first, in O(jobs + needs); cycles were rejected by the parser.
+    let index: HashMap<&str, usize> = pipeline
+        .jobs
+        .iter()
+        .enumerate()
+        .rev()
+        .map(|(i, j)| (j.name.as_str(), i))
+        .collect();
     let mut order: Vec<&JobSpec> = Vec::new();
-    let mut seen = BTreeSet::new();
-    fn visit<'a>(
-        j: &'a JobSpec,
-        p: &'a Pipeline,
-        order: &mut Vec<&'a JobSpec>,
-        seen: &mut BTreeSet<String>,
-        depth: usize,
-    ) -> Result<()> {
-        if depth > 64 {
-            bail!("`needs` nest deeper than 64 jobs at '{}'", j.name);
-        }
-        if !seen.insert(j.name.clone()) {
-            return Ok(());
-        }
-        for n in j.needs.iter().flatten() {
-            let dep = p.jobs.iter().find(|d| &d.name == n).with_context(|| {
-                format!("job '{}' needs '{n}', which is not in the pipeline", j.name)
-            })?;
-            visit(dep, p, order, seen, depth + 1)?;
-        }
-        order.push(j);
-        Ok(())
-    }
+    let mut state = vec![0u8; pipeline.jobs.len()]; // 0 new, 1 open, 2 done
     for t in targets {
-        visit(t, pipeline, &mut order, &mut seen, 0)?;
+        let Some(&start) = index.get(t.name.as_str()) else {
+            continue;
+        };
+        let mut stack: Vec<(usize, usize)> = Vec::new();
+        if state[start] == 0 {
+            state[start] = 1;
+            stack.push((start, 0));
+        }
+        while let Some(&mut (i, ref mut next)) = stack.last_mut() {
+            let job = &pipeline.jobs[i];
+            let Some(n) = job.needs.as_deref().unwrap_or_default().get(*next) else {
+                state[i] = 2;
+                order.push(job);
+                stack.pop();
+                continue;
+            };
+            *next += 1;
+            let &d = index.get(n.as_str()).with_context(|| {
+                format!(
+                    "job '{}' needs '{}', which is not in the pipeline",
+                    job.name.chars().take(80).collect::<String>(),
+                    n.chars().take(80).collect::<String>()
+                )
+            })?;
+            if state[d] == 0 {
+                state[d] = 1;
+                stack.push((d, 0));
+            }
+        }
     }
     Ok(order)
 }
