@@ -202,7 +202,13 @@ mod tests {
         symlink(d.0.join("secret"), proj.join("abs.yml")).unwrap();
         symlink("../secret", proj.join("rel.yml")).unwrap();
         symlink("../..", proj.join("sub/up")).unwrap();
-        for rel in ["abs.yml", "rel.yml", "../secret", "sub/../../secret", "sub/up/secret"] {
+        for rel in [
+            "abs.yml",
+            "rel.yml",
+            "../secret",
+            "sub/../../secret",
+            "sub/up/secret",
+        ] {
             let e = read_beneath(&proj, rel, 100).unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{rel}: {e}");
             assert!(e.to_string().contains("outside the project"), "{rel}: {e}");

@@ -31,8 +31,8 @@ pub use filecmd::{
 
 use crate::context::{LocalContext, Options};
 use crate::error::{Error, ExprError, Result};
-use crate::spec::{AllowFailure, JobSource, JobSpec, JobWhen, Shell, Step, StepWhen, Variable};
 use crate::limits::{bytes, short, short_n, Budget, Limits};
+use crate::spec::{AllowFailure, JobSource, JobSpec, JobWhen, Shell, Step, StepWhen, Variable};
 use crate::yaml::{self, join, key, scalar, Seg};
 
 /// GitHub's default job timeout (`timeout-minutes`), 360 minutes.
@@ -115,12 +115,7 @@ impl Workflow {
 /// Parses a workflow file. `file` is used in messages only.
 pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> Result<Workflow> {
     let limits = &opts.limits;
-    let root = yaml::load(
-        file,
-        contents,
-        limits,
-        &Budget::new(limits.max_yaml_bytes),
-    )?;
+    let root = yaml::load(file, contents, limits, &Budget::new(limits.max_yaml_bytes))?;
     let out = Budget::new(limits.max_output_bytes);
     let c = yaml::Ctx {
         file,
@@ -182,7 +177,10 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
             return Err(limit_err(
                 &c,
                 &join(&jp, &[key("needs")]),
-                format!("a job may need at most {} jobs (max_needs)", limits.max_needs),
+                format!(
+                    "a job may need at most {} jobs (max_needs)",
+                    limits.max_needs
+                ),
             ));
         }
         for n in &needs {
@@ -206,7 +204,10 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
             return Err(limit_err(
                 &c,
                 &jp,
-                format!("the workflow has more than {} jobs (max_jobs)", limits.max_jobs),
+                format!(
+                    "the workflow has more than {} jobs (max_jobs)",
+                    limits.max_jobs
+                ),
             ));
         }
         let mut names = Vec::new();
@@ -262,6 +263,9 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
         let id = w.job(&path).map(|j| j.id.clone()).unwrap_or(path);
         return Err(c.err(&[key("jobs"), key(&id), key("needs")], message));
     }
+    w.warnings = crate::gitlab::printable(std::mem::take(&mut w.warnings));
+    w.unsupported = crate::gitlab::printable(std::mem::take(&mut w.unsupported));
+    w.skipped = crate::gitlab::printable(std::mem::take(&mut w.skipped));
     if opts.strict && !w.unsupported.is_empty() {
         return Err(Error::Unsupported {
             file: file.to_string(),
@@ -362,7 +366,10 @@ fn env_map(
         Some(Value::Mapping(m)) if m.len() > limits.max_variables => Err(limit_err(
             c,
             path,
-            format!("more than {} variables (max_variables)", limits.max_variables),
+            format!(
+                "more than {} variables (max_variables)",
+                limits.max_variables
+            ),
         )),
         Some(Value::Mapping(m)) => m
             .iter()
@@ -1008,12 +1015,7 @@ impl JobBuilder<'_> {
             .ok_or_else(|| c.err(&join(sp, &[key("run")]), "`run` must be a string"))?;
 
         // Step env extends the env context for this step's expressions.
-        let step_env = env_map(
-            m.get("env"),
-            &join(sp, &[key("env")]),
-            c,
-            &self.opts.limits,
-        )?;
+        let step_env = env_map(m.get("env"), &join(sp, &[key("env")]), c, &self.opts.limits)?;
         let mut runtime = false;
         let mut env = Vec::new();
         for (k, v) in &step_env {
@@ -1123,10 +1125,7 @@ impl JobBuilder<'_> {
             Some(v) => self.flag(v, &join(sp, &[key("continue-on-error")]), cx)?,
         };
         let working_dir = match m.get("working-directory").and_then(scalar) {
-            Some(wd) => Some(
-                self.sub(&wd, cx, &join(sp, &[key("working-directory")]))?
-                    .0,
-            ),
+            Some(wd) => Some(self.sub(&wd, cx, &join(sp, &[key("working-directory")]))?.0),
             None => default_wd.map(String::from),
         };
         Ok(Some(Step {

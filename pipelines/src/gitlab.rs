@@ -25,11 +25,11 @@ use expr::eval_rule_if_with;
 use crate::context::{LocalContext, Options};
 use crate::duration::parse_duration;
 use crate::error::{Error, Result};
+use crate::limits::{bytes, chain, short, short_n, Budget, Limits};
 use crate::spec::{
     AllowFailure, ArtifactSpec, ArtifactWhen, JobSource, JobSpec, JobWhen, Shell, Step, StepWhen,
     Variable,
 };
-use crate::limits::{bytes, chain, short, short_n, Budget, Limits};
 use crate::yaml::{self, join, key, merge_into, scalar, Seg};
 
 /// GitLab's default `stages`.
@@ -231,7 +231,10 @@ impl Parser<'_> {
                 (file, location)
             }
             None => (
-                self.sources.first().map(|s| s.0.clone()).unwrap_or_default(),
+                self.sources
+                    .first()
+                    .map(|s| s.0.clone())
+                    .unwrap_or_default(),
                 None,
             ),
         };
@@ -557,7 +560,7 @@ impl Parser<'_> {
                         stages,
                         jobs: Vec::new(),
                         excluded: names,
-                        warnings: self.warnings,
+                        warnings: printable(self.warnings),
                         parallel_groups: BTreeMap::new(),
                     });
                 }
@@ -674,7 +677,7 @@ impl Parser<'_> {
             stages,
             jobs,
             excluded,
-            warnings: self.warnings,
+            warnings: printable(self.warnings),
             parallel_groups: groups,
         })
     }
@@ -783,10 +786,7 @@ impl Parser<'_> {
         if name.chars().any(char::is_control) {
             return Err(self.err(
                 path,
-                format!(
-                    "job name `{}` contains a control character",
-                    short(name)
-                ),
+                format!("job name `{}` contains a control character", short(name)),
             ));
         }
         Ok(())
@@ -850,20 +850,22 @@ impl Parser<'_> {
         for (i, entry) in matrix.iter().enumerate() {
             let ep = join(&path, &[key("matrix"), Seg::Index(i)]);
             let room = max.saturating_sub(combos.len());
-            combos.extend(matrix_entry(entry, room, self.out_budget.left()).map_err(|e| match e {
-                MatrixError::TooMany => too_many(),
-                MatrixError::TooLarge => self.limit(
-                    &ep,
-                    format!(
-                        "the matrix's combinations come to more than {} (max_output_bytes)",
-                        bytes(self.out_budget.max())
+            combos.extend(matrix_entry(entry, room, self.out_budget.left()).map_err(
+                |e| match e {
+                    MatrixError::TooMany => too_many(),
+                    MatrixError::TooLarge => self.limit(
+                        &ep,
+                        format!(
+                            "the matrix's combinations come to more than {} (max_output_bytes)",
+                            bytes(self.out_budget.max())
+                        ),
                     ),
-                ),
-                MatrixError::Shape => self.err(
-                    &ep,
-                    "a matrix entry maps variable names to a value or a list of values",
-                ),
-            })?);
+                    MatrixError::Shape => self.err(
+                        &ep,
+                        "a matrix entry maps variable names to a value or a list of values",
+                    ),
+                },
+            )?);
         }
         let total = combos.len();
         Ok(combos
@@ -953,7 +955,10 @@ impl Parser<'_> {
         if inst.name.chars().any(char::is_control) {
             return Err(self.err(
                 &jp,
-                format!("job name `{}` contains a control character", short(&inst.name)),
+                format!(
+                    "job name `{}` contains a control character",
+                    short(&inst.name)
+                ),
             ));
         }
         // Variables: predefined < global < job < matrix < rules < caller.
@@ -1066,19 +1071,18 @@ impl Parser<'_> {
         let mut commands = Vec::new();
         for k in ["before_script", "script"] {
             if let Some(v) = job.get(k) {
-                commands.extend(script_lines(v, self.limits.max_script_lines).ok_or_else(|| {
-                    self.err(
-                        &at(k),
-                        format!("`{k}` must be a string or a list of strings"),
-                    )
-                })?);
+                commands.extend(script_lines(v, self.limits.max_script_lines).ok_or_else(
+                    || {
+                        self.err(
+                            &at(k),
+                            format!("`{k}` must be a string or a list of strings"),
+                        )
+                    },
+                )?);
             }
         }
         if !job.contains_key("script") {
-            return Err(self.err(
-                &jp,
-                format!("job `{}` has no `script`", short(key_name)),
-            ));
+            return Err(self.err(&jp, format!("job `{}` has no `script`", short(key_name))));
         }
         let script = self.render_checked(&commands, &at("script"))?;
         let mut steps = vec![Step {
@@ -1406,7 +1410,10 @@ impl Parser<'_> {
             expand_capped(s, vars, max).ok_or_else(|| {
                 self.limit(
                     path,
-                    format!("a value expands to more than {} (max_script_bytes)", bytes(max)),
+                    format!(
+                        "a value expands to more than {} (max_script_bytes)",
+                        bytes(max)
+                    ),
                 )
             })
         };
@@ -1437,7 +1444,11 @@ impl Parser<'_> {
         let expire_in = m.get("expire_in").and_then(scalar);
         if !paths.is_empty() || untracked {
             out.push(ArtifactSpec {
-                name: m.get("name").and_then(scalar).map(|n| exp(&n)).transpose()?,
+                name: m
+                    .get("name")
+                    .and_then(scalar)
+                    .map(|n| exp(&n))
+                    .transpose()?,
                 paths,
                 exclude: list("exclude")?,
                 untracked,
@@ -1576,9 +1587,9 @@ impl Refs<'_, '_> {
                     _ => None,
                 };
                 let Some(path) = path else {
-                    return Err(self.err(
-                        "`!reference` takes a list of names: [job, key, ...]".into(),
-                    ));
+                    return Err(
+                        self.err("`!reference` takes a list of names: [job, key, ...]".into())
+                    );
                 };
                 let shown = || {
                     let parts: Vec<String> = path.iter().map(|p| short(p).into_owned()).collect();
@@ -1635,6 +1646,14 @@ impl Refs<'_, '_> {
             other => other.clone(),
         })
     }
+}
+
+/// Notes for a terminal: each shortened, control characters escaped.
+pub(crate) fn printable(notes: Vec<String>) -> Vec<String> {
+    notes
+        .into_iter()
+        .map(|n| short_n(&n, 300).into_owned())
+        .collect()
 }
 
 /// Whether `v` holds a `!reference` anywhere.

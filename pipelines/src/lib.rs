@@ -165,8 +165,14 @@ pub fn load(
                 )
             })?;
             match format_from_keys(&top) {
-                Format::GitLab => (Format::GitLab, Some("read as a .gitlab-ci.yml, from its keys")),
-                Format::GitHub => (Format::GitHub, Some("read as a GitHub workflow, from its keys")),
+                Format::GitLab => (
+                    Format::GitLab,
+                    Some("read as a .gitlab-ci.yml, from its keys"),
+                ),
+                Format::GitHub => (
+                    Format::GitHub,
+                    Some("read as a GitHub workflow, from its keys"),
+                ),
                 Format::Unknown => (Format::Unknown, None),
             }
         }

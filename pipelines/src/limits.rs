@@ -164,9 +164,9 @@ pub(crate) fn short_n(s: &str, max_chars: usize) -> Cow<'_, str> {
 
 /// Renders a byte count for messages: `4 MiB`, `300 KiB`, `17 bytes`.
 pub(crate) fn bytes(n: usize) -> String {
-    if n >= MIB && n % MIB == 0 {
+    if n >= MIB && n & (MIB - 1) == 0 {
         format!("{} MiB", n / MIB)
-    } else if n >= 1024 && n % 1024 == 0 {
+    } else if n >= 1024 && n & 1023 == 0 {
         format!("{} KiB", n / 1024)
     } else {
         format!("{n} bytes")

@@ -114,3 +114,52 @@ pub(crate) fn run_order<'a>(
     }
     Ok(order.into_iter().map(|i| &jobs[i]).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Step;
+
+    fn job(name: &str, stage: &str, needs: Option<&[&str]>, when: JobWhen) -> JobSpec {
+        let mut j = JobSpec::single(name, "img", Step::script("s", "true"));
+        j.stage = Some(stage.into());
+        j.needs = needs.map(|n| n.iter().map(|s| s.to_string()).collect());
+        j.when = when;
+        j
+    }
+
+    fn stages() -> Vec<String> {
+        ["build", "test", "deploy"].map(String::from).to_vec()
+    }
+
+    fn names(order: &[&JobSpec]) -> Vec<String> {
+        order.iter().map(|j| j.name.clone()).collect()
+    }
+
+    #[test]
+    fn stages_order_and_manual_jobs_stay_out() {
+        let jobs = vec![
+            job("b1", "build", None, JobWhen::OnSuccess),
+            job("b2", "build", None, JobWhen::Manual),
+            job("t1", "test", None, JobWhen::OnSuccess),
+            job("t2", "test", Some(&["b2"]), JobWhen::OnSuccess),
+            job("d1", "deploy", None, JobWhen::OnSuccess),
+        ];
+        let order = run_order(&jobs, &stages(), &["d1"]).unwrap();
+        assert_eq!(names(&order), ["b1", "t1", "b2", "t2", "d1"]);
+        let order = run_order(&jobs, &stages(), &["t1"]).unwrap();
+        assert_eq!(names(&order), ["b1", "t1"]);
+    }
+
+    #[test]
+    fn a_need_on_a_later_stage_is_a_cycle_through_the_stages() {
+        let jobs = vec![
+            job("a", "build", Some(&["b"]), JobWhen::OnSuccess),
+            job("b", "test", None, JobWhen::OnSuccess),
+        ];
+        let e = run_order(&jobs, &stages(), &["a"]).unwrap_err();
+        assert!(e.to_string().contains("cycle: a -> b -> a"), "{e}");
+        let e = run_order(&jobs, &stages(), &["b"]).unwrap_err();
+        assert!(e.to_string().contains("cycle: b -> a -> b"), "{e}");
+    }
+}

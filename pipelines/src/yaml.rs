@@ -17,7 +17,12 @@ use crate::limits::{bytes, short, Budget, Limits, NODE_BYTES};
 /// bomb stops at the budget instead of filling memory; nesting deeper than
 /// `limits.max_yaml_depth` is refused. `<<` keys are expanded by
 /// [`Value::apply_merge`], which moves entries and never copies them.
-pub(crate) fn load(file: &str, text: &str, limits: &Limits, budget: &Budget) -> Result<Value, Error> {
+pub(crate) fn load(
+    file: &str,
+    text: &str,
+    limits: &Limits,
+    budget: &Budget,
+) -> Result<Value, Error> {
     if text.len() as u64 > limits.max_file_bytes {
         return Err(Error::Limit {
             file: file.to_string(),

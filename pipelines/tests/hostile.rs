@@ -106,11 +106,7 @@ fn unescape(s: &str) -> String {
             Some('t') => out.push('\t'),
             Some('r') => out.push('\r'),
             Some('u') => {
-                let hex: String = chars
-                    .by_ref()
-                    .skip(1)
-                    .take_while(|c| *c != '}')
-                    .collect();
+                let hex: String = chars.by_ref().skip(1).take_while(|c| *c != '}').collect();
                 if let Some(ch) = u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32) {
                     out.push(ch);
                 }
@@ -248,7 +244,11 @@ fn alias_bomb_in_a_file_of_unknown_kind() {
     }) else {
         return;
     };
-    refused(r, 200, &["ci.yml:", "max_yaml_bytes", "neither named .gitlab-ci.yml"]);
+    refused(
+        r,
+        200,
+        &["ci.yml:", "max_yaml_bytes", "neither named .gitlab-ci.yml"],
+    );
     assert_eq!(
         kiln_pipelines::detect(Path::new("ci.yml"), &alias_bomb()),
         kiln_pipelines::Format::Unknown
@@ -258,7 +258,11 @@ fn alias_bomb_in_a_file_of_unknown_kind() {
 #[test]
 fn deep_nesting_is_refused_without_recursing() {
     let Some(r) = measured("deep_nesting_is_refused_without_recursing", || {
-        let text = format!("job:\n  script: {}x{}\n", "[".repeat(10_000), "]".repeat(10_000));
+        let text = format!(
+            "job:\n  script: {}x{}\n",
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
         load(".gitlab-ci.yml", &text)
     }) else {
         return;
@@ -323,7 +327,15 @@ fn detect_keeps_the_real_yaml_error() {
     }) else {
         return;
     };
-    let e = refused(r, 100, &["pipeline.yml:", "invalid YAML", "tell a .gitlab-ci.yml from a GitHub workflow"]);
+    let e = refused(
+        r,
+        100,
+        &[
+            "pipeline.yml:",
+            "invalid YAML",
+            "tell a .gitlab-ci.yml from a GitHub workflow",
+        ],
+    );
     assert!(!e.contains("neither a .gitlab-ci.yml nor"), "{e}");
     // The position is the parser's, not 1:1.
     assert!(!e.starts_with("pipeline.yml:1:1"), "{e}");
@@ -332,7 +344,10 @@ fn detect_keeps_the_real_yaml_error() {
 #[test]
 fn detect_says_what_it_assumed() {
     let Some(r) = measured("detect_says_what_it_assumed", || {
-        load("pipeline.yml", "stages: [build]\njob:\n  stage: nope\n  script: x\n")
+        load(
+            "pipeline.yml",
+            "stages: [build]\njob:\n  stage: nope\n  script: x\n",
+        )
     }) else {
         return;
     };
@@ -359,7 +374,9 @@ fn include_symlink_out_of_the_project_is_refused() {
         let escaped = gitlab_text("include: ci/evil.yml\njob:\n  script: x\n", &read);
         let dotdot = gitlab_text("include: ci/../../outside.yml\njob:\n  script: x\n", &read);
         assert!(
-            dotdot.as_ref().is_err_and(|e| e.contains("leaves the project")),
+            dotdot
+                .as_ref()
+                .is_err_and(|e| e.contains("leaves the project")),
             "{dotdot:?}"
         );
         escaped
@@ -373,11 +390,14 @@ fn include_symlink_out_of_the_project_is_refused() {
 fn include_of_a_fifo_does_not_block() {
     let Some(r) = measured("include_of_a_fifo_does_not_block", || {
         let d = TempDir::new("fifo");
-        let status = Command::new("mkfifo")
-            .arg(d.0.join("pipe.yml"))
-            .status()
-            .map_err(|e| format!("mkfifo: {e}"))?;
-        assert!(status.success());
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            d.0.join("pipe.yml"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .map_err(|e| format!("mkfifo: {e}"))?;
         let files = ProjectFiles::new(&d.0, &Options::default().limits);
         gitlab_text("include: pipe.yml\njob:\n  script: x\n", &|p| files.read(p))
     }) else {
@@ -391,7 +411,9 @@ fn too_many_includes() {
     let Some(r) = measured("too_many_includes", || {
         let list: String = (0..200).map(|i| format!("  - f{i}.yml\n")).collect();
         let text = format!("include:\n{list}job:\n  script: x\n");
-        gitlab_text(&text, &|p| Ok(format!("{}:\n  script: x\n", p.replace('.', "_"))))
+        gitlab_text(&text, &|p| {
+            Ok(format!("{}:\n  script: x\n", p.replace('.', "_")))
+        })
     }) else {
         return;
     };
@@ -479,7 +501,14 @@ fn reference_to_itself_is_a_cycle() {
     }) else {
         return;
     };
-    refused(r, 100, &[".gitlab-ci.yml:1:", "`!reference` cycle: .a.script -> .a.script"]);
+    refused(
+        r,
+        100,
+        &[
+            ".gitlab-ci.yml:1:",
+            "`!reference` cycle: .a.script -> .a.script",
+        ],
+    );
 }
 
 #[test]
@@ -496,7 +525,8 @@ fn reference_nesting_and_fan_out_are_bounded() {
         s.push_str("job:\n  script: [!reference [.l12, s]]\n");
         let deep = load(".gitlab-ci.yml", &s);
         assert!(
-            deep.as_ref().is_err_and(|e| e.contains("max_reference_depth")),
+            deep.as_ref()
+                .is_err_and(|e| e.contains("max_reference_depth")),
             "{deep:?}"
         );
         // Doubling 10 times a 100 KiB list (within the nesting limit).
@@ -534,7 +564,10 @@ fn variable_expansion_bomb() {
 fn too_many_variables() {
     let Some(r) = measured("too_many_variables", || {
         let vars: String = (0..10_000).map(|i| format!("  V{i}: x\n")).collect();
-        load(".gitlab-ci.yml", &format!("variables:\n{vars}job:\n  script: x\n"))
+        load(
+            ".gitlab-ci.yml",
+            &format!("variables:\n{vars}job:\n  script: x\n"),
+        )
     }) else {
         return;
     };
@@ -543,14 +576,17 @@ fn too_many_variables() {
 
 #[test]
 fn parallel_matrix_product_is_checked_before_it_is_built() {
-    let Some(r) = measured("parallel_matrix_product_is_checked_before_it_is_built", || {
-        let vals: Vec<String> = (0..2000).map(|i| i.to_string()).collect();
-        let list = vals.join(", ");
-        load(
+    let Some(r) = measured(
+        "parallel_matrix_product_is_checked_before_it_is_built",
+        || {
+            let vals: Vec<String> = (0..2000).map(|i| i.to_string()).collect();
+            let list = vals.join(", ");
+            load(
             ".gitlab-ci.yml",
             &format!("job:\n  script: x\n  parallel:\n    matrix:\n      - A: [{list}]\n        B: [{list}]\n        C: [{list}]\n"),
         )
-    }) else {
+        },
+    ) else {
         return;
     };
     refused(r, 100, &[".gitlab-ci.yml:", "max_parallel"]);
@@ -558,13 +594,16 @@ fn parallel_matrix_product_is_checked_before_it_is_built() {
 
 #[test]
 fn github_matrix_product_is_checked_before_it_is_built() {
-    let Some(r) = measured("github_matrix_product_is_checked_before_it_is_built", || {
-        let vals: Vec<String> = (0..1000).map(|i| i.to_string()).collect();
-        let list = vals.join(", ");
-        github_text(&format!(
+    let Some(r) = measured(
+        "github_matrix_product_is_checked_before_it_is_built",
+        || {
+            let vals: Vec<String> = (0..1000).map(|i| i.to_string()).collect();
+            let list = vals.join(", ");
+            github_text(&format!(
             "on: push\njobs:\n  build:\n    runs-on: ubuntu-latest\n    strategy:\n      matrix:\n        a: [{list}]\n        b: [{list}]\n        c: [{list}]\n    steps:\n      - run: x\n"
         ))
-    }) else {
+        },
+    ) else {
         return;
     };
     refused(r, 100, &["ci.yml:6:", "max_matrix"]);
@@ -604,6 +643,13 @@ fn github_expression_nesting_and_length() {
 #[test]
 fn gitlab_rules_if_nesting() {
     let Some(r) = measured("gitlab_rules_if_nesting", || {
+        let deep = format!("{}$CI{}", "(".repeat(60), ")".repeat(60));
+        let e = load(
+            ".gitlab-ci.yml",
+            &format!("job:\n  script: x\n  rules:\n    - if: '{deep}'\n"),
+        )
+        .unwrap_err();
+        assert!(e.contains("max_expression_depth"), "{e}");
         let cond = format!("{}$CI{}", "(".repeat(100_000), ")".repeat(100_000));
         load(
             ".gitlab-ci.yml",
@@ -652,7 +698,9 @@ fn job_names_longer_than_gitlab_allows() {
 #[test]
 fn github_job_ids_with_path_separators_are_refused() {
     let Some(r) = measured("github_job_ids_with_path_separators_are_refused", || {
-        github_text("on: push\njobs:\n  ../../x:\n    runs-on: ubuntu-latest\n    steps:\n      - run: x\n")
+        github_text(
+            "on: push\njobs:\n  ../../x:\n    runs-on: ubuntu-latest\n    steps:\n      - run: x\n",
+        )
     }) else {
         return;
     };
@@ -700,12 +748,21 @@ fn forty_five_thousand_jobs_parse_and_plan() {
         for n in [2_000, 45_000] {
             let text = many_jobs(n);
             let t = Instant::now();
-            let p = gitlab::parse(".gitlab-ci.yml", &text, &ctx(), &Options::default(), &no_files)
-                .map_err(|e| e.to_string())?;
+            let p = gitlab::parse(
+                ".gitlab-ci.yml",
+                &text,
+                &ctx(),
+                &Options::default(),
+                &no_files,
+            )
+            .map_err(|e| e.to_string())?;
             let parsed = t.elapsed();
             // The last deploy job without `needs` waits for every build and
             // test job (and their needs, which are among them).
-            let i = (0..n).rev().find(|i| i % 3 == 2 && i % 10 != 9).unwrap_or(0);
+            let i = (0..n)
+                .rev()
+                .find(|i| i % 3 == 2 && i % 10 != 9)
+                .unwrap_or(0);
             let last = format!("j{i}");
             let order = p.run_order(&last).map_err(|e| e.to_string())?;
             let planned = t.elapsed() - parsed;
@@ -732,7 +789,9 @@ fn forty_five_thousand_jobs_parse_and_plan() {
 #[test]
 fn more_jobs_than_the_limit() {
     let Some(r) = measured("more_jobs_than_the_limit", || {
-        let jobs: String = (0..60_000).map(|i| format!("j{i}: {{script: x}}\n")).collect();
+        let jobs: String = (0..60_000)
+            .map(|i| format!("j{i}: {{script: x}}\n"))
+            .collect();
         load(".gitlab-ci.yml", &jobs)
     }) else {
         return;

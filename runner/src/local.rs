@@ -59,13 +59,9 @@ pub fn load_pipeline(file: &Path, ctx: &LocalContext, opts: &Options) -> Result<
     let contents = kiln_pipelines::read_file(file, opts.limits.max_file_bytes)
         .with_context(|| format!("cannot read {}", file.display()))?;
     let files = kiln_pipelines::ProjectFiles::new(&ctx.project_dir, &opts.limits);
-    Ok(kiln_pipelines::load(
-        file,
-        &contents,
-        ctx,
-        opts,
-        &|rel| files.read(rel),
-    )?)
+    Ok(kiln_pipelines::load(file, &contents, ctx, opts, &|rel| {
+        files.read(rel)
+    })?)
 }
 
 /// The jobs to run for `name`: every job called `name` (or expanded from the
@@ -99,7 +95,10 @@ pub fn select_jobs<'a>(
             .map(|j| j.name.chars().take(80).collect())
             .collect();
         if pipeline.jobs.len() > SHOWN {
-            names.push(format!("and {} more (see --list)", pipeline.jobs.len() - SHOWN));
+            names.push(format!(
+                "and {} more (see --list)",
+                pipeline.jobs.len() - SHOWN
+            ));
         }
         let shown: String = name.chars().take(80).collect();
         bail!(

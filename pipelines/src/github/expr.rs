@@ -1102,12 +1102,8 @@ pub fn substitute_partial(text: &str, ctx: &Contexts) -> Result<(String, bool), 
     while let Some(start) = rest.find("${{") {
         out.push_str(&rest[..start]);
         let body = &rest[start + 3..];
-        let end = find_close(body).ok_or_else(|| {
-            expr_error(
-                &rest[start..],
-                "`${{` without a closing `}}`".into(),
-            )
-        })?;
+        let end = find_close(body)
+            .ok_or_else(|| expr_error(&rest[start..], "`${{` without a closing `}}`".into()))?;
         let expr = &body[..end];
         let ast = parse(expr, &ctx.limits)?;
         match ev.eval(&ast).and_then(|v| ev.text(&v)) {

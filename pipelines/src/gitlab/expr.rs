@@ -308,7 +308,10 @@ pub(crate) fn eval_rule_if_with(
     };
     let v = p.or().map_err(err)?;
     if p.pos != p.toks.len() {
-        return Err(err(format!("unexpected {}", short(&format!("{:?}", p.toks[p.pos])))));
+        return Err(err(format!(
+            "unexpected {}",
+            short(&format!("{:?}", p.toks[p.pos]))
+        )));
     }
     Ok(v)
 }
