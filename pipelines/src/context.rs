@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use crate::github::RunnerImages;
+use crate::limits::Limits;
 
 /// Facts about the local checkout that the caller reads (from git) and
 /// passes in: this crate spawns no processes.
@@ -58,6 +59,8 @@ pub struct Options {
     pub strict: bool,
     /// GitHub `github.event_name` (default `push`).
     pub event_name: String,
+    /// Bounds on the file and on what it expands to.
+    pub limits: Limits,
 }
 
 impl Default for Options {
@@ -67,6 +70,7 @@ impl Default for Options {
             runner_images: RunnerImages::default(),
             strict: false,
             event_name: "push".to_string(),
+            limits: Limits::default(),
         }
     }
 }

@@ -16,14 +16,14 @@
 mod expr;
 mod filecmd;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use serde_yaml::{Mapping, Value};
 
 pub use expr::{
     classify_condition, eval_condition, eval_expr, substitute, substitute_partial, Condition,
-    Contexts, ExprValue, JobStatus,
+    Contexts, ExprLimits, ExprValue, JobStatus,
 };
 pub use filecmd::{
     parse_env_file, parse_file_commands, parse_path_file, prepend_path, FileCommandError,
@@ -31,6 +31,7 @@ pub use filecmd::{
 
 use crate::context::{LocalContext, Options};
 use crate::error::{Error, ExprError, Result};
+use crate::limits::{bytes, short, short_n, Budget, Limits};
 use crate::spec::{AllowFailure, JobSource, JobSpec, JobWhen, Shell, Step, StepWhen, Variable};
 use crate::yaml::{self, join, key, scalar, Seg};
 
@@ -113,10 +114,23 @@ impl Workflow {
 
 /// Parses a workflow file. `file` is used in messages only.
 pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> Result<Workflow> {
-    let root = yaml::load(file, contents)?;
+    let limits = &opts.limits;
+    let root = yaml::load(file, contents, limits, &Budget::new(limits.max_yaml_bytes))?;
+    let out = Budget::new(limits.max_output_bytes);
     let c = yaml::Ctx {
         file,
         text: contents,
+    };
+    let over = |path: &[Seg], what: &str| {
+        limit_err(
+            &c,
+            path,
+            format!(
+                "the workflow expands to more than {} at {} (max_output_bytes)",
+                bytes(out.max()),
+                short(what)
+            ),
+        )
     };
     let Some(root) = root.as_mapping() else {
         return Err(c.err(&[], "a workflow must be a mapping"));
@@ -132,20 +146,22 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
     let Some(jobs) = root.get("jobs").and_then(Value::as_mapping) else {
         return Err(c.err(&[key("jobs")], "`jobs` is missing or not a mapping"));
     };
-    let wf_env = env_map(root.get("env"), &[key("env")], &c)?;
+    let wf_env = env_map(root.get("env"), &[key("env")], &c, limits)?;
     let wf_defaults = run_defaults(root.get("defaults"), &[key("defaults")], &c)?;
     let workflow_name = w.name.clone().unwrap_or_else(|| file.to_string());
     let mut needs_raw: Vec<(usize, String, Vec<String>)> = Vec::new();
     let ids: BTreeSet<String> = jobs.keys().filter_map(scalar).collect();
+    let mut instances = 0usize;
     for (id, job) in jobs {
         let id = scalar(id).unwrap_or_default();
         let jp = [key("jobs"), key(&id)];
+        check_job_id(&id, &jp, &c, limits)?;
         let Some(job) = job.as_mapping() else {
             return Err(c.err(&jp, "a job must be a mapping"));
         };
         if let Some(u) = job.get("uses").and_then(Value::as_str) {
             w.unsupported
-                .push(format!("jobs.{id}: reusable workflow `{u}`"));
+                .push(format!("jobs.{id}: reusable workflow `{}`", short(u)));
             continue;
         }
         let needs = match job.get("needs") {
@@ -157,15 +173,25 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
                 )
             })?,
         };
+        if needs.len() > limits.max_needs {
+            return Err(limit_err(
+                &c,
+                &join(&jp, &[key("needs")]),
+                format!(
+                    "a job may need at most {} jobs (max_needs)",
+                    limits.max_needs
+                ),
+            ));
+        }
         for n in &needs {
             if !ids.contains(n) {
                 return Err(c.err(
                     &join(&jp, &[key("needs")]),
-                    format!("job `{id}` needs `{n}`, which does not exist"),
+                    format!("job `{id}` needs `{}`, which does not exist", short(n)),
                 ));
             }
         }
-        let combos = matrix(job, &jp, &c)?;
+        let combos = matrix(job, &jp, &c, limits, &out)?;
         let Some(combos) = combos else {
             w.unsupported.push(format!(
                 "jobs.{id}: `strategy.matrix` computed by an expression"
@@ -173,6 +199,17 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
             continue;
         };
         let total = combos.len();
+        instances = instances.saturating_add(total);
+        if instances > limits.max_jobs {
+            return Err(limit_err(
+                &c,
+                &jp,
+                format!(
+                    "the workflow has more than {} jobs (max_jobs)",
+                    limits.max_jobs
+                ),
+            ));
+        }
         let mut names = Vec::new();
         for (index, combo) in combos.iter().enumerate() {
             let built = JobBuilder {
@@ -188,9 +225,13 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
                 wf_env: &wf_env,
                 wf_defaults: &wf_defaults,
                 workflow_name: &workflow_name,
+                out: &out,
             }
             .build(&mut w)?;
             if let Some(spec) = built {
+                if !out.charge(spec.approx_bytes()) {
+                    return Err(over(&jp, &spec.name));
+                }
                 names.push(spec.name.clone());
                 if !needs.is_empty() {
                     needs_raw.push((w.jobs.len(), id.clone(), needs.clone()));
@@ -200,10 +241,15 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
         }
         w.groups.insert(id.clone(), names);
     }
-    for (idx, _id, needs) in needs_raw {
+    for (idx, id, needs) in needs_raw {
         let mut resolved = Vec::new();
         for n in needs {
-            resolved.extend(w.groups.get(&n).cloned().unwrap_or_default());
+            let group = w.groups.get(&n).map(Vec::as_slice).unwrap_or_default();
+            let size: usize = group.iter().map(|g| g.len() + crate::NODE_BYTES).sum();
+            if !out.charge(size) {
+                return Err(over(&[key("jobs"), key(&id), key("needs")], &id));
+            }
+            resolved.extend(group.iter().cloned());
         }
         w.jobs[idx].needs = Some(resolved);
     }
@@ -217,6 +263,9 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
         let id = w.job(&path).map(|j| j.id.clone()).unwrap_or(path);
         return Err(c.err(&[key("jobs"), key(&id), key("needs")], message));
     }
+    w.warnings = crate::gitlab::printable(std::mem::take(&mut w.warnings));
+    w.unsupported = crate::gitlab::printable(std::mem::take(&mut w.unsupported));
+    w.skipped = crate::gitlab::printable(std::mem::take(&mut w.skipped));
     if opts.strict && !w.unsupported.is_empty() {
         return Err(Error::Unsupported {
             file: file.to_string(),
@@ -224,6 +273,59 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
         });
     }
     Ok(w)
+}
+
+/// A limit error at `path`.
+fn limit_err(c: &yaml::Ctx<'_>, path: &[Seg], message: String) -> Error {
+    match c.err(path, message) {
+        Error::Invalid {
+            file,
+            location,
+            path,
+            message,
+        } => Error::Limit {
+            file,
+            location,
+            message: format!("{}: {message}", short_n(&path, 120)),
+        },
+        other => other,
+    }
+}
+
+/// GitHub's rule for job ids: a letter or `_`, then letters, digits, `-`
+/// and `_`; and not longer than `max_job_name_chars`.
+fn check_job_id(id: &str, path: &[Seg], c: &yaml::Ctx<'_>, limits: &Limits) -> Result<()> {
+    if id.chars().count() > limits.max_job_name_chars {
+        return Err(limit_err(
+            c,
+            path,
+            format!(
+                "the job id is longer than {} characters (max_job_name_chars)",
+                limits.max_job_name_chars
+            ),
+        ));
+    }
+    let mut chars = id.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|ch| ch.is_ascii_alphabetic() || ch == '_');
+    if !first_ok || !chars.all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_') {
+        return Err(c.err(
+            path,
+            format!(
+                "job id `{}` must start with a letter or `_` and contain only letters, \
+                 digits, `-` and `_`",
+                short(id)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A job's display name made safe to show: control characters escaped, at
+/// most `max_chars` characters.
+fn display_name(name: &str, max_chars: usize) -> String {
+    short_n(name, max_chars).into_owned()
 }
 
 #[derive(Debug, Clone, Default)]
@@ -253,9 +355,22 @@ fn run_defaults(v: Option<&Value>, path: &[Seg], c: &yaml::Ctx<'_>) -> Result<Ru
     })
 }
 
-fn env_map(v: Option<&Value>, path: &[Seg], c: &yaml::Ctx<'_>) -> Result<Vec<(String, String)>> {
+fn env_map(
+    v: Option<&Value>,
+    path: &[Seg],
+    c: &yaml::Ctx<'_>,
+    limits: &Limits,
+) -> Result<Vec<(String, String)>> {
     match v {
         None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Mapping(m)) if m.len() > limits.max_variables => Err(limit_err(
+            c,
+            path,
+            format!(
+                "more than {} variables (max_variables)",
+                limits.max_variables
+            ),
+        )),
         Some(Value::Mapping(m)) => m
             .iter()
             .map(|(k, v)| {
@@ -289,8 +404,17 @@ type Combo = Vec<(String, Value)>;
 
 /// Expands `strategy.matrix`: the product of the keys, minus `exclude`,
 /// plus `include` (merged into matching combinations or appended).
-/// `Ok(None)` when the matrix is an expression.
-fn matrix(job: &Mapping, jp: &[Seg], c: &yaml::Ctx<'_>) -> Result<Option<Vec<Combo>>> {
+/// `Ok(None)` when the matrix is an expression. The product is checked
+/// before it is built (at most 16 × `max_matrix` before `exclude`,
+/// `max_matrix` after `include`), `include` and `exclude` may list at most
+/// `max_matrix` entries each, and every copied value is charged to `out`.
+fn matrix(
+    job: &Mapping,
+    jp: &[Seg],
+    c: &yaml::Ctx<'_>,
+    limits: &Limits,
+    out: &Budget,
+) -> Result<Option<Vec<Combo>>> {
     let path = join(jp, &[key("strategy"), key("matrix")]);
     let Some(m) = job.get("strategy").and_then(|s| s.get("matrix")) else {
         return Ok(Some(vec![Vec::new()]));
@@ -300,15 +424,33 @@ fn matrix(job: &Mapping, jp: &[Seg], c: &yaml::Ctx<'_>) -> Result<Option<Vec<Com
         Value::String(s) if s.contains("${{") => return Ok(None),
         _ => return Err(c.err(&path, "`matrix` must be a mapping")),
     };
-    let mut combos: Vec<Combo> = vec![Vec::new()];
-    let mut base_keys = Vec::new();
+    let max = limits.max_matrix;
+    let too_many = || {
+        limit_err(
+            c,
+            &path,
+            format!("a matrix may create at most {max} jobs (max_matrix)"),
+        )
+    };
+    let too_large = || {
+        limit_err(
+            c,
+            &path,
+            format!(
+                "the matrix's combinations come to more than {} (max_output_bytes)",
+                bytes(out.max())
+            ),
+        )
+    };
+    let mut product = 1usize;
+    let mut keys: Vec<(String, &Vec<Value>)> = Vec::new();
     for (k, v) in m {
         let k = scalar(k).unwrap_or_default();
         if k == "include" || k == "exclude" {
             continue;
         }
         let values = match v {
-            Value::Sequence(s) => s.clone(),
+            Value::Sequence(s) => s,
             Value::String(s) if s.contains("${{") => return Ok(None),
             _ => {
                 return Err(c.err(
@@ -317,31 +459,53 @@ fn matrix(job: &Mapping, jp: &[Seg], c: &yaml::Ctx<'_>) -> Result<Option<Vec<Com
                 ))
             }
         };
-        base_keys.push(k.clone());
-        let mut next = Vec::new();
+        product = product.saturating_mul(values.len());
+        keys.push((k, values));
+    }
+    if product > max.saturating_mul(16) {
+        return Err(too_many());
+    }
+    // Each value of a key with n values appears in product / n combinations.
+    let mut size = 0usize;
+    for (k, values) in &keys {
+        let copies = product / values.len().max(1);
+        for v in *values {
+            let one = yaml::size_of(v, out.left()) + k.len() + crate::NODE_BYTES;
+            size = size.saturating_add(copies.saturating_mul(one));
+        }
+    }
+    if !out.charge(size) {
+        return Err(too_large());
+    }
+    let mut combos: Vec<Combo> = vec![Vec::new()];
+    let base_keys: Vec<String> = keys.iter().map(|(k, _)| k.clone()).collect();
+    for (k, values) in &keys {
+        let mut next = Vec::with_capacity(combos.len().saturating_mul(values.len()));
         for combo in &combos {
-            for val in &values {
+            for val in *values {
                 let mut cmb = combo.clone();
                 cmb.push((k.clone(), val.clone()));
                 next.push(cmb);
             }
         }
         combos = next;
-        if combos.len() > 256 {
-            return Err(c.err(&path, "a matrix may create at most 256 jobs"));
-        }
     }
     if base_keys.is_empty() {
         combos.clear();
     }
-    let entries = |k: &str| -> Result<Vec<Mapping>> {
+    let entries = |k: &str| -> Result<Vec<&Mapping>> {
         match m.get(k) {
             None => Ok(Vec::new()),
+            Some(Value::Sequence(s)) if s.len() > max => Err(limit_err(
+                c,
+                &join(&path, &[key(k)]),
+                format!("more than {max} `{k}` entries (max_matrix)"),
+            )),
             Some(Value::Sequence(s)) => s
                 .iter()
                 .enumerate()
                 .map(|(i, e)| {
-                    e.as_mapping().cloned().ok_or_else(|| {
+                    e.as_mapping().ok_or_else(|| {
                         c.err(&join(&path, &[key(k), Seg::Index(i)]), "must be a mapping")
                     })
                 })
@@ -365,6 +529,10 @@ fn matrix(job: &Mapping, jp: &[Seg], c: &yaml::Ctx<'_>) -> Result<Option<Vec<Com
             .iter()
             .map(|(k, v)| (scalar(k).unwrap_or_default(), v.clone()))
             .collect();
+        let pairs_size: usize = pairs
+            .iter()
+            .map(|(k, v)| k.len() + yaml::size_of(v, out.left()))
+            .fold(crate::NODE_BYTES, usize::saturating_add);
         let mut matched = false;
         for combo in combos.iter_mut().take(original) {
             // Applies when it overwrites none of the original values.
@@ -373,6 +541,9 @@ fn matrix(job: &Mapping, jp: &[Seg], c: &yaml::Ctx<'_>) -> Result<Option<Vec<Com
             });
             if fits {
                 matched = true;
+                if !out.charge(pairs_size) {
+                    return Err(too_large());
+                }
                 for (k, v) in &pairs {
                     match combo.iter_mut().find(|(ck, _)| ck == k) {
                         Some(slot) => slot.1 = v.clone(),
@@ -382,11 +553,14 @@ fn matrix(job: &Mapping, jp: &[Seg], c: &yaml::Ctx<'_>) -> Result<Option<Vec<Com
             }
         }
         if !matched {
+            if !out.charge(pairs_size) {
+                return Err(too_large());
+            }
             combos.push(pairs);
         }
     }
-    if combos.len() > 256 {
-        return Err(c.err(&path, "a matrix may create at most 256 jobs"));
+    if combos.len() > max {
+        return Err(too_many());
     }
     if combos.is_empty() {
         return Err(c.err(&path, "the matrix is empty after `exclude`"));
@@ -417,6 +591,8 @@ struct JobBuilder<'a> {
     wf_env: &'a [(String, String)],
     wf_defaults: &'a RunDefaults,
     workflow_name: &'a str,
+    /// The output budget: per-step copies of the contexts are charged here.
+    out: &'a Budget,
 }
 
 impl JobBuilder<'_> {
@@ -469,6 +645,7 @@ impl JobBuilder<'_> {
         github.insert("event".into(), ExprValue::Object(BTreeMap::new()));
         let mut cx = Contexts {
             partial: true,
+            limits: ExprLimits::from(&self.opts.limits),
             ..Contexts::default()
         };
         cx.set("github", ExprValue::Object(github));
@@ -530,6 +707,8 @@ impl JobBuilder<'_> {
                 }
             }
         };
+        // A display name only (`needs` use ids): keep it short and printable.
+        let name = display_name(&name, self.opts.limits.max_job_name_chars);
 
         // Job-level `if`.
         let mut when = JobWhen::OnSuccess;
@@ -580,7 +759,12 @@ impl JobBuilder<'_> {
                     .get("image")
                     .and_then(Value::as_str)
                     .ok_or_else(|| self.c.err(&p, "`container` needs an `image`"))?;
-                container_env = env_map(m.get("env"), &join(&p, &[key("env")]), self.c)?;
+                container_env = env_map(
+                    m.get("env"),
+                    &join(&p, &[key("env")]),
+                    self.c,
+                    &self.opts.limits,
+                )?;
                 for k in ["options", "volumes", "ports", "credentials"] {
                     if m.contains_key(k) {
                         w.warnings
@@ -616,7 +800,12 @@ impl JobBuilder<'_> {
         }
 
         // Env: workflow < job; container env lowest; caller's vars highest.
-        let job_env = env_map(job.get("env"), &self.at(&[key("env")]), self.c)?;
+        let job_env = env_map(
+            job.get("env"),
+            &self.at(&[key("env")]),
+            self.c,
+            &self.opts.limits,
+        )?;
         let writes_env = job
             .get("steps")
             .and_then(Value::as_sequence)
@@ -627,18 +816,19 @@ impl JobBuilder<'_> {
                         .is_some_and(|r| r.contains("GITHUB_ENV"))
                 })
             });
-        let mut env: Vec<(String, String)> = Vec::new();
+        let mut env = Vars::default();
         let mut job_runtime = false;
         for (k, v) in self.wf_env.iter().chain(job_env.iter()) {
             let (v, d) = self.sub(v, &cx, &self.at(&[key("env"), key(k)]))?;
             job_runtime |= d;
-            set(&mut env, k, v);
+            env.set(k, v);
         }
+        let env = env.list;
         if !writes_env {
             cx.set("env", ExprValue::object(env.iter().cloned()));
         }
 
-        let mut variables: Vec<(String, String)> = Vec::new();
+        let mut variables = Vars::default();
         let ctx = self.ctx;
         for (k, v) in [
             ("CI", "true".to_string()),
@@ -657,20 +847,21 @@ impl JobBuilder<'_> {
             ("RUNNER_ARCH", "X64".to_string()),
             ("RUNNER_TEMP", "/tmp".to_string()),
         ] {
-            set(&mut variables, k, v);
+            variables.set(k, v);
         }
         if let Some(b) = &ctx.branch {
-            set(&mut variables, "GITHUB_REF", format!("refs/heads/{b}"));
-            set(&mut variables, "GITHUB_REF_NAME", b.clone());
-            set(&mut variables, "GITHUB_REF_TYPE", "branch".into());
+            variables.set("GITHUB_REF", format!("refs/heads/{b}"));
+            variables.set("GITHUB_REF_NAME", b.clone());
+            variables.set("GITHUB_REF_TYPE", "branch".into());
         }
         for (k, v) in container_env
             .into_iter()
             .chain(env)
             .chain(ctx.extra_vars.iter().cloned())
         {
-            set(&mut variables, &k, v);
+            variables.set(&k, v);
         }
+        let variables = variables.list;
 
         // Defaults: workflow < job.
         let job_defaults = run_defaults(job.get("defaults"), &self.at(&[key("defaults")]), self.c)?;
@@ -824,26 +1015,50 @@ impl JobBuilder<'_> {
             .ok_or_else(|| c.err(&join(sp, &[key("run")]), "`run` must be a string"))?;
 
         // Step env extends the env context for this step's expressions.
-        let step_env = env_map(m.get("env"), &join(sp, &[key("env")]), c)?;
-        let mut cx = job_cx.clone();
+        let step_env = env_map(m.get("env"), &join(sp, &[key("env")]), c, &self.opts.limits)?;
         let mut runtime = false;
         let mut env = Vec::new();
         for (k, v) in &step_env {
-            let (v, d) = self.sub(v, &cx, &join(sp, &[key("env"), key(k)]))?;
+            let (v, d) = self.sub(v, job_cx, &join(sp, &[key("env"), key(k)]))?;
             runtime |= d;
             env.push((k.clone(), v));
         }
-        if let Some(ExprValue::Object(mut e)) = cx.values.get("env").cloned() {
-            for (k, v) in &env {
-                e.insert(k.clone(), ExprValue::String(v.clone()));
+        // Only a step with its own env needs its own copy of the contexts;
+        // that copy is charged like any other.
+        let step_cx;
+        let cx = match job_cx.values.get("env") {
+            Some(ExprValue::Object(e)) if !env.is_empty() => {
+                let size: usize = e
+                    .iter()
+                    .map(|(k, v)| k.len() + v.to_text().len() + 16)
+                    .chain(env.iter().map(|(k, v)| k.len() + v.len() + 16))
+                    .sum();
+                if !self.out.charge(size) {
+                    return Err(limit_err(
+                        c,
+                        sp,
+                        format!(
+                            "the workflow expands to more than {} (max_output_bytes)",
+                            bytes(self.out.max())
+                        ),
+                    ));
+                }
+                let mut e = e.clone();
+                for (k, v) in &env {
+                    e.insert(k.clone(), ExprValue::String(v.clone()));
+                }
+                let mut x = job_cx.clone();
+                x.set("env", ExprValue::Object(e));
+                step_cx = x;
+                &step_cx
             }
-            cx.set("env", ExprValue::Object(e));
-        }
-        let (script, d) = self.sub(&run, &cx, &join(sp, &[key("run")]))?;
+            _ => job_cx,
+        };
+        let (script, d) = self.sub(&run, cx, &join(sp, &[key("run")]))?;
         runtime |= d;
         let name = match &label {
             Some(n) => {
-                let (n, d) = self.sub(n, &cx, &join(sp, &[key("name")]))?;
+                let (n, d) = self.sub(n, cx, &join(sp, &[key("name")]))?;
                 runtime |= d;
                 n
             }
@@ -888,7 +1103,7 @@ impl JobBuilder<'_> {
         let mut condition = None;
         if let Some(cond) = m.get("if").and_then(scalar) {
             let p = join(sp, &[key("if")]);
-            match classify_condition(&cond, &cx).map_err(|e| self.expr_err(&p, &e))? {
+            match classify_condition(&cond, cx).map_err(|e| self.expr_err(&p, &e))? {
                 Condition::Static(false) => return Ok(None),
                 Condition::Static(true) | Condition::Status("success") => {}
                 Condition::Status("failure") => when = StepWhen::OnFailure,
@@ -903,17 +1118,14 @@ impl JobBuilder<'_> {
         }
         let timeout = match m.get("timeout-minutes") {
             None => None,
-            Some(v) => Some(self.minutes(v, &join(sp, &[key("timeout-minutes")]), &cx)?),
+            Some(v) => Some(self.minutes(v, &join(sp, &[key("timeout-minutes")]), cx)?),
         };
         let allow_failure = match m.get("continue-on-error") {
             None => false,
-            Some(v) => self.flag(v, &join(sp, &[key("continue-on-error")]), &cx)?,
+            Some(v) => self.flag(v, &join(sp, &[key("continue-on-error")]), cx)?,
         };
         let working_dir = match m.get("working-directory").and_then(scalar) {
-            Some(wd) => Some(
-                self.sub(&wd, &cx, &join(sp, &[key("working-directory")]))?
-                    .0,
-            ),
+            Some(wd) => Some(self.sub(&wd, cx, &join(sp, &[key("working-directory")]))?.0),
             None => default_wd.map(String::from),
         };
         Ok(Some(Step {
@@ -932,10 +1144,22 @@ impl JobBuilder<'_> {
     }
 }
 
-/// Sets `k` in an ordered list, replacing an earlier value.
-fn set(list: &mut Vec<(String, String)>, k: &str, v: String) {
-    match list.iter_mut().find(|(ek, _)| ek == k) {
-        Some(slot) => slot.1 = v,
-        None => list.push((k.to_string(), v)),
+/// Variables in order of first definition; setting one again replaces its
+/// value in place. Constant time per `set`.
+#[derive(Default)]
+struct Vars {
+    list: Vec<(String, String)>,
+    pos: HashMap<String, usize>,
+}
+
+impl Vars {
+    fn set(&mut self, k: &str, v: String) {
+        match self.pos.get(k) {
+            Some(&i) => self.list[i].1 = v,
+            None => {
+                self.pos.insert(k.to_string(), self.list.len());
+                self.list.push((k.to_string(), v));
+            }
+        }
     }
 }

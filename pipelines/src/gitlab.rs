@@ -20,24 +20,23 @@ use std::time::Duration;
 use serde_yaml::{Mapping, Value};
 
 pub use expr::eval_rule_if;
+use expr::eval_rule_if_with;
 
 use crate::context::{LocalContext, Options};
 use crate::duration::parse_duration;
 use crate::error::{Error, Result};
+use crate::limits::{bytes, chain, short, short_n, Budget, Limits};
 use crate::spec::{
     AllowFailure, ArtifactSpec, ArtifactWhen, JobSource, JobSpec, JobWhen, Shell, Step, StepWhen,
     Variable,
 };
-use crate::yaml::{self, deep_merge, join, key, scalar, Seg};
+use crate::yaml::{self, join, key, merge_into, scalar, Seg};
 
 /// GitLab's default `stages`.
 pub const DEFAULT_STAGES: [&str; 5] = [".pre", "build", "test", "deploy", ".post"];
 
 /// `after_script` timeout (gitlab-runner `RUNNER_AFTER_SCRIPT_TIMEOUT`).
 pub const AFTER_SCRIPT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
-
-/// Most jobs one `parallel` may create (GitLab's limit).
-const MAX_PARALLEL: usize = 200;
 
 /// Top-level keys that are not jobs.
 const RESERVED: [&str; 13] = [
@@ -115,16 +114,18 @@ impl GitlabPipeline {
     }
 }
 
-/// Reads `<project_dir>/.gitlab-ci.yml` and its local includes from disk.
+/// Reads `<project_dir>/.gitlab-ci.yml` and its local includes from disk,
+/// includes strictly inside the project (see [`crate::ProjectFiles`]).
 pub fn parse_project(ctx: &LocalContext, opts: &Options) -> Result<GitlabPipeline> {
-    let main = ctx.project_dir.join(".gitlab-ci.yml");
-    let text = std::fs::read_to_string(&main).map_err(|source| Error::Include {
-        file: main.display().to_string(),
-        include: ".gitlab-ci.yml".to_string(),
-        source,
-    })?;
-    let read = |p: &str| std::fs::read_to_string(ctx.project_dir.join(p));
-    parse(".gitlab-ci.yml", &text, ctx, opts, &read)
+    let files = crate::ProjectFiles::new(&ctx.project_dir, &opts.limits);
+    let text = files
+        .read(".gitlab-ci.yml")
+        .map_err(|source| Error::Include {
+            file: ctx.project_dir.display().to_string(),
+            include: ".gitlab-ci.yml".to_string(),
+            source,
+        })?;
+    parse(".gitlab-ci.yml", &text, ctx, opts, &|p| files.read(p))
 }
 
 /// Parses a `.gitlab-ci.yml`. `read` returns the contents of a file given
@@ -137,29 +138,47 @@ pub fn parse(
     opts: &Options,
     read: &dyn Fn(&str) -> io::Result<String>,
 ) -> Result<GitlabPipeline> {
+    let limits = &opts.limits;
     let mut p = Parser {
         ctx,
         opts,
+        limits,
         read,
         sources: Vec::new(),
         origin: HashMap::new(),
         seen_includes: BTreeSet::new(),
+        includes: 0,
+        exists: HashMap::new(),
         warnings: Vec::new(),
+        yaml_budget: Budget::new(limits.max_yaml_bytes),
+        out_budget: Budget::new(limits.max_output_bytes),
     };
     let top = p.load(file, contents.to_string(), 0)?;
+    let top = p.resolve_references(top)?;
     p.build(top)
 }
 
 struct Parser<'a> {
     ctx: &'a LocalContext,
     opts: &'a Options,
+    limits: &'a Limits,
     read: &'a dyn Fn(&str) -> io::Result<String>,
     /// (file name, text) of the main file and every include.
     sources: Vec<(String, String)>,
     /// Top-level key to the index of the source that defined it last.
     origin: HashMap<String, usize>,
     seen_includes: BTreeSet<String>,
+    /// `include:` entries met so far, nested ones and repeats included.
+    includes: usize,
+    /// `rules: exists` answers, by path: each file is looked at once.
+    exists: HashMap<String, bool>,
     warnings: Vec<String>,
+    /// The YAML of every file, aliases expanded, and the texts kept for
+    /// error positions.
+    yaml_budget: Budget,
+    /// Everything built from the YAML: jobs after `extends`, `!reference`
+    /// and `default:`, and the job specs.
+    out_budget: Budget,
 }
 
 /// One instance of a job after `parallel` expansion.
@@ -199,8 +218,67 @@ impl Parser<'_> {
         self.err_in(top.as_deref(), path, message)
     }
 
+    /// Charges `n` bytes of `what` to the output budget.
+    fn charge_out(&self, n: usize, top_key: Option<&str>, what: &str) -> Result<()> {
+        if self.out_budget.charge(n) {
+            return Ok(());
+        }
+        let (file, location) = match top_key {
+            Some(k) => {
+                let idx = self.origin.get(k).copied().unwrap_or(0);
+                let (file, text) = self.sources.get(idx).cloned().unwrap_or_default();
+                let location = yaml::locate(&text, &[key(k)]);
+                (file, location)
+            }
+            None => (
+                self.sources
+                    .first()
+                    .map(|s| s.0.clone())
+                    .unwrap_or_default(),
+                None,
+            ),
+        };
+        Err(Error::Limit {
+            file,
+            location,
+            message: format!(
+                "the pipeline expands to more than {} at {} (max_output_bytes; `extends`, \
+                 `!reference`, `default:`, `parallel` and variables copy what they use)",
+                bytes(self.out_budget.max()),
+                short(what)
+            ),
+        })
+    }
+
+    fn limit(&self, path: &[Seg], message: String) -> Error {
+        match self.err(path, message) {
+            Error::Invalid {
+                file,
+                location,
+                path,
+                message,
+            } => Error::Limit {
+                file,
+                location,
+                message: format!("{}: {message}", short_n(&path, 120)),
+            },
+            other => other,
+        }
+    }
+
     fn load(&mut self, file: &str, text: String, depth: usize) -> Result<Mapping> {
-        let value = yaml::load(file, &text)?;
+        // The text is kept (for error positions): it counts like the YAML.
+        if !self.yaml_budget.charge(text.len()) {
+            return Err(Error::Limit {
+                file: file.to_string(),
+                location: None,
+                message: format!(
+                    "the pipeline's files and their YAML come to more than {} (max_yaml_bytes)",
+                    bytes(self.yaml_budget.max())
+                ),
+            });
+        }
+        let value = yaml::load(file, &text, self.limits, &self.yaml_budget)?;
         let idx = self.sources.len();
         self.sources.push((file.to_string(), text));
         let mut map = match value {
@@ -217,12 +295,15 @@ impl Parser<'_> {
         };
         let mut merged = Value::Mapping(Mapping::new());
         if let Some(inc) = map.remove("include") {
-            if depth >= 100 {
-                return Err(Error::Invalid {
+            if depth >= self.limits.max_include_depth {
+                return Err(Error::Limit {
                     file: file.to_string(),
-                    location: None,
-                    path: "include".into(),
-                    message: "includes are nested more than 100 levels deep".into(),
+                    location: yaml::locate(&self.sources[idx].1, &[key("include")]),
+                    message: format!(
+                        "include: includes are nested more than {} levels deep \
+                         (max_include_depth)",
+                        self.limits.max_include_depth
+                    ),
                 });
             }
             let entries = match inc {
@@ -234,6 +315,18 @@ impl Parser<'_> {
                 let Some(local) = self.include_path(entry, &path, idx)? else {
                     continue;
                 };
+                self.includes += 1;
+                if self.includes > self.limits.max_includes {
+                    return Err(Error::Limit {
+                        file: file.to_string(),
+                        location: yaml::locate(&self.sources[idx].1, &path),
+                        message: format!(
+                            "include: the pipeline includes more than {} files, nested and \
+                             repeated ones counted (max_includes)",
+                            self.limits.max_includes
+                        ),
+                    });
+                }
                 if !self.seen_includes.insert(local.clone()) {
                     continue;
                 }
@@ -243,7 +336,7 @@ impl Parser<'_> {
                     source,
                 })?;
                 let sub = self.load(&local, content, depth + 1)?;
-                merged = deep_merge(&merged, &Value::Mapping(sub));
+                merge_into(&mut merged, Value::Mapping(sub));
             }
         }
         for (k, _) in &map {
@@ -251,10 +344,44 @@ impl Parser<'_> {
                 self.origin.insert(k.to_string(), idx);
             }
         }
-        match deep_merge(&merged, &Value::Mapping(map)) {
+        merge_into(&mut merged, Value::Mapping(map));
+        match merged {
             Value::Mapping(m) => Ok(m),
             _ => Ok(Mapping::new()),
         }
+    }
+
+    /// Replaces every `!reference [job, key, ...]` with the value it names,
+    /// references inside that value included (GitLab resolves them before
+    /// `extends`). Nesting is bounded by `max_reference_depth`, cycles are
+    /// errors, the result is at most `max_yaml_depth` deep, and every copy is
+    /// charged to the output budget.
+    fn resolve_references(&self, top: Mapping) -> Result<Mapping> {
+        let with_refs: Vec<Value> = top
+            .iter()
+            .filter(|(_, v)| has_reference(v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if with_refs.is_empty() {
+            return Ok(top);
+        }
+        let mut replaced = Vec::with_capacity(with_refs.len());
+        for k in with_refs {
+            let name = k.as_str().unwrap_or("(key)").to_string();
+            let mut r = Refs {
+                p: self,
+                top: &top,
+                top_key: &name,
+                stack: Vec::new(),
+            };
+            let v = top.get(&k).map(|v| r.resolve(v, 1)).transpose()?;
+            replaced.push((k, v.unwrap_or(Value::Null)));
+        }
+        let mut top = top;
+        for (k, v) in replaced {
+            top.insert(k, v);
+        }
+        Ok(top)
     }
 
     /// The local path of an `include:` entry, `None` when its `rules` skip it.
@@ -265,7 +392,7 @@ impl Parser<'_> {
             Value::String(s) if s.contains("://") => {
                 return Err(c.err(
                     path,
-                    format!("remote include `{s}` cannot be resolved locally"),
+                    format!("remote include `{}` cannot be resolved locally", short(s)),
                 ))
             }
             Value::String(s) => s.clone(),
@@ -294,11 +421,17 @@ impl Parser<'_> {
             _ => return Err(c.err(path, "an include must be a path or a mapping")),
         };
         if local.contains('*') {
-            return Err(c.err(path, format!("wildcard include `{local}` is not supported")));
+            return Err(c.err(
+                path,
+                format!("wildcard include `{}` is not supported", short(&local)),
+            ));
         }
         let trimmed = local.trim_start_matches('/').to_string();
         if trimmed.split('/').any(|part| part == "..") {
-            return Err(c.err(path, format!("include `{local}` leaves the project")));
+            return Err(c.err(
+                path,
+                format!("include `{}` leaves the project (`..`)", short(&local)),
+            ));
         }
         Ok(Some(trimmed))
     }
@@ -316,7 +449,8 @@ impl Parser<'_> {
         for (i, rule) in list.iter().enumerate() {
             let rp = join(path, &[Seg::Index(i)]);
             let matched = match rule.get("if").and_then(Value::as_str) {
-                Some(cond) => eval_rule_if(cond, vars).map_err(|e| c.err(&rp, e.to_string()))?,
+                Some(cond) => eval_rule_if_with(cond, vars, self.limits)
+                    .map_err(|e| c.err(&rp, e.to_string()))?,
                 None => true,
             };
             if matched {
@@ -378,6 +512,10 @@ impl Parser<'_> {
                 s
             }
         };
+        let mut stage_pos: HashMap<String, usize> = HashMap::with_capacity(stages.len());
+        for (i, s) in stages.iter().enumerate() {
+            stage_pos.entry(s.clone()).or_insert(i);
+        }
         // `default:`, with the legacy top-level keys folded in.
         let mut default = match top.get("default") {
             None => Mapping::new(),
@@ -422,7 +560,7 @@ impl Parser<'_> {
                         stages,
                         jobs: Vec::new(),
                         excluded: names,
-                        warnings: self.warnings,
+                        warnings: printable(self.warnings),
                         parallel_groups: BTreeMap::new(),
                     });
                 }
@@ -437,6 +575,12 @@ impl Parser<'_> {
             .filter_map(Value::as_str)
             .map(String::from)
             .collect();
+        for name in names
+            .iter()
+            .filter(|n| !RESERVED.contains(&n.as_str()) && !n.starts_with('.'))
+        {
+            self.check_job_name(name, &[key(name)])?;
+        }
         let mut resolved: HashMap<String, Mapping> = HashMap::new();
         for name in &names {
             let hidden_scalar =
@@ -450,6 +594,7 @@ impl Parser<'_> {
         let mut jobs = Vec::new();
         let mut groups = BTreeMap::new();
         let mut raw_needs: Vec<(usize, String, Value)> = Vec::new();
+        let mut instances_made = 0usize;
         for name in names
             .iter()
             .filter(|n| !RESERVED.contains(&n.as_str()) && !n.starts_with('.'))
@@ -458,6 +603,11 @@ impl Parser<'_> {
                 continue;
             };
             let job = self.apply_default(job, &default);
+            self.charge_out(
+                yaml::mapping_size(&job, self.out_budget.left().saturating_add(1)),
+                Some(name),
+                name,
+            )?;
             if job.contains_key("trigger") && !job.contains_key("script") {
                 self.warnings
                     .push(format!("{name}: trigger jobs are not run locally"));
@@ -465,6 +615,16 @@ impl Parser<'_> {
                 continue;
             }
             let instances = self.expand_parallel(name, &job)?;
+            instances_made = instances_made.saturating_add(instances.len());
+            if instances_made > self.limits.max_jobs {
+                return Err(self.limit(
+                    &[key(name)],
+                    format!(
+                        "the pipeline has more than {} jobs (max_jobs)",
+                        self.limits.max_jobs
+                    ),
+                ));
+            }
             if instances.len() > 1 || job.contains_key("parallel") {
                 groups.insert(
                     name.clone(),
@@ -472,8 +632,9 @@ impl Parser<'_> {
                 );
             }
             for inst in instances {
-                match self.job_spec(name, &job, &inst, &global_vars, &stages)? {
+                match self.job_spec(name, &job, &inst, &global_vars, &stages, &stage_pos)? {
                     Some((spec, needs)) => {
+                        self.charge_out(spec.approx_bytes(), Some(name), &spec.name)?;
                         if let Some(n) = needs {
                             raw_needs.push((jobs.len(), name.clone(), n));
                         }
@@ -487,15 +648,20 @@ impl Parser<'_> {
         let known: BTreeSet<String> = jobs.iter().map(|j| j.name.clone()).collect();
         for (idx, name, needs) in raw_needs {
             let resolved = self.resolve_needs(&name, &needs, &known, &groups, &excluded)?;
+            let size = resolved
+                .iter()
+                .map(|n| n.len() + crate::NODE_BYTES)
+                .fold(0usize, usize::saturating_add);
+            self.charge_out(size, Some(&name), &format!("{name}.needs"))?;
             jobs[idx].needs = Some(resolved);
         }
-        let stage_pos = |j: &JobSpec| {
+        let pos_of = |j: &JobSpec| {
             j.stage
                 .as_ref()
-                .and_then(|s| stages.iter().position(|x| x == s))
+                .and_then(|s| stage_pos.get(s).copied())
                 .unwrap_or(0)
         };
-        jobs.sort_by_key(stage_pos);
+        jobs.sort_by_key(pos_of);
         let all: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
         if let Err(Error::Invalid { path, message, .. }) =
             crate::order::run_order(&jobs, &stages, &all)
@@ -511,42 +677,53 @@ impl Parser<'_> {
             stages,
             jobs,
             excluded,
-            warnings: self.warnings,
+            warnings: printable(self.warnings),
             parallel_groups: groups,
         })
     }
 
+    /// Resolves `extends` of `name` into `done` (memoised). The chain is
+    /// at most `max_extends_depth` long, and every copy a merge makes is
+    /// charged to the output budget first.
     fn resolve_extends(
         &self,
         name: &str,
         top: &Mapping,
         done: &mut HashMap<String, Mapping>,
         stack: &mut Vec<String>,
-    ) -> Result<Mapping> {
-        if let Some(m) = done.get(name) {
-            return Ok(m.clone());
+    ) -> Result<()> {
+        if done.contains_key(name) {
+            return Ok(());
         }
         if stack.iter().any(|s| s == name) {
-            let mut chain = stack.clone();
-            chain.push(name.to_string());
+            let mut names: Vec<&str> = stack.iter().map(String::as_str).collect();
+            names.push(name);
             let first = stack.first().cloned().unwrap_or_default();
             return Err(self.err(
                 &[key(&first), key("extends")],
-                format!("`extends` cycle: {}", chain.join(" -> ")),
+                format!("`extends` cycle: {}", chain(&names)),
             ));
         }
-        if stack.len() > 10 {
-            return Err(self.err(
-                &[key(name), key("extends")],
-                "`extends` is nested more than 11 levels deep",
+        if stack.len() >= self.limits.max_extends_depth {
+            let first = stack.first().cloned().unwrap_or_default();
+            return Err(self.limit(
+                &[key(&first), key("extends")],
+                format!(
+                    "`extends` is nested more than {} levels deep (max_extends_depth)",
+                    self.limits.max_extends_depth
+                ),
             ));
         }
+        let empty = Mapping::new();
         let job = match top.get(name) {
-            Some(Value::Mapping(m)) => m.clone(),
+            Some(Value::Mapping(m)) => m,
             Some(_) => {
-                return Err(self.err(&[key(name)], format!("job `{name}` must be a mapping")));
+                return Err(self.err(
+                    &[key(name)],
+                    format!("job `{}` must be a mapping", short(name)),
+                ));
             }
-            None => Mapping::new(),
+            None => &empty,
         };
         let parents = match job.get("extends") {
             None => Vec::new(),
@@ -557,28 +734,62 @@ impl Parser<'_> {
                 )
             })?,
         };
-        stack.push(name.to_string());
         let mut base = Value::Mapping(Mapping::new());
-        for parent in &parents {
-            if top.get(parent.as_str()).is_none() {
-                stack.pop();
-                return Err(self.err(
-                    &[key(name), key("extends")],
-                    format!("`extends` names `{parent}`, which does not exist"),
-                ));
+        if !parents.is_empty() {
+            stack.push(name.to_string());
+            for parent in &parents {
+                if top.get(parent.as_str()).is_none() {
+                    return Err(self.err(
+                        &[key(name), key("extends")],
+                        format!("`extends` names `{}`, which does not exist", short(parent)),
+                    ));
+                }
+                self.resolve_extends(parent, top, done, stack)?;
+                let p = done.get(parent.as_str()).cloned().unwrap_or_default();
+                self.charge_out(
+                    yaml::mapping_size(&p, self.out_budget.left().saturating_add(1)),
+                    Some(name),
+                    &format!("{name}.extends"),
+                )?;
+                merge_into(&mut base, Value::Mapping(p));
             }
-            let p = self.resolve_extends(parent, top, done, stack)?;
-            base = deep_merge(&base, &Value::Mapping(p));
+            stack.pop();
         }
-        stack.pop();
-        let mut own = job;
+        let mut own = job.clone();
         own.remove("extends");
-        let merged = match deep_merge(&base, &Value::Mapping(own)) {
+        self.charge_out(
+            yaml::mapping_size(&own, self.out_budget.left().saturating_add(1)),
+            Some(name),
+            name,
+        )?;
+        merge_into(&mut base, Value::Mapping(own));
+        let merged = match base {
             Value::Mapping(m) => m,
             _ => Mapping::new(),
         };
-        done.insert(name.to_string(), merged.clone());
-        Ok(merged)
+        done.insert(name.to_string(), merged);
+        Ok(())
+    }
+
+    /// A job name must be short and printable: it is shown in terminals and
+    /// logs, and becomes part of directory names.
+    fn check_job_name(&self, name: &str, path: &[Seg]) -> Result<()> {
+        if name.chars().count() > self.limits.max_job_name_chars {
+            return Err(self.limit(
+                path,
+                format!(
+                    "the job name is longer than {} characters (max_job_name_chars)",
+                    self.limits.max_job_name_chars
+                ),
+            ));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(self.err(
+                path,
+                format!("job name `{}` contains a control character", short(name)),
+            ));
+        }
+        Ok(())
     }
 
     fn apply_default(&self, job: &Mapping, default: &Mapping) -> Mapping {
@@ -610,15 +821,16 @@ impl Parser<'_> {
         let Some(par) = job.get("parallel") else {
             return Ok(single());
         };
+        let max = self.limits.max_parallel;
         let too_many = || {
-            self.err(
+            self.limit(
                 &path,
-                format!("`parallel` may create at most {MAX_PARALLEL} jobs"),
+                format!("`parallel` may create at most {max} jobs (max_parallel)"),
             )
         };
         if let Some(n) = par.as_u64() {
             let n = usize::try_from(n).unwrap_or(usize::MAX);
-            if !(1..=MAX_PARALLEL).contains(&n) {
+            if !(1..=max).contains(&n) {
                 return Err(too_many());
             }
             return Ok((1..=n)
@@ -637,15 +849,23 @@ impl Parser<'_> {
         let mut combos = Vec::new();
         for (i, entry) in matrix.iter().enumerate() {
             let ep = join(&path, &[key("matrix"), Seg::Index(i)]);
-            combos.extend(matrix_entry(entry).ok_or_else(|| {
-                self.err(
-                    &ep,
-                    "a matrix entry maps variable names to a value or a list of values",
-                )
-            })?);
-            if combos.len() > MAX_PARALLEL {
-                return Err(too_many());
-            }
+            let room = max.saturating_sub(combos.len());
+            combos.extend(matrix_entry(entry, room, self.out_budget.left()).map_err(
+                |e| match e {
+                    MatrixError::TooMany => too_many(),
+                    MatrixError::TooLarge => self.limit(
+                        &ep,
+                        format!(
+                            "the matrix's combinations come to more than {} (max_output_bytes)",
+                            bytes(self.out_budget.max())
+                        ),
+                    ),
+                    MatrixError::Shape => self.err(
+                        &ep,
+                        "a matrix entry maps variable names to a value or a list of values",
+                    ),
+                },
+            )?);
         }
         let total = combos.len();
         Ok(combos
@@ -670,6 +890,15 @@ impl Parser<'_> {
         let Some(m) = v.as_mapping() else {
             return Err(self.err(path, "`variables` must be a mapping"));
         };
+        if m.len() > self.limits.max_variables {
+            return Err(self.limit(
+                path,
+                format!(
+                    "more than {} variables (max_variables)",
+                    self.limits.max_variables
+                ),
+            ));
+        }
         let mut out = Vec::new();
         for (k, val) in m {
             let Some(k) = k.as_str() else {
@@ -702,6 +931,7 @@ impl Parser<'_> {
         inst: &Instance,
         global_vars: &[(VarKey, String)],
         stages: &[String],
+        stage_pos: &HashMap<String, usize>,
     ) -> Result<Option<(JobSpec, Option<Value>)>> {
         let jp = [key(key_name)];
         let at = |k: &str| [key(key_name), key(k)];
@@ -712,12 +942,22 @@ impl Parser<'_> {
                 .map(String::from)
                 .ok_or_else(|| self.err(&at("stage"), "`stage` must be a string"))?,
         };
-        if !stages.contains(&stage) {
+        if !stage_pos.contains_key(&stage) {
             return Err(self.err(
                 &at("stage"),
                 format!(
-                    "stage `{stage}` is not one of `stages` ({})",
-                    stages.join(", ")
+                    "stage `{}` is not one of `stages` ({})",
+                    short(&stage),
+                    short_n(&stages.join(", "), 200)
+                ),
+            ));
+        }
+        if inst.name.chars().any(char::is_control) {
+            return Err(self.err(
+                &jp,
+                format!(
+                    "job name `{}` contains a control character",
+                    short(&inst.name)
                 ),
             ));
         }
@@ -754,7 +994,9 @@ impl Parser<'_> {
             .iter()
             .map(|(k, v)| (VarKey(k.clone(), false), v.clone()))
             .collect();
-        let vars = resolve_vars(layers.iter().chain(extra.iter()));
+        let max_value = self.limits.max_script_bytes;
+        let vars = resolve_vars(layers.iter().chain(extra.iter()), max_value)
+            .map_err(|name| self.var_too_long(&at("variables"), &name))?;
         let lookup: BTreeMap<String, String> = vars.iter().cloned().collect();
 
         // rules / only / except / when.
@@ -790,7 +1032,8 @@ impl Parser<'_> {
             vars
         } else {
             layers.extend(rule_vars.into_iter().map(|(k, v)| (VarKey(k, true), v)));
-            resolve_vars(layers.iter().chain(extra.iter()))
+            resolve_vars(layers.iter().chain(extra.iter()), max_value)
+                .map_err(|name| self.var_too_long(&at("variables"), &name))?
         };
         let lookup: BTreeMap<String, String> = vars.iter().cloned().collect();
 
@@ -817,7 +1060,8 @@ impl Parser<'_> {
             }
             Some(_) => return Err(self.err(&at("image"), "`image` must be a string or mapping")),
         };
-        let image = expand(&image, &lookup);
+        let image = expand_capped(&image, &lookup, max_value)
+            .ok_or_else(|| self.limit(&at("image"), "`image` expands too far".into()))?;
         if job.contains_key("services") {
             self.warnings
                 .push(format!("{}: `services` are ignored", inst.name));
@@ -827,34 +1071,38 @@ impl Parser<'_> {
         let mut commands = Vec::new();
         for k in ["before_script", "script"] {
             if let Some(v) = job.get(k) {
-                commands.extend(script_lines(v).ok_or_else(|| {
-                    self.err(
-                        &at(k),
-                        format!("`{k}` must be a string or a list of strings"),
-                    )
-                })?);
+                commands.extend(script_lines(v, self.limits.max_script_lines).ok_or_else(
+                    || {
+                        self.err(
+                            &at(k),
+                            format!("`{k}` must be a string or a list of strings"),
+                        )
+                    },
+                )?);
             }
         }
         if !job.contains_key("script") {
-            return Err(self.err(&jp, format!("job `{key_name}` has no `script`")));
+            return Err(self.err(&jp, format!("job `{}` has no `script`", short(key_name))));
         }
+        let script = self.render_checked(&commands, &at("script"))?;
         let mut steps = vec![Step {
             name: "script".into(),
-            ..Step::script("", render(&commands))
+            ..Step::script("", script)
         }];
         if let Some(v) = job.get("after_script") {
-            let after = script_lines(v).ok_or_else(|| {
+            let after = script_lines(v, self.limits.max_script_lines).ok_or_else(|| {
                 self.err(
                     &at("after_script"),
                     "`after_script` must be a string or list of strings",
                 )
             })?;
             if !after.is_empty() {
+                let script = self.render_checked(&after, &at("after_script"))?;
                 steps.push(Step {
                     when: StepWhen::Always,
                     timeout: Some(AFTER_SCRIPT_TIMEOUT),
                     allow_failure: true,
-                    ..Step::script("after_script", render(&after))
+                    ..Step::script("after_script", script)
                 });
             }
         }
@@ -904,6 +1152,45 @@ impl Parser<'_> {
             condition: None,
         };
         Ok(Some((spec, needs)))
+    }
+
+    fn var_too_long(&self, path: &[Seg], name: &str) -> Error {
+        self.limit(
+            path,
+            format!(
+                "variable `{}` expands to more than {} (max_script_bytes)",
+                short(name),
+                bytes(self.limits.max_script_bytes)
+            ),
+        )
+    }
+
+    /// [`render`], once the commands are known to fit the script limits.
+    fn render_checked(&self, commands: &[String], path: &[Seg]) -> Result<String> {
+        if commands.len() > self.limits.max_script_lines {
+            return Err(self.limit(
+                path,
+                format!(
+                    "more than {} script lines (max_script_lines)",
+                    self.limits.max_script_lines
+                ),
+            ));
+        }
+        // Each command is echoed, so it counts twice, plus its check.
+        let size = commands
+            .iter()
+            .map(|c| 2 * c.len() + 80)
+            .fold(PREAMBLE.len(), usize::saturating_add);
+        if size > self.limits.max_script_bytes {
+            return Err(self.limit(
+                path,
+                format!(
+                    "the script comes to more than {} (max_script_bytes)",
+                    bytes(self.limits.max_script_bytes)
+                ),
+            ));
+        }
+        Ok(render(commands))
     }
 
     /// `Some(None)` is `when: never`.
@@ -963,7 +1250,7 @@ impl Parser<'_> {
                 let cond = cond
                     .as_str()
                     .ok_or_else(|| self.err(&join(&rp, &[key("if")]), "`if` must be a string"))?;
-                matched = eval_rule_if(cond, vars)
+                matched = eval_rule_if_with(cond, vars, self.limits)
                     .map_err(|e| self.err(&join(&rp, &[key("if")]), e.to_string()))?;
             }
             if matched && rule.contains_key("changes") {
@@ -979,10 +1266,15 @@ impl Parser<'_> {
                         v => string_list(v),
                     }
                     .unwrap_or_default();
-                    matched = files.iter().any(|f| {
-                        let f = expand(f, vars);
-                        f.contains('*') || (self.read)(f.trim_start_matches('/')).is_ok()
-                    });
+                    matched = false;
+                    for f in &files {
+                        let f = expand_capped(f, vars, self.limits.max_script_bytes)
+                            .unwrap_or_default();
+                        if f.contains('*') || self.file_exists(&f) {
+                            matched = true;
+                            break;
+                        }
+                    }
                 }
             }
             if !matched {
@@ -1015,6 +1307,27 @@ impl Parser<'_> {
             });
         }
         Ok(Outcome::Excluded)
+    }
+
+    /// `rules: exists` for one path, asked of each file once. A file that
+    /// exists but cannot be read (too large, not UTF-8, a link out of the
+    /// project) still exists.
+    fn file_exists(&mut self, path: &str) -> bool {
+        let path = path.trim_start_matches('/');
+        if let Some(&e) = self.exists.get(path) {
+            return e;
+        }
+        let e = match (self.read)(path) {
+            Ok(_) => true,
+            Err(e) => matches!(
+                e.kind(),
+                io::ErrorKind::FileTooLarge
+                    | io::ErrorKind::InvalidData
+                    | io::ErrorKind::PermissionDenied
+            ),
+        };
+        self.exists.insert(path.to_string(), e);
+        e
     }
 
     /// Legacy `only`/`except` on refs and variables, as far as a local
@@ -1051,7 +1364,8 @@ impl Parser<'_> {
                         | "chat" => false,
                         pat if pat.len() > 1 && pat.starts_with('/') => {
                             let expr = format!("$CI_COMMIT_REF_NAME =~ {pat}");
-                            eval_rule_if(&expr, vars).map_err(|e| self.err(&p, e.to_string()))?
+                            eval_rule_if_with(&expr, vars, self.limits)
+                                .map_err(|e| self.err(&p, e.to_string()))?
                         }
                         name => branch == Some(name),
                     };
@@ -1062,7 +1376,8 @@ impl Parser<'_> {
             if let Some(exprs) = var_exprs {
                 let mut any = false;
                 for e in exprs {
-                    any |= eval_rule_if(&e, vars).map_err(|e| self.err(&p, e.to_string()))?;
+                    any |= eval_rule_if_with(&e, vars, self.limits)
+                        .map_err(|e| self.err(&p, e.to_string()))?;
                 }
                 hit &= any;
             }
@@ -1090,12 +1405,26 @@ impl Parser<'_> {
         let Some(m) = v.as_mapping() else {
             return Err(self.err(path, "`artifacts` must be a mapping"));
         };
+        let max = self.limits.max_script_bytes;
+        let exp = |s: &str| {
+            expand_capped(s, vars, max).ok_or_else(|| {
+                self.limit(
+                    path,
+                    format!(
+                        "a value expands to more than {} (max_script_bytes)",
+                        bytes(max)
+                    ),
+                )
+            })
+        };
         let list = |k: &str| -> Result<Vec<String>> {
             match m.get(k) {
                 None => Ok(Vec::new()),
                 Some(v) => string_list(v)
-                    .map(|l| l.iter().map(|s| expand(s, vars)).collect())
-                    .ok_or_else(|| self.err(&join(path, &[key(k)]), "must be a list of strings")),
+                    .ok_or_else(|| self.err(&join(path, &[key(k)]), "must be a list of strings"))?
+                    .iter()
+                    .map(|s| exp(s))
+                    .collect(),
             }
         };
         let when = match m.get("when").and_then(Value::as_str) {
@@ -1115,7 +1444,11 @@ impl Parser<'_> {
         let expire_in = m.get("expire_in").and_then(scalar);
         if !paths.is_empty() || untracked {
             out.push(ArtifactSpec {
-                name: m.get("name").and_then(scalar).map(|n| expand(&n, vars)),
+                name: m
+                    .get("name")
+                    .and_then(scalar)
+                    .map(|n| exp(&n))
+                    .transpose()?,
                 paths,
                 exclude: list("exclude")?,
                 untracked,
@@ -1155,6 +1488,15 @@ impl Parser<'_> {
             Value::Null => Vec::new(),
             other => vec![other.clone()],
         };
+        if list.len() > self.limits.max_needs {
+            return Err(self.limit(
+                &path,
+                format!(
+                    "a job may need at most {} jobs (max_needs)",
+                    self.limits.max_needs
+                ),
+            ));
+        }
         let mut out = Vec::new();
         for (i, entry) in list.iter().enumerate() {
             let ep = join(&path, &[Seg::Index(i)]);
@@ -1176,7 +1518,9 @@ impl Parser<'_> {
             let names: Vec<String> = if let Some(Value::Sequence(entries)) = matrix {
                 entries
                     .iter()
-                    .filter_map(matrix_entry)
+                    .filter_map(|e| {
+                        matrix_entry(e, self.limits.max_parallel, self.out_budget.left()).ok()
+                    })
                     .flatten()
                     .map(|vars| {
                         let vals: Vec<&str> = vars.iter().map(|(_, v)| v.as_str()).collect();
@@ -1200,12 +1544,131 @@ impl Parser<'_> {
                 } else {
                     "which does not exist"
                 };
-                return Err(self.err(&ep, format!("job `{job}` needs `{name}`, {why}")));
+                return Err(self.err(
+                    &ep,
+                    format!("job `{}` needs `{}`, {why}", short(job), short(&name)),
+                ));
             }
             out.extend(names);
         }
         Ok(out)
     }
+}
+
+/// One top-level entry's `!reference` resolution.
+struct Refs<'p, 'a> {
+    p: &'p Parser<'a>,
+    top: &'p Mapping,
+    top_key: &'p str,
+    /// The references being resolved, outermost first.
+    stack: Vec<Vec<String>>,
+}
+
+impl Refs<'_, '_> {
+    fn err(&self, message: String) -> Error {
+        self.p.err(&[key(self.top_key)], message)
+    }
+
+    /// `v` with its references replaced; `depth` is where it will sit.
+    fn resolve(&mut self, v: &Value, depth: usize) -> Result<Value> {
+        let max_depth = self.p.limits.max_yaml_depth;
+        if depth > max_depth {
+            return Err(self.p.limit(
+                &[key(self.top_key)],
+                format!("`!reference` makes the YAML nest deeper than {max_depth} levels (max_yaml_depth)"),
+            ));
+        }
+        Ok(match v {
+            Value::Tagged(t) if t.tag == "reference" => {
+                let path: Option<Vec<String>> = match &t.value {
+                    Value::Sequence(s) if !s.is_empty() => {
+                        s.iter().map(|x| x.as_str().map(String::from)).collect()
+                    }
+                    _ => None,
+                };
+                let Some(path) = path else {
+                    return Err(
+                        self.err("`!reference` takes a list of names: [job, key, ...]".into())
+                    );
+                };
+                let shown = || {
+                    let parts: Vec<String> = path.iter().map(|p| short(p).into_owned()).collect();
+                    format!("[{}]", short_n(&parts.join(", "), 120))
+                };
+                if self.stack.contains(&path) {
+                    let mut names: Vec<String> = self.stack.iter().map(|p| p.join(".")).collect();
+                    names.push(path.join("."));
+                    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                    return Err(self.err(format!("`!reference` cycle: {}", chain(&refs))));
+                }
+                if self.stack.len() >= self.p.limits.max_reference_depth {
+                    return Err(self.p.limit(
+                        &[key(self.top_key)],
+                        format!(
+                            "`!reference` is nested more than {} levels deep \
+                             (max_reference_depth)",
+                            self.p.limits.max_reference_depth
+                        ),
+                    ));
+                }
+                let mut target = self.top.get(path[0].as_str());
+                for part in &path[1..] {
+                    target = target.and_then(|t| t.get(part.as_str()));
+                }
+                let Some(target) = target else {
+                    return Err(self.err(format!(
+                        "`!reference {}` names nothing in the pipeline",
+                        shown()
+                    )));
+                };
+                self.p.charge_out(
+                    yaml::size_of(target, self.p.out_budget.left().saturating_add(1)),
+                    Some(self.top_key),
+                    &format!("!reference {}", shown()),
+                )?;
+                self.stack.push(path);
+                let r = self.resolve(target, depth)?;
+                self.stack.pop();
+                r
+            }
+            Value::Sequence(s) => Value::Sequence(
+                s.iter()
+                    .map(|x| self.resolve(x, depth + 1))
+                    .collect::<Result<_>>()?,
+            ),
+            Value::Mapping(m) => {
+                let mut out = Mapping::with_capacity(m.len());
+                for (k, x) in m {
+                    out.insert(k.clone(), self.resolve(x, depth + 1)?);
+                }
+                Value::Mapping(out)
+            }
+            other => other.clone(),
+        })
+    }
+}
+
+/// Notes for a terminal: each shortened, control characters escaped.
+pub(crate) fn printable(notes: Vec<String>) -> Vec<String> {
+    notes
+        .into_iter()
+        .map(|n| short_n(&n, 300).into_owned())
+        .collect()
+}
+
+/// Whether `v` holds a `!reference` anywhere.
+fn has_reference(v: &Value) -> bool {
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Tagged(t) if t.tag == "reference" => return true,
+            Value::Tagged(t) => stack.push(&t.value),
+            Value::Sequence(s) => stack.extend(s.iter()),
+            Value::Mapping(m) => stack.extend(m.values()),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// A variable name and whether its value may be expanded.
@@ -1215,7 +1678,11 @@ struct VarKey(String, bool);
 /// Flattens the layers (later wins), then expands `$X` / `${X}` in values
 /// that allow it, using the other variables. Unknown references are left as
 /// written so the shell can still expand them; `$$` is a literal `$`.
-fn resolve_vars<'a>(layers: impl Iterator<Item = &'a (VarKey, String)>) -> Vec<(String, String)> {
+/// Fails with the name of a variable whose value would grow past `max`.
+fn resolve_vars<'a>(
+    layers: impl Iterator<Item = &'a (VarKey, String)>,
+    max: usize,
+) -> std::result::Result<Vec<(String, String)>, String> {
     let mut order: Vec<String> = Vec::new();
     let mut map: HashMap<String, (String, bool)> = HashMap::new();
     for (k, v) in layers {
@@ -1228,29 +1695,58 @@ fn resolve_vars<'a>(layers: impl Iterator<Item = &'a (VarKey, String)>) -> Vec<(
     order
         .into_iter()
         .map(|k| {
-            let (v, exp) = &map[&k];
-            let v = if *exp { expand(v, &raw) } else { v.clone() };
-            (k, v)
+            let Some((v, exp)) = map.get(&k) else {
+                return Ok((k, String::new()));
+            };
+            let v = if *exp {
+                match expand_capped(v, &raw, max) {
+                    Some(v) => v,
+                    None => return Err(k),
+                }
+            } else {
+                v.clone()
+            };
+            Ok((k, v))
         })
         .collect()
 }
 
 /// Expands `$NAME` and `${NAME}` from `vars`; unknown names stay as written.
 pub fn expand(s: &str, vars: &BTreeMap<String, String>) -> String {
+    expand_capped(s, vars, usize::MAX).unwrap_or_default()
+}
+
+/// [`expand`], or `None` as soon as the result would be longer than `max`
+/// bytes (`$A$A$A…` multiplies a value without bound otherwise).
+fn expand_capped(s: &str, vars: &BTreeMap<String, String>, max: usize) -> Option<String> {
     let mut out = String::new();
+    let push = |out: &mut String, t: &str| -> Option<()> {
+        if out.len().saturating_add(t.len()) > max {
+            return None;
+        }
+        out.push_str(t);
+        Some(())
+    };
     let mut rest = s;
+    let mut no_close = false;
     while let Some(pos) = rest.find('$') {
-        out.push_str(&rest[..pos]);
+        push(&mut out, &rest[..pos])?;
         let after = &rest[pos + 1..];
         if let Some(r) = after.strip_prefix('$') {
-            out.push('$');
+            push(&mut out, "$")?;
             rest = r;
             continue;
         }
         let (name, consumed) = if let Some(r) = after.strip_prefix('{') {
-            match r.find('}') {
+            // Once no `}` follows, none will: do not search again (that
+            // would be quadratic in a value of many `${`).
+            let close = if no_close { None } else { r.find('}') };
+            match close {
                 Some(end) => (&r[..end], end + 2),
-                None => ("", 0),
+                None => {
+                    no_close = true;
+                    ("", 0)
+                }
             }
         } else {
             let end = after
@@ -1260,17 +1756,17 @@ pub fn expand(s: &str, vars: &BTreeMap<String, String>) -> String {
         };
         match vars.get(name) {
             Some(v) if !name.is_empty() => {
-                out.push_str(v);
+                push(&mut out, v)?;
                 rest = &after[consumed..];
             }
             _ => {
-                out.push('$');
+                push(&mut out, "$")?;
                 rest = after;
             }
         }
     }
-    out.push_str(rest);
-    out
+    push(&mut out, rest)?;
+    Some(out)
 }
 
 /// The script file for a list of commands; see the module docs.
@@ -1292,13 +1788,18 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-/// Script entries, flattening nested lists (anchors often produce them).
-fn script_lines(v: &Value) -> Option<Vec<String>> {
-    fn walk(v: &Value, depth: usize, out: &mut Vec<String>) -> Option<()> {
+/// Script entries, flattening nested lists (anchors and `!reference`
+/// often produce them). Stops a little past `cap` entries; the caller
+/// checks the count.
+fn script_lines(v: &Value, cap: usize) -> Option<Vec<String>> {
+    fn walk(v: &Value, depth: usize, out: &mut Vec<String>, cap: usize) -> Option<()> {
         match v {
             Value::Sequence(s) if depth < 10 => {
                 for x in s {
-                    walk(x, depth + 1, out)?;
+                    if out.len() > cap {
+                        break;
+                    }
+                    walk(x, depth + 1, out, cap)?;
                 }
                 Some(())
             }
@@ -1311,7 +1812,7 @@ fn script_lines(v: &Value) -> Option<Vec<String>> {
         }
     }
     let mut out = Vec::new();
-    walk(v, 0, &mut out)?;
+    walk(v, 0, &mut out, cap)?;
     Some(out)
 }
 
@@ -1328,18 +1829,63 @@ fn exit_code(v: &Value) -> Option<i32> {
     v.as_i64().and_then(|n| i32::try_from(n).ok())
 }
 
+enum MatrixError {
+    /// Not a mapping of names to values or lists of values.
+    Shape,
+    /// More than the room left.
+    TooMany,
+    /// The combinations would take more than the bytes left.
+    TooLarge,
+}
+
 /// Expands one `parallel: matrix` entry into variable sets, keys in file
-/// order, the last key varying fastest.
-fn matrix_entry(entry: &Value) -> Option<Vec<Vec<(String, String)>>> {
-    let m = entry.as_mapping()?;
+/// order, the last key varying fastest. The size of the product is checked
+/// against `room` before any combination is built.
+fn matrix_entry(
+    entry: &Value,
+    room: usize,
+    max_bytes: usize,
+) -> Result<Vec<Vec<(String, String)>>, MatrixError> {
+    let m = entry.as_mapping().ok_or(MatrixError::Shape)?;
+    let mut product = 1usize;
+    for (_, v) in m {
+        let n = match v {
+            Value::Sequence(s) => s.len(),
+            _ => 1,
+        };
+        product = product.saturating_mul(n);
+    }
+    if product > room {
+        return Err(MatrixError::TooMany);
+    }
+    // Each value of a key with n values appears in product / n combinations.
+    let mut total = 0usize;
+    for (k, v) in m {
+        let k_len = k.as_str().map_or(0, str::len) + crate::NODE_BYTES;
+        let (n, text) = match v {
+            Value::Sequence(s) => (s.len(), s.iter().map(|x| yaml::size_of(x, max_bytes)).sum()),
+            other => (1, yaml::size_of(other, max_bytes)),
+        };
+        let copies = product / n.max(1);
+        total = total
+            .saturating_add(copies.saturating_mul(n).saturating_mul(k_len))
+            .saturating_add(copies.saturating_mul(text));
+    }
+    if total > max_bytes {
+        return Err(MatrixError::TooLarge);
+    }
     let mut combos: Vec<Vec<(String, String)>> = vec![Vec::new()];
     for (k, v) in m {
-        let k = k.as_str()?;
+        let k = k.as_str().ok_or(MatrixError::Shape)?;
         let values: Vec<String> = match v {
-            Value::Sequence(s) => s.iter().map(scalar).collect::<Option<_>>()?,
-            other => vec![scalar(other)?],
+            Value::Sequence(s) => s
+                .iter()
+                .map(scalar)
+                .collect::<Option<_>>()
+                .ok_or(MatrixError::Shape)?,
+            other => vec![scalar(other).ok_or(MatrixError::Shape)?],
         };
-        let mut next = Vec::new();
+        let mut next = Vec::with_capacity(combos.len() * values.len());
         for c in &combos {
             for val in &values {
                 let mut c = c.clone();
@@ -1348,11 +1894,8 @@ fn matrix_entry(entry: &Value) -> Option<Vec<Vec<(String, String)>>> {
             }
         }
         combos = next;
-        if combos.len() > MAX_PARALLEL * 4 {
-            return None;
-        }
     }
-    Some(combos)
+    Ok(combos)
 }
 
 /// GitLab's `CI_COMMIT_REF_SLUG`: lowercased, non-alphanumerics to `-`,

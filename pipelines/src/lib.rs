@@ -8,8 +8,10 @@
 mod context;
 mod duration;
 mod error;
+mod files;
 pub mod github;
 pub mod gitlab;
+mod limits;
 mod order;
 mod spec;
 mod yaml;
@@ -17,9 +19,13 @@ mod yaml;
 use std::io;
 use std::path::Path;
 
+use serde_yaml::Value;
+
 pub use context::{LocalContext, Options};
 pub use duration::parse_duration;
 pub use error::{Error, ExprError, Location, Result};
+pub use files::{read_beneath, read_file, ProjectFiles};
+pub use limits::{Limits, NODE_BYTES};
 pub use spec::{
     AllowFailure, ArtifactSpec, ArtifactWhen, JobSource, JobSpec, JobWhen, Shell, Step, StepWhen,
     Variable,
@@ -36,20 +42,37 @@ pub enum Format {
 /// Decides the format from the path (`.gitlab-ci.yml`,
 /// `.github/workflows/*.yml`), else from the top-level keys (`jobs` with
 /// `on`/`runs-on` is GitHub; `stages` or a mapping with `script` is GitLab).
+/// A file that is not valid YAML (or goes past the default [`Limits`]) is
+/// `Unknown`; [`load`] reports why.
 pub fn detect(path: &Path, contents: &str) -> Format {
+    if let Some(f) = format_from_path(path) {
+        return f;
+    }
+    let limits = Limits::default();
+    let budget = limits::Budget::new(limits.max_yaml_bytes);
+    match yaml::load("", contents, &limits, &budget) {
+        Ok(v) => format_from_keys(&v),
+        Err(_) => Format::Unknown,
+    }
+}
+
+fn format_from_path(path: &Path) -> Option<Format> {
     let p = path.to_string_lossy().replace('\\', "/");
     let yml = p.ends_with(".yml") || p.ends_with(".yaml");
     if p.ends_with(".gitlab-ci.yml") || p.ends_with(".gitlab-ci.yaml") {
-        return Format::GitLab;
+        return Some(Format::GitLab);
     }
     if yml && p.contains(".github/workflows/") {
-        return Format::GitHub;
+        return Some(Format::GitHub);
     }
-    let Ok(serde_yaml::Value::Mapping(top)) = serde_yaml::from_str::<serde_yaml::Value>(contents)
-    else {
+    None
+}
+
+fn format_from_keys(top: &Value) -> Format {
+    let Value::Mapping(top) = top else {
         return Format::Unknown;
     };
-    if let Some(serde_yaml::Value::Mapping(jobs)) = top.get("jobs") {
+    if let Some(Value::Mapping(jobs)) = top.get("jobs") {
         let looks_github = top.contains_key("on")
             || jobs
                 .values()
@@ -69,6 +92,43 @@ pub fn detect(path: &Path, contents: &str) -> Format {
     Format::Unknown
 }
 
+/// Adds what kiln assumed about the file to an error's message.
+fn with_note(e: Error, note: &str) -> Error {
+    let add = |m: String| format!("{} ({note})", limits::short_n(&m, 280));
+    match e {
+        Error::Syntax {
+            file,
+            location,
+            message,
+        } => Error::Syntax {
+            file,
+            location,
+            message: add(message),
+        },
+        Error::Invalid {
+            file,
+            location,
+            path,
+            message,
+        } => Error::Invalid {
+            file,
+            location,
+            path,
+            message: add(message),
+        },
+        Error::Limit {
+            file,
+            location,
+            message,
+        } => Error::Limit {
+            file,
+            location,
+            message: add(message),
+        },
+        other => other,
+    }
+}
+
 /// Jobs of either format, as one list.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pipeline {
@@ -79,7 +139,12 @@ pub struct Pipeline {
 }
 
 /// Parses `contents` in the format [`detect`] finds. `read` reads files
-/// relative to the project root (GitLab includes).
+/// relative to the project root (GitLab includes); give it
+/// [`ProjectFiles::read`] so that includes stay inside the project.
+///
+/// When the name does not tell the format, the file is parsed to look at
+/// its keys; a YAML error then comes back as it is (with its line and
+/// column) and every error says which kind of file kiln assumed.
 pub fn load(
     path: &Path,
     contents: &str,
@@ -88,9 +153,37 @@ pub fn load(
     read: &dyn Fn(&str) -> io::Result<String>,
 ) -> Result<Pipeline> {
     let file = path.display().to_string();
-    match detect(path, contents) {
+    let (format, note) = match format_from_path(path) {
+        Some(f) => (f, None),
+        None => {
+            let budget = limits::Budget::new(opts.limits.max_yaml_bytes);
+            let top = yaml::load(&file, contents, &opts.limits, &budget).map_err(|e| {
+                with_note(
+                    e,
+                    "kiln read it to tell a .gitlab-ci.yml from a GitHub workflow: \
+                     it is neither named .gitlab-ci.yml nor under .github/workflows/",
+                )
+            })?;
+            match format_from_keys(&top) {
+                Format::GitLab => (
+                    Format::GitLab,
+                    Some("read as a .gitlab-ci.yml, from its keys"),
+                ),
+                Format::GitHub => (
+                    Format::GitHub,
+                    Some("read as a GitHub workflow, from its keys"),
+                ),
+                Format::Unknown => (Format::Unknown, None),
+            }
+        }
+    };
+    let noted = |e: Error| match note {
+        Some(n) => with_note(e, n),
+        None => e,
+    };
+    match format {
         Format::GitLab => {
-            let p = gitlab::parse(&file, contents, ctx, opts, read)?;
+            let p = gitlab::parse(&file, contents, ctx, opts, read).map_err(noted)?;
             let mut notes = p.warnings;
             notes.extend(p.excluded.iter().map(|j| format!("{j}: excluded by rules")));
             Ok(Pipeline {
@@ -100,7 +193,7 @@ pub fn load(
             })
         }
         Format::GitHub => {
-            let w = github::parse(&file, contents, ctx, opts)?;
+            let w = github::parse(&file, contents, ctx, opts).map_err(noted)?;
             let mut notes = w.warnings;
             notes.extend(w.unsupported.iter().map(|u| format!("unsupported: {u}")));
             notes.extend(w.skipped.iter().map(|j| format!("{j}: skipped by `if`")));
@@ -114,7 +207,11 @@ pub fn load(
             file,
             location: None,
             path: "(file)".into(),
-            message: "neither a .gitlab-ci.yml nor a GitHub workflow".into(),
+            message: "neither a .gitlab-ci.yml nor a GitHub workflow: no top-level `jobs` with \
+                      `on`, `runs-on` or `steps` (GitHub), nor `stages`, `include`, `default`, \
+                      `workflow` or a job with `script` (GitLab); name it .gitlab-ci.yml or put \
+                      it under .github/workflows/"
+                .into(),
         }),
     }
 }

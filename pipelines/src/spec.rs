@@ -66,6 +66,36 @@ impl JobSpec {
             condition: None,
         }
     }
+
+    /// Roughly what the job takes in memory: its text plus
+    /// [`crate::NODE_BYTES`] per string. The front ends charge it to the
+    /// output budget (`Limits::max_output_bytes`).
+    pub(crate) fn approx_bytes(&self) -> usize {
+        let s = |t: &str| t.len() + crate::NODE_BYTES;
+        let opt = |t: &Option<String>| t.as_deref().map_or(0, s);
+        let list = |l: &[String]| l.iter().map(|t| s(t)).sum::<usize>();
+        let mut n = s(&self.name) + s(&self.image) + s(&self.id) + 256;
+        n += self.entrypoint.as_deref().map_or(0, list);
+        n += opt(&self.working_dir) + opt(&self.stage) + opt(&self.condition);
+        n += self.needs.as_deref().map_or(0, list);
+        for st in &self.steps {
+            n += s(&st.name) + s(&st.script) + opt(&st.id) + opt(&st.working_dir);
+            n += opt(&st.condition);
+            n += st.env.iter().map(|(k, v)| s(k) + s(v)).sum::<usize>();
+            if let Shell::Custom(argv) | Shell::Exec(argv) = &st.shell {
+                n += list(argv);
+            }
+        }
+        n += self
+            .variables
+            .iter()
+            .map(|v| s(&v.key) + s(&v.value))
+            .sum::<usize>();
+        for a in &self.artifacts {
+            n += opt(&a.name) + list(&a.paths) + list(&a.exclude) + opt(&a.expire_in);
+        }
+        n
+    }
 }
 
 /// One step: a script run by a shell, or a command run directly.

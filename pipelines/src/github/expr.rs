@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::ExprError;
+use crate::limits::{bytes, short, Budget, Limits};
 
 /// A value of the expression language.
 #[derive(Debug, Clone, PartialEq)]
@@ -154,6 +155,38 @@ pub struct Contexts {
     /// The job status for `success()`/`failure()`/`cancelled()`.
     pub status: Option<JobStatus>,
     pub partial: bool,
+    /// Bounds on the expressions evaluated with these contexts.
+    pub limits: ExprLimits,
+}
+
+/// Bounds on one expression: its length, its nesting, and the size of what
+/// it produces (GitHub's runner enforces the same three). Expressions come
+/// from the workflow file, so each is checked before parsing or allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExprLimits {
+    /// Longest expression, in bytes (GitHub: 21,000).
+    pub max_bytes: usize,
+    /// Deepest nesting of operators, calls and property accesses (GitHub: 50).
+    pub max_depth: usize,
+    /// Most bytes one evaluation may produce, all values it builds counted
+    /// (GitHub: 1 MiB). One `substitute` call shares one such budget.
+    pub max_output: usize,
+}
+
+impl Default for ExprLimits {
+    fn default() -> Self {
+        ExprLimits::from(&Limits::default())
+    }
+}
+
+impl From<&Limits> for ExprLimits {
+    fn from(l: &Limits) -> Self {
+        ExprLimits {
+            max_bytes: l.max_expression_bytes,
+            max_depth: l.max_expression_depth,
+            max_output: l.max_expression_output,
+        }
+    }
 }
 
 impl Contexts {
@@ -287,10 +320,17 @@ enum Ast {
     Call(String, Vec<Ast>),
 }
 
+/// A parsed node and the height of its tree. Every tree is at most
+/// `max_depth` high, so the recursive passes over it (evaluation,
+/// `uses_status`, dropping it) stay shallow.
+type Parsed = Result<(Ast, usize), String>;
+
 struct Parser {
     toks: Vec<Tok>,
     pos: usize,
+    /// Nested `or`/`!` calls in progress: the parser's own recursion.
     depth: usize,
+    max_depth: usize,
 }
 
 impl Parser {
@@ -307,68 +347,91 @@ impl Parser {
         }
     }
 
-    fn or(&mut self) -> Result<Ast, String> {
-        self.depth += 1;
-        if self.depth > 100 {
-            return Err("expression nested too deeply".into());
+    fn too_deep(&self) -> String {
+        format!(
+            "the expression nests deeper than {} levels (max_expression_depth)",
+            self.max_depth
+        )
+    }
+
+    /// `ast`, whose tree is `height` high, if that is within the limit.
+    fn node(&self, ast: Ast, height: usize) -> Parsed {
+        if height > self.max_depth {
+            return Err(self.too_deep());
         }
-        let mut l = self.and()?;
+        Ok((ast, height))
+    }
+
+    fn enter(&mut self) -> Result<(), String> {
+        self.depth += 1;
+        if self.depth > self.max_depth {
+            return Err(self.too_deep());
+        }
+        Ok(())
+    }
+
+    fn or(&mut self) -> Parsed {
+        self.enter()?;
+        let (mut l, mut h) = self.and()?;
         while self.peek_op("||") {
             self.pos += 1;
-            l = Ast::Or(Box::new(l), Box::new(self.and()?));
+            let (r, rh) = self.and()?;
+            (l, h) = self.node(Ast::Or(Box::new(l), Box::new(r)), h.max(rh) + 1)?;
         }
         self.depth -= 1;
-        Ok(l)
+        Ok((l, h))
     }
 
-    fn and(&mut self) -> Result<Ast, String> {
-        let mut l = self.cmp()?;
+    fn and(&mut self) -> Parsed {
+        let (mut l, mut h) = self.cmp()?;
         while self.peek_op("&&") {
             self.pos += 1;
-            l = Ast::And(Box::new(l), Box::new(self.cmp()?));
+            let (r, rh) = self.cmp()?;
+            (l, h) = self.node(Ast::And(Box::new(l), Box::new(r)), h.max(rh) + 1)?;
         }
-        Ok(l)
+        Ok((l, h))
     }
 
-    fn cmp(&mut self) -> Result<Ast, String> {
-        let l = self.unary()?;
+    fn cmp(&mut self) -> Parsed {
+        let (l, lh) = self.unary()?;
         for op in ["==", "!=", "<=", ">=", "<", ">"] {
             if self.peek_op(op) {
                 self.pos += 1;
-                let r = self.unary()?;
-                return Ok(Ast::Cmp(op_static(op), Box::new(l), Box::new(r)));
+                let (r, rh) = self.unary()?;
+                return self.node(
+                    Ast::Cmp(op_static(op), Box::new(l), Box::new(r)),
+                    lh.max(rh) + 1,
+                );
             }
         }
-        Ok(l)
+        Ok((l, lh))
     }
 
-    fn unary(&mut self) -> Result<Ast, String> {
+    fn unary(&mut self) -> Parsed {
         if self.peek_op("!") {
             self.pos += 1;
-            self.depth += 1;
-            if self.depth > 100 {
-                return Err("expression nested too deeply".into());
-            }
-            let inner = self.unary()?;
+            self.enter()?;
+            let (inner, h) = self.unary()?;
             self.depth -= 1;
-            return Ok(Ast::Not(Box::new(inner)));
+            return self.node(Ast::Not(Box::new(inner)), h + 1);
         }
         self.postfix()
     }
 
-    fn postfix(&mut self) -> Result<Ast, String> {
-        let mut e = self.primary()?;
+    fn postfix(&mut self) -> Parsed {
+        let (mut e, mut h) = self.primary()?;
         loop {
             if self.peek_op(".") {
                 self.pos += 1;
                 match self.toks.get(self.pos).cloned() {
                     Some(Tok::Ident(name)) if name == "*" => {
                         self.pos += 1;
-                        e = Ast::Star(Box::new(e));
+                        (e, h) = self.node(Ast::Star(Box::new(e)), h + 1)?;
                     }
                     Some(Tok::Ident(name)) => {
                         self.pos += 1;
-                        e = Ast::Index(Box::new(e), Box::new(Ast::Lit(ExprValue::String(name))));
+                        let key = Ast::Lit(ExprValue::String(name));
+                        (e, h) = self.node(Ast::Index(Box::new(e), Box::new(key)), h + 1)?;
                     }
                     _ => return Err("expected a property name after `.`".into()),
                 }
@@ -377,45 +440,49 @@ impl Parser {
                 if matches!(self.toks.get(self.pos), Some(Tok::Ident(s)) if s == "*") {
                     self.pos += 1;
                     self.expect("]")?;
-                    e = Ast::Star(Box::new(e));
+                    (e, h) = self.node(Ast::Star(Box::new(e)), h + 1)?;
                 } else {
-                    let idx = self.or()?;
+                    let (idx, ih) = self.or()?;
                     self.expect("]")?;
-                    e = Ast::Index(Box::new(e), Box::new(idx));
+                    (e, h) = self.node(Ast::Index(Box::new(e), Box::new(idx)), h.max(ih) + 1)?;
                 }
             } else {
-                return Ok(e);
+                return Ok((e, h));
             }
         }
     }
 
-    fn primary(&mut self) -> Result<Ast, String> {
+    fn primary(&mut self) -> Parsed {
         let tok = self
             .toks
             .get(self.pos)
             .cloned()
             .ok_or("unexpected end of expression")?;
         self.pos += 1;
+        let lit = |v| Ok((Ast::Lit(v), 1));
         match tok {
-            Tok::Str(s) => Ok(Ast::Lit(ExprValue::String(s))),
-            Tok::Num(n) => Ok(Ast::Lit(ExprValue::Number(n))),
+            Tok::Str(s) => lit(ExprValue::String(s)),
+            Tok::Num(n) => lit(ExprValue::Number(n)),
             Tok::Op("(") => {
                 let e = self.or()?;
                 self.expect(")")?;
                 Ok(e)
             }
             Tok::Ident(name) => match name.as_str() {
-                "true" => Ok(Ast::Lit(ExprValue::Bool(true))),
-                "false" => Ok(Ast::Lit(ExprValue::Bool(false))),
-                "null" => Ok(Ast::Lit(ExprValue::Null)),
-                "NaN" => Ok(Ast::Lit(ExprValue::Number(f64::NAN))),
-                "Infinity" => Ok(Ast::Lit(ExprValue::Number(f64::INFINITY))),
+                "true" => lit(ExprValue::Bool(true)),
+                "false" => lit(ExprValue::Bool(false)),
+                "null" => lit(ExprValue::Null),
+                "NaN" => lit(ExprValue::Number(f64::NAN)),
+                "Infinity" => lit(ExprValue::Number(f64::INFINITY)),
                 _ if self.peek_op("(") => {
                     self.pos += 1;
                     let mut args = Vec::new();
+                    let mut h = 0;
                     if !self.peek_op(")") {
                         loop {
-                            args.push(self.or()?);
+                            let (a, ah) = self.or()?;
+                            args.push(a);
+                            h = h.max(ah);
                             if self.peek_op(",") {
                                 self.pos += 1;
                             } else {
@@ -424,9 +491,9 @@ impl Parser {
                         }
                     }
                     self.expect(")")?;
-                    Ok(Ast::Call(name.to_ascii_lowercase(), args))
+                    self.node(Ast::Call(name.to_ascii_lowercase(), args), h + 1)
                 }
-                _ => Ok(Ast::Ctx(name.to_ascii_lowercase())),
+                _ => Ok((Ast::Ctx(name.to_ascii_lowercase()), 1)),
             },
             Tok::Op(op) => Err(format!("unexpected `{op}`")),
         }
@@ -469,52 +536,161 @@ enum Stop {
 
 type Eval = Result<ExprValue, Stop>;
 
-fn eval(ast: &Ast, ctx: &Contexts) -> Eval {
+/// One evaluation: the contexts and the output budget every value built
+/// is charged to before it is kept.
+struct Ev<'a> {
+    ctx: &'a Contexts,
+    budget: &'a Budget,
+}
+
+impl Ev<'_> {
+    fn charge(&self, n: usize) -> Result<(), Stop> {
+        if self.budget.charge(n) {
+            Ok(())
+        } else {
+            Err(self.over())
+        }
+    }
+
+    fn over(&self) -> Stop {
+        Stop::Error(format!(
+            "the expression produces more than {} (max_expression_output)",
+            bytes(self.budget.max())
+        ))
+    }
+
+    /// Charges a copy of `v`, counted up to what is left.
+    fn charge_value(&self, v: &ExprValue) -> Result<(), Stop> {
+        self.charge(value_size(v, self.budget.left().saturating_add(1)))
+    }
+
+    fn eval(&self, ast: &Ast) -> Eval {
+        match lookup(ast, self.ctx)? {
+            Found::Value(v) => {
+                self.charge_value(v)?;
+                return Ok(v.clone());
+            }
+            Found::Null => return Ok(ExprValue::Null),
+            Found::NotAPath => {}
+        }
+        let v = match ast {
+            Ast::Lit(v) => v.clone(),
+            Ast::Ctx(_) => ExprValue::Null, // `lookup` answers every context
+            Ast::Index(o, k) => {
+                let o = self.eval(o)?;
+                let k = self.eval(k)?;
+                index(&o, &k)
+            }
+            Ast::Star(o) => match self.eval(o)? {
+                ExprValue::Object(m) => ExprValue::Array(m.into_values().collect()),
+                a @ ExprValue::Array(_) => a,
+                _ => ExprValue::Array(Vec::new()),
+            },
+            Ast::Not(e) => ExprValue::Bool(!self.eval(e)?.truthy()),
+            Ast::And(l, r) => {
+                return match self.eval(l) {
+                    Ok(l) if !l.truthy() => Ok(l),
+                    Ok(_) => self.eval(r),
+                    Err(Stop::Deferred) => match self.eval(r) {
+                        Ok(r) if !r.truthy() => Ok(r),
+                        Err(Stop::Error(e)) => Err(Stop::Error(e)),
+                        _ => Err(Stop::Deferred),
+                    },
+                    Err(e) => Err(e),
+                }
+            }
+            Ast::Or(l, r) => {
+                return match self.eval(l) {
+                    Ok(l) if l.truthy() => Ok(l),
+                    Ok(_) => self.eval(r),
+                    Err(Stop::Deferred) => match self.eval(r) {
+                        Ok(r) if r.truthy() => Ok(r),
+                        Err(Stop::Error(e)) => Err(Stop::Error(e)),
+                        _ => Err(Stop::Deferred),
+                    },
+                    Err(e) => Err(e),
+                }
+            }
+            Ast::Cmp(op, l, r) => {
+                let l = self.eval(l)?;
+                let r = self.eval(r)?;
+                ExprValue::Bool(compare(op, &l, &r))
+            }
+            Ast::Call(name, args) => return self.call(name, args),
+        };
+        self.charge_value(&v)?;
+        Ok(v)
+    }
+}
+
+/// What a pure property path (`github.event.ref`, `matrix['os']`) names,
+/// found by reference so that reading one key never copies a context.
+enum Found<'c> {
+    Value(&'c ExprValue),
+    Null,
+    NotAPath,
+}
+
+fn lookup<'c>(ast: &Ast, ctx: &'c Contexts) -> Result<Found<'c>, Stop> {
     match ast {
-        Ast::Lit(v) => Ok(v.clone()),
         Ast::Ctx(name) => match ctx.values.get(name) {
-            Some(v) => Ok(v.clone()),
+            Some(v) => Ok(Found::Value(v)),
             None if ctx.partial => Err(Stop::Deferred),
-            None => Ok(ExprValue::Null),
+            None => Ok(Found::Null),
         },
         Ast::Index(o, k) => {
-            let o = eval(o, ctx)?;
-            let k = eval(k, ctx)?;
-            Ok(index(&o, &k))
+            let key = match &**k {
+                Ast::Lit(k @ (ExprValue::String(_) | ExprValue::Number(_))) => k,
+                _ => return Ok(Found::NotAPath),
+            };
+            let o = match lookup(o, ctx)? {
+                Found::Value(o) => o,
+                other => return Ok(other),
+            };
+            Ok(match (o, key) {
+                (ExprValue::Object(m), ExprValue::String(key)) => m
+                    .get(key)
+                    .or_else(|| {
+                        m.iter()
+                            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                            .map(|(_, v)| v)
+                    })
+                    .map_or(Found::Null, Found::Value),
+                (ExprValue::Array(a), ExprValue::Number(n)) if *n >= 0.0 && n.fract() == 0.0 => {
+                    a.get(*n as usize).map_or(Found::Null, Found::Value)
+                }
+                // `array.name` maps over the array: a new value.
+                (ExprValue::Array(_), ExprValue::String(_)) => Found::NotAPath,
+                _ => Found::Null,
+            })
         }
-        Ast::Star(o) => Ok(match eval(o, ctx)? {
-            ExprValue::Object(m) => ExprValue::Array(m.into_values().collect()),
-            a @ ExprValue::Array(_) => a,
-            _ => ExprValue::Array(Vec::new()),
-        }),
-        Ast::Not(e) => Ok(ExprValue::Bool(!eval(e, ctx)?.truthy())),
-        Ast::And(l, r) => match eval(l, ctx) {
-            Ok(l) if !l.truthy() => Ok(l),
-            Ok(_) => eval(r, ctx),
-            Err(Stop::Deferred) => match eval(r, ctx) {
-                Ok(r) if !r.truthy() => Ok(r),
-                Err(Stop::Error(e)) => Err(Stop::Error(e)),
-                _ => Err(Stop::Deferred),
-            },
-            Err(e) => Err(e),
-        },
-        Ast::Or(l, r) => match eval(l, ctx) {
-            Ok(l) if l.truthy() => Ok(l),
-            Ok(_) => eval(r, ctx),
-            Err(Stop::Deferred) => match eval(r, ctx) {
-                Ok(r) if r.truthy() => Ok(r),
-                Err(Stop::Error(e)) => Err(Stop::Error(e)),
-                _ => Err(Stop::Deferred),
-            },
-            Err(e) => Err(e),
-        },
-        Ast::Cmp(op, l, r) => {
-            let l = eval(l, ctx)?;
-            let r = eval(r, ctx)?;
-            Ok(ExprValue::Bool(compare(op, &l, &r)))
-        }
-        Ast::Call(name, args) => call(name, args, ctx),
+        _ => Ok(Found::NotAPath),
     }
+}
+
+/// What a value counts for in the output budget: its text plus a little
+/// per element. Stops counting past `cap`.
+fn value_size(v: &ExprValue, cap: usize) -> usize {
+    let mut total = 0usize;
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        total = total.saturating_add(8);
+        match v {
+            ExprValue::String(s) => total = total.saturating_add(s.len()),
+            ExprValue::Array(a) => stack.extend(a.iter()),
+            ExprValue::Object(o) => {
+                for (k, v) in o {
+                    total = total.saturating_add(k.len());
+                    stack.push(v);
+                }
+            }
+            ExprValue::Null | ExprValue::Bool(_) | ExprValue::Number(_) => {}
+        }
+        if total > cap {
+            break;
+        }
+    }
+    total
 }
 
 fn index(o: &ExprValue, k: &ExprValue) -> ExprValue {
@@ -579,139 +755,205 @@ fn compare(op: &str, l: &ExprValue, r: &ExprValue) -> bool {
     }
 }
 
-fn call(name: &str, args: &[Ast], ctx: &Contexts) -> Eval {
-    let arity = |min: usize, max: usize| -> Result<(), Stop> {
-        if args.len() < min || args.len() > max {
-            Err(Stop::Error(format!(
-                "`{name}` takes {min} to {max} arguments"
-            )))
-        } else {
-            Ok(())
+/// Text being built that charges the budget before it grows.
+struct Out<'a, 'b> {
+    ev: &'a Ev<'b>,
+    buf: Vec<u8>,
+}
+
+impl<'a, 'b> Out<'a, 'b> {
+    fn new(ev: &'a Ev<'b>) -> Self {
+        Out {
+            ev,
+            buf: Vec::new(),
         }
-    };
-    let status = |f: &dyn Fn(JobStatus) -> bool| -> Eval {
-        arity(0, 0)?;
-        match ctx.status {
-            Some(s) => Ok(ExprValue::Bool(f(s))),
-            None if ctx.partial => Err(Stop::Deferred),
-            None => Ok(ExprValue::Bool(f(JobStatus::Success))),
-        }
-    };
-    match name {
-        "success" => status(&|s| s == JobStatus::Success),
-        "failure" => status(&|s| s == JobStatus::Failure),
-        "cancelled" => status(&|s| s == JobStatus::Cancelled),
-        "always" => {
-            arity(0, 0)?;
-            if ctx.partial && ctx.status.is_none() {
-                // Decided by the executor together with the other status
-                // functions; the front end maps a bare `always()` to `when`.
-                return Err(Stop::Deferred);
-            }
-            Ok(ExprValue::Bool(true))
-        }
-        "contains" | "startswith" | "endswith" => {
-            arity(2, 2)?;
-            let a = eval(&args[0], ctx)?;
-            let b = eval(&args[1], ctx)?;
-            let r = match (name, &a) {
-                ("contains", ExprValue::Array(items)) => items.iter().any(|x| loose_eq(x, &b)),
-                _ => {
-                    let a = a.to_text().to_lowercase();
-                    let b = b.to_text().to_lowercase();
-                    match name {
-                        "contains" => a.contains(&b),
-                        "startswith" => a.starts_with(&b),
-                        _ => a.ends_with(&b),
-                    }
-                }
-            };
-            Ok(ExprValue::Bool(r))
-        }
-        "format" => {
-            if args.is_empty() {
-                return Err(Stop::Error("`format` needs a format string".into()));
-            }
-            let f = eval(&args[0], ctx)?.to_text();
-            let vals = args[1..]
-                .iter()
-                .map(|a| eval(a, ctx).map(|v| v.to_text()))
-                .collect::<Result<Vec<_>, _>>()?;
-            format_str(&f, &vals)
-                .map(ExprValue::String)
-                .map_err(Stop::Error)
-        }
-        "join" => {
-            arity(1, 2)?;
-            let a = eval(&args[0], ctx)?;
-            let sep = match args.get(1) {
-                Some(s) => eval(s, ctx)?.to_text(),
-                None => ",".to_string(),
-            };
-            Ok(ExprValue::String(match a {
-                ExprValue::Array(items) => items
-                    .iter()
-                    .map(ExprValue::to_text)
-                    .collect::<Vec<_>>()
-                    .join(&sep),
-                other => other.to_text(),
-            }))
-        }
-        "tojson" => {
-            arity(1, 1)?;
-            let v = eval(&args[0], ctx)?;
-            serde_json::to_string_pretty(&to_json(&v))
-                .map(ExprValue::String)
-                .map_err(|e| Stop::Error(e.to_string()))
-        }
-        "fromjson" => {
-            arity(1, 1)?;
-            let s = eval(&args[0], ctx)?.to_text();
-            serde_json::from_str::<serde_json::Value>(&s)
-                .map(|v| from_json(&v))
-                .map_err(|e| Stop::Error(format!("fromJSON: {e}")))
-        }
-        "hashfiles" if ctx.partial => Err(Stop::Deferred),
-        _ => Err(Stop::Error(format!("unknown function `{name}`"))),
+    }
+
+    fn push(&mut self, text: &str) -> Result<(), Stop> {
+        self.ev.charge(text.len())?;
+        self.buf.extend_from_slice(text.as_bytes());
+        Ok(())
+    }
+
+    fn into_string(self) -> String {
+        String::from_utf8(self.buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into())
     }
 }
 
-fn format_str(f: &str, vals: &[String]) -> Result<String, String> {
-    let mut out = String::new();
-    let chars: Vec<char> = f.chars().collect();
-    let mut i = 0;
-    while i < chars.len() {
-        match chars[i] {
-            '{' if chars.get(i + 1) == Some(&'{') => {
-                out.push('{');
-                i += 2;
+impl std::io::Write for Out<'_, '_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !self.ev.budget.charge(buf.len()) {
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.buf.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Ev<'_> {
+    fn call(&self, name: &str, args: &[Ast]) -> Eval {
+        let ctx = self.ctx;
+        let arity = |min: usize, max: usize| -> Result<(), Stop> {
+            if args.len() < min || args.len() > max {
+                Err(Stop::Error(format!(
+                    "`{}` takes {min} to {max} arguments",
+                    short(name)
+                )))
+            } else {
+                Ok(())
             }
-            '}' if chars.get(i + 1) == Some(&'}') => {
-                out.push('}');
-                i += 2;
+        };
+        let status = |f: &dyn Fn(JobStatus) -> bool| -> Eval {
+            arity(0, 0)?;
+            match ctx.status {
+                Some(s) => Ok(ExprValue::Bool(f(s))),
+                None if ctx.partial => Err(Stop::Deferred),
+                None => Ok(ExprValue::Bool(f(JobStatus::Success))),
             }
-            '{' => {
-                let end = chars[i..]
-                    .iter()
-                    .position(|c| *c == '}')
-                    .ok_or("unclosed `{` in format")?;
-                let n: String = chars[i + 1..i + end].iter().collect();
-                let n: usize = n
-                    .parse()
-                    .map_err(|_| format!("bad placeholder `{{{n}}}`"))?;
-                out.push_str(
-                    vals.get(n)
-                        .ok_or_else(|| format!("no argument for `{{{n}}}`"))?,
-                );
-                i += end + 1;
+        };
+        let mut out = Out::new(self);
+        match name {
+            "success" => status(&|s| s == JobStatus::Success),
+            "failure" => status(&|s| s == JobStatus::Failure),
+            "cancelled" => status(&|s| s == JobStatus::Cancelled),
+            "always" => {
+                arity(0, 0)?;
+                if ctx.partial && ctx.status.is_none() {
+                    // Decided by the executor together with the other status
+                    // functions; the front end maps a bare `always()` to `when`.
+                    return Err(Stop::Deferred);
+                }
+                Ok(ExprValue::Bool(true))
             }
-            c => {
-                out.push(c);
-                i += 1;
+            "contains" | "startswith" | "endswith" => {
+                arity(2, 2)?;
+                let a = self.eval(&args[0])?;
+                let b = self.eval(&args[1])?;
+                let r = match (name, &a) {
+                    ("contains", ExprValue::Array(items)) => items.iter().any(|x| loose_eq(x, &b)),
+                    _ => {
+                        let a = self.text(&a)?.to_lowercase();
+                        let b = self.text(&b)?.to_lowercase();
+                        match name {
+                            "contains" => a.contains(&b),
+                            "startswith" => a.starts_with(&b),
+                            _ => a.ends_with(&b),
+                        }
+                    }
+                };
+                Ok(ExprValue::Bool(r))
             }
+            "format" => {
+                if args.is_empty() {
+                    return Err(Stop::Error("`format` needs a format string".into()));
+                }
+                let f = self.eval(&args[0])?;
+                let f = self.text(&f)?;
+                let mut vals = Vec::with_capacity(args.len() - 1);
+                for a in &args[1..] {
+                    let v = self.eval(a)?;
+                    vals.push(self.text(&v)?);
+                }
+                format_str(&f, &vals, &mut out)?;
+                Ok(ExprValue::String(out.into_string()))
+            }
+            "join" => {
+                arity(1, 2)?;
+                let a = self.eval(&args[0])?;
+                let sep = match args.get(1) {
+                    Some(s) => {
+                        let s = self.eval(s)?;
+                        self.text(&s)?
+                    }
+                    None => ",".to_string(),
+                };
+                match a {
+                    ExprValue::Array(items) => {
+                        for (i, item) in items.iter().enumerate() {
+                            if i > 0 {
+                                out.push(&sep)?;
+                            }
+                            out.push(&self.text(item)?)?;
+                        }
+                    }
+                    other => out.push(&self.text(&other)?)?,
+                }
+                Ok(ExprValue::String(out.into_string()))
+            }
+            "tojson" => {
+                arity(1, 1)?;
+                let v = self.eval(&args[0])?;
+                match serde_json::to_writer_pretty(&mut out, &to_json(&v)) {
+                    Ok(()) => Ok(ExprValue::String(out.into_string())),
+                    Err(_) => Err(self.over()),
+                }
+            }
+            "fromjson" => {
+                arity(1, 1)?;
+                let s = self.eval(&args[0])?;
+                let s = self.text(&s)?;
+                let v = serde_json::from_str::<serde_json::Value>(&s)
+                    .map(|v| from_json(&v))
+                    .map_err(|e| Stop::Error(format!("fromJSON: {}", short(&e.to_string()))))?;
+                self.charge_value(&v)?;
+                Ok(v)
+            }
+            "hashfiles" if ctx.partial => Err(Stop::Deferred),
+            _ => Err(Stop::Error(format!("unknown function `{}`", short(name)))),
         }
     }
-    Ok(out)
+
+    /// `v` as text: arrays and objects become JSON, charged as they are
+    /// written (a scalar was charged when it was produced).
+    fn text(&self, v: &ExprValue) -> Result<String, Stop> {
+        match v {
+            ExprValue::Array(_) | ExprValue::Object(_) => {
+                let mut out = Out::new(self);
+                match serde_json::to_writer(&mut out, &to_json(v)) {
+                    Ok(()) => Ok(out.into_string()),
+                    Err(_) => Err(self.over()),
+                }
+            }
+            other => Ok(other.to_text()),
+        }
+    }
+}
+
+fn format_str(f: &str, vals: &[String], out: &mut Out<'_, '_>) -> Result<(), Stop> {
+    let err = |m: String| Stop::Error(m);
+    let mut rest = f;
+    while let Some(pos) = rest.find(['{', '}']) {
+        out.push(&rest[..pos])?;
+        let tail = &rest[pos..];
+        if let Some(r) = tail.strip_prefix("{{") {
+            out.push("{")?;
+            rest = r;
+        } else if let Some(r) = tail.strip_prefix("}}") {
+            out.push("}")?;
+            rest = r;
+        } else if let Some(r) = tail.strip_prefix('{') {
+            let end = r
+                .find('}')
+                .ok_or_else(|| err("unclosed `{` in format".into()))?;
+            let n = &r[..end];
+            let i: usize = n
+                .parse()
+                .map_err(|_| err(format!("bad placeholder `{{{}}}`", short(n))))?;
+            let v = vals
+                .get(i)
+                .ok_or_else(|| err(format!("no argument for `{{{i}}}`")))?;
+            out.push(v)?;
+            rest = &r[end + 1..];
+        } else {
+            out.push("}")?;
+            rest = &tail[1..];
+        }
+    }
+    out.push(rest)
 }
 
 fn strip_wrapper(expr: &str) -> &str {
@@ -722,11 +964,22 @@ fn strip_wrapper(expr: &str) -> &str {
     }
 }
 
-fn parse(expr: &str) -> Result<Ast, ExprError> {
-    let err = |message: String| ExprError {
-        expr: expr.to_string(),
+fn expr_error(expr: &str, message: String) -> ExprError {
+    ExprError {
+        expr: short(expr.trim()).into_owned(),
         message,
-    };
+    }
+}
+
+fn parse(expr: &str, limits: &ExprLimits) -> Result<Ast, ExprError> {
+    let err = |message: String| expr_error(expr, message);
+    if expr.len() > limits.max_bytes {
+        return Err(err(format!(
+            "the expression is {} bytes long, more than {} (max_expression_bytes)",
+            expr.len(),
+            limits.max_bytes
+        )));
+    }
     let toks = lex(strip_wrapper(expr)).map_err(err)?;
     if toks.is_empty() {
         return Err(err("empty expression".into()));
@@ -735,32 +988,46 @@ fn parse(expr: &str) -> Result<Ast, ExprError> {
         toks,
         pos: 0,
         depth: 0,
+        max_depth: limits.max_depth,
     };
-    let ast = p.or().map_err(err)?;
+    let (ast, _) = p.or().map_err(err)?;
     if p.pos != p.toks.len() {
-        return Err(err(format!("unexpected {:?}", p.toks[p.pos])));
+        return Err(err(format!(
+            "unexpected {}",
+            short(&format!("{:?}", p.toks[p.pos]))
+        )));
     }
     Ok(ast)
+}
+
+fn stop_error(expr: &str, s: Stop) -> ExprError {
+    expr_error(
+        expr,
+        match s {
+            Stop::Deferred => "needs contexts that are only known at run time".into(),
+            Stop::Error(e) => e,
+        },
+    )
 }
 
 /// Evaluates an expression (with or without the `${{ }}` wrapper).
 /// With `ctx.partial`, an expression that needs run-time contexts is an
 /// error saying so; use [`substitute`]/[`classify_condition`] to defer.
 pub fn eval_expr(expr: &str, ctx: &Contexts) -> Result<ExprValue, ExprError> {
-    let ast = parse(expr)?;
-    eval(&ast, ctx).map_err(|s| ExprError {
-        expr: expr.to_string(),
-        message: match s {
-            Stop::Deferred => "needs contexts that are only known at run time".into(),
-            Stop::Error(e) => e,
-        },
-    })
+    let ast = parse(expr, &ctx.limits)?;
+    let budget = Budget::new(ctx.limits.max_output);
+    Ev {
+        ctx,
+        budget: &budget,
+    }
+    .eval(&ast)
+    .map_err(|s| stop_error(expr, s))
 }
 
 /// Evaluates an `if:` condition the way the runner does: without a status
 /// function it means `success() && (expr)`.
 pub fn eval_condition(cond: &str, ctx: &Contexts) -> Result<bool, ExprError> {
-    let ast = parse(cond)?;
+    let ast = parse(cond, &ctx.limits)?;
     let ast = if uses_status(&ast) {
         ast
     } else {
@@ -769,13 +1036,14 @@ pub fn eval_condition(cond: &str, ctx: &Contexts) -> Result<bool, ExprError> {
             Box::new(ast),
         )
     };
-    eval(&ast, ctx).map(|v| v.truthy()).map_err(|s| ExprError {
-        expr: cond.to_string(),
-        message: match s {
-            Stop::Deferred => "needs contexts that are only known at run time".into(),
-            Stop::Error(e) => e,
-        },
-    })
+    let budget = Budget::new(ctx.limits.max_output);
+    Ev {
+        ctx,
+        budget: &budget,
+    }
+    .eval(&ast)
+    .map(|v| v.truthy())
+    .map_err(|s| stop_error(cond, s))
 }
 
 /// What a condition means at parse time.
@@ -792,7 +1060,7 @@ pub enum Condition {
 
 /// Classifies a condition with the static contexts (`ctx.partial` set).
 pub fn classify_condition(cond: &str, ctx: &Contexts) -> Result<Condition, ExprError> {
-    let ast = parse(cond)?;
+    let ast = parse(cond, &ctx.limits)?;
     if let Ast::Call(name, args) = &ast {
         if args.is_empty() {
             for s in ["success", "failure", "always"] {
@@ -803,46 +1071,48 @@ pub fn classify_condition(cond: &str, ctx: &Contexts) -> Result<Condition, ExprE
         }
     }
     let status = uses_status(&ast);
-    match eval(&ast, ctx) {
+    let budget = Budget::new(ctx.limits.max_output);
+    match (Ev {
+        ctx,
+        budget: &budget,
+    })
+    .eval(&ast)
+    {
         Ok(v) if !status => Ok(Condition::Static(v.truthy())),
         Ok(_) | Err(Stop::Deferred) => Ok(Condition::Runtime {
             uses_status: status,
         }),
-        Err(Stop::Error(message)) => Err(ExprError {
-            expr: cond.to_string(),
-            message,
-        }),
+        Err(s @ Stop::Error(_)) => Err(stop_error(cond, s)),
     }
 }
 
 /// Replaces every `${{ expr }}` in `text`. Expressions that need run-time
 /// contexts are kept verbatim when `ctx.partial` is set; the flag returned
-/// says whether any were kept.
+/// says whether any were kept. All expressions of one text share one output
+/// budget (`ctx.limits.max_output`).
 pub fn substitute_partial(text: &str, ctx: &Contexts) -> Result<(String, bool), ExprError> {
     let mut out = String::new();
     let mut rest = text;
     let mut deferred = false;
+    let budget = Budget::new(ctx.limits.max_output);
+    let ev = Ev {
+        ctx,
+        budget: &budget,
+    };
     while let Some(start) = rest.find("${{") {
         out.push_str(&rest[..start]);
         let body = &rest[start + 3..];
-        let end = find_close(body).ok_or_else(|| ExprError {
-            expr: rest[start..].chars().take(60).collect(),
-            message: "`${{` without a closing `}}`".into(),
-        })?;
+        let end = find_close(body)
+            .ok_or_else(|| expr_error(&rest[start..], "`${{` without a closing `}}`".into()))?;
         let expr = &body[..end];
-        let ast = parse(expr)?;
-        match eval(&ast, ctx) {
-            Ok(v) => out.push_str(&v.to_text()),
+        let ast = parse(expr, &ctx.limits)?;
+        match ev.eval(&ast).and_then(|v| ev.text(&v)) {
+            Ok(v) => out.push_str(&v),
             Err(Stop::Deferred) => {
                 deferred = true;
                 out.push_str(&rest[start..start + 3 + end + 2]);
             }
-            Err(Stop::Error(message)) => {
-                return Err(ExprError {
-                    expr: expr.trim().to_string(),
-                    message,
-                })
-            }
+            Err(s @ Stop::Error(_)) => return Err(stop_error(expr, s)),
         }
         rest = &body[end + 2..];
     }

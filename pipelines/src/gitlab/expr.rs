@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::ExprError;
+use crate::limits::{short, Limits};
 
 #[derive(Debug, Clone, PartialEq)]
 enum Tok {
@@ -59,7 +60,7 @@ fn lex(src: &str) -> Result<Vec<Tok>, String> {
                 let name: String = chars[start..i].iter().collect();
                 if braced {
                     if chars.get(i) != Some(&'}') {
-                        return Err(format!("unclosed `${{{name}`"));
+                        return Err(format!("unclosed `${{{}`", short(&name)));
                     }
                     i += 1;
                 }
@@ -156,6 +157,9 @@ struct Parser<'a> {
     toks: Vec<Tok>,
     pos: usize,
     vars: &'a BTreeMap<String, String>,
+    /// Open parentheses around the current position, at most `max_depth`.
+    depth: usize,
+    max_depth: usize,
 }
 
 impl Parser<'_> {
@@ -186,11 +190,19 @@ impl Parser<'_> {
     fn primary(&mut self) -> Result<bool, String> {
         if self.peek() == Some(&Tok::LParen) {
             self.pos += 1;
+            self.depth += 1;
+            if self.depth > self.max_depth {
+                return Err(format!(
+                    "parentheses nest deeper than {} levels (max_expression_depth)",
+                    self.max_depth
+                ));
+            }
             let v = self.or()?;
             if self.peek() != Some(&Tok::RParen) {
                 return Err("missing `)`".into());
             }
             self.pos += 1;
+            self.depth -= 1;
             return Ok(v);
         }
         let left = self.operand()?;
@@ -225,7 +237,12 @@ impl Parser<'_> {
             Tok::Str(s) => Val::Str(s),
             Tok::Regex(p, f) => Val::Regex(p, f),
             Tok::Null => Val::Null,
-            other => return Err(format!("expected a value, found {other:?}")),
+            other => {
+                return Err(format!(
+                    "expected a value, found {}",
+                    short(&format!("{other:?}"))
+                ))
+            }
         })
     }
 }
@@ -237,14 +254,19 @@ fn regex_match(left: &Val, right: &Val) -> Result<bool, String> {
         Val::Str(s) if s.len() >= 2 && s.starts_with('/') => {
             let end = s.rfind('/').unwrap_or(0);
             if end == 0 {
-                return Err(format!("`{s}` is not a /regex/"));
+                return Err(format!("`{}` is not a /regex/", short(s)));
             }
             (s[1..end].to_string(), s[end + 1..].to_string())
         }
         _ => return Err("the right side of `=~`/`!~` must be a /regex/".into()),
     };
     let prefix = if flags.contains('i') { "(?i)" } else { "" };
-    let re = regex::Regex::new(&format!("{prefix}{pat}")).map_err(|e| format!("bad regex: {e}"))?;
+    // The compiled program is bounded (well below the crate's 10 MiB
+    // default): a pattern comes from the file.
+    let re = regex::RegexBuilder::new(&format!("{prefix}{pat}"))
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| format!("bad regex: {}", short(&e.to_string())))?;
     let text = match left {
         Val::Str(s) => s.as_str(),
         Val::Null => return Ok(false),
@@ -253,17 +275,43 @@ fn regex_match(left: &Val, right: &Val) -> Result<bool, String> {
     Ok(re.is_match(text))
 }
 
-/// Evaluates a `rules: if` expression against `vars`.
+/// Evaluates a `rules: if` expression against `vars`, with the default
+/// [`Limits`] on its length and nesting.
 pub fn eval_rule_if(expr: &str, vars: &BTreeMap<String, String>) -> Result<bool, ExprError> {
+    eval_rule_if_with(expr, vars, &Limits::default())
+}
+
+/// [`eval_rule_if`] with the caller's limits.
+pub(crate) fn eval_rule_if_with(
+    expr: &str,
+    vars: &BTreeMap<String, String>,
+    limits: &Limits,
+) -> Result<bool, ExprError> {
     let err = |message: String| ExprError {
-        expr: expr.to_string(),
+        expr: short(expr).into_owned(),
         message,
     };
+    if expr.len() > limits.max_expression_bytes {
+        return Err(err(format!(
+            "the expression is {} bytes long, more than {} (max_expression_bytes)",
+            expr.len(),
+            limits.max_expression_bytes
+        )));
+    }
     let toks = lex(expr).map_err(err)?;
-    let mut p = Parser { toks, pos: 0, vars };
+    let mut p = Parser {
+        toks,
+        pos: 0,
+        vars,
+        depth: 0,
+        max_depth: limits.max_expression_depth,
+    };
     let v = p.or().map_err(err)?;
     if p.pos != p.toks.len() {
-        return Err(err(format!("unexpected {:?}", p.toks[p.pos])));
+        return Err(err(format!(
+            "unexpected {}",
+            short(&format!("{:?}", p.toks[p.pos]))
+        )));
     }
     Ok(v)
 }
@@ -338,5 +386,18 @@ mod tests {
         ] {
             assert!(eval_rule_if(bad, &vars()).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn deep_parentheses_are_refused_not_recursed() {
+        let deep = format!("{}$A{}", "(".repeat(5000), ")".repeat(5000));
+        let e = eval_rule_if(&deep, &vars()).unwrap_err();
+        assert!(e.message.contains("max_expression_depth"), "{e}");
+        assert!(e.to_string().len() < 300, "{e}");
+        let ok = format!("{}$CI_COMMIT_BRANCH{}", "(".repeat(50), ")".repeat(50));
+        assert!(ev(&ok));
+        let long = format!("$A == '{}'", "x".repeat(30_000));
+        let e = eval_rule_if(&long, &vars()).unwrap_err();
+        assert!(e.message.contains("max_expression_bytes"), "{e}");
     }
 }
