@@ -70,7 +70,6 @@ pub fn load_pipeline(file: &Path, ctx: &LocalContext, opts: &Options) -> Result<
     })?)
 }
 
-
 /// The jobs to run for `name`: every job called `name` (or expanded from the
 /// job key `name` by a matrix), filtered by `matrix` (`key=value` pairs,
 /// matched against the job's variables or its name), with their `needs`

@@ -262,9 +262,11 @@ async fn kvm_destroy_and_drop_stop_a_running_guest() {
         } else {
             machine.destroy().await.unwrap();
         }
+        // Not a speed target (that is the boot bench's job): a stop that
+        // hangs on a guest spinning forever is the failure looked for.
         assert!(
-            t.elapsed() < Duration::from_secs(3),
-            "stopping took {:?}",
+            t.elapsed() < Duration::from_secs(60),
+            "stopping hung for {:?}",
             t.elapsed()
         );
         assert!(!fx.config.run_dir.exists());
