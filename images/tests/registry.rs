@@ -317,6 +317,9 @@ fn imports_docker_save_tars_legacy_and_oci() {
 /// request with a 429.
 struct AuthProxy {
     upstream: String,
+    /// Plain basic auth (`WWW-Authenticate: Basic`) on every request instead.
+    basic_only: bool,
+    basic_refused: AtomicUsize,
     port: u16,
     tokens_issued: AtomicUsize,
     manifest_gets: AtomicUsize,
@@ -355,7 +358,21 @@ async fn proxy(State(p): State<Arc<AuthProxy>>, req: Request) -> Response {
             format!(r#"{{"token":"{TOKEN}","expires_in":300}}"#),
         );
     }
-    let upstream_path = if let Some(rest) = path.strip_prefix("/direct") {
+    let upstream_path = if p.basic_only {
+        if auth.as_deref() != Some("Basic YWxpY2U6c2VjcmV0") {
+            p.basic_refused.fetch_add(1, Ordering::SeqCst);
+            let mut r = resp(
+                StatusCode::UNAUTHORIZED,
+                r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#.into(),
+            );
+            r.headers_mut().insert(
+                "www-authenticate",
+                HeaderValue::from_static(r#"Basic realm="Registry Realm""#),
+            );
+            return r;
+        }
+        path.clone()
+    } else if let Some(rest) = path.strip_prefix("/direct") {
         if auth.is_some() {
             p.leaked_auth.fetch_add(1, Ordering::SeqCst);
             return resp(
@@ -429,10 +446,16 @@ async fn proxy(State(p): State<Arc<AuthProxy>>, req: Request) -> Response {
 }
 
 fn start_proxy(upstream: String) -> Arc<AuthProxy> {
+    start_proxy_with(upstream, false)
+}
+
+fn start_proxy_with(upstream: String, basic_only: bool) -> Arc<AuthProxy> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let p = Arc::new(AuthProxy {
         upstream,
+        basic_only,
+        basic_refused: AtomicUsize::new(0),
         port: listener.local_addr().unwrap().port(),
         tokens_issued: AtomicUsize::new(0),
         manifest_gets: AtomicUsize::new(0),
@@ -556,6 +579,73 @@ fn bearer_token_auth_redirects_retries_and_one_download_for_concurrent_pulls() {
     assert_eq!(proxy.first_429.load(Ordering::SeqCst), before);
 }
 
+/// A registry behind plain basic auth (`WWW-Authenticate: Basic`): no
+/// credentials and a wrong password each give a clear error; the right
+/// password from a docker config.json pulls the image.
+fn basic_auth_pulls_with_the_right_password_and_refuses_a_wrong_one() {
+    let reg = TestRegistry::start();
+    let src = tempfile::tempdir().unwrap();
+    let layers = [
+        common::layer_tar(true, &[]),
+        common::layer_tar(false, &[("secret", b"pulled with basic auth\n")]),
+    ];
+    common::single_layout(src.path(), &layers, Comp::Gzip, &[], "v1");
+    reg.push(
+        &format!("oci:{}:v1", src.path().display()),
+        "private/basic:v1",
+        &[],
+    );
+    let proxy = start_proxy_with(format!("http://{}", reg.host()), true);
+    let reference =
+        Reference::parse(&format!("127.0.0.1:{}/private/basic:v1", proxy.port)).unwrap();
+    let src_ref = ImageSource::Registry(reference);
+    let pull_with = |auth_b64: Option<&str>| {
+        let (t, cache) = new_cache();
+        let mut cfg = RegistryConfig {
+            backoff: std::time::Duration::from_millis(10),
+            ..Default::default()
+        };
+        if let Some(a) = auth_b64 {
+            let dcfg = t.path().join("config.json");
+            std::fs::write(
+                &dcfg,
+                format!(
+                    r#"{{"auths":{{"127.0.0.1:{}":{{"auth":"{a}"}}}}}}"#,
+                    proxy.port
+                ),
+            )
+            .unwrap();
+            cfg.load_auth_file(&dcfg).unwrap();
+        }
+        let r = kiln_images::rootfs::block_on(kiln_images::rootfs::rootfs_for_async(
+            &cache,
+            &src_ref,
+            &Registry::new(cfg).unwrap(),
+            Arc::new(kiln_images::registry::NoProgress),
+        ))
+        .unwrap();
+        (t, r)
+    };
+    let (_t, none) = pull_with(None);
+    let e = none.unwrap_err().to_string();
+    assert!(e.contains("basic credentials"), "{e}");
+    // alice:wrong
+    let (_t, wrong) = pull_with(Some("YWxpY2U6d3Jvbmc="));
+    let e = wrong.unwrap_err().to_string();
+    assert!(e.contains("401"), "{e}");
+    assert!(
+        !e.contains("d3Jvbmc") && !e.contains("wrong"),
+        "no password in errors: {e}"
+    );
+    // alice:secret
+    let refused = proxy.basic_refused.load(Ordering::SeqCst);
+    let (_t, right) = pull_with(Some("YWxpY2U6c2VjcmV0"));
+    let r = right.unwrap();
+    assert_eq!(read_in_rootfs(&r, "secret"), b"pulled with basic auth\n");
+    // Sent up front once the scheme is known: at most the first probe is refused.
+    assert!(proxy.basic_refused.load(Ordering::SeqCst) <= refused + 1);
+}
+
 fn insecure_http_is_refused_for_non_loopback_hosts() {
     // No registry needed: the scheme is decided before connecting.
     let (_t, cache) = new_cache();
@@ -629,6 +719,11 @@ fn main() -> std::process::ExitCode {
             "insecure_http_is_refused_for_non_loopback_hosts",
             &[],
             insecure_http_is_refused_for_non_loopback_hosts,
+        )
+        .test(
+            "basic_auth_pulls_with_the_right_password_and_refuses_a_wrong_one",
+            &common::tools(),
+            basic_auth_pulls_with_the_right_password_and_refuses_a_wrong_one,
         )
         .run()
 }
