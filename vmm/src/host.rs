@@ -176,11 +176,11 @@ fn probe_kvm_at(dev: &Path, cpuinfo: &Path) -> KvmSupport {
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
     KvmSupport::NoHardwareVirt(if pvm {
         "/dev/kvm is nested PVM (module kvm_pvm) and the CPU shows no vmx/svm: \
-         unmodified guest kernels cannot run on it; QEMU with TCG is used instead"
+         unmodified guest kernels cannot run on it"
             .into()
     } else {
         "/dev/kvm works but the CPU shows no vmx/svm flag: unmodified guest kernels \
-         cannot run on it; QEMU with TCG is used instead"
+         cannot run on it"
             .into()
     })
 }

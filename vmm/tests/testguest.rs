@@ -123,6 +123,19 @@ async fn boot(
     let status = tokio::time::timeout(Duration::from_secs(30), machine.wait())
         .await
         .unwrap_or(ExitStatus::Failed("did not end within 30 s".into()));
+    if status == ExitStatus::Shutdown {
+        // Whoever reads the console sees its end once the VM is over (the
+        // executor notices a guest that reset or crashed that way).
+        let eof = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Ok(Some(_)) = lines.next_line().await {}
+        })
+        .await;
+        assert!(
+            eof.is_ok(),
+            "the console stream did not end with the VM on {}",
+            machine.describe()
+        );
+    }
     let serial = machine.serial_log();
     let exits = machine.exit_stats();
     if !got.last().is_some_and(|l| l.starts_with("DONE")) {

@@ -79,6 +79,8 @@ pub struct Bus {
     /// changed status) or to stop.
     wake: EventFd,
     exit: tokio::sync::watch::Sender<Option<ExitStatus>>,
+    /// The VMM's end of the console socket (a second descriptor of it).
+    console: std::os::unix::net::UnixStream,
     created: Instant,
     first_exit: OnceLock<Duration>,
     exits: ExitCounters,
@@ -93,9 +95,11 @@ impl Bus {
         self.first_exit.get_or_init(|| self.created.elapsed());
     }
 
-    /// Record how the VM ended (the first report wins).
+    /// Record how the VM ended (the first report wins). The VM is over:
+    /// every thread is told to stop, and the console is shut down so that
+    /// whoever reads it sees the end of the stream, as when QEMU exits.
     fn finish(&self, status: ExitStatus) {
-        self.exit.send_if_modified(|s| {
+        let first = self.exit.send_if_modified(|s| {
             if s.is_none() {
                 *s = Some(status);
                 true
@@ -103,6 +107,11 @@ impl Bus {
                 false
             }
         });
+        if first {
+            self.stop.store(true, Ordering::Release);
+            let _ = self.wake.write(1);
+            let _ = self.console.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     /// Returns true when the guest asked for a reset.
@@ -326,6 +335,7 @@ impl KvmMachine {
         vmm_end
             .set_nonblocking(true)
             .map_err(io_err("console socket"))?;
+        let console_end = vmm_end.try_clone().map_err(io_err("console socket"))?;
         let mut models: Vec<Box<dyn devices::virtio::mmio::VirtioDevice>> =
             vec![Box::new(Console::new(AGENT_PORT_NAME, vmm_end))];
         for d in &config.disks {
@@ -404,6 +414,7 @@ impl KvmMachine {
             stop: AtomicBool::new(false),
             wake: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("event loop eventfd"))?,
             exit: exit_tx,
+            console: console_end,
             created,
             first_exit: OnceLock::new(),
             exits: ExitCounters::default(),
