@@ -37,6 +37,7 @@ pub const L1_TEST_ROOT: &str = "/tmp/kiln-tests";
 pub const IN_L1_ENV: &str = "KILN_NESTED_L1";
 
 const MARK_READY: &str = "KILN-L1-READY ";
+const MARK_RUN: &str = "KILN-L1-RUN";
 const MARK_NOKVM: &str = "KILN-L1-NOKVM";
 const MARK_EXIT: &str = "KILN-L1-EXIT ";
 
@@ -99,8 +100,16 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 pub struct Report {
     pub outcome: Outcome,
+    /// Time to write L1's initramfs.
+    pub build: Duration,
     /// Host time from starting QEMU to L1's init running.
     pub l1_boot: Option<Duration>,
+    /// From L1's init running to the program starting (modules loaded).
+    pub setup: Option<Duration>,
+    /// The program's run, start to exit status.
+    pub program: Option<Duration>,
+    /// From the exit status to QEMU gone.
+    pub shutdown: Duration,
     /// L1's own uptime when its init ran.
     pub l1_uptime_at_init: Option<f64>,
     pub total: Duration,
@@ -177,6 +186,7 @@ pub fn run(cfg: &L1Config, payload: &Payload, line: &mut dyn FnMut(&str)) -> Res
         .context("creating a temporary directory for L1")?;
     let initrd = work.path().join("l1.cpio");
     let initramfs_bytes = build_initramfs(cfg, payload, &initrd)?;
+    let build = t0.elapsed();
     let khz = kiln_vmm::qemu::host_tsc_khz().unwrap_or(0);
     let mut cmdline = String::from(
         "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 pci=off quiet loglevel=3 rdinit=/init",
@@ -252,6 +262,8 @@ pub fn run(cfg: &L1Config, payload: &Payload, line: &mut dyn FnMut(&str)) -> Res
     let deadline = started + cfg.timeout;
     let mut l1_boot = None;
     let mut l1_uptime = None;
+    let mut program_start = None;
+    let mut program = None;
     let mut outcome = None;
     let mut nokvm: Option<Vec<String>> = None;
     loop {
@@ -261,10 +273,13 @@ pub fn run(cfg: &L1Config, payload: &Payload, line: &mut dyn FnMut(&str)) -> Res
                 if let Some(up) = l.strip_prefix(MARK_READY) {
                     l1_boot = Some(at - started);
                     l1_uptime = up.trim().parse().ok();
+                } else if l.starts_with(MARK_RUN) {
+                    program_start = Some(at);
                 } else if l.starts_with(MARK_NOKVM) {
                     nokvm = Some(Vec::new());
                 } else if let Some(code) = l.strip_prefix(MARK_EXIT) {
                     let code: i32 = code.trim().parse().unwrap_or(-1);
+                    program = program_start.map(|p| at - p);
                     outcome = Some(match nokvm.take() {
                         Some(why) => Outcome::NoKvm(why.join("\n")),
                         None => Outcome::Exited(code),
@@ -283,7 +298,8 @@ pub fn run(cfg: &L1Config, payload: &Payload, line: &mut dyn FnMut(&str)) -> Res
         }
     }
     // L1 powers off after the marker; give it a moment, then kill it.
-    let end = Instant::now() + Duration::from_secs(20);
+    let exited = Instant::now();
+    let end = exited + Duration::from_secs(20);
     while Instant::now() < end {
         if child.0.try_wait().ok().flatten().is_some() {
             break;
@@ -291,6 +307,7 @@ pub fn run(cfg: &L1Config, payload: &Payload, line: &mut dyn FnMut(&str)) -> Res
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(child);
+    let shutdown = exited.elapsed();
     let qemu_err = err_thread.join().unwrap_or_default();
     let Some(outcome) = outcome else {
         bail!(
@@ -298,9 +315,17 @@ pub fn run(cfg: &L1Config, payload: &Payload, line: &mut dyn FnMut(&str)) -> Res
             qemu_err.trim()
         );
     };
+    let setup = match (l1_boot, program_start) {
+        (Some(b), Some(p)) => Some(p - started - b),
+        _ => None,
+    };
     Ok(Report {
         outcome,
+        build,
         l1_boot,
+        setup,
+        program,
+        shutdown,
         l1_uptime_at_init: l1_uptime,
         total: t0.elapsed(),
         initramfs_bytes,
@@ -338,6 +363,7 @@ if [ ! -c /dev/kvm ]; then
   poweroff -f
 fi
 echo 1 > /proc/sys/kernel/printk
+echo "{MARK_RUN}"
 sh /kiln-l1/run.sh </dev/null
 echo "{MARK_EXIT}$?"
 sync
@@ -385,6 +411,24 @@ struct Files {
     files: std::collections::BTreeMap<PathBuf, PathBuf>,
     /// Hosts files already scanned for libraries.
     seen_elf: BTreeSet<PathBuf>,
+}
+
+impl Report {
+    /// One line: where the time went.
+    pub fn timing(&self) -> String {
+        let s = |d: Option<Duration>| d.map_or("?".into(), |d| format!("{:.1} s", d.as_secs_f64()));
+        format!(
+            "initramfs {} MiB built in {:.1} s, L1 init after {}, modules {}, program {}, \
+             power-off {:.1} s, total {:.1} s",
+            self.initramfs_bytes >> 20,
+            self.build.as_secs_f64(),
+            s(self.l1_boot),
+            s(self.setup),
+            s(self.program),
+            self.shutdown.as_secs_f64(),
+            self.total.as_secs_f64()
+        )
+    }
 }
 
 impl Files {

@@ -429,12 +429,7 @@ fn kvm_suite_runs_in_a_nested_l1_vm() {
         }
     })
     .expect("the nested tier ran");
-    eprintln!(
-        "nested tier: L1 init after {:.1} s, total {:.1} s, initramfs {} MiB",
-        report.l1_boot.map_or(0.0, |d| d.as_secs_f64()),
-        report.total.as_secs_f64(),
-        report.initramfs_bytes >> 20
-    );
+    eprintln!("nested tier: {}", report.timing());
     match report.outcome {
         nested::Outcome::NoKvm(why) => {
             eprintln!("SKIPPING the nested-KVM tier: L1 booted but has no /dev/kvm:\n{why}");

@@ -92,13 +92,7 @@ fn run() -> anyhow::Result<ExitCode> {
         cfg.memory_mib, cfg.vcpus, payload.argv
     );
     let report = nested::run(&cfg, &payload, &mut |l| println!("{l}"))?;
-    eprintln!(
-        "kiln-nested: L1 init after {:.1} s (L1 uptime {:.1} s), total {:.1} s, initramfs {} MiB",
-        report.l1_boot.map_or(0.0, |d| d.as_secs_f64()),
-        report.l1_uptime_at_init.unwrap_or(0.0),
-        report.total.as_secs_f64(),
-        report.initramfs_bytes >> 20
-    );
+    eprintln!("kiln-nested: {}", report.timing());
     Ok(match report.outcome {
         Outcome::Exited(c) => {
             eprintln!("kiln-nested: the program exited with status {c}");
