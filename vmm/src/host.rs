@@ -117,7 +117,9 @@ impl KvmSupport {
     /// One line for `kiln doctor` and warnings.
     pub fn describe(&self) -> String {
         match self {
-            KvmSupport::Hardware => "hardware KVM: unmodified guests run at native speed".into(),
+            KvmSupport::Hardware => {
+                "hardware virtualization (VT-x/AMD-V) behind /dev/kvm: unmodified guests run".into()
+            }
             KvmSupport::NoHardwareVirt(why) | KvmSupport::Unavailable(why) => why.clone(),
         }
     }
