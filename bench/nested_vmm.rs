@@ -182,22 +182,27 @@ fn kiln_child(args: &[String]) {
             .expect("start the VM");
         let mut updates = m.serial_updates();
         let mut sent = 0usize;
-        let mut out = std::io::stdout();
+        let mut pending: Vec<u8> = Vec::new();
         let mut told = false;
+        let mut out = std::io::stdout();
         loop {
             let log = m.serial_log();
             if log.len() > sent {
-                let new = &log[sent..];
-                if !told && new.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()) {
-                    // What reached the VMM up to the marker, before it.
-                    if let Some(s) = m.exit_stats() {
-                        let _ = writeln!(out, "\n{KILN_EXITS} {}", s.summary(8));
-                    }
-                    told = true;
-                }
-                let _ = out.write_all(new);
-                let _ = out.flush();
+                pending.extend_from_slice(&log[sent..]);
                 sent = log.len();
+                // Whole lines only, so the exit counts go out just before
+                // the marker's line (the guest writes a byte per exit).
+                while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=nl).collect();
+                    if !told && line.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()) {
+                        if let Some(s) = m.exit_stats() {
+                            let _ = writeln!(out, "{KILN_EXITS} {}", s.summary(8));
+                        }
+                        told = true;
+                    }
+                    let _ = out.write_all(&line);
+                }
+                let _ = out.flush();
             }
             tokio::select! {
                 r = updates.changed() => if r.is_err() { break },
