@@ -28,6 +28,16 @@ pub const GUEST_MODULES: &[&str] = &[
     "erofs",
 ];
 
+/// Modules a VM booted on this kernel needs to offer KVM to its own guests
+/// (the nested-KVM test tier's L1), by module name; their dependencies
+/// (`kvm`, `irqbypass`) are added. Kept beside the guest's modules, never
+/// loaded by kiln's guests.
+pub const KVM_MODULES: &[&str] = &["kvm_amd"];
+
+/// Subdirectory of a cached kernel holding [`KVM_MODULES`] and the file
+/// `order` (their file names, dependencies first).
+const KVM_MODULES_DIR: &str = "kvm-modules";
+
 /// A provisioned kernel: the image to boot and its modules in load order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Kernel {
@@ -118,6 +128,103 @@ impl Kernel {
     }
 }
 
+/// The KVM modules of a cached Debian kernel (dependencies first), if they
+/// were kept: kernels fetched before kiln kept them have none (see
+/// [`fetch_kvm_modules`]).
+pub fn kvm_modules(kernel: &Kernel) -> Option<Vec<PathBuf>> {
+    let dir = kernel.image.parent()?.join(KVM_MODULES_DIR);
+    let order = std::fs::read_to_string(dir.join("order")).ok()?;
+    let mods: Vec<PathBuf> = order
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| dir.join(l))
+        .collect();
+    (!mods.is_empty() && mods.iter().all(|m| m.is_file())).then_some(mods)
+}
+
+/// Keep [`KVM_MODULES`] of a cached Debian kernel, downloading its package
+/// again (the exact version) when the cache entry predates them.
+pub fn fetch_kvm_modules(cache: &Cache, kernel: &Kernel) -> Result<Vec<PathBuf>, ImageError> {
+    if let Some(m) = kvm_modules(kernel) {
+        return Ok(m);
+    }
+    let not_debian = || ImageError::Corrupt {
+        what: kernel.image.display().to_string(),
+        detail: "not a kernel kiln fetched from a Debian package; its KVM modules are unknown"
+            .into(),
+    };
+    let mut src = kernel.source.split_whitespace();
+    let (Some(pkg), Some(version)) = (src.next(), src.next()) else {
+        return Err(not_debian());
+    };
+    let dir = kernel.image.parent().ok_or_else(not_debian)?;
+    let _lock = cache.lock(&format!("kernel-{pkg}"))?;
+    if let Some(m) = kvm_modules(kernel) {
+        return Ok(m);
+    }
+    let tmp = cache.temp_dir("kvm-modules")?;
+    let x = download_and_unpack(tmp.path(), &format!("{pkg}={version}"))?;
+    let out = tmp.path().join("out");
+    keep_kvm_modules(&x, &kernel.release, &out)?;
+    tmp.publish(&out, &dir.join(KVM_MODULES_DIR))?;
+    kvm_modules(kernel).ok_or_else(|| ImageError::Corrupt {
+        what: dir.display().to_string(),
+        detail: "the KVM modules were not kept".into(),
+    })
+}
+
+/// Copy [`KVM_MODULES`] and their dependencies from an unpacked package
+/// into `out` (created), with their load order in `out/order`.
+fn keep_kvm_modules(unpacked: &Path, release: &str, out: &Path) -> Result<(), ImageError> {
+    let tree = unpacked.join("lib/modules").join(release);
+    let modules = resolve_modules(&tree, KVM_MODULES, true)?;
+    std::fs::create_dir_all(out).map_err(|e| ImageError::io("create", out, e))?;
+    let mut order = String::new();
+    for m in &modules {
+        let name = m
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
+        std::fs::copy(m, out.join(&name)).map_err(|e| ImageError::io("copy module", m, e))?;
+        order.push_str(&name);
+        order.push('\n');
+    }
+    std::fs::write(out.join("order"), order).map_err(|e| ImageError::io("write", out, e))
+}
+
+/// `apt-get download SPEC` into `dir`, then `dpkg-deb -x` it into `dir/x`.
+/// Returns the unpacked tree.
+fn download_and_unpack(dir: &Path, spec: &str) -> Result<PathBuf, ImageError> {
+    run(
+        Command::new("apt-get")
+            .args(["download", "-q", spec])
+            .current_dir(dir),
+        "apt-get download",
+        "run `apt-get update` (the package lists may be stale) or pass --kernel",
+    )?;
+    let deb = deb_in(dir, spec)?;
+    let x = dir.join("x");
+    run(
+        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&x),
+        "dpkg-deb -x",
+        "install dpkg (Debian/Ubuntu hosts have it)",
+    )?;
+    Ok(x)
+}
+
+fn deb_in(dir: &Path, what: &str) -> Result<PathBuf, ImageError> {
+    std::fs::read_dir(dir)
+        .map_err(|e| ImageError::io("list", dir, e))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or_else(|| ImageError::Corrupt {
+            what: what.to_string(),
+            detail: "apt-get download produced no .deb".into(),
+        })
+}
+
 fn run(cmd: &mut Command, what: &str, hint: &str) -> Result<String, ImageError> {
     let out = cmd.output().map_err(|e| ImageError::Tool {
         tool: what.to_string(),
@@ -166,28 +273,8 @@ pub fn fetch_debian(cache: &Cache, package: &str) -> Result<Kernel, ImageError> 
     }
     let tmp = cache.temp_dir("kernel")?;
     tracing::info!(package = %pkg, "downloading the guest kernel package");
-    run(
-        Command::new("apt-get")
-            .args(["download", "-q", &pkg])
-            .current_dir(tmp.path()),
-        "apt-get download",
-        "run `apt-get update` (the package lists may be stale) or pass --kernel",
-    )?;
-    let deb = std::fs::read_dir(tmp.path())
-        .map_err(|e| ImageError::io("list", tmp.path(), e))?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .ok_or_else(|| ImageError::Corrupt {
-            what: pkg.clone(),
-            detail: "apt-get download produced no .deb".into(),
-        })?;
-    let x = tmp.path().join("x");
-    run(
-        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&x),
-        "dpkg-deb -x",
-        "install dpkg (Debian/Ubuntu hosts have it)",
-    )?;
+    let x = download_and_unpack(tmp.path(), &pkg)?;
+    let deb = deb_in(tmp.path(), &pkg)?;
     let version = run(
         Command::new("dpkg-deb")
             .args(["-f"])
@@ -243,6 +330,7 @@ pub fn fetch_debian(cache: &Cache, package: &str) -> Result<Kernel, ImageError> 
         std::fs::copy(m, &target).map_err(|e| ImageError::io("copy module", m, e))?;
         names.push(name);
     }
+    keep_kvm_modules(&x, &release, &out.join(KVM_MODULES_DIR))?;
     let meta = KernelMeta {
         release,
         pvh,

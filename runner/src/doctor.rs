@@ -34,54 +34,29 @@ fn tool_version(cmd: &str, args: &[&str]) -> Option<String> {
 pub fn run(cache_dir: &Path, json: bool) -> Result<ExitCode> {
     let mut checks = Vec::new();
     let kvm = kiln_vmm::probe_kvm();
-    checks.push(match &kvm {
-        KvmSupport::Hardware => Check { name: "kvm", status: "ok", detail: kvm.describe(), fix: None },
-        KvmSupport::NoHardwareVirt(d) => Check {
-            name: "kvm",
-            status: "warn",
-            detail: d.clone(),
-            fix: Some("run kiln on a host with VT-x/AMD-V (bare metal or nested virtualization) for fast VMs".into()),
-        },
-        KvmSupport::Unavailable(d) => Check {
-            name: "kvm",
-            status: "warn",
-            detail: d.clone(),
-            fix: Some("modprobe kvm_intel (or kvm_amd) and give this user access to /dev/kvm".into()),
-        },
-    });
+    let cpu = kiln_vmm::cpu_virt();
+    checks.push(kvm_check(&kvm, &cpu));
     let qemu = kiln_vmm::qemu::qemu_binary();
-    checks.push(match tool_version(&qemu, &["--version"]) {
+    let qemu_version = tool_version(&qemu, &["--version"]);
+    checks.push(match &qemu_version {
         Some(v) => Check {
             name: "qemu",
             status: "ok",
-            detail: v,
+            detail: v.clone(),
             fix: None,
         },
         None => Check {
             name: "qemu",
-            status: "fail",
+            status: if kvm.runs_unmodified_guests() {
+                "warn"
+            } else {
+                "fail"
+            },
             detail: format!("{qemu} not found"),
             fix: Some("apt-get install qemu-system-x86".into()),
         },
     });
-    let backend = match BackendKind::Auto.resolve(&kvm) {
-        Ok((b, why)) => format!(
-            "{b:?}{}",
-            why.map(|w| format!(" ({w})")).unwrap_or_default()
-        ),
-        Err(e) => e.to_string(),
-    };
-    let accel = if kvm.runs_unmodified_guests() {
-        "qemu with KVM"
-    } else {
-        "qemu with TCG (slow)"
-    };
-    checks.push(Check {
-        name: "backend",
-        status: "ok",
-        detail: format!("auto selects {accel}: {backend}"),
-        fix: None,
-    });
+    checks.push(backend_check(&kvm, &cpu, qemu_version.is_some()));
     // (tool, package, what it is for; None = required)
     for (tool, pkg, optional) in [
         ("mkfs.ext4", "e2fsprogs", None),
@@ -215,9 +190,153 @@ pub fn run(cache_dir: &Path, json: bool) -> Result<ExitCode> {
     })
 }
 
+/// What `/dev/kvm` can do here, and on what CPU.
+fn kvm_check(kvm: &KvmSupport, cpu: &kiln_vmm::CpuVirt) -> Check {
+    match kvm {
+        KvmSupport::Hardware => Check {
+            name: "kvm",
+            status: "ok",
+            detail: format!(
+                "/dev/kvm runs unmodified guests: {}",
+                cpu.describe()
+            ),
+            fix: None,
+        },
+        KvmSupport::NoHardwareVirt(d) => Check {
+            name: "kvm",
+            status: "warn",
+            detail: format!("{d} ({})", cpu.describe()),
+            fix: Some(
+                "run kiln on a host with VT-x/AMD-V (bare metal or nested virtualization) for fast VMs"
+                    .into(),
+            ),
+        },
+        KvmSupport::Unavailable(d) => Check {
+            name: "kvm",
+            status: "warn",
+            detail: format!("{d} ({})", cpu.describe()),
+            fix: Some(
+                "modprobe kvm_intel (or kvm_amd) and give this user access to /dev/kvm".into(),
+            ),
+        },
+    }
+}
+
+/// The backend `--backend auto` picks, and why: the same decision
+/// `Machine::start` makes ([`BackendKind::resolve`]).
+fn backend_check(kvm: &KvmSupport, cpu: &kiln_vmm::CpuVirt, have_qemu: bool) -> Check {
+    let resolved = BackendKind::Auto.resolve(kvm);
+    match resolved {
+        Ok((BackendKind::Kvm, _)) => {
+            let slow = if cpu.hypervisor.as_deref() == Some("TCGTCGTCGTCG") {
+                "; this host is itself emulated, so expect guests to be slow anyway"
+            } else {
+                ""
+            };
+            Check {
+                name: "backend",
+                status: "ok",
+                detail: format!(
+                    "auto selects kvm (kiln's embedded VMM): /dev/kvm runs unmodified guests \
+                     ({}){slow}; --backend qemu would run QEMU with -accel kvm{}",
+                    cpu.extension.unwrap_or("?"),
+                    if have_qemu { "" } else { " (not installed)" }
+                ),
+                fix: None,
+            }
+        }
+        Ok(_) if have_qemu => {
+            let tiny = if kvm.device_usable() {
+                "; --backend kvm runs only tiny guests here"
+            } else {
+                ""
+            };
+            Check {
+                name: "backend",
+                status: "warn",
+                detail: format!(
+                    "auto selects qemu with TCG (every guest instruction emulated, slow): {}{tiny}",
+                    kvm.describe()
+                ),
+                fix: Some("a host with VT-x/AMD-V behind /dev/kvm makes auto select kvm".into()),
+            }
+        }
+        Ok(_) => Check {
+            name: "backend",
+            status: "fail",
+            detail: format!("no backend: {} and QEMU is not installed", kvm.describe()),
+            fix: Some("apt-get install qemu-system-x86".into()),
+        },
+        Err(e) => Check {
+            name: "backend",
+            status: "fail",
+            detail: e.to_string(),
+            fix: None,
+        },
+    }
+}
+
 fn tempfile_in(dir: &Path) -> bool {
     let p = dir.join(format!(".doctor-{}", std::process::id()));
     let ok = std::fs::write(&p, b"").is_ok();
     let _ = std::fs::remove_file(&p);
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_vmm::CpuVirt;
+
+    fn cpu(extension: Option<&'static str>, hypervisor: Option<&str>) -> CpuVirt {
+        CpuVirt {
+            extension,
+            in_vm: hypervisor.is_some(),
+            hypervisor: hypervisor.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn backend_verdict_matches_what_auto_runs_on_every_kind_of_host() {
+        // Bare metal with VT-x.
+        let c = backend_check(&KvmSupport::Hardware, &cpu(Some("vmx"), None), true);
+        assert_eq!(c.status, "ok");
+        assert!(c.detail.starts_with("auto selects kvm"), "{}", c.detail);
+        assert!(!c.detail.contains("qemu with"), "{}", c.detail);
+        // An L1 VM under QEMU TCG with emulated AMD-V: kvm, and slow.
+        let c = backend_check(
+            &KvmSupport::Hardware,
+            &cpu(Some("svm"), Some("TCGTCGTCGTCG")),
+            true,
+        );
+        assert!(c.detail.starts_with("auto selects kvm"), "{}", c.detail);
+        assert!(c.detail.contains("emulated"), "{}", c.detail);
+        let k = kvm_check(
+            &KvmSupport::Hardware,
+            &cpu(Some("svm"), Some("TCGTCGTCGTCG")),
+        );
+        assert!(k.detail.contains("TCG emulator"), "{}", k.detail);
+        // Nested PVM: qemu with TCG; the kvm backend only for tiny guests.
+        let pvm = KvmSupport::NoHardwareVirt("/dev/kvm is nested PVM".into());
+        let c = backend_check(&pvm, &cpu(None, Some("KVMKVMKVM")), true);
+        assert_eq!(c.status, "warn");
+        assert!(
+            c.detail.starts_with("auto selects qemu with TCG"),
+            "{}",
+            c.detail
+        );
+        assert!(c.detail.contains("nested PVM") && c.detail.contains("tiny guests"));
+        // No /dev/kvm: qemu with TCG; without QEMU nothing runs.
+        let none = KvmSupport::Unavailable("/dev/kvm does not exist".into());
+        let c = backend_check(&none, &cpu(None, None), true);
+        assert!(
+            c.detail.starts_with("auto selects qemu with TCG"),
+            "{}",
+            c.detail
+        );
+        assert!(!c.detail.contains("tiny guests"), "{}", c.detail);
+        let c = backend_check(&none, &cpu(None, None), false);
+        assert_eq!(c.status, "fail");
+        assert!(c.detail.contains("no backend"), "{}", c.detail);
+    }
 }

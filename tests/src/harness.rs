@@ -13,8 +13,14 @@ use kiln_vmm::BackendKind;
 use crate::fixtures::BusyboxImage;
 
 /// `target/kiln-tests`: a cache shared by every test run (kernel, initramfs,
-/// root filesystems), so only the first run pays for them.
+/// root filesystems), so only the first run pays for them. `KILN_TEST_ROOT`
+/// puts it elsewhere (the nested tier's L1 uses a tmpfs).
 pub fn test_root() -> PathBuf {
+    if let Some(d) = std::env::var_os("KILN_TEST_ROOT") {
+        let d = PathBuf::from(d);
+        std::fs::create_dir_all(&d).expect("create $KILN_TEST_ROOT");
+        return d;
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -76,11 +82,15 @@ pub fn hardware_kvm() -> Need {
     })
 }
 
-/// The guest agent, built for musl once per test run.
+/// The guest agent, built for musl once per test run; `KILN_AGENT` names a
+/// prebuilt one instead (as it does for `kiln`).
 pub fn agent() -> PathBuf {
     static AGENT: OnceLock<PathBuf> = OnceLock::new();
     AGENT
         .get_or_init(|| {
+            if let Some(p) = std::env::var_os("KILN_AGENT") {
+                return PathBuf::from(p);
+            }
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let root = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .parent()
@@ -154,13 +164,24 @@ pub fn run_dir(name: &str) -> PathBuf {
     d
 }
 
+/// The backend VM tests use: `KILN_TEST_BACKEND` (auto, kvm or qemu),
+/// default auto.
+pub fn backend() -> BackendKind {
+    match std::env::var("KILN_TEST_BACKEND") {
+        Ok(b) => b
+            .parse()
+            .unwrap_or_else(|e| panic!("KILN_TEST_BACKEND: {e}")),
+        Err(_) => BackendKind::Auto,
+    }
+}
+
 pub fn config(run_dir: &Path) -> ExecutorConfig {
     ExecutorConfig {
         cache_dir: cache_dir(),
         run_dir: run_dir.to_path_buf(),
         agent: agent(),
         kernel: kernel(),
-        backend: BackendKind::Auto,
+        backend: backend(),
         vcpus: 1,
         memory_mib: 512,
         scratch_bytes: 4 << 30,

@@ -5,3 +5,4 @@
 pub mod fake_gitlab;
 pub mod fixtures;
 pub mod harness;
+pub mod nested;

@@ -17,7 +17,7 @@ pub mod kvm;
 mod machine;
 pub mod qemu;
 
-pub use host::{probe_kvm, KvmSupport};
+pub use host::{cpu_virt, probe_kvm, CpuVirt, KvmSupport};
 pub use machine::{
     BackendKind, ConsoleStream, Disk, ExitStatus, Machine, MachineConfig, MachineError,
 };

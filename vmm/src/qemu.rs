@@ -34,6 +34,8 @@ pub struct TailBuffer {
     buf: VecDeque<u8>,
     limit: usize,
     dropped: u64,
+    /// Bytes pushed so far, for whoever waits for output.
+    written: tokio::sync::watch::Sender<u64>,
 }
 
 impl TailBuffer {
@@ -42,10 +44,19 @@ impl TailBuffer {
             buf: VecDeque::new(),
             limit,
             dropped: 0,
+            written: tokio::sync::watch::Sender::new(0),
         }
     }
 
+    /// Changes whenever bytes are pushed (its value counts them all).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.written.subscribe()
+    }
+
     pub fn push(&mut self, data: &[u8]) {
+        if !data.is_empty() {
+            self.written.send_modify(|n| *n += data.len() as u64);
+        }
         let data = if data.len() > self.limit {
             self.dropped += (data.len() - self.limit) as u64;
             &data[data.len() - self.limit..]
@@ -191,6 +202,13 @@ impl QemuMachine {
 
     pub(crate) fn serial_log(&self) -> Vec<u8> {
         self.serial.lock().map(|b| b.contents()).unwrap_or_default()
+    }
+
+    pub(crate) fn serial_updates(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.serial
+            .lock()
+            .map(|b| b.subscribe())
+            .unwrap_or_else(|_| tokio::sync::watch::channel(0).1)
     }
 
     pub(crate) async fn wait(&mut self) -> ExitStatus {
@@ -371,7 +389,7 @@ pub fn qemu_args(config: &MachineConfig, accel: &str, console_sock: &Path) -> Ve
 }
 
 /// The host CPU's nominal rate in kHz, from `/proc/cpuinfo`.
-fn host_tsc_khz() -> Option<u64> {
+pub fn host_tsc_khz() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     let mhz: f64 = info
         .lines()

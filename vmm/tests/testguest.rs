@@ -85,7 +85,12 @@ async fn boot(
     fx: &Fixture,
     backend: BackendKind,
     kvm: &KvmSupport,
-) -> (Vec<String>, ExitStatus, Vec<u8>) {
+) -> (
+    Vec<String>,
+    ExitStatus,
+    Vec<u8>,
+    Option<kiln_vmm::kvm::stats::ExitStats>,
+) {
     let (mut machine, console) = Machine::start(fx.config.clone(), backend, kvm)
         .await
         .expect("start");
@@ -118,7 +123,21 @@ async fn boot(
     let status = tokio::time::timeout(Duration::from_secs(30), machine.wait())
         .await
         .unwrap_or(ExitStatus::Failed("did not end within 30 s".into()));
+    if status == ExitStatus::Shutdown {
+        // Whoever reads the console sees its end once the VM is over (the
+        // executor notices a guest that reset or crashed that way).
+        let eof = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Ok(Some(_)) = lines.next_line().await {}
+        })
+        .await;
+        assert!(
+            eof.is_ok(),
+            "the console stream did not end with the VM on {}",
+            machine.describe()
+        );
+    }
     let serial = machine.serial_log();
+    let exits = machine.exit_stats();
     if !got.last().is_some_and(|l| l.starts_with("DONE")) {
         eprintln!(
             "{}: exit {status:?}; serial log:\n{}",
@@ -132,7 +151,7 @@ async fn boot(
         !run_dir.exists(),
         "destroy must remove the per-VM directory"
     );
-    (got, status, serial)
+    (got, status, serial, exits)
 }
 
 fn assert_all_ok(lines: &[String], expected: &[&str]) {
@@ -184,7 +203,7 @@ async fn testguest_passes_every_check_on_the_kvm_backend() {
         Err(why) => panic!("cannot build the test guest: {why}"),
     };
     let fx = fixture(guest, "");
-    let (lines, status, serial) = boot(&fx, BackendKind::Kvm, &kvm).await;
+    let (lines, status, serial, exits) = boot(&fx, BackendKind::Kvm, &kvm).await;
     assert_all_ok(&lines, ALL_CHECKS);
     assert_eq!(
         status,
@@ -197,6 +216,26 @@ async fn testguest_passes_every_check_on_the_kvm_backend() {
         "serial log: {serial}"
     );
     assert!(serial.contains("DONE"), "serial log: {serial}");
+    // Every serial byte was a port write; the POST code to port 0x80 (no
+    // device there) is counted by port; the virtio devices were driven by
+    // MMIO.
+    use kiln_vmm::kvm::stats::ExitReason;
+    let exits = exits.expect("the kvm backend counts exits");
+    let n = |r| exits.by_reason.get(&r).copied().unwrap_or(0);
+    assert!(
+        n(ExitReason::IoOut) >= serial.len() as u64,
+        "{}",
+        exits.summary(8)
+    );
+    assert!(n(ExitReason::MmioRead) > 0 && n(ExitReason::MmioWrite) > 0);
+    assert!(
+        exits
+            .unhandled_ports
+            .get(&0x80)
+            .is_some_and(|p| p.writes >= 1),
+        "{}",
+        exits.summary(8)
+    );
     // The guest's write reached the read-write disk.
     let rw = std::fs::read(fx.dir.path().join("rw.img")).unwrap();
     assert!(rw[512..1024]
@@ -213,7 +252,8 @@ async fn testguest_passes_every_check_on_the_qemu_backend() {
     let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
     let kvm = probe_kvm();
     let fx = fixture(guest, " no_bad_chain");
-    let (lines, status, _) = boot(&fx, BackendKind::Qemu, &kvm).await;
+    let (lines, status, _, exits) = boot(&fx, BackendKind::Qemu, &kvm).await;
+    assert!(exits.is_none(), "exit counts are the kvm backend's");
     let expected: Vec<&str> = ALL_CHECKS
         .iter()
         .copied()

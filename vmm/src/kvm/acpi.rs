@@ -20,6 +20,11 @@ use super::memory::{IOAPIC_ADDR, LAPIC_ADDR};
 
 pub const OEM_ID: [u8; 6] = *b"KILN  ";
 const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
+/// "CMOS RTC Not Present": Linux then registers no `rtc_cmos` device
+/// (`acpi_parse_fadt`, `add_rtc_cmos`) and never probes ports 0x70/0x71,
+/// where nothing answers. Linux reads this flag from hardware-reduced FADTs
+/// too.
+pub const IAPC_NO_CMOS_RTC: u16 = 1 << 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
@@ -128,7 +133,7 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
-    b.iapc_boot_arch = IAPC_VGA_NOT_PRESENT.into();
+    b.iapc_boot_arch = (IAPC_VGA_NOT_PRESENT | IAPC_NO_CMOS_RTC).into();
     b.hypervisor_vendor_identity = u64::from_le_bytes(*b"KILNKVM\0").into();
     bytes(&b.finalize())
 }
@@ -216,6 +221,12 @@ mod tests {
         assert_eq!(&f[..4], b"FACP");
         let flags = u32::from_le_bytes(f[112..116].try_into().unwrap());
         assert_ne!(flags & (1 << 20), 0, "hardware-reduced");
+        let iapc = u16::from_le_bytes(f[109..111].try_into().unwrap());
+        assert_eq!(
+            iapc,
+            IAPC_VGA_NOT_PRESENT | IAPC_NO_CMOS_RTC,
+            "IAPC_BOOT_ARCH: no VGA, no CMOS RTC"
+        );
         let x_dsdt = u64::from_le_bytes(f[140..148].try_into().unwrap());
         let d = read_table(x_dsdt);
         assert_eq!(&d[..4], b"DSDT");

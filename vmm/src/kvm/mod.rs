@@ -24,6 +24,7 @@ pub mod acpi;
 pub mod boot;
 pub mod devices;
 pub mod memory;
+pub mod stats;
 pub mod vcpu;
 
 use std::fs::OpenOptions;
@@ -50,6 +51,7 @@ use self::devices::virtio::block::Block;
 use self::devices::virtio::console::Console;
 use self::devices::virtio::mmio::{HostInterest, MmioTransport, MMIO_SIZE, REG_STATUS};
 use self::devices::virtio::rng::Rng;
+use self::stats::{ExitCounters, ExitStats};
 use crate::machine::{ConsoleStream, ExitStatus, MachineConfig, MachineError};
 use crate::qemu::{TailBuffer, AGENT_PORT_NAME};
 
@@ -77,8 +79,11 @@ pub struct Bus {
     /// changed status) or to stop.
     wake: EventFd,
     exit: tokio::sync::watch::Sender<Option<ExitStatus>>,
+    /// The VMM's end of the console socket (a second descriptor of it).
+    console: std::os::unix::net::UnixStream,
     created: Instant,
     first_exit: OnceLock<Duration>,
+    exits: ExitCounters,
 }
 
 impl Bus {
@@ -90,9 +95,11 @@ impl Bus {
         self.first_exit.get_or_init(|| self.created.elapsed());
     }
 
-    /// Record how the VM ended (the first report wins).
+    /// Record how the VM ended (the first report wins). The VM is over:
+    /// every thread is told to stop, and the console is shut down so that
+    /// whoever reads it sees the end of the stream, as when QEMU exits.
     fn finish(&self, status: ExitStatus) {
-        self.exit.send_if_modified(|s| {
+        let first = self.exit.send_if_modified(|s| {
             if s.is_none() {
                 *s = Some(status);
                 true
@@ -100,6 +107,11 @@ impl Bus {
                 false
             }
         });
+        if first {
+            self.stop.store(true, Ordering::Release);
+            let _ = self.wake.write(1);
+            let _ = self.console.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     /// Returns true when the guest asked for a reset.
@@ -118,13 +130,16 @@ impl Bus {
                     }
                 }
             }
-            _ => {}
+            _ => self.exits.unhandled_port(port, true),
         }
         false
     }
 
+    /// Ports no device claims read as 0, as on Firecracker. Not 0xff (an
+    /// empty ISA bus): Linux's CMOS RTC driver reads 0xff as "update in
+    /// progress" and polls it thousands of times before giving up.
     fn pio_read(&self, port: u16, data: &mut [u8]) {
-        data.fill(0xff);
+        data.fill(0);
         match port {
             p if (COM1_BASE..COM1_BASE + 8).contains(&p) => {
                 if let (Ok(mut s), Some(b)) = (self.serial.lock(), data.first_mut()) {
@@ -136,7 +151,7 @@ impl Bus {
                     *b = k.read(port);
                 }
             }
-            _ => {}
+            _ => self.exits.unhandled_port(port, false),
         }
     }
 
@@ -262,13 +277,7 @@ impl KvmMachine {
         install_kick_handler()?;
 
         let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
-        for cap in [
-            Cap::Irqchip,
-            Cap::Ioeventfd,
-            Cap::Irqfd,
-            Cap::UserMemory,
-            Cap::Pit2,
-        ] {
+        for cap in crate::host::REQUIRED_CAPS {
             if !kvm.check_extension(cap) {
                 return Err(MachineError::BackendUnavailable {
                     backend: "kvm",
@@ -326,6 +335,7 @@ impl KvmMachine {
         vmm_end
             .set_nonblocking(true)
             .map_err(io_err("console socket"))?;
+        let console_end = vmm_end.try_clone().map_err(io_err("console socket"))?;
         let mut models: Vec<Box<dyn devices::virtio::mmio::VirtioDevice>> =
             vec![Box::new(Console::new(AGENT_PORT_NAME, vmm_end))];
         for d in &config.disks {
@@ -404,8 +414,10 @@ impl KvmMachine {
             stop: AtomicBool::new(false),
             wake: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("event loop eventfd"))?,
             exit: exit_tx,
+            console: console_end,
             created,
             first_exit: OnceLock::new(),
+            exits: ExitCounters::default(),
         });
 
         let el = EventLoop::new(bus.clone()).map_err(io_err("event loop"))?;
@@ -461,6 +473,21 @@ impl KvmMachine {
         self.bus.first_exit.get().copied()
     }
 
+    /// VM exits that reached the VMM so far, by reason, and the guest's
+    /// accesses to ports no device claims.
+    pub fn exit_stats(&self) -> ExitStats {
+        self.bus.exits.snapshot()
+    }
+
+    /// Notified on every byte the guest writes to its serial console (the
+    /// value counts them); wait on it instead of polling [`Self::serial_log`].
+    pub fn serial_updates(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.serial
+            .lock()
+            .map(|b| b.subscribe())
+            .unwrap_or_else(|_| tokio::sync::watch::channel(0).1)
+    }
+
     /// Guest RAM size in bytes, and how much of it is resident in the host.
     pub fn guest_memory_resident(&self) -> (u64, u64) {
         let mut resident = 0u64;
@@ -493,6 +520,7 @@ impl KvmMachine {
     /// Stop every thread: vCPUs are kicked out of `KVM_RUN` with a signal
     /// until they notice the stop flag.
     fn stop(&mut self) {
+        let running = !self.vcpu_threads.is_empty();
         self.bus.stop.store(true, Ordering::Release);
         self.bus.finish(ExitStatus::Killed);
         let _ = self.bus.wake.write(1);
@@ -516,6 +544,9 @@ impl KvmMachine {
         }
         if self.exited.is_none() {
             self.exited = self.exit_rx.borrow().clone();
+        }
+        if running {
+            tracing::debug!(exits = %self.bus.exits.snapshot().summary(16), "kvm VM stopped");
         }
     }
 

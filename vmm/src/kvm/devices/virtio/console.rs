@@ -116,41 +116,53 @@ impl Console {
         used
     }
 
+    /// Move the guest's transmit buffers to the host socket, at most
+    /// `BUFFER_LIMIT` bytes held at a time. Goes on until the queue is empty
+    /// or the socket is full: the guest notified once and may wait for used
+    /// buffers before it notifies again, so stopping at the limit while the
+    /// socket still had room would stall the stream for good. A full socket
+    /// resumes it (`host_ready`).
     fn drain_tx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
-        while self.to_host.len() < BUFFER_LIMIT {
-            let chain = match queues[TX].pop(mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!("virtio-console: transmit queue broken: {e}");
-                    break;
-                }
-            };
-            match &chain.descriptors {
-                Ok(descs) => {
-                    let total: usize = descs
-                        .iter()
-                        .filter(|d| !d.write_only)
-                        .map(|d| d.len as usize)
-                        .sum();
-                    let mut buf = vec![0u8; total.min(BUFFER_LIMIT)];
-                    match Chain::read_from(descs, mem, &mut buf) {
-                        Ok(n) => {
-                            if !self.host_closed {
-                                self.to_host.extend(&buf[..n]);
-                            }
-                        }
-                        Err(e) => tracing::warn!("virtio-console: bad transmit buffer: {e}"),
+        loop {
+            let mut popped = false;
+            while self.to_host.len() < BUFFER_LIMIT {
+                let chain = match queues[TX].pop(mem) {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!("virtio-console: transmit queue broken: {e}");
+                        break;
                     }
+                };
+                match &chain.descriptors {
+                    Ok(descs) => {
+                        let total: usize = descs
+                            .iter()
+                            .filter(|d| !d.write_only)
+                            .map(|d| d.len as usize)
+                            .sum();
+                        let mut buf = vec![0u8; total.min(BUFFER_LIMIT)];
+                        match Chain::read_from(descs, mem, &mut buf) {
+                            Ok(n) => {
+                                if !self.host_closed {
+                                    self.to_host.extend(&buf[..n]);
+                                }
+                            }
+                            Err(e) => tracing::warn!("virtio-console: bad transmit buffer: {e}"),
+                        }
+                    }
+                    Err(e) => tracing::warn!("virtio-console: bad transmit chain: {e}"),
                 }
-                Err(e) => tracing::warn!("virtio-console: bad transmit chain: {e}"),
+                let _ = queues[TX].add_used(mem, chain.head, 0);
+                used = true;
+                popped = true;
             }
-            let _ = queues[TX].add_used(mem, chain.head, 0);
-            used = true;
+            self.flush_host();
+            if !popped || self.to_host.len() >= BUFFER_LIMIT {
+                return used;
+            }
         }
-        self.flush_host();
-        used
     }
 
     fn flush_host(&mut self) {
@@ -467,6 +479,28 @@ mod tests {
         mem.read_slice(&mut a[2..], GuestAddress(0xb1000)).unwrap();
         assert_eq!(&a, b"ping");
         let _ = mock::DATA;
+    }
+
+    #[test]
+    fn transmit_goes_on_past_the_buffer_limit_while_the_host_takes_it() {
+        let (mem, mut t, mut host) = setup();
+        // Four 40 KiB buffers (more than BUFFER_LIMIT in all), one notify:
+        // the guest may wait for them all to be used before it notifies again.
+        let len = 40 * 1024u32;
+        for i in 0..4u16 {
+            let addr = 0xc0000 + u64::from(i) * u64::from(len);
+            mem.write_slice(&vec![i as u8 + 1; len as usize], GuestAddress(addr))
+                .unwrap();
+            desc(&mem, 1, i, addr, len, 0);
+            publish(&mem, 1, i);
+        }
+        t.process_queue(1);
+        assert_eq!(used(&mem, 1), 4, "every buffer used after one notify");
+        let mut got = vec![0u8; 4 * len as usize];
+        host.read_exact(&mut got).unwrap();
+        for (i, c) in got.chunks(len as usize).enumerate() {
+            assert!(c.iter().all(|&b| b == i as u8 + 1), "buffer {i} in order");
+        }
     }
 
     #[test]

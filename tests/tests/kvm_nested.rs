@@ -1,0 +1,446 @@
+//! The kvm backend's Linux suite: jobs on the stock Debian kernel booted by
+//! kiln's embedded VMM, on real KVM.
+//!
+//! - Where `/dev/kvm` runs unmodified guests (VT-x/AMD-V), the `kvm_*` tests
+//!   run directly and `kvm_suite_runs_in_a_nested_l1_vm` skips.
+//! - Elsewhere (nested PVM, no `/dev/kvm`) the `kvm_*` tests skip here and
+//!   `kvm_suite_runs_in_a_nested_l1_vm` boots an L1 VM under QEMU TCG with
+//!   emulated AMD-V (`kiln_tests::nested`) and runs them all inside it,
+//!   one by one, streaming their output; there they must pass, not skip.
+//!
+//! `cargo test -p kiln-tests --test kvm_nested -- --nocapture`
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use kiln::executor::FailureReason;
+use kiln::sink::BufferSink;
+use kiln::JobResult;
+use kiln_agent::proto::Stream;
+use kiln_pipelines::{ArtifactSpec, ArtifactWhen, JobSource, JobSpec, Step, StepWhen};
+use kiln_tests::harness::{self, assert_no_leaks};
+use kiln_tests::nested;
+use kiln_vmm::BackendKind;
+
+/// The tests the nested tier runs inside L1 (every `kvm_*` test below).
+const SUITE: &[&str] = &[
+    "kvm_job_output_arrives_intact_in_order_with_exit_codes",
+    "kvm_step_timeout_ends_the_step_and_later_steps_run",
+    "kvm_job_timeout_kills_the_vm",
+    "kvm_guest_that_never_answers_is_killed_at_the_boot_timeout",
+    "kvm_graceful_cancel_stops_the_step_and_runs_always_steps",
+    "kvm_workspace_disk_is_read_write_and_artifacts_come_back",
+    "kvm_two_vcpus_run_the_job",
+    "kvm_guest_kernel_panic_is_a_system_failure_with_the_log_kept",
+    "kvm_guest_reset_ends_the_vm_as_a_system_failure",
+];
+
+/// Skip unless the kvm backend can boot Linux here; inside L1 that is a
+/// failure, never a skip.
+macro_rules! require_linux_kvm {
+    () => {
+        let kvm = kiln_vmm::probe_kvm();
+        if !kvm.runs_unmodified_guests() || kiln_tests::fixtures::busybox_path().is_err() {
+            let why = format!(
+                "the kvm backend cannot boot Linux here ({}); \
+                 kvm_suite_runs_in_a_nested_l1_vm runs this test in an L1 VM",
+                kvm.describe()
+            );
+            assert!(!nested::in_l1(), "inside L1: {why}");
+            eprintln!("skipping: {why}");
+            return;
+        }
+    };
+}
+
+fn job(script: &str) -> JobSpec {
+    JobSpec::single(
+        "test",
+        harness::busybox_image().to_string_lossy(),
+        Step::script("script", script),
+    )
+}
+
+fn step(name: &str, script: &str, when: StepWhen, allow_failure: bool) -> Step {
+    let mut s = Step::script(name, script);
+    s.when = when;
+    s.allow_failure = allow_failure;
+    s
+}
+
+/// Run `job` on the kvm backend with `tweak` applied to the executor's
+/// configuration; checks nothing is left behind.
+async fn run_kvm(
+    name: &str,
+    job: &JobSpec,
+    tweak: impl FnOnce(&mut kiln::ExecutorConfig),
+    sink: &mut dyn kiln::sink::JobSink,
+    cancel: tokio::sync::watch::Receiver<Option<bool>>,
+    artifacts_to: Option<&Path>,
+) -> JobResult {
+    let dir = harness::run_dir(name);
+    let mut cfg = harness::config(&dir);
+    cfg.backend = BackendKind::Kvm;
+    tweak(&mut cfg);
+    let ex = kiln::Executor::new(cfg).expect("executor");
+    let t = Instant::now();
+    let r = ex.run_collecting(job, sink, cancel, artifacts_to).await;
+    eprintln!(
+        "{name}: {} (wall {:.1} s, guest boot {} ms)",
+        r.summary(),
+        t.elapsed().as_secs_f64(),
+        r.guest_boot_ms
+    );
+    assert_no_leaks(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+async fn run(name: &str, job: &JobSpec) -> (JobResult, BufferSink) {
+    let (_tx, rx) = tokio::sync::watch::channel(None);
+    let mut sink = BufferSink::default();
+    let r = run_kvm(name, job, |_| {}, &mut sink, rx, None).await;
+    (r, sink)
+}
+
+fn step_output(sink: &BufferSink, step: u32, stream: Stream) -> Vec<u8> {
+    sink.chunks
+        .iter()
+        .filter(|c| c.0 == step && c.1 == stream)
+        .flat_map(|c| c.2.iter().copied())
+        .collect()
+}
+
+fn serial_log(r: &JobResult) -> String {
+    r.debug_log
+        .as_ref()
+        .and_then(|p| std::fs::read(p).ok())
+        .map(|b| String::from_utf8_lossy(&b).to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvm_job_output_arrives_intact_in_order_with_exit_codes() {
+    require_linux_kvm!();
+    let mut j = job(
+        "i=0; while [ $i -lt 2000 ]; do echo \"out $i\"; echo \"err $i\" >&2; i=$((i+1)); done; uname -r",
+    );
+    j.steps.push(step(
+        "binary",
+        "head -c 4194304 /dev/urandom > /tmp/blob; cat /tmp/blob; sha256sum /tmp/blob >&2; printf '\\000\\001\\377' >&2",
+        StepWhen::OnSuccess,
+        false,
+    ));
+    j.steps
+        .push(step("one", "echo one >&2; exit 1", StepWhen::Always, true));
+    j.steps
+        .push(step("killed", "kill -9 $$", StepWhen::Always, true));
+    j.steps.push(step(
+        "last",
+        "echo about to fail; exit 3",
+        StepWhen::Always,
+        false,
+    ));
+    let (r, sink) = run("kvm-output", &j).await;
+    assert!(r.backend.starts_with("kvm"), "{r:?}");
+    let codes: Vec<i32> = r.steps.iter().map(|s| s.exit_code).collect();
+    assert_eq!(codes, vec![0, 0, 1, 137, 3], "{r:?}");
+    assert_eq!(r.failure, Some(FailureReason::ScriptFailure), "{r:?}");
+    assert_eq!(r.exit_code, 3, "the last step's code is the job's");
+
+    let out = String::from_utf8(step_output(&sink, 0, Stream::Stdout)).unwrap();
+    let err = String::from_utf8(step_output(&sink, 0, Stream::Stderr)).unwrap();
+    let out_lines: Vec<&str> = out.lines().collect();
+    let err_lines: Vec<&str> = err.lines().collect();
+    assert_eq!(out_lines.len(), 2001, "2000 lines and uname -r");
+    assert_eq!(err_lines.len(), 2000);
+    for i in 0..2000 {
+        assert_eq!(out_lines[i], format!("out {i}"));
+        assert_eq!(err_lines[i], format!("err {i}"));
+    }
+    assert!(
+        out_lines[2000].contains("cloud-amd64"),
+        "{}",
+        out_lines[2000]
+    );
+
+    let blob = step_output(&sink, 1, Stream::Stdout);
+    assert_eq!(blob.len(), 4 << 20);
+    use sha2::Digest;
+    let ours = hex::encode(sha2::Sha256::digest(&blob));
+    let theirs = step_output(&sink, 1, Stream::Stderr);
+    assert_eq!(
+        ours,
+        String::from_utf8_lossy(&theirs[..64]),
+        "SHA-256 of what arrived vs what the guest sent"
+    );
+    assert!(theirs.ends_with(&[0, 1, 0xff]), "binary bytes on stderr");
+    assert_eq!(step_output(&sink, 2, Stream::Stderr), b"one\n");
+    assert_eq!(step_output(&sink, 4, Stream::Stdout), b"about to fail\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvm_step_timeout_ends_the_step_and_later_steps_run() {
+    require_linux_kvm!();
+    let mut j = job("echo started; sleep 600");
+    j.steps[0].timeout = Some(Duration::from_secs(3));
+    j.steps
+        .push(step("after", "echo after ran", StepWhen::Always, false));
+    j.steps.push(step(
+        "never",
+        "echo must not run",
+        StepWhen::OnSuccess,
+        false,
+    ));
+    let (r, sink) = run("kvm-step-timeout", &j).await;
+    assert_eq!(r.failure, Some(FailureReason::JobExecutionTimeout), "{r:?}");
+    assert!(r.steps[0].timed_out && r.steps[0].exit_code == 137, "{r:?}");
+    assert!(r.steps[2].skipped, "{r:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&sink.stdout),
+        "started\nafter ran\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvm_job_timeout_kills_the_vm() {
+    require_linux_kvm!();
+    let mut j = job("echo started; sleep 600");
+    j.timeout = Some(Duration::from_secs(5));
+    let (r, sink) = run("kvm-job-timeout", &j).await;
+    assert_eq!(r.failure, Some(FailureReason::JobExecutionTimeout), "{r:?}");
+    assert_eq!(String::from_utf8_lossy(&sink.stdout), "started\n");
+    assert!(
+        r.run_ms < 300_000,
+        "the VM was killed at the job timeout, not after the sleep: {} ms",
+        r.run_ms
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvm_guest_that_never_answers_is_killed_at_the_boot_timeout() {
+    require_linux_kvm!();
+    // busybox as /init boots but never speaks the protocol.
+    let busybox = kiln_tests::fixtures::busybox_path().unwrap();
+    let (_tx, rx) = tokio::sync::watch::channel(None);
+    let r = run_kvm(
+        "kvm-boot-timeout",
+        &job("echo hi"),
+        |c| {
+            c.agent = busybox;
+            c.boot_timeout = Duration::from_secs(20);
+        },
+        &mut BufferSink::default(),
+        rx,
+        None,
+    )
+    .await;
+    match &r.failure {
+        Some(FailureReason::RunnerSystemFailure(m)) => assert!(m.contains("boot timeout"), "{m}"),
+        other => panic!("expected a system failure, got {other:?}"),
+    }
+    assert!(
+        r.debug_log.as_ref().is_some_and(|p| p.exists()),
+        "the serial log is kept for failed boots"
+    );
+}
+
+/// Collects output and requests a graceful cancel at the first byte.
+struct CancelAtFirstOutput {
+    inner: BufferSink,
+    tx: tokio::sync::watch::Sender<Option<bool>>,
+}
+
+impl kiln::sink::JobSink for CancelAtFirstOutput {
+    fn output(&mut self, step: u32, stream: Stream, data: &[u8]) {
+        self.inner.output(step, stream, data);
+        let _ = self.tx.send(Some(true));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvm_graceful_cancel_stops_the_step_and_runs_always_steps() {
+    require_linux_kvm!();
+    let mut j = job("echo started; sleep 600; echo not reached");
+    j.steps
+        .push(step("after", "echo cleanup", StepWhen::Always, false));
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let mut sink = CancelAtFirstOutput {
+        inner: BufferSink::default(),
+        tx,
+    };
+    let r = run_kvm("kvm-cancel", &j, |_| {}, &mut sink, rx, None).await;
+    assert_eq!(r.failure, Some(FailureReason::Canceled), "{r:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&sink.inner.stdout),
+        "started\ncleanup\n"
+    );
+    assert!(
+        r.steps[0].canceled && r.steps[0].exit_code == 143,
+        "SIGTERM ended the step: {r:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvm_workspace_disk_is_read_write_and_artifacts_come_back() {
+    require_linux_kvm!();
+    let base = harness::test_root().join(format!("kvm-ws-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let src = base.join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("input.txt"), "from the host\n").unwrap();
+    let payload: Vec<u8> = (0..1u32 << 20).map(|i| (i * 31 % 251) as u8).collect();
+    std::fs::write(src.join("sub/data.bin"), &payload).unwrap();
+    let mut j = job(
+        "cat input.txt; sha256sum sub/data.bin | cut -c1-64; mkdir -p out; \
+         echo written in the guest > out/result.txt; cp sub/data.bin out/copy.bin; \
+         echo changed > input.txt; cat input.txt",
+    );
+    j.source = JobSource::LocalDir(src.clone());
+    j.working_dir = Some("/builds/test".into());
+    j.artifacts.push(ArtifactSpec {
+        name: None,
+        paths: vec!["out/".into()],
+        exclude: vec![],
+        untracked: false,
+        when: ArtifactWhen::OnSuccess,
+        expire_in: None,
+    });
+    let to = base.join("artifacts");
+    let (_tx, rx) = tokio::sync::watch::channel(None);
+    let mut sink = BufferSink::default();
+    let r = run_kvm("kvm-workspace", &j, |_| {}, &mut sink, rx, Some(&to)).await;
+    assert!(
+        r.success(),
+        "{r:?}: {}",
+        String::from_utf8_lossy(&sink.stderr)
+    );
+    use sha2::Digest;
+    assert_eq!(
+        String::from_utf8_lossy(&sink.stdout),
+        format!(
+            "from the host\n{}\nchanged\n",
+            hex::encode(sha2::Sha256::digest(&payload))
+        )
+    );
+    assert_eq!(
+        std::fs::read_to_string(to.join("out/result.txt")).unwrap(),
+        "written in the guest\n"
+    );
+    assert_eq!(std::fs::read(to.join("out/copy.bin")).unwrap(), payload);
+    assert_eq!(
+        std::fs::read_to_string(src.join("input.txt")).unwrap(),
+        "from the host\n",
+        "the host's copy is never written"
+    );
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvm_two_vcpus_run_the_job() {
+    require_linux_kvm!();
+    let (_tx, rx) = tokio::sync::watch::channel(None);
+    let mut sink = BufferSink::default();
+    let r = run_kvm(
+        "kvm-2cpu",
+        &job("nproc; grep -c ^processor /proc/cpuinfo; cat /sys/devices/system/cpu/online"),
+        |c| c.vcpus = 2,
+        &mut sink,
+        rx,
+        None,
+    )
+    .await;
+    assert!(
+        r.success(),
+        "{r:?}: {}",
+        String::from_utf8_lossy(&sink.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&sink.stdout), "2\n2\n0-1\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvm_guest_kernel_panic_is_a_system_failure_with_the_log_kept() {
+    require_linux_kvm!();
+    // The crash may overtake the agent's forwarding of earlier output, so
+    // the output is not checked; the serial log is.
+    let mut j = job("echo c > /proc/sysrq-trigger; sleep 600");
+    j.timeout = Some(Duration::from_secs(120));
+    let (r, _) = run("kvm-panic", &j).await;
+    match &r.failure {
+        Some(FailureReason::RunnerSystemFailure(m)) => assert!(m.contains("VM ended"), "{m}"),
+        other => panic!("expected a system failure, got {other:?}"),
+    }
+    let log = serial_log(&r);
+    assert!(
+        log.contains("sysrq: Trigger a crash") && log.contains("Kernel panic"),
+        "serial log: {log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvm_guest_reset_ends_the_vm_as_a_system_failure() {
+    require_linux_kvm!();
+    let mut j = job("reboot -f; sleep 600");
+    j.timeout = Some(Duration::from_secs(120));
+    let (r, _) = run("kvm-reset", &j).await;
+    match &r.failure {
+        Some(FailureReason::RunnerSystemFailure(m)) => assert!(m.contains("VM ended"), "{m}"),
+        other => panic!("expected a system failure, got {other:?}"),
+    }
+    let log = serial_log(&r);
+    assert!(
+        log.contains("reboot: Restarting system"),
+        "serial log: {log}"
+    );
+}
+
+/// Where the host cannot boot Linux on the kvm backend, run every `kvm_*`
+/// test above inside an L1 VM that can (QEMU TCG emulating AMD-V).
+#[test]
+fn kvm_suite_runs_in_a_nested_l1_vm() {
+    if nested::in_l1() {
+        return; // this is L1: the suite runs as separate tests
+    }
+    if kiln_vmm::probe_kvm().runs_unmodified_guests() {
+        eprintln!("skipping: /dev/kvm runs Linux here; the kvm_* tests ran directly");
+        return;
+    }
+    if let Some(why) = nested::skip_reason() {
+        eprintln!("SKIPPING the nested-KVM tier: {why}");
+        return;
+    }
+    let cfg = nested::default_config().expect("the L1 kernel and its KVM modules");
+    let agent = harness::agent();
+    let me = std::env::current_exe().expect("this test binary");
+    let mut argv = vec![me.to_string_lossy().to_string()];
+    argv.extend(SUITE.iter().map(|s| s.to_string()));
+    argv.extend(["--exact", "--test-threads=1", "--nocapture"].map(String::from));
+    let payload = nested::Payload {
+        argv,
+        env: nested::l1_env(&agent),
+        cwd: nested::L1_TEST_ROOT.into(),
+        include: vec![agent],
+    };
+    let mut result_line = None;
+    let report = nested::run(&cfg, &payload, &mut |l| {
+        eprintln!("[L1] {l}");
+        if l.starts_with("test result:") {
+            result_line = Some(l.to_string());
+        }
+    })
+    .expect("the nested tier ran");
+    eprintln!("nested tier: {}", report.timing());
+    match report.outcome {
+        nested::Outcome::NoKvm(why) => {
+            eprintln!("SKIPPING the nested-KVM tier: L1 booted but has no /dev/kvm:\n{why}");
+        }
+        nested::Outcome::Exited(code) => {
+            let line = result_line.unwrap_or_default();
+            assert_eq!(code, 0, "the suite failed inside L1: {line}");
+            assert!(
+                line.contains(&format!("{} passed; 0 failed", SUITE.len())),
+                "every test of the suite ran and passed inside L1: {line}"
+            );
+        }
+    }
+}
