@@ -2,8 +2,8 @@
 //! kiln's embedded VMM, on real KVM.
 //!
 //! - Where `/dev/kvm` runs unmodified guests (VT-x/AMD-V), the `kvm_*` tests
-//!   run directly and `kvm_suite_runs_in_a_nested_l1_vm` skips.
-//! - Elsewhere (nested PVM, no `/dev/kvm`) the `kvm_*` tests skip here and
+//!   run directly and `kvm_suite_runs_in_a_nested_l1_vm` is ignored.
+//! - Elsewhere (nested PVM, no `/dev/kvm`) the `kvm_*` tests are ignored here and
 //!   `kvm_suite_runs_in_a_nested_l1_vm` boots an L1 VM under QEMU TCG with
 //!   emulated AMD-V (`kiln_tests::nested`) and runs them all inside it,
 //!   one by one, streaming their output; there they must pass, not skip.
@@ -34,24 +34,6 @@ const SUITE: &[&str] = &[
     "kvm_guest_kernel_panic_is_a_system_failure_with_the_log_kept",
     "kvm_guest_reset_ends_the_vm_as_a_system_failure",
 ];
-
-/// Skip unless the kvm backend can boot Linux here; inside L1 that is a
-/// failure, never a skip.
-macro_rules! require_linux_kvm {
-    () => {
-        let kvm = kiln_vmm::probe_kvm();
-        if !kvm.runs_unmodified_guests() || kiln_tests::fixtures::busybox_path().is_err() {
-            let why = format!(
-                "the kvm backend cannot boot Linux here ({}); \
-                 kvm_suite_runs_in_a_nested_l1_vm runs this test in an L1 VM",
-                kvm.describe()
-            );
-            assert!(!nested::in_l1(), "inside L1: {why}");
-            eprintln!("skipping: {why}");
-            return;
-        }
-    };
-}
 
 fn job(script: &str) -> JobSpec {
     JobSpec::single(
@@ -119,9 +101,7 @@ fn serial_log(r: &JobResult) -> String {
         .unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvm_job_output_arrives_intact_in_order_with_exit_codes() {
-    require_linux_kvm!();
     let mut j = job(
         "i=0; while [ $i -lt 2000 ]; do echo \"out $i\"; echo \"err $i\" >&2; i=$((i+1)); done; uname -r",
     );
@@ -179,9 +159,7 @@ async fn kvm_job_output_arrives_intact_in_order_with_exit_codes() {
     assert_eq!(step_output(&sink, 4, Stream::Stdout), b"about to fail\n");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvm_step_timeout_ends_the_step_and_later_steps_run() {
-    require_linux_kvm!();
     let mut j = job("echo started; sleep 600");
     j.steps[0].timeout = Some(Duration::from_secs(3));
     j.steps
@@ -202,9 +180,7 @@ async fn kvm_step_timeout_ends_the_step_and_later_steps_run() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvm_job_timeout_kills_the_vm() {
-    require_linux_kvm!();
     let mut j = job("echo started; sleep 600");
     j.timeout = Some(Duration::from_secs(5));
     let (r, sink) = run("kvm-job-timeout", &j).await;
@@ -217,9 +193,7 @@ async fn kvm_job_timeout_kills_the_vm() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvm_guest_that_never_answers_is_killed_at_the_boot_timeout() {
-    require_linux_kvm!();
     // busybox as /init boots but never speaks the protocol.
     let busybox = kiln_tests::fixtures::busybox_path().unwrap();
     let (_tx, rx) = tokio::sync::watch::channel(None);
@@ -258,9 +232,7 @@ impl kiln::sink::JobSink for CancelAtFirstOutput {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvm_graceful_cancel_stops_the_step_and_runs_always_steps() {
-    require_linux_kvm!();
     let mut j = job("echo started; sleep 600; echo not reached");
     j.steps
         .push(step("after", "echo cleanup", StepWhen::Always, false));
@@ -281,9 +253,7 @@ async fn kvm_graceful_cancel_stops_the_step_and_runs_always_steps() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvm_workspace_disk_is_read_write_and_artifacts_come_back() {
-    require_linux_kvm!();
     let base = harness::test_root().join(format!("kvm-ws-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     let src = base.join("src");
@@ -336,9 +306,7 @@ async fn kvm_workspace_disk_is_read_write_and_artifacts_come_back() {
     std::fs::remove_dir_all(&base).unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvm_two_vcpus_run_the_job() {
-    require_linux_kvm!();
     let (_tx, rx) = tokio::sync::watch::channel(None);
     let mut sink = BufferSink::default();
     let r = run_kvm(
@@ -358,9 +326,7 @@ async fn kvm_two_vcpus_run_the_job() {
     assert_eq!(String::from_utf8_lossy(&sink.stdout), "2\n2\n0-1\n");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvm_guest_kernel_panic_is_a_system_failure_with_the_log_kept() {
-    require_linux_kvm!();
     // The crash may overtake the agent's forwarding of earlier output, so
     // the output is not checked; the serial log is.
     let mut j = job("echo c > /proc/sysrq-trigger; sleep 600");
@@ -377,9 +343,7 @@ async fn kvm_guest_kernel_panic_is_a_system_failure_with_the_log_kept() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvm_guest_reset_ends_the_vm_as_a_system_failure() {
-    require_linux_kvm!();
     let mut j = job("reboot -f; sleep 600");
     j.timeout = Some(Duration::from_secs(120));
     let (r, _) = run("kvm-reset", &j).await;
@@ -396,25 +360,13 @@ async fn kvm_guest_reset_ends_the_vm_as_a_system_failure() {
 
 /// Where the host cannot boot Linux on the kvm backend, run every `kvm_*`
 /// test above inside an L1 VM that can (QEMU TCG emulating AMD-V).
-#[test]
 fn kvm_suite_runs_in_a_nested_l1_vm() {
-    if nested::in_l1() {
-        return; // this is L1: the suite runs as separate tests
-    }
-    if kiln_vmm::probe_kvm().runs_unmodified_guests() {
-        eprintln!("skipping: /dev/kvm runs Linux here; the kvm_* tests ran directly");
-        return;
-    }
-    if let Some(why) = nested::skip_reason() {
-        eprintln!("SKIPPING the nested-KVM tier: {why}");
-        return;
-    }
     let cfg = nested::default_config().expect("the L1 kernel and its KVM modules");
     let agent = harness::agent();
     let me = std::env::current_exe().expect("this test binary");
     let mut argv = vec![me.to_string_lossy().to_string()];
-    argv.extend(SUITE.iter().map(|s| s.to_string()));
-    argv.extend(["--exact", "--test-threads=1", "--nocapture"].map(String::from));
+    // Every `kvm_*` test; this one is ignored inside L1 (`outside_l1`).
+    argv.extend(["kvm_", "--test-threads=1", "--nocapture"].map(String::from));
     let payload = nested::Payload {
         argv,
         env: nested::l1_env(&agent),
@@ -432,7 +384,11 @@ fn kvm_suite_runs_in_a_nested_l1_vm() {
     eprintln!("nested tier: {}", report.timing());
     match report.outcome {
         nested::Outcome::NoKvm(why) => {
-            eprintln!("SKIPPING the nested-KVM tier: L1 booted but has no /dev/kvm:\n{why}");
+            assert!(
+                !kiln_testkit::required("nested-kvm"),
+                "required prerequisite `nested-kvm` is missing: L1 booted but has no /dev/kvm:\n{why}"
+            );
+            eprintln!("SKIPPED the nested-KVM tier: L1 booted but has no /dev/kvm:\n{why}");
         }
         nested::Outcome::Exited(code) => {
             let line = result_line.unwrap_or_default();
@@ -443,4 +399,78 @@ fn kvm_suite_runs_in_a_nested_l1_vm() {
             );
         }
     }
+}
+
+fn main() -> std::process::ExitCode {
+    use kiln_testkit::Need;
+    // The kvm_* tests above run directly where the kvm backend boots Linux
+    // (hardware KVM, or inside L1) and are ignored elsewhere; there this one
+    // runs them in L1, where they must all pass.
+    let outside_l1 = Need::custom("outside-l1", || {
+        if nested::in_l1() {
+            Err("this is L1: the kvm_* tests run here directly".into())
+        } else {
+            Ok(())
+        }
+    });
+    let no_hardware_kvm = Need::custom("no-hardware-kvm", || {
+        if kiln_vmm::probe_kvm().runs_unmodified_guests() {
+            Err("/dev/kvm runs Linux here: the kvm_* tests ran directly".into())
+        } else {
+            Ok(())
+        }
+    });
+    let nested_kvm = Need::custom("nested-kvm", || nested::skip_reason().map_or(Ok(()), Err));
+    kiln_testkit::Suite::new()
+        .tokio(
+            "kvm_job_output_arrives_intact_in_order_with_exit_codes",
+            &[harness::busybox(), harness::hardware_kvm()],
+            kvm_job_output_arrives_intact_in_order_with_exit_codes,
+        )
+        .tokio(
+            "kvm_step_timeout_ends_the_step_and_later_steps_run",
+            &[harness::busybox(), harness::hardware_kvm()],
+            kvm_step_timeout_ends_the_step_and_later_steps_run,
+        )
+        .tokio(
+            "kvm_job_timeout_kills_the_vm",
+            &[harness::busybox(), harness::hardware_kvm()],
+            kvm_job_timeout_kills_the_vm,
+        )
+        .tokio(
+            "kvm_guest_that_never_answers_is_killed_at_the_boot_timeout",
+            &[harness::busybox(), harness::hardware_kvm()],
+            kvm_guest_that_never_answers_is_killed_at_the_boot_timeout,
+        )
+        .tokio(
+            "kvm_graceful_cancel_stops_the_step_and_runs_always_steps",
+            &[harness::busybox(), harness::hardware_kvm()],
+            kvm_graceful_cancel_stops_the_step_and_runs_always_steps,
+        )
+        .tokio(
+            "kvm_workspace_disk_is_read_write_and_artifacts_come_back",
+            &[harness::busybox(), harness::hardware_kvm()],
+            kvm_workspace_disk_is_read_write_and_artifacts_come_back,
+        )
+        .tokio(
+            "kvm_two_vcpus_run_the_job",
+            &[harness::busybox(), harness::hardware_kvm()],
+            kvm_two_vcpus_run_the_job,
+        )
+        .tokio(
+            "kvm_guest_kernel_panic_is_a_system_failure_with_the_log_kept",
+            &[harness::busybox(), harness::hardware_kvm()],
+            kvm_guest_kernel_panic_is_a_system_failure_with_the_log_kept,
+        )
+        .tokio(
+            "kvm_guest_reset_ends_the_vm_as_a_system_failure",
+            &[harness::busybox(), harness::hardware_kvm()],
+            kvm_guest_reset_ends_the_vm_as_a_system_failure,
+        )
+        .test(
+            "kvm_suite_runs_in_a_nested_l1_vm",
+            &[outside_l1, no_hardware_kvm, nested_kvm],
+            kvm_suite_runs_in_a_nested_l1_vm,
+        )
+        .run()
 }
