@@ -35,3 +35,7 @@ done
 cargo build -q --release -p kiln
 cargo build -q -p kiln-agent --target x86_64-unknown-linux-musl --profile agent
 ./target/release/kiln kernel fetch
+# The tests' own cache (target/kiln-tests, or $KILN_TEST_ROOT): tests never
+# download, so the kernel is fetched for them here.
+KILN_CACHE_DIR="${KILN_TEST_ROOT:-${CARGO_TARGET_DIR:-target}/kiln-tests}/cache" \
+  ./target/release/kiln kernel fetch

@@ -125,13 +125,20 @@ pub fn cache_dir() -> PathBuf {
     test_root().join("cache")
 }
 
-/// The default guest kernel (fetched into the test cache on first use).
+/// The default guest kernel, from the test cache (`scripts/setup.sh`).
 pub fn kernel() -> Kernel {
     static K: OnceLock<Kernel> = OnceLock::new();
     K.get_or_init(|| {
+        // Tests never download: scripts/setup.sh fetches the kernel into
+        // the test cache beforehand.
         let cache = Cache::open(cache_dir()).expect("open the test cache");
-        Kernel::default_kernel(&cache)
-            .expect("provision the default guest kernel (apt-get download)")
+        Kernel::cached(&cache).into_iter().next().unwrap_or_else(|| {
+            panic!(
+                "no guest kernel in the test cache {}: run scripts/setup.sh \
+                 (it runs KILN_CACHE_DIR=<that dir> kiln kernel fetch)",
+                cache_dir().display()
+            )
+        })
     })
     .clone()
 }
