@@ -132,13 +132,16 @@ pub fn kernel() -> Kernel {
         // Tests never download: scripts/setup.sh fetches the kernel into
         // the test cache beforehand.
         let cache = Cache::open(cache_dir()).expect("open the test cache");
-        Kernel::cached(&cache).into_iter().next().unwrap_or_else(|| {
-            panic!(
-                "no guest kernel in the test cache {}: run scripts/setup.sh \
+        Kernel::cached(&cache)
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| {
+                panic!(
+                    "no guest kernel in the test cache {}: run scripts/setup.sh \
                  (it runs KILN_CACHE_DIR=<that dir> kiln kernel fetch)",
-                cache_dir().display()
-            )
-        })
+                    cache_dir().display()
+                )
+            })
     })
     .clone()
 }
