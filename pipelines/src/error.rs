@@ -98,6 +98,24 @@ impl Error {
             _ => None,
         }
     }
+
+    /// The same error, reported as a limit that was reached (the path
+    /// shortened into the message).
+    pub(crate) fn into_limit(self) -> Error {
+        match self {
+            Error::Invalid {
+                file,
+                location,
+                path,
+                message,
+            } => Error::Limit {
+                file,
+                location,
+                message: format!("{}: {message}", short_n(&path, 120)),
+            },
+            other => other,
+        }
+    }
 }
 
 /// An error in a GitHub expression (`${{ }}`) or GitLab `rules: if`.

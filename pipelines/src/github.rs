@@ -277,19 +277,7 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
 
 /// A limit error at `path`.
 fn limit_err(c: &yaml::Ctx<'_>, path: &[Seg], message: String) -> Error {
-    match c.err(path, message) {
-        Error::Invalid {
-            file,
-            location,
-            path,
-            message,
-        } => Error::Limit {
-            file,
-            location,
-            message: format!("{}: {message}", short_n(&path, 120)),
-        },
-        other => other,
-    }
+    c.err(path, message).into_limit()
 }
 
 /// GitHub's rule for job ids: a letter or `_`, then letters, digits, `-`

@@ -251,19 +251,7 @@ impl Parser<'_> {
     }
 
     fn limit(&self, path: &[Seg], message: String) -> Error {
-        match self.err(path, message) {
-            Error::Invalid {
-                file,
-                location,
-                path,
-                message,
-            } => Error::Limit {
-                file,
-                location,
-                message: format!("{}: {message}", short_n(&path, 120)),
-            },
-            other => other,
-        }
+        self.err(path, message).into_limit()
     }
 
     fn load(&mut self, file: &str, text: String, depth: usize) -> Result<Mapping> {

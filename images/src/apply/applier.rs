@@ -926,20 +926,7 @@ fn link_name<'m>(entry: &'m Member, shown: &str) -> Result<&'m [u8], ApplyError>
 
 /// Fills in the entry a limit was exceeded at.
 fn at_entry(e: ApplyError, shown: &str) -> ApplyError {
-    match e {
-        ApplyError::LimitExceeded {
-            limit,
-            claimed,
-            max,
-            at,
-        } if at.is_empty() => ApplyError::LimitExceeded {
-            limit,
-            claimed,
-            max,
-            at: format!("at entry {}", quote_bytes(shown.as_bytes())),
-        },
-        e => e,
-    }
+    e.located(|| format!("at entry {}", quote_bytes(shown.as_bytes())))
 }
 
 fn parse_pax_u64(value: &[u8]) -> Option<u64> {

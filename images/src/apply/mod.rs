@@ -263,6 +263,26 @@ pub enum ApplyError {
     },
 }
 
+impl ApplyError {
+    /// A limit error that does not yet say where it was hit, located `at`.
+    pub(crate) fn located(self, at: impl FnOnce() -> String) -> ApplyError {
+        match self {
+            ApplyError::LimitExceeded {
+                limit,
+                claimed,
+                max,
+                at: here,
+            } if here.is_empty() => ApplyError::LimitExceeded {
+                limit,
+                claimed,
+                max,
+                at: at(),
+            },
+            e => e,
+        }
+    }
+}
+
 /// Apply one uncompressed layer tar to the directory `root` (which holds the
 /// lower layers already applied), under the default [`Limits`].
 ///

@@ -189,20 +189,7 @@ impl<'b, S: Source> TarReader<'b, S> {
 
     /// Fills in where a limit was exceeded.
     fn located(&self, e: ApplyError, what: &str) -> ApplyError {
-        match e {
-            ApplyError::LimitExceeded {
-                limit,
-                claimed,
-                max,
-                at,
-            } if at.is_empty() => ApplyError::LimitExceeded {
-                limit,
-                claimed,
-                max,
-                at: what.to_owned(),
-            },
-            e => e,
-        }
+        e.located(|| what.to_owned())
     }
 
     fn malformed(&self, reason: impl Into<String>) -> ApplyError {
