@@ -1,0 +1,171 @@
+//! The payloads of the protocol's JSON frames, and the limits they carry.
+
+use serde::{Deserialize, Serialize};
+
+/// Which output stream of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stream {
+    Stdout = 1,
+    Stderr = 2,
+}
+
+/// Guest -> host: the agent is up and waits for `Start`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ready {
+    pub protocol: u32,
+    pub agent_version: String,
+    /// Guest uptime when the agent sent this, from `/proc/uptime`.
+    pub boot_ms: u64,
+    /// The guest kernel's release (`uname -r`).
+    pub kernel: String,
+}
+
+/// Host -> guest: the job's context. Steps follow one at a time as
+/// [`Frame::RunStep`](super::Frame::RunStep); the host decides which steps run (their `when`,
+/// conditions, earlier failures), the agent only runs what it is sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Start {
+    /// Environment for every step (image Env merged with the job's).
+    pub env: Vec<(String, String)>,
+    /// Absolute working directory inside the root filesystem; created if missing.
+    pub workdir: String,
+    /// The image's `User` (`name`, `uid`, `uid:gid`, `name:group`); empty = root.
+    pub user: String,
+}
+
+/// One step as the agent runs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepSpec {
+    /// Index of the step in the job (echoed in `Output`/`StepEnd`).
+    pub index: u32,
+    pub name: String,
+    /// The program and its arguments. `{script}` in any argument is replaced by
+    /// the path of a file holding `script`.
+    pub argv: Vec<String>,
+    /// Script body written to a file before the step runs (may be empty).
+    pub script: String,
+    /// The step's whole environment (replaces `Start::env` for this step).
+    pub env: Vec<(String, String)>,
+    /// Working directory, absolute or relative to `Start::workdir`; empty = that.
+    pub workdir: String,
+    /// Kill the step's process group after this long (0 = no limit).
+    pub timeout_ms: u64,
+    /// Give the step `GITHUB_ENV`, `GITHUB_OUTPUT` and `GITHUB_PATH` files and
+    /// return their contents in [`StepEnd::files`].
+    pub file_commands: bool,
+}
+
+/// Host -> guest: send the workspace files these patterns select (GitLab
+/// artifact syntax, relative to `Start::workdir`) as a tar stream of
+/// `Artifact` frames, then `ArtifactsEnd`. Only regular files and the
+/// directories above them are sent; symbolic links are not followed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectArtifacts {
+    pub paths: Vec<String>,
+    pub exclude: Vec<String>,
+    /// Send at most this many bytes of file contents; files past it are left
+    /// out and counted in [`ArtifactsEnd`].
+    #[serde(default = "default_max_artifact_bytes")]
+    pub max_bytes: u64,
+}
+
+fn default_max_artifact_bytes() -> u64 {
+    MAX_ARTIFACT_BYTES
+}
+
+/// Guest -> host: the artifact tar stream is complete.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactsEnd {
+    /// Files sent, and the bytes of their contents.
+    pub files: u64,
+    pub bytes: u64,
+    /// The size or file limit was reached: the files counted in
+    /// `left_out_files`/`left_out_bytes` were not sent.
+    pub truncated: bool,
+    #[serde(default)]
+    pub left_out_files: u64,
+    #[serde(default)]
+    pub left_out_bytes: u64,
+    /// Files that were selected but could not be sent (unreadable, name too
+    /// long, ...): at most [`MAX_PROBLEMS`] lines, each at most
+    /// [`QUOTE_MAX`](super::QUOTE_MAX) bytes of the name.
+    #[serde(default)]
+    pub problems: Vec<String>,
+}
+
+/// Most artifact bytes (file contents) the agent sends for one job, unless
+/// the host asks for less ([`CollectArtifacts::max_bytes`]).
+pub const MAX_ARTIFACT_BYTES: u64 = 4 << 30;
+/// Most artifact files (and directories) in one job's archive.
+pub const MAX_ARTIFACT_FILES: u64 = 100_000;
+/// Longest artifact path (bytes, relative to the working directory).
+pub const MAX_ARTIFACT_PATH: usize = 4096;
+/// Most lines in [`ArtifactsEnd::problems`].
+pub const MAX_PROBLEMS: usize = 20;
+
+/// What a step wrote to its file-command files (raw; the host parses them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileCommands {
+    pub env: String,
+    pub output: String,
+    pub path: String,
+    /// A file was larger than [`MAX_FILE_COMMANDS`] and was cut.
+    pub truncated: bool,
+}
+
+/// Largest file-command file the agent returns.
+pub const MAX_FILE_COMMANDS: usize = 256 * 1024;
+
+/// Host -> guest: stop the job. Graceful: SIGTERM the running step, then run
+/// the `Always` steps. Not graceful: SIGKILL and finish at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancel {
+    pub graceful: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepStart {
+    pub step: u32,
+}
+
+/// How a step ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepEnd {
+    pub step: u32,
+    /// The shell convention: the exit status, or 128 + signal number.
+    pub exit_code: i32,
+    pub duration_ms: u64,
+    pub timed_out: bool,
+    pub canceled: bool,
+    /// The step was not run (decided by the host; the agent never sets it).
+    pub skipped: bool,
+    #[serde(default)]
+    pub files: Option<FileCommands>,
+}
+
+/// Agent diagnostics for the debug log (never the job log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Log {
+    pub message: String,
+}
+
+/// The agent cannot go on (a system failure, not the job's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fatal {
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn artifacts_end_without_the_newer_fields_still_parses() {
+        let old = br#"{"files":1,"bytes":2,"truncated":false}"#;
+        let end: ArtifactsEnd = serde_json::from_slice(old).unwrap();
+        assert_eq!((end.files, end.left_out_files), (1, 0));
+        let req: CollectArtifacts =
+            serde_json::from_slice(br#"{"paths":[],"exclude":[]}"#).unwrap();
+        assert_eq!(req.max_bytes, MAX_ARTIFACT_BYTES);
+    }
+}
