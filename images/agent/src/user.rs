@@ -56,9 +56,18 @@ fn group_entries(group: &str) -> impl Iterator<Item = (&str, u32, Vec<&str>)> {
     })
 }
 
+/// The image's `User` names someone its own files do not know.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UserError {
+    #[error("user '{0}' is not in the image's /etc/passwd")]
+    UnknownUser(String),
+    #[error("group '{0}' is not in the image's /etc/group")]
+    UnknownGroup(String),
+}
+
 /// Resolve `spec` (`""`, `name`, `uid`, `name:group`, `uid:gid`, ...) given the
 /// contents of the image's passwd and group files.
-pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Identity, String> {
+pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Identity, UserError> {
     let spec = spec.trim();
     if spec.is_empty() {
         return Ok(Identity::root());
@@ -71,16 +80,14 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Identity, String
     let (uid, mut gid, home, name) = match (&entry, user.parse::<u32>()) {
         (Some(e), _) => (e.uid, e.gid, e.home.to_string(), Some(e.name.to_string())),
         (None, Ok(uid)) => (uid, 0, "/".to_string(), None),
-        (None, Err(_)) => return Err(format!("user '{user}' is not in the image's /etc/passwd")),
+        (None, Err(_)) => return Err(UserError::UnknownUser(user.into())),
     };
     let mut groups = Vec::new();
     match grp {
         Some(g) => {
             gid = match group_entries(group).find(|(n, id, _)| *n == g || g.parse() == Ok(*id)) {
                 Some((_, id, _)) => id,
-                None => g
-                    .parse()
-                    .map_err(|_| format!("group '{g}' is not in the image's /etc/group"))?,
+                None => g.parse().map_err(|_| UserError::UnknownGroup(g.into()))?,
             };
         }
         None => {
@@ -142,11 +149,10 @@ mod tests {
 
     #[test]
     fn unknown_names_are_errors() {
-        assert!(resolve("nobody", PASSWD, GROUP)
-            .unwrap_err()
-            .contains("nobody"));
-        assert!(resolve("builder:nogroup", PASSWD, GROUP)
-            .unwrap_err()
-            .contains("nogroup"));
+        let e = resolve("nobody", PASSWD, GROUP).unwrap_err();
+        assert_eq!(e, UserError::UnknownUser("nobody".into()));
+        assert!(e.to_string().contains("nobody"));
+        let e = resolve("builder:nogroup", PASSWD, GROUP).unwrap_err();
+        assert!(e.to_string().contains("nogroup"), "{e}");
     }
 }

@@ -1,0 +1,75 @@
+//! The agent's life as PID 1 (Linux only).
+//!
+//! - `boot`: API filesystems, kernel modules, the command line, devices;
+//! - `disks`: the job's root filesystem (image, scratch, overlay, workspace);
+//! - `port`: the protocol's virtio-console port;
+//! - `session`: the frame loop (`Ready`, `Start`, `RunStep`,
+//!   `CollectArtifacts`, `Cancel`, `Finish`, `Done`);
+//! - `job`: the job's context (user, working directory, environment) and a
+//!   step's files;
+//! - `step`: running one step (output, timeout, cancel, its `StepEnd`);
+//! - `spawn`: fork and exec a step's process in the job's root;
+//! - `artifacts`: the tar stream of artifacts;
+//! - `sys`: thin wrappers over the kernel's interfaces; `error`: the agent's [`error::Error`].
+
+mod artifacts;
+mod boot;
+mod disks;
+mod error;
+mod job;
+mod port;
+mod session;
+mod spawn;
+mod step;
+mod sys;
+
+use std::time::Duration;
+
+use kiln_agent::proto::{self, Fatal, Frame, Ready};
+
+use error::Result;
+use port::Port;
+
+/// Where the image's root filesystem is assembled.
+const NEWROOT: &str = "/newroot";
+/// Inside the job's root: step scripts live here (a tmpfs).
+const SCRIPT_DIR: &str = "/run/kiln";
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// How long devices may take to appear after their modules load.
+const DEVICE_WAIT: Duration = Duration::from_secs(20);
+
+pub fn main() {
+    let mut port: Option<Port> = None;
+    let outcome = run(&mut port);
+    let ok = outcome.is_ok();
+    if let Err(e) = outcome {
+        let message = e.render();
+        sys::kmsg(&format!("fatal: {message}"));
+        if let Some(p) = port.as_mut() {
+            let _ = p.send(&Frame::Fatal(Fatal { message }));
+        }
+    }
+    sys::sync();
+    sys::reboot();
+    // Still here (not PID 1, e.g. under test): exit instead.
+    std::process::exit(if ok { 0 } else { 1 });
+}
+
+/// Boot, tell the host we are ready, serve the job.
+fn run(port_slot: &mut Option<Port>) -> Result<()> {
+    boot::mount_early()?;
+    let cmdline = boot::cmdline();
+    boot::load_modules()?;
+    let port = port_slot.insert(Port::open()?);
+
+    disks::mount_root(&cmdline)?;
+    sys::sethostname("kiln");
+
+    port.send(&Frame::Ready(Ready {
+        protocol: proto::PROTOCOL_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        boot_ms: boot::uptime_ms(),
+        kernel: boot::kernel_release(),
+    }))?;
+    session::serve(port)
+}
