@@ -14,7 +14,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_agent::proto::{Decoder, Frame, Start, StepSpec};
+use kiln_agent::proto::{
+    Decoder, Frame, Start, StepSpec, CMDLINE_ROOTFSTYPE, ROOT_DISK_SERIAL, SCRATCH_DISK_SERIAL,
+};
 use kiln_images::rootfs::{rootfs_for, ImageSource};
 use kiln_images::Cache;
 use kiln_tests::harness;
@@ -198,7 +200,7 @@ fn bare_once(
         kernel: kernel.to_path_buf(),
         initramfs: initramfs.to_path_buf(),
         cmdline: format!(
-            "{} kiln.rootfstype={fstype}",
+            "{} {CMDLINE_ROOTFSTYPE}={fstype}",
             MachineConfig::default_cmdline()
         ),
         vcpus: VCPUS,
@@ -207,13 +209,13 @@ fn bare_once(
             Disk {
                 path: rootfs.to_path_buf(),
                 read_only: true,
-                serial: "kiln-root".into(),
+                serial: ROOT_DISK_SERIAL.into(),
                 ephemeral: false,
             },
             Disk {
                 path: scratch.clone(),
                 read_only: false,
-                serial: "kiln-scratch".into(),
+                serial: SCRATCH_DISK_SERIAL.into(),
                 ephemeral: true,
             },
         ],

@@ -656,7 +656,7 @@ pub fn make_ext4(tree: &Path, out: &Path) -> Result<(), ImageError> {
     let mut attempt = 0;
     loop {
         let spec = Ext4 {
-            label: "kiln-root",
+            label: kiln_agent::proto::ROOT_DISK_SERIAL,
             size,
             from: Some(tree),
             inodes: Some(inodes),

@@ -83,7 +83,7 @@ pub fn create_scratch(path: &Path, size: u64) -> Result<(), ImageError> {
     mkfs_ext4(
         path,
         &Ext4 {
-            label: "kiln-scratch",
+            label: kiln_agent::proto::SCRATCH_DISK_SERIAL,
             size,
             from: None,
             inodes: None,
@@ -125,7 +125,7 @@ mod tests {
         std::fs::write(src.join("hello.txt"), b"hi").unwrap();
         let img = d.path().join("w.img");
         let spec = Ext4 {
-            label: "kiln-work",
+            label: kiln_agent::proto::WORK_DISK_SERIAL,
             size: 64 << 20,
             from: Some(&src),
             inodes: None,

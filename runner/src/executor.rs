@@ -181,7 +181,7 @@ impl Executor {
     /// The kernel command line every VM gets.
     fn cmdline(&self, rootfs: &Rootfs) -> String {
         let mut c = MachineConfig::default_cmdline().to_string();
-        c.push_str(&format!(" kiln.rootfstype={}", rootfs.fstype));
+        c.push_str(&format!(" {}={}", proto::CMDLINE_ROOTFSTYPE, rootfs.fstype));
         if !self.config.extra_cmdline.is_empty() {
             c.push(' ');
             c.push_str(&self.config.extra_cmdline);
@@ -295,24 +295,24 @@ impl Executor {
             Disk {
                 path: rootfs.image.clone(),
                 read_only: true,
-                serial: "kiln-root".into(),
+                serial: proto::ROOT_DISK_SERIAL.into(),
                 ephemeral: false,
             },
             Disk {
                 path: scratch,
                 read_only: false,
-                serial: "kiln-scratch".into(),
+                serial: proto::SCRATCH_DISK_SERIAL.into(),
                 ephemeral: true,
             },
         ];
         if let Some((_, img)) = &workspace {
             // The agent mounts it at the job's working directory (checked
             // for whitespace in `make_workspace`).
-            cmdline.push_str(&format!(" kiln.workdir={}", start.workdir));
+            cmdline.push_str(&format!(" {}={}", proto::CMDLINE_WORKDIR, start.workdir));
             disks.push(Disk {
                 path: img.clone(),
                 read_only: false,
-                serial: "kiln-work".into(),
+                serial: proto::WORK_DISK_SERIAL.into(),
                 // Artifacts come back over the console, never from this disk.
                 ephemeral: true,
             });
@@ -380,7 +380,7 @@ impl Executor {
         );
         tokio::task::spawn_blocking(move || {
             let spec = Ext4 {
-                label: "kiln-work",
+                label: proto::WORK_DISK_SERIAL,
                 size,
                 from: Some(&src),
                 inodes: None,

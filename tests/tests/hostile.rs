@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use kiln::executor::FailureReason;
 use kiln::sink::{BufferSink, JobSink, MaskingSink};
-use kiln_agent::proto::{StepEnd, Stream};
+use kiln_agent::proto::{StepEnd, Stream, EXIT_CANNOT_START};
 use kiln_pipelines::{JobSpec, Step, StepWhen};
 use kiln_tests::fixtures::BusyboxImage;
 use kiln_tests::harness::{self, assert_no_leaks, kiln_cmd};
@@ -367,7 +367,7 @@ async fn a_job_that_fills_the_agents_tmpfs_fails_itself() {
     job.steps.push(after);
     let (r, sink) = run_vm("tmpfs-full", &job, None, None).await;
     assert_eq!(r.failure, Some(FailureReason::ScriptFailure), "{r:?}");
-    assert_eq!(r.exit_code, 125, "{r:?}");
+    assert_eq!(r.exit_code, EXIT_CANNOT_START, "{r:?}");
     assert_eq!(text(&sink.stdout), "filled\n");
     let err = text(&sink.stderr);
     assert!(

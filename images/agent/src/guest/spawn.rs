@@ -42,7 +42,7 @@ struct ChildPlan<'a> {
     root: CString,
     workdir: CString,
     candidates: Vec<CString>,
-    /// NULL-terminated, pointing into `args`/`env` of the caller.
+    /// NULL-terminated, pointing into `spawn`'s `c_args` and `c_env`.
     argv: Vec<*const c_char>,
     envp: Vec<*const c_char>,
     groups: Vec<Gid>,

@@ -35,11 +35,6 @@ pub const CMDLINE_SCRATCH: &str = "kiln.scratch";
 /// The [`CMDLINE_SCRATCH`] value for "no scratch disk".
 pub const SCRATCH_NONE: &str = "none";
 
-/// `key=value` for the kernel command line.
-pub fn cmdline_arg(key: &str, value: &str) -> String {
-    format!("{key}={value}")
-}
-
 /// A step's exit code when the agent could not start it (its script or
 /// working directory could not be made, fork failed, it could not enter the
 /// job's root or switch to the image's user).
