@@ -9,11 +9,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use kiln_vmm::{probe_kvm, BackendKind, Disk, ExitStatus, KvmSupport, Machine, MachineConfig};
+use kiln_vmm::{
+    probe_kvm, BackendKind, Disk, ExitStatus, KvmSupport, Machine, MachineConfig, QemuOptions,
+};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const INITRD_LEN: usize = 5000;
 const INITRD_SEED: usize = 7;
+/// The console port the test guest looks for (`testguest/src/checks.rs`).
+const PORT_NAME: &str = "org.kiln.agent.0";
+
+/// The test's edge: `KILN_QEMU` names the QEMU to run, as for kiln itself.
+fn qemu_options() -> QemuOptions {
+    QemuOptions::new(std::env::var_os("KILN_QEMU"))
+}
 
 fn testguest() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("KILN_TESTGUEST") {
@@ -73,9 +82,11 @@ fn fixture(kernel: PathBuf, extra: &str) -> Fixture {
                 ephemeral: false,
             },
         ],
+        console_port: PORT_NAME.into(),
         run_dir: dir.path().join("run"),
         serial_log_limit: 64 * 1024,
         start_timeout: Duration::from_secs(10),
+        qemu: qemu_options(),
     };
     Fixture { dir, config }
 }
@@ -350,11 +361,12 @@ fn main() -> std::process::ExitCode {
         }
     });
     let qemu = kiln_testkit::Need::custom("qemu", || {
-        let qemu = kiln_vmm::qemu::qemu_binary();
+        let qemu = qemu_options().binary;
         match Command::new(&qemu).arg("--version").output() {
             Ok(o) if o.status.success() => Ok(()),
             _ => Err(format!(
-                "{qemu} does not run (apt-get install qemu-system-x86)"
+                "{} does not run (apt-get install qemu-system-x86)",
+                qemu.display()
             )),
         }
     });

@@ -10,7 +10,8 @@ use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::boot::{self, EntryMode};
-use super::Bus;
+use super::bus::{Bus, PioAction};
+use super::control::Control;
 use crate::machine::ExitStatus;
 
 #[derive(Debug, thiserror::Error)]
@@ -374,34 +375,41 @@ pub fn configure(
 }
 
 /// The vCPU thread: run until the guest resets, fails, or we are told to stop.
-pub fn run(mut vcpu: VcpuFd, id: u32, bus: Arc<Bus>) {
+pub fn run(mut vcpu: VcpuFd, id: u32, bus: Arc<Bus>, control: Arc<Control>) {
     use super::stats::ExitReason as R;
-    let exits = &bus.exits;
+    let exits = &control.exits;
     let status = loop {
-        if bus.stopping() {
+        if control.stopping() {
             return;
         }
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 exits.count(R::IoOut);
-                bus.first_exit();
-                if bus.pio_write(port, data) {
-                    break ExitStatus::Shutdown;
+                control.first_exit();
+                match bus.pio_write(port, data) {
+                    Some(PioAction::Reset) => {
+                        tracing::debug!(id, port, "guest reset the machine");
+                        break ExitStatus::Shutdown;
+                    }
+                    Some(PioAction::None) => {}
+                    None => exits.unhandled_port(port, true),
                 }
             }
             Ok(VcpuExit::IoIn(port, data)) => {
                 exits.count(R::IoIn);
-                bus.first_exit();
-                bus.pio_read(port, data);
+                control.first_exit();
+                if !bus.pio_read(port, data) {
+                    exits.unhandled_port(port, false);
+                }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 exits.count(R::MmioRead);
-                bus.first_exit();
+                control.first_exit();
                 bus.mmio_read(addr, data);
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 exits.count(R::MmioWrite);
-                bus.first_exit();
+                control.first_exit();
                 bus.mmio_write(addr, data);
             }
             Ok(VcpuExit::Hlt) => {
@@ -441,7 +449,7 @@ pub fn run(mut vcpu: VcpuFd, id: u32, bus: Arc<Bus>) {
         }
     };
     tracing::debug!(id, ?status, "vCPU stopped");
-    bus.finish(status);
+    control.finish(status);
 }
 
 #[cfg(test)]
