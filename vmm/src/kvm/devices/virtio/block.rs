@@ -223,30 +223,12 @@ impl VirtioDevice for Block {
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> bool {
-        let mut used = false;
-        loop {
-            let chain = match queues[0].pop(mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!("virtio-blk: queue broken: {e}");
-                    break;
-                }
-            };
-            let len = match chain.descriptors.and_then(|d| self.execute(&d, mem)) {
-                Ok((status_desc, status, n)) => match mem.write_obj(status, status_desc.addr) {
-                    Ok(()) => n + 1,
-                    Err(_) => 0,
-                },
-                Err(e) => {
-                    tracing::warn!("virtio-blk: bad request: {e}");
-                    0
-                }
-            };
-            let _ = queues[0].add_used(mem, chain.head, len);
-            used = true;
-        }
-        used
+        queues[0].drain(mem, "virtio-blk", |descs| {
+            let (status_desc, status, n) = self.execute(descs, mem)?;
+            mem.write_obj(status, status_desc.addr)
+                .map_err(|_| QueueError::Memory(status_desc.addr.0))?;
+            Ok(n + 1)
+        })
     }
 }
 
