@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use kiln_vmm::{
-    probe_kvm, BackendKind, Disk, ExitStatus, KvmSupport, Machine, MachineConfig, QemuOptions,
+    probe_kvm, BackendKind, Disk, ExitStatus, KvmSupport, Machine, MachineConfig, MachineError,
+    QemuOptions,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -337,7 +338,13 @@ async fn kvm_start_failures_clean_up() {
         Err(e) => e,
         Ok(_) => panic!("a zero-filled kernel must not boot"),
     };
-    assert!(err.to_string().contains("neither an ELF"), "{err}");
+    // The message says what failed; the cause is in the source chain.
+    assert!(matches!(err, MachineError::Boot(_)), "{err:?}");
+    let chain: Vec<String> =
+        std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source())
+            .map(|e| e.to_string())
+            .collect();
+    assert!(chain.join(": ").contains("neither an ELF"), "{chain:?}");
     assert!(!fx.config.run_dir.exists());
     fx.config.vcpus = 0;
     assert!(Machine::start(fx.config.clone(), BackendKind::Kvm, &kvm)
