@@ -9,7 +9,8 @@ use crate::kvm::KvmMachine;
 use crate::qemu::QemuMachine;
 use crate::KvmSupport;
 
-/// The agent's console: a binary-safe byte stream to the guest.
+/// The guest's console (its named virtio-serial port): a binary-safe byte
+/// stream.
 pub type ConsoleStream = tokio::net::UnixStream;
 
 /// Which backend runs the VM.
@@ -87,7 +88,7 @@ enum Inner {
 }
 
 impl Machine {
-    /// Boot a VM. Returns the machine and the agent's console stream.
+    /// Boot a VM. Returns the machine and its console stream.
     pub async fn start(
         config: MachineConfig,
         backend: BackendKind,

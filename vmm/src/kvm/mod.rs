@@ -8,7 +8,8 @@
 //! - Memory: [`memory`] (RAM below 3 GiB, the rest above 4 GiB).
 //! - Boot: [`boot`] (ELF with PVH note, ELF/bzImage with the 64-bit
 //!   protocol), [`acpi`] (RSDP, XSDT, FADT, MADT, DSDT).
-//! - vCPUs: [`vcpu`] (CPUID, MSRs, registers, LAPIC; the `KVM_RUN` loop),
+//! - vCPUs: [`vcpu`] (MSRs, registers, LAPIC; the `KVM_RUN` loop), [`cpuid`]
+//!   (the CPUID each vCPU is given),
 //!   `kick` (the signal that gets a vCPU out of `KVM_RUN`), [`stats`]
 //!   (exit counters).
 //! - Devices: [`devices`] (8250 serial, kernel log, bounded; i8042, whose
@@ -35,6 +36,7 @@ pub mod boot;
 mod builder;
 mod bus;
 mod control;
+pub mod cpuid;
 pub mod devices;
 mod event_loop;
 mod kick;
@@ -92,7 +94,7 @@ pub struct KvmMachine {
 }
 
 impl KvmMachine {
-    /// Create and start the VM (see [`builder`]). Must run inside a tokio
+    /// Create and start the VM (see `builder`). Must run inside a tokio
     /// runtime (the console stream is registered with it).
     pub fn start(config: MachineConfig) -> Result<(KvmMachine, ConsoleStream), MachineError> {
         builder::start(config)

@@ -1,6 +1,6 @@
 //! virtio-console with one named port (`VIRTIO_CONSOLE_F_MULTIPORT`), like
 //! QEMU's `virtserialport,name=...`: Linux shows the name in
-//! `/sys/class/virtio-ports/vportNpM/name`, where the agent looks for it.
+//! `/sys/class/virtio-ports/vportNpM/name`, where the guest looks for it.
 //!
 //! Queues: 0/1 are port 0's receive/transmit queues, 2/3 the control
 //! receive/transmit queues. The host side is one end of a Unix socket pair
