@@ -219,13 +219,15 @@ fn bare_once(
                 ephemeral: true,
             },
         ],
+        console_port: "org.kiln.agent.0".into(),
         run_dir: dir.clone(),
         serial_log_limit: 0,
         start_timeout: Duration::from_secs(10),
+        qemu: kiln_vmm::QemuOptions::new(Some(harness::qemu_binary())),
     };
     let args = kiln_vmm::qemu::qemu_args(&config, accel, &sock);
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-    let mut qemu = Command::new(kiln_vmm::qemu::qemu_binary())
+    let mut qemu = Command::new(&config.qemu.binary)
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

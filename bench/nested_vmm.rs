@@ -93,7 +93,7 @@ fn main() {
     if let Some(fc) = firecracker() {
         include.push(fc);
     }
-    if let Some(q) = nested::which(&kiln_vmm::qemu::qemu_binary()) {
+    if let Some(q) = nested::which(&harness::qemu_binary()) {
         include.push(q);
     }
     for f in [
@@ -172,9 +172,11 @@ fn kiln_child(args: &[String]) {
             vcpus: 1,
             memory_mib: MEMORY_MIB,
             disks: vec![],
+            console_port: "org.kiln.agent.0".into(),
             run_dir: run_dir.into(),
             serial_log_limit: 1 << 20,
             start_timeout: Duration::from_secs(10),
+            qemu: kiln_vmm::QemuOptions::default(),
         };
         let kvm = kiln_vmm::probe_kvm();
         let (mut m, _console) = kiln_vmm::Machine::start(cfg, kiln_vmm::BackendKind::Kvm, &kvm)
@@ -329,7 +331,7 @@ fn measure(rounds: usize) {
     }
     let me = std::env::current_exe().unwrap();
     let fc = firecracker();
-    let qemu = kiln_vmm::qemu::qemu_binary();
+    let qemu = harness::qemu_binary();
     let have_qemu = Command::new(&qemu).arg("--version").output().is_ok();
     let mut results: Vec<(&str, Vec<Sample>)> = vec![("kiln", vec![])];
     if fc.is_some() {

@@ -36,7 +36,11 @@ pub fn run(cache_dir: &Path, json: bool) -> Result<ExitCode> {
     let kvm = kiln_vmm::probe_kvm();
     let cpu = kiln_vmm::cpu_virt();
     checks.push(kvm_check(&kvm, &cpu));
-    let qemu = kiln_vmm::qemu::qemu_binary();
+    // edge: read at the runner
+    let qemu = kiln_vmm::QemuOptions::new(std::env::var_os("KILN_QEMU"))
+        .binary
+        .to_string_lossy()
+        .into_owned();
     let qemu_version = tool_version(&qemu, &["--version"]);
     checks.push(match &qemu_version {
         Some(v) => Check {

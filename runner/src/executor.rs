@@ -325,9 +325,12 @@ impl Executor {
             vcpus: self.config.vcpus,
             memory_mib: self.config.memory_mib,
             disks,
+            console_port: "org.kiln.agent.0".into(),
             run_dir: dir.0.join("vm"),
             serial_log_limit: 256 * 1024,
             start_timeout: Duration::from_secs(10),
+            // edge: read at the runner
+            qemu: kiln_vmm::QemuOptions::new(std::env::var_os("KILN_QEMU")),
         };
         let boot_started = Instant::now();
         let (machine, console) = match Machine::start(mconfig, self.config.backend, &self.kvm).await

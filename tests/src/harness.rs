@@ -34,10 +34,19 @@ pub fn test_root() -> PathBuf {
     d
 }
 
+/// The QEMU the tests run: `KILN_QEMU` (read here, the tests' edge, as
+/// the runner reads it at its own), else `kiln_vmm`'s default.
+pub fn qemu_binary() -> String {
+    kiln_vmm::QemuOptions::new(std::env::var_os("KILN_QEMU"))
+        .binary
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// QEMU, which runs every Linux VM on a host without hardware KVM.
 pub fn qemu() -> Need {
     Need::custom("qemu", || {
-        let bin = kiln_vmm::qemu::qemu_binary();
+        let bin = qemu_binary();
         match Command::new(&bin).arg("--version").output() {
             Ok(o) if o.status.success() => Ok(()),
             _ => Err(format!(

@@ -125,7 +125,7 @@ pub fn skip_reason() -> Option<String> {
             std::env::consts::ARCH
         ));
     }
-    let qemu = kiln_vmm::qemu::qemu_binary();
+    let qemu = crate::harness::qemu_binary();
     let Ok(out) = Command::new(&qemu).args(["-cpu", "help"]).output() else {
         return Some(format!(
             "{qemu} is not installed (apt-get install qemu-system-x86)"
@@ -194,7 +194,7 @@ pub fn run(cfg: &L1Config, payload: &Payload, line: &mut dyn FnMut(&str)) -> Res
     if khz > 0 {
         cmdline.push_str(&format!(" tsc_early_khz={khz} lpj={}", khz * 4));
     }
-    let qemu = kiln_vmm::qemu::qemu_binary();
+    let qemu = crate::harness::qemu_binary();
     let mut cmd = Command::new(&qemu);
     cmd.args([
         "-M",

@@ -39,6 +39,11 @@ fn build_guest() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
+/// The bench's edge: `KILN_QEMU` names the QEMU to run, as for kiln itself.
+fn qemu_options() -> kiln_vmm::QemuOptions {
+    kiln_vmm::QemuOptions::new(std::env::var_os("KILN_QEMU"))
+}
+
 fn config(dir: &Path, kernel: &Path, n: usize) -> MachineConfig {
     let initrd: Vec<u8> = (0..5000usize).map(|i| (i * 7 + 7) as u8).collect();
     std::fs::write(dir.join("initrd"), initrd).unwrap();
@@ -68,9 +73,12 @@ fn config(dir: &Path, kernel: &Path, n: usize) -> MachineConfig {
                 ephemeral: true,
             },
         ],
+        // The port the test guest looks for (`testguest/src/checks.rs`).
+        console_port: "org.kiln.agent.0".into(),
         run_dir: dir.join(format!("run{n}")),
         serial_log_limit: 64 * 1024,
         start_timeout: Duration::from_secs(10),
+        qemu: qemu_options(),
     }
 }
 
@@ -192,7 +200,8 @@ fn main() {
         }
         let guest_kib = median(kvm_samples.iter().map(|s| s.guest_resident_kib).collect());
         let mut qemu_samples = Vec::new();
-        let have_qemu = Command::new(kiln_vmm::qemu::qemu_binary()).arg("--version").output().is_ok();
+        let qemu = qemu_options().binary;
+        let have_qemu = Command::new(&qemu).arg("--version").output().is_ok();
         if have_qemu {
             for n in 0..runs {
                 qemu_samples.push(
@@ -200,7 +209,7 @@ fn main() {
                 );
             }
         } else {
-            println!("SKIP qemu baseline: {} not found", kiln_vmm::qemu::qemu_binary());
+            println!("SKIP qemu baseline: {} not found", qemu.display());
         }
         let summarize = |name: &str, s: &[Sample]| {
             let f = median(s.iter().map(|x| x.first_serial).collect());

@@ -24,7 +24,7 @@ pub(crate) const REQUIRED_CAPS: [kvm_ioctls::Cap; 5] = [
 pub struct CpuVirt {
     /// `svm` (AMD-V) or `vmx` (VT-x) in `/proc/cpuinfo`.
     pub extension: Option<&'static str>,
-    /// The CPU reports a hypervisor underneath (CPUID.1:ECX[31]): this host
+    /// The CPU reports a hypervisor underneath (CPUID.1:ECX bit 31): this host
     /// is itself a VM.
     pub in_vm: bool,
     /// That hypervisor's CPUID signature (leaf 0x4000_0000), e.g.
@@ -57,7 +57,7 @@ impl CpuVirt {
 pub fn cpu_virt() -> CpuVirt {
     cpu_virt_from(
         &std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default(),
-        &crate::kvm::vcpu::host_cpuid,
+        &crate::kvm::cpuid::host_cpuid,
     )
 }
 

@@ -1,56 +1,17 @@
-use std::path::PathBuf;
+//! The [`Machine`] API: one running VM whatever backend runs it, which
+//! backend that is ([`BackendKind`]) and how it ended ([`ExitStatus`]).
+
 use std::time::Duration;
 
+use crate::config::MachineConfig;
+use crate::error::MachineError;
 use crate::kvm::KvmMachine;
 use crate::qemu::QemuMachine;
 use crate::KvmSupport;
 
-/// The agent's console: a binary-safe byte stream to the guest.
+/// The guest's console (its named virtio-serial port): a binary-safe byte
+/// stream.
 pub type ConsoleStream = tokio::net::UnixStream;
-
-/// A block device handed to the guest, identified there by `serial`
-/// (`/sys/block/vdX/serial`), never by probe order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Disk {
-    pub path: PathBuf,
-    pub read_only: bool,
-    /// Shown to the guest as the disk's serial number (at most 20 bytes).
-    pub serial: String,
-    /// Thrown away with the VM: writes need not reach the host's disk.
-    pub ephemeral: bool,
-}
-
-/// Everything a backend needs to boot one VM.
-#[derive(Debug, Clone)]
-pub struct MachineConfig {
-    /// vmlinux (ELF, PVH note preferred) or bzImage.
-    pub kernel: PathBuf,
-    pub initramfs: PathBuf,
-    pub cmdline: String,
-    pub vcpus: u32,
-    pub memory_mib: u32,
-    pub disks: Vec<Disk>,
-    /// Per-VM directory: created by [`Machine::start`] (it must not exist),
-    /// removed with everything in it by [`Machine::destroy`] or drop.
-    pub run_dir: PathBuf,
-    /// How many bytes of the serial console (kernel messages) to keep: the tail.
-    pub serial_log_limit: usize,
-    /// How long the backend may take to start the VM process and connect the
-    /// console (not the guest's boot).
-    pub start_timeout: Duration,
-}
-
-impl MachineConfig {
-    /// The kernel command line kiln's guests use: early console on the 8250
-    /// (the debug log), reboot through the i8042 (ends the VM), no reboot loop
-    /// after a panic, no PCI probing (every device is virtio-mmio; probing
-    /// the PCI configuration ports costs hundreds of exits, as Firecracker's
-    /// `pci=off` avoids too).
-    pub fn default_cmdline() -> &'static str {
-        "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 i8042.noaux i8042.nomux \
-         i8042.dumbkbd pci=off quiet loglevel=4 rdinit=/init"
-    }
-}
 
 /// Which backend runs the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -115,51 +76,6 @@ pub enum ExitStatus {
     Killed,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum MachineError {
-    #[error("backend '{backend}' is not available: {why}")]
-    BackendUnavailable { backend: &'static str, why: String },
-    #[error("per-VM directory {path} could not be created")]
-    RunDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{what} does not exist or is unreadable: {path}")]
-    MissingFile {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("could not start {program} (install it, e.g. apt-get install qemu-system-x86)")]
-    Spawn {
-        program: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the VM process exited during start-up: {0}")]
-    EarlyExit(String),
-    #[error("the VM did not connect its console within {0:?}")]
-    StartTimeout(Duration),
-    #[error("invalid machine configuration: {0}")]
-    Config(String),
-    #[error("KVM could not {what}")]
-    Kvm {
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the guest could not be set up for boot: {0}")]
-    Boot(String),
-    #[error("I/O error on the VM's {what}")]
-    Io {
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
 /// One running VM. Dropping it kills the VM and removes its per-VM directory.
 pub struct Machine {
     inner: Inner,
@@ -172,7 +88,7 @@ enum Inner {
 }
 
 impl Machine {
-    /// Boot a VM. Returns the machine and the agent's console stream.
+    /// Boot a VM. Returns the machine and its console stream.
     pub async fn start(
         config: MachineConfig,
         backend: BackendKind,

@@ -1,93 +1,63 @@
-//! The qemu backend: `qemu-system-x86_64 -M microvm,acpi=on`.
+//! The qemu backend: `qemu-system-x86_64 -M microvm,acpi=on` (the binary
+//! is [`QemuOptions::binary`]).
 //!
 //! Devices are virtio-mmio, described to the guest in ACPI (`LNRO0005`), so a
 //! stock distribution kernel finds them once `virtio_mmio` is loaded. The
-//! agent's console is a named virtio-serial port (binary-safe, no TTY layer)
+//! console is a virtio-serial port named [`MachineConfig::console_port`]
+//! (binary-safe, no TTY layer)
 //! whose host end is a Unix socket in the per-VM directory; the 8250 serial
 //! (kernel messages) is read from QEMU's stdout into a bounded buffer.
 
-use std::collections::VecDeque;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
 
-use crate::machine::{ConsoleStream, ExitStatus, MachineConfig, MachineError};
+use crate::config::MachineConfig;
+use crate::error::MachineError;
+use crate::machine::{ConsoleStream, ExitStatus};
+use crate::run_dir::RunDir;
+use crate::tail::{self, SharedTail};
 
-/// Name of the agent's virtio-serial port; the agent looks for it in
-/// `/sys/class/virtio-ports/*/name`.
-pub const AGENT_PORT_NAME: &str = "org.kiln.agent.0";
+/// The QEMU system emulator [`QemuOptions::default`] runs, looked up in `PATH`.
+pub const DEFAULT_QEMU_BINARY: &str = "qemu-system-x86_64";
 
-/// The QEMU binary; `KILN_QEMU` overrides it.
-pub fn qemu_binary() -> String {
-    std::env::var("KILN_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string())
+/// How the qemu backend runs QEMU. The caller decides (kiln's runner reads
+/// `KILN_QEMU`); this crate reads no environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuOptions {
+    /// The QEMU system emulator: a path, or a name looked up in `PATH`.
+    pub binary: PathBuf,
 }
 
-/// A byte buffer that keeps only the last `limit` bytes written to it.
-#[derive(Debug)]
-pub struct TailBuffer {
-    buf: VecDeque<u8>,
-    limit: usize,
-    dropped: u64,
-    /// Bytes pushed so far, for whoever waits for output.
-    written: tokio::sync::watch::Sender<u64>,
+impl QemuOptions {
+    /// `binary` where the caller has one (e.g. from its configuration), else
+    /// [`DEFAULT_QEMU_BINARY`].
+    pub fn new(binary: Option<impl Into<PathBuf>>) -> QemuOptions {
+        binary.map_or_else(QemuOptions::default, |b| QemuOptions { binary: b.into() })
+    }
 }
 
-impl TailBuffer {
-    pub fn new(limit: usize) -> Self {
-        TailBuffer {
-            buf: VecDeque::new(),
-            limit,
-            dropped: 0,
-            written: tokio::sync::watch::Sender::new(0),
+impl Default for QemuOptions {
+    fn default() -> QemuOptions {
+        QemuOptions {
+            binary: DEFAULT_QEMU_BINARY.into(),
         }
-    }
-
-    /// Changes whenever bytes are pushed (its value counts them all).
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.written.subscribe()
-    }
-
-    pub fn push(&mut self, data: &[u8]) {
-        if !data.is_empty() {
-            self.written.send_modify(|n| *n += data.len() as u64);
-        }
-        let data = if data.len() > self.limit {
-            self.dropped += (data.len() - self.limit) as u64;
-            &data[data.len() - self.limit..]
-        } else {
-            data
-        };
-        let overflow = (self.buf.len() + data.len()).saturating_sub(self.limit);
-        self.buf.drain(..overflow);
-        self.dropped += overflow as u64;
-        self.buf.extend(data);
-    }
-
-    pub fn contents(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.buf.len() + 64);
-        if self.dropped > 0 {
-            out.extend_from_slice(
-                format!("[... {} earlier bytes dropped]\n", self.dropped).as_bytes(),
-            );
-        }
-        out.extend(self.buf.iter());
-        out
     }
 }
 
 pub(crate) struct QemuMachine {
     child: Child,
-    run_dir: PathBuf,
     accel: &'static str,
-    serial: Arc<Mutex<TailBuffer>>,
-    stderr: Arc<Mutex<TailBuffer>>,
+    serial: SharedTail,
+    stderr: SharedTail,
     exited: Option<ExitStatus>,
+    // Last: removed after the `Drop` impl has killed QEMU.
+    run_dir: RunDir,
 }
 
 impl QemuMachine {
@@ -106,14 +76,10 @@ impl QemuMachine {
                 )));
             }
         }
-        std::fs::create_dir(&config.run_dir).map_err(|source| MachineError::RunDir {
-            path: config.run_dir.clone(),
-            source,
-        })?;
-        // From here on, failures must remove the directory: `RunDirGuard` does.
-        let guard = RunDirGuard(Some(config.run_dir.clone()));
+        // From here on, failures remove the directory: `run_dir`'s drop does.
+        let run_dir = RunDir::create(&config.run_dir)?;
 
-        let sock = config.run_dir.join("agent.sock");
+        let sock = run_dir.path().join("console.sock");
         let listener = UnixListener::bind(&sock).map_err(|source| MachineError::Io {
             what: "console socket",
             source,
@@ -122,7 +88,7 @@ impl QemuMachine {
         let args = qemu_args(&config, accel, &sock);
         tracing::debug!(?args, "starting qemu");
 
-        let mut cmd = Command::new(qemu_binary());
+        let mut cmd = Command::new(&config.qemu.binary);
         cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -141,14 +107,12 @@ impl QemuMachine {
             });
         }
         let mut child = cmd.spawn().map_err(|source| MachineError::Spawn {
-            program: qemu_binary(),
+            program: config.qemu.binary.clone(),
             source,
         })?;
 
-        let serial = Arc::new(Mutex::new(TailBuffer::new(
-            config.serial_log_limit.max(4096),
-        )));
-        let stderr = Arc::new(Mutex::new(TailBuffer::new(64 * 1024)));
+        let serial = tail::shared(config.serial_log_limit.max(4096));
+        let stderr = tail::shared(64 * 1024);
         if let Some(out) = child.stdout.take() {
             tokio::spawn(drain(out, serial.clone()));
         }
@@ -158,7 +122,7 @@ impl QemuMachine {
 
         let mut machine = QemuMachine {
             child,
-            run_dir: config.run_dir.clone(),
+            run_dir,
             accel,
             serial,
             stderr,
@@ -176,7 +140,7 @@ impl QemuMachine {
             status = machine.child.wait() => {
                 // Give the stderr reader a moment to collect QEMU's last words.
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                let msg = String::from_utf8_lossy(&machine.stderr.lock().map(|b| b.contents()).unwrap_or_default()).trim().to_string();
+                let msg = String::from_utf8_lossy(&tail::contents(&machine.stderr)).trim().to_string();
                 let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
                 machine.exited = Some(ExitStatus::Failed(status.clone()));
                 return Err(MachineError::EarlyExit(if msg.is_empty() { status } else { msg }));
@@ -188,7 +152,6 @@ impl QemuMachine {
         };
         // The socket file is not needed once connected.
         let _ = std::fs::remove_file(&sock);
-        std::mem::forget(guard); // `machine` now owns the directory
         Ok((machine, console))
     }
 
@@ -201,14 +164,11 @@ impl QemuMachine {
     }
 
     pub(crate) fn serial_log(&self) -> Vec<u8> {
-        self.serial.lock().map(|b| b.contents()).unwrap_or_default()
+        tail::contents(&self.serial)
     }
 
     pub(crate) fn serial_updates(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.serial
-            .lock()
-            .map(|b| b.subscribe())
-            .unwrap_or_else(|_| tokio::sync::watch::channel(0).1)
+        tail::subscribe(&self.serial)
     }
 
     pub(crate) async fn wait(&mut self) -> ExitStatus {
@@ -218,7 +178,7 @@ impl QemuMachine {
         let status = match self.child.wait().await {
             Ok(s) if s.success() => ExitStatus::Shutdown,
             Ok(s) => {
-                let err = self.stderr.lock().map(|b| b.contents()).unwrap_or_default();
+                let err = tail::contents(&self.stderr);
                 ExitStatus::Failed(format!("{s}: {}", String::from_utf8_lossy(&err).trim()))
             }
             Err(e) => ExitStatus::Failed(e.to_string()),
@@ -237,45 +197,18 @@ impl QemuMachine {
 
     pub(crate) async fn destroy(mut self) -> Result<(), MachineError> {
         self.kill_now().await;
-        let dir = std::mem::take(&mut self.run_dir);
-        remove_run_dir(&dir)
+        self.run_dir.remove()
     }
 }
 
 impl Drop for QemuMachine {
+    /// Kills QEMU; the per-VM directory goes with the `run_dir` field after.
     fn drop(&mut self) {
         if self.exited.is_none() {
             // Synchronous best effort: SIGKILL and reap if it is already gone.
             let _ = self.child.start_kill();
             let _ = self.child.try_wait();
         }
-        if !self.run_dir.as_os_str().is_empty() {
-            if let Err(e) = remove_run_dir(&self.run_dir) {
-                tracing::warn!("{e}");
-            }
-        }
-    }
-}
-
-/// Removes the per-VM directory if start-up fails half-way.
-struct RunDirGuard(Option<PathBuf>);
-
-impl Drop for RunDirGuard {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.take() {
-            let _ = remove_run_dir(&dir);
-        }
-    }
-}
-
-fn remove_run_dir(dir: &Path) -> Result<(), MachineError> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(MachineError::Io {
-            what: "per-VM directory",
-            source,
-        }),
     }
 }
 
@@ -289,7 +222,7 @@ fn check_readable(what: &'static str, path: &Path) -> Result<(), MachineError> {
         })
 }
 
-async fn drain(mut from: impl tokio::io::AsyncRead + Unpin, into: Arc<Mutex<TailBuffer>>) {
+async fn drain(mut from: impl tokio::io::AsyncRead + Unpin, into: SharedTail) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         match from.read(&mut buf).await {
@@ -341,12 +274,13 @@ pub fn qemu_args(config: &MachineConfig, accel: &str, console_sock: &Path) -> Ve
     push("virtio-serial-device,max_ports=2");
     push("-chardev");
     push(&format!(
-        "socket,id=agent,path={}",
+        "socket,id=console,path={}",
         qemu_escape(&console_sock.to_string_lossy())
     ));
     push("-device");
     push(&format!(
-        "virtserialport,chardev=agent,name={AGENT_PORT_NAME}"
+        "virtserialport,chardev=console,name={}",
+        qemu_escape(&config.console_port)
     ));
     for (i, d) in config.disks.iter().enumerate() {
         let mut drive = format!(
@@ -412,23 +346,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tail_buffer_keeps_the_last_bytes_and_counts_the_rest() {
-        let mut t = TailBuffer::new(8);
-        t.push(b"0123");
-        t.push(b"456789ab");
-        let c = t.contents();
-        assert!(
-            c.ends_with(b"456789ab"),
-            "{:?}",
-            String::from_utf8_lossy(&c)
-        );
-        assert!(String::from_utf8_lossy(&c).contains("4 earlier bytes dropped"));
-        let mut t = TailBuffer::new(4);
-        t.push(b"abcdefgh");
-        assert!(t.contents().ends_with(b"efgh"));
-    }
-
-    #[test]
     fn args_name_every_disk_by_serial_and_escape_commas() {
         let cfg = MachineConfig {
             kernel: "/k".into(),
@@ -450,11 +367,13 @@ mod tests {
                     ephemeral: true,
                 },
             ],
+            console_port: "org.example.port,0".into(),
             run_dir: "/tmp/x".into(),
             serial_log_limit: 1024,
             start_timeout: Duration::from_secs(1),
+            qemu: QemuOptions::default(),
         };
-        let a = qemu_args(&cfg, "tcg", Path::new("/tmp/x/agent.sock"));
+        let a = qemu_args(&cfg, "tcg", Path::new("/tmp/x/console.sock"));
         let joined = a.join(" ");
         assert!(
             joined.contains("file=/a,,b.img,format=raw,if=none,read-only=on"),
@@ -463,6 +382,7 @@ mod tests {
         assert!(joined.contains("virtio-blk-device,drive=disk1,serial=kiln-scratch"));
         assert!(joined.contains("read-only=off,cache=unsafe"));
         assert!(joined.contains("-cpu max"));
-        assert!(joined.contains(&format!("name={AGENT_PORT_NAME}")));
+        assert!(joined.contains("socket,id=console,path=/tmp/x/console.sock"));
+        assert!(joined.contains("virtserialport,chardev=console,name=org.example.port,,0"));
     }
 }

@@ -9,11 +9,21 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use kiln_vmm::{probe_kvm, BackendKind, Disk, ExitStatus, KvmSupport, Machine, MachineConfig};
+use kiln_vmm::{
+    probe_kvm, BackendKind, Disk, ExitStatus, KvmSupport, Machine, MachineConfig, MachineError,
+    QemuOptions,
+};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const INITRD_LEN: usize = 5000;
 const INITRD_SEED: usize = 7;
+/// The console port the test guest looks for (`testguest/src/checks.rs`).
+const PORT_NAME: &str = "org.kiln.agent.0";
+
+/// The test's edge: `KILN_QEMU` names the QEMU to run, as for kiln itself.
+fn qemu_options() -> QemuOptions {
+    QemuOptions::new(std::env::var_os("KILN_QEMU"))
+}
 
 fn testguest() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("KILN_TESTGUEST") {
@@ -73,9 +83,11 @@ fn fixture(kernel: PathBuf, extra: &str) -> Fixture {
                 ephemeral: false,
             },
         ],
+        console_port: PORT_NAME.into(),
         run_dir: dir.path().join("run"),
         serial_log_limit: 64 * 1024,
         start_timeout: Duration::from_secs(10),
+        qemu: qemu_options(),
     };
     Fixture { dir, config }
 }
@@ -326,7 +338,13 @@ async fn kvm_start_failures_clean_up() {
         Err(e) => e,
         Ok(_) => panic!("a zero-filled kernel must not boot"),
     };
-    assert!(err.to_string().contains("neither an ELF"), "{err}");
+    // The message says what failed; the cause is in the source chain.
+    assert!(matches!(err, MachineError::Boot(_)), "{err:?}");
+    let chain: Vec<String> =
+        std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source())
+            .map(|e| e.to_string())
+            .collect();
+    assert!(chain.join(": ").contains("neither an ELF"), "{chain:?}");
     assert!(!fx.config.run_dir.exists());
     fx.config.vcpus = 0;
     assert!(Machine::start(fx.config.clone(), BackendKind::Kvm, &kvm)
@@ -350,11 +368,12 @@ fn main() -> std::process::ExitCode {
         }
     });
     let qemu = kiln_testkit::Need::custom("qemu", || {
-        let qemu = kiln_vmm::qemu::qemu_binary();
+        let qemu = qemu_options().binary;
         match Command::new(&qemu).arg("--version").output() {
             Ok(o) if o.status.success() => Ok(()),
             _ => Err(format!(
-                "{qemu} does not run (apt-get install qemu-system-x86)"
+                "{} does not run (apt-get install qemu-system-x86)",
+                qemu.display()
             )),
         }
     });

@@ -2,6 +2,8 @@
 //! guest writes 0xFE (pulse reset line) to port 0x64 and the VM ends.
 //! Ports: 0x60 data, 0x64 status/command.
 
+use crate::kvm::bus::{PioAction, PioDevice};
+
 pub const DATA_PORT: u16 = 0x60;
 pub const COMMAND_PORT: u16 = 0x64;
 
@@ -17,13 +19,6 @@ pub struct I8042 {
     output: Option<u8>,
     ctr: u8,
     expect_ctr: bool,
-}
-
-/// What a port write asks of the VMM.
-#[derive(Debug, PartialEq, Eq)]
-pub enum I8042Action {
-    None,
-    Reset,
 }
 
 impl I8042 {
@@ -42,9 +37,9 @@ impl I8042 {
         }
     }
 
-    pub fn write(&mut self, port: u16, value: u8) -> I8042Action {
+    pub fn write(&mut self, port: u16, value: u8) -> PioAction {
         match (port, value) {
-            (COMMAND_PORT, CMD_RESET_CPU) => return I8042Action::Reset,
+            (COMMAND_PORT, CMD_RESET_CPU) => return PioAction::Reset,
             (COMMAND_PORT, CMD_READ_CTR) => self.output = Some(self.ctr),
             (COMMAND_PORT, CMD_WRITE_CTR) => self.expect_ctr = true,
             (COMMAND_PORT, CMD_SELF_TEST) => self.output = Some(0x55),
@@ -54,7 +49,23 @@ impl I8042 {
             }
             _ => {}
         }
-        I8042Action::None
+        PioAction::None
+    }
+}
+
+/// Ports `DATA_PORT` and `COMMAND_PORT` (two one-port ranges).
+impl PioDevice for I8042 {
+    fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        if let Some(b) = data.first_mut() {
+            *b = self.read(port);
+        }
+    }
+
+    fn pio_write(&mut self, port: u16, data: &[u8]) -> PioAction {
+        match data.first() {
+            Some(&v) => self.write(port, v),
+            None => PioAction::None,
+        }
     }
 }
 
@@ -66,11 +77,11 @@ mod tests {
     fn reset_command_ends_the_vm_and_ctr_round_trips() {
         let mut k = I8042::default();
         assert_eq!(k.read(COMMAND_PORT) & STATUS_OUTPUT_FULL, 0);
-        assert_eq!(k.write(COMMAND_PORT, CMD_WRITE_CTR), I8042Action::None);
+        assert_eq!(k.write(COMMAND_PORT, CMD_WRITE_CTR), PioAction::None);
         k.write(DATA_PORT, 0x47);
         k.write(COMMAND_PORT, CMD_READ_CTR);
         assert_ne!(k.read(COMMAND_PORT) & STATUS_OUTPUT_FULL, 0);
         assert_eq!(k.read(DATA_PORT), 0x47);
-        assert_eq!(k.write(COMMAND_PORT, 0xfe), I8042Action::Reset);
+        assert_eq!(k.write(COMMAND_PORT, 0xfe), PioAction::Reset);
     }
 }

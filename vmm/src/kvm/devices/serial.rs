@@ -2,13 +2,12 @@
 //! bounded tail buffer: the per-VM debug log, never the job log.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::qemu::TailBuffer;
+use crate::kvm::bus::{PioAction, PioDevice};
+use crate::tail::SharedTail;
 
 pub const COM1_BASE: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
@@ -24,7 +23,7 @@ impl Trigger for IrqTrigger {
 }
 
 /// Where the guest's serial output goes.
-pub struct SerialOut(pub Arc<Mutex<TailBuffer>>);
+pub struct SerialOut(pub SharedTail);
 
 impl Write for SerialOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -43,7 +42,7 @@ pub struct SerialPort {
 }
 
 impl SerialPort {
-    pub fn new(irq: EventFd, log: Arc<Mutex<TailBuffer>>) -> SerialPort {
+    pub fn new(irq: EventFd, log: SharedTail) -> SerialPort {
         SerialPort {
             uart: Serial::new(IrqTrigger(irq), SerialOut(log)),
         }
@@ -60,13 +59,29 @@ impl SerialPort {
     }
 }
 
+/// COM1's eight registers, from `COM1_BASE`.
+impl PioDevice for SerialPort {
+    fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        if let Some(b) = data.first_mut() {
+            *b = self.read(port.wrapping_sub(COM1_BASE) as u8);
+        }
+    }
+
+    fn pio_write(&mut self, port: u16, data: &[u8]) -> PioAction {
+        if let Some(&v) = data.first() {
+            self.write(port.wrapping_sub(COM1_BASE) as u8, v);
+        }
+        PioAction::None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn output_lands_in_the_bounded_log() {
-        let log = Arc::new(Mutex::new(TailBuffer::new(4)));
+        let log = crate::tail::shared(4);
         let mut s = SerialPort::new(EventFd::new(0).unwrap(), log.clone());
         for b in b"hello" {
             s.write(0, *b);

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use vm_memory::{Address, Bytes, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::mmio::{read_config_bytes, VirtioDevice};
 use super::queue::{Descriptor, Queue, QueueError};
@@ -144,55 +144,61 @@ impl Block {
         Ok((*status, result.0, result.1))
     }
 
+    /// Copy the disk from `offset` into the guest's buffers.
     fn read(
         &mut self,
         data: &[Descriptor],
         mem: &GuestMemoryMmap,
-        mut offset: u64,
+        offset: u64,
     ) -> Result<(), QueueError> {
         let mut buf = vec![0u8; CHUNK];
-        for d in data {
-            let mut done = 0usize;
-            while done < d.len as usize {
-                let n = (d.len as usize - done).min(CHUNK);
-                if let Err(e) = self.file.read_exact_at(&mut buf[..n], offset) {
-                    tracing::warn!("virtio-blk: read failed: {e}");
-                    return Err(QueueError::Layout("host read failed"));
-                }
-                let at = d.addr.unchecked_add(done as u64);
-                mem.write_slice(&buf[..n], at)
-                    .map_err(|_| QueueError::Memory(at.0))?;
-                done += n;
-                offset += n as u64;
+        for_each_chunk(data, offset, |at, n, offset| {
+            if let Err(e) = self.file.read_exact_at(&mut buf[..n], offset) {
+                tracing::warn!("virtio-blk: read failed: {e}");
+                return Err(QueueError::Layout("host read failed"));
             }
-        }
-        Ok(())
+            mem.write_slice(&buf[..n], at)
+                .map_err(|_| QueueError::Memory(at.0))
+        })
     }
 
+    /// Copy the guest's buffers to the disk from `offset`.
     fn write(
         &mut self,
         data: &[Descriptor],
         mem: &GuestMemoryMmap,
-        mut offset: u64,
+        offset: u64,
     ) -> Result<(), QueueError> {
         let mut buf = vec![0u8; CHUNK];
-        for d in data {
-            let mut done = 0usize;
-            while done < d.len as usize {
-                let n = (d.len as usize - done).min(CHUNK);
-                let at = d.addr.unchecked_add(done as u64);
-                mem.read_slice(&mut buf[..n], at)
-                    .map_err(|_| QueueError::Memory(at.0))?;
-                if let Err(e) = self.file.write_all_at(&buf[..n], offset) {
-                    tracing::warn!("virtio-blk: write failed: {e}");
-                    return Err(QueueError::Layout("host write failed"));
-                }
-                done += n;
-                offset += n as u64;
+        for_each_chunk(data, offset, |at, n, offset| {
+            mem.read_slice(&mut buf[..n], at)
+                .map_err(|_| QueueError::Memory(at.0))?;
+            if let Err(e) = self.file.write_all_at(&buf[..n], offset) {
+                tracing::warn!("virtio-blk: write failed: {e}");
+                return Err(QueueError::Layout("host write failed"));
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
+}
+
+/// Walk the data buffers in pieces of at most `CHUNK` bytes, with the disk
+/// offset each piece maps to: `f(guest address, length, disk offset)`.
+fn for_each_chunk(
+    data: &[Descriptor],
+    mut offset: u64,
+    mut f: impl FnMut(GuestAddress, usize, u64) -> Result<(), QueueError>,
+) -> Result<(), QueueError> {
+    for d in data {
+        let mut done = 0usize;
+        while done < d.len as usize {
+            let n = (d.len as usize - done).min(CHUNK);
+            f(d.addr.unchecked_add(done as u64), n, offset)?;
+            done += n;
+            offset += n as u64;
+        }
+    }
+    Ok(())
 }
 
 impl VirtioDevice for Block {
@@ -223,30 +229,12 @@ impl VirtioDevice for Block {
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> bool {
-        let mut used = false;
-        loop {
-            let chain = match queues[0].pop(mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!("virtio-blk: queue broken: {e}");
-                    break;
-                }
-            };
-            let len = match chain.descriptors.and_then(|d| self.execute(&d, mem)) {
-                Ok((status_desc, status, n)) => match mem.write_obj(status, status_desc.addr) {
-                    Ok(()) => n + 1,
-                    Err(_) => 0,
-                },
-                Err(e) => {
-                    tracing::warn!("virtio-blk: bad request: {e}");
-                    0
-                }
-            };
-            let _ = queues[0].add_used(mem, chain.head, len);
-            used = true;
-        }
-        used
+        queues[0].drain(mem, "virtio-blk", |descs| {
+            let (status_desc, status, n) = self.execute(descs, mem)?;
+            mem.write_obj(status, status_desc.addr)
+                .map_err(|_| QueueError::Memory(status_desc.addr.0))?;
+            Ok(n + 1)
+        })
     }
 }
 

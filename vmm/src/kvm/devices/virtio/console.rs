@@ -1,6 +1,6 @@
 //! virtio-console with one named port (`VIRTIO_CONSOLE_F_MULTIPORT`), like
 //! QEMU's `virtserialport,name=...`: Linux shows the name in
-//! `/sys/class/virtio-ports/vportNpM/name`, where the agent looks for it.
+//! `/sys/class/virtio-ports/vportNpM/name`, where the guest looks for it.
 //!
 //! Queues: 0/1 are port 0's receive/transmit queues, 2/3 the control
 //! receive/transmit queues. The host side is one end of a Unix socket pair
@@ -15,7 +15,7 @@ use std::os::unix::net::UnixStream;
 use vm_memory::GuestMemoryMmap;
 
 use super::mmio::{read_config_bytes, HostInterest, VirtioDevice};
-use super::queue::{Chain, Queue};
+use super::queue::{Chain, Queue, QueueError};
 
 pub const VIRTIO_ID_CONSOLE: u32 = 3;
 pub const VIRTIO_CONSOLE_F_MULTIPORT: u64 = 1 << 1;
@@ -69,51 +69,24 @@ impl Console {
     }
 
     fn fill_rx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
-        let mut used = false;
-        while !self.to_guest.is_empty() {
-            let chain = match queues[RX].pop(mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!("virtio-console: receive queue broken: {e}");
-                    break;
-                }
-            };
-            let written = match &chain.descriptors {
-                Ok(descs) => {
-                    let (a, b) = self.to_guest.as_slices();
-                    let data: Vec<u8> = a
-                        .iter()
-                        .chain(b)
-                        .copied()
-                        .take(
-                            descs
-                                .iter()
-                                .filter(|d| d.write_only)
-                                .map(|d| d.len as usize)
-                                .sum(),
-                        )
-                        .collect();
-                    match Chain::write_to(descs, mem, &data) {
-                        Ok(n) => {
-                            self.to_guest.drain(..n);
-                            n
-                        }
-                        Err(e) => {
-                            tracing::warn!("virtio-console: bad receive buffer: {e}");
-                            0
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!("virtio-console: bad receive chain: {e}");
-                    0
-                }
-            };
-            let _ = queues[RX].add_used(mem, chain.head, written as u32);
-            used = true;
-        }
-        used
+        queues[RX].drain_while(
+            mem,
+            "virtio-console receive",
+            self,
+            |c| !c.to_guest.is_empty(),
+            |c, descs| {
+                let (a, b) = c.to_guest.as_slices();
+                let data: Vec<u8> = a
+                    .iter()
+                    .chain(b)
+                    .copied()
+                    .take(Chain::writable_len(descs))
+                    .collect();
+                let n = Chain::write_to(descs, mem, &data)?;
+                c.to_guest.drain(..n);
+                Ok(n as u32)
+            },
+        )
     }
 
     /// Move the guest's transmit buffers to the host socket, at most
@@ -125,39 +98,21 @@ impl Console {
     fn drain_tx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
         loop {
-            let mut popped = false;
-            while self.to_host.len() < BUFFER_LIMIT {
-                let chain = match queues[TX].pop(mem) {
-                    Ok(Some(c)) => c,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!("virtio-console: transmit queue broken: {e}");
-                        break;
+            let popped = queues[TX].drain_while(
+                mem,
+                "virtio-console transmit",
+                self,
+                |c| c.to_host.len() < BUFFER_LIMIT,
+                |c, descs| {
+                    let mut buf = vec![0u8; Chain::readable_len(descs).min(BUFFER_LIMIT)];
+                    let n = Chain::read_from(descs, mem, &mut buf)?;
+                    if !c.host_closed {
+                        c.to_host.extend(&buf[..n]);
                     }
-                };
-                match &chain.descriptors {
-                    Ok(descs) => {
-                        let total: usize = descs
-                            .iter()
-                            .filter(|d| !d.write_only)
-                            .map(|d| d.len as usize)
-                            .sum();
-                        let mut buf = vec![0u8; total.min(BUFFER_LIMIT)];
-                        match Chain::read_from(descs, mem, &mut buf) {
-                            Ok(n) => {
-                                if !self.host_closed {
-                                    self.to_host.extend(&buf[..n]);
-                                }
-                            }
-                            Err(e) => tracing::warn!("virtio-console: bad transmit buffer: {e}"),
-                        }
-                    }
-                    Err(e) => tracing::warn!("virtio-console: bad transmit chain: {e}"),
-                }
-                let _ = queues[TX].add_used(mem, chain.head, 0);
-                used = true;
-                popped = true;
-            }
+                    Ok(0)
+                },
+            );
+            used |= popped;
             self.flush_host();
             if !popped || self.to_host.len() >= BUFFER_LIMIT {
                 return used;
@@ -208,42 +163,25 @@ impl Console {
     }
 
     fn fill_control(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
-        let mut used = false;
-        while let Some(msg) = self.control.front() {
-            let chain = match queues[CTRL_RX].pop(mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!("virtio-console: control receive queue broken: {e}");
-                    break;
+        queues[CTRL_RX].drain_while(
+            mem,
+            "virtio-console control receive",
+            self,
+            |c| !c.control.is_empty(),
+            |c, descs| {
+                let Some(msg) = c.control.front() else {
+                    return Ok(0);
+                };
+                if Chain::writable_len(descs) < msg.len() {
+                    return Err(QueueError::Layout("control buffer too small"));
                 }
-            };
-            let n = match &chain.descriptors {
-                Ok(descs) => {
-                    let room: usize = descs
-                        .iter()
-                        .filter(|d| d.write_only)
-                        .map(|d| d.len as usize)
-                        .sum();
-                    if room < msg.len() {
-                        tracing::warn!("virtio-console: control buffer too small ({room} bytes)");
-                        0
-                    } else {
-                        Chain::write_to(descs, mem, msg).unwrap_or(0)
-                    }
+                let n = Chain::write_to(descs, mem, msg)?;
+                if n > 0 {
+                    c.control.pop_front();
                 }
-                Err(e) => {
-                    tracing::warn!("virtio-console: bad control chain: {e}");
-                    0
-                }
-            };
-            if n > 0 {
-                self.control.pop_front();
-            }
-            let _ = queues[CTRL_RX].add_used(mem, chain.head, n as u32);
-            used = true;
-        }
-        used
+                Ok(n as u32)
+            },
+        )
     }
 
     fn handle_control(&mut self, id: u32, event: u16, value: u16) {
@@ -270,36 +208,19 @@ impl Console {
     }
 
     fn drain_control(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
-        let mut used = false;
-        loop {
-            let chain = match queues[CTRL_TX].pop(mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!("virtio-console: control transmit queue broken: {e}");
-                    break;
-                }
-            };
+        queues[CTRL_TX].drain(mem, "virtio-console control transmit", |descs| {
             let mut msg = [0u8; 8];
-            match chain
-                .descriptors
-                .as_deref()
-                .map(|d| Chain::read_from(d, mem, &mut msg))
-            {
-                Ok(Ok(8)) => {
+            match Chain::read_from(descs, mem, &mut msg)? {
+                8 => {
                     let id = u32::from_le_bytes([msg[0], msg[1], msg[2], msg[3]]);
                     let event = u16::from_le_bytes([msg[4], msg[5]]);
                     let value = u16::from_le_bytes([msg[6], msg[7]]);
                     self.handle_control(id, event, value);
                 }
-                Ok(Ok(n)) => tracing::warn!("virtio-console: short control message ({n} bytes)"),
-                Ok(Err(e)) => tracing::warn!("virtio-console: bad control chain: {e}"),
-                Err(e) => tracing::warn!("virtio-console: bad control chain: {e}"),
+                n => tracing::warn!("virtio-console: short control message ({n} bytes)"),
             }
-            let _ = queues[CTRL_TX].add_used(mem, chain.head, 0);
-            used = true;
-        }
-        used
+            Ok(0)
+        })
     }
 }
 

@@ -5,6 +5,10 @@
 //! loop in `next` ends the walk), and every buffer's address range must lie
 //! inside guest memory. A bad chain fails that one request; it never panics
 //! the host.
+//!
+//! Devices serve their queues through [`Queue::drain`] (or
+//! [`Queue::drain_while`]): one loop that pops chains, hands each to the
+//! device and returns it through the used ring.
 
 use std::sync::atomic::{fence, Ordering};
 
@@ -69,6 +73,24 @@ impl Chain {
             done += n;
         }
         Ok(done)
+    }
+
+    /// Bytes the device may read from the chain (its device-readable buffers).
+    pub fn readable_len(descs: &[Descriptor]) -> usize {
+        Self::len_where(descs, false)
+    }
+
+    /// Bytes the device may write into the chain (its device-writable buffers).
+    pub fn writable_len(descs: &[Descriptor]) -> usize {
+        Self::len_where(descs, true)
+    }
+
+    fn len_where(descs: &[Descriptor], write_only: bool) -> usize {
+        descs
+            .iter()
+            .filter(|d| d.write_only == write_only)
+            .map(|d| d.len as usize)
+            .sum()
     }
 
     /// Copy `data` into the device-writable buffers. Returns how many bytes
@@ -236,6 +258,61 @@ impl Queue {
     }
 }
 
+impl Queue {
+    /// Serve the driver's requests: pop every available chain, hand its
+    /// buffers to `handle`, which returns how many bytes it wrote into them,
+    /// and return the chain through the used ring. A malformed chain, or one
+    /// `handle` rejects, is logged (`what` names the device and queue) and
+    /// returned with nothing written; a broken queue ends the drain. Each
+    /// pop is bounded (see [`Queue::pop`]), so a hostile ring cannot make it
+    /// loop while the guest is stopped. Returns whether any chain was
+    /// returned: the caller then interrupts the driver, once.
+    pub fn drain(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        what: &str,
+        mut handle: impl FnMut(&[Descriptor]) -> Result<u32, QueueError>,
+    ) -> bool {
+        self.drain_while(mem, what, &mut handle, |_| true, |h, d| h(d))
+    }
+
+    /// [`Queue::drain`], popping a chain only while `more(state)` holds (e.g.
+    /// while the device has bytes to give the driver); `state` is lent to
+    /// `more` and `handle` in turn.
+    pub fn drain_while<S: ?Sized>(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        what: &str,
+        state: &mut S,
+        more: impl Fn(&S) -> bool,
+        mut handle: impl FnMut(&mut S, &[Descriptor]) -> Result<u32, QueueError>,
+    ) -> bool {
+        let mut used = false;
+        while more(state) {
+            let chain = match self.pop(mem) {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!("{what}: queue broken: {e}");
+                    break;
+                }
+            };
+            let len = match chain.descriptors.and_then(|d| handle(state, &d)) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!("{what}: bad request: {e}");
+                    0
+                }
+            };
+            if let Err(e) = self.add_used(mem, chain.head, len) {
+                tracing::warn!("{what}: cannot return a buffer: {e}");
+            }
+            used = true;
+        }
+        used
+    }
+}
+
 /// Helpers to lay out queues in mock guest memory, for device tests.
 #[cfg(test)]
 pub mod mock {
@@ -352,6 +429,70 @@ mod tests {
             q.pop(&mem).unwrap().unwrap().descriptors.unwrap_err(),
             QueueError::DescriptorIndex(99)
         );
+    }
+
+    #[test]
+    fn drain_returns_every_chain_and_bad_ones_empty() {
+        let mem = memory();
+        let mut q = queue(16);
+        set_desc(&mem, 0, DATA, 16, WRITE, 0);
+        set_desc(&mem, 1, 0xfff_0000, 16, WRITE, 0); // outside memory
+        set_desc(&mem, 2, DATA, 8, 0, 0); // the handler rejects it
+        for h in 0..3 {
+            publish(&mem, h);
+        }
+        let mut seen = Vec::new();
+        let used = q.drain(&mem, "test", |d| {
+            seen.push(d.len());
+            if Chain::writable_len(d) == 0 {
+                return Err(QueueError::Layout("nothing writable"));
+            }
+            Ok(16)
+        });
+        assert!(used);
+        assert_eq!(
+            seen,
+            vec![1, 1],
+            "the malformed chain never reaches the handler"
+        );
+        assert_eq!(used_idx(&mem), 3);
+        assert_eq!(used_elem(&mem, 0), (0, 16));
+        assert_eq!(used_elem(&mem, 1), (1, 0));
+        assert_eq!(used_elem(&mem, 2), (2, 0));
+        assert!(!q.drain(&mem, "test", |_| Ok(0)), "nothing left");
+    }
+
+    #[test]
+    fn drain_while_pops_only_while_the_device_wants_more() {
+        let mem = memory();
+        let mut q = queue(16);
+        for h in 0..3 {
+            set_desc(&mem, h, DATA, 4, WRITE, 0);
+            publish(&mem, h);
+        }
+        let mut budget = 2u32;
+        let used = q.drain_while(
+            &mem,
+            "test",
+            &mut budget,
+            |b| *b > 0,
+            |b, _| {
+                *b -= 1;
+                Ok(4)
+            },
+        );
+        assert!(used);
+        assert_eq!(used_idx(&mem), 2, "the third chain stays available");
+        assert!(q.drain(&mem, "test", |_| Ok(0)));
+        assert_eq!(used_idx(&mem), 3);
+    }
+
+    #[test]
+    fn drain_stops_at_a_broken_queue() {
+        let mem = memory();
+        let mut q = queue(16);
+        mem.write_obj(100u16, GuestAddress(AVAIL + 2)).unwrap();
+        assert!(!q.drain(&mem, "test", |_| panic!("no chain to handle")));
     }
 
     #[test]

@@ -55,41 +55,16 @@ impl VirtioDevice for Rng {
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> bool {
-        let mut used = false;
-        loop {
-            let chain = match queues[0].pop(mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
+        queues[0].drain(mem, "virtio-rng", |descs| {
+            let mut buf = vec![0u8; Chain::writable_len(descs).min(MAX_CHUNK)];
+            match fill_random(&mut buf) {
+                Ok(()) => Ok(Chain::write_to(descs, mem, &buf)? as u32),
                 Err(e) => {
-                    tracing::warn!("virtio-rng: queue broken: {e}");
-                    break;
+                    tracing::warn!("virtio-rng: getrandom failed: {e}");
+                    Ok(0)
                 }
-            };
-            let n = match &chain.descriptors {
-                Ok(descs) => {
-                    let want: usize = descs
-                        .iter()
-                        .filter(|d| d.write_only)
-                        .map(|d| d.len as usize)
-                        .sum();
-                    let mut buf = vec![0u8; want.min(MAX_CHUNK)];
-                    match fill_random(&mut buf) {
-                        Ok(()) => Chain::write_to(descs, mem, &buf).unwrap_or(0),
-                        Err(e) => {
-                            tracing::warn!("virtio-rng: getrandom failed: {e}");
-                            0
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!("virtio-rng: bad chain: {e}");
-                    0
-                }
-            };
-            let _ = queues[0].add_used(mem, chain.head, n as u32);
-            used = true;
-        }
-        used
+            }
+        })
     }
 }
 

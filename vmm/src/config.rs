@@ -1,0 +1,59 @@
+//! What a backend needs to boot one VM: [`MachineConfig`] and its disks.
+//! Every value comes from the caller; nothing here reads the environment.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::qemu::QemuOptions;
+
+/// A block device handed to the guest, identified there by `serial`
+/// (`/sys/block/vdX/serial`), never by probe order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// Shown to the guest as the disk's serial number (at most 20 bytes).
+    pub serial: String,
+    /// Thrown away with the VM: writes need not reach the host's disk.
+    pub ephemeral: bool,
+}
+
+/// Everything a backend needs to boot one VM.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    /// vmlinux (ELF, PVH note preferred) or bzImage.
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub cmdline: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disks: Vec<Disk>,
+    /// Name of the console's virtio-serial port, as the guest sees it in
+    /// `/sys/class/virtio-ports/*/name`. Part of the caller's contract with
+    /// its guest (kiln's is `kiln_agent::proto::AGENT_PORT_NAME`); both
+    /// backends offer exactly one such port.
+    pub console_port: String,
+    /// Per-VM directory: created by [`crate::Machine::start`] (it must not
+    /// exist), removed with everything in it by [`crate::Machine::destroy`]
+    /// or drop.
+    pub run_dir: PathBuf,
+    /// How many bytes of the serial console (kernel messages) to keep: the tail.
+    pub serial_log_limit: usize,
+    /// How long the backend may take to start the VM process and connect the
+    /// console (not the guest's boot).
+    pub start_timeout: Duration,
+    /// How the qemu backend runs QEMU (ignored by the kvm backend).
+    pub qemu: QemuOptions,
+}
+
+impl MachineConfig {
+    /// The kernel command line kiln's guests use: early console on the 8250
+    /// (the debug log), reboot through the i8042 (ends the VM), no reboot loop
+    /// after a panic, no PCI probing (every device is virtio-mmio; probing
+    /// the PCI configuration ports costs hundreds of exits, as Firecracker's
+    /// `pci=off` avoids too).
+    pub fn default_cmdline() -> &'static str {
+        "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 i8042.noaux i8042.nomux \
+         i8042.dumbkbd pci=off quiet loglevel=4 rdinit=/init"
+    }
+}

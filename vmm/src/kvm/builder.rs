@@ -1,0 +1,255 @@
+//! From a [`MachineConfig`] to a running [`KvmMachine`]: the configuration is
+//! checked, then the VM (irqchip, PIT), guest memory, kernel and initrd,
+//! devices, ACPI and boot tables and vCPUs are set up in that order; the
+//! event loop and vCPU threads start last. Every step can fail, and a
+//! failure leaves nothing behind (the per-VM directory, descriptors and
+//! mappings go with the values that own them).
+
+use std::fs::OpenOptions;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::bus::{Bus, BusBuilder};
+use super::control::Control;
+use super::devices::i8042::{self, I8042};
+use super::devices::serial::{SerialPort, COM1_BASE, COM1_IRQ};
+use super::devices::virtio::block::{Block, VIRTIO_BLK_ID_BYTES};
+use super::devices::virtio::console::Console;
+use super::devices::virtio::rng::Rng;
+use super::event_loop::EventLoop;
+use super::{acpi, boot, io_err, kick, kvm_err, memory, vcpu, KvmMachine, MAX_VCPUS};
+use crate::config::MachineConfig;
+use crate::error::MachineError;
+use crate::machine::ConsoleStream;
+use crate::run_dir::RunDir;
+use crate::tail;
+
+/// Devices besides the disks: the console and the rng.
+const FIXED_VIRTIO_DEVICES: usize = 2;
+
+fn validate(config: &MachineConfig) -> Result<(), MachineError> {
+    if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+        return Err(MachineError::Config(format!(
+            "vcpus must be 1..={MAX_VCPUS}, not {}",
+            config.vcpus
+        )));
+    }
+    if config.memory_mib < memory::MIN_MEMORY_MIB {
+        return Err(MachineError::Config(format!(
+            "memory must be at least {} MiB, not {}",
+            memory::MIN_MEMORY_MIB,
+            config.memory_mib
+        )));
+    }
+    if config.disks.len() + FIXED_VIRTIO_DEVICES > memory::VIRTIO_MAX_DEVICES {
+        return Err(MachineError::Config(format!(
+            "at most {} disks are supported",
+            memory::VIRTIO_MAX_DEVICES - FIXED_VIRTIO_DEVICES
+        )));
+    }
+    for d in &config.disks {
+        if d.serial.len() > VIRTIO_BLK_ID_BYTES {
+            return Err(MachineError::Config(format!(
+                "disk serial '{}' must be at most {VIRTIO_BLK_ID_BYTES} bytes",
+                d.serial
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Create and start the VM. Must run inside a tokio runtime (the console
+/// stream is registered with it).
+pub fn start(config: MachineConfig) -> Result<(KvmMachine, ConsoleStream), MachineError> {
+    let created = Instant::now();
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(MachineError::Config(
+            "the kvm backend must be started inside a tokio runtime".into(),
+        ));
+    }
+    validate(&config)?;
+    let run_dir = RunDir::create(&config.run_dir)?;
+    kick::install_handler()?;
+
+    let (kvm, vm) = create_vm()?;
+    let mem = Arc::new(guest_memory(&vm, config.memory_mib)?);
+
+    let kernel = boot::load_kernel(&mem, &config.kernel)?;
+    let initrd = boot::load_initrd(&mem, &config.initramfs, kernel.end)?;
+    let cmdline_len = boot::write_cmdline(&mem, &config.cmdline)?;
+
+    // Devices.
+    let serial_log = tail::shared(config.serial_log_limit.max(4096));
+    let (vmm_end, user_end) =
+        std::os::unix::net::UnixStream::pair().map_err(io_err("console socket"))?;
+    vmm_end
+        .set_nonblocking(true)
+        .map_err(io_err("console socket"))?;
+    let console_end = vmm_end.try_clone().map_err(io_err("console socket"))?;
+
+    let mut devices = BusBuilder::new(&vm, mem.clone());
+    let serial = SerialPort::new(devices.irq_line(COM1_IRQ)?, serial_log.clone());
+    devices.add_pio(COM1_BASE..COM1_BASE + 8, Arc::new(Mutex::new(serial)));
+    let i8042 = Arc::new(Mutex::new(I8042::default()));
+    for port in [i8042::DATA_PORT, i8042::COMMAND_PORT] {
+        devices.add_pio(port..port + 1, i8042.clone());
+    }
+    devices.add_virtio(Box::new(Console::new(&config.console_port, vmm_end)))?;
+    for d in &config.disks {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!d.read_only)
+            .open(&d.path)
+            .map_err(|source| MachineError::MissingFile {
+                what: "disk image",
+                path: d.path.clone(),
+                source,
+            })?;
+        let b =
+            Block::new(file, d.read_only, d.ephemeral, &d.serial).map_err(io_err("disk image"))?;
+        devices.add_virtio(Box::new(b))?;
+    }
+    devices.add_virtio(Box::new(Rng))?;
+
+    // Boot tables.
+    let infos = devices.virtio_infos();
+    let rsdp = acpi::write_tables(&mem, config.vcpus, &infos)?;
+    boot::write_gdt_idt(&mem, kernel.entry)?;
+    match kernel.entry {
+        boot::EntryMode::Pvh(_) => boot::write_pvh_info(&mem, Some(initrd), rsdp)?,
+        boot::EntryMode::Linux64(_) => {
+            boot::write_page_tables(&mem)?;
+            boot::write_zero_page(&mem, kernel.setup_header, cmdline_len, Some(initrd), rsdp)?;
+        }
+    }
+    tracing::debug!(entry = ?kernel.entry, initrd = ?initrd, devices = infos.len(), "kernel loaded");
+
+    let vcpus = create_vcpus(&kvm, &vm, config.vcpus, kernel.entry)?;
+
+    let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("event loop eventfd"))?;
+    let bus = Arc::new(devices.build(wake.try_clone().map_err(io_err("event loop eventfd"))?));
+    let (control, exit_rx) = Control::new(wake, console_end, created);
+    let control = Arc::new(control);
+
+    let el = EventLoop::new(bus.clone(), control.clone()).map_err(io_err("event loop"))?;
+    let event_thread = std::thread::Builder::new()
+        .name("kiln-vmm-io".into())
+        .spawn(move || el.run())
+        .map_err(io_err("event loop thread"))?;
+    let mut machine = KvmMachine {
+        control: control.clone(),
+        vcpu_threads: Vec::new(),
+        event_thread: Some(event_thread),
+        exit_rx,
+        exited: None,
+        serial: serial_log,
+        memory_bytes: u64::from(config.memory_mib) << 20,
+        guest_memory: mem,
+        _vm: vm,
+        run_dir,
+    };
+    spawn_vcpus(&mut machine, vcpus, &bus, &control)?;
+
+    user_end
+        .set_nonblocking(true)
+        .map_err(io_err("console socket"))?;
+    let console = ConsoleStream::from_std(user_end).map_err(io_err("console socket"))?;
+    tracing::debug!(elapsed = ?created.elapsed(), "kvm VM started");
+    Ok((machine, console))
+}
+
+/// Open `/dev/kvm`, check what the backend needs, and create the VM with
+/// its in-kernel irqchip and PIT.
+fn create_vm() -> Result<(Kvm, VmFd), MachineError> {
+    let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+    for cap in crate::host::REQUIRED_CAPS {
+        if !kvm.check_extension(cap) {
+            return Err(MachineError::BackendUnavailable {
+                backend: "kvm",
+                why: format!("/dev/kvm lacks the {cap:?} capability"),
+            });
+        }
+    }
+    let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    vm.set_tss_address(memory::KVM_TSS_ADDR)
+        .map_err(kvm_err("set the TSS address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("create the in-kernel irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+    Ok((kvm, vm))
+}
+
+/// Map guest RAM and hand it to the VM, one slot per region.
+fn guest_memory(vm: &VmFd, memory_mib: u32) -> Result<GuestMemoryMmap, MachineError> {
+    let mem = memory::create(memory_mib).map_err(|source| MachineError::GuestMemory {
+        mib: memory_mib,
+        source,
+    })?;
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mapping of `memory_size` bytes
+        // owned by `mem`, which outlives the VM: `KvmMachine` holds both
+        // and drops the VM fd (after joining every vCPU thread) no later
+        // than the memory. Slots do not overlap (distinct regions).
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("register guest memory"))?;
+    }
+    Ok(mem)
+}
+
+/// Create and configure every vCPU before any runs.
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    count: u32,
+    entry: boot::EntryMode,
+) -> Result<Vec<VcpuFd>, MachineError> {
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("read the supported CPUID"))?;
+    let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+    (0..count)
+        .map(|id| {
+            let v = vm
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("create a vCPU"))?;
+            vcpu::configure(&v, id, count, &cpuid, entry, tsc_deadline)
+                .map_err(|source| MachineError::Vcpu { id, source })?;
+            Ok(v)
+        })
+        .collect()
+}
+
+/// One thread per vCPU; each is joined by `machine` when it stops.
+fn spawn_vcpus(
+    machine: &mut KvmMachine,
+    vcpus: Vec<VcpuFd>,
+    bus: &Arc<Bus>,
+    control: &Arc<Control>,
+) -> Result<(), MachineError> {
+    for (id, v) in vcpus.into_iter().enumerate() {
+        let (bus, control) = (bus.clone(), control.clone());
+        let h = std::thread::Builder::new()
+            .name(format!("kiln-vcpu{id}"))
+            .spawn(move || vcpu::run(v, id as u32, bus, control))
+            .map_err(io_err("vCPU thread"))?;
+        machine.vcpu_threads.push(h);
+    }
+    Ok(())
+}
