@@ -263,9 +263,9 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
         let id = w.job(&path).map(|j| j.id.clone()).unwrap_or(path);
         return Err(c.err(&[key("jobs"), key(&id), key("needs")], message));
     }
-    w.warnings = crate::gitlab::printable(std::mem::take(&mut w.warnings));
-    w.unsupported = crate::gitlab::printable(std::mem::take(&mut w.unsupported));
-    w.skipped = crate::gitlab::printable(std::mem::take(&mut w.skipped));
+    w.warnings = crate::limits::printable(std::mem::take(&mut w.warnings));
+    w.unsupported = crate::limits::printable(std::mem::take(&mut w.unsupported));
+    w.skipped = crate::limits::printable(std::mem::take(&mut w.skipped));
     if opts.strict && !w.unsupported.is_empty() {
         return Err(Error::Unsupported {
             file: file.to_string(),

@@ -503,6 +503,24 @@ pub(crate) fn scalar(v: &Value) -> Option<String> {
     }
 }
 
+/// A string or a list of strings (GitLab keys such as `stages`, `extends`).
+pub(crate) fn strings(v: &Value) -> Option<Vec<String>> {
+    match v {
+        Value::Sequence(s) => s.iter().map(|x| x.as_str().map(String::from)).collect(),
+        Value::String(s) => Some(vec![s.clone()]),
+        _ => None,
+    }
+}
+
+/// A scalar or a list of scalars, as text (GitHub keys such as `needs`,
+/// `runs-on`).
+pub(crate) fn scalars(v: &Value) -> Option<Vec<String>> {
+    match v {
+        Value::Sequence(s) => s.iter().map(scalar).collect(),
+        other => scalar(other).map(|s| vec![s]),
+    }
+}
+
 /// Deep merge GitLab-style, in place: mappings merge recursively, anything
 /// else in `over` replaces `base`. Moves `over` in; copies nothing.
 pub(crate) fn merge_into(base: &mut Value, over: Value) {
