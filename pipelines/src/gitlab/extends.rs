@@ -188,3 +188,111 @@ impl Parser<'_> {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::{commands, job, parse_err, parse_ok, parse_with, var};
+    use super::*;
+    use crate::context::Options;
+
+    #[test]
+    fn later_parents_win_and_the_job_wins_over_all() {
+        let p = parse_ok(
+            ".a:\n  variables: {X: a, Y: a, Z: a}\n  script: [from-a]\n\
+             .b:\n  variables: {Y: b, Z: b}\n\
+             j:\n  extends: [.a, .b]\n  variables: {Z: j}\n",
+        );
+        let j = job(&p, "j");
+        assert_eq!(var(j, "X"), Some("a"));
+        assert_eq!(var(j, "Y"), Some("b"));
+        assert_eq!(var(j, "Z"), Some("j"));
+        assert_eq!(commands(&j.steps[0].script), ["from-a"]);
+    }
+
+    #[test]
+    fn lists_are_replaced_not_merged() {
+        let p = parse_ok(".t:\n  script: [one, two]\nj:\n  extends: .t\n  script: [three]\n");
+        assert_eq!(commands(&job(&p, "j").steps[0].script), ["three"]);
+    }
+
+    #[test]
+    fn chains_resolve_through_every_level() {
+        let p = parse_ok(
+            ".a:\n  image: alpine\n  script: [a]\n\
+             .b:\n  extends: .a\n  variables: {B: '1'}\n\
+             j:\n  extends: .b\n",
+        );
+        let j = job(&p, "j");
+        assert_eq!(j.image, "alpine");
+        assert_eq!(var(j, "B"), Some("1"));
+    }
+
+    #[test]
+    fn cycles_and_missing_parents_are_errors() {
+        let e = parse_err("a:\n  extends: b\n  script: x\nb:\n  extends: a\n  script: x\n");
+        assert!(e.contains("`extends` cycle"), "{e}");
+        assert!(e.contains("a.extends"), "{e}");
+        let e = parse_err("a:\n  script: x\n  extends: .nope\n");
+        assert!(e.contains("`.nope`, which does not exist"), "{e}");
+        assert!(e.contains(":3:3:"), "{e}");
+    }
+
+    #[test]
+    fn extends_depth_is_bounded() {
+        let mut opts = Options::default();
+        // Four levels, the job included; written job first so that no
+        // parent is resolved on its own before.
+        opts.limits.max_extends_depth = 3;
+        let text = "j:\n  extends: .c\n.c:\n  extends: .b\n.b:\n  extends: .a\n.a:\n  script: x\n";
+        let e = parse_with(text, &super::super::test_util::ctx(), &opts, &[]).unwrap_err();
+        assert!(matches!(e, crate::Error::Limit { .. }), "{e}");
+        assert!(e.to_string().contains("max_extends_depth"), "{e}");
+        opts.limits.max_extends_depth = 4;
+        assert!(parse_with(text, &super::super::test_util::ctx(), &opts, &[]).is_ok());
+    }
+
+    #[test]
+    fn default_fills_missing_keys_and_legacy_keys_yield_to_it() {
+        let p = parse_ok(
+            "image: legacy\nbefore_script: [legacy-before]\n\
+             default:\n  image: from-default\n\
+             a:\n  script: [x]\n\
+             b:\n  image: own\n  script: [x]\n",
+        );
+        let a = job(&p, "a");
+        assert_eq!(a.image, "from-default");
+        assert_eq!(commands(&a.steps[0].script), ["legacy-before", "x"]);
+        assert_eq!(job(&p, "b").image, "own");
+    }
+
+    #[test]
+    fn inherit_default_limits_what_is_inherited() {
+        let p = parse_ok(
+            "default:\n  image: img\n  before_script: [setup]\n\
+             none:\n  inherit: {default: false}\n  script: [x]\n\
+             some:\n  inherit: {default: [image]}\n  script: [x]\n",
+        );
+        let none = job(&p, "none");
+        assert_eq!(none.image, Options::default().gitlab_default_image);
+        assert_eq!(commands(&none.steps[0].script), ["x"]);
+        let some = job(&p, "some");
+        assert_eq!(some.image, "img");
+        assert_eq!(commands(&some.steps[0].script), ["x"]);
+    }
+
+    #[test]
+    fn inherits_reads_absent_bool_and_list() {
+        let list: Value = serde_yaml::from_str("[A, B]").unwrap();
+        assert!(inherits(None, "A"));
+        assert!(!inherits(Some(&Value::Bool(false)), "A"));
+        assert!(inherits(Some(&Value::Bool(true)), "A"));
+        assert!(inherits(Some(&list), "B"));
+        assert!(!inherits(Some(&list), "C"));
+    }
+
+    #[test]
+    fn default_must_be_a_mapping() {
+        let e = parse_err("default: [x]\nj:\n  script: x\n");
+        assert!(e.contains("`default` must be a mapping"), "{e}");
+    }
+}

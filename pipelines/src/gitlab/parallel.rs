@@ -164,3 +164,82 @@ pub(super) fn matrix_entry(
     }
     Ok(combos)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::{job, names, parse_err, parse_ok, var};
+    use super::*;
+
+    #[test]
+    fn numbered_parallel_names_and_variables() {
+        let p = parse_ok("t:\n  script: x\n  parallel: 3\n");
+        assert_eq!(names(&p), ["t 1/3", "t 2/3", "t 3/3"]);
+        let j = job(&p, "t 2/3");
+        assert_eq!(var(j, "CI_NODE_INDEX"), Some("2"));
+        assert_eq!(var(j, "CI_NODE_TOTAL"), Some("3"));
+        assert_eq!(j.id, "t");
+        assert_eq!(p.parallel_groups["t"].len(), 3);
+        let order: Vec<&str> = p
+            .run_order("t")
+            .unwrap()
+            .iter()
+            .map(|j| j.name.as_str())
+            .collect();
+        assert_eq!(order, ["t 1/3", "t 2/3", "t 3/3"]);
+    }
+
+    #[test]
+    fn matrix_combinations_in_key_order_last_key_fastest() {
+        let p = parse_ok(
+            "t:\n  script: x\n  parallel:\n    matrix:\n\
+             \x20     - OS: [linux, mac]\n        ARCH: [x86, arm]\n\
+             \x20     - OS: bsd\n",
+        );
+        assert_eq!(
+            names(&p),
+            [
+                "t: [linux, x86]",
+                "t: [linux, arm]",
+                "t: [mac, x86]",
+                "t: [mac, arm]",
+                "t: [bsd]"
+            ]
+        );
+        let j = job(&p, "t: [mac, arm]");
+        assert_eq!(var(j, "OS"), Some("mac"));
+        assert_eq!(var(j, "ARCH"), Some("arm"));
+        assert_eq!(var(j, "CI_NODE_INDEX"), Some("4"));
+        assert_eq!(var(j, "CI_NODE_TOTAL"), Some("5"));
+    }
+
+    #[test]
+    fn parallel_is_bounded_and_checked() {
+        let e = parse_err("t:\n  script: x\n  parallel: 0\n");
+        assert!(e.contains("max_parallel"), "{e}");
+        let e = parse_err("t:\n  script: x\n  parallel: 201\n");
+        assert!(e.contains("at most 200 jobs"), "{e}");
+        let e = parse_err("t:\n  script: x\n  parallel:\n    matrix:\n      - [1]\n");
+        assert!(
+            e.contains(":5:7: t.parallel.matrix[0]: a matrix entry maps"),
+            "{e}"
+        );
+        let e = parse_err("t:\n  script: x\n  parallel: many\n");
+        assert!(e.contains("must be a number or have a `matrix`"), "{e}");
+    }
+
+    #[test]
+    fn matrix_entry_checks_the_product_before_building_it() {
+        let entry: Value = serde_yaml::from_str("{A: [1, 2, 3], B: [x, y]}").unwrap();
+        assert!(matches!(
+            matrix_entry(&entry, 5, usize::MAX),
+            Err(MatrixError::TooMany)
+        ));
+        assert!(matches!(
+            matrix_entry(&entry, 6, 10),
+            Err(MatrixError::TooLarge)
+        ));
+        let combos = matrix_entry(&entry, 6, usize::MAX).ok().unwrap();
+        assert_eq!(combos.len(), 6);
+        assert_eq!(matrix_name("j", &combos[1]), "j: [1, y]");
+    }
+}

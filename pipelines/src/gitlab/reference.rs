@@ -151,3 +151,53 @@ fn has_reference(v: &Value) -> bool {
     }
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::{commands, job, parse_err, parse_ok, var};
+    use super::*;
+
+    #[test]
+    fn references_are_replaced_and_nested_lists_flattened() {
+        let p = parse_ok(
+            ".setup:\n  script: [one, two]\n\
+             j:\n  script:\n    - !reference [.setup, script]\n    - three\n",
+        );
+        assert_eq!(
+            commands(&job(&p, "j").steps[0].script),
+            ["one", "two", "three"]
+        );
+    }
+
+    #[test]
+    fn a_reference_may_name_a_nested_key_and_hold_references() {
+        let p = parse_ok(
+            ".vars:\n  variables:\n    A: from-vars\n\
+             .more:\n  value: !reference [.vars, variables, A]\n\
+             j:\n  variables:\n    A: !reference [.more, value]\n  script: x\n",
+        );
+        assert_eq!(var(job(&p, "j"), "A"), Some("from-vars"));
+    }
+
+    #[test]
+    fn cycles_missing_targets_and_bad_shapes_are_errors() {
+        let e = parse_err(".a:\n  x: !reference [.b, x]\n.b:\n  x: !reference [.a, x]\n");
+        assert!(e.contains("`!reference` cycle"), "{e}");
+        let e = parse_err("j:\n  script: !reference [.nope, script]\n");
+        assert!(
+            e.contains("`!reference [.nope, script]` names nothing"),
+            "{e}"
+        );
+        assert!(e.contains(":1:1:"), "{e}");
+        let e = parse_err("j:\n  script: !reference .nope\n");
+        assert!(e.contains("takes a list of names"), "{e}");
+    }
+
+    #[test]
+    fn has_reference_looks_everywhere() {
+        let v: Value = serde_yaml::from_str("a: [1, {b: !reference [x, y]}]").unwrap();
+        assert!(has_reference(&v));
+        let v: Value = serde_yaml::from_str("a: [1, {b: !other [x, y]}]").unwrap();
+        assert!(!has_reference(&v));
+    }
+}

@@ -280,3 +280,122 @@ impl Parser<'_> {
 fn exit_code(v: &Value) -> Option<i32> {
     v.as_i64().and_then(|n| i32::try_from(n).ok())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::{
+        ctx, job, names, parse_err, parse_files, parse_ok, parse_with, var,
+    };
+    use super::*;
+    use crate::context::Options;
+
+    #[test]
+    fn the_first_matching_rule_decides() {
+        let p = parse_ok(
+            "j:\n  script: x\n  rules:\n\
+             \x20   - if: $CI_COMMIT_BRANCH == \"dev\"\n      when: never\n\
+             \x20   - if: $CI_COMMIT_BRANCH == \"main\"\n      when: manual\n\
+             \x20   - when: always\n",
+        );
+        let j = job(&p, "j");
+        assert_eq!(j.when, JobWhen::Manual);
+        // A manual job with rules may not fail, unlike one without.
+        assert_eq!(j.allow_failure, AllowFailure::No);
+        let p = parse_ok("j:\n  script: x\n  when: manual\n");
+        assert_eq!(job(&p, "j").allow_failure, AllowFailure::Yes);
+    }
+
+    #[test]
+    fn no_matching_rule_or_when_never_excludes() {
+        let p = parse_ok(
+            "a:\n  script: x\n  rules:\n    - if: $NOPE\n\
+             b:\n  script: x\n  rules:\n    - when: never\n\
+             c:\n  script: x\n  when: never\n\
+             d:\n  script: x\n",
+        );
+        assert_eq!(names(&p), ["d"]);
+        assert_eq!(p.excluded, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_rule_sets_allow_failure_variables_and_needs() {
+        let p = parse_ok(
+            "b:\n  stage: build\n  script: x\n\
+             j:\n  variables: {V: job}\n  script: x\n  rules:\n\
+             \x20   - allow_failure: {exit_codes: [3]}\n      variables: {V: rule}\n      needs: [b]\n",
+        );
+        let j = job(&p, "j");
+        assert_eq!(j.allow_failure, AllowFailure::ExitCodes(vec![3]));
+        assert_eq!(var(j, "V"), Some("rule"));
+        assert_eq!(j.needs.as_deref(), Some(&["b".to_string()][..]));
+    }
+
+    #[test]
+    fn changes_count_as_changed_with_a_warning() {
+        let p = parse_ok("j:\n  script: x\n  rules:\n    - changes: [src/*]\n");
+        assert_eq!(names(&p), ["j"]);
+        assert!(
+            p.warnings[0].contains("j.rules[0]: `rules: changes`"),
+            "{:?}",
+            p.warnings
+        );
+    }
+
+    #[test]
+    fn exists_asks_the_project_files() {
+        let text = "j:\n  script: x\n  rules:\n    - exists: [Cargo.toml]\n\
+                    k:\n  script: x\n  rules:\n    - exists: {paths: [$DIR/go.mod]}\n\
+                    g:\n  script: x\n  rules:\n    - exists: ['**/*.rs']\n";
+        let p = parse_files(text, &[("Cargo.toml", "")]).unwrap();
+        assert_eq!(names(&p), ["j", "g"]);
+        let mut c = ctx();
+        c.extra_vars.push(("DIR".into(), "sub".into()));
+        let p = parse_with(text, &c, &Options::default(), &[("sub/go.mod", "")]).unwrap();
+        assert_eq!(names(&p), ["k", "g"]);
+    }
+
+    #[test]
+    fn only_and_except_on_refs_and_variables() {
+        let text = "on-main:\n  script: x\n  only: [main]\n\
+                    on-dev:\n  script: x\n  only: [dev]\n\
+                    regex:\n  script: x\n  only: ['/^ma/']\n\
+                    tags:\n  script: x\n  only: [tags]\n\
+                    not-main:\n  script: x\n  except: [main]\n\
+                    branches:\n  script: x\n  only: [branches]\n\
+                    var:\n  script: x\n  only: {variables: [$FLAG == \"1\"]}\n";
+        let p = parse_ok(text);
+        assert_eq!(names(&p), ["on-main", "regex", "branches"]);
+        let mut c = ctx();
+        c.branch = None;
+        c.extra_vars.push(("FLAG".into(), "1".into()));
+        let p = parse_with(text, &c, &Options::default(), &[]).unwrap();
+        assert_eq!(names(&p), ["not-main", "var"]);
+    }
+
+    #[test]
+    fn workflow_rules_exclude_the_pipeline_or_add_variables() {
+        let p = parse_ok(
+            "workflow:\n  rules:\n    - if: $CI_COMMIT_BRANCH == \"dev\"\n\
+             a:\n  script: x\n.hidden:\n  script: x\n",
+        );
+        assert!(p.jobs.is_empty());
+        assert_eq!(p.excluded, ["a"]);
+        assert_eq!(p.warnings, ["`workflow: rules` exclude this pipeline"]);
+        let p = parse_ok(
+            "variables: {G: global}\n\
+             workflow:\n  rules:\n    - if: $G == \"global\"\n      variables: {W: set}\n\
+             a:\n  script: x\n",
+        );
+        assert_eq!(var(job(&p, "a"), "W"), Some("set"));
+    }
+
+    #[test]
+    fn bad_rules_point_at_the_rule() {
+        let e = parse_err("j:\n  script: x\n  when: sometimes\n");
+        assert!(e.contains(":3:3: j.when: `when` must be"), "{e}");
+        let e = parse_err("j:\n  script: x\n  rules:\n    - if: $A ==\n");
+        assert!(e.contains(":4:7: j.rules[0].if:"), "{e}");
+        let e = parse_err("j:\n  script: x\n  rules: {if: x}\n");
+        assert!(e.contains("`rules` must be a list"), "{e}");
+    }
+}
