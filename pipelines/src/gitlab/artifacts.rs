@@ -92,3 +92,49 @@ impl Parser<'_> {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::{job, parse_err, parse_ok};
+    use super::*;
+
+    #[test]
+    fn paths_and_reports_become_artifacts() {
+        let p = parse_ok(
+            "j:\n  script: x\n  variables: {OUT: target}\n  artifacts:\n\
+             \x20   name: build-$CI_COMMIT_REF_SLUG\n    paths: [$OUT/bin]\n\
+             \x20   exclude: [$OUT/tmp]\n    when: on_failure\n    expire_in: 1 week\n\
+             \x20   reports:\n      junit: report.xml\n",
+        );
+        let a = &job(&p, "j").artifacts;
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[0].name.as_deref(), Some("build-main"));
+        assert_eq!(a[0].paths, ["target/bin"]);
+        assert_eq!(a[0].exclude, ["target/tmp"]);
+        assert_eq!(a[0].when, ArtifactWhen::OnFailure);
+        assert_eq!(a[0].expire_in.as_deref(), Some("1 week"));
+        assert_eq!(a[1].name.as_deref(), Some("reports:junit"));
+        assert_eq!(a[1].paths, ["report.xml"]);
+        assert_eq!(a[1].when, ArtifactWhen::Always);
+    }
+
+    #[test]
+    fn untracked_alone_is_an_artifact_and_nothing_is_none() {
+        let p = parse_ok(
+            "u:\n  script: x\n  artifacts: {untracked: true}\n\
+             n:\n  script: x\n  artifacts: {expire_in: 1d}\n",
+        );
+        let u = &job(&p, "u").artifacts;
+        assert!(u[0].untracked && u[0].paths.is_empty());
+        assert_eq!(u[0].when, ArtifactWhen::OnSuccess);
+        assert!(job(&p, "n").artifacts.is_empty());
+    }
+
+    #[test]
+    fn bad_artifacts_point_at_the_key() {
+        let e = parse_err("j:\n  script: x\n  artifacts:\n    when: later\n");
+        assert!(e.contains(":4:5: j.artifacts.when:"), "{e}");
+        let e = parse_err("j:\n  script: x\n  artifacts: [a]\n");
+        assert!(e.contains("`artifacts` must be a mapping"), "{e}");
+    }
+}

@@ -183,3 +183,90 @@ impl Parser<'_> {
         Ok(false)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::{ctx, job, names, parse_files, parse_with, var};
+    use crate::context::Options;
+
+    #[test]
+    fn local_includes_merge_and_the_including_file_wins() {
+        let p = parse_files(
+            "include:\n  - local: /ci/a.yml\n  - ci/b.yml\n\
+             variables: {WHO: main}\n\
+             j:\n  script: [from-main]\n",
+            &[
+                (
+                    "ci/a.yml",
+                    "include: ci/c.yml\nvariables: {WHO: a, A: a}\na:\n  script: x\n",
+                ),
+                ("ci/b.yml", "j:\n  image: from-b\n  script: [from-b]\n"),
+                ("ci/c.yml", "c:\n  script: x\n"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(names(&p), ["c", "a", "j"]);
+        let j = job(&p, "j");
+        assert_eq!(j.image, "from-b");
+        assert_eq!(var(j, "WHO"), Some("main"));
+        assert_eq!(var(j, "A"), Some("a"));
+    }
+
+    #[test]
+    fn include_rules_decide_whether_a_file_is_read() {
+        let p = parse_files(
+            "include:\n  - local: yes.yml\n    rules:\n      - if: $CI_COMMIT_BRANCH == \"main\"\n\
+             \x20 - local: no.yml\n    rules:\n      - if: $CI_COMMIT_BRANCH == \"main\"\n        when: never\n",
+            &[("yes.yml", "y:\n  script: x\n")],
+        )
+        .unwrap();
+        assert_eq!(names(&p), ["y"]);
+    }
+
+    #[test]
+    fn includes_that_cannot_be_read_locally_are_errors() {
+        for (entry, says) in [
+            ("https://example.com/ci.yml", "remote include"),
+            (
+                "{project: group/p, file: ci.yml}",
+                "`include: project` is not supported",
+            ),
+            ("ci/*.yml", "wildcard include"),
+            ("../outside.yml", "leaves the project"),
+            ("missing.yml", "cannot read included file `missing.yml`"),
+        ] {
+            let e = parse_files(&format!("include: {entry}\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{entry}: {e}");
+        }
+    }
+
+    #[test]
+    fn errors_in_an_included_file_name_that_file() {
+        let e = parse_files(
+            "include: ci/jobs.yml\n",
+            &[("ci/jobs.yml", "# jobs\nj:\n  script: x\n  timeout: soon\n")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("ci/jobs.yml:4:3: j.timeout:"), "{e}");
+    }
+
+    #[test]
+    fn include_depth_and_count_are_bounded() {
+        let files = [
+            ("a.yml", "include: b.yml\n"),
+            ("b.yml", "b:\n  script: x\n"),
+        ];
+        let mut opts = Options::default();
+        opts.limits.max_include_depth = 1;
+        let e = parse_with("include: a.yml\n", &ctx(), &opts, &files).unwrap_err();
+        assert!(e.to_string().contains("max_include_depth"), "{e}");
+        opts.limits.max_include_depth = 2;
+        assert!(parse_with("include: a.yml\n", &ctx(), &opts, &files).is_ok());
+        opts.limits.max_includes = 1;
+        let e = parse_with("include: a.yml\n", &ctx(), &opts, &files).unwrap_err();
+        assert!(e.to_string().contains("max_includes"), "{e}");
+    }
+}

@@ -179,3 +179,96 @@ impl Parser<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::test_util::{ctx, job, names, parse_err, parse_ok, parse_with};
+    use super::*;
+    use crate::context::Options;
+
+    #[test]
+    fn image_forms_and_expansion() {
+        let p = parse_ok(
+            "variables: {TAG: '3.12'}\n\
+             plain:\n  image: python:$TAG\n  script: x\n\
+             mapped:\n  image: {name: alpine, entrypoint: ['']}\n  script: x\n\
+             entry:\n  image: {name: alpine, entrypoint: [sh, -c]}\n  script: x\n\
+             none:\n  script: x\n",
+        );
+        assert_eq!(job(&p, "plain").image, "python:3.12");
+        let mapped = job(&p, "mapped");
+        assert_eq!(mapped.image, "alpine");
+        assert_eq!(mapped.entrypoint, Some(vec![]));
+        assert_eq!(
+            job(&p, "entry").entrypoint,
+            Some(vec!["sh".to_string(), "-c".to_string()])
+        );
+        assert_eq!(
+            job(&p, "none").image,
+            Options::default().gitlab_default_image
+        );
+        let e = parse_err("j:\n  script: x\n  image: {entrypoint: [a]}\n");
+        assert!(e.contains(":3:3: j.image: `image` needs a `name`"), "{e}");
+    }
+
+    #[test]
+    fn timeout_allow_failure_and_identity() {
+        let p = parse_ok(
+            "j:\n  stage: deploy\n  script: x\n  timeout: 1h 30m\n\
+             \x20 allow_failure: {exit_codes: 42}\n",
+        );
+        let j = job(&p, "j");
+        assert_eq!(j.timeout, Some(Duration::from_secs(90 * 60)));
+        assert_eq!(j.allow_failure, AllowFailure::ExitCodes(vec![42]));
+        assert_eq!((j.id.as_str(), j.stage.as_deref()), ("j", Some("deploy")));
+        assert_eq!(j.working_dir.as_deref(), Some("/builds/demo"));
+        let e = parse_err("j:\n  script: x\n  timeout: soon\n");
+        assert!(
+            e.contains(":3:3: j.timeout: `timeout` is not a duration"),
+            "{e}"
+        );
+        let e = parse_err("j:\n  script: x\n  allow_failure: {exit_codes: [x]}\n");
+        assert!(e.contains("must be integers"), "{e}");
+    }
+
+    #[test]
+    fn the_stage_must_be_listed() {
+        let e = parse_err("stages: [build]\nj:\n  stage: test\n  script: x\n");
+        assert!(
+            e.contains(":3:3: j.stage: stage `test` is not one of `stages`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn job_names_are_bounded_and_printable() {
+        let mut opts = Options::default();
+        opts.limits.max_job_name_chars = 5;
+        let e = parse_with("sixsix:\n  script: x\n", &ctx(), &opts, &[]).unwrap_err();
+        assert!(e.to_string().contains("max_job_name_chars"), "{e}");
+        let e = parse_err("\"a\\x1bb\":\n  script: x\n");
+        assert!(e.contains("contains a control character"), "{e}");
+        assert!(e.contains("a\\u{1b}b"), "{e}");
+        let e = parse_err("t:\n  script: x\n  parallel:\n    matrix:\n      - {V: \"\\x07\"}\n");
+        assert!(e.contains("contains a control character"), "{e}");
+    }
+
+    #[test]
+    fn services_and_trigger_jobs_are_noted() {
+        let p = parse_ok(
+            "j:\n  script: x\n  services: [postgres]\n\
+             down:\n  trigger: other/project\n",
+        );
+        assert_eq!(names(&p), ["j"]);
+        assert_eq!(p.excluded, ["down"]);
+        assert_eq!(
+            p.warnings,
+            [
+                "j: `services` are ignored",
+                "down: trigger jobs are not run locally"
+            ]
+        );
+    }
+}

@@ -131,3 +131,56 @@ impl Parser<'_> {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::{job, parse_err, parse_ok};
+
+    fn needs<'a>(p: &'a super::super::GitlabPipeline, name: &str) -> Vec<&'a str> {
+        job(p, name)
+            .needs
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .collect()
+    }
+
+    #[test]
+    fn a_parallel_key_needs_every_instance_a_matrix_entry_some() {
+        let p = parse_ok(
+            "b:\n  stage: build\n  script: x\n  parallel:\n    matrix:\n      - {OS: [linux, mac]}\n\
+             all:\n  script: x\n  needs: [b]\n\
+             one:\n  script: x\n  needs:\n    - job: b\n      parallel:\n        matrix:\n          - {OS: mac}\n\
+             nothing:\n  script: x\n  needs: []\n\
+             stage:\n  script: x\n",
+        );
+        assert_eq!(needs(&p, "all"), ["b: [linux]", "b: [mac]"]);
+        assert_eq!(needs(&p, "one"), ["b: [mac]"]);
+        assert!(job(&p, "nothing").needs.as_ref().unwrap().is_empty());
+        // No `needs:`: the stage order decides.
+        assert_eq!(job(&p, "stage").needs, None);
+    }
+
+    #[test]
+    fn optional_and_cross_pipeline_needs_are_skipped() {
+        let p = parse_ok(
+            "j:\n  script: x\n  needs:\n    - {job: gone, optional: true}\n\
+             \x20   - {pipeline: $PARENT, job: other}\n",
+        );
+        assert!(needs(&p, "j").is_empty());
+    }
+
+    #[test]
+    fn missing_excluded_and_cyclic_needs_are_errors() {
+        let e = parse_err("j:\n  script: x\n  needs: [gone]\n");
+        assert!(
+            e.contains("job `j` needs `gone`, which does not exist"),
+            "{e}"
+        );
+        let e = parse_err("k:\n  script: x\n  when: never\nj:\n  script: x\n  needs: [k]\n");
+        assert!(e.contains("excluded by its rules"), "{e}");
+        let e = parse_err("a:\n  script: x\n  needs: [b]\nb:\n  script: x\n  needs: [a]\n");
+        assert!(e.contains("cycle"), "{e}");
+        assert!(e.contains(".needs:"), "{e}");
+    }
+}

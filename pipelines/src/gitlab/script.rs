@@ -151,3 +151,71 @@ fn script_lines(v: &Value, cap: usize) -> Option<Vec<String>> {
     walk(v, 0, &mut out, cap)?;
     Some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::{commands, job, parse_err, parse_ok};
+    use super::*;
+
+    #[test]
+    fn before_script_and_script_are_one_step_after_script_another() {
+        let p = parse_ok(
+            "j:\n  before_script: [setup]\n  script: [build, [nested, list]]\n\
+             \x20 after_script: cleanup\n",
+        );
+        let steps = &job(&p, "j").steps;
+        assert_eq!(steps.len(), 2);
+        assert_eq!(steps[0].name, "script");
+        assert_eq!(
+            commands(&steps[0].script),
+            ["setup", "build", "nested", "list"]
+        );
+        assert_eq!(steps[0].when, StepWhen::OnSuccess);
+        assert!(!steps[0].allow_failure);
+        assert_eq!(steps[1].name, "after_script");
+        assert_eq!(commands(&steps[1].script), ["cleanup"]);
+        assert_eq!(steps[1].when, StepWhen::Always);
+        assert_eq!(steps[1].timeout, Some(AFTER_SCRIPT_TIMEOUT));
+        assert!(steps[1].allow_failure);
+        assert!(steps.iter().all(|s| s.shell == Shell::Sh));
+    }
+
+    #[test]
+    fn an_empty_after_script_adds_no_step() {
+        let p = parse_ok("j:\n  script: x\n  after_script: []\n");
+        assert_eq!(job(&p, "j").steps.len(), 1);
+    }
+
+    #[test]
+    fn render_echoes_quoted_and_checks_each_command() {
+        let s = render(&[
+            "echo 'hi'".to_string(),
+            "for x in 1; do\n  :\ndone\n".to_string(),
+        ]);
+        let body = s.strip_prefix(PREAMBLE).unwrap();
+        let lines: Vec<&str> = body.lines().collect();
+        assert_eq!(lines[0], r"printf '%s\n' '$ echo '\''hi'\'''");
+        assert_eq!(lines[1], "echo 'hi'");
+        assert!(lines[2].starts_with("_kiln_rc=$?;"));
+        assert_eq!(
+            lines[3],
+            r"printf '%s\n' '$ for x in 1; do # collapsed multi-line command'"
+        );
+        assert_eq!(&lines[4..7], ["for x in 1; do", "  :", "done"]);
+    }
+
+    #[test]
+    fn script_shape_and_presence_are_checked() {
+        let e = parse_err("j:\n  before_script: [x]\n");
+        assert!(e.contains(":1:1: j: job `j` has no `script`"), "{e}");
+        let e = parse_err("j:\n  script: {a: b}\n");
+        assert!(
+            e.contains(":2:3: j.script: `script` must be a string"),
+            "{e}"
+        );
+        let v: Value = serde_yaml::from_str("[a, [b, [c]], null, 1]").unwrap();
+        assert_eq!(script_lines(&v, 100).unwrap(), ["a", "b", "c", "1"]);
+        let v: Value = serde_yaml::from_str("[a, {b: c}]").unwrap();
+        assert_eq!(script_lines(&v, 100), None);
+    }
+}

@@ -280,3 +280,113 @@ fn parent_dir(p: &str) -> String {
         Some((parent, _)) => parent.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::{ctx, job, parse_err, parse_ok, parse_with, var};
+    use super::*;
+    use crate::context::Options;
+
+    #[test]
+    fn precedence_global_job_matrix_rules_caller() {
+        let text = "variables: {G: global, J: global, M: global, R: global, C: global}\n\
+                    t:\n  script: x\n\
+                    \x20 variables: {J: job, M: job, R: job, C: job}\n\
+                    \x20 parallel:\n    matrix:\n      - {M: matrix, R: matrix, C: matrix}\n\
+                    \x20 rules:\n    - variables: {R: rules, C: rules}\n";
+        let mut c = ctx();
+        c.extra_vars.push(("C".into(), "caller".into()));
+        let p = parse_with(text, &c, &Options::default(), &[]).unwrap();
+        let j = job(&p, "t: [matrix, matrix, matrix]");
+        assert_eq!(var(j, "G"), Some("global"));
+        assert_eq!(var(j, "J"), Some("job"));
+        assert_eq!(var(j, "M"), Some("matrix"));
+        assert_eq!(var(j, "R"), Some("rules"));
+        assert_eq!(var(j, "C"), Some("caller"));
+    }
+
+    #[test]
+    fn values_expand_other_variables_unless_told_not_to() {
+        let p = parse_ok(
+            "variables:\n  BASE: /opt\n\
+             j:\n  script: x\n  variables:\n\
+             \x20   BIN: $BASE/bin\n    LIB: ${BASE}/lib\n    LIT: $$BASE\n\
+             \x20   KEEP: $UNKNOWN/x\n    RAW: {value: $BASE, expand: false}\n",
+        );
+        let j = job(&p, "j");
+        assert_eq!(var(j, "BIN"), Some("/opt/bin"));
+        assert_eq!(var(j, "LIB"), Some("/opt/lib"));
+        assert_eq!(var(j, "LIT"), Some("$BASE"));
+        assert_eq!(var(j, "KEEP"), Some("$UNKNOWN/x"));
+        assert_eq!(var(j, "RAW"), Some("$BASE"));
+    }
+
+    #[test]
+    fn inherit_variables_limits_the_globals() {
+        let p = parse_ok(
+            "variables: {A: a, B: b}\n\
+             none:\n  script: x\n  inherit: {variables: false}\n\
+             some:\n  script: x\n  inherit: {variables: [B]}\n",
+        );
+        let none = job(&p, "none");
+        assert_eq!((var(none, "A"), var(none, "B")), (None, None));
+        let some = job(&p, "some");
+        assert_eq!((var(some, "A"), var(some, "B")), (None, Some("b")));
+    }
+
+    #[test]
+    fn predefined_variables_describe_the_checkout_and_job() {
+        let mut c = ctx();
+        c.branch = Some("Feature/New_UI".into());
+        let p = parse_with(
+            "Build It:\n  stage: build\n  script: x\n",
+            &c,
+            &Options::default(),
+            &[],
+        )
+        .unwrap();
+        let j = job(&p, "Build It");
+        assert_eq!(var(j, "CI_COMMIT_REF_SLUG"), Some("feature-new-ui"));
+        assert_eq!(var(j, "CI_COMMIT_SHORT_SHA"), Some("01234567"));
+        assert_eq!(var(j, "CI_JOB_NAME_SLUG"), Some("build-it"));
+        assert_eq!(var(j, "CI_JOB_STAGE"), Some("build"));
+        assert_eq!(var(j, "CI_BUILDS_DIR"), Some("/builds"));
+    }
+
+    #[test]
+    fn expansion_is_capped() {
+        let vars: BTreeMap<String, String> = [("A".to_string(), "x".repeat(10))].into();
+        assert_eq!(
+            expand_capped("$A$A", &vars, 20).as_deref(),
+            Some(&*"x".repeat(20))
+        );
+        assert_eq!(expand_capped("$A$A$A", &vars, 20), None);
+        assert_eq!(expand("${A", &vars), "${A");
+        let mut opts = Options::default();
+        opts.limits.max_script_bytes = 30;
+        let text = "variables:\n  A: aaaaaaaaaa\nj:\n  script: x\n  variables:\n    B: $A$A$A$A\n";
+        let e = parse_with(text, &ctx(), &opts, &[]).unwrap_err();
+        assert!(matches!(e, crate::Error::Limit { .. }), "{e}");
+        assert!(
+            e.to_string().contains("variable `B` expands to more than"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn slug_and_parent_dir() {
+        assert_eq!(slug("--A/b.c--"), "a-b-c");
+        assert_eq!(slug(&"x".repeat(70)).len(), 63);
+        assert_eq!(parent_dir("/builds/demo/"), "/builds");
+        assert_eq!(parent_dir("/demo"), "/");
+        assert_eq!(parent_dir("demo"), "/");
+    }
+
+    #[test]
+    fn variables_must_be_a_mapping_of_scalars() {
+        let e = parse_err("variables: [A]\nj:\n  script: x\n");
+        assert!(e.contains("`variables` must be a mapping"), "{e}");
+        let e = parse_err("j:\n  script: x\n  variables:\n    A: [1]\n");
+        assert!(e.contains(":4:5: j.variables.A: a variable's value"), "{e}");
+    }
+}
