@@ -47,6 +47,9 @@ impl RunnerImages {
     }
 }
 
+/// A job's image and the `env` of its container.
+type Image = (String, Vec<(String, String)>);
+
 impl JobBuilder<'_> {
     /// The job's image and its container's `env`. `None`, noted in
     /// [`Workflow::unsupported`], when no image is known for `runs-on`.
@@ -55,7 +58,7 @@ impl JobBuilder<'_> {
         cx: &Contexts,
         name: &str,
         w: &mut Workflow,
-    ) -> Result<Option<(String, Vec<(String, String)>)>> {
+    ) -> Result<Option<Image>> {
         let job = self.job;
         let labels = match job.get("runs-on") {
             None => return Err(self.c.err(self.jp, "`runs-on` is missing")),

@@ -16,6 +16,7 @@ use crate::spec::JobSpec;
 use crate::yaml::{self, key};
 
 impl Parser<'_> {
+    /// The pipeline, from the merged top level with `!reference` resolved.
     pub(super) fn build(mut self, mut top: Mapping) -> Result<GitlabPipeline> {
         let mut excluded = Vec::new();
         let stages = self.stages(&top)?;

@@ -102,11 +102,6 @@ impl Parser<'_> {
         }
     }
 
-    /// Replaces every `!reference [job, key, ...]` with the value it names,
-    /// references inside that value included (GitLab resolves them before
-    /// `extends`). Nesting is bounded by `max_reference_depth`, cycles are
-    /// errors, the result is at most `max_yaml_depth` deep, and every copy is
-
     /// The local path of an `include:` entry, `None` when its `rules` skip it.
     fn include_path(&self, entry: &Value, path: &[Seg], src: usize) -> Result<Option<String>> {
         let (file, text) = &self.sources[src];

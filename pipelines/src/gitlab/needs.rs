@@ -54,6 +54,9 @@ impl Parser<'_> {
         Ok(())
     }
 
+    /// Job `job`'s `needs:` as job names. `known` are the jobs in the
+    /// pipeline, `groups` the instances of each `parallel` job, `excluded`
+    /// those the rules left out (for the message).
     fn resolve_needs(
         &self,
         job: &str,

@@ -89,6 +89,7 @@ impl Parser<'_> {
         }
     }
 
+    /// `allow_failure:`: a boolean, or `exit_codes` (one or a list).
     pub(super) fn allow_failure(&self, v: &Value, path: &[Seg]) -> Result<AllowFailure> {
         match v {
             Value::Bool(true) => Ok(AllowFailure::Yes),
@@ -110,6 +111,9 @@ impl Parser<'_> {
         }
     }
 
+    /// The first rule at `path` that matches `vars` decides; when none
+    /// does, the job is excluded. `job_when` is the job's own `when:`
+    /// (`Some(None)` for `never`), the default for a rule without one.
     fn eval_rules(
         &mut self,
         rules: &Value,
