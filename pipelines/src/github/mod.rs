@@ -86,10 +86,7 @@ impl Workflow {
     /// `name` (a job name, or a job id selecting all its matrix instances)
     /// with everything it `needs`, in run order.
     pub fn run_order(&self, name: &str) -> Result<Vec<&JobSpec>> {
-        let targets: Vec<&str> = match self.groups.get(name) {
-            Some(g) if self.job(name).is_none() => g.iter().map(String::as_str).collect(),
-            _ => vec![name],
-        };
+        let targets = crate::order::select(&self.jobs, &self.groups, name);
         crate::order::run_order(&self.jobs, &[], &targets)
     }
 }

@@ -111,10 +111,7 @@ impl GitlabPipeline {
     /// earlier stages are left out unless needed explicitly. `name` may be a
     /// job key of a `parallel` job, which selects all its instances.
     pub fn run_order(&self, name: &str) -> Result<Vec<&JobSpec>> {
-        let targets: Vec<&str> = match self.parallel_groups.get(name) {
-            Some(names) if self.job(name).is_none() => names.iter().map(String::as_str).collect(),
-            _ => vec![name],
-        };
+        let targets = crate::order::select(&self.jobs, &self.parallel_groups, name);
         crate::order::run_order(&self.jobs, &self.stages, &targets)
     }
 }

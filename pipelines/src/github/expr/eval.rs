@@ -3,7 +3,7 @@
 //! as [`Stop::Deferred`].
 
 use super::parse::Ast;
-use super::value::{compare, index};
+use super::value::{compare, index, property};
 use super::{Contexts, ExprValue};
 use crate::limits::{bytes, Budget};
 
@@ -129,14 +129,9 @@ pub(super) fn lookup<'c>(ast: &Ast, ctx: &'c Contexts) -> Result<Found<'c>, Stop
                 other => return Ok(other),
             };
             Ok(match (o, key) {
-                (ExprValue::Object(m), ExprValue::String(key)) => m
-                    .get(key)
-                    .or_else(|| {
-                        m.iter()
-                            .find(|(k, _)| k.eq_ignore_ascii_case(key))
-                            .map(|(_, v)| v)
-                    })
-                    .map_or(Found::Null, Found::Value),
+                (ExprValue::Object(m), ExprValue::String(key)) => {
+                    property(m, key).map_or(Found::Null, Found::Value)
+                }
                 (ExprValue::Array(a), ExprValue::Number(n)) if *n >= 0.0 && n.fract() == 0.0 => {
                     a.get(*n as usize).map_or(Found::Null, Found::Value)
                 }

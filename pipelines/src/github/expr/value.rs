@@ -124,17 +124,21 @@ pub(super) fn from_json(v: &serde_json::Value) -> ExprValue {
     }
 }
 
+/// Property `key` of an object: the exact key, else the first that
+/// matches it ignoring ASCII case.
+pub(super) fn property<'v>(m: &'v BTreeMap<String, ExprValue>, key: &str) -> Option<&'v ExprValue> {
+    m.get(key).or_else(|| {
+        m.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v)
+    })
+}
+
 pub(super) fn index(o: &ExprValue, k: &ExprValue) -> ExprValue {
     match (o, k) {
-        (ExprValue::Object(m), ExprValue::String(key)) => m
-            .get(key)
-            .or_else(|| {
-                m.iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case(key))
-                    .map(|(_, v)| v)
-            })
-            .cloned()
-            .unwrap_or(ExprValue::Null),
+        (ExprValue::Object(m), ExprValue::String(key)) => {
+            property(m, key).cloned().unwrap_or(ExprValue::Null)
+        }
         (ExprValue::Array(a), ExprValue::Number(n)) => {
             if *n >= 0.0 && n.fract() == 0.0 {
                 a.get(*n as usize).cloned().unwrap_or(ExprValue::Null)
