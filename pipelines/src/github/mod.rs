@@ -4,8 +4,8 @@
 //! What is static at parse time (`github`, `matrix`, `strategy`, `runner`,
 //! `vars`, and `env` unless a step of the job writes `$GITHUB_ENV`) is
 //! evaluated here. Everything else stays in the spec for the executor:
-//! [`Step::condition`] holds an `if:` to check with [`eval_condition`], and
-//! [`Step::runtime_expressions`] marks a step whose script, env or name
+//! [`Step::condition`](crate::Step::condition) holds an `if:` to check with [`eval_condition`], and
+//! [`Step::runtime_expressions`](crate::Step::runtime_expressions) marks a step whose script, env or name
 //! still contain `${{ }}` to pass through [`substitute`]. The executor runs
 //! a step when its `when` allows it and its `condition` (if any) is true.
 //!
@@ -19,7 +19,7 @@
 //! |---|---|
 //! | the workflow: jobs in order, `needs`, limits | `mod.rs` ([`parse`]) |
 //! | `strategy.matrix` (product, `exclude`, `include`) | `matrix.rs` |
-//! | one job (one matrix instance) to a [`JobSpec`](crate::JobSpec) | `job.rs` |
+//! | one job (one matrix instance) to a `JobSpec` | `job.rs` |
 //! | the contexts known at parse time, and `GITHUB_*` variables | `contexts.rs` |
 //! | `env:` mappings and the job's environment | `env.rs` |
 //! | `runs-on` and `container` to an image ([`RunnerImages`]) | `image.rs` |
