@@ -67,6 +67,20 @@ impl Drop for JobDir {
     }
 }
 
+/// One job in a started VM: what the conversation needs besides the VM.
+struct Run<'a> {
+    job: &'a JobSpec,
+    sink: &'a mut dyn JobSink,
+    result: &'a mut JobResult,
+    /// When the VM was started.
+    boot_started: Instant,
+    /// The job's timeout, from `Start`.
+    timeout: Duration,
+    cancel: &'a mut watch::Receiver<Option<bool>>,
+    /// Where to extract the artifacts, and where to spool their tar.
+    artifacts: Option<(&'a Path, PathBuf)>,
+}
+
 /// Why an executor could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecutorError {
@@ -277,20 +291,16 @@ impl Executor {
         };
         result.backend = machine.describe();
         let timeout = job.timeout.unwrap_or(self.config.default_job_timeout);
-        let outcome = self
-            .drive(
-                machine,
-                console,
-                start,
-                job,
-                sink,
-                &mut result,
-                boot_started,
-                timeout,
-                &mut cancel,
-                artifacts_to.map(|to| (to, dir.0.join("artifacts.tar"))),
-            )
-            .await;
+        let run = Run {
+            job,
+            sink,
+            result: &mut result,
+            boot_started,
+            timeout,
+            cancel: &mut cancel,
+            artifacts: artifacts_to.map(|to| (to, dir.0.join("artifacts.tar"))),
+        };
+        let outcome = self.drive(machine, console, start, run).await;
         if let Err((reason, serial)) = outcome {
             if let FailureReason::RunnerSystemFailure(_) = reason {
                 result.debug_log = self.keep_serial_log(&dir.0, &serial);
@@ -340,34 +350,17 @@ impl Executor {
     }
 
     /// Talk to the agent until the job is done; always destroys the machine.
-    #[allow(clippy::too_many_arguments)]
     async fn drive(
         &self,
         mut machine: Machine,
         mut console: kiln_vmm::ConsoleStream,
         start: Start,
-        job: &JobSpec,
-        sink: &mut dyn JobSink,
-        result: &mut JobResult,
-        boot_started: Instant,
-        timeout: Duration,
-        cancel: &mut watch::Receiver<Option<bool>>,
-        artifacts: Option<(&Path, PathBuf)>,
+        mut run: Run<'_>,
     ) -> Result<(), (FailureReason, Vec<u8>)> {
         let r = self
-            .converse(
-                &mut machine,
-                &mut console,
-                start,
-                job,
-                sink,
-                result,
-                boot_started,
-                timeout,
-                cancel,
-                artifacts,
-            )
+            .converse(&mut machine, &mut console, start, &mut run)
             .await;
+        let (result, boot_started) = (run.result, run.boot_started);
         let serial = machine.serial_log();
         if let Err(e) = machine.destroy().await {
             tracing::warn!("destroying the VM: {e}");
@@ -391,22 +384,15 @@ impl Executor {
 
     /// The conversation with the agent: the boot handshake, `Start`, the
     /// steps, the artifacts, `Finish`; then the job's outcome.
-    #[allow(clippy::too_many_arguments)]
     async fn converse(
         &self,
         machine: &mut Machine,
         console: &mut kiln_vmm::ConsoleStream,
         start: Start,
-        job: &JobSpec,
-        sink: &mut dyn JobSink,
-        result: &mut JobResult,
-        boot_started: Instant,
-        timeout: Duration,
-        cancel: &mut watch::Receiver<Option<bool>>,
-        artifacts: Option<(&Path, PathBuf)>,
+        run: &mut Run<'_>,
     ) -> Result<(), Early> {
-        let mut io = Conversation::new(machine, console, cancel, self.config.boot_timeout);
-        let ready = io.handshake(job, sink).await?;
+        let mut io = Conversation::new(machine, console, run.cancel, self.config.boot_timeout);
+        let ready = io.handshake(run.job, run.sink).await?;
         if ready.protocol != proto::PROTOCOL_VERSION {
             return Err(sys(format!(
                 "the guest agent speaks protocol {} but kiln speaks {}; rebuild the agent",
@@ -414,8 +400,8 @@ impl Executor {
                 proto::PROTOCOL_VERSION
             )));
         }
-        result.boot_ms = boot_started.elapsed().as_millis() as u64;
-        result.guest_boot_ms = ready.boot_ms;
+        run.result.boot_ms = run.boot_started.elapsed().as_millis() as u64;
+        run.result.guest_boot_ms = ready.boot_ms;
         tracing::debug!(
             kernel = %proto::quote(ready.kernel.as_bytes(), proto::QUOTE_MAX),
             agent = %proto::quote(ready.agent_version.as_bytes(), proto::QUOTE_MAX),
@@ -424,11 +410,19 @@ impl Executor {
 
         let run_started = Instant::now();
         let start_env = start.env.clone();
-        io.start(start, timeout).await?;
-        steps::run_steps(&mut io, job, &start_env, sink, &mut result.steps).await?;
+        io.start(start, run.timeout).await?;
+        steps::run_steps(
+            &mut io,
+            run.job,
+            &start_env,
+            run.sink,
+            &mut run.result.steps,
+        )
+        .await?;
         let mut artifacts_over = false;
-        if let Some((to, tar)) = artifacts {
-            let paths: Vec<String> = job
+        if let Some((to, tar)) = &run.artifacts {
+            let paths: Vec<String> = run
+                .job
                 .artifacts
                 .iter()
                 .flat_map(|a| a.paths.iter().cloned())
@@ -436,16 +430,18 @@ impl Executor {
             if !paths.is_empty() && io.cancel_state() != Some(false) {
                 let max = self.max_artifact_bytes;
                 artifacts_over =
-                    artifacts::collect_artifacts(&mut io, job, sink, paths, max, &tar, to).await?;
+                    artifacts::collect_artifacts(&mut io, run.job, run.sink, paths, max, tar, to)
+                        .await?;
             }
         }
-        io.finish(job, sink).await?;
-        result.run_ms = run_started.elapsed().as_millis() as u64;
-        result.settle(job, io.cancel_state().is_some());
-        if artifacts_over && result.failure.is_none() {
+        io.finish(run.job, run.sink).await?;
+        run.result.run_ms = run_started.elapsed().as_millis() as u64;
+        let canceled = io.cancel_state().is_some();
+        run.result.settle(run.job, canceled);
+        if artifacts_over && run.result.failure.is_none() {
             // As GitLab fails a job whose artifacts are too large to upload.
-            result.failure = Some(FailureReason::ScriptFailure);
-            result.exit_code = 1;
+            run.result.failure = Some(FailureReason::ScriptFailure);
+            run.result.exit_code = 1;
         }
         Ok(())
     }

@@ -398,11 +398,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn file_commands_update_env_path_and_outputs() {
-        let job = JobSpec::single("j", "img", Step::script("s", "x"));
-        let mut state = StepState::new(&job, &[("PATH".into(), "/bin".into())]);
-        let end = StepEnd {
+    /// Step 0's end, with these GITHUB_ENV, GITHUB_OUTPUT and GITHUB_PATH.
+    fn ended_with(env: &str, output: &str, path: &str) -> StepEnd {
+        StepEnd {
             step: 0,
             exit_code: 0,
             duration_ms: 1,
@@ -410,12 +408,19 @@ mod tests {
             canceled: false,
             skipped: false,
             files: Some(proto::FileCommands {
-                env: "X=1\nML<<EOF\na\nb\nEOF\n".into(),
-                output: "o=v\n".into(),
-                path: "/p1\n".into(),
+                env: env.into(),
+                output: output.into(),
+                path: path.into(),
                 truncated: false,
             }),
-        };
+        }
+    }
+
+    #[test]
+    fn file_commands_update_env_path_and_outputs() {
+        let job = JobSpec::single("j", "img", Step::script("s", "x"));
+        let mut state = StepState::new(&job, &[("PATH".into(), "/bin".into())]);
+        let end = ended_with("X=1\nML<<EOF\na\nb\nEOF\n", "o=v\n", "/p1\n");
         let mut w = Vec::new();
         let outputs = state.apply_files(&end, &mut w);
         assert!(w.is_empty(), "{w:?}");
@@ -429,20 +434,7 @@ mod tests {
         let job = JobSpec::single("j", "img", Step::script("s", "x"));
         let mut state = StepState::new(&job, &[]);
         let big = format!("BIG={}\n", "v".repeat(proto::MAX_FILE_COMMANDS * 3));
-        let end = StepEnd {
-            step: 0,
-            exit_code: 0,
-            duration_ms: 1,
-            timed_out: false,
-            canceled: false,
-            skipped: false,
-            files: Some(proto::FileCommands {
-                env: big,
-                output: String::new(),
-                path: String::new(),
-                truncated: false,
-            }),
-        };
+        let end = ended_with(&big, "", "");
         let mut w = Vec::new();
         state.apply_files(&end, &mut w);
         assert!(w.iter().any(|w| w.contains("was cut")), "{w:?}");
