@@ -1,4 +1,6 @@
-//! Where kiln keeps per-VM files, and cleaning up after a crashed kiln.
+//! Where kiln keeps per-VM files and serial logs by default, and cleaning up
+//! after a crashed kiln. The environment these defaults come from is read at
+//! the edge (`env.rs` in the binary) and passed in.
 
 use std::path::{Path, PathBuf};
 
