@@ -7,6 +7,8 @@ use std::time::Duration;
 use kiln_vmm::BackendKind;
 use serde::{Deserialize, Serialize};
 
+use crate::executor;
+
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -46,22 +48,28 @@ pub struct Config {
     /// they are canceled and reported as `runner_system_failure`.
     #[serde(default = "thirty")]
     pub shutdown_timeout: u64,
-    /// Per-VM files and per-job workspaces (default: see `paths::default_run_dir`).
+    /// Per-VM files and per-job workspaces (default: `$KILN_RUN_DIR`, else
+    /// [`crate::paths::default_run_dir`]; filled in by `kiln daemon`).
     #[serde(default)]
     pub run_dir: Option<PathBuf>,
-    /// Guest agent binary (default: found next to kiln).
+    /// Guest agent binary (default: `$KILN_AGENT`, else found next to kiln).
     #[serde(default)]
     pub agent: Option<PathBuf>,
     /// Guest kernel (default: the cached distribution kernel).
     #[serde(default)]
     pub kernel: Option<PathBuf>,
     /// Seconds from VM start to the agent being ready.
-    #[serde(default = "sixty")]
+    #[serde(default = "boot_timeout")]
     pub boot_timeout: u64,
     /// Where serial logs of VMs that failed are kept (default:
-    /// `$XDG_STATE_HOME/kiln/logs`, else `~/.local/state/kiln/logs`).
+    /// `$XDG_STATE_HOME/kiln/logs`, else `~/.local/state/kiln/logs`; see
+    /// [`crate::paths::default_log_dir`]).
     #[serde(default)]
     pub log_dir: Option<PathBuf>,
+    /// The QEMU binary of the qemu backend (default: `$KILN_QEMU`, else
+    /// `qemu-system-x86_64` from `PATH`).
+    #[serde(default)]
+    pub qemu: Option<PathBuf>,
     #[serde(default)]
     pub runners: Vec<RunnerConfig>,
 }
@@ -82,7 +90,7 @@ pub struct RunnerConfig {
     #[serde(default)]
     pub image: Option<String>,
     /// vCPUs per VM.
-    #[serde(default = "two")]
+    #[serde(default = "vcpus")]
     pub cpus: u32,
     /// Guest memory, MiB.
     #[serde(default = "mem")]
@@ -96,16 +104,14 @@ pub struct RunnerConfig {
     /// Image, kernel and initramfs cache (default: kiln's cache directory).
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
-    /// `auto`, `kvm` or `qemu`.
-    #[serde(default = "auto")]
-    pub backend: String,
+    /// `auto`, `kvm` or `qemu`, as `--backend` takes it.
+    #[serde(default, with = "backend_name")]
+    pub backend: BackendKind,
 }
 
+// The VM settings default to the executor's (`executor::DEFAULT_*`).
 fn one() -> usize {
     1
-}
-fn two() -> u32 {
-    2
 }
 fn three() -> u64 {
     3
@@ -113,20 +119,41 @@ fn three() -> u64 {
 fn thirty() -> u64 {
     30
 }
-fn sixty() -> u64 {
-    60
+fn boot_timeout() -> u64 {
+    executor::DEFAULT_BOOT_TIMEOUT.as_secs()
+}
+fn vcpus() -> u32 {
+    executor::DEFAULT_VCPUS
 }
 fn mem() -> u32 {
-    2048
+    executor::DEFAULT_MEMORY_MIB
 }
 fn disk() -> u64 {
-    16
+    executor::DEFAULT_DISK_GIB
 }
 fn output_limit() -> u64 {
     4096
 }
-fn auto() -> String {
-    "auto".into()
+
+/// `backend = "kvm"`: the backend by the name `--backend` takes; an
+/// unknown name is refused with the names there are.
+mod backend_name {
+    use kiln_vmm::BackendKind;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &BackendKind, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match b {
+            BackendKind::Auto => "auto",
+            BackendKind::Kvm => "kvm",
+            BackendKind::Qemu => "qemu",
+        })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BackendKind, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 impl Config {
@@ -161,7 +188,6 @@ impl Config {
                     r.name, r.url
                 )));
             }
-            r.backend_kind()?;
         }
         Ok(())
     }
@@ -221,12 +247,6 @@ impl Default for Config {
 }
 
 impl RunnerConfig {
-    pub fn backend_kind(&self) -> Result<BackendKind, ConfigError> {
-        self.backend
-            .parse()
-            .map_err(|e| ConfigError::Invalid(format!("runner '{}': backend: {e}", self.name)))
-    }
-
     /// The trace cap in bytes.
     pub fn output_limit_bytes(&self) -> usize {
         (self.output_limit.max(1) as usize).saturating_mul(1024)
@@ -261,7 +281,7 @@ image = "/images/debian"
             (2, 4096, 2, 2048)
         );
         assert_eq!(r.output_limit_bytes(), 4096 * 1024);
-        assert_eq!(r.backend_kind().unwrap(), BackendKind::Auto);
+        assert_eq!(r.backend, BackendKind::Auto);
     }
 
     #[test]
@@ -272,6 +292,25 @@ image = "/images/debian"
         let c: Config =
             toml::from_str("[[runners]]\nname='a'\nurl='ftp://x'\ntoken='t'\n").unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn backends_are_named_as_on_the_command_line() {
+        let c: Config =
+            toml::from_str("[[runners]]\nname='a'\nurl='https://x'\ntoken='t'\nbackend='qemu'\n")
+                .unwrap();
+        assert_eq!(c.runners[0].backend, BackendKind::Qemu);
+        let back: Config = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back.runners[0].backend, BackendKind::Qemu);
+        let e = toml::from_str::<Config>(
+            "[[runners]]\nname='a'\nurl='https://x'\ntoken='t'\nbackend='vmware'\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("unknown backend 'vmware' (expected auto, kvm or qemu)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use kiln::executor::{Executor, ExecutorConfig, FailureReason};
+use kiln::executor::{self, Executor, ExecutorConfig, FailureReason};
 use kiln::sink::{JobSink, JsonSink, TerminalSink};
 use kiln_images::{Cache, Kernel};
 use kiln_pipelines::{JobSource, JobSpec, Shell, Step, Variable};
 use kiln_vmm::BackendKind;
 
 mod doctor;
+mod env;
 mod image_cmd;
 
 #[derive(Parser)]
@@ -109,16 +110,16 @@ struct VmArgs {
     #[arg(long, requires = "kernel")]
     modules: Option<PathBuf>,
     /// vCPUs per VM.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = executor::DEFAULT_VCPUS)]
     cpus: u32,
     /// Guest memory in MiB.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = executor::DEFAULT_MEMORY_MIB)]
     memory: u32,
     /// Size of the per-VM scratch disk in GiB (sparse).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = executor::DEFAULT_DISK_GIB)]
     disk: u64,
     /// Seconds from VM start to the agent being ready.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = executor::DEFAULT_BOOT_TIMEOUT.as_secs())]
     boot_timeout: u64,
     /// Guest agent binary (default: found next to kiln or in the cargo target dir).
     #[arg(long, env = "KILN_AGENT")]
@@ -175,7 +176,7 @@ struct RunJob {
     #[arg(long)]
     workdir: Option<String>,
     /// Job timeout in seconds: the VM is killed when it expires.
-    #[arg(long, default_value_t = 3600)]
+    #[arg(long, default_value_t = executor::DEFAULT_JOB_TIMEOUT.as_secs())]
     timeout: u64,
     /// Emit JSON lines (events and the result) on stdout.
     #[arg(long)]
@@ -216,7 +217,7 @@ fn cache_dir(cli_dir: &Option<PathBuf>) -> PathBuf {
 fn run(cli: Cli) -> Result<ExitCode> {
     let cache_dir = cache_dir(&cli.cache_dir);
     match cli.command {
-        Command::Doctor { json } => doctor::run(&cache_dir, json),
+        Command::Doctor { json } => doctor::run(&cache_dir, &env::Env::read(), json),
         Command::Kernel(KernelCmd::Fetch { package }) => {
             let cache = Cache::open(&cache_dir)?;
             let k = kiln_images::kernel::fetch_debian(&cache, &package)
@@ -255,7 +256,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn daemon(path: &std::path::Path) -> Result<ExitCode> {
-    let config = kiln::config::Config::load(path)?;
+    let mut config = kiln::config::Config::load(path)?;
+    env::Env::read().complete(&mut config)?;
     runtime()?.block_on(async move {
         let shutdown = async {
             use tokio::signal::unix::{signal, SignalKind};
@@ -317,38 +319,21 @@ fn gitlab(cmd: GitlabCmd) -> Result<ExitCode> {
 }
 
 fn executor_config(vm: &VmArgs, cache_dir: PathBuf) -> Result<ExecutorConfig> {
-    let cache = Cache::open(&cache_dir)?;
-    let kernel = match &vm.kernel {
-        Some(k) => Kernel::from_paths(k, vm.modules.as_deref())?,
-        None => Kernel::default_kernel(&cache)
-            .context("provisioning the default guest kernel (or pass --kernel)")?,
-    };
-    let agent = match &vm.agent {
-        Some(a) => a.clone(),
-        None => kiln::agent::locate_agent().map_err(anyhow::Error::msg)?,
-    };
-    let state = std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .map(|d| d.join("kiln").join("logs"));
-    Ok(ExecutorConfig {
-        cache_dir,
-        run_dir: vm
-            .run_dir
-            .clone()
-            .unwrap_or_else(kiln::paths::default_run_dir),
-        agent,
-        kernel,
-        backend: vm.backend,
-        vcpus: vm.cpus,
-        memory_mib: vm.memory,
-        scratch_bytes: vm.disk << 30,
-        boot_timeout: Duration::from_secs(vm.boot_timeout),
-        default_job_timeout: Duration::from_secs(3600),
-        log_dir: state,
-        extra_cmdline: vm.kernel_args.join(" "),
-        serial_log: vm.serial_log.clone(),
-    })
+    let env = env::Env::read();
+    let run_dir = vm.run_dir.clone().unwrap_or_else(|| env.run_dir());
+    Ok(ExecutorConfig::builder(cache_dir, run_dir)
+        .kernel_files(vm.kernel.clone(), vm.modules.clone())
+        .agent(vm.agent.clone())
+        .backend(vm.backend)
+        .vcpus(vm.cpus)
+        .memory_mib(vm.memory)
+        .disk_gib(vm.disk)
+        .boot_timeout(Duration::from_secs(vm.boot_timeout))
+        .log_dir(env.log_dir())
+        .kernel_args(&vm.kernel_args)
+        .serial_log(vm.serial_log.clone())
+        .qemu(env.qemu())
+        .build()?)
 }
 
 fn key_values(items: &[String], what: &str) -> Result<Vec<(String, String)>> {

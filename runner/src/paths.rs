@@ -1,15 +1,15 @@
-//! Where kiln keeps per-VM files, and cleaning up after a crashed kiln.
+//! Where kiln keeps per-VM files and serial logs by default, and cleaning up
+//! after a crashed kiln. The environment these defaults come from is read at
+//! the edge (`env.rs` in the binary) and passed in.
 
 use std::path::{Path, PathBuf};
 
-/// Per-VM files (scratch disks, sockets): `$KILN_RUN_DIR`, else
-/// `$XDG_RUNTIME_DIR/kiln`, else `/run/kiln` for root, else `/tmp/kiln-<uid>`.
-pub fn default_run_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("KILN_RUN_DIR") {
-        return d.into();
-    }
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(d).join("kiln");
+/// Per-VM files (scratch disks, sockets) when nothing names a place:
+/// `<runtime_dir>/kiln` (`runtime_dir` is `$XDG_RUNTIME_DIR`, read at the
+/// edge), else `/run/kiln` for root, else `/tmp/kiln-<uid>`.
+pub fn default_run_dir(runtime_dir: Option<&Path>) -> PathBuf {
+    if let Some(d) = runtime_dir {
+        return d.join("kiln");
     }
     // SAFETY: getuid(2) cannot fail and has no side effects.
     let uid = unsafe { libc::getuid() };
@@ -18,6 +18,16 @@ pub fn default_run_dir() -> PathBuf {
     } else {
         format!("/tmp/kiln-{uid}").into()
     }
+}
+
+/// Where serial logs of VMs that failed are kept when nothing names a
+/// place: `<state_home>/kiln/logs` (`$XDG_STATE_HOME`), else
+/// `<home>/.local/state/kiln/logs` (`$HOME`); both read at the edge.
+pub fn default_log_dir(state_home: Option<&Path>, home: Option<&Path>) -> Option<PathBuf> {
+    state_home
+        .map(Path::to_path_buf)
+        .or_else(|| home.map(|h| h.join(".local/state")))
+        .map(|d| d.join("kiln").join("logs"))
 }
 
 /// The name of a job directory: `job-<pid>-<n>`, so a later kiln can tell
@@ -68,5 +78,23 @@ mod tests {
         }
         assert_eq!(clean_stale_jobs(d.path()), 1);
         assert!(!dead.exists() && mine.exists() && other.exists());
+    }
+
+    #[test]
+    fn defaults_follow_the_xdg_directories() {
+        let p = |s: &str| Some(PathBuf::from(s));
+        assert_eq!(
+            default_run_dir(p("/r").as_deref()),
+            PathBuf::from("/r/kiln")
+        );
+        assert_eq!(
+            default_log_dir(p("/s").as_deref(), p("/h").as_deref()),
+            p("/s/kiln/logs")
+        );
+        assert_eq!(
+            default_log_dir(None, p("/h").as_deref()),
+            p("/h/.local/state/kiln/logs")
+        );
+        assert_eq!(default_log_dir(None, None), None);
     }
 }

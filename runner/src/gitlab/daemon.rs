@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kiln_images::{Cache, Kernel};
+use kiln_images::Cache;
 use kiln_pipelines::ArtifactWhen;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
@@ -155,48 +155,28 @@ struct Runner {
 
 /// Build the executor config of one runner.
 fn executor_config(config: &Config, r: &RunnerConfig) -> Result<ExecutorConfig, GitlabError> {
-    let exec_err = |e: Box<dyn std::error::Error + Send + Sync>| GitlabError::Executor {
+    let run_dir = config
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| crate::paths::default_run_dir(None));
+    ExecutorConfig::builder(
+        r.cache_dir.clone().unwrap_or_else(Cache::default_dir),
+        run_dir,
+    )
+    .kernel_files(config.kernel.clone(), None)
+    .agent(config.agent.clone())
+    .backend(r.backend)
+    .vcpus(r.cpus)
+    .memory_mib(r.memory)
+    .disk_gib(r.disk)
+    .boot_timeout(Duration::from_secs(config.boot_timeout))
+    // Serial logs of VMs that failed to boot, for the operator.
+    .log_dir(config.log_dir.clone())
+    .qemu(kiln_vmm::QemuOptions::new(config.qemu.clone()))
+    .build()
+    .map_err(|e| GitlabError::Executor {
         runner: r.name.clone(),
-        source: e,
-    };
-    let cache_dir = r.cache_dir.clone().unwrap_or_else(Cache::default_dir);
-    let kernel = match &config.kernel {
-        Some(k) => Kernel::from_paths(k, None).map_err(|e| exec_err(Box::new(e)))?,
-        None => {
-            let cache = Cache::open(&cache_dir).map_err(|e| exec_err(Box::new(e)))?;
-            Kernel::default_kernel(&cache).map_err(|e| exec_err(Box::new(e)))?
-        }
-    };
-    let agent = match &config.agent {
-        Some(a) => a.clone(),
-        None => crate::agent::locate_agent().map_err(|e| exec_err(e.into()))?,
-    };
-    Ok(ExecutorConfig {
-        cache_dir,
-        run_dir: config
-            .run_dir
-            .clone()
-            .unwrap_or_else(crate::paths::default_run_dir),
-        agent,
-        kernel,
-        backend: r.backend_kind()?,
-        vcpus: r.cpus,
-        memory_mib: r.memory,
-        scratch_bytes: r.disk << 30,
-        boot_timeout: Duration::from_secs(config.boot_timeout),
-        default_job_timeout: super::job::DEFAULT_TIMEOUT,
-        // Serial logs of VMs that failed to boot, for the operator.
-        log_dir: config.log_dir.clone().or_else(|| {
-            std::env::var_os("XDG_STATE_HOME")
-                .map(std::path::PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("HOME")
-                        .map(|h| std::path::PathBuf::from(h).join(".local/state"))
-                })
-                .map(|d| d.join("kiln").join("logs"))
-        }),
-        extra_cmdline: String::new(),
-        serial_log: None,
+        source: Box::new(e),
     })
 }
 

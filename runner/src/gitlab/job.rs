@@ -207,8 +207,8 @@ pub struct Prepared {
 pub const BUILDS_DIR: &str = "/builds";
 /// Default `after_script` timeout (gitlab-runner's `RUNNER_AFTER_SCRIPT_TIMEOUT`).
 pub const AFTER_SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
-/// Used when the server sends no timeout (gitlab-runner's default).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(7200);
+/// Used when the server sends no timeout: kiln's one default job timeout.
+pub const DEFAULT_TIMEOUT: Duration = crate::executor::DEFAULT_JOB_TIMEOUT;
 
 /// Why a job cannot be run as sent.
 #[derive(Debug, thiserror::Error)]
