@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kiln_images::ImagePolicy;
 use kiln_vmm::BackendKind;
 use serde::{Deserialize, Serialize};
 
@@ -78,9 +79,26 @@ pub struct RunnerConfig {
     /// Jobs of this runner at once; 0 = only `concurrent` limits.
     #[serde(default)]
     pub limit: usize,
-    /// Image for jobs that name none (an OCI layout directory for now).
+    /// Image for jobs that name none: a registry reference, or a path on
+    /// this host (an OCI layout directory or an image tar). The runner's
+    /// own choice, so neither `allowed_images` nor `allow_local_images`
+    /// applies to it.
     #[serde(default)]
     pub image: Option<String>,
+    /// Images a job's `image:` may name, as gitlab-runner's
+    /// `allowed_images`: `*` matches within one path component
+    /// (`docker.io/library/*`), `**` across them (`ghcr.io/acme/**`);
+    /// matched against the image as written and normalised
+    /// (`alpine` is `docker.io/library/alpine:latest`). Empty (the
+    /// default): any registry image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_images: Vec<String>,
+    /// Whether a job's `image:` may be a path on this host (absolute, an
+    /// OCI layout directory or an image tar). Off by default: a job could
+    /// otherwise have the runner read any image-shaped path it can read.
+    /// With `allowed_images`, a path must also match one of them.
+    #[serde(default)]
+    pub allow_local_images: bool,
     /// vCPUs per VM.
     #[serde(default = "two")]
     pub cpus: u32,
@@ -221,6 +239,11 @@ impl Default for Config {
 }
 
 impl RunnerConfig {
+    /// What a job's `image:` may name on this runner.
+    pub fn image_policy(&self) -> ImagePolicy {
+        ImagePolicy::provider(self.allow_local_images, self.allowed_images.clone())
+    }
+
     pub fn backend_kind(&self) -> Result<BackendKind, ConfigError> {
         self.backend
             .parse()
@@ -262,6 +285,17 @@ image = "/images/debian"
         );
         assert_eq!(r.output_limit_bytes(), 4096 * 1024);
         assert_eq!(r.backend_kind().unwrap(), BackendKind::Auto);
+        // Registry images only, any of them, unless configured.
+        assert_eq!(r.image_policy(), ImagePolicy::provider(false, vec![]));
+        let c: Config = toml::from_str(
+            "[[runners]]\nname='a'\nurl='https://x'\ntoken='t'\n\
+             allowed_images=['docker.io/library/*']\nallow_local_images=true\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.runners[0].image_policy(),
+            ImagePolicy::provider(true, vec!["docker.io/library/*".into()])
+        );
     }
 
     #[test]

@@ -10,9 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kiln_agent::proto::{self, Decoder, Frame, Start, StepEnd, StepSpec, Stream};
-use kiln_images::rootfs::{rootfs_for, ImageSource, Rootfs};
 use kiln_images::scratch::{mkfs_ext4, Ext4};
-use kiln_images::{Cache, Kernel};
+use kiln_images::{Cache, ImagePolicy, ImageSource, Images, ImagesOptions, Kernel, Rootfs};
 use kiln_pipelines::github::{self, Contexts, ExprValue, JobStatus};
 use kiln_pipelines::{JobSource, JobSpec, Shell, Step, StepWhen};
 use kiln_vmm::{BackendKind, Disk, KvmSupport, Machine, MachineConfig};
@@ -89,6 +88,8 @@ impl JobResult {
 #[derive(Debug, Clone)]
 pub struct ExecutorConfig {
     pub cache_dir: PathBuf,
+    /// How job images are pulled, converted and cached.
+    pub images: ImagesOptions,
     /// Per-VM files go under here.
     pub run_dir: PathBuf,
     pub agent: PathBuf,
@@ -112,7 +113,8 @@ pub struct ExecutorConfig {
 /// Runs jobs, each in a fresh VM.
 pub struct Executor {
     config: ExecutorConfig,
-    cache: Cache,
+    /// Job images; one registry client for every job.
+    images: Images,
     kvm: KvmSupport,
     initramfs: PathBuf,
     /// Most artifact bytes (file contents) one job may send back.
@@ -157,9 +159,11 @@ impl Executor {
         }
         let initramfs = kiln_images::build_initramfs(&cache, &config.agent, &config.kernel)
             .context("building the guest initramfs")?;
+        let images =
+            Images::new(cache, config.images.clone()).context("setting up the image service")?;
         Ok(Executor {
             config,
-            cache,
+            images,
             kvm,
             initramfs,
             max_artifact_bytes: proto::MAX_ARTIFACT_BYTES,
@@ -167,7 +171,7 @@ impl Executor {
     }
 
     pub fn cache(&self) -> &Cache {
-        &self.cache
+        self.images.cache()
     }
 
     /// Limit the artifact bytes (file contents) a job may send back; at
@@ -190,16 +194,11 @@ impl Executor {
     }
 
     /// Resolve the job's image to a root filesystem (cached by ChainID).
-    pub async fn prepare_image(&self, image: &str) -> Result<Rootfs, FailureReason> {
-        let cache = self.cache.clone();
-        let image = image.to_string();
-        tokio::task::spawn_blocking(move || {
-            let src = ImageSource::parse(&image)?;
-            rootfs_for(&cache, &src)
-        })
-        .await
-        .map_err(|e| FailureReason::RunnerSystemFailure(format!("image task: {e}")))?
-        .map_err(|e| FailureReason::ImagePullFailure(error_chain(&e)))
+    pub async fn prepare_image(&self, source: &ImageSource) -> Result<Rootfs, FailureReason> {
+        self.images
+            .rootfs(source, std::sync::Arc::new(kiln_images::NoProgress))
+            .await
+            .map_err(|e| FailureReason::ImagePullFailure(error_chain(&e)))
     }
 
     /// Run `job` in a fresh VM. Never panics on guest input; the VM and the
@@ -224,6 +223,34 @@ impl Executor {
         &self,
         job: &JobSpec,
         sink: &mut dyn JobSink,
+        cancel: watch::Receiver<Option<bool>>,
+        artifacts_to: Option<&Path>,
+    ) -> JobResult {
+        // `kiln run-job` and local pipelines: the image as `--image` takes it.
+        let image = ImageSource::parse_with(&job.image, &ImagePolicy::local());
+        self.run_parsed(job, image, sink, cancel, artifacts_to)
+            .await
+    }
+
+    /// [`Executor::run_collecting`] on `image`: the job's image as its
+    /// provider parsed it, with the provider's policy.
+    pub async fn run_image(
+        &self,
+        job: &JobSpec,
+        image: &ImageSource,
+        sink: &mut dyn JobSink,
+        cancel: watch::Receiver<Option<bool>>,
+        artifacts_to: Option<&Path>,
+    ) -> JobResult {
+        self.run_parsed(job, Ok(image.clone()), sink, cancel, artifacts_to)
+            .await
+    }
+
+    async fn run_parsed(
+        &self,
+        job: &JobSpec,
+        image: Result<ImageSource, kiln_images::ImageError>,
+        sink: &mut dyn JobSink,
         mut cancel: watch::Receiver<Option<bool>>,
         artifacts_to: Option<&Path>,
     ) -> JobResult {
@@ -240,7 +267,8 @@ impl Executor {
             steps: Vec::new(),
             debug_log: None,
         };
-        let rootfs = match self.prepare_image(&job.image).await {
+        let image = image.map_err(|e| FailureReason::ImagePullFailure(error_chain(&e)));
+        let rootfs = match async { self.prepare_image(&image?).await }.await {
             Ok(r) => r,
             Err(reason) => {
                 result.failure = Some(reason);

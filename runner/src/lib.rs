@@ -6,6 +6,7 @@ pub mod executor;
 pub mod gitlab;
 pub mod local;
 pub mod paths;
+pub mod settings;
 pub mod sink;
 
 pub use executor::{Executor, ExecutorConfig, FailureReason, JobResult};

@@ -210,7 +210,9 @@ fn main() -> ExitCode {
 }
 
 fn cache_dir(cli_dir: &Option<PathBuf>) -> PathBuf {
-    cli_dir.clone().unwrap_or_else(Cache::default_dir)
+    cli_dir
+        .clone()
+        .unwrap_or_else(kiln::settings::default_cache_dir)
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -333,6 +335,7 @@ fn executor_config(vm: &VmArgs, cache_dir: PathBuf) -> Result<ExecutorConfig> {
         .map(|d| d.join("kiln").join("logs"));
     Ok(ExecutorConfig {
         cache_dir,
+        images: kiln::settings::images_options_from_env(),
         run_dir: vm
             .run_dir
             .clone()

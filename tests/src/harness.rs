@@ -188,6 +188,7 @@ pub fn backend() -> BackendKind {
 pub fn config(run_dir: &Path) -> ExecutorConfig {
     ExecutorConfig {
         cache_dir: cache_dir(),
+        images: kiln::settings::images_options_from_env(),
         run_dir: run_dir.to_path_buf(),
         agent: agent(),
         kernel: kernel(),

@@ -159,7 +159,10 @@ fn executor_config(config: &Config, r: &RunnerConfig) -> Result<ExecutorConfig, 
         runner: r.name.clone(),
         source: e,
     };
-    let cache_dir = r.cache_dir.clone().unwrap_or_else(Cache::default_dir);
+    let cache_dir = r
+        .cache_dir
+        .clone()
+        .unwrap_or_else(crate::settings::default_cache_dir);
     let kernel = match &config.kernel {
         Some(k) => Kernel::from_paths(k, None).map_err(|e| exec_err(Box::new(e)))?,
         None => {
@@ -173,6 +176,7 @@ fn executor_config(config: &Config, r: &RunnerConfig) -> Result<ExecutorConfig, 
     };
     Ok(ExecutorConfig {
         cache_dir,
+        images: crate::settings::images_options_from_env(),
         run_dir: config
             .run_dir
             .clone()
@@ -635,17 +639,19 @@ async fn execute(
         runner_id,
         runner_name: runner.cfg.name.clone(),
         default_image: runner.cfg.image.clone(),
+        image_policy: runner.cfg.image_policy(),
         concurrent_id: slot,
         workspace: workspace.to_path_buf(),
     };
     let prepared = match job.to_spec(&ctx) {
         Ok(p) => p,
         Err(e) => {
+            let (wanted, fallback) = e.failure_reason();
             return Ok(failed(
-                reason_for(job, "runner_configuration_error", "script_failure"),
+                reason_for(job, wanted, fallback),
                 None,
                 e.to_string(),
-            ))
+            ));
         }
     };
     section("prepare_executor", "Preparing the \"kiln\" VM executor");
@@ -715,7 +721,13 @@ async fn execute(
     let collected = workspace.with_file_name("artifacts");
     let result = runner
         .executor
-        .run_collecting(&prepared.spec, &mut sink, cancel, Some(&collected))
+        .run_image(
+            &prepared.spec,
+            &prepared.image,
+            &mut sink,
+            cancel,
+            Some(&collected),
+        )
         .await;
     trace.flush();
     if let Some(open) = sink.current.take() {

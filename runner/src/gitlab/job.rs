@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use kiln_images::{ImageError, ImagePolicy, ImageSource, Refusal};
 use kiln_pipelines::{
     ArtifactSpec, ArtifactWhen, JobSource, JobSpec, Shell, Step, StepWhen, Variable,
 };
@@ -185,6 +186,10 @@ pub struct Context {
     pub runner_id: Option<u64>,
     pub runner_name: String,
     pub default_image: Option<String>,
+    /// What a job's own `image:` may name (the runner's `allowed_images`
+    /// and `allow_local_images`). The default image is the runner's own
+    /// choice and is taken as `kiln run-job --image` takes it.
+    pub image_policy: ImagePolicy,
     /// Slot of this job among the daemon's running jobs (`CI_CONCURRENT_ID`).
     pub concurrent_id: usize,
     /// Host directory holding the job's workspace.
@@ -195,6 +200,8 @@ pub struct Context {
 #[derive(Debug, Clone)]
 pub struct Prepared {
     pub spec: JobSpec,
+    /// `spec.image`, parsed and checked against the runner's policy.
+    pub image: ImageSource,
     /// Values to mask in the trace.
     pub masked: Vec<String>,
     pub git: GitStrategy,
@@ -215,6 +222,52 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(7200);
 pub enum JobError {
     #[error("the job names no image and the runner has no default `image`")]
     NoImage,
+    #[error(
+        "image '{}' is a path on the runner host; GitLab jobs may only use registry images \
+         unless `allow_local_images = true` in kiln.toml",
+        shown(.0)
+    )]
+    HostPathImage(String),
+    #[error(
+        "image '{}' is not allowed: it matches none of this runner's `allowed_images` in kiln.toml ({})",
+        shown(.image), kiln_images::trunc(&.allowed.join(", "), kiln_images::MAX_SHOWN)
+    )]
+    ImageNotAllowed { image: String, allowed: Vec<String> },
+    /// Not a usable image reference or path (the message says why).
+    #[error("{0}")]
+    BadImage(ImageError),
+}
+
+impl JobError {
+    /// The failure reason GitLab is sent, and the one it gets when it does
+    /// not know that one (as gitlab-runner falls back).
+    pub fn failure_reason(&self) -> (&'static str, &'static str) {
+        match self {
+            JobError::NoImage => ("runner_configuration_error", "script_failure"),
+            _ => ("image_pull_failure", "runner_system_failure"),
+        }
+    }
+}
+
+/// An image string from a job, escaped and cut for a message.
+fn shown(image: &str) -> String {
+    kiln_images::trunc(&image.escape_debug().to_string(), kiln_images::MAX_SHOWN)
+}
+
+/// Parse a job's `image:` with the runner's policy; refusals in GitLab's
+/// terms.
+fn parse_image(image: &str, policy: &ImagePolicy) -> Result<ImageSource, JobError> {
+    ImageSource::parse_with(image, policy).map_err(|e| match e {
+        ImageError::Refused {
+            image,
+            refusal: Refusal::HostPath,
+        } => JobError::HostPathImage(image),
+        ImageError::Refused {
+            image,
+            refusal: Refusal::NotAllowed(allowed),
+        } => JobError::ImageNotAllowed { image, allowed },
+        e => JobError::BadImage(e),
+    })
 }
 
 /// `s` in single quotes for `sh`.
@@ -263,15 +316,19 @@ impl JobResponse {
 
     /// Translate to a [`JobSpec`] (see docs/gitlab.md for the mapping).
     pub fn to_spec(&self, ctx: &Context) -> Result<Prepared, JobError> {
-        let image = Some(
-            self.image
-                .as_ref()
-                .map(|i| i.name.clone())
-                .unwrap_or_default(),
-        )
-        .filter(|n| !n.is_empty())
-        .or_else(|| ctx.default_image.clone())
-        .ok_or(JobError::NoImage)?;
+        let own = self.image.as_ref().map(|i| i.name.clone());
+        let (image, source) = match own.filter(|n| !n.is_empty()) {
+            Some(name) => {
+                let source = parse_image(&name, &ctx.image_policy)?;
+                (name, source)
+            }
+            None => {
+                let name = ctx.default_image.clone().ok_or(JobError::NoImage)?;
+                let source = ImageSource::parse_with(&name, &ImagePolicy::local())
+                    .map_err(JobError::BadImage)?;
+                (name, source)
+            }
+        };
         let project_dir = format!("{BUILDS_DIR}/{}", project_path(self));
         let tmp_dir = format!("{project_dir}.tmp");
         let timeout = if self.runner_info.timeout > 0 {
@@ -418,6 +475,7 @@ impl JobResponse {
         masked.retain(|m| !m.is_empty());
         Ok(Prepared {
             spec,
+            image: source,
             masked,
             git,
             git_depth,
@@ -458,7 +516,8 @@ mod tests {
         Context {
             runner_id: Some(7),
             runner_name: "r".into(),
-            default_image: Some("/img".into()),
+            default_image: Some("registry.example/img:1".into()),
+            image_policy: ImagePolicy::provider(false, vec![]),
             concurrent_id: 0,
             workspace: "/ws".into(),
         }
@@ -468,7 +527,8 @@ mod tests {
     fn the_payload_becomes_a_job_spec() {
         let p = job().to_spec(&ctx()).unwrap();
         let s = &p.spec;
-        assert_eq!(s.image, "/img");
+        assert_eq!(s.image, "registry.example/img:1");
+        assert_eq!(p.image.label(), "registry.example/img:1");
         assert_eq!(s.timeout, Some(Duration::from_secs(600)));
         assert_eq!(s.working_dir.as_deref(), Some("/builds/group/p"));
         assert_eq!(p.masked, vec!["job-token", "hunter22"]);
@@ -493,6 +553,48 @@ mod tests {
         assert_eq!(var("CI_RUNNER_ID"), "7");
         assert_eq!(s.artifacts[0].when, ArtifactWhen::Always);
         assert_eq!(s.source, JobSource::LocalDir("/ws".into()));
+    }
+
+    #[test]
+    fn a_host_path_image_is_refused_unless_allowed() {
+        let layout = tempfile::tempdir().unwrap();
+        std::fs::write(layout.path().join("oci-layout"), "{}").unwrap();
+        let dir = layout.path().to_str().unwrap().to_string();
+        let mut j = job();
+        j.image = Some(Image { name: dir.clone() });
+        let e = j.to_spec(&ctx()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "image '{dir}' is a path on the runner host; GitLab jobs may only use \
+                 registry images unless `allow_local_images = true` in kiln.toml"
+            )
+        );
+        assert_eq!(e.failure_reason().0, "image_pull_failure");
+        let mut c = ctx();
+        c.image_policy = ImagePolicy::provider(true, vec![]);
+        let p = j.to_spec(&c).unwrap();
+        assert!(
+            matches!(p.image, ImageSource::Layout { .. }),
+            "{:?}",
+            p.image
+        );
+
+        // A registry image that the allow-list does not name.
+        j.image = Some(Image {
+            name: "quay.io/x/y:1".into(),
+        });
+        c.image_policy = ImagePolicy::provider(false, vec!["docker.io/library/*".into()]);
+        let e = j.to_spec(&c).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("matches none of this runner's `allowed_images`"),
+            "{e}"
+        );
+        j.image = Some(Image {
+            name: "alpine:3".into(),
+        });
+        assert!(j.to_spec(&c).is_ok());
     }
 
     #[test]
