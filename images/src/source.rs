@@ -363,7 +363,7 @@ mod tests {
             refusal(ImageSource::parse_with(dir, &only)),
             Some(Refusal::NotAllowed(_))
         ));
-        let here = gitlab(true, &[&format!("{dir}")]);
+        let here = gitlab(true, &[dir]);
         assert!(ImageSource::parse_with(dir, &here).is_ok());
     }
 
