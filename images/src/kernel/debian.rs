@@ -46,20 +46,28 @@ pub fn fetch_kvm_modules(cache: &Cache, kernel: &Kernel) -> Result<Vec<PathBuf>,
 /// into `out` (created), with their load order in `out/order`.
 fn keep_kvm_modules(unpacked: &Path, release: &str, out: &Path) -> Result<(), ImageError> {
     let tree = unpacked.join("lib/modules").join(release);
-    let modules = resolve_modules(&tree, KVM_MODULES, true)?;
     std::fs::create_dir_all(out).map_err(|e| ImageError::io("create", out, e))?;
-    let mut order = String::new();
-    for m in &modules {
+    let order: String = copy_modules(&tree, KVM_MODULES, out)?
+        .iter()
+        .map(|name| format!("{name}\n"))
+        .collect();
+    std::fs::write(out.join("order"), order).map_err(|e| ImageError::io("write", out, e))
+}
+
+/// Copy `wanted` modules of `tree` and their dependencies into `dest`;
+/// their file names, dependencies first.
+fn copy_modules(tree: &Path, wanted: &[&str], dest: &Path) -> Result<Vec<String>, ImageError> {
+    let mut names = Vec::new();
+    for m in &resolve_modules(tree, wanted, true)? {
         let name = m
             .file_name()
             .unwrap_or_default()
             .to_string_lossy()
             .to_string();
-        std::fs::copy(m, out.join(&name)).map_err(|e| ImageError::io("copy module", m, e))?;
-        order.push_str(&name);
-        order.push('\n');
+        std::fs::copy(m, dest.join(&name)).map_err(|e| ImageError::io("copy module", m, e))?;
+        names.push(name);
     }
-    std::fs::write(out.join("order"), order).map_err(|e| ImageError::io("write", out, e))
+    Ok(names)
 }
 
 /// `apt-get download SPEC` into `dir`, then `dpkg-deb -x` it into `dir/x`.
@@ -187,18 +195,7 @@ pub fn fetch_debian(cache: &Cache, package: &str) -> Result<Kernel, ImageError> 
         .map_err(|e| ImageError::io("write", &out.join("vmlinux"), e))?;
 
     let mod_tree = x.join("lib/modules").join(&release);
-    let modules = resolve_modules(&mod_tree, GUEST_MODULES, true)?;
-    let mut names = Vec::new();
-    for m in &modules {
-        let name = m
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .to_string();
-        let target = out.join("modules").join(&name);
-        std::fs::copy(m, &target).map_err(|e| ImageError::io("copy module", m, e))?;
-        names.push(name);
-    }
+    let names = copy_modules(&mod_tree, GUEST_MODULES, &out.join("modules"))?;
     keep_kvm_modules(&x, &release, &out.join(KVM_MODULES_DIR))?;
     let meta = KernelMeta {
         release,
