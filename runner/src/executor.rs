@@ -267,8 +267,11 @@ impl Executor {
             steps: Vec::new(),
             debug_log: None,
         };
-        let image = image.map_err(|e| FailureReason::ImagePullFailure(error_chain(&e)));
-        let rootfs = match async { self.prepare_image(&image?).await }.await {
+        let rootfs = match image {
+            Ok(source) => self.prepare_image(&source).await,
+            Err(e) => Err(FailureReason::ImagePullFailure(error_chain(&e))),
+        };
+        let rootfs = match rootfs {
             Ok(r) => r,
             Err(reason) => {
                 result.failure = Some(reason);
