@@ -228,28 +228,17 @@ impl Executor {
     ) -> JobResult {
         // `kiln run-job` and local pipelines: the image as `--image` takes it.
         let image = ImageSource::parse_with(&job.image, &ImagePolicy::local());
-        self.run_parsed(job, image, sink, cancel, artifacts_to)
+        self.run_image(job, image.as_ref(), sink, cancel, artifacts_to)
             .await
     }
 
     /// [`Executor::run_collecting`] on `image`: the job's image as its
-    /// provider parsed it, with the provider's policy.
+    /// provider parsed it with its policy, or why it could not (reported as
+    /// an image failure).
     pub async fn run_image(
         &self,
         job: &JobSpec,
-        image: &ImageSource,
-        sink: &mut dyn JobSink,
-        cancel: watch::Receiver<Option<bool>>,
-        artifacts_to: Option<&Path>,
-    ) -> JobResult {
-        self.run_parsed(job, Ok(image.clone()), sink, cancel, artifacts_to)
-            .await
-    }
-
-    async fn run_parsed(
-        &self,
-        job: &JobSpec,
-        image: Result<ImageSource, kiln_images::ImageError>,
+        image: Result<&ImageSource, &kiln_images::ImageError>,
         sink: &mut dyn JobSink,
         mut cancel: watch::Receiver<Option<bool>>,
         artifacts_to: Option<&Path>,
@@ -268,7 +257,7 @@ impl Executor {
             debug_log: None,
         };
         let rootfs = match image {
-            Ok(source) => self.prepare_image(&source).await,
+            Ok(source) => self.prepare_image(source).await,
             Err(e) => Err(FailureReason::ImagePullFailure(error_chain(&e))),
         };
         let rootfs = match rootfs {

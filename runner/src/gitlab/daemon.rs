@@ -723,7 +723,7 @@ async fn execute(
         .executor
         .run_image(
             &prepared.spec,
-            &prepared.image,
+            prepared.image(),
             &mut sink,
             cancel,
             Some(&collected),

@@ -2,6 +2,7 @@
 //! provider-neutral [`JobSpec`].
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_images::{ImageError, ImagePolicy, ImageSource, Refusal};
@@ -200,8 +201,11 @@ pub struct Context {
 #[derive(Debug, Clone)]
 pub struct Prepared {
     pub spec: JobSpec,
-    /// `spec.image`, parsed and checked against the runner's policy.
-    pub image: ImageSource,
+    /// `spec.image`, parsed with the runner's policy. A refusal fails
+    /// [`JobResponse::to_spec`], before anything runs; another error (no
+    /// such image) is the executor's to report, as for an image that cannot
+    /// be pulled.
+    pub image: Result<ImageSource, Arc<ImageError>>,
     /// Values to mask in the trace.
     pub masked: Vec<String>,
     pub git: GitStrategy,
@@ -233,9 +237,6 @@ pub enum JobError {
         shown(.image), kiln_images::trunc(&.allowed.join(", "), kiln_images::MAX_SHOWN)
     )]
     ImageNotAllowed { image: String, allowed: Vec<String> },
-    /// Not a usable image reference or path (the message says why).
-    #[error("{0}")]
-    BadImage(ImageError),
 }
 
 impl JobError {
@@ -254,20 +255,31 @@ fn shown(image: &str) -> String {
     kiln_images::trunc(&image.escape_debug().to_string(), kiln_images::MAX_SHOWN)
 }
 
-/// Parse a job's `image:` with the runner's policy; refusals in GitLab's
-/// terms.
-fn parse_image(image: &str, policy: &ImagePolicy) -> Result<ImageSource, JobError> {
-    ImageSource::parse_with(image, policy).map_err(|e| match e {
-        ImageError::Refused {
+/// Parse a job's `image:` with the runner's policy: refusals in GitLab's
+/// terms, other errors for the executor to report.
+fn parse_image(
+    image: &str,
+    policy: &ImagePolicy,
+) -> Result<Result<ImageSource, Arc<ImageError>>, JobError> {
+    match ImageSource::parse_with(image, policy) {
+        Ok(source) => Ok(Ok(source)),
+        Err(ImageError::Refused {
             image,
             refusal: Refusal::HostPath,
-        } => JobError::HostPathImage(image),
-        ImageError::Refused {
+        }) => Err(JobError::HostPathImage(image)),
+        Err(ImageError::Refused {
             image,
             refusal: Refusal::NotAllowed(allowed),
-        } => JobError::ImageNotAllowed { image, allowed },
-        e => JobError::BadImage(e),
-    })
+        }) => Err(JobError::ImageNotAllowed { image, allowed }),
+        Err(e) => Ok(Err(Arc::new(e))),
+    }
+}
+
+impl Prepared {
+    /// The job's image, or why it cannot be used.
+    pub fn image(&self) -> Result<&ImageSource, &ImageError> {
+        self.image.as_ref().map_err(|e| e.as_ref())
+    }
 }
 
 /// `s` in single quotes for `sh`.
@@ -324,8 +336,8 @@ impl JobResponse {
             }
             None => {
                 let name = ctx.default_image.clone().ok_or(JobError::NoImage)?;
-                let source = ImageSource::parse_with(&name, &ImagePolicy::local())
-                    .map_err(JobError::BadImage)?;
+                let source =
+                    ImageSource::parse_with(&name, &ImagePolicy::local()).map_err(Arc::new);
                 (name, source)
             }
         };
@@ -528,7 +540,7 @@ mod tests {
         let p = job().to_spec(&ctx()).unwrap();
         let s = &p.spec;
         assert_eq!(s.image, "registry.example/img:1");
-        assert_eq!(p.image.label(), "registry.example/img:1");
+        assert_eq!(p.image().unwrap().label(), "registry.example/img:1");
         assert_eq!(s.timeout, Some(Duration::from_secs(600)));
         assert_eq!(s.working_dir.as_deref(), Some("/builds/group/p"));
         assert_eq!(p.masked, vec!["job-token", "hunter22"]);
@@ -575,10 +587,15 @@ mod tests {
         c.image_policy = ImagePolicy::provider(true, vec![]);
         let p = j.to_spec(&c).unwrap();
         assert!(
-            matches!(p.image, ImageSource::Layout { .. }),
+            matches!(p.image(), Ok(ImageSource::Layout { .. })),
             "{:?}",
             p.image
         );
+        // An allowed path that is not there: the executor reports it.
+        j.image = Some(Image {
+            name: format!("{dir}/nothing-here"),
+        });
+        assert!(j.to_spec(&c).unwrap().image().is_err());
 
         // A registry image that the allow-list does not name.
         j.image = Some(Image {
