@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kiln_images::ImagePolicy;
 use kiln_vmm::BackendKind;
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +67,14 @@ pub struct Config {
     /// [`crate::paths::default_log_dir`]).
     #[serde(default)]
     pub log_dir: Option<PathBuf>,
+    /// The cache of runners that name none, from the environment (filled at
+    /// the edge, `kiln::env::Env::complete`).
+    #[serde(skip)]
+    pub cache_dir: Option<PathBuf>,
+    /// How images are pulled, converted and cached, from the environment
+    /// (filled at the edge, `kiln::env::Env::complete`).
+    #[serde(skip)]
+    pub images: kiln_images::ImagesOptions,
     /// The QEMU binary of the qemu backend (default: `$KILN_QEMU`, else
     /// `qemu-system-x86_64` from `PATH`).
     #[serde(default)]
@@ -86,9 +95,26 @@ pub struct RunnerConfig {
     /// Jobs of this runner at once; 0 = only `concurrent` limits.
     #[serde(default)]
     pub limit: usize,
-    /// Image for jobs that name none (an OCI layout directory for now).
+    /// Image for jobs that name none: a registry reference, or a path on
+    /// this host (an OCI layout directory or an image tar). The runner's
+    /// own choice, so neither `allowed_images` nor `allow_local_images`
+    /// applies to it.
     #[serde(default)]
     pub image: Option<String>,
+    /// Images a job's `image:` may name, as gitlab-runner's
+    /// `allowed_images`: `*` matches within one path component
+    /// (`docker.io/library/*`), `**` across them (`ghcr.io/acme/**`);
+    /// matched against the image as written and normalised
+    /// (`alpine` is `docker.io/library/alpine:latest`). Empty (the
+    /// default): any registry image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_images: Vec<String>,
+    /// Whether a job's `image:` may be a path on this host (absolute, an
+    /// OCI layout directory or an image tar). Off by default: a job could
+    /// otherwise have the runner read any image-shaped path it can read.
+    /// With `allowed_images`, a path must also match one of them.
+    #[serde(default)]
+    pub allow_local_images: bool,
     /// vCPUs per VM.
     #[serde(default = "vcpus")]
     pub cpus: u32,
@@ -247,6 +273,11 @@ impl Default for Config {
 }
 
 impl RunnerConfig {
+    /// What a job's `image:` may name on this runner.
+    pub fn image_policy(&self) -> ImagePolicy {
+        ImagePolicy::provider(self.allow_local_images, self.allowed_images.clone())
+    }
+
     /// The trace cap in bytes.
     pub fn output_limit_bytes(&self) -> usize {
         (self.output_limit.max(1) as usize).saturating_mul(1024)
@@ -282,6 +313,17 @@ image = "/images/debian"
         );
         assert_eq!(r.output_limit_bytes(), 4096 * 1024);
         assert_eq!(r.backend, BackendKind::Auto);
+        // Registry images only, any of them, unless configured.
+        assert_eq!(r.image_policy(), ImagePolicy::provider(false, vec![]));
+        let c: Config = toml::from_str(
+            "[[runners]]\nname='a'\nurl='https://x'\ntoken='t'\n\
+             allowed_images=['docker.io/library/*']\nallow_local_images=true\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.runners[0].image_policy(),
+            ImagePolicy::provider(true, vec!["docker.io/library/*".into()])
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use kiln_images::{Cache, Kernel};
 use kiln_vmm::{BackendKind, KvmSupport};
 use serde::Serialize;
 
-use crate::env::Env;
+use kiln::env::Env;
 
 #[derive(Serialize)]
 struct Check {

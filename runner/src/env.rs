@@ -1,12 +1,15 @@
-//! The process environment the runner uses, read here, at the edge, and
-//! passed down as values: the `kiln` library reads no environment variable.
-//! (Flags with an `env = ...` in `main.rs` are read by clap, also here at
-//! the edge.)
+//! The process environment kiln uses, read here, at the edge, and passed
+//! down as values: no other module of kiln, and none of its libraries
+//! (`kiln-images`, `kiln-vmm`, `kiln-pipelines`), reads an environment
+//! variable. (Flags with an `env = ...` in `main.rs` are read by clap, also
+//! at the edge.)
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use kiln::config::Config;
+use kiln_images::ImagesOptions;
+
+use crate::config::Config;
 
 /// What kiln takes from its environment.
 #[derive(Debug, Clone, Default)]
@@ -23,6 +26,14 @@ pub struct Env {
     home: Option<PathBuf>,
     /// `$KILN_QEMU`: the QEMU binary of the qemu backend.
     qemu: Option<PathBuf>,
+    /// `$KILN_CACHE_DIR` and `$XDG_CACHE_HOME`: the cache.
+    cache_dir: Option<PathBuf>,
+    cache_home: Option<PathBuf>,
+    /// The image settings (`KILN_ROOTFS_FS`, `KILN_CACHE_MAX_GB`,
+    /// `KILN_IMAGE_MAX_GB`, `KILN_IMAGE_MAX_ENTRIES`, `KILN_IMAGE_TAG_TTL`,
+    /// `KILN_REGISTRY_CONFIG`, `DOCKER_CONFIG`; see
+    /// [`kiln_images::options::vars`] and docs/images.md).
+    images: ImagesOptions,
 }
 
 fn var(name: &str) -> Option<PathBuf> {
@@ -39,6 +50,9 @@ impl Env {
             state_home: var("XDG_STATE_HOME"),
             home: var("HOME"),
             qemu: var("KILN_QEMU"),
+            cache_dir: var("KILN_CACHE_DIR"),
+            cache_home: var("XDG_CACHE_HOME"),
+            images: ImagesOptions::from_vars(|name| std::env::var_os(name)),
         }
     }
 
@@ -47,7 +61,7 @@ impl Env {
     pub fn run_dir(&self) -> PathBuf {
         self.run_dir
             .clone()
-            .unwrap_or_else(|| kiln::paths::default_run_dir(self.runtime_dir.as_deref()))
+            .unwrap_or_else(|| crate::paths::default_run_dir(self.runtime_dir.as_deref()))
     }
 
     /// `$KILN_AGENT`.
@@ -58,7 +72,20 @@ impl Env {
     /// Serial logs of VMs that failed: `$XDG_STATE_HOME/kiln/logs`, else
     /// `~/.local/state/kiln/logs`.
     pub fn log_dir(&self) -> Option<PathBuf> {
-        kiln::paths::default_log_dir(self.state_home.as_deref(), self.home.as_deref())
+        crate::paths::default_log_dir(self.state_home.as_deref(), self.home.as_deref())
+    }
+
+    /// The cache when none is configured: `$KILN_CACHE_DIR`, else
+    /// `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir.clone().unwrap_or_else(|| {
+            crate::paths::default_cache_dir(self.cache_home.as_deref(), self.home.as_deref())
+        })
+    }
+
+    /// How images are pulled, converted and cached.
+    pub fn images(&self) -> ImagesOptions {
+        self.images.clone()
     }
 
     /// How to run QEMU: `$KILN_QEMU`, else `qemu-system-x86_64` from `PATH`.
@@ -75,11 +102,15 @@ impl Env {
         }
         if config.agent.is_none() {
             if let Some(a) = self.agent() {
-                let a = kiln::agent::locate_agent(Some(a))
+                let a = crate::agent::locate_agent(Some(a))
                     .with_context(|| format!("KILN_AGENT={}", a.display()))?;
                 config.agent = Some(a);
             }
         }
+        if config.cache_dir.is_none() {
+            config.cache_dir = Some(self.cache_dir());
+        }
+        config.images = self.images();
         if config.qemu.is_none() {
             config.qemu = self.qemu.clone();
         }

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod env;
 pub mod executor;
 pub mod gitlab;
 pub mod local;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use kiln::env::Env;
 use kiln::executor::{self, Executor, ExecutorConfig, FailureReason};
 use kiln::sink::{JobSink, JsonSink, TerminalSink};
 use kiln_images::{Cache, Kernel};
@@ -13,7 +14,6 @@ use kiln_pipelines::{JobSource, JobSpec, Shell, Step, Variable};
 use kiln_vmm::BackendKind;
 
 mod doctor;
-mod env;
 mod image_cmd;
 
 #[derive(Parser)]
@@ -211,13 +211,13 @@ fn main() -> ExitCode {
 }
 
 fn cache_dir(cli_dir: &Option<PathBuf>) -> PathBuf {
-    cli_dir.clone().unwrap_or_else(Cache::default_dir)
+    cli_dir.clone().unwrap_or_else(|| Env::read().cache_dir())
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
     let cache_dir = cache_dir(&cli.cache_dir);
     match cli.command {
-        Command::Doctor { json } => doctor::run(&cache_dir, &env::Env::read(), json),
+        Command::Doctor { json } => doctor::run(&cache_dir, &Env::read(), json),
         Command::Kernel(KernelCmd::Fetch { package }) => {
             let cache = Cache::open(&cache_dir)?;
             let k = kiln_images::kernel::fetch_debian(&cache, &package)
@@ -257,7 +257,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn daemon(path: &std::path::Path) -> Result<ExitCode> {
     let mut config = kiln::config::Config::load(path)?;
-    env::Env::read().complete(&mut config)?;
+    Env::read().complete(&mut config)?;
     runtime()?.block_on(async move {
         let shutdown = async {
             use tokio::signal::unix::{signal, SignalKind};
@@ -319,7 +319,7 @@ fn gitlab(cmd: GitlabCmd) -> Result<ExitCode> {
 }
 
 fn executor_config(vm: &VmArgs, cache_dir: PathBuf) -> Result<ExecutorConfig> {
-    let env = env::Env::read();
+    let env = Env::read();
     let run_dir = vm.run_dir.clone().unwrap_or_else(|| env.run_dir());
     Ok(ExecutorConfig::builder(cache_dir, run_dir)
         .kernel_files(vm.kernel.clone(), vm.modules.clone())
@@ -333,6 +333,7 @@ fn executor_config(vm: &VmArgs, cache_dir: PathBuf) -> Result<ExecutorConfig> {
         .kernel_args(&vm.kernel_args)
         .serial_log(vm.serial_log.clone())
         .qemu(env.qemu())
+        .images(env.images())
         .build()?)
 }
 

@@ -1,6 +1,6 @@
 //! Where kiln keeps per-VM files and serial logs by default, and cleaning up
 //! after a crashed kiln. The environment these defaults come from is read at
-//! the edge (`env.rs` in the binary) and passed in.
+//! the edge (`kiln::env`) and passed in.
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +28,17 @@ pub fn default_log_dir(state_home: Option<&Path>, home: Option<&Path>) -> Option
         .map(Path::to_path_buf)
         .or_else(|| home.map(|h| h.join(".local/state")))
         .map(|d| d.join("kiln").join("logs"))
+}
+
+/// The image cache when nothing names a place: `<cache_home>/kiln`
+/// (`$XDG_CACHE_HOME`), else `<home>/.cache/kiln` (`$HOME`, `/root` without
+/// one); both read at the edge.
+pub fn default_cache_dir(cache_home: Option<&Path>, home: Option<&Path>) -> PathBuf {
+    match (cache_home, home) {
+        (Some(d), _) => d.join("kiln"),
+        (None, Some(h)) => h.join(".cache").join("kiln"),
+        (None, None) => PathBuf::from("/root/.cache/kiln"),
+    }
 }
 
 /// The name of a job directory: `job-<pid>-<n>`, so a later kiln can tell

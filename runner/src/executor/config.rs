@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kiln_images::{Cache, ImageError, Kernel};
+use kiln_images::{Cache, ImageError, ImagesOptions, Kernel};
 use kiln_vmm::{BackendKind, QemuOptions};
 
 use crate::agent::{self, AgentError};
@@ -34,6 +34,8 @@ pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 #[derive(Debug, Clone)]
 pub struct ExecutorConfig {
     pub cache_dir: PathBuf,
+    /// How job images are pulled, converted and cached.
+    pub images: ImagesOptions,
     /// Per-VM files go under here.
     pub run_dir: PathBuf,
     pub agent: PathBuf,
@@ -98,6 +100,7 @@ enum KernelChoice {
 #[must_use]
 pub struct ExecutorConfigBuilder {
     cache_dir: PathBuf,
+    images: ImagesOptions,
     run_dir: PathBuf,
     agent: Option<PathBuf>,
     kernel: KernelChoice,
@@ -122,6 +125,7 @@ impl ExecutorConfig {
     ) -> ExecutorConfigBuilder {
         ExecutorConfigBuilder {
             cache_dir: cache_dir.into(),
+            images: ImagesOptions::default(),
             run_dir: run_dir.into(),
             agent: None,
             kernel: KernelChoice::Default,
@@ -217,6 +221,12 @@ impl ExecutorConfigBuilder {
         self
     }
 
+    /// How job images are pulled, converted and cached.
+    pub fn images(mut self, images: ImagesOptions) -> Self {
+        self.images = images;
+        self
+    }
+
     /// How the qemu backend runs QEMU (its binary).
     pub fn qemu(mut self, qemu: QemuOptions) -> Self {
         self.qemu = qemu;
@@ -250,6 +260,7 @@ impl ExecutorConfigBuilder {
         };
         Ok(ExecutorConfig {
             cache_dir: self.cache_dir,
+            images: self.images,
             run_dir: self.run_dir,
             agent,
             kernel,

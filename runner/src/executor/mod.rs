@@ -16,9 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kiln_agent::proto::{self, Start};
-use kiln_images::rootfs::{rootfs_for, ImageSource, Rootfs};
 use kiln_images::scratch::{mkfs_ext4, Ext4};
-use kiln_images::Cache;
+use kiln_images::{Cache, ImagePolicy, ImageSource, Images, Rootfs};
 use kiln_pipelines::{JobSource, JobSpec};
 use kiln_vmm::{Disk, KvmSupport, Machine, MachineConfig};
 use tokio::sync::watch;
@@ -45,7 +44,8 @@ use outcome::{sys, Early};
 /// Runs jobs, each in a fresh VM.
 pub struct Executor {
     config: ExecutorConfig,
-    cache: Cache,
+    /// Job images; one registry client for every job.
+    images: Images,
     kvm: KvmSupport,
     initramfs: PathBuf,
     /// Most artifact bytes (file contents) one job may send back.
@@ -96,6 +96,8 @@ pub enum ExecutorError {
     Backend(#[from] kiln_vmm::MachineError),
     #[error("building the guest initramfs")]
     Initramfs(#[source] kiln_images::ImageError),
+    #[error("setting up the image service")]
+    Images(#[source] kiln_images::ImageError),
 }
 
 impl Executor {
@@ -119,9 +121,10 @@ impl Executor {
         }
         let initramfs = kiln_images::build_initramfs(&cache, &config.agent, &config.kernel)
             .map_err(ExecutorError::Initramfs)?;
+        let images = Images::new(cache, config.images.clone()).map_err(ExecutorError::Images)?;
         Ok(Executor {
             config,
-            cache,
+            images,
             kvm,
             initramfs,
             max_artifact_bytes: proto::MAX_ARTIFACT_BYTES,
@@ -129,7 +132,7 @@ impl Executor {
     }
 
     pub fn cache(&self) -> &Cache {
-        &self.cache
+        self.images.cache()
     }
 
     /// Limit the artifact bytes (file contents) a job may send back; at
@@ -152,16 +155,11 @@ impl Executor {
     }
 
     /// Resolve the job's image to a root filesystem (cached by ChainID).
-    pub async fn prepare_image(&self, image: &str) -> Result<Rootfs, FailureReason> {
-        let cache = self.cache.clone();
-        let image = image.to_string();
-        tokio::task::spawn_blocking(move || {
-            let src = ImageSource::parse(&image)?;
-            rootfs_for(&cache, &src)
-        })
-        .await
-        .map_err(|e| FailureReason::RunnerSystemFailure(format!("image task: {e}")))?
-        .map_err(|e| FailureReason::ImagePullFailure(error_chain(&e)))
+    pub async fn prepare_image(&self, source: &ImageSource) -> Result<Rootfs, FailureReason> {
+        self.images
+            .rootfs(source, std::sync::Arc::new(kiln_images::NoProgress))
+            .await
+            .map_err(|e| FailureReason::ImagePullFailure(error_chain(&e)))
     }
 
     /// Run `job` in a fresh VM. Never panics on guest input; the VM and the
@@ -186,12 +184,33 @@ impl Executor {
         &self,
         job: &JobSpec,
         sink: &mut dyn JobSink,
+        cancel: watch::Receiver<Option<bool>>,
+        artifacts_to: Option<&Path>,
+    ) -> JobResult {
+        // `kiln run-job` and local pipelines: the image as `--image` takes it.
+        let image = ImageSource::parse_with(&job.image, &ImagePolicy::local());
+        self.run_image(job, image.as_ref(), sink, cancel, artifacts_to)
+            .await
+    }
+
+    /// [`Executor::run_collecting`] on `image`: the job's image as its
+    /// provider parsed it with its policy, or why it could not (reported as
+    /// an image failure).
+    pub async fn run_image(
+        &self,
+        job: &JobSpec,
+        image: Result<&ImageSource, &kiln_images::ImageError>,
+        sink: &mut dyn JobSink,
         mut cancel: watch::Receiver<Option<bool>>,
         artifacts_to: Option<&Path>,
     ) -> JobResult {
         let t0 = Instant::now();
         let mut result = JobResult::pending(&job.image);
-        let rootfs = match self.prepare_image(&job.image).await {
+        let rootfs = match image {
+            Ok(source) => self.prepare_image(source).await,
+            Err(e) => Err(FailureReason::ImagePullFailure(error_chain(&e))),
+        };
+        let rootfs = match rootfs {
             Ok(r) => r,
             Err(reason) => {
                 result.failure = Some(reason);

@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kiln_images::Cache;
 use kiln_pipelines::ArtifactWhen;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
@@ -160,7 +159,10 @@ fn executor_config(config: &Config, r: &RunnerConfig) -> Result<ExecutorConfig, 
         .clone()
         .unwrap_or_else(|| crate::paths::default_run_dir(None));
     ExecutorConfig::builder(
-        r.cache_dir.clone().unwrap_or_else(Cache::default_dir),
+        r.cache_dir
+            .clone()
+            .or_else(|| config.cache_dir.clone())
+            .unwrap_or_else(|| crate::paths::default_cache_dir(None, None)),
         run_dir,
     )
     .kernel_files(config.kernel.clone(), None)
@@ -173,6 +175,7 @@ fn executor_config(config: &Config, r: &RunnerConfig) -> Result<ExecutorConfig, 
     // Serial logs of VMs that failed to boot, for the operator.
     .log_dir(config.log_dir.clone())
     .qemu(kiln_vmm::QemuOptions::new(config.qemu.clone()))
+    .images(config.images.clone())
     .build()
     .map_err(|e| GitlabError::Executor {
         runner: r.name.clone(),
@@ -615,17 +618,19 @@ async fn execute(
         runner_id,
         runner_name: runner.cfg.name.clone(),
         default_image: runner.cfg.image.clone(),
+        image_policy: runner.cfg.image_policy(),
         concurrent_id: slot,
         workspace: workspace.to_path_buf(),
     };
     let prepared = match job.to_spec(&ctx) {
         Ok(p) => p,
         Err(e) => {
+            let (wanted, fallback) = e.failure_reason();
             return Ok(failed(
-                reason_for(job, "runner_configuration_error", "script_failure"),
+                reason_for(job, wanted, fallback),
                 None,
                 e.to_string(),
-            ))
+            ));
         }
     };
     section("prepare_executor", "Preparing the \"kiln\" VM executor");
@@ -695,7 +700,13 @@ async fn execute(
     let collected = workspace.with_file_name("artifacts");
     let result = runner
         .executor
-        .run_collecting(&prepared.spec, &mut sink, cancel, Some(&collected))
+        .run_image(
+            &prepared.spec,
+            prepared.image(),
+            &mut sink,
+            cancel,
+            Some(&collected),
+        )
         .await;
     trace.flush();
     if let Some(open) = sink.current.take() {

@@ -2,8 +2,10 @@
 //! provider-neutral [`JobSpec`].
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use kiln_images::{ImageError, ImagePolicy, ImageSource, Refusal};
 use kiln_pipelines::{
     ArtifactSpec, ArtifactWhen, JobSource, JobSpec, Shell, Step, StepWhen, Variable,
 };
@@ -185,6 +187,10 @@ pub struct Context {
     pub runner_id: Option<u64>,
     pub runner_name: String,
     pub default_image: Option<String>,
+    /// What a job's own `image:` may name (the runner's `allowed_images`
+    /// and `allow_local_images`). The default image is the runner's own
+    /// choice and is taken as `kiln run-job --image` takes it.
+    pub image_policy: ImagePolicy,
     /// Slot of this job among the daemon's running jobs (`CI_CONCURRENT_ID`).
     pub concurrent_id: usize,
     /// Host directory holding the job's workspace.
@@ -195,6 +201,11 @@ pub struct Context {
 #[derive(Debug, Clone)]
 pub struct Prepared {
     pub spec: JobSpec,
+    /// `spec.image`, parsed with the runner's policy. A refusal fails
+    /// [`JobResponse::to_spec`], before anything runs; another error (no
+    /// such image) is the executor's to report, as for an image that cannot
+    /// be pulled.
+    pub image: Result<ImageSource, Arc<ImageError>>,
     /// Values to mask in the trace.
     pub masked: Vec<String>,
     pub git: GitStrategy,
@@ -215,6 +226,60 @@ pub const DEFAULT_TIMEOUT: Duration = crate::executor::DEFAULT_JOB_TIMEOUT;
 pub enum JobError {
     #[error("the job names no image and the runner has no default `image`")]
     NoImage,
+    #[error(
+        "image '{}' is a path on the runner host; GitLab jobs may only use registry images \
+         unless `allow_local_images = true` in kiln.toml",
+        shown(.0)
+    )]
+    HostPathImage(String),
+    #[error(
+        "image '{}' is not allowed: it matches none of this runner's `allowed_images` in kiln.toml ({})",
+        shown(.image), kiln_images::trunc(&.allowed.join(", "), kiln_images::MAX_SHOWN)
+    )]
+    ImageNotAllowed { image: String, allowed: Vec<String> },
+}
+
+impl JobError {
+    /// The failure reason GitLab is sent, and the one it gets when it does
+    /// not know that one (as gitlab-runner falls back).
+    pub fn failure_reason(&self) -> (&'static str, &'static str) {
+        match self {
+            JobError::NoImage => ("runner_configuration_error", "script_failure"),
+            _ => ("image_pull_failure", "runner_system_failure"),
+        }
+    }
+}
+
+/// An image string from a job, escaped and cut for a message.
+fn shown(image: &str) -> String {
+    kiln_images::trunc(&image.escape_debug().to_string(), kiln_images::MAX_SHOWN)
+}
+
+/// Parse a job's `image:` with the runner's policy: refusals in GitLab's
+/// terms, other errors for the executor to report.
+fn parse_image(
+    image: &str,
+    policy: &ImagePolicy,
+) -> Result<Result<ImageSource, Arc<ImageError>>, JobError> {
+    match ImageSource::parse_with(image, policy) {
+        Ok(source) => Ok(Ok(source)),
+        Err(ImageError::Refused {
+            image,
+            refusal: Refusal::HostPath,
+        }) => Err(JobError::HostPathImage(image)),
+        Err(ImageError::Refused {
+            image,
+            refusal: Refusal::NotAllowed(allowed),
+        }) => Err(JobError::ImageNotAllowed { image, allowed }),
+        Err(e) => Ok(Err(Arc::new(e))),
+    }
+}
+
+impl Prepared {
+    /// The job's image, or why it cannot be used.
+    pub fn image(&self) -> Result<&ImageSource, &ImageError> {
+        self.image.as_ref().map_err(|e| e.as_ref())
+    }
 }
 
 /// `s` in single quotes for `sh`.
@@ -263,15 +328,19 @@ impl JobResponse {
 
     /// Translate to a [`JobSpec`] (see docs/gitlab.md for the mapping).
     pub fn to_spec(&self, ctx: &Context) -> Result<Prepared, JobError> {
-        let image = Some(
-            self.image
-                .as_ref()
-                .map(|i| i.name.clone())
-                .unwrap_or_default(),
-        )
-        .filter(|n| !n.is_empty())
-        .or_else(|| ctx.default_image.clone())
-        .ok_or(JobError::NoImage)?;
+        let own = self.image.as_ref().map(|i| i.name.clone());
+        let (image, source) = match own.filter(|n| !n.is_empty()) {
+            Some(name) => {
+                let source = parse_image(&name, &ctx.image_policy)?;
+                (name, source)
+            }
+            None => {
+                let name = ctx.default_image.clone().ok_or(JobError::NoImage)?;
+                let source =
+                    ImageSource::parse_with(&name, &ImagePolicy::local()).map_err(Arc::new);
+                (name, source)
+            }
+        };
         let project_dir = format!("{BUILDS_DIR}/{}", project_path(self));
         let tmp_dir = format!("{project_dir}.tmp");
         let timeout = if self.runner_info.timeout > 0 {
@@ -418,6 +487,7 @@ impl JobResponse {
         masked.retain(|m| !m.is_empty());
         Ok(Prepared {
             spec,
+            image: source,
             masked,
             git,
             git_depth,
@@ -458,7 +528,8 @@ mod tests {
         Context {
             runner_id: Some(7),
             runner_name: "r".into(),
-            default_image: Some("/img".into()),
+            default_image: Some("registry.example/img:1".into()),
+            image_policy: ImagePolicy::provider(false, vec![]),
             concurrent_id: 0,
             workspace: "/ws".into(),
         }
@@ -468,7 +539,8 @@ mod tests {
     fn the_payload_becomes_a_job_spec() {
         let p = job().to_spec(&ctx()).unwrap();
         let s = &p.spec;
-        assert_eq!(s.image, "/img");
+        assert_eq!(s.image, "registry.example/img:1");
+        assert_eq!(p.image().unwrap().label(), "registry.example/img:1");
         assert_eq!(s.timeout, Some(Duration::from_secs(600)));
         assert_eq!(s.working_dir.as_deref(), Some("/builds/group/p"));
         assert_eq!(p.masked, vec!["job-token", "hunter22"]);
@@ -493,6 +565,53 @@ mod tests {
         assert_eq!(var("CI_RUNNER_ID"), "7");
         assert_eq!(s.artifacts[0].when, ArtifactWhen::Always);
         assert_eq!(s.source, JobSource::LocalDir("/ws".into()));
+    }
+
+    #[test]
+    fn a_host_path_image_is_refused_unless_allowed() {
+        let layout = tempfile::tempdir().unwrap();
+        std::fs::write(layout.path().join("oci-layout"), "{}").unwrap();
+        let dir = layout.path().to_str().unwrap().to_string();
+        let mut j = job();
+        j.image = Some(Image { name: dir.clone() });
+        let e = j.to_spec(&ctx()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "image '{dir}' is a path on the runner host; GitLab jobs may only use \
+                 registry images unless `allow_local_images = true` in kiln.toml"
+            )
+        );
+        assert_eq!(e.failure_reason().0, "image_pull_failure");
+        let mut c = ctx();
+        c.image_policy = ImagePolicy::provider(true, vec![]);
+        let p = j.to_spec(&c).unwrap();
+        assert!(
+            matches!(p.image(), Ok(ImageSource::Layout { .. })),
+            "{:?}",
+            p.image
+        );
+        // An allowed path that is not there: the executor reports it.
+        j.image = Some(Image {
+            name: format!("{dir}/nothing-here"),
+        });
+        assert!(j.to_spec(&c).unwrap().image().is_err());
+
+        // A registry image that the allow-list does not name.
+        j.image = Some(Image {
+            name: "quay.io/x/y:1".into(),
+        });
+        c.image_policy = ImagePolicy::provider(false, vec!["docker.io/library/*".into()]);
+        let e = j.to_spec(&c).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("matches none of this runner's `allowed_images`"),
+            "{e}"
+        );
+        j.image = Some(Image {
+            name: "alpine:3".into(),
+        });
+        assert!(j.to_spec(&c).is_ok());
     }
 
     #[test]
