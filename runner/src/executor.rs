@@ -20,7 +20,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use crate::sink::JobSink;
+use crate::joblog::JobSink;
 
 /// Why a job did not succeed, in the terms CI providers use.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

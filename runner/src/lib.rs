@@ -4,8 +4,8 @@ pub mod agent;
 pub mod config;
 pub mod executor;
 pub mod gitlab;
+pub mod joblog;
 pub mod local;
 pub mod paths;
-pub mod sink;
 
 pub use executor::{Executor, ExecutorConfig, FailureReason, JobResult};
