@@ -17,49 +17,83 @@ use super::client::Output;
 use crate::joblog::steps::{section_header, section_name};
 use crate::joblog::{JobSink, MaskingSink, Secrets};
 
-/// The trace buffer behind the masking front: masked bytes, up to `limit`.
-struct Capped {
-    data: Vec<u8>,
-    limit: usize,
-    truncated: bool,
+/// The executor's sink for GitLab jobs: output into the trace, each step
+/// in its own section (`step_script`, `after_script`, ...).
+pub struct TraceSink {
+    sections: Sections,
+    /// The step whose section is open.
+    current: Option<String>,
 }
 
-/// Cut `data` to at most `max` bytes without splitting a UTF-8 sequence.
-fn utf8_cut(data: &[u8], max: usize) -> usize {
-    if data.len() <= max {
-        return data.len();
-    }
-    let mut cut = max;
-    // Step back over continuation bytes (at most 3) to a sequence start.
-    for _ in 0..3 {
-        if cut > 0 && (data[cut] & 0xC0) == 0x80 {
-            cut -= 1;
-        } else {
-            break;
+impl TraceSink {
+    pub fn new(sections: Sections) -> TraceSink {
+        TraceSink {
+            sections,
+            current: None,
         }
     }
-    cut
+
+    /// The job is over: release what the masker holds back and close the
+    /// section of a step that never ended (the VM stopped in it).
+    pub fn finish(&mut self) {
+        self.sections.trace.flush();
+        if let Some(open) = self.current.take() {
+            self.sections.end(&section_name(&open));
+        }
+    }
 }
 
-impl JobSink for Capped {
-    /// Both streams and the runner's lines, in one log.
-    fn output(&mut self, _step: u32, _stream: Stream, bytes: &[u8]) {
-        if self.truncated || bytes.is_empty() {
-            return;
+impl JobSink for TraceSink {
+    fn step_start(&mut self, _step: u32, name: &str) {
+        // Without sections a step gets no header (the script echoes its
+        // commands).
+        if self.sections.enabled {
+            self.sections
+                .start(&section_name(name), &section_header(name));
+            self.current = Some(name.to_string());
         }
-        let room = self.limit.saturating_sub(self.data.len());
-        if bytes.len() <= room {
-            self.data.extend_from_slice(bytes);
-            return;
+    }
+
+    fn output(&mut self, _step: u32, _stream: Stream, data: &[u8]) {
+        self.sections.trace.write(data);
+    }
+
+    fn step_end(&mut self, name: &str, end: &StepEnd) {
+        if end.timed_out {
+            self.sections.trace.line(&format!(
+                "\x1b[31;1mERROR: {name} timed out after {} ms\x1b[0;m",
+                end.duration_ms
+            ));
         }
-        let cut = utf8_cut(bytes, room);
-        self.data.extend_from_slice(&bytes[..cut]);
-        self.truncated = true;
-        let msg = format!(
-            "\n\x1b[31;1mJob's log exceeded limit of {} bytes.\nJob execution will continue but no more output will be collected.\x1b[0;m\n",
-            self.limit
-        );
-        self.data.extend_from_slice(msg.as_bytes());
+        if self.current.as_deref() == Some(name) {
+            self.sections.end(&section_name(name));
+            self.current = None;
+        }
+    }
+}
+
+/// The trace's sections: GitLab's collapsible markers where the job's
+/// GitLab supports them (`features.trace_sections`), else plain headers.
+#[derive(Clone)]
+pub struct Sections {
+    pub trace: Arc<Trace>,
+    pub enabled: bool,
+}
+
+impl Sections {
+    /// Open section `name` under `header`.
+    pub fn start(&self, name: &str, header: &str) {
+        if self.enabled {
+            self.trace.section_start(name, header)
+        } else if !header.is_empty() {
+            self.trace.line(&format!("\x1b[36;1m{header}\x1b[0;m"));
+        }
+    }
+
+    pub fn end(&self, name: &str) {
+        if self.enabled {
+            self.trace.section_end(name)
+        }
     }
 }
 
@@ -159,83 +193,49 @@ impl Trace {
     }
 }
 
-/// The trace's sections: GitLab's collapsible markers where the job's
-/// GitLab supports them (`features.trace_sections`), else plain headers.
-#[derive(Clone)]
-pub struct Sections {
-    pub trace: Arc<Trace>,
-    pub enabled: bool,
+/// The trace buffer behind the masking front: masked bytes, up to `limit`.
+struct Capped {
+    data: Vec<u8>,
+    limit: usize,
+    truncated: bool,
 }
 
-impl Sections {
-    /// Open section `name` under `header`.
-    pub fn start(&self, name: &str, header: &str) {
-        if self.enabled {
-            self.trace.section_start(name, header)
-        } else if !header.is_empty() {
-            self.trace.line(&format!("\x1b[36;1m{header}\x1b[0;m"));
+/// Cut `data` to at most `max` bytes without splitting a UTF-8 sequence.
+fn utf8_cut(data: &[u8], max: usize) -> usize {
+    if data.len() <= max {
+        return data.len();
+    }
+    let mut cut = max;
+    // Step back over continuation bytes (at most 3) to a sequence start.
+    for _ in 0..3 {
+        if cut > 0 && (data[cut] & 0xC0) == 0x80 {
+            cut -= 1;
+        } else {
+            break;
         }
     }
-
-    pub fn end(&self, name: &str) {
-        if self.enabled {
-            self.trace.section_end(name)
-        }
-    }
+    cut
 }
 
-/// The executor's sink for GitLab jobs: output into the trace, each step
-/// in its own section (`step_script`, `after_script`, ...).
-pub struct TraceSink {
-    sections: Sections,
-    /// The step whose section is open.
-    current: Option<String>,
-}
-
-impl TraceSink {
-    pub fn new(sections: Sections) -> TraceSink {
-        TraceSink {
-            sections,
-            current: None,
+impl JobSink for Capped {
+    /// Both streams and the runner's lines, in one log.
+    fn output(&mut self, _step: u32, _stream: Stream, bytes: &[u8]) {
+        if self.truncated || bytes.is_empty() {
+            return;
         }
-    }
-
-    /// The job is over: release what the masker holds back and close the
-    /// section of a step that never ended (the VM stopped in it).
-    pub fn finish(&mut self) {
-        self.sections.trace.flush();
-        if let Some(open) = self.current.take() {
-            self.sections.end(&section_name(&open));
+        let room = self.limit.saturating_sub(self.data.len());
+        if bytes.len() <= room {
+            self.data.extend_from_slice(bytes);
+            return;
         }
-    }
-}
-
-impl JobSink for TraceSink {
-    fn step_start(&mut self, _step: u32, name: &str) {
-        // Without sections a step gets no header (the script echoes its
-        // commands).
-        if self.sections.enabled {
-            self.sections
-                .start(&section_name(name), &section_header(name));
-            self.current = Some(name.to_string());
-        }
-    }
-
-    fn output(&mut self, _step: u32, _stream: Stream, data: &[u8]) {
-        self.sections.trace.write(data);
-    }
-
-    fn step_end(&mut self, name: &str, end: &StepEnd) {
-        if end.timed_out {
-            self.sections.trace.line(&format!(
-                "\x1b[31;1mERROR: {name} timed out after {} ms\x1b[0;m",
-                end.duration_ms
-            ));
-        }
-        if self.current.as_deref() == Some(name) {
-            self.sections.end(&section_name(name));
-            self.current = None;
-        }
+        let cut = utf8_cut(bytes, room);
+        self.data.extend_from_slice(&bytes[..cut]);
+        self.truncated = true;
+        let msg = format!(
+            "\n\x1b[31;1mJob's log exceeded limit of {} bytes.\nJob execution will continue but no more output will be collected.\x1b[0;m\n",
+            self.limit
+        );
+        self.data.extend_from_slice(msg.as_bytes());
     }
 }
 
