@@ -11,7 +11,7 @@ use kiln_pipelines::JobSpec;
 
 use super::conversation::Conversation;
 use super::outcome::{human_bytes, protocol, sys, Early};
-use crate::sink::JobSink;
+use crate::joblog::JobSink;
 
 /// Ask the agent for the artifact files, spool the tar stream to `tar`
 /// (bounded), and extract it into `to`. What could not be collected is

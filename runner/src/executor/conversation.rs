@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::outcome::{protocol, sys, Early, FailureReason};
-use crate::sink::JobSink;
+use crate::joblog::JobSink;
 
 /// How long the agent may take to answer `Finish` with `Done`, at most.
 const DONE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -22,7 +22,7 @@ use kiln_pipelines::{JobSource, JobSpec};
 use kiln_vmm::{Disk, KvmSupport, Machine, MachineConfig};
 use tokio::sync::watch;
 
-use crate::sink::JobSink;
+use crate::joblog::JobSink;
 
 mod artifacts;
 mod config;

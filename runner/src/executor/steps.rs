@@ -11,7 +11,7 @@ use kiln_pipelines::{JobSpec, Shell, Step, StepWhen};
 
 use super::conversation::Conversation;
 use super::outcome::{human_bytes, sys, Early};
-use crate::sink::JobSink;
+use crate::joblog::JobSink;
 
 /// Run `job`'s steps one at a time over `io`, starting from the `Start`
 /// environment `start_env`; each step's end goes to `sink` and `ends`. Stops
