@@ -52,17 +52,11 @@ fn failed(reason: String, exit_code: Option<i32>, message: String) -> Final {
 /// What the job's trace masks: its masked variables, its token, and the
 /// tokens with GitLab's prefixes and the server's.
 fn secrets(job: &JobResponse) -> Secrets {
-    let masked = job
-        .variables
-        .iter()
-        .filter(|v| v.masked)
-        .map(|v| v.value.clone())
-        .chain([job.token.clone()]);
     let prefixes = DEFAULT_TOKEN_PREFIXES
         .iter()
         .map(|s| s.to_string())
         .chain(job.features.token_mask_prefixes.iter().cloned());
-    Secrets::new(masked).with_token_prefixes(prefixes)
+    Secrets::new(job.masked_values()).with_token_prefixes(prefixes)
 }
 
 /// Run one job the daemon received, and tell GitLab how it ended.

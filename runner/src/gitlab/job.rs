@@ -1,185 +1,15 @@
-//! The job payload of `POST /jobs/request` (201) and its translation into a
-//! provider-neutral [`JobSpec`].
+//! The translation of a job payload ([`super::payload`]) into a
+//! provider-neutral [`JobSpec`], with what the runner adds to it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use super::payload::*;
 use kiln_images::{ImageError, ImagePolicy, ImageSource, Refusal};
 use kiln_pipelines::{
     ArtifactSpec, ArtifactWhen, JobSource, JobSpec, Shell, Step, StepWhen, Variable,
 };
-use serde::{Deserialize, Deserializer};
-
-/// `null` and missing both mean "default".
-fn nd<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
-    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct JobResponse {
-    pub id: u64,
-    pub token: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub allow_git_fetch: bool,
-    #[serde(default, deserialize_with = "nd")]
-    pub job_info: JobInfo,
-    #[serde(default, deserialize_with = "nd")]
-    pub git_info: GitInfo,
-    #[serde(default, deserialize_with = "nd")]
-    pub runner_info: RunnerInfo,
-    #[serde(default, deserialize_with = "nd")]
-    pub variables: Vec<JobVariable>,
-    #[serde(default, deserialize_with = "nd")]
-    pub steps: Vec<JobStep>,
-    #[serde(default, deserialize_with = "nd")]
-    pub image: Option<Image>,
-    #[serde(default, deserialize_with = "nd")]
-    pub artifacts: Vec<Artifact>,
-    #[serde(default, deserialize_with = "nd")]
-    pub dependencies: Vec<Dependency>,
-    #[serde(default, deserialize_with = "nd")]
-    pub features: Features,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct JobInfo {
-    #[serde(default, deserialize_with = "nd")]
-    pub name: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub stage: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub project_id: u64,
-    #[serde(default, deserialize_with = "nd")]
-    pub project_name: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub project_full_path: String,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct GitInfo {
-    #[serde(default, deserialize_with = "nd")]
-    pub repo_url: String,
-    #[serde(rename = "ref", default, deserialize_with = "nd")]
-    pub git_ref: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub sha: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub before_sha: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub ref_type: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub refspecs: Vec<String>,
-    #[serde(default, deserialize_with = "nd")]
-    pub depth: u32,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct RunnerInfo {
-    #[serde(default, deserialize_with = "nd")]
-    pub timeout: i64,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct JobVariable {
-    pub key: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub value: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub public: bool,
-    #[serde(default, deserialize_with = "nd")]
-    pub masked: bool,
-    #[serde(default, deserialize_with = "nd")]
-    pub file: bool,
-    #[serde(default, deserialize_with = "nd")]
-    pub raw: bool,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct JobStep {
-    pub name: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub script: Vec<String>,
-    #[serde(default, deserialize_with = "nd")]
-    pub timeout: i64,
-    #[serde(default, deserialize_with = "nd")]
-    pub when: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub allow_failure: bool,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct Image {
-    #[serde(default, deserialize_with = "nd")]
-    pub name: String,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct Artifact {
-    #[serde(default, deserialize_with = "nd")]
-    pub name: Option<String>,
-    #[serde(default, deserialize_with = "nd")]
-    pub untracked: bool,
-    #[serde(default, deserialize_with = "nd")]
-    pub paths: Vec<String>,
-    #[serde(default, deserialize_with = "nd")]
-    pub exclude: Vec<String>,
-    #[serde(default, deserialize_with = "nd")]
-    pub when: Option<String>,
-    #[serde(default, deserialize_with = "nd")]
-    pub artifact_type: Option<String>,
-    #[serde(default, deserialize_with = "nd")]
-    pub artifact_format: Option<String>,
-    #[serde(default, deserialize_with = "nd")]
-    pub expire_in: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct Dependency {
-    pub id: u64,
-    #[serde(default, deserialize_with = "nd")]
-    pub name: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub token: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub artifacts_file: Option<ArtifactsFile>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct ArtifactsFile {
-    #[serde(default, deserialize_with = "nd")]
-    pub filename: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub size: u64,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct Features {
-    #[serde(default, deserialize_with = "nd")]
-    pub trace_sections: bool,
-    #[serde(default, deserialize_with = "nd")]
-    pub token_mask_prefixes: Vec<String>,
-    #[serde(default, deserialize_with = "nd")]
-    pub failure_reasons: Vec<String>,
-}
-
-/// Where the sources come from (`GIT_STRATEGY`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GitStrategy {
-    /// No sources (`none`, `empty`).
-    None,
-    /// Fetch into a fresh workspace (`fetch`, `clone`: the same thing in a
-    /// disposable workspace).
-    Clone,
-}
-
-/// `GIT_SUBMODULE_STRATEGY`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Submodules {
-    None,
-    Normal,
-    Recursive,
-}
 
 /// What the runner adds to a job.
 #[derive(Debug, Clone)]
@@ -206,8 +36,6 @@ pub struct Prepared {
     /// such image) is the executor's to report, as for an image that cannot
     /// be pulled.
     pub image: Result<ImageSource, Arc<ImageError>>,
-    /// Values to mask in the trace.
-    pub masked: Vec<String>,
     pub git: GitStrategy,
     pub git_depth: u32,
     pub submodules: Submodules,
@@ -216,8 +44,9 @@ pub struct Prepared {
 
 /// Jobs whose `builds_dir` is `/builds`, like the Docker executor.
 pub const BUILDS_DIR: &str = "/builds";
-/// Default `after_script` timeout (gitlab-runner's `RUNNER_AFTER_SCRIPT_TIMEOUT`).
-pub const AFTER_SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default `after_script` timeout (gitlab-runner's
+/// `RUNNER_AFTER_SCRIPT_TIMEOUT`), as for local runs of `.gitlab-ci.yml`.
+pub use kiln_pipelines::gitlab::AFTER_SCRIPT_TIMEOUT;
 /// Used when the server sends no timeout: kiln's one default job timeout.
 pub const DEFAULT_TIMEOUT: Duration = crate::executor::DEFAULT_JOB_TIMEOUT;
 
@@ -318,6 +147,16 @@ fn project_path(job: &JobResponse) -> String {
 }
 
 impl JobResponse {
+    /// What the job's trace masks besides token-shaped strings: the job's
+    /// token and its masked variables' values.
+    pub fn masked_values(&self) -> Vec<String> {
+        std::iter::once(&self.token)
+            .chain(self.variables.iter().filter(|v| v.masked).map(|v| &v.value))
+            .filter(|m| !m.is_empty())
+            .cloned()
+            .collect()
+    }
+
     pub fn variable(&self, key: &str) -> Option<&str> {
         self.variables
             .iter()
@@ -353,11 +192,7 @@ impl JobResponse {
         // own after the server's; later ones win).
         let mut vars: Vec<Variable> = Vec::new();
         let mut prelude = String::new();
-        let mut masked = vec![self.token.clone()];
         for v in &self.variables {
-            if v.masked {
-                masked.push(v.value.clone());
-            }
             let mut var = Variable::new(&v.key, &v.value);
             var.masked = v.masked;
             if v.file {
@@ -484,11 +319,9 @@ impl JobResponse {
         spec.artifacts = artifacts;
         spec.source = JobSource::LocalDir(ctx.workspace.clone());
         spec.stage = Some(self.job_info.stage.clone()).filter(|s| !s.is_empty());
-        masked.retain(|m| !m.is_empty());
         Ok(Prepared {
             spec,
             image: source,
-            masked,
             git,
             git_depth,
             submodules,
@@ -543,7 +376,7 @@ mod tests {
         assert_eq!(p.image().unwrap().label(), "registry.example/img:1");
         assert_eq!(s.timeout, Some(Duration::from_secs(600)));
         assert_eq!(s.working_dir.as_deref(), Some("/builds/group/p"));
-        assert_eq!(p.masked, vec!["job-token", "hunter22"]);
+        assert_eq!(job().masked_values(), vec!["job-token", "hunter22"]);
         assert_eq!(p.git_depth, 3);
         assert_eq!(s.steps.len(), 2);
         assert!(s.steps[0].script.contains("echo hi\n"));

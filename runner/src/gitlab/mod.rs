@@ -5,7 +5,8 @@
 //! - [`execute`]: one job, from the trace's first line to the final update.
 //! - [`register`]: the runner's identity: `system_id`, verify, register.
 //! - [`client`]: the runner API over HTTP; [`backoff`]: its retry delays.
-//! - [`job`]: the job payload and its translation into a `JobSpec`.
+//! - [`payload`]: the job payload as GitLab sends it; [`job`]: its
+//!   translation into a `JobSpec`.
 //! - [`source`]: git fetch on the host into the job's workspace.
 //! - [`trace`]: the job's trace (sections, behind the masking front of
 //!   `crate::joblog`, capped); [`updater`]: sending it incrementally.
@@ -17,6 +18,7 @@ pub mod client;
 pub mod daemon;
 pub mod execute;
 pub mod job;
+pub mod payload;
 pub mod register;
 pub mod source;
 pub mod trace;
