@@ -16,6 +16,9 @@ use std::time::Instant;
 
 use kiln_pipelines::{github, gitlab, LocalContext, Options, ProjectFiles};
 
+mod common;
+use common::{chain, many_jobs};
+
 const CHILD_ENV: &str = "KILN_HOSTILE_CHILD";
 const MIB: u64 = 1024;
 
@@ -144,18 +147,6 @@ fn ctx() -> LocalContext {
     let mut c = LocalContext::new("/nonexistent-kiln-project", "demo");
     c.branch = Some("main".into());
     c
-}
-
-/// The error and its sources, one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
 }
 
 fn no_files(_: &str) -> io::Result<String> {
@@ -726,20 +717,6 @@ fn script_line_and_size_limits() {
 }
 
 // ---------------------------------------------------------------- jobs and planning
-
-/// `n` jobs over three stages; every tenth job `needs` the two jobs of its
-/// stage before it instead of waiting for the earlier stages.
-fn many_jobs(n: usize) -> String {
-    let mut s = String::from("stages: [build, test, deploy]\n");
-    for i in 0..n {
-        let stage = ["build", "test", "deploy"][i % 3];
-        s.push_str(&format!("j{i}:\n  stage: {stage}\n  script: [make]\n"));
-        if i % 10 == 9 && i >= 6 {
-            s.push_str(&format!("  needs: [j{}, j{}]\n", i - 3, i - 6));
-        }
-    }
-    s
-}
 
 #[test]
 fn forty_five_thousand_jobs_parse_and_plan() {

@@ -1,4 +1,7 @@
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
+
+mod many_jobs;
+pub use many_jobs::many_jobs;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -78,4 +81,16 @@ pub fn commands(script: &str) -> Vec<String> {
         .filter(|l| !l.starts_with("printf '%s\\n'") && !l.starts_with("_kiln_rc=$?"))
         .map(String::from)
         .collect()
+}
+
+/// The error and its sources, one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
 }
