@@ -50,6 +50,16 @@ struct Setup {
     allow_local_images: bool,
 }
 
+impl Setup {
+    /// The default set-up, with two jobs at a time.
+    fn two_at_a_time() -> Setup {
+        Setup {
+            concurrent: 2,
+            ..Setup::default()
+        }
+    }
+}
+
 impl Default for Setup {
     fn default() -> Setup {
         Setup {
@@ -107,22 +117,33 @@ allow_local_images = {allow_local_images}
     c
 }
 
-/// The daemon in this process; stopped (cleanly) by the returned sender.
-fn start_daemon(
-    config: Config,
-) -> (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<()>,
-) {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let h = tokio::spawn(async move {
-        kiln::gitlab::daemon::run(config, async {
-            let _ = rx.await;
-        })
-        .await
-        .expect("the daemon runs");
-    });
-    (tx, h)
+/// The daemon, running in this process.
+struct Daemon {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Daemon {
+    /// Starts the daemon on `fake`'s jobs with `s`, running them under
+    /// `run_dir`.
+    fn start(fake: &FakeGitlab, run_dir: &Path, s: Setup) -> Daemon {
+        let config = config(fake, run_dir, s);
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            kiln::gitlab::daemon::run(config, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("the daemon runs");
+        });
+        Daemon { stop, task }
+    }
+
+    /// Stops the daemon cleanly and waits until it has.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap();
+    }
 }
 
 fn image() -> String {
@@ -212,14 +233,7 @@ async fn jobs_pass_fail_time_out_and_miss_images_two_at_a_time() {
     let slow = fake.push(slow);
     let noimg = fake.push(fake.job("/nonexistent/kiln/image", &["true"]));
 
-    let (stop, daemon) = start_daemon(config(
-        &fake,
-        run_dir.path(),
-        Setup {
-            concurrent: 2,
-            ..Setup::default()
-        },
-    ));
+    let daemon = Daemon::start(&fake, run_dir.path(), Setup::two_at_a_time());
 
     let j = fake.wait_done(pass, LIMIT).await;
     let t = j.trace_text();
@@ -298,24 +312,53 @@ async fn jobs_pass_fail_time_out_and_miss_images_two_at_a_time() {
         2,
         "concurrent = 2: two jobs at once, never more"
     );
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
     assert_no_leaks(run_dir.path());
 }
 
-async fn a_canceled_job_runs_after_script_and_is_reported_canceled() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
-    let run_dir = RunDir::new("gitlab-cancel");
+/// A job that prints `tick` every second until it is canceled, with an
+/// `after_script` that prints `cleanup-ran`; returned once it ticks.
+async fn a_ticking_job(fake: &FakeGitlab, run_dir: &Path) -> (u64, Daemon) {
     let mut job = fake.job(&image(), &["while true; do echo tick; sleep 1; done"]);
     job["steps"].as_array_mut().unwrap().push(json!(
         {"name": "after_script", "script": ["echo cleanup-ran"], "timeout": 300, "when": "always", "allow_failure": true}
     ));
     let id = fake.push(job);
-    let (stop, daemon) = start_daemon(config(&fake, run_dir.path(), Setup::default()));
+    let daemon = Daemon::start(fake, run_dir, Setup::default());
     fake.wait_for(id, LIMIT, "ticks in the trace", |j| {
         j.trace_text().contains("tick\n")
     })
     .await;
+    (id, daemon)
+}
+
+/// Nothing was sent for `j` after the 403 that told of its cancel: no
+/// request, no final update, and no protocol violation.
+fn assert_nothing_after_the_403(j: &FakeJob) {
+    assert!(
+        j.requests_after_forbidden().is_empty(),
+        "nothing is sent after the 403: {:?}",
+        j.requests_after_forbidden()
+    );
+    assert!(j.finals.is_empty(), "no final update: {:?}", j.finals);
+    assert!(j.violations.is_empty(), "{:?}", j.violations);
+}
+
+/// `LOOP` ran twice in `j` and its output arrived intact both times.
+fn assert_loop_output_twice(j: &FakeJob) {
+    let block = format!("\x1b[32;1m$ {LOOP}\x1b[0;m\n{}", lines(500));
+    assert_eq!(
+        j.trace_text().matches(&block).count(),
+        2,
+        "{}",
+        j.trace_text()
+    );
+}
+
+async fn a_canceled_job_runs_after_script_and_is_reported_canceled() {
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let run_dir = RunDir::new("gitlab-cancel");
+    let (id, daemon) = a_ticking_job(&fake, run_dir.path()).await;
     fake.set_status(id, "canceling");
     let j = fake.wait_done(id, Duration::from_secs(120)).await;
     assert_eq!(j.status, "canceled", "GitLab ends a canceling job canceled");
@@ -326,8 +369,7 @@ async fn a_canceled_job_runs_after_script_and_is_reported_canceled() {
         j.trace_text()
     );
     assert_consistent(&j);
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
     assert_no_leaks(run_dir.path());
 }
 
@@ -335,16 +377,9 @@ async fn a_canceled_job_runs_after_script_and_is_reported_canceled() {
 /// timeout is 300 s), caught while it boots: everything kiln wrote before
 /// the boot has reached the fake, QEMU runs, and a few update intervals
 /// (1 s) have passed without output.
-async fn a_job_stuck_in_boot(
-    fake: &FakeGitlab,
-    run_dir: &Path,
-) -> (
-    u64,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<()>,
-) {
+async fn a_job_stuck_in_boot(fake: &FakeGitlab, run_dir: &Path) -> (u64, Daemon) {
     let id = fake.push(fake.job(&image(), &["echo should-not-run"]));
-    let (stop, daemon) = start_daemon(config(
+    let daemon = Daemon::start(
         fake,
         run_dir,
         Setup {
@@ -352,7 +387,7 @@ async fn a_job_stuck_in_boot(
             agent: kiln_tests::fixtures::busybox_path().unwrap(),
             ..Setup::default()
         },
-    ));
+    );
     fake.wait_for(id, LIMIT, "the trace up to the boot", |j| {
         j.trace_text().contains(":get_sources\r")
     })
@@ -367,7 +402,7 @@ async fn a_job_stuck_in_boot(
         !harness::qemu_processes_under(run_dir).is_empty(),
         "the VM still boots"
     );
-    (id, stop, daemon)
+    (id, daemon)
 }
 
 /// A cancel that arrives while the VM boots is noticed at the next update
@@ -380,7 +415,7 @@ async fn a_cancel_during_boot_is_reported_within_seconds() {
     const NOTICED_WITHIN: Duration = Duration::from_secs(15);
     let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
     let run_dir = RunDir::new("gitlab-boot-cancel");
-    let (id, stop, daemon) = a_job_stuck_in_boot(&fake, run_dir.path()).await;
+    let (id, daemon) = a_job_stuck_in_boot(&fake, run_dir.path()).await;
     fake.set_status(id, "canceling");
     let j = fake.wait_done(id, Duration::from_secs(120)).await;
     let waited = j.status_set_at.unwrap().elapsed();
@@ -397,8 +432,7 @@ async fn a_cancel_during_boot_is_reported_within_seconds() {
     );
     assert!(!t.contains("should-not-run\n"));
     assert_consistent(&j);
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
     assert_no_leaks(run_dir.path());
 }
 
@@ -408,22 +442,15 @@ async fn a_cancel_during_boot_is_reported_within_seconds() {
 async fn a_hard_cancel_during_boot_sends_nothing_after_the_403() {
     let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
     let run_dir = RunDir::new("gitlab-boot-hard-cancel");
-    let (id, stop, daemon) = a_job_stuck_in_boot(&fake, run_dir.path()).await;
+    let (id, daemon) = a_job_stuck_in_boot(&fake, run_dir.path()).await;
     fake.set_status(id, "canceled");
     wait_idle(run_dir.path(), Duration::from_secs(120)).await;
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
     let j = fake.get(id);
     let refused: Vec<_> = j.requests.iter().filter(|r| r.status == 403).collect();
     assert_eq!(refused.len(), 1, "{:?}", j.requests);
     assert_eq!(refused[0].what, "PUT running", "a touch learnt of it");
-    assert!(
-        j.requests_after_forbidden().is_empty(),
-        "nothing is sent after the 403: {:?}",
-        j.requests_after_forbidden()
-    );
-    assert!(j.finals.is_empty(), "no final update: {:?}", j.finals);
-    assert!(j.violations.is_empty(), "{:?}", j.violations);
+    assert_nothing_after_the_403(&j);
     assert_no_leaks(run_dir.path());
 }
 
@@ -433,20 +460,10 @@ async fn a_hard_cancel_during_boot_sends_nothing_after_the_403() {
 async fn a_hard_cancel_kills_the_vm_and_nothing_is_sent_after_it() {
     let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
     let run_dir = RunDir::new("gitlab-hard-cancel");
-    let mut job = fake.job(&image(), &["while true; do echo tick; sleep 1; done"]);
-    job["steps"].as_array_mut().unwrap().push(json!(
-        {"name": "after_script", "script": ["echo cleanup-ran"], "timeout": 300, "when": "always", "allow_failure": true}
-    ));
-    let id = fake.push(job);
-    let (stop, daemon) = start_daemon(config(&fake, run_dir.path(), Setup::default()));
-    fake.wait_for(id, LIMIT, "ticks in the trace", |j| {
-        j.trace_text().contains("tick\n")
-    })
-    .await;
+    let (id, daemon) = a_ticking_job(&fake, run_dir.path()).await;
     fake.set_status(id, "canceled");
     wait_idle(run_dir.path(), Duration::from_secs(120)).await;
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
     let j = fake.get(id);
     let refused: Vec<_> = j.requests.iter().filter(|r| r.status == 403).collect();
     assert_eq!(
@@ -455,15 +472,9 @@ async fn a_hard_cancel_kills_the_vm_and_nothing_is_sent_after_it() {
         "one request learnt of the cancel: {:?}",
         j.requests
     );
-    assert!(
-        j.requests_after_forbidden().is_empty(),
-        "nothing is sent after the 403: {:?}",
-        j.requests_after_forbidden()
-    );
-    assert!(j.finals.is_empty(), "no final update: {:?}", j.finals);
+    assert_nothing_after_the_403(&j);
     assert_eq!(j.status, "canceled");
     assert!(!j.trace_text().contains("cleanup-ran"));
-    assert!(j.violations.is_empty(), "{:?}", j.violations);
     assert_no_leaks(run_dir.path());
 }
 
@@ -481,33 +492,19 @@ async fn server_faults_lose_no_job_and_report_none_twice() {
     let ids: Vec<u64> = (0..2)
         .map(|_| fake.push(fake.job(&image(), &[LOOP, "sleep 2", LOOP])))
         .collect();
-    let (stop, daemon) = start_daemon(config(
-        &fake,
-        run_dir.path(),
-        Setup {
-            concurrent: 2,
-            ..Setup::default()
-        },
-    ));
+    let daemon = Daemon::start(&fake, run_dir.path(), Setup::two_at_a_time());
     for id in ids {
         let j = fake.wait_done(id, LIMIT).await;
         assert_eq!(final_of(&j).0, "success", "{}", j.trace_text());
         assert_consistent(&j);
-        let block = format!("\x1b[32;1m$ {LOOP}\x1b[0;m\n{}", lines(500));
-        assert_eq!(
-            j.trace_text().matches(&block).count(),
-            2,
-            "{}",
-            j.trace_text()
-        );
+        assert_loop_output_twice(&j);
     }
     assert!(fake.requests() > 2, "the runner kept asking through errors");
     assert!(
         fake.drops() >= 1,
         "connections were dropped mid-acknowledgement"
     );
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
     assert_no_leaks(run_dir.path());
 }
 
@@ -521,18 +518,10 @@ async fn a_job_handed_out_twice_runs_once() {
     });
     let run_dir = RunDir::new("gitlab-dup");
     let id = fake.push(fake.job(&image(), &["echo once", "sleep 2"]));
-    let (stop, daemon) = start_daemon(config(
-        &fake,
-        run_dir.path(),
-        Setup {
-            concurrent: 2,
-            ..Setup::default()
-        },
-    ));
+    let daemon = Daemon::start(&fake, run_dir.path(), Setup::two_at_a_time());
     let j = fake.wait_done(id, LIMIT).await;
     wait_idle(run_dir.path(), Duration::from_secs(120)).await;
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
     let j2 = fake.get(id);
     assert_eq!(j.assigned, 2, "the fake handed the job out twice");
     assert_eq!(final_of(&j2).0, "success");
@@ -554,20 +543,13 @@ async fn a_trace_the_server_lost_is_resent_from_its_range() {
     });
     let run_dir = RunDir::new("gitlab-416");
     let id = fake.push(fake.job(&image(), &[LOOP, "sleep 3", LOOP]));
-    let (stop, daemon) = start_daemon(config(&fake, run_dir.path(), Setup::default()));
+    let daemon = Daemon::start(&fake, run_dir.path(), Setup::default());
     let j = fake.wait_done(id, LIMIT).await;
     assert_eq!(final_of(&j).0, "success", "{}", j.trace_text());
     assert_consistent(&j);
     assert!(j.range_errors >= 1, "the 416 path ran");
-    let block = format!("\x1b[32;1m$ {LOOP}\x1b[0;m\n{}", lines(500));
-    assert_eq!(
-        j.trace_text().matches(&block).count(),
-        2,
-        "{}",
-        j.trace_text()
-    );
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    assert_loop_output_twice(&j);
+    daemon.stop().await;
     assert_no_leaks(run_dir.path());
 }
 
@@ -594,14 +576,7 @@ async fn artifact_uploads_are_retried_after_5xx_and_a_413_is_not() {
         ..Faults::default()
     });
     let too_large = fake.push(artifact_job(&fake));
-    let (stop, daemon) = start_daemon(config(
-        &fake,
-        run_dir.path(),
-        Setup {
-            concurrent: 2,
-            ..Setup::default()
-        },
-    ));
+    let daemon = Daemon::start(&fake, run_dir.path(), Setup::two_at_a_time());
 
     let j = fake.wait_done(retried, LIMIT).await;
     assert_eq!(final_of(&j).0, "success", "{}", j.trace_text());
@@ -623,8 +598,7 @@ async fn artifact_uploads_are_retried_after_5xx_and_a_413_is_not() {
         "the trace says why:\n{t}"
     );
     assert_consistent(&j);
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
     assert_no_leaks(run_dir.path());
 }
 
@@ -645,14 +619,14 @@ async fn a_large_trace_is_capped_and_sent_in_1_mib_patches() {
             "echo; echo after-the-cap",
         ],
     ));
-    let (stop, daemon) = start_daemon(config(
+    let daemon = Daemon::start(
         &fake,
         run_dir.path(),
         Setup {
             output_limit: 2048,
             ..Setup::default()
         },
-    ));
+    );
     let j = fake.wait_done(id, LIMIT).await;
     let t = j.trace_text();
     assert_eq!(final_of(&j).0, "success", "the job goes on past the cap");
@@ -669,8 +643,7 @@ async fn a_large_trace_is_capped_and_sent_in_1_mib_patches() {
         "a full 1 MiB patch: {sizes:?}"
     );
     assert_consistent(&j);
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
     assert_no_leaks(run_dir.path());
 }
 
@@ -688,22 +661,15 @@ async fn the_server_trace_size_limit_stops_the_job() {
             "sleep 600",
         ],
     ));
-    let (stop, daemon) = start_daemon(config(&fake, run_dir.path(), Setup::default()));
+    let daemon = Daemon::start(&fake, run_dir.path(), Setup::default());
     fake.wait_for(id, LIMIT, "the job dropped", |j| j.status == "failed")
         .await;
     wait_idle(run_dir.path(), Duration::from_secs(120)).await;
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
     let j = fake.get(id);
     assert_eq!(j.failure_reason.as_deref(), Some("trace_size_exceeded"));
     assert!(j.trace.len() <= 256 << 10);
-    assert!(
-        j.requests_after_forbidden().is_empty(),
-        "{:?}",
-        j.requests_after_forbidden()
-    );
-    assert!(j.finals.is_empty(), "{:?}", j.finals);
-    assert!(j.violations.is_empty(), "{:?}", j.violations);
+    assert_nothing_after_the_403(&j);
     assert_no_leaks(run_dir.path());
 }
 
@@ -1220,14 +1186,14 @@ async fn a_host_path_image_is_refused_unless_the_runner_allows_local_images() {
     let run_dir = RunDir::new("gitlab-host-image");
     assert!(harness::busybox_image().join("oci-layout").is_file());
     let refused = fake.push(fake.job(&image(), &["echo should-not-run"]));
-    let (stop, daemon) = start_daemon(config(
+    let daemon = Daemon::start(
         &fake,
         run_dir.path(),
         Setup {
             allow_local_images: false,
             ..Setup::default()
         },
-    ));
+    );
     let j = fake.wait_done(refused, LIMIT).await;
     // The fake's jobs do not list image_pull_failure among their failure
     // reasons: the fallback, as gitlab-runner's.
@@ -1254,11 +1220,10 @@ async fn a_host_path_image_is_refused_unless_the_runner_allows_local_images() {
     if let Err(e) = j.check_consistent() {
         panic!("{e}\ntrace:\n{trace}");
     }
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
 
     let allowed = fake.push(fake.job(&image(), &["echo ran-on-a-host-image"]));
-    let (stop, daemon) = start_daemon(config(&fake, run_dir.path(), Setup::default()));
+    let daemon = Daemon::start(&fake, run_dir.path(), Setup::default());
     let j = fake.wait_done(allowed, LIMIT).await;
     assert_eq!(
         final_of(&j),
@@ -1269,8 +1234,7 @@ async fn a_host_path_image_is_refused_unless_the_runner_allows_local_images() {
     assert!(j.trace_text().contains("ran-on-a-host-image\n"));
     assert_consistent(&j);
     wait_idle(run_dir.path(), Duration::from_secs(120)).await;
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
     assert_no_leaks(run_dir.path());
 }
 
