@@ -17,7 +17,8 @@ use std::time::Instant;
 use kiln_pipelines::{github, gitlab, LocalContext, Options, ProjectFiles};
 
 mod common;
-use common::{chain, many_jobs};
+use common::many_jobs;
+use kiln_testkit::error_chain;
 
 const CHILD_ENV: &str = "KILN_HOSTILE_CHILD";
 const MIB: u64 = 1024;
@@ -166,19 +167,19 @@ fn load_with(
 ) -> Result<String, String> {
     kiln_pipelines::load(Path::new(name), text, &ctx(), &Options::default(), read)
         .map(|p| format!("{} jobs", p.jobs.len()))
-        .map_err(|e| chain(&e))
+        .map_err(|e| error_chain(&e))
 }
 
 fn gitlab_text(text: &str, read: &dyn Fn(&str) -> io::Result<String>) -> Result<String, String> {
     gitlab::parse(".gitlab-ci.yml", text, &ctx(), &Options::default(), read)
         .map(|p| format!("{} jobs", p.jobs.len()))
-        .map_err(|e| chain(&e))
+        .map_err(|e| error_chain(&e))
 }
 
 fn github_text(text: &str) -> Result<String, String> {
     github::parse("ci.yml", text, &ctx(), &Options::default())
         .map(|w| format!("{} jobs", w.jobs.len()))
-        .map_err(|e| chain(&e))
+        .map_err(|e| error_chain(&e))
 }
 
 /// A per-test directory, removed at the end.

@@ -146,6 +146,11 @@ impl Daemon {
     }
 }
 
+/// A fake GitLab for this runner's token, whose repository holds one file.
+fn fake_gitlab() -> FakeGitlab {
+    FakeGitlab::start(TOKEN, &[("README", "x\n")])
+}
+
 fn image() -> String {
     harness::busybox_image().display().to_string()
 }
@@ -344,6 +349,25 @@ fn assert_nothing_after_the_403(j: &FakeJob) {
     assert!(j.violations.is_empty(), "{:?}", j.violations);
 }
 
+/// Cancels job `id` hard (the job is `canceled` on GitLab: every job
+/// endpoint answers 403), waits until the daemon is done with it and stops
+/// the daemon. Returns the job as the fake saw it, checked to have had one
+/// request refused and nothing sent after it.
+async fn hard_cancel(fake: &FakeGitlab, run_dir: &Path, id: u64, daemon: Daemon) -> FakeJob {
+    fake.set_status(id, "canceled");
+    wait_idle(run_dir, Duration::from_secs(120)).await;
+    daemon.stop().await;
+    let j = fake.get(id);
+    let refused = j.requests.iter().filter(|r| r.status == 403).count();
+    assert_eq!(
+        refused, 1,
+        "one request learnt of the cancel: {:?}",
+        j.requests
+    );
+    assert_nothing_after_the_403(&j);
+    j
+}
+
 /// `LOOP` ran twice in `j` and its output arrived intact both times.
 fn assert_loop_output_twice(j: &FakeJob) {
     let block = format!("\x1b[32;1m$ {LOOP}\x1b[0;m\n{}", lines(500));
@@ -356,7 +380,7 @@ fn assert_loop_output_twice(j: &FakeJob) {
 }
 
 async fn a_canceled_job_runs_after_script_and_is_reported_canceled() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let run_dir = RunDir::new("gitlab-cancel");
     let (id, daemon) = a_ticking_job(&fake, run_dir.path()).await;
     fake.set_status(id, "canceling");
@@ -413,7 +437,7 @@ async fn a_cancel_during_boot_is_reported_within_seconds() {
     /// Half of the 30 s touch interval; kiln needs about one update
     /// interval (1 s) plus the VM's teardown.
     const NOTICED_WITHIN: Duration = Duration::from_secs(15);
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let run_dir = RunDir::new("gitlab-boot-cancel");
     let (id, daemon) = a_job_stuck_in_boot(&fake, run_dir.path()).await;
     fake.set_status(id, "canceling");
@@ -440,17 +464,12 @@ async fn a_cancel_during_boot_is_reported_within_seconds() {
 /// the VM is killed, nothing more is sent (kiln before this test sent one
 /// more trace patch).
 async fn a_hard_cancel_during_boot_sends_nothing_after_the_403() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let run_dir = RunDir::new("gitlab-boot-hard-cancel");
     let (id, daemon) = a_job_stuck_in_boot(&fake, run_dir.path()).await;
-    fake.set_status(id, "canceled");
-    wait_idle(run_dir.path(), Duration::from_secs(120)).await;
-    daemon.stop().await;
-    let j = fake.get(id);
-    let refused: Vec<_> = j.requests.iter().filter(|r| r.status == 403).collect();
-    assert_eq!(refused.len(), 1, "{:?}", j.requests);
-    assert_eq!(refused[0].what, "PUT running", "a touch learnt of it");
-    assert_nothing_after_the_403(&j);
+    let j = hard_cancel(&fake, run_dir.path(), id, daemon).await;
+    let refused = j.requests.iter().find(|r| r.status == 403).unwrap();
+    assert_eq!(refused.what, "PUT running", "a touch learnt of it");
     assert_no_leaks(run_dir.path());
 }
 
@@ -458,28 +477,17 @@ async fn a_hard_cancel_during_boot_sends_nothing_after_the_403() {
 /// answers 403 "Job is not running"): the VM is killed and nothing more is
 /// sent for the job, neither trace nor final update.
 async fn a_hard_cancel_kills_the_vm_and_nothing_is_sent_after_it() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let run_dir = RunDir::new("gitlab-hard-cancel");
     let (id, daemon) = a_ticking_job(&fake, run_dir.path()).await;
-    fake.set_status(id, "canceled");
-    wait_idle(run_dir.path(), Duration::from_secs(120)).await;
-    daemon.stop().await;
-    let j = fake.get(id);
-    let refused: Vec<_> = j.requests.iter().filter(|r| r.status == 403).collect();
-    assert_eq!(
-        refused.len(),
-        1,
-        "one request learnt of the cancel: {:?}",
-        j.requests
-    );
-    assert_nothing_after_the_403(&j);
+    let j = hard_cancel(&fake, run_dir.path(), id, daemon).await;
     assert_eq!(j.status, "canceled");
     assert!(!j.trace_text().contains("cleanup-ran"));
     assert_no_leaks(run_dir.path());
 }
 
 async fn server_faults_lose_no_job_and_report_none_twice() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     fake.set_faults(Faults {
         error_before: 0.2,
         error_after: 0.15,
@@ -511,7 +519,7 @@ async fn server_faults_lose_no_job_and_report_none_twice() {
 /// GitLab hands the same job out twice (a resent answer, a retried
 /// request): kiln runs it once and reports it once.
 async fn a_job_handed_out_twice_runs_once() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     fake.set_faults(Faults {
         duplicate_every: 1,
         ..Faults::default()
@@ -536,7 +544,7 @@ async fn a_job_handed_out_twice_runs_once() {
 /// The server loses the tail of a trace it acknowledged: the runner's next
 /// patch gets 416 and resends from the server's `Range`.
 async fn a_trace_the_server_lost_is_resent_from_its_range() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     fake.set_faults(Faults {
         trace_lose_tail: true,
         ..Faults::default()
@@ -564,7 +572,7 @@ fn artifact_job(fake: &FakeGitlab) -> serde_json::Value {
 /// (larger than the instance allows) is not retried and fails the job as
 /// the job's doing, not the runner's.
 async fn artifact_uploads_are_retried_after_5xx_and_a_413_is_not() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let run_dir = RunDir::new("gitlab-upload");
     fake.set_faults(Faults {
         upload_answers: vec![500, 502],
@@ -608,7 +616,7 @@ async fn artifact_uploads_are_retried_after_5xx_and_a_413_is_not() {
 /// patch is sent when the job ends.
 async fn a_large_trace_is_capped_and_sent_in_1_mib_patches() {
     const MIB: usize = 1 << 20;
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     fake.set_update_interval(60);
     let run_dir = RunDir::new("gitlab-cap");
     let id = fake.push(fake.job(
@@ -651,7 +659,7 @@ async fn a_large_trace_is_capped_and_sent_in_1_mib_patches() {
 /// patch, the job `failed` with `trace_size_exceeded`): kiln kills the VM
 /// and sends nothing more.
 async fn the_server_trace_size_limit_stops_the_job() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     fake.set_trace_limit(256 << 10);
     let run_dir = RunDir::new("gitlab-tracelimit");
     let id = fake.push(fake.job(
@@ -702,7 +710,7 @@ fn leftovers(run_dir: &Path) -> Vec<PathBuf> {
 }
 
 async fn kill_9_mid_job_then_restart_cleans_up_and_sigterm_fails_running_jobs() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let run_dir = RunDir::new("gitlab-kill");
     let home = tempfile::tempdir().unwrap();
     let cfg = config(
@@ -801,7 +809,7 @@ fn update(token: &str, state: &str, trace: &[u8]) -> UpdateJob {
 /// `append_build_trace_service.rb`, `authenticate_job!`), so a runner
 /// that sends what GitLab refuses is caught.
 async fn the_fake_refuses_what_gitlab_refuses() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let c = Client::new(&fake.url).unwrap();
     let sid = "s_000000000000";
 
@@ -917,7 +925,7 @@ async fn the_fake_refuses_what_gitlab_refuses() {
 /// Failure reasons GitLab does not know are stored as `unknown_failure`
 /// and recorded; the trace size limit drops the job with 403.
 async fn the_fake_checks_failure_reasons_and_the_trace_size_limit() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let c = Client::new(&fake.url).unwrap();
     let sid = "s_000000000000";
     fake.set_trace_limit(100);
@@ -953,7 +961,7 @@ async fn the_fake_checks_failure_reasons_and_the_trace_size_limit() {
 /// With `duplicate_every`, the fake hands the same job to two requests,
 /// and a runner that ran both copies is caught by `check_consistent`.
 async fn the_fake_can_hand_a_job_out_twice_and_catches_a_double_run() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     fake.set_faults(Faults {
         duplicate_every: 1,
         ..Faults::default()
@@ -1041,7 +1049,7 @@ cache_dir = {cache:?}
 /// A token GitLab refuses at start: `kiln daemon` says so and exits with
 /// an error instead of idling.
 async fn a_refused_runner_token_stops_the_daemon_loudly() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let home = tempfile::tempdir().unwrap();
     let cfg = no_vm_config(&fake, home.path(), "glrt-wrong");
     let mut c = Command::new(kiln_binary());
@@ -1081,7 +1089,7 @@ async fn a_refused_runner_token_stops_the_daemon_loudly() {
 /// token reset): job requests get 403, verify confirms it, the daemon
 /// returns the error.
 async fn a_token_revoked_while_serving_stops_the_daemon() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let home = tempfile::tempdir().unwrap();
     let cfg = Config::load(&no_vm_config(&fake, home.path(), TOKEN)).unwrap();
     let daemon = tokio::spawn(kiln::gitlab::daemon::run(cfg, std::future::pending()));
@@ -1110,7 +1118,7 @@ async fn a_token_revoked_while_serving_stops_the_daemon() {
 /// runner fails when GitLab refuses it.
 async fn register_writes_a_private_config_and_verify_checks_it() {
     use std::os::unix::fs::PermissionsExt;
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let home = tempfile::tempdir().unwrap();
     let cfg = home.path().join("kiln.toml");
     let kiln = |args: &[&str]| {
@@ -1182,7 +1190,7 @@ async fn register_writes_a_private_config_and_verify_checks_it() {
 /// is failed before any VM starts, saying why, unless the runner's
 /// kiln.toml has `allow_local_images = true`; then the same job runs.
 async fn a_host_path_image_is_refused_unless_the_runner_allows_local_images() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let run_dir = RunDir::new("gitlab-host-image");
     assert!(harness::busybox_image().join("oci-layout").is_file());
     let refused = fake.push(fake.job(&image(), &["echo should-not-run"]));

@@ -82,15 +82,3 @@ pub fn commands(script: &str) -> Vec<String> {
         .map(String::from)
         .collect()
 }
-
-/// The error and its sources, one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
-}
