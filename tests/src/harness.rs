@@ -10,7 +10,7 @@ use kiln::sink::{BufferSink, JobSink};
 use kiln::{Executor, ExecutorConfig, JobResult};
 use kiln_agent::proto::Stream;
 use kiln_images::{Cache, Kernel};
-use kiln_pipelines::{JobSpec, Step};
+use kiln_pipelines::{ArtifactSpec, ArtifactWhen, JobSpec, Step};
 use kiln_testkit::Need;
 use kiln_vmm::BackendKind;
 
@@ -316,6 +316,18 @@ pub fn busybox_job(name: &str, script: &str) -> JobSpec {
         busybox_image().to_string_lossy(),
         Step::script("script", script),
     )
+}
+
+/// Artifacts: what is under `path` in the workspace, collected `when`.
+pub fn artifacts_under(path: &str, when: ArtifactWhen) -> ArtifactSpec {
+    ArtifactSpec {
+        name: None,
+        paths: vec![path.into()],
+        exclude: Vec::new(),
+        untracked: false,
+        when,
+        expire_in: None,
+    }
 }
 
 /// Asserts that the job succeeded, showing its stderr where it did not.

@@ -549,14 +549,10 @@ async fn artifacts_over_the_limit_fail_the_job_and_say_what_was_sent() {
     let mut job = busybox_job(
         "mkdir -p dist && head -c 786432 /dev/zero > dist/a.bin && head -c 524288 /dev/zero > dist/b.bin && echo small > dist/c.txt",
     );
-    job.artifacts.push(kiln_pipelines::ArtifactSpec {
-        name: None,
-        paths: vec!["dist/".into()],
-        exclude: Vec::new(),
-        untracked: false,
-        when: kiln_pipelines::ArtifactWhen::Always,
-        expire_in: None,
-    });
+    job.artifacts.push(harness::artifacts_under(
+        "dist/",
+        kiln_pipelines::ArtifactWhen::Always,
+    ));
     let (r, sink) = run_vm("artifact-cap", &job, Some(1 << 20), Some(&to)).await;
     assert_eq!(r.failure, Some(FailureReason::ScriptFailure), "{r:?}");
     assert_eq!(r.exit_code, 1);
@@ -580,14 +576,10 @@ async fn artifacts_with_non_utf8_names_are_kept() {
     let mut job = busybox_job(
         "mkdir -p dist && printf odd > \"dist/$(printf 'a\\377b')\" && echo ok > dist/ok.txt",
     );
-    job.artifacts.push(kiln_pipelines::ArtifactSpec {
-        name: None,
-        paths: vec!["dist/".into()],
-        exclude: Vec::new(),
-        untracked: false,
-        when: kiln_pipelines::ArtifactWhen::OnSuccess,
-        expire_in: None,
-    });
+    job.artifacts.push(harness::artifacts_under(
+        "dist/",
+        kiln_pipelines::ArtifactWhen::OnSuccess,
+    ));
     let (r, sink) = run_vm("non-utf8", &job, None, Some(&to)).await;
     assert!(r.success(), "{r:?}: {}", text(&sink.stderr));
     let odd = to.join(std::ffi::OsStr::from_bytes(b"dist/a\xffb"));

@@ -17,7 +17,7 @@ use kiln::executor::FailureReason;
 use kiln::sink::BufferSink;
 use kiln::JobResult;
 use kiln_agent::proto::Stream;
-use kiln_pipelines::{ArtifactSpec, ArtifactWhen, JobSource, JobSpec, Step, StepWhen};
+use kiln_pipelines::{ArtifactWhen, JobSource, JobSpec, Step, StepWhen};
 use kiln_tests::harness::{self, assert_no_leaks, CancelAtFirstOutput};
 use kiln_tests::nested;
 use kiln_vmm::BackendKind;
@@ -239,14 +239,8 @@ async fn kvm_workspace_disk_is_read_write_and_artifacts_come_back() {
     );
     j.source = JobSource::LocalDir(src.clone());
     j.working_dir = Some("/builds/test".into());
-    j.artifacts.push(ArtifactSpec {
-        name: None,
-        paths: vec!["out/".into()],
-        exclude: vec![],
-        untracked: false,
-        when: ArtifactWhen::OnSuccess,
-        expire_in: None,
-    });
+    j.artifacts
+        .push(harness::artifacts_under("out/", ArtifactWhen::OnSuccess));
     let to = base.join("artifacts");
     let (_tx, rx) = tokio::sync::watch::channel(None);
     let mut sink = BufferSink::default();
