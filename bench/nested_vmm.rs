@@ -223,6 +223,19 @@ struct Sample {
     vmm_rss_kib: u64,
 }
 
+impl std::fmt::Display for Sample {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "start->marker {:7.2} s  guest uptime {:6.2} s  exits {:8}  VMM RSS besides guest {:6} KiB",
+            self.to_marker.as_secs_f64(),
+            self.uptime,
+            self.exits,
+            self.vmm_rss_kib
+        )
+    }
+}
+
 /// KVM's exit count for the VM of `pid` (debugfs; 0 if unavailable).
 fn kvm_exits(pid: u32) -> u64 {
     let Ok(rd) = std::fs::read_dir("/sys/kernel/debug/kvm") else {
@@ -385,13 +398,7 @@ fn measure(rounds: usize) {
                 }
             };
             let s = run_vmm(cmd);
-            println!(
-                "round {round} {name:12} start->marker {:7.2} s  guest uptime {:6.2} s  exits {:8}  VMM RSS besides guest {:6} KiB",
-                s.to_marker.as_secs_f64(),
-                s.uptime,
-                s.exits,
-                s.vmm_rss_kib
-            );
+            println!("round {round} {name:12} {s}");
             samples.push(s);
         }
     }
@@ -404,14 +411,7 @@ fn measure(rounds: usize) {
     let kiln = med(&results[0].1);
     for (name, samples) in &results {
         let m = med(samples);
-        println!(
-            "median {name:12} start->marker {:7.2} s  guest uptime {:6.2} s  exits {:8}  VMM RSS besides guest {:6} KiB  (of {})",
-            m.to_marker.as_secs_f64(),
-            m.uptime,
-            m.exits,
-            m.vmm_rss_kib,
-            samples.len()
-        );
+        println!("median {name:12} {m}  (of {})", samples.len());
         if *name != "kiln" {
             println!(
                 "ratio kiln/{name}: start->marker {:.2}x{}  guest uptime {:.2}x  exits {:.2}x  VMM RSS {:.2}x",

@@ -36,18 +36,7 @@ fn doctor_reports_kvm_and_qemu_as_json() {
 
 fn run_job_keeps_streams_apart_and_passes_the_exit_code() {
     let dir = harness::run_dir("cli-exit");
-    let o = kiln_cmd(&dir)
-        .args([
-            "--log-level",
-            "error",
-            "run-job",
-            "--cpus",
-            "1",
-            "--memory",
-            "512",
-            "--image",
-        ])
-        .arg(harness::busybox_image())
+    let o = harness::run_job_cmd(&dir)
         .args([
             "--",
             "sh",
