@@ -331,6 +331,8 @@ impl Executor {
             start_timeout: Duration::from_secs(10),
             // edge: read at the runner
             qemu: kiln_vmm::QemuOptions::new(std::env::var_os("KILN_QEMU")),
+            isolation: Default::default(),
+            test_forbidden_syscall: None,
         };
         let boot_started = Instant::now();
         let (machine, console) = match Machine::start(mconfig, self.config.backend, &self.kvm).await

@@ -372,6 +372,8 @@ mod tests {
             serial_log_limit: 1024,
             start_timeout: Duration::from_secs(1),
             qemu: QemuOptions::default(),
+            isolation: Default::default(),
+            test_forbidden_syscall: None,
         };
         let a = qemu_args(&cfg, "tcg", Path::new("/tmp/x/console.sock"));
         let joined = a.join(" ");

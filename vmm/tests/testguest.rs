@@ -88,6 +88,8 @@ fn fixture(kernel: PathBuf, extra: &str) -> Fixture {
         serial_log_limit: 64 * 1024,
         start_timeout: Duration::from_secs(10),
         qemu: qemu_options(),
+        isolation: Default::default(),
+        test_forbidden_syscall: None,
     };
     Fixture { dir, config }
 }
