@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use kiln_vmm::{
-    probe_kvm, BackendKind, Disk, ExitStatus, KvmSupport, Machine, MachineConfig, MachineError,
-    QemuOptions,
+    probe_kvm, BackendKind, ConsoleStream, Disk, ExitStatus, KvmSupport, Machine, MachineConfig,
+    MachineError, QemuOptions,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -360,6 +360,178 @@ async fn kvm_start_failures_clean_up() {
     assert!(!fx.config.run_dir.exists());
 }
 
+/// Start the guest and wait until it polls for a ping that never comes: the
+/// VMM process is then running the guest, filters installed.
+async fn start_and_wait_for_ping(fx: &Fixture, kvm: &KvmSupport) -> (Machine, ConsoleStream) {
+    let (machine, console) = Machine::start(fx.config.clone(), BackendKind::Kvm, kvm)
+        .await
+        .expect("start");
+    let (rd, wr) = console.into_split();
+    let mut lines = BufReader::new(rd).lines();
+    let waited = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            if l == "WAIT ping" {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        waited,
+        Ok(true),
+        "serial: {}",
+        String::from_utf8_lossy(&machine.serial_log())
+    );
+    let console = lines.into_inner().into_inner().reunite(wr).unwrap();
+    (machine, console)
+}
+
+fn proc_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+/// While the guest runs, its VMM process is read from /proc: another uid,
+/// no capabilities, no_new_privs, seccomp filter mode, its own namespaces,
+/// an empty root, an empty environment, only the descriptors it needs, and
+/// a cgroup with the memory limit; the cgroup is gone after destroy.
+async fn kvm_vmm_process_is_jailed() {
+    let kvm = probe_kvm();
+    let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
+    let fx = fixture(guest, "");
+    let (machine, _console) = start_and_wait_for_ping(&fx, &kvm).await;
+    let pid = machine.pid().expect("a VMM process");
+    assert_ne!(pid, std::process::id());
+    let report = machine.jail().expect("kvm backend").clone();
+    eprintln!("jail: {}", report.summary());
+
+    let uids: Vec<u32> = proc_field(pid, "Uid:")
+        .split_whitespace()
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert_eq!(uids.len(), 4);
+    assert!(
+        uids.iter()
+            .all(|&u| u >= kiln_vmm::jail::UID_BASE && u == uids[0]),
+        "{uids:?}"
+    );
+    let gids = proc_field(pid, "Gid:");
+    assert!(!gids.split_whitespace().any(|g| g == "0"), "{gids}");
+    assert_eq!(proc_field(pid, "Groups:"), "");
+    for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(proc_field(pid, caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(proc_field(pid, "NoNewPrivs:"), "1");
+    assert_eq!(proc_field(pid, "Seccomp:"), "2", "filter mode");
+    // Every thread has its own filter (the vCPUs' and event loop's were
+    // installed by themselves, the main thread's last).
+    let threads: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(threads.len() >= 4, "main, event loop, 2 vCPUs: {threads:?}");
+    for t in &threads {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status")).unwrap();
+        assert!(st.contains("\nSeccomp:\t2\n"), "thread {t}: {st}");
+    }
+
+    for ns in ["mnt", "net", "ipc", "uts"] {
+        let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let its = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(mine, its, "{ns} namespace");
+    }
+    // Its root is the empty per-VM jail directory.
+    let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .collect();
+    assert!(root.is_empty(), "{root:?}");
+    assert!(std::fs::read_dir("/").unwrap().count() > 0);
+    // No environment (kiln's tokens live there).
+    assert!(std::env::var_os("PATH").is_some());
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(environ.is_empty(), "{}", String::from_utf8_lossy(&environ));
+    // Descriptors: what was handed over, and what the VM made itself.
+    let stderr = std::fs::read_link(format!("/proc/{pid}/fd/2")).unwrap();
+    let mut files = vec![
+        std::path::PathBuf::from("/dev/null"),
+        "/dev/kvm".into(),
+        stderr,
+        fx.config.kernel.clone(),
+        fx.config.initramfs.clone(),
+    ];
+    files.extend(fx.config.disks.iter().map(|d| d.path.clone()));
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let target = std::fs::read_link(e.unwrap().path()).unwrap();
+        let t = target.to_string_lossy();
+        assert!(
+            files.contains(&target) || t.starts_with("anon_inode:") || t.starts_with("socket:"),
+            "unexpected descriptor to {t}"
+        );
+    }
+    // The cgroup and its memory limit (guest memory plus overhead).
+    let (cg_dir, limit_file) = machine.cgroup().expect("a cgroup");
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let leaf = cg_dir.file_name().unwrap().to_string_lossy().to_string();
+    assert!(
+        cgroups
+            .lines()
+            .any(|l| l.ends_with(&format!("kiln-vmm/{leaf}"))),
+        "{cgroups}"
+    );
+    let limit: u64 = std::fs::read_to_string(&limit_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        limit,
+        kiln_vmm::jail::cgroup::Limits::default().memory_bytes(fx.config.memory_mib)
+    );
+    assert!(report.pivot_root && report.capabilities_dropped && report.no_new_privs);
+    assert!(report.seccomp && report.missing.is_empty(), "{report:?}");
+
+    machine.destroy().await.unwrap();
+    assert!(!cg_dir.exists(), "destroy removes the cgroup");
+    assert!(!fx.config.run_dir.exists());
+}
+
+/// A forbidden syscall made by any thread of the VMM process (a test hook)
+/// kills that VM only: the job's status names the syscall, and another VM
+/// started alongside passes every check.
+async fn kvm_forbidden_syscall_kills_only_that_vm() {
+    let kvm = probe_kvm();
+    let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
+    for kind in ["vcpu", "event-loop", "main"] {
+        let good = fixture(guest.clone(), "");
+        let mut bad = fixture(guest.clone(), "");
+        bad.config.test_forbidden_syscall = Some(kind.into());
+        let (mut doomed, _console) = Machine::start(bad.config.clone(), BackendKind::Kvm, &kvm)
+            .await
+            .expect("start");
+        let (lines, status, _, _) = boot(&good, BackendKind::Kvm, &kvm).await;
+        assert_all_ok(&lines, ALL_CHECKS);
+        assert_eq!(status, ExitStatus::Shutdown);
+        let status = tokio::time::timeout(Duration::from_secs(30), doomed.wait())
+            .await
+            .expect("the VMM process ends");
+        match &status {
+            ExitStatus::Failed(why) => assert!(
+                why.contains("seccomp") && why.contains("ptrace (101)"),
+                "{kind}: {why}"
+            ),
+            other => panic!("{kind}: {other:?}"),
+        }
+        doomed.destroy().await.unwrap();
+        assert!(!bad.config.run_dir.exists());
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let kvm = kiln_testkit::Need::custom("kvm", || {
         let kvm = probe_kvm();
@@ -379,6 +551,8 @@ fn main() -> std::process::ExitCode {
             )),
         }
     });
+    // The whole jail (namespaces, another uid, cgroups) needs root.
+    let jailed = [kvm.clone(), kiln_testkit::root()];
     let kvms = [kvm];
     kiln_testkit::Suite::new()
         .tokio(
@@ -400,6 +574,16 @@ fn main() -> std::process::ExitCode {
             "kvm_start_failures_clean_up",
             &kvms,
             kvm_start_failures_clean_up,
+        )
+        .tokio(
+            "kvm_vmm_process_is_jailed",
+            &jailed,
+            kvm_vmm_process_is_jailed,
+        )
+        .tokio(
+            "kvm_forbidden_syscall_kills_only_that_vm",
+            &kvms,
+            kvm_forbidden_syscall_kills_only_that_vm,
         )
         .run()
 }

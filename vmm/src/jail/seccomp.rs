@@ -67,6 +67,9 @@ const COMMON: &[i64] = &[
     libc::SYS_tgkill,
     libc::SYS_restart_syscall,
     libc::SYS_rseq,
+    // The thread that sees the VM end (a vCPU on the guest's reset) shuts
+    // the console socket down.
+    libc::SYS_shutdown,
 ];
 
 /// vCPU threads: `KVM_RUN` (and nothing else through ioctl), eventfd
@@ -84,7 +87,6 @@ const SOCKETS: &[i64] = &[
     libc::SYS_recvmsg,
     libc::SYS_sendmsg,
     libc::SYS_readv,
-    libc::SYS_shutdown,
 ];
 
 /// The device event loop, besides [`SOCKETS`]: disk I/O, the rng.
@@ -119,6 +121,19 @@ fn compile(lists: &[&[i64]], kind: Kind) -> Result<BpfProgram, SeccompError> {
     for &nr in COMMON.iter().chain(lists.iter().copied().flatten()) {
         rules.insert(nr, Vec::new());
     }
+    // Rust's standard library checks a descriptor is open before it closes
+    // it (`fcntl(fd, F_GETFD)`); nothing else of fcntl is needed.
+    let getfd = SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::F_GETFD as u64,
+    )
+    .map_err(b)?;
+    rules.insert(
+        libc::SYS_fcntl,
+        vec![SeccompRule::new(vec![getfd]).map_err(b)?],
+    );
     if kind == Kind::Vcpu {
         let run = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, KVM_RUN)
             .map_err(b)?;
@@ -263,6 +278,7 @@ pub fn syscall_name(nr: i64) -> String {
         (libc::SYS_fcntl, "fcntl"),
         (libc::SYS_sched_getaffinity, "sched_getaffinity"),
         (libc::SYS_poll, "poll"),
+        (libc::SYS_shutdown, "shutdown"),
         (libc::SYS_ppoll, "ppoll"),
     ];
     match known.iter().find(|(n, _)| *n == nr) {

@@ -10,6 +10,7 @@ use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,9 @@ use crate::error::MachineError;
 use crate::jail::{self, seccomp};
 use crate::kvm::{KvmMachine, Sources, ThreadKind};
 use crate::machine::ExitStatus;
+
+/// Set once kiln has been told the VM started (read by the test hook).
+static STARTED: AtomicBool = AtomicBool::new(false);
 
 fn chain(e: &dyn std::error::Error) -> Vec<String> {
     std::iter::successors(Some(e), |e| e.source())
@@ -138,6 +142,14 @@ pub fn main() -> ExitCode {
             .map_err(|e| format!("could not install the seccomp filter: {e}"))?;
         }
         if forbidden.as_deref() == Some(kind_name(kind)) {
+            // After kiln has heard the VM started, so that the violation
+            // ends a running VM (the case the hook is for).
+            for _ in 0..5000 {
+                if STARTED.load(Ordering::Acquire) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
             seccomp::make_forbidden_syscall();
         }
         Ok(())
@@ -156,6 +168,7 @@ pub fn main() -> ExitCode {
         eprintln!("kiln-vmm: cannot report to kiln: {e}");
         return ExitCode::from(1);
     }
+    STARTED.store(true, Ordering::Release);
 
     // The runtime is built before the main thread's filter: it needs
     // syscalls (epoll_create, eventfd) the running VMM never makes again.

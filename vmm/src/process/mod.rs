@@ -303,6 +303,15 @@ impl VmmProcess {
                 let _ = child.wait().await;
                 return Err(remote_error(e));
             }
+            Ok(Ok(FromVmm::Violation(nr))) => {
+                fail(&mut child);
+                let _ = child.wait().await;
+                return Err(MachineError::EarlyExit(format!(
+                    "the VMM process was killed by its seccomp filter while starting the VM: \
+                     it made the forbidden system call {}",
+                    crate::jail::seccomp::syscall_name(nr)
+                )));
+            }
             Ok(Ok(other)) => {
                 fail(&mut child);
                 let _ = child.wait().await;
