@@ -293,21 +293,9 @@ async fn kvm_destroy_and_drop_stop_a_running_guest() {
     let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
     for use_drop in [false, true] {
         let fx = fixture(guest.clone(), "");
-        let (machine, console) = Machine::start(fx.config.clone(), BackendKind::Kvm, &kvm)
-            .await
-            .expect("start");
+        // The guest then polls for a ping that never comes.
+        let (machine, console) = start_and_wait_for_ping(&fx, &kvm).await;
         let mut lines = BufReader::new(console).lines();
-        // The guest now polls for a ping that never comes.
-        let waited = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Ok(Some(l)) = lines.next_line().await {
-                if l == "WAIT ping" {
-                    return true;
-                }
-            }
-            false
-        })
-        .await;
-        assert_eq!(waited, Ok(true));
         let t = std::time::Instant::now();
         if use_drop {
             tokio::task::spawn_blocking(move || drop(machine))
