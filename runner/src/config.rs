@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kiln_vmm::BackendKind;
+use kiln_vmm::{BackendKind, IsolationMode};
 use serde::{Deserialize, Serialize};
 
 /// Why a configuration could not be used.
@@ -99,6 +99,10 @@ pub struct RunnerConfig {
     /// `auto`, `kvm` or `qemu`.
     #[serde(default = "auto")]
     pub backend: String,
+    /// The jail around each VMM process (kvm backend): `strict` (refuse to
+    /// start a VM when part of it cannot be applied), `best-effort` or `off`.
+    #[serde(default = "best_effort")]
+    pub isolation: String,
 }
 
 fn one() -> usize {
@@ -127,6 +131,9 @@ fn output_limit() -> u64 {
 }
 fn auto() -> String {
     "auto".into()
+}
+fn best_effort() -> String {
+    "best-effort".into()
 }
 
 impl Config {
@@ -162,6 +169,7 @@ impl Config {
                 )));
             }
             r.backend_kind()?;
+            r.isolation_mode()?;
         }
         Ok(())
     }
@@ -227,6 +235,12 @@ impl RunnerConfig {
             .map_err(|e| ConfigError::Invalid(format!("runner '{}': backend: {e}", self.name)))
     }
 
+    pub fn isolation_mode(&self) -> Result<IsolationMode, ConfigError> {
+        self.isolation
+            .parse()
+            .map_err(|e| ConfigError::Invalid(format!("runner '{}': isolation: {e}", self.name)))
+    }
+
     /// The trace cap in bytes.
     pub fn output_limit_bytes(&self) -> usize {
         (self.output_limit.max(1) as usize).saturating_mul(1024)
@@ -262,6 +276,7 @@ image = "/images/debian"
         );
         assert_eq!(r.output_limit_bytes(), 4096 * 1024);
         assert_eq!(r.backend_kind().unwrap(), BackendKind::Auto);
+        assert_eq!(r.isolation_mode().unwrap(), IsolationMode::BestEffort);
     }
 
     #[test]
@@ -272,6 +287,20 @@ image = "/images/debian"
         let c: Config =
             toml::from_str("[[runners]]\nname='a'\nurl='ftp://x'\ntoken='t'\n").unwrap();
         assert!(c.validate().is_err());
+        let c: Config = toml::from_str(
+            "[[runners]]\nname='a'\nurl='https://x'\ntoken='t'\nisolation='strictly'\n",
+        )
+        .unwrap();
+        assert!(c.validate().is_err(), "unknown isolation");
+        let c: Config = toml::from_str(
+            "[[runners]]\nname='a'\nurl='https://x'\ntoken='t'\nisolation='strict'\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.runners[0].isolation_mode().unwrap(),
+            IsolationMode::Strict
+        );
     }
 
     #[test]

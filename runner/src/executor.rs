@@ -94,6 +94,8 @@ pub struct ExecutorConfig {
     pub agent: PathBuf,
     pub kernel: Kernel,
     pub backend: BackendKind,
+    /// The jail around the kvm backend's VMM process.
+    pub isolation: kiln_vmm::IsolationMode,
     pub vcpus: u32,
     pub memory_mib: u32,
     pub scratch_bytes: u64,
@@ -331,7 +333,10 @@ impl Executor {
             start_timeout: Duration::from_secs(10),
             // edge: read at the runner
             qemu: kiln_vmm::QemuOptions::new(std::env::var_os("KILN_QEMU")),
-            isolation: Default::default(),
+            isolation: kiln_vmm::Isolation {
+                mode: self.config.isolation,
+                ..Default::default()
+            },
             test_forbidden_syscall: None,
         };
         let boot_started = Instant::now();

@@ -102,6 +102,10 @@ struct VmArgs {
     /// Backend: auto, kvm or qemu.
     #[arg(long, default_value = "auto", env = "KILN_BACKEND")]
     backend: BackendKind,
+    /// The jail around each VMM process (kvm backend): strict, best-effort
+    /// or off.
+    #[arg(long, default_value = "best-effort", env = "KILN_ISOLATION")]
+    isolation: kiln_vmm::IsolationMode,
     /// Guest kernel (vmlinux or bzImage); default: the cached Debian cloud kernel.
     #[arg(long, env = "KILN_KERNEL")]
     kernel: Option<PathBuf>,
@@ -340,6 +344,7 @@ fn executor_config(vm: &VmArgs, cache_dir: PathBuf) -> Result<ExecutorConfig> {
         agent,
         kernel,
         backend: vm.backend,
+        isolation: vm.isolation,
         vcpus: vm.cpus,
         memory_mib: vm.memory,
         scratch_bytes: vm.disk << 30,

@@ -201,6 +201,7 @@ pub fn config(run_dir: &Path) -> ExecutorConfig {
         agent: agent(),
         kernel: kernel(),
         backend: backend(),
+        isolation: kiln_vmm::IsolationMode::BestEffort,
         vcpus: 1,
         memory_mib: 512,
         scratch_bytes: 4 << 30,

@@ -392,7 +392,9 @@ fn proc_field(pid: u32, field: &str) -> String {
 async fn kvm_vmm_process_is_jailed() {
     let kvm = probe_kvm();
     let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
-    let fx = fixture(guest, "");
+    let mut fx = fixture(guest.clone(), "");
+    // Strict: everything the jail has must be applied here (root).
+    fx.config.isolation.mode = kiln_vmm::IsolationMode::Strict;
     let (machine, _console) = start_and_wait_for_ping(&fx, &kvm).await;
     let pid = machine.pid().expect("a VMM process");
     assert_ne!(pid, std::process::id());
@@ -487,6 +489,27 @@ async fn kvm_vmm_process_is_jailed() {
     machine.destroy().await.unwrap();
     assert!(!cg_dir.exists(), "destroy removes the cgroup");
     assert!(!fx.config.run_dir.exists());
+
+    // A part that cannot be applied (a CPU limit the kernel refuses):
+    // strict refuses to start the VM, best-effort runs it and says what is
+    // missing.
+    let mut fx = fixture(guest, "");
+    fx.config.isolation.limits.cpu_percent = Some(0);
+    fx.config.isolation.mode = kiln_vmm::IsolationMode::Strict;
+    match Machine::start(fx.config.clone(), BackendKind::Kvm, &kvm).await {
+        Err(MachineError::Jail(why)) => assert!(why.contains("cgroup"), "{why}"),
+        Err(e) => panic!("{e:?}"),
+        Ok(_) => panic!("strict isolation started a VM without its cgroup"),
+    }
+    assert!(!fx.config.run_dir.exists());
+    fx.config.isolation.mode = kiln_vmm::IsolationMode::BestEffort;
+    let (machine, _console) = start_and_wait_for_ping(&fx, &kvm).await;
+    let report = machine.jail().unwrap();
+    assert!(
+        report.missing.iter().any(|m| m.contains("cgroup")) && report.seccomp,
+        "{report:?}"
+    );
+    machine.destroy().await.unwrap();
 }
 
 /// A forbidden syscall made by any thread of the VMM process (a test hook)

@@ -327,11 +327,21 @@ fn drop_privileges(spec: &JailSpec, report: &mut JailReport) {
         }
         // SAFETY: setgroups with a zero-length list reads no memory;
         // setresgid/setresuid take integers. The process is single-threaded.
-        let ok = unsafe {
-            libc::setgroups(0, std::ptr::null()) == 0
-                && libc::setresgid(spec.gid, spec.gid, spec.gid) == 0
-                && libc::setresuid(spec.uid, spec.uid, spec.uid) == 0
-        };
+        // uid/gid 0 would keep root, and u32::MAX (-1) means "unchanged" to
+        // setresuid: refuse both, and check what the kernel now says.
+        let valid = |id: u32| id != 0 && id != u32::MAX;
+        let ok = valid(spec.uid)
+            && valid(spec.gid)
+            // SAFETY: setgroups with a zero-length list reads no memory; the
+            // others take or return integers. The process is single-threaded.
+            && unsafe {
+                libc::setgroups(0, std::ptr::null()) == 0
+                    && libc::setresgid(spec.gid, spec.gid, spec.gid) == 0
+                    && libc::setresuid(spec.uid, spec.uid, spec.uid) == 0
+                    && libc::getuid() == spec.uid
+                    && libc::geteuid() == spec.uid
+                    && libc::getgid() == spec.gid
+            };
         if ok {
             report.uid = Some(spec.uid);
             report.gid = Some(spec.gid);
@@ -377,4 +387,78 @@ fn drop_privileges(spec: &JailSpec, report: &mut JailReport) {
     } else {
         report.missing.push("capabilities: some remain".to_string());
     }
+}
+
+/// One part of the jail and whether this host enforces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enforced {
+    pub part: &'static str,
+    /// `Ok(how)` or `Err(why not)`.
+    pub status: Result<String, String>,
+}
+
+/// What of the jail this host enforces, for `kiln doctor`: root (for the
+/// namespaces, `pivot_root` and the uid change), seccomp, the cgroup
+/// hierarchy (a probe group is created and removed) and the `kiln-vmm`
+/// executable. Nothing is changed on the host.
+pub fn probe(vmm_program: Option<&std::path::Path>) -> Vec<Enforced> {
+    // SAFETY: geteuid has no arguments.
+    let root = unsafe { libc::geteuid() } == 0;
+    let priv_part = |ok: &str| {
+        if root {
+            Ok(ok.to_string())
+        } else {
+            Err("kiln does not run as root".to_string())
+        }
+    };
+    let seccomp = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .is_some_and(|s| s.lines().any(|l| l.starts_with("Seccomp:")));
+    let cgroup = cgroup::detect().map_err(|e| e.to_string()).and_then(|h| {
+        let limits = cgroup::Limits::default();
+        cgroup::Cgroup::create(&h, &limits, 64, 1)
+            .map(|mut c| {
+                c.remove();
+                format!("{}: memory, pids and cpu limits", h.describe())
+            })
+            .map_err(|e| e.to_string())
+    });
+    vec![
+        Enforced {
+            part: "vmm process",
+            status: crate::process::locate_vmm(vmm_program)
+                .map(|p| format!("one per VM: {}", p.display()))
+                .map_err(|e| e.to_string()),
+        },
+        Enforced {
+            part: "namespaces",
+            status: priv_part("mount, IPC, UTS and an empty network namespace (not PID yet)"),
+        },
+        Enforced {
+            part: "pivot_root",
+            status: priv_part("into an empty, read-only per-VM directory"),
+        },
+        Enforced {
+            part: "uid",
+            status: priv_part(&format!(
+                "one unprivileged uid/gid per VM from {UID_BASE}, no capabilities"
+            )),
+        },
+        Enforced {
+            part: "no_new_privs",
+            status: Ok("always".into()),
+        },
+        Enforced {
+            part: "seccomp",
+            status: if seccomp {
+                Ok("an allow-list per thread (vCPU, event loop, main)".into())
+            } else {
+                Err("the kernel has no seccomp".into())
+            },
+        },
+        Enforced {
+            part: "cgroup",
+            status: cgroup,
+        },
+    ]
 }
