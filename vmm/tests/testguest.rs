@@ -543,7 +543,70 @@ async fn kvm_forbidden_syscall_kills_only_that_vm() {
     }
 }
 
+/// The helper for `kvm_vmm_processes_die_with_kiln`: start a VM, print its
+/// VMM process and cgroup, and wait to be killed.
+fn hold_vm(guest: PathBuf) -> std::process::ExitCode {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let fx = fixture(guest, "");
+        let (machine, _console) = start_and_wait_for_ping(&fx, &probe_kvm()).await;
+        let cgroup = machine.cgroup().map(|c| c.0).unwrap_or_default();
+        println!(
+            "VMM {} {} {}",
+            machine.pid().unwrap(),
+            fx.dir.path().display(),
+            cgroup.display()
+        );
+        std::future::pending::<()>().await;
+    });
+    std::process::ExitCode::SUCCESS
+}
+
+/// `kill -9` of kiln kills its VMM processes (PR_SET_PDEATHSIG, set again
+/// after the uid change), and the cgroup a dead kiln left is removed by the
+/// next one's sweep.
+async fn kvm_vmm_processes_die_with_kiln() {
+    let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
+    let mut helper = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .env("KILN_TEST_HOLD_VM", &guest)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(helper.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), out.next_line())
+        .await
+        .expect("the helper started a VM")
+        .unwrap()
+        .expect("a line");
+    let parts: Vec<&str> = line.split(' ').collect();
+    assert_eq!(parts[0], "VMM", "{line}");
+    let (pid, dir, cgroup) = (parts[1], PathBuf::from(parts[2]), PathBuf::from(parts[3]));
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    helper.start_kill().unwrap();
+    helper.wait().await.unwrap();
+    let gone = tokio::time::timeout(Duration::from_secs(10), async {
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(gone.is_ok(), "VMM process {pid} outlived kiln");
+    assert!(cgroup.exists(), "a killed kiln cannot remove its cgroup");
+    let h = kiln_vmm::jail::cgroup::detect().unwrap();
+    kiln_vmm::jail::cgroup::remove_stale(&h);
+    assert!(!cgroup.exists(), "the next kiln removes it");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 fn main() -> std::process::ExitCode {
+    if let Some(guest) = std::env::var_os("KILN_TEST_HOLD_VM") {
+        return hold_vm(guest.into());
+    }
     let kvm = kiln_testkit::Need::custom("kvm", || {
         let kvm = probe_kvm();
         if kvm.device_usable() {
@@ -590,6 +653,11 @@ fn main() -> std::process::ExitCode {
             "kvm_vmm_process_is_jailed",
             &jailed,
             kvm_vmm_process_is_jailed,
+        )
+        .tokio(
+            "kvm_vmm_processes_die_with_kiln",
+            &jailed,
+            kvm_vmm_processes_die_with_kiln,
         )
         .tokio(
             "kvm_forbidden_syscall_kills_only_that_vm",

@@ -262,8 +262,9 @@ impl Drop for Cgroup {
 }
 
 /// Remove the groups of kiln processes that are gone (named `<pid>-<n>`);
-/// a group still holding a process cannot be removed and is left.
-fn remove_stale(h: &Hierarchy) {
+/// a group still holding a process cannot be removed and is left. Runs by
+/// itself before the first group a process creates.
+pub fn remove_stale(h: &Hierarchy) {
     for base in h.bases() {
         let Ok(entries) = std::fs::read_dir(&base) else {
             continue;
