@@ -36,6 +36,17 @@ pub enum IsolationMode {
     Off,
 }
 
+impl IsolationMode {
+    /// The name `FromStr` takes (`strict`, `best-effort`, `off`).
+    pub fn name(self) -> &'static str {
+        match self {
+            IsolationMode::Strict => "strict",
+            IsolationMode::BestEffort => "best-effort",
+            IsolationMode::Off => "off",
+        }
+    }
+}
+
 impl std::str::FromStr for IsolationMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
