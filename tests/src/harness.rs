@@ -195,6 +195,8 @@ pub fn backend() -> BackendKind {
 }
 
 pub fn config(run_dir: &Path) -> ExecutorConfig {
+    // Builds kiln-vmm as well, for the kvm backend.
+    kiln_bin();
     ExecutorConfig::builder(cache_dir(), run_dir)
         .agent(agent())
         .kernel(kernel())
@@ -255,7 +257,8 @@ pub fn assert_no_leaks(run_dir: &Path) {
     assert!(left.is_empty(), "per-VM files left behind: {left:?}");
 }
 
-/// The `kiln` binary (debug build), built once per test run.
+/// The `kiln` binary (debug build), built once per test run with the
+/// `kiln-vmm` binary next to it.
 pub fn kiln_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -263,8 +266,11 @@ pub fn kiln_bin() -> PathBuf {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
             .expect("workspace root");
+        // kiln-vmm too: the kvm backend runs each VM in it (found next to
+        // kiln, or one directory above a test binary).
         let st = Command::new(cargo)
             .args(["build", "-q", "-p", "kiln", "--bin", "kiln"])
+            .args(["-p", "kiln-vmm", "--bin", "kiln-vmm"])
             .current_dir(root)
             .status()
             .expect("run cargo to build kiln");
