@@ -180,15 +180,14 @@ impl Machine {
         }
     }
 
-    /// kvm backend only: the VMM process's cgroup directory and its memory
-    /// limit file, when it has one.
+    /// The VM process's cgroup directory (QEMU's, or the kvm backend's VMM
+    /// process's) and its memory limit file, when it has one.
     pub fn cgroup(&self) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
-        match &self.inner {
-            Inner::Qemu(_) => None,
-            Inner::Kvm(m) => m
-                .cgroup()
-                .map(|c| (c.path().to_path_buf(), c.memory_limit_file())),
-        }
+        let c = match &self.inner {
+            Inner::Qemu(m) => m.cgroup(),
+            Inner::Kvm(m) => m.cgroup(),
+        }?;
+        Some((c.path().to_path_buf(), c.memory_limit_file()))
     }
 
     /// kvm backend only: the VM exits that reached the VMM, by reason, and

@@ -543,6 +543,45 @@ async fn kvm_forbidden_syscall_kills_only_that_vm() {
     }
 }
 
+/// QEMU gets none of kiln's environment and runs in a cgroup of its own;
+/// strict isolation refuses the qemu backend (QEMU is not in the jail yet).
+async fn qemu_process_has_a_cgroup_and_no_environment() {
+    let kvm = probe_kvm();
+    let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
+    let mut fx = fixture(guest, " no_bad_chain");
+    fx.config.isolation.mode = kiln_vmm::IsolationMode::Strict;
+    match Machine::start(fx.config.clone(), BackendKind::Qemu, &kvm).await {
+        Err(MachineError::Jail(why)) => assert!(why.contains("qemu"), "{why}"),
+        Err(e) => panic!("{e:?}"),
+        Ok(_) => panic!("strict isolation started QEMU outside the jail"),
+    }
+    fx.config.isolation.mode = kiln_vmm::IsolationMode::BestEffort;
+    let (machine, console) = Machine::start(fx.config.clone(), BackendKind::Qemu, &kvm)
+        .await
+        .expect("start");
+    let pid = machine.pid().unwrap();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let vars: Vec<_> = environ
+        .split(|&b| b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(v).to_string())
+        .collect();
+    assert!(vars.iter().all(|v| v.starts_with("PATH=")), "{vars:?}");
+    let (cg_dir, limit_file) = machine.cgroup().expect("a cgroup");
+    let leaf = cg_dir.file_name().unwrap().to_string_lossy().to_string();
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        cgroups
+            .lines()
+            .any(|l| l.ends_with(&format!("kiln-vmm/{leaf}"))),
+        "{cgroups}"
+    );
+    assert!(limit_file.is_file());
+    drop(console);
+    machine.destroy().await.unwrap();
+    assert!(!cg_dir.exists());
+}
+
 /// The helper for `kvm_vmm_processes_die_with_kiln`: start a VM, print its
 /// VMM process and cgroup, and wait to be killed.
 fn hold_vm(guest: PathBuf) -> std::process::ExitCode {
@@ -636,7 +675,7 @@ fn main() -> std::process::ExitCode {
         )
         .tokio(
             "testguest_passes_every_check_on_the_qemu_backend",
-            &[qemu],
+            std::slice::from_ref(&qemu),
             testguest_passes_every_check_on_the_qemu_backend,
         )
         .tokio(
@@ -653,6 +692,11 @@ fn main() -> std::process::ExitCode {
             "kvm_vmm_process_is_jailed",
             &jailed,
             kvm_vmm_process_is_jailed,
+        )
+        .tokio(
+            "qemu_process_has_a_cgroup_and_no_environment",
+            &[qemu.clone(), kiln_testkit::root()],
+            qemu_process_has_a_cgroup_and_no_environment,
         )
         .tokio(
             "kvm_vmm_processes_die_with_kiln",
