@@ -574,3 +574,49 @@ fn remote_error(e: WireError) -> MachineError {
         WireErrorKind::Other => MachineError::EarlyExit(text),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vmm_process_that_died_is_described_by_what_killed_it() {
+        let signal = |sig: i32| std::process::ExitStatus::from_raw(sig);
+        let exited = |code: i32| std::process::ExitStatus::from_raw(code << 8);
+        let why = describe_death(signal(libc::SIGSYS), None, Some(libc::SYS_ptrace));
+        assert!(
+            why.contains("seccomp") && why.contains("ptrace (101)"),
+            "{why}"
+        );
+        let why = describe_death(signal(libc::SIGSYS), None, None);
+        assert!(why.contains("SIGSYS"), "{why}");
+        let why = describe_death(signal(libc::SIGKILL), None, None);
+        assert!(why.contains("signal 9"), "{why}");
+        let why = describe_death(exited(101), None, None);
+        assert!(why.contains("status 101"), "{why}");
+    }
+
+    #[test]
+    fn remote_errors_keep_their_kind() {
+        let e = |kind| WireError {
+            kind,
+            chain: vec!["outer".into(), "cause".into()],
+        };
+        assert!(matches!(
+            remote_error(e(WireErrorKind::Config)),
+            MachineError::Config(_)
+        ));
+        assert!(matches!(
+            remote_error(e(WireErrorKind::Boot)),
+            MachineError::Boot(_)
+        ));
+        match remote_error(e(WireErrorKind::Jail)) {
+            MachineError::Jail(why) => assert_eq!(why, "outer: cause"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            remote_error(e(WireErrorKind::Other)),
+            MachineError::EarlyExit(_)
+        ));
+    }
+}
