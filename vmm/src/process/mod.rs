@@ -555,6 +555,10 @@ fn describe_death(
         }
         Some(sig) => format!("the VMM process was killed by signal {sig}"),
         None => match status.code() {
+            // The SIGSYS handler's exit, its report lost.
+            Some(crate::jail::seccomp::VIOLATION_EXIT) => "the VMM process was killed by its \
+                seccomp filter: it made a forbidden system call"
+                .to_string(),
             Some(code) => format!(
                 "the VMM process exited with status {code} without saying how the VM ended \
                  (its stderr is in kiln's log)"
@@ -592,6 +596,8 @@ mod tests {
         assert!(why.contains("SIGSYS"), "{why}");
         let why = describe_death(signal(libc::SIGKILL), None, None);
         assert!(why.contains("signal 9"), "{why}");
+        let why = describe_death(exited(159), None, None);
+        assert!(why.contains("seccomp"), "{why}");
         let why = describe_death(exited(101), None, None);
         assert!(why.contains("status 101"), "{why}");
     }
