@@ -177,6 +177,8 @@ fn kiln_child(args: &[String]) {
             serial_log_limit: 1 << 20,
             start_timeout: Duration::from_secs(10),
             qemu: kiln_vmm::QemuOptions::default(),
+            isolation: Default::default(),
+            test_forbidden_syscall: None,
         };
         let kvm = kiln_vmm::probe_kvm();
         let (mut m, _console) = kiln_vmm::Machine::start(cfg, kiln_vmm::BackendKind::Kvm, &kvm)

@@ -211,6 +211,11 @@ pub fn backend() -> BackendKind {
 }
 
 pub fn config(run_dir: &Path) -> ExecutorConfig {
+    // Builds kiln-vmm as well, for the kvm backend (under cargo only: in a
+    // nested L1 it was copied next to the test binary).
+    if std::env::var_os("CARGO").is_some() {
+        kiln_bin();
+    }
     ExecutorConfig::builder(cache_dir(), run_dir)
         .agent(agent())
         .kernel(kernel())
@@ -271,11 +276,19 @@ pub fn assert_no_leaks(run_dir: &Path) {
     assert!(left.is_empty(), "per-VM files left behind: {left:?}");
 }
 
-/// The `kiln` binary (debug build), built once per test run.
+/// The `kiln` binary (debug build), built once per test run with the
+/// `kiln-vmm` binary next to it.
 pub fn kiln_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let target = cargo_build(&["-p", "kiln", "--bin", "kiln"], "building kiln failed");
+        // kiln-vmm too: the kvm backend runs each VM in it (found next to
+        // kiln, or one directory above a test binary).
+        let target = cargo_build(
+            &[
+                "-p", "kiln", "--bin", "kiln", "-p", "kiln-vmm", "--bin", "kiln-vmm",
+            ],
+            "building kiln failed",
+        );
         target.join("debug/kiln")
     })
     .clone()

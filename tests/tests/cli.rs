@@ -24,7 +24,19 @@ fn doctor_reports_kvm_and_qemu_as_json() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    for n in ["kvm", "qemu", "backend", "kernel", "agent", "mkfs.ext4"] {
+    // ... and what of the VMM jail this host enforces.
+    for n in [
+        "kvm",
+        "qemu",
+        "backend",
+        "kernel",
+        "agent",
+        "mkfs.ext4",
+        "vmm process",
+        "namespaces",
+        "seccomp",
+        "cgroup",
+    ] {
         assert!(names.contains(&n), "doctor lacks {n}: {names:?}");
     }
     for c in v.as_array().unwrap() {
