@@ -224,6 +224,7 @@ fn bare_once(
         serial_log_limit: 0,
         start_timeout: Duration::from_secs(10),
         qemu: kiln_vmm::QemuOptions::new(Some(harness::qemu_binary())),
+        network: kiln_vmm::Network::None,
     };
     let args = kiln_vmm::qemu::qemu_args(&config, accel, &sock);
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
@@ -250,6 +251,7 @@ fn bare_once(
                         env: vec![],
                         workdir: "/".into(),
                         user: String::new(),
+                        network: None,
                     };
                     let step = StepSpec {
                         index: 0,

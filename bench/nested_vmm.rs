@@ -177,6 +177,7 @@ fn kiln_child(args: &[String]) {
             serial_log_limit: 1 << 20,
             start_timeout: Duration::from_secs(10),
             qemu: kiln_vmm::QemuOptions::default(),
+            network: kiln_vmm::Network::None,
         };
         let kvm = kiln_vmm::probe_kvm();
         let (mut m, _console) = kiln_vmm::Machine::start(cfg, kiln_vmm::BackendKind::Kvm, &kvm)

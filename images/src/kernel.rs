@@ -24,6 +24,7 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_blk",
     "virtio_console",
     "virtio_rng",
+    "virtio_net",
     "overlay",
     "erofs",
 ];

@@ -99,6 +99,27 @@ pub struct RunnerConfig {
     /// `auto`, `kvm` or `qemu`.
     #[serde(default = "auto")]
     pub backend: String,
+    /// Jobs' network: `auto` (`nat` where possible, else `user`), `nat`,
+    /// `user` or `none` (see docs/network.md).
+    #[serde(default = "auto")]
+    pub network: String,
+    /// CIDRs jobs may reach although private, link-local or the host's (`nat`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_allow: Vec<String>,
+    /// CIDRs jobs may never reach (`nat`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_deny: Vec<String>,
+    /// IPv4 range the VMs' addresses come from (`nat`).
+    #[serde(default = "network_pool")]
+    pub network_pool: String,
+    /// DNS servers kiln relays jobs' queries to (default: the host's
+    /// /etc/resolv.conf).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
+}
+
+fn network_pool() -> String {
+    crate::network::pool::DEFAULT_POOL.into()
 }
 
 fn one() -> usize {
@@ -162,6 +183,7 @@ impl Config {
                 )));
             }
             r.backend_kind()?;
+            r.network_config()?;
         }
         Ok(())
     }
@@ -221,6 +243,21 @@ impl Default for Config {
 }
 
 impl RunnerConfig {
+    /// The runner's network settings (the mode checked, the rest when the
+    /// executor starts).
+    pub fn network_config(&self) -> Result<crate::network::NetworkConfig, ConfigError> {
+        Ok(crate::network::NetworkConfig {
+            mode: self.network.parse().map_err(|e| {
+                ConfigError::Invalid(format!("runner '{}': network: {e}", self.name))
+            })?,
+            pool: self.network_pool.clone(),
+            allow: self.network_allow.clone(),
+            deny: self.network_deny.clone(),
+            dns: self.dns.clone(),
+            ..crate::network::NetworkConfig::default()
+        })
+    }
+
     pub fn backend_kind(&self) -> Result<BackendKind, ConfigError> {
         self.backend
             .parse()

@@ -107,6 +107,8 @@ pub struct ExecutorConfig {
     pub extra_cmdline: String,
     /// Always write the guest's serial log (kernel messages) here.
     pub serial_log: Option<PathBuf>,
+    /// The jobs' network (`crate::network`).
+    pub network: crate::network::NetworkConfig,
 }
 
 /// Runs jobs, each in a fresh VM.
@@ -115,6 +117,7 @@ pub struct Executor {
     cache: Cache,
     kvm: KvmSupport,
     initramfs: PathBuf,
+    networks: crate::network::Networks,
     /// Most artifact bytes (file contents) one job may send back.
     max_artifact_bytes: u64,
 }
@@ -151,10 +154,12 @@ impl Executor {
             tracing::info!("removed {stale} job directories left by a kiln that died");
         }
         let kvm = kiln_vmm::probe_kvm();
-        let (_, why) = config.backend.resolve(&kvm)?;
+        let (resolved, why) = config.backend.resolve(&kvm)?;
         if let Some(why) = why {
             tracing::info!("{why}");
         }
+        let networks =
+            crate::network::Networks::new(&config.network, resolved == BackendKind::Kvm)?;
         let initramfs = kiln_images::build_initramfs(&cache, &config.agent, &config.kernel)
             .context("building the guest initramfs")?;
         Ok(Executor {
@@ -162,6 +167,7 @@ impl Executor {
             cache,
             kvm,
             initramfs,
+            networks,
             max_artifact_bytes: proto::MAX_ARTIFACT_BYTES,
         })
     }
@@ -274,7 +280,16 @@ impl Executor {
             }
         }
         // The job's sources (`JobSource::LocalDir`) travel as a third disk.
-        let start = build_start(job, &rootfs);
+        let mut start = build_start(job, &rootfs);
+        // Dropped after the VM (declared after `dir`, before `machine`).
+        let network = match self.networks.attach(&dir.0).await {
+            Ok(n) => n,
+            Err(e) => {
+                result.failure = Some(FailureReason::RunnerSystemFailure(error_chain(&e)));
+                return result;
+            }
+        };
+        start.network = network.guest();
         let workspace = match &job.source {
             JobSource::LocalDir(src) => {
                 let img = dir.0.join("work.ext4");
@@ -331,6 +346,7 @@ impl Executor {
             start_timeout: Duration::from_secs(10),
             // edge: read at the runner
             qemu: kiln_vmm::QemuOptions::new(std::env::var_os("KILN_QEMU")),
+            network: network.machine(),
         };
         let boot_started = Instant::now();
         let (machine, console) = match Machine::start(mconfig, self.config.backend, &self.kvm).await
@@ -363,6 +379,7 @@ impl Executor {
             }
             result.failure = Some(reason);
         }
+        drop(network);
         drop(dir);
         result
     }
@@ -1145,6 +1162,7 @@ pub fn build_start(job: &JobSpec, rootfs: &Rootfs) -> Start {
         env,
         workdir,
         user: rootfs.config.user.clone(),
+        network: None,
     }
 }
 

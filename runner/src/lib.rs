@@ -5,6 +5,7 @@ pub mod config;
 pub mod executor;
 pub mod gitlab;
 pub mod local;
+pub mod network;
 pub mod paths;
 pub mod sink;
 

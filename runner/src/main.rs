@@ -132,6 +132,23 @@ struct VmArgs {
     /// Write the guest's serial console (kernel messages) to this file.
     #[arg(long)]
     serial_log: Option<PathBuf>,
+    /// Job network: auto (nat where possible, else user), nat, user or none.
+    #[arg(long, default_value = "auto", env = "KILN_NETWORK")]
+    network: kiln::network::NetworkMode,
+    /// CIDR the job may reach although private, link-local or the host's
+    /// (nat; repeatable).
+    #[arg(long = "network-allow")]
+    network_allow: Vec<String>,
+    /// CIDR the job may never reach (nat; repeatable).
+    #[arg(long = "network-deny")]
+    network_deny: Vec<String>,
+    /// IPv4 range the VMs' addresses come from (nat).
+    #[arg(long, default_value = kiln::network::pool::DEFAULT_POOL)]
+    network_pool: String,
+    /// DNS server kiln relays the job's queries to (repeatable; default:
+    /// the host's /etc/resolv.conf).
+    #[arg(long)]
+    dns: Vec<String>,
 }
 
 #[derive(Args)]
@@ -348,6 +365,14 @@ fn executor_config(vm: &VmArgs, cache_dir: PathBuf) -> Result<ExecutorConfig> {
         log_dir: state,
         extra_cmdline: vm.kernel_args.join(" "),
         serial_log: vm.serial_log.clone(),
+        network: kiln::network::NetworkConfig {
+            mode: vm.network,
+            pool: vm.network_pool.clone(),
+            allow: vm.network_allow.clone(),
+            deny: vm.network_deny.clone(),
+            dns: vm.dns.clone(),
+            ..Default::default()
+        },
     })
 }
 

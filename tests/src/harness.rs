@@ -209,6 +209,7 @@ pub fn config(run_dir: &Path) -> ExecutorConfig {
         log_dir: Some(test_root().join("logs")),
         extra_cmdline: String::new(),
         serial_log: None,
+        network: Default::default(),
     }
 }
 

@@ -79,6 +79,7 @@ fn config(dir: &Path, kernel: &Path, n: usize) -> MachineConfig {
         serial_log_limit: 64 * 1024,
         start_timeout: Duration::from_secs(10),
         qemu: qemu_options(),
+        network: kiln_vmm::Network::None,
     }
 }
 

@@ -88,6 +88,7 @@ fn fixture(kernel: PathBuf, extra: &str) -> Fixture {
         serial_log_limit: 64 * 1024,
         start_timeout: Duration::from_secs(10),
         qemu: qemu_options(),
+        network: kiln_vmm::Network::None,
     };
     Fixture { dir, config }
 }

@@ -197,6 +197,7 @@ fn executor_config(config: &Config, r: &RunnerConfig) -> Result<ExecutorConfig, 
         }),
         extra_cmdline: String::new(),
         serial_log: None,
+        network: r.network_config()?,
     })
 }
 
