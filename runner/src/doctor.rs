@@ -158,6 +158,7 @@ pub fn run(cache_dir: &Path, json: bool) -> Result<ExitCode> {
             fix: Some(kiln::agent::BUILD_HINT.into()),
         },
     });
+    checks.extend(network_checks());
     let run_dir = kiln::paths::default_run_dir();
     let writable = std::fs::create_dir_all(&run_dir).is_ok() && tempfile_in(&run_dir);
     checks.push(if writable {
@@ -192,6 +193,46 @@ pub fn run(cache_dir: &Path, json: bool) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Which `--network` modes this host can do, and why not.
+fn network_checks() -> Vec<Check> {
+    use kiln::network::NetworkMode;
+    kiln::network::doctor()
+        .into_iter()
+        .map(|(mode, why_not)| {
+            let (name, what, fix) = if mode == NetworkMode::Nat {
+                (
+                    "network-nat",
+                    format!(
+                        "--network nat: TAP devices, {}",
+                        kiln::network::firewall::iptables_version().unwrap_or_default()
+                    ),
+                    "run kiln as root with iptables and iproute2, or use --network user",
+                )
+            } else {
+                (
+                    "network-user",
+                    "--network user: passt".into(),
+                    "apt-get install passt",
+                )
+            };
+            match why_not {
+                None => Check {
+                    name,
+                    status: "ok",
+                    detail: what,
+                    fix: None,
+                },
+                Some(why) => Check {
+                    name,
+                    status: "warn",
+                    detail: why,
+                    fix: Some(fix.into()),
+                },
+            }
+        })
+        .collect()
 }
 
 /// What `/dev/kvm` can do here, and on what CPU.

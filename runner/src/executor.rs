@@ -158,8 +158,11 @@ impl Executor {
         if let Some(why) = why {
             tracing::info!("{why}");
         }
-        let networks =
-            crate::network::Networks::new(&config.network, resolved == BackendKind::Kvm)?;
+        let networks = crate::network::Networks::new(
+            &config.network,
+            resolved == BackendKind::Kvm,
+            &config.kernel,
+        )?;
         let initramfs = kiln_images::build_initramfs(&cache, &config.agent, &config.kernel)
             .context("building the guest initramfs")?;
         Ok(Executor {

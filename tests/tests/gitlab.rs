@@ -85,6 +85,7 @@ memory = 512
 disk = 2
 output_limit = {output_limit}
 cache_dir = {cache:?}
+network = "none"
 "#,
         concurrent = s.concurrent,
         shutdown_timeout = s.shutdown_timeout,
@@ -1053,6 +1054,7 @@ url = "{url}"
 token = "{token}"
 backend = "qemu"
 cache_dir = {cache:?}
+network = "none"
 "#,
         run = dir.join("run").display().to_string(),
         agent = dir.join("agent").display().to_string(),

@@ -248,6 +248,17 @@ fn cannot_reach_the_host_metadata_private_or_denied_networks() {
     assert_eq!(leftovers(&lab, &dir), Vec::<String>::new());
 }
 
+/// A kiln that is killed if the test ends early (it would outlive the
+/// test's namespaces otherwise).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Read `child`'s stdout until a line starts with `prefix`.
 fn wait_line(child: &mut Child, prefix: &str) -> String {
     let out = child.stdout.as_mut().unwrap();
@@ -270,16 +281,18 @@ fn cannot_reach_another_jobs_vm() {
     let dir_a = harness::run_dir("net-vm-a");
     let dir_b = harness::run_dir("net-vm-b");
     // Job A listens until one connection has come (the test's own, below).
-    let mut a = kiln(&lab, &dir_a)
-        .args(job_args(
-            "nat",
-            "echo \"ADDR $(ip -4 addr show eth0 | awk '/inet /{print $2}' | cut -d/ -f1)\"; \
+    let mut a = Killed(
+        kiln(&lab, &dir_a)
+            .args(job_args(
+                "nat",
+                "echo \"ADDR $(ip -4 addr show eth0 | awk '/inet /{print $2}' | cut -d/ -f1)\"; \
              echo hello-from-a | nc -l -p 8080; echo A-DONE",
-        ))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let addr = wait_line(&mut a, "ADDR ");
+            ))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let addr = wait_line(&mut a.0, "ADDR ");
     let addr = addr.trim_start_matches("ADDR ").to_string();
     assert!(addr.starts_with("10.213."), "{addr}");
     std::thread::sleep(Duration::from_millis(500));
@@ -293,7 +306,7 @@ fn cannot_reach_another_jobs_vm() {
     let _ = std::io::Read::read_to_string(&mut s, &mut got);
     assert_eq!(got.trim(), "hello-from-a");
     drop(s);
-    let status = a.wait().unwrap();
+    let status = a.0.wait().unwrap();
     assert!(status.success());
     assert_no_leaks(&dir_a);
     assert_no_leaks(&dir_b);
@@ -307,7 +320,7 @@ fn none_has_no_interface_but_loopback() {
         &lab,
         &dir,
         "none",
-        "ls /sys/class/net | tr '\\n' ' '; echo; (httpd -p 127.0.0.1:8081 -h /etc && wget -q -O - http://localhost:8081/hostname >/dev/null && echo LOCALHOST-OK)",
+        "ls /sys/class/net | tr '\\n' ' '; echo; (httpd -p 127.0.0.1:8081 -h /etc && wget -q -O - http://localhost:8081/hosts >/dev/null && echo LOCALHOST-OK)",
     );
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(out.lines().next().unwrap_or("").trim(), "lo", "{out}");
@@ -319,12 +332,14 @@ fn none_has_no_interface_but_loopback() {
 fn nothing_is_left_after_kill_9_and_a_restart() {
     let lab = Lab::new("k9").unwrap();
     let dir = harness::run_dir("net-k9");
-    let mut k = kiln(&lab, &dir)
-        .args(job_args("nat", "echo STARTED; sleep 600"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_line(&mut k, "STARTED");
+    let mut k = Killed(
+        kiln(&lab, &dir)
+            .args(job_args("nat", "echo STARTED; sleep 600"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_line(&mut k.0, "STARTED");
     let before = leftovers(&lab, &dir);
     assert!(
         before.iter().any(|l| l.starts_with("link: "))
@@ -332,8 +347,8 @@ fn nothing_is_left_after_kill_9_and_a_restart() {
         "a running job has its TAP and chains: {before:?}"
     );
     // SAFETY: kill(2) on our own child's pid (`ip netns exec` execs kiln).
-    unsafe { libc::kill(k.id() as i32, libc::SIGKILL) };
-    let _ = k.wait();
+    unsafe { libc::kill(k.0.id() as i32, libc::SIGKILL) };
+    let _ = k.0.wait();
     // QEMU dies with kiln (PDEATHSIG), its TAP with QEMU; the rules stay
     // until the next kiln.
     let t0 = Instant::now();

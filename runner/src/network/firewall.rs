@@ -223,6 +223,18 @@ fn add_vm_locked(slot: &Slot, policy: &Policy) -> Result<(), NetworkError> {
         // A spoofed source gets no answer (it would go to someone else).
         f(&["-A", c, "!", "-s", &guest, "-j", "DROP"])?;
     }
+    // Replies to what the host itself opened (the guest opens nothing
+    // to the host but DNS).
+    f(&[
+        "-A",
+        &inp,
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "ESTABLISHED,RELATED",
+        "-j",
+        "ACCEPT",
+    ])?;
     f(&[
         "-A", &inp, "-d", &host, "-p", "udp", "--dport", "53", "-j", "ACCEPT",
     ])?;

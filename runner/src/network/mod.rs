@@ -135,6 +135,28 @@ fn cidrs(list: &[String], what: &str) -> Result<Vec<Ipv4Net>, NetworkError> {
         .collect()
 }
 
+const NO_NET_MODULE: &str = "the guest kernel's modules lack virtio_net (a kernel cached before \
+     kiln had networking: remove it from the cache's kernels/ folder and run `kiln kernel fetch`)";
+
+/// Whether the guest kernel can drive a virtio-net device: its kept
+/// modules include `virtio_net`, or it keeps none (everything built in).
+pub fn kernel_has_net(kernel: &kiln_images::Kernel) -> bool {
+    kernel.modules.is_empty()
+        || kernel.modules.iter().any(|m| {
+            m.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.replace('-', "_").starts_with("virtio_net."))
+        })
+}
+
+/// One line of `kiln doctor` per mode: `(mode, why not)`.
+pub fn doctor() -> Vec<(NetworkMode, Option<String>)> {
+    [NetworkMode::Nat, NetworkMode::User]
+        .into_iter()
+        .map(|m| (m, unavailable(m)))
+        .collect()
+}
+
 /// Run `tool ARGS`; its stderr is the error's detail.
 fn run_tool(tool: &'static str, args: &[&str]) -> Result<(), NetworkError> {
     let out = std::process::Command::new(tool)
@@ -209,7 +231,11 @@ impl Networks {
     /// Check `config` and this host; resolve `auto` (to `none` on the kvm
     /// backend, which has no network device yet). Removes the firewall
     /// rules of VMs a killed kiln left behind.
-    pub fn new(config: &NetworkConfig, kvm_backend: bool) -> Result<Networks, NetworkError> {
+    pub fn new(
+        config: &NetworkConfig,
+        kvm_backend: bool,
+        kernel: &kiln_images::Kernel,
+    ) -> Result<Networks, NetworkError> {
         let pool = Pool::new(&config.pool)?;
         let policy = firewall::Policy {
             allow: cidrs(&config.allow, "network_allow")?,
@@ -231,7 +257,12 @@ impl Networks {
                 config.mtu
             )));
         }
+        let kernel_net = kernel_has_net(kernel);
         let mode = match config.mode {
+            NetworkMode::Auto if !kernel_net => {
+                tracing::warn!("no network for jobs: {}", NO_NET_MODULE);
+                NetworkMode::None
+            }
             NetworkMode::Auto if kvm_backend => {
                 tracing::info!("no network for jobs: the kvm backend has no network device yet");
                 NetworkMode::None
@@ -251,6 +282,12 @@ impl Networks {
             m => {
                 if let Some(why) = unavailable(m) {
                     return Err(NetworkError::Unavailable { mode: m, why });
+                }
+                if !kernel_net && m != NetworkMode::None {
+                    return Err(NetworkError::Unavailable {
+                        mode: m,
+                        why: NO_NET_MODULE.into(),
+                    });
                 }
                 if kvm_backend && m != NetworkMode::None {
                     return Err(NetworkError::Unavailable {
@@ -291,7 +328,12 @@ impl Networks {
                 _held: Held::Nothing,
             }),
             NetworkMode::User => {
-                let socket = vm_dir.join("passt.sock");
+                let dir = vm_dir.join("passt");
+                std::fs::create_dir(&dir).map_err(|source| NetworkError::Tun {
+                    what: "create passt's directory in the job's",
+                    source,
+                })?;
+                let socket = dir.join("passt.sock");
                 let mtu = self.mtu;
                 let p = tokio::task::spawn_blocking(move || passt::start(&socket, mtu))
                     .await
@@ -422,6 +464,22 @@ impl Drop for NatLease {
 mod tests {
     use super::*;
 
+    /// A kernel with the guest's modules, with or without `virtio_net`.
+    fn kernel(net: bool) -> kiln_images::Kernel {
+        let mut modules: Vec<std::path::PathBuf> =
+            vec!["/k/virtio_mmio.ko".into(), "/k/virtio-rng.ko".into()];
+        if net {
+            modules.push("/k/virtio_net.ko".into());
+        }
+        kiln_images::Kernel {
+            image: "/k/vmlinux".into(),
+            release: "6.1".into(),
+            pvh: true,
+            modules,
+            source: "test".into(),
+        }
+    }
+
     #[test]
     fn modes_parse_and_print() {
         for m in ["auto", "none", "nat", "user"] {
@@ -456,13 +514,13 @@ mod tests {
             },
         ];
         for c in bad {
-            assert!(Networks::new(&c, false).is_err(), "{c:?}");
+            assert!(Networks::new(&c, false, &kernel(true)).is_err(), "{c:?}");
         }
         let ok = NetworkConfig {
             allow: vec!["192.168.7.0/24".into(), "10.1.2.3".into()],
             ..base
         };
-        let n = Networks::new(&ok, false).unwrap();
+        let n = Networks::new(&ok, false, &kernel(true)).unwrap();
         assert_eq!(n.mode(), NetworkMode::None);
         assert_eq!(n.policy.allow[1].to_string(), "10.1.2.3/32");
     }
@@ -474,7 +532,11 @@ mod tests {
             ..NetworkConfig::default()
         };
         assert_eq!(
-            Networks::new(&auto, true).unwrap().mode(),
+            Networks::new(&auto, true, &kernel(true)).unwrap().mode(),
+            NetworkMode::None
+        );
+        assert_eq!(
+            Networks::new(&auto, false, &kernel(false)).unwrap().mode(),
             NetworkMode::None
         );
         let user = NetworkConfig {
@@ -482,8 +544,14 @@ mod tests {
             ..NetworkConfig::default()
         };
         if unavailable(NetworkMode::User).is_none() {
-            let e = Networks::new(&user, true).unwrap_err().to_string();
+            let e = Networks::new(&user, true, &kernel(true))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("kvm backend"), "{e}");
+            let e = Networks::new(&user, false, &kernel(false))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("virtio_net"), "{e}");
         }
     }
 }

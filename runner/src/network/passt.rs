@@ -21,6 +21,9 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 pub const DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
 pub const PREFIX: u8 = 24;
 
+/// Who passt runs as when kiln is root.
+const NOBODY: u32 = 65534;
+
 /// How long passt may take to create its socket.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -49,6 +52,19 @@ pub fn binary() -> PathBuf {
 pub fn start(socket: &Path, mtu: u32) -> Result<Passt, NetworkError> {
     let bin = binary();
     let mut cmd = Command::new(&bin);
+    // SAFETY: geteuid(2) cannot fail and has no side effects.
+    if unsafe { libc::geteuid() } == 0 {
+        // passt will not run as root: it becomes `nobody` before it binds
+        // its socket, so the socket's directory must be nobody's.
+        let dir = socket.parent().unwrap_or(Path::new("/"));
+        std::os::unix::fs::chown(dir, Some(NOBODY), Some(NOBODY)).map_err(|source| {
+            NetworkError::Tun {
+                what: "give passt's socket directory to nobody",
+                source,
+            }
+        })?;
+        cmd.args(["--runas", &format!("{NOBODY}:{NOBODY}")]);
+    }
     cmd.args(["--foreground", "--quiet", "-4", "--no-map-gw", "--no-dhcp"])
         .arg("--socket")
         .arg(socket)

@@ -114,7 +114,8 @@ pub fn setup(net: Option<&GuestNetwork>) -> Result<()> {
     let sock = Sock::open()?;
     sock.up("lo")?;
     let Some(net) = net else {
-        return Ok(());
+        // No network, but `localhost` resolves, as under docker.
+        return write_files(&[("/etc/hosts", hosts(None, "kiln"))]);
     };
     let c = check(net)?;
     wait_for_iface()?;
@@ -123,7 +124,7 @@ pub fn setup(net: Option<&GuestNetwork>) -> Result<()> {
     sock.ioctl_addr(IFACE, SIOCSIFNETMASK, c.netmask, "set the netmask of")?;
     sock.up(IFACE)?;
     sock.default_route(c.gateway)?;
-    write_files(&c)?;
+    write_files(&files(&c))?;
     super::sys::sethostname(&c.hostname);
     Ok(())
 }
@@ -299,21 +300,26 @@ pub fn files(c: &Checked) -> [(&'static str, String); 3] {
     for d in &c.dns {
         resolv.push_str(&format!("nameserver {d}\n"));
     }
-    let hosts = format!(
-        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{}\n",
-        c.address, c.hostname
-    );
     [
         ("/etc/resolv.conf", resolv),
-        ("/etc/hosts", hosts),
+        ("/etc/hosts", hosts(Some(c.address), &c.hostname)),
         ("/etc/hostname", format!("{}\n", c.hostname)),
     ]
+}
+
+/// `/etc/hosts`: localhost, and the host name on the guest's address (on
+/// loopback without one).
+fn hosts(address: Option<Ipv4Addr>, hostname: &str) -> String {
+    format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{hostname}\n",
+        address.map_or_else(|| "127.0.1.1".to_string(), |a| a.to_string())
+    )
 }
 
 /// Write [`files`] inside the job's root: whatever the image has there
 /// (a file, or a symbolic link that could point anywhere) is removed first,
 /// and the new file is created without following links.
-fn write_files(c: &Checked) -> Result<()> {
+fn write_files(files: &[(&str, String)]) -> Result<()> {
     let etc = format!("{NEWROOT}/etc");
     match std::fs::symlink_metadata(&etc) {
         Ok(m) if m.is_dir() => {}
@@ -323,7 +329,7 @@ fn write_files(c: &Checked) -> Result<()> {
             source: e,
         })?,
     }
-    for (path, text) in files(c) {
+    for (path, text) in files {
         let host = format!("{NEWROOT}{path}");
         let fail = |e: std::io::Error| Error::StepFile {
             what: format!("cannot write {path}"),
