@@ -162,6 +162,14 @@ pub(crate) fn short_n(s: &str, max_chars: usize) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Notes for a terminal: each shortened, control characters escaped.
+pub(crate) fn printable(notes: Vec<String>) -> Vec<String> {
+    notes
+        .into_iter()
+        .map(|n| short_n(&n, 300).into_owned())
+        .collect()
+}
+
 /// Renders a byte count for messages: `4 MiB`, `300 KiB`, `17 bytes`.
 pub(crate) fn bytes(n: usize) -> String {
     if n >= MIB && n & (MIB - 1) == 0 {

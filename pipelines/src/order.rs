@@ -8,11 +8,24 @@
 //! on its stage's barrier. One iterative depth-first search then yields the
 //! order and finds cycles in O(V + E + stages), with no recursion.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::error::{Error, Result};
 use crate::limits::chain;
 use crate::spec::{JobSpec, JobWhen};
+
+/// The jobs `name` selects: the job of that name, else the instances of the
+/// `parallel` or matrix job whose key or id it is (`groups`).
+pub(crate) fn select<'a>(
+    jobs: &[JobSpec],
+    groups: &'a BTreeMap<String, Vec<String>>,
+    name: &'a str,
+) -> Vec<&'a str> {
+    match groups.get(name) {
+        Some(g) if !jobs.iter().any(|j| j.name == name) => g.iter().map(String::as_str).collect(),
+        _ => vec![name],
+    }
+}
 
 /// `targets` with their dependencies, dependencies first (in job order
 /// among themselves). A job's dependencies are its `needs`, or (when

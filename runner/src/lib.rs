@@ -2,11 +2,12 @@
 
 pub mod agent;
 pub mod config;
+pub mod env;
 pub mod executor;
 pub mod gitlab;
+pub mod joblog;
 pub mod local;
 pub mod network;
 pub mod paths;
-pub mod sink;
 
 pub use executor::{Executor, ExecutorConfig, FailureReason, JobResult};
