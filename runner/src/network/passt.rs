@@ -41,10 +41,9 @@ impl Drop for Passt {
     }
 }
 
-/// The passt binary kiln runs: `KILN_PASST` (read at the edge and passed
-/// in), else `passt` in `PATH`.
+/// The passt binary kiln runs: `passt` in `PATH`.
 pub fn binary() -> PathBuf {
-    std::env::var_os("KILN_PASST").map_or_else(|| "passt".into(), PathBuf::from)
+    "passt".into()
 }
 
 /// Start passt for one VM with its socket at `socket` (in the VM's
