@@ -228,6 +228,7 @@ fn bare_once(
         qemu: kiln_vmm::QemuOptions::new(Some(harness::qemu_binary())),
         isolation: Default::default(),
         test_forbidden_syscall: None,
+        network: kiln_vmm::Network::None,
     };
     let args = kiln_vmm::qemu::qemu_args(&config, accel, &sock);
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
@@ -254,6 +255,7 @@ fn bare_once(
                         env: vec![],
                         workdir: "/".into(),
                         user: String::new(),
+                        network: None,
                     };
                     let step = StepSpec {
                         index: 0,

@@ -179,6 +179,7 @@ fn kiln_child(args: &[String]) {
             qemu: kiln_vmm::QemuOptions::default(),
             isolation: Default::default(),
             test_forbidden_syscall: None,
+            network: kiln_vmm::Network::None,
         };
         let kvm = kiln_vmm::probe_kvm();
         let (mut m, _console) = kiln_vmm::Machine::start(cfg, kiln_vmm::BackendKind::Kvm, &kvm)

@@ -9,7 +9,7 @@ SUDO=""
 
 PKGS=(qemu-system-x86 busybox-static e2fsprogs erofs-utils kmod cpio dpkg
       debootstrap skopeo umoci docker-registry acpica-tools git zstd xz-utils
-      ca-certificates tar)
+      ca-certificates tar passt iptables iproute2)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

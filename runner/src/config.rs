@@ -142,6 +142,31 @@ pub struct RunnerConfig {
     /// as `--isolation` takes it.
     #[serde(default, with = "isolation_name")]
     pub isolation: IsolationMode,
+    /// Jobs' network: `auto` (`nat` where possible, else `user`), `nat`,
+    /// `user` or `none` (see docs/network.md).
+    #[serde(default = "auto")]
+    pub network: String,
+    /// CIDRs jobs may reach although private, link-local or the host's (`nat`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_allow: Vec<String>,
+    /// CIDRs jobs may never reach (`nat`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_deny: Vec<String>,
+    /// IPv4 range the VMs' addresses come from (`nat`).
+    #[serde(default = "network_pool")]
+    pub network_pool: String,
+    /// DNS servers kiln relays jobs' queries to (default: the host's
+    /// /etc/resolv.conf).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
+}
+
+fn auto() -> String {
+    "auto".into()
+}
+
+fn network_pool() -> String {
+    crate::network::pool::DEFAULT_POOL.into()
 }
 
 // The VM settings default to the executor's (`executor::DEFAULT_*`).
@@ -239,6 +264,7 @@ impl Config {
                     r.name, r.url
                 )));
             }
+            r.network_config()?;
         }
         Ok(())
     }
@@ -298,6 +324,21 @@ impl Default for Config {
 }
 
 impl RunnerConfig {
+    /// The runner's network settings (the mode checked, the rest when the
+    /// executor starts).
+    pub fn network_config(&self) -> Result<crate::network::NetworkConfig, ConfigError> {
+        Ok(crate::network::NetworkConfig {
+            mode: self.network.parse().map_err(|e| {
+                ConfigError::Invalid(format!("runner '{}': network: {e}", self.name))
+            })?,
+            pool: self.network_pool.clone(),
+            allow: self.network_allow.clone(),
+            deny: self.network_deny.clone(),
+            dns: self.dns.clone(),
+            ..crate::network::NetworkConfig::default()
+        })
+    }
+
     /// What a job's `image:` may name on this runner.
     pub fn image_policy(&self) -> ImagePolicy {
         ImagePolicy::provider(self.allow_local_images, self.allowed_images.clone())

@@ -157,6 +157,7 @@ pub fn run(cache_dir: &Path, env: &Env, json: bool) -> Result<ExitCode> {
         },
     });
     checks.extend(isolation_checks(env));
+    checks.extend(network_checks());
     let run_dir = env.run_dir();
     let writable = std::fs::create_dir_all(&run_dir).is_ok() && tempfile_in(&run_dir);
     checks.push(if writable {
@@ -216,6 +217,46 @@ fn isolation_checks(env: &Env) -> Vec<Check> {
                         .into(),
                 ),
             },
+        })
+        .collect()
+}
+
+/// Which `--network` modes this host can do, and why not.
+fn network_checks() -> Vec<Check> {
+    use kiln::network::NetworkMode;
+    kiln::network::doctor()
+        .into_iter()
+        .map(|(mode, why_not)| {
+            let (name, what, fix) = if mode == NetworkMode::Nat {
+                (
+                    "network-nat",
+                    format!(
+                        "--network nat: TAP devices, {}",
+                        kiln::network::firewall::iptables_version().unwrap_or_default()
+                    ),
+                    "run kiln as root with iptables and iproute2, or use --network user",
+                )
+            } else {
+                (
+                    "network-user",
+                    "--network user: passt".into(),
+                    "apt-get install passt",
+                )
+            };
+            match why_not {
+                None => Check {
+                    name,
+                    status: "ok",
+                    detail: what,
+                    fix: None,
+                },
+                Some(why) => Check {
+                    name,
+                    status: "warn",
+                    detail: why,
+                    fix: Some(fix.into()),
+                },
+            }
         })
         .collect()
 }

@@ -7,6 +7,7 @@ pub mod executor;
 pub mod gitlab;
 pub mod joblog;
 pub mod local;
+pub mod network;
 pub mod paths;
 
 pub use executor::{Executor, ExecutorConfig, FailureReason, JobResult};

@@ -135,6 +135,23 @@ struct VmArgs {
     /// Write the guest's serial console (kernel messages) to this file.
     #[arg(long)]
     serial_log: Option<PathBuf>,
+    /// Job network: auto (nat where possible, else user), nat, user or none.
+    #[arg(long, default_value = "auto", env = "KILN_NETWORK")]
+    network: kiln::network::NetworkMode,
+    /// CIDR the job may reach although private, link-local or the host's
+    /// (nat; repeatable).
+    #[arg(long = "network-allow")]
+    network_allow: Vec<String>,
+    /// CIDR the job may never reach (nat; repeatable).
+    #[arg(long = "network-deny")]
+    network_deny: Vec<String>,
+    /// IPv4 range the VMs' addresses come from (nat).
+    #[arg(long, default_value = kiln::network::pool::DEFAULT_POOL)]
+    network_pool: String,
+    /// DNS server kiln relays the job's queries to (repeatable; default:
+    /// the host's /etc/resolv.conf).
+    #[arg(long)]
+    dns: Vec<String>,
 }
 
 /// `run-job`: the job's flags, then the VM's.
@@ -299,5 +316,13 @@ fn executor_config(vm: &VmArgs, cache_dir: PathBuf) -> Result<ExecutorConfig> {
         .serial_log(vm.serial_log.clone())
         .qemu(env.qemu())
         .images(env.images())
+        .network(kiln::network::NetworkConfig {
+            mode: vm.network,
+            pool: vm.network_pool.clone(),
+            allow: vm.network_allow.clone(),
+            deny: vm.network_deny.clone(),
+            dns: vm.dns.clone(),
+            ..Default::default()
+        })
         .build()?)
 }

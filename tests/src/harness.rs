@@ -300,7 +300,10 @@ pub fn kiln_cmd(run_dir: &Path) -> Command {
     c.env("KILN_CACHE_DIR", cache_dir())
         .env("KILN_AGENT", agent())
         .env("KILN_RUN_DIR", run_dir)
-        .env("XDG_STATE_HOME", test_root().join("state"));
+        .env("XDG_STATE_HOME", test_root().join("state"))
+        // Jobs get no network unless a test asks (`--network`): kiln's
+        // `nat` would change the firewall of the machine the tests run on.
+        .env("KILN_NETWORK", "none");
     c
 }
 

@@ -6,3 +6,4 @@ pub mod fake_gitlab;
 pub mod fixtures;
 pub mod harness;
 pub mod nested;
+pub mod netlab;

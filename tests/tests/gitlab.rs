@@ -99,6 +99,7 @@ memory = 512
 disk = 2
 output_limit = {output_limit}
 cache_dir = {cache:?}
+network = "none"
 allow_local_images = {allow_local_images}
 "#,
         concurrent = s.concurrent,
@@ -1033,6 +1034,7 @@ url = "{url}"
 token = "{token}"
 backend = "qemu"
 cache_dir = {cache:?}
+network = "none"
 "#,
         run = dir.join("run").display().to_string(),
         agent = dir.join("agent").display().to_string(),

@@ -1,7 +1,9 @@
 //! What a backend needs to boot one VM: [`MachineConfig`] and its disks.
 //! Every value comes from the caller; nothing here reads the environment.
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::jail::Isolation;
@@ -17,6 +19,37 @@ pub struct Disk {
     pub serial: String,
     /// Thrown away with the VM: writes need not reach the host's disk.
     pub ephemeral: bool,
+}
+
+/// The guest's network interface (one virtio-net device), as the caller has
+/// set it up on the host: this crate opens no TAP device and runs no helper.
+#[derive(Debug, Clone, Default)]
+pub enum Network {
+    /// No network device at all.
+    #[default]
+    None,
+    /// A TAP device the caller opened (`IFF_TAP | IFF_NO_PI`); the backend
+    /// hands the guest's frames to it. The caller keeps its own handle until
+    /// the machine is destroyed.
+    Tap { fd: Arc<OwnedFd>, mac: [u8; 6] },
+    /// A `passt` (or compatible) stream socket: each frame is a 4-byte
+    /// big-endian length and the frame, QEMU's `-netdev stream` protocol.
+    Passt { socket: PathBuf, mac: [u8; 6] },
+}
+
+impl Network {
+    /// `52:54:00:..` text of the guest's MAC, if it has an interface.
+    pub fn mac_text(&self) -> Option<String> {
+        match self {
+            Network::None => None,
+            Network::Tap { mac, .. } | Network::Passt { mac, .. } => Some(
+                mac.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":"),
+            ),
+        }
+    }
 }
 
 /// Everything a backend needs to boot one VM.
@@ -52,6 +85,8 @@ pub struct MachineConfig {
     /// Honoured only by a `kiln-vmm` built with debug assertions or the
     /// `test-hooks` feature.
     pub test_forbidden_syscall: Option<String>,
+    /// The guest's network interface, if any.
+    pub network: Network,
 }
 
 impl MachineConfig {

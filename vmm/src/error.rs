@@ -36,6 +36,8 @@ pub enum MachineError {
     EarlyExit(String),
     #[error("the VM did not connect its console within {0:?}")]
     StartTimeout(Duration),
+    #[error("not supported: {0}")]
+    Unsupported(&'static str),
     #[error("invalid machine configuration: {0}")]
     Config(String),
     #[error(

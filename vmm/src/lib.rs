@@ -24,7 +24,7 @@ pub mod qemu;
 mod run_dir;
 mod tail;
 
-pub use config::{Disk, MachineConfig};
+pub use config::{Disk, MachineConfig, Network};
 pub use error::MachineError;
 pub use host::{cpu_virt, probe_kvm, CpuVirt, KvmSupport};
 pub use jail::{Isolation, IsolationMode, JailReport};

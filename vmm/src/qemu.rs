@@ -8,6 +8,7 @@
 //! whose host end is a Unix socket in the per-VM directory; the 8250 serial
 //! (kernel messages) is read from QEMU's stdout into a bounded buffer.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -100,6 +101,11 @@ impl QemuMachine {
         let args = qemu_args(&config, accel, &sock);
         tracing::debug!(?args, "starting qemu");
 
+        // QEMU inherits the TAP device's descriptor (`-netdev tap,fd=N`).
+        let tap_fd = match &config.network {
+            crate::Network::Tap { fd, .. } => Some(fd.as_raw_fd()),
+            _ => None,
+        };
         let mut cmd = Command::new(&config.qemu.binary);
         // None of kiln's environment (its tokens) reaches QEMU; PATH finds it.
         cmd.env_clear();
@@ -112,13 +118,20 @@ impl QemuMachine {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         // SAFETY: the closure runs in the forked child before exec and only
-        // calls prctl(2), which is async-signal-safe. PR_SET_PDEATHSIG makes
-        // the kernel SIGKILL QEMU if kiln dies without cleaning up (kill -9),
-        // so no VM outlives the runner.
+        // calls prctl(2) and fcntl(2), which are async-signal-safe.
+        // PR_SET_PDEATHSIG makes the kernel SIGKILL QEMU if kiln dies without
+        // cleaning up (kill -9), so no VM outlives the runner. Clearing
+        // FD_CLOEXEC on the TAP descriptor (the child's copy of the table
+        // only) lets QEMU inherit it; `config` keeps it open until then.
         unsafe {
-            cmd.as_std_mut().pre_exec(|| {
+            cmd.as_std_mut().pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = tap_fd {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -350,6 +363,7 @@ pub fn qemu_args(config: &MachineConfig, accel: &str, console_sock: &Path) -> Ve
     }
     push("-device");
     push("virtio-rng-device");
+    net_args(&config.network, &mut push);
     push("-kernel");
     push(&config.kernel.to_string_lossy());
     push("-initrd");
@@ -369,6 +383,25 @@ pub fn qemu_args(config: &MachineConfig, accel: &str, console_sock: &Path) -> Ve
     }
     push(&cmdline);
     a
+}
+
+/// The guest's virtio-net device and its QEMU netdev.
+fn net_args(network: &crate::Network, push: &mut impl FnMut(&str)) {
+    let netdev = match network {
+        crate::Network::None => return,
+        crate::Network::Tap { fd, .. } => format!("tap,id=net0,fd={}", fd.as_raw_fd()),
+        crate::Network::Passt { socket, .. } => format!(
+            "stream,id=net0,server=off,addr.type=unix,addr.path={}",
+            qemu_escape(&socket.to_string_lossy())
+        ),
+    };
+    push("-netdev");
+    push(&netdev);
+    push("-device");
+    push(&format!(
+        "virtio-net-device,netdev=net0,mac={}",
+        network.mac_text().unwrap_or_default()
+    ));
 }
 
 /// The host CPU's nominal rate in kHz, from `/proc/cpuinfo`.
@@ -423,6 +456,7 @@ mod tests {
             qemu: QemuOptions::default(),
             isolation: Default::default(),
             test_forbidden_syscall: None,
+            network: crate::Network::None,
         };
         let a = qemu_args(&cfg, "tcg", Path::new("/tmp/x/console.sock"));
         let joined = a.join(" ");
@@ -435,5 +469,52 @@ mod tests {
         assert!(joined.contains("-cpu max"));
         assert!(joined.contains("socket,id=console,path=/tmp/x/console.sock"));
         assert!(joined.contains("virtserialport,chardev=console,name=org.example.port,,0"));
+        assert!(
+            !joined.contains("-netdev"),
+            "no network unless asked: {joined}"
+        );
+    }
+
+    #[test]
+    fn network_devices_carry_the_mac_and_the_backend() {
+        let mut cfg = MachineConfig {
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            cmdline: String::new(),
+            vcpus: 1,
+            memory_mib: 128,
+            disks: Vec::new(),
+            console_port: "p".into(),
+            run_dir: "/tmp/x".into(),
+            serial_log_limit: 1024,
+            start_timeout: Duration::from_secs(1),
+            qemu: QemuOptions::default(),
+            isolation: Default::default(),
+            test_forbidden_syscall: None,
+            network: crate::Network::Passt {
+                socket: "/run/a,b/passt.sock".into(),
+                mac: [0x52, 0x54, 0, 1, 2, 0xab],
+            },
+        };
+        let joined = qemu_args(&cfg, "tcg", Path::new("/c")).join(" ");
+        assert!(
+            joined.contains(
+                "-netdev stream,id=net0,server=off,addr.type=unix,addr.path=/run/a,,b/passt.sock"
+            ),
+            "{joined}"
+        );
+        assert!(joined.contains("virtio-net-device,netdev=net0,mac=52:54:00:01:02:ab"));
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let fd: std::os::fd::OwnedFd = null.into();
+        let raw = fd.as_raw_fd();
+        cfg.network = crate::Network::Tap {
+            fd: std::sync::Arc::new(fd),
+            mac: [0x52, 0x54, 0, 0, 0, 1],
+        };
+        let joined = qemu_args(&cfg, "tcg", Path::new("/c")).join(" ");
+        assert!(
+            joined.contains(&format!("-netdev tap,id=net0,fd={raw}")),
+            "{joined}"
+        );
     }
 }

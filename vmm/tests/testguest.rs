@@ -90,6 +90,7 @@ fn fixture(kernel: PathBuf, extra: &str) -> Fixture {
         qemu: qemu_options(),
         isolation: Default::default(),
         test_forbidden_syscall: None,
+        network: kiln_vmm::Network::None,
     };
     Fixture { dir, config }
 }

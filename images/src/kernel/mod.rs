@@ -31,6 +31,7 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_blk",
     "virtio_console",
     "virtio_rng",
+    "virtio_net",
     "overlay",
     "erofs",
 ];

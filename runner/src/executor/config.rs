@@ -60,6 +60,8 @@ pub struct ExecutorConfig {
     pub serial_log: Option<PathBuf>,
     /// How the qemu backend runs QEMU.
     pub qemu: QemuOptions,
+    /// The jobs' network (`crate::network`); default: none.
+    pub network: crate::network::NetworkConfig,
 }
 
 /// Why an [`ExecutorConfig`] could not be built.
@@ -120,6 +122,7 @@ pub struct ExecutorConfigBuilder {
     extra_cmdline: String,
     serial_log: Option<PathBuf>,
     qemu: QemuOptions,
+    network: crate::network::NetworkConfig,
 }
 
 impl ExecutorConfig {
@@ -147,6 +150,7 @@ impl ExecutorConfig {
             extra_cmdline: String::new(),
             serial_log: None,
             qemu: QemuOptions::default(),
+            network: crate::network::NetworkConfig::default(),
         }
     }
 }
@@ -253,6 +257,12 @@ impl ExecutorConfigBuilder {
         self
     }
 
+    /// The jobs' network (mode, pool, allow/deny lists, DNS servers).
+    pub fn network(mut self, network: crate::network::NetworkConfig) -> Self {
+        self.network = network;
+        self
+    }
+
     /// Find the kernel and the agent; the configuration.
     pub fn build(self) -> Result<ExecutorConfig, ExecutorConfigError> {
         let kernel = match self.kernel {
@@ -296,6 +306,7 @@ impl ExecutorConfigBuilder {
             extra_cmdline: self.extra_cmdline,
             serial_log: self.serial_log,
             qemu: self.qemu,
+            network: self.network,
         })
     }
 }

@@ -48,6 +48,7 @@ pub struct Executor {
     images: Images,
     kvm: KvmSupport,
     initramfs: PathBuf,
+    networks: crate::network::Networks,
     /// Most artifact bytes (file contents) one job may send back.
     max_artifact_bytes: u64,
 }
@@ -98,6 +99,8 @@ pub enum ExecutorError {
     Initramfs(#[source] kiln_images::ImageError),
     #[error("setting up the image service")]
     Images(#[source] kiln_images::ImageError),
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
 }
 
 impl Executor {
@@ -115,10 +118,15 @@ impl Executor {
             tracing::info!("removed {stale} job directories left by a kiln that died");
         }
         let kvm = kiln_vmm::probe_kvm();
-        let (_, why) = config.backend.resolve(&kvm)?;
+        let (resolved, why) = config.backend.resolve(&kvm)?;
         if let Some(why) = why {
             tracing::info!("{why}");
         }
+        let networks = crate::network::Networks::new(
+            &config.network,
+            resolved == kiln_vmm::BackendKind::Kvm,
+            &config.kernel,
+        )?;
         let initramfs = kiln_images::build_initramfs(&cache, &config.agent, &config.kernel)
             .map_err(ExecutorError::Initramfs)?;
         let images = Images::new(cache, config.images.clone()).map_err(ExecutorError::Images)?;
@@ -127,6 +135,7 @@ impl Executor {
             images,
             kvm,
             initramfs,
+            networks,
             max_artifact_bytes: proto::MAX_ARTIFACT_BYTES,
         })
     }
@@ -244,7 +253,16 @@ impl Executor {
             }
         }
         // The job's sources (`JobSource::LocalDir`) travel as a third disk.
-        let start = build_start(job, &rootfs);
+        let mut start = build_start(job, &rootfs);
+        // Dropped after the VM is gone (below), before the job's directory.
+        let network = match self.networks.attach(&dir.0).await {
+            Ok(n) => n,
+            Err(e) => {
+                result.failure = Some(FailureReason::RunnerSystemFailure(error_chain(&e)));
+                return result;
+            }
+        };
+        start.network = network.guest();
         let workspace = match &job.source {
             JobSource::LocalDir(src) => {
                 let img = dir.0.join("work.ext4");
@@ -306,6 +324,7 @@ impl Executor {
                 ..Default::default()
             },
             test_forbidden_syscall: None,
+            network: network.machine(),
         };
         let boot_started = Instant::now();
         let (machine, console) = match Machine::start(mconfig, self.config.backend, &self.kvm).await
@@ -334,6 +353,7 @@ impl Executor {
             }
             result.failure = Some(reason);
         }
+        drop(network);
         drop(dir);
         result
     }

@@ -324,6 +324,7 @@ pub fn build_start(job: &JobSpec, rootfs: &Rootfs) -> Start {
         env,
         workdir,
         user: rootfs.config.user.clone(),
+        network: None,
     }
 }
 

@@ -127,6 +127,7 @@ fn executor_config(config: &Config, r: &RunnerConfig) -> Result<ExecutorConfig, 
     .log_dir(config.log_dir.clone())
     .qemu(kiln_vmm::QemuOptions::new(config.qemu.clone()))
     .images(config.images.clone())
+    .network(r.network_config()?)
     .build()
     .map_err(|e| GitlabError::Executor {
         runner: r.name.clone(),

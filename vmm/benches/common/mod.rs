@@ -69,6 +69,7 @@ pub fn config(dir: &Path, kernel: &Path, n: usize) -> MachineConfig {
         qemu: qemu_options(),
         isolation: Default::default(),
         test_forbidden_syscall: None,
+        network: kiln_vmm::Network::None,
     }
 }
 

@@ -254,6 +254,9 @@ fn machine_config(start: &StartVm) -> MachineConfig {
         qemu: Default::default(),
         isolation: Default::default(),
         test_forbidden_syscall: None,
+        // The kvm backend has no network device yet (refused before the
+        // VMM process starts).
+        network: Default::default(),
     }
 }
 

@@ -67,6 +67,14 @@ pub enum Error {
     Poll(#[source] io::Error),
     #[error("artifacts")]
     Artifacts(#[source] io::Error),
+    #[error("network: {0}")]
+    Network(String),
+    #[error("network: could not {what} {iface}")]
+    NetIoctl {
+        what: String,
+        iface: String,
+        source: io::Error,
+    },
 }
 
 fn full_hint(e: &io::Error) -> String {

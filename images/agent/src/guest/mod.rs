@@ -10,6 +10,7 @@
 //! - `step`: running one step (output, timeout, cancel, its `StepEnd`);
 //! - `spawn`: fork and exec a step's process in the job's root;
 //! - `artifacts`: the tar stream of artifacts;
+//! - `net`: `lo`, `eth0` and the name-service files, from `Start`;
 //! - `sys`: thin wrappers over the kernel's interfaces; `error`: the agent's [`error::Error`].
 
 mod artifacts;
@@ -17,6 +18,7 @@ mod boot;
 mod disks;
 mod error;
 mod job;
+mod net;
 mod port;
 mod session;
 mod spawn;

@@ -19,6 +19,7 @@ pub fn serve(port: &mut Port) -> Result<()> {
             other => port.log(&format!("ignoring {other:?} before Start")),
         }
     };
+    super::net::setup(start.network.as_ref())?;
     let job = Job::prepare(&start)?;
     run_job(port, &job)?;
     // The host may kill the VM as soon as it sees Done: flush every

@@ -86,6 +86,14 @@ mod tests {
                 ],
                 workdir: "/builds/x".into(),
                 user: "1000:1000".into(),
+                network: Some(GuestNetwork {
+                    address: "10.213.0.2".into(),
+                    prefix: 30,
+                    gateway: "10.213.0.1".into(),
+                    mtu: 1500,
+                    dns: vec!["10.213.0.1".into()],
+                    hostname: "kiln".into(),
+                }),
             }),
             Frame::RunStep(StepSpec {
                 index: 3,

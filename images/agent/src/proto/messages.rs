@@ -31,6 +31,28 @@ pub struct Start {
     pub workdir: String,
     /// The image's `User` (`name`, `uid`, `uid:gid`, `name:group`); empty = root.
     pub user: String,
+    /// The job's network interface; `None`: no network (only `lo`). Absent
+    /// in frames of hosts that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<GuestNetwork>,
+}
+
+/// How the agent configures `eth0` (the VM's one virtio-net device) and the
+/// job's name-service files. Every value is checked again in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNetwork {
+    /// The guest's IPv4 address, dotted quad.
+    pub address: String,
+    /// Its prefix length (the on-link network).
+    pub prefix: u8,
+    /// The default route's next hop, dotted quad, on the link.
+    pub gateway: String,
+    /// Interface MTU.
+    pub mtu: u32,
+    /// Name servers for `/etc/resolv.conf`, dotted quads.
+    pub dns: Vec<String>,
+    /// The VM's host name (also in `/etc/hosts`).
+    pub hostname: String,
 }
 
 /// One step as the agent runs it.
@@ -158,6 +180,15 @@ pub struct Fatal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hosts and agents of before the network field understand each other.
+    #[test]
+    fn start_without_network_is_compatible_both_ways() {
+        let old = r#"{"env":[],"workdir":"/","user":""}"#;
+        let s: Start = serde_json::from_str(old).unwrap();
+        assert_eq!(s.network, None);
+        assert_eq!(serde_json::to_string(&s).unwrap(), old);
+    }
 
     #[test]
     fn artifacts_end_without_the_newer_fields_still_parses() {

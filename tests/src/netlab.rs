@@ -1,0 +1,274 @@
+//! A private network for network tests: two namespaces the test creates,
+//! joined by a veth pair, with no route to the machine's real network.
+//!
+//! - "host" (`H`): where kiln, its TAP devices and VMs live. Its only route
+//!   out is the veth to "outside"; `/etc/netns/H/resolv.conf` names the
+//!   outside DNS server (`ip netns exec` mounts it over /etc/resolv.conf).
+//!   Its loopback holds a stand-in for an address on a private network.
+//! - "outside" (`O`): the test's "internet": an HTTP server and a DNS
+//!   server (both in this process, bound in `O`), and on its loopback the
+//!   stand-ins for cloud metadata (169.254.169.254), a private network and
+//!   a CIDR the runner denies, all answering on the same HTTP port so that
+//!   a test can tell "blocked" from "nothing there".
+//!
+//! Addresses are documentation ranges (RFC 5737) and stand-ins, routed
+//! only between the two namespaces.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+/// The host namespace's address on the veth (and the guests' NAT source).
+pub const HOST_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+/// The outside server's address.
+pub const OUTSIDE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+/// A private address of the host namespace itself (on its loopback).
+pub const HOST_PRIVATE: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
+/// Cloud metadata, answered outside.
+pub const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// A private network reachable from the host (answered outside).
+pub const PRIVATE_NET: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+/// An address of a CIDR the tests deny (answered outside).
+pub const DENIED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
+pub const DENIED_CIDR: &str = "203.0.113.0/24";
+/// The name the outside DNS server answers with [`OUTSIDE_ADDR`].
+pub const FILE_HOST: &str = "files.kiln.test";
+/// Port of the HTTP servers (outside, and on the host namespace).
+pub const HTTP_PORT: u16 = 8080;
+
+/// The two namespaces; removed (with everything in them) on drop.
+pub struct Lab {
+    pub host: String,
+    pub outside: String,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let o = Command::new("ip").args(args).output().context("run ip")?;
+    if !o.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl Lab {
+    /// Create the namespaces `kn<pid><tag>h` and `...o`.
+    pub fn new(tag: &str) -> Result<Lab> {
+        let base = format!("kn{}{tag}", std::process::id());
+        let lab = Lab {
+            host: format!("{base}h"),
+            outside: format!("{base}o"),
+        };
+        lab.teardown();
+        let (h, o) = (lab.host.as_str(), lab.outside.as_str());
+        ip(&["netns", "add", h])?;
+        ip(&["netns", "add", o])?;
+        ip(&[
+            "-n", h, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns", o,
+        ])?;
+        ip(&[
+            "-n",
+            h,
+            "addr",
+            "add",
+            &format!("{HOST_ADDR}/24"),
+            "dev",
+            "veth0",
+        ])?;
+        ip(&[
+            "-n",
+            o,
+            "addr",
+            "add",
+            &format!("{OUTSIDE_ADDR}/24"),
+            "dev",
+            "veth1",
+        ])?;
+        for ns in [h, o] {
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        ip(&["-n", h, "link", "set", "veth0", "up"])?;
+        ip(&["-n", o, "link", "set", "veth1", "up"])?;
+        // The host's one route out: into the outside namespace.
+        ip(&[
+            "-n",
+            h,
+            "route",
+            "add",
+            "default",
+            "via",
+            &OUTSIDE_ADDR.to_string(),
+        ])?;
+        ip(&[
+            "-n",
+            h,
+            "addr",
+            "add",
+            &format!("{HOST_PRIVATE}/32"),
+            "dev",
+            "lo",
+        ])?;
+        for a in [METADATA, PRIVATE_NET, DENIED] {
+            ip(&["-n", o, "addr", "add", &format!("{a}/32"), "dev", "lo"])?;
+        }
+        let etc = format!("/etc/netns/{h}");
+        std::fs::create_dir_all(&etc)?;
+        std::fs::write(
+            format!("{etc}/resolv.conf"),
+            format!("nameserver {OUTSIDE_ADDR}\n"),
+        )?;
+        Ok(lab)
+    }
+
+    fn teardown(&self) {
+        for ns in [&self.host, &self.outside] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.host));
+    }
+
+    /// Run `f` on a thread that has entered namespace `ns`: sockets it
+    /// creates belong to `ns`, wherever they are used later.
+    pub fn within<T: Send + 'static>(
+        ns: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T> {
+        let path = format!("/run/netns/{ns}");
+        let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+        std::thread::spawn(move || {
+            // SAFETY: setns(2) on a namespace descriptor we hold; it moves
+            // this thread only (spawned for this), which ends after `f`.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(anyhow::anyhow!(
+                    "setns: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
+    }
+
+    /// Serve `body` over HTTP on every address of `ns`, port [`HTTP_PORT`].
+    pub fn http_server(&self, ns: &str, body: Vec<u8>) -> Result<()> {
+        let l = Lab::within(ns, || TcpListener::bind(("0.0.0.0", HTTP_PORT)))??;
+        std::thread::spawn(move || {
+            for conn in l.incoming().flatten() {
+                let body = body.clone();
+                std::thread::spawn(move || {
+                    let mut c = conn;
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16384 {
+                        match c.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = format!(
+                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = c.write_all(head.as_bytes());
+                    let _ = c.write_all(&body);
+                });
+            }
+        });
+        Ok(())
+    }
+
+    /// A DNS server on the outside namespace's port 53: `A` of
+    /// [`FILE_HOST`] is [`OUTSIDE_ADDR`]; every other name is NXDOMAIN.
+    pub fn dns_server(&self) -> Result<()> {
+        let s = Lab::within(&self.outside, || UdpSocket::bind(("0.0.0.0", 53)))??;
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, peer)) = s.recv_from(&mut buf) {
+                if let Some(ans) = dns_answer(&buf[..n]) {
+                    let _ = s.send_to(&ans, peer);
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// A TCP connection from inside namespace `ns` to `to`.
+    pub fn connect_from(ns: &str, to: SocketAddr) -> Result<std::net::TcpStream> {
+        Ok(Lab::within(ns, move || {
+            std::net::TcpStream::connect_timeout(&to, Duration::from_secs(10))
+        })??)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// The answer to one DNS query (the question echoed, one `A` record).
+pub fn dns_answer(q: &[u8]) -> Option<Vec<u8>> {
+    if q.len() < 12 {
+        return None;
+    }
+    // The question's name: labels up to the zero byte.
+    let mut i = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = *q.get(i)? as usize;
+        i += 1;
+        if len == 0 {
+            break;
+        }
+        if len > 63 {
+            return None;
+        }
+        labels.push(String::from_utf8_lossy(q.get(i..i + len)?).to_lowercase());
+        i += len;
+    }
+    let qtype = u16::from_be_bytes([*q.get(i)?, *q.get(i + 1)?]);
+    let question_end = i + 4;
+    let question = q.get(12..question_end)?;
+    let name = labels.join(".");
+    let found = name == FILE_HOST;
+    let mut a = Vec::new();
+    a.extend_from_slice(&q[..2]);
+    a.extend_from_slice(&[0x81, if found { 0x80 } else { 0x83 }]);
+    a.extend_from_slice(&[0, 1, 0, u8::from(found && qtype == 1), 0, 0, 0, 0]);
+    a.extend_from_slice(question);
+    if found && qtype == 1 {
+        a.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+        a.extend_from_slice(&OUTSIDE_ADDR.octets());
+    }
+    Some(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_answers_the_test_name_only() {
+        let mut q = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for l in FILE_HOST.split('.') {
+            q.push(l.len() as u8);
+            q.extend_from_slice(l.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        let a = dns_answer(&q).unwrap();
+        assert_eq!(&a[..2], &[0x12, 0x34]);
+        assert_eq!(&a[a.len() - 4..], &OUTSIDE_ADDR.octets());
+        q[13] = b'x';
+        let nx = dns_answer(&q).unwrap();
+        assert_eq!(nx[3] & 0x0f, 3);
+    }
+}

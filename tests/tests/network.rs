@@ -1,0 +1,407 @@
+//! Jobs' network, end to end: kiln in a "host" network namespace the test
+//! creates, servers in an "outside" one (see `kiln_tests::netlab`). No
+//! packet leaves those namespaces.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_testkit::{self as testkit, Need};
+use kiln_tests::harness::{self, assert_no_leaks};
+use kiln_tests::netlab::*;
+use sha2::{Digest, Sha256};
+
+fn needs() -> Vec<Need> {
+    let mut n = vec![
+        testkit::root(),
+        testkit::tool("ip", "iproute2"),
+        testkit::tool("iptables", "iptables"),
+    ];
+    n.extend(harness::vm());
+    n
+}
+
+fn passt_needs() -> Vec<Need> {
+    let mut n = needs();
+    n.push(testkit::tool("passt", "passt"));
+    n
+}
+
+/// `kiln` inside the lab's host namespace (`ip netns exec` also gives it
+/// the lab's resolv.conf), on the qemu backend.
+fn kiln(lab: &Lab, run_dir: &Path) -> Command {
+    let std = harness::kiln_cmd(run_dir);
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &lab.host]).arg(std.get_program());
+    for (k, v) in std.get_envs() {
+        if let Some(v) = v {
+            c.env(k, v);
+        }
+    }
+    c.env("KILN_BACKEND", "qemu");
+    c
+}
+
+fn job_args(network: &str, script: &str) -> Vec<String> {
+    [
+        "--log-level",
+        "warn",
+        "run-job",
+        "--cpus",
+        "1",
+        "--memory",
+        "512",
+        "--network",
+        network,
+        "--network-deny",
+        DENIED_CIDR,
+        "--image",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([harness::busybox_image().to_string_lossy().into_owned()])
+    .chain(["--", "sh", "-c", script].iter().map(|s| s.to_string()))
+    .collect()
+}
+
+fn run(lab: &Lab, run_dir: &Path, network: &str, script: &str) -> Output {
+    let o = kiln(lab, run_dir)
+        .args(job_args(network, script))
+        .output()
+        .expect("run kiln");
+    println!(
+        "--- stdout\n{}--- stderr\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// What kiln leaves in the host namespace: TAP devices, routes and
+/// iptables chains/rules of kiln, and passt/QEMU processes of `run_dir`.
+fn leftovers(lab: &Lab, run_dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let sh = |args: &[&str]| {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &lab.host])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    for l in sh(&["ip", "-o", "link"]).lines() {
+        if l.contains("kiln-") {
+            found.push(format!("link: {l}"));
+        }
+    }
+    for l in sh(&["ip", "route", "show", "table", "all"]).lines() {
+        if l.contains("kiln-") || l.contains("10.213.") {
+            found.push(format!("route: {l}"));
+        }
+    }
+    for l in sh(&["iptables-save"]).lines() {
+        if l.contains("KILN") || l.contains("kiln") {
+            found.push(format!("iptables: {l}"));
+        }
+    }
+    let needle = run_dir.to_string_lossy().to_string();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(&needle) && (cmd.contains("passt") || cmd.contains("qemu-system")) {
+                found.push(format!("process: {cmd}"));
+            }
+        }
+    }
+    found
+}
+
+fn blob() -> Vec<u8> {
+    // 1 MiB that no compression or caching could fake.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A job downloads a file by name (the outside DNS server answers it)
+/// and checks its SHA-256; the job's name-service files are kiln's.
+fn download_by_name(tag: &str, mode: &str, resolver: &str) {
+    let lab = Lab::new(tag).unwrap();
+    let body = blob();
+    let want = hex::encode(Sha256::digest(&body));
+    lab.http_server(&lab.outside, body).unwrap();
+    lab.dns_server().unwrap();
+    let dir = harness::run_dir(&format!("net-{tag}"));
+    let o = run(
+        &lab,
+        &dir,
+        mode,
+        &format!(
+            "set -e; cat /etc/resolv.conf; echo host=$(hostname); grep -c localhost /etc/hosts; \
+             wget -q -O /tmp/f http://{FILE_HOST}:{HTTP_PORT}/blob; sha256sum /tmp/f"
+        ),
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains(&format!("{want}  /tmp/f")), "{out}");
+    assert!(out.contains(&format!("nameserver {resolver}")), "{out}");
+    assert!(out.contains("host=kiln"), "{out}");
+    assert_no_leaks(&dir);
+    assert_eq!(leftovers(&lab, &dir), Vec::<String>::new());
+}
+
+fn downloads_a_file_by_name_over_nat() {
+    download_by_name("dl", "nat", "10.213.");
+}
+
+fn user_mode_downloads_through_passt() {
+    download_by_name("us", "user", "10.0.2.3");
+}
+
+/// The guest script that tries `targets` on the HTTP port and reports one
+/// line per target: `TRY <addr> secs=<n> [<reply or error>]`.
+fn tries(targets: &[&str]) -> String {
+    let mut s = String::from(
+        "gw=$(ip route | awk '/^default/ {print $3}'); \
+         try() { t0=$(date +%s); out=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 20 \"$1\" 8080 2>&1 | head -c 100 | tr '\\r\\n' '  '); \
+         echo \"TRY $1 secs=$(( $(date +%s) - t0 )) [$out]\"; }; ",
+    );
+    for t in targets {
+        s.push_str(&format!("try {t}; "));
+    }
+    s
+}
+
+/// The `TRY` line of `addr` in `out`.
+fn try_line<'a>(out: &'a str, addr: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.starts_with(&format!("TRY {addr} ")))
+        .unwrap_or_else(|| panic!("no attempt at {addr} in:\n{out}"))
+}
+
+fn assert_refused_fast(out: &str, addr: &str) {
+    let l = try_line(out, addr);
+    let lower = l.to_lowercase();
+    assert!(!l.contains("200 OK"), "{addr} was reachable: {l}");
+    assert!(
+        (lower.contains("refused") || lower.contains("unreachable"))
+            && !lower.contains("timed out"),
+        "{addr} did not fail fast: {l}"
+    );
+}
+
+fn cannot_reach_the_host_metadata_private_or_denied_networks() {
+    let lab = Lab::new("iso").unwrap();
+    lab.http_server(&lab.outside, b"outside".to_vec()).unwrap();
+    lab.http_server(&lab.host, b"host".to_vec()).unwrap();
+    lab.dns_server().unwrap();
+    let dir = harness::run_dir("net-iso");
+    let (host, outside, hp) = (
+        HOST_ADDR.to_string(),
+        OUTSIDE_ADDR.to_string(),
+        HOST_PRIVATE.to_string(),
+    );
+    let (md, pn, dn) = (
+        METADATA.to_string(),
+        PRIVATE_NET.to_string(),
+        DENIED.to_string(),
+    );
+    let t0 = Instant::now();
+    let o = run(
+        &lab,
+        &dir,
+        "nat",
+        &format!(
+            "{} nslookup {FILE_HOST} >/dev/null && echo DNS-OK",
+            tries(&[&outside, "$gw", &host, &hp, &md, &pn, &dn])
+        ),
+    );
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    println!("job took {:?}", t0.elapsed());
+    // The control: the same server, on an address the guest may reach.
+    assert!(try_line(&out, &outside).contains("200 OK"), "{out}");
+    assert!(
+        out.contains("DNS-OK"),
+        "kiln's DNS relay on the gateway: {out}"
+    );
+    for a in ["$gw", &host, &hp, &md, &pn, &dn] {
+        let a = if a == "$gw" {
+            // The line names the gateway's address.
+            out.lines()
+                .find(|l| l.starts_with("TRY 10.213."))
+                .map(|l| l.split(' ').nth(1).unwrap().to_string())
+                .unwrap_or_else(|| panic!("no attempt at the gateway: {out}"))
+        } else {
+            a.to_string()
+        };
+        assert_refused_fast(&out, &a);
+    }
+    assert_no_leaks(&dir);
+    assert_eq!(leftovers(&lab, &dir), Vec::<String>::new());
+}
+
+/// A kiln that is killed if the test ends early (it would outlive the
+/// test's namespaces otherwise).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Read `child`'s stdout until a line starts with `prefix`.
+fn wait_line(child: &mut Child, prefix: &str) -> String {
+    let out = child.stdout.as_mut().unwrap();
+    let mut r = BufReader::new(out);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).unwrap() == 0 {
+            panic!("kiln ended before printing {prefix}");
+        }
+        print!("A: {line}");
+        if line.starts_with(prefix) {
+            return line.trim().to_string();
+        }
+    }
+}
+
+fn cannot_reach_another_jobs_vm() {
+    let lab = Lab::new("vm").unwrap();
+    let dir_a = harness::run_dir("net-vm-a");
+    let dir_b = harness::run_dir("net-vm-b");
+    // Job A listens until one connection has come (the test's own, below).
+    let mut a = Killed(
+        kiln(&lab, &dir_a)
+            .args(job_args(
+                "nat",
+                "echo \"ADDR $(ip -4 addr show eth0 | awk '/inet /{print $2}' | cut -d/ -f1)\"; \
+             echo hello-from-a | nc -l -p 8080; echo A-DONE",
+            ))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let addr = wait_line(&mut a.0, "ADDR ");
+    let addr = addr.trim_start_matches("ADDR ").to_string();
+    assert!(addr.starts_with("10.213."), "{addr}");
+    std::thread::sleep(Duration::from_millis(500));
+    let o = run(&lab, &dir_b, "nat", &tries(&[&addr]));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_refused_fast(&out, &addr);
+    // A was there all along: the host itself reaches it.
+    let to: SocketAddr = format!("{addr}:8080").parse().unwrap();
+    let mut s = Lab::connect_from(&lab.host, to).expect("the host reaches job A");
+    let mut got = String::new();
+    let _ = std::io::Read::read_to_string(&mut s, &mut got);
+    assert_eq!(got.trim(), "hello-from-a");
+    drop(s);
+    let status = a.0.wait().unwrap();
+    assert!(status.success());
+    assert_no_leaks(&dir_a);
+    assert_no_leaks(&dir_b);
+    assert_eq!(leftovers(&lab, &dir_a), Vec::<String>::new());
+}
+
+fn none_has_no_interface_but_loopback() {
+    let lab = Lab::new("no").unwrap();
+    let dir = harness::run_dir("net-none");
+    let o = run(
+        &lab,
+        &dir,
+        "none",
+        "ls /sys/class/net | tr '\\n' ' '; echo; (httpd -p 127.0.0.1:8081 -h /etc && wget -q -O - http://localhost:8081/hosts >/dev/null && echo LOCALHOST-OK)",
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.lines().next().unwrap_or("").trim(), "lo", "{out}");
+    assert!(out.contains("LOCALHOST-OK"), "services on localhost: {out}");
+    assert_no_leaks(&dir);
+    assert_eq!(leftovers(&lab, &dir), Vec::<String>::new());
+}
+
+fn nothing_is_left_after_kill_9_and_a_restart() {
+    let lab = Lab::new("k9").unwrap();
+    let dir = harness::run_dir("net-k9");
+    let mut k = Killed(
+        kiln(&lab, &dir)
+            .args(job_args("nat", "echo STARTED; sleep 600"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_line(&mut k.0, "STARTED");
+    let before = leftovers(&lab, &dir);
+    assert!(
+        before.iter().any(|l| l.starts_with("link: "))
+            && before.iter().any(|l| l.contains("KILN-0")),
+        "a running job has its TAP and chains: {before:?}"
+    );
+    // SAFETY: kill(2) on our own child's pid (`ip netns exec` execs kiln).
+    unsafe { libc::kill(k.0.id() as i32, libc::SIGKILL) };
+    let _ = k.0.wait();
+    // QEMU dies with kiln (PDEATHSIG), its TAP with QEMU; the rules stay
+    // until the next kiln.
+    let t0 = Instant::now();
+    while leftovers(&lab, &dir)
+        .iter()
+        .any(|l| !l.starts_with("iptables"))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            leftovers(&lab, &dir)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let stale = leftovers(&lab, &dir);
+    assert!(stale.iter().any(|l| l.contains("KILN-0")), "{stale:?}");
+    let o = run(&lab, &dir, "nat", "true");
+    assert!(o.status.success());
+    assert_eq!(leftovers(&lab, &dir), Vec::<String>::new());
+    assert_no_leaks(&dir);
+}
+
+fn main() -> std::process::ExitCode {
+    kiln_testkit::Suite::new()
+        .test(
+            "downloads_a_file_by_name_over_nat",
+            &needs(),
+            downloads_a_file_by_name_over_nat,
+        )
+        .test(
+            "cannot_reach_the_host_metadata_private_or_denied_networks",
+            &needs(),
+            cannot_reach_the_host_metadata_private_or_denied_networks,
+        )
+        .test(
+            "cannot_reach_another_jobs_vm",
+            &needs(),
+            cannot_reach_another_jobs_vm,
+        )
+        .test(
+            "none_has_no_interface_but_loopback",
+            &needs(),
+            none_has_no_interface_but_loopback,
+        )
+        .test(
+            "nothing_is_left_after_kill_9_and_a_restart",
+            &needs(),
+            nothing_is_left_after_kill_9_and_a_restart,
+        )
+        .test(
+            "user_mode_downloads_through_passt",
+            &passt_needs(),
+            user_mode_downloads_through_passt,
+        )
+        .run()
+}
