@@ -61,6 +61,12 @@ pub struct Options {
     pub event_name: String,
     /// Bounds on the file and on what it expands to.
     pub limits: Limits,
+    /// GitLab CI/CD inputs of the main file (`spec: inputs`), as text
+    /// (`--input k=v`); converted to each input's declared type.
+    pub inputs: Vec<(String, String)>,
+    /// GitLab `include: project` paths mapped to local checkouts
+    /// (`--include-project group/proj=DIR`).
+    pub include_projects: Vec<(String, PathBuf)>,
 }
 
 impl Default for Options {
@@ -71,6 +77,8 @@ impl Default for Options {
             strict: false,
             event_name: "push".to_string(),
             limits: Limits::default(),
+            inputs: Vec::new(),
+            include_projects: Vec::new(),
         }
     }
 }

@@ -50,7 +50,7 @@ pub fn detect(path: &Path, contents: &str) -> Format {
     }
     let limits = Limits::default();
     let budget = limits::Budget::new(limits.max_yaml_bytes);
-    match yaml::load("", contents, &limits, &budget) {
+    match yaml::load_lenient("", contents, &limits, &budget) {
         Ok(v) => format_from_keys(&v),
         Err(_) => Format::Unknown,
     }
@@ -157,7 +157,7 @@ pub fn load(
         Some(f) => (f, None),
         None => {
             let budget = limits::Budget::new(opts.limits.max_yaml_bytes);
-            let top = yaml::load(&file, contents, &opts.limits, &budget).map_err(|e| {
+            let top = yaml::load_lenient(&file, contents, &opts.limits, &budget).map_err(|e| {
                 with_note(
                     e,
                     "kiln read it to tell a .gitlab-ci.yml from a GitHub workflow: \

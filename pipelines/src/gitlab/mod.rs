@@ -35,6 +35,7 @@ mod build;
 mod expr;
 mod extends;
 mod include;
+mod inputs;
 mod job;
 mod needs;
 mod parallel;
@@ -124,6 +125,7 @@ pub fn parse_project(ctx: &LocalContext, opts: &Options) -> Result<GitlabPipelin
         .read(".gitlab-ci.yml")
         .map_err(|source| Error::Include {
             file: ctx.project_dir.display().to_string(),
+            location: None,
             include: ".gitlab-ci.yml".to_string(),
             source,
         })?;
@@ -155,7 +157,12 @@ pub fn parse(
         yaml_budget: Budget::new(limits.max_yaml_bytes),
         out_budget: Budget::new(limits.max_output_bytes),
     };
-    let top = p.load(file, contents.to_string(), 0)?;
+    let top = p.load(
+        file,
+        contents.to_string(),
+        0,
+        inputs::Given::Cli(&opts.inputs),
+    )?;
     let top = p.resolve_references(top)?;
     p.build(top)
 }
