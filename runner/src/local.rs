@@ -56,6 +56,7 @@ pub fn local_context(file: &Path, extra_vars: Vec<(String, String)>) -> Result<L
     ctx.commit_sha = git(&["rev-parse", "HEAD"]).unwrap_or_default();
     ctx.branch = git(&["symbolic-ref", "--short", "-q", "HEAD"]).filter(|b| !b.is_empty());
     ctx.extra_vars = extra_vars;
+    crate::checkout::fill(&mut ctx);
     Ok(ctx)
 }
 

@@ -14,6 +14,7 @@ use kiln_vmm::BackendKind;
 
 mod doctor;
 mod image_cmd;
+mod pipeline_args;
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Run CI jobs in disposable microVMs")]
@@ -141,7 +142,8 @@ struct RunJob {
     file: Option<PathBuf>,
     /// The job to run from FILE (its `needs` run first).
     job: Option<String>,
-    /// List FILE's jobs and exit.
+    /// List FILE's jobs and exit (with --json: as JSON; with --all: the
+    /// excluded jobs too).
     #[arg(long, requires = "file")]
     list: bool,
     /// Job image: a registry reference (NAME[:TAG][@DIGEST]), an OCI image
@@ -180,6 +182,8 @@ struct RunJob {
     /// Emit JSON lines (events and the result) on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    pipeline: pipeline_args::PipelineArgs,
     #[command(flatten)]
     vm: VmArgs,
     /// The command to run, after `--`.
@@ -405,26 +409,18 @@ fn plan_jobs(args: &RunJob) -> Result<Option<(Vec<JobSpec>, Option<PathBuf>)>> {
     };
     let mut all_vars = vars.clone();
     all_vars.extend(secrets.iter().cloned());
-    let ctx = kiln::local::local_context(file, all_vars)?;
+    let mut ctx = kiln::local::local_context(file, all_vars)?;
     let mut opts = kiln_pipelines::Options::default();
     for (label, image) in key_values(&args.platforms, "--platform")? {
         opts.runner_images.set(label, image);
     }
+    args.pipeline.apply(&mut ctx, &mut opts)?;
     let pipeline = kiln::local::load_pipeline(file, &ctx, &opts)?;
     for n in &pipeline.notes {
         eprintln!("kiln: note: {n}");
     }
     if args.list {
-        for j in &pipeline.jobs {
-            let needs = j.needs.as_ref().map(|n| n.join(",")).unwrap_or_default();
-            println!(
-                "{:<40} stage={:<10} image={:<30} needs={}",
-                j.name,
-                j.stage.as_deref().unwrap_or("-"),
-                j.image,
-                if needs.is_empty() { "-" } else { &needs }
-            );
-        }
+        args.pipeline.list(&pipeline, args.json)?;
         return Ok(None);
     }
     let Some(name) = &args.job else {

@@ -39,6 +39,7 @@ mod inputs;
 mod job;
 mod needs;
 mod parallel;
+mod predefined;
 mod reference;
 mod rules;
 mod script;
@@ -95,6 +96,9 @@ pub struct GitlabPipeline {
     /// Jobs left out because `rules`, `only`/`except` or `when: never`
     /// excluded them, or `workflow: rules` excluded the pipeline.
     pub excluded: Vec<String>,
+    /// For each excluded job, the clause that excluded it
+    /// (`rules: no rule matched`, `only: ["main"]`, ...).
+    pub why_excluded: BTreeMap<String, String>,
     /// Things that were ignored (`services`, `changes:` rules, ...).
     pub warnings: Vec<String>,
     /// Job key before `parallel` expansion to the expanded job names.
@@ -154,6 +158,7 @@ pub fn parse(
         includes: 0,
         exists: HashMap::new(),
         warnings: Vec::new(),
+        why_excluded: BTreeMap::new(),
         yaml_budget: Budget::new(limits.max_yaml_bytes),
         out_budget: Budget::new(limits.max_output_bytes),
     };
@@ -182,6 +187,8 @@ struct Parser<'a> {
     /// `rules: exists` answers, by path: each file is looked at once.
     exists: HashMap<String, bool>,
     warnings: Vec<String>,
+    /// Excluded job to the clause that excluded it.
+    why_excluded: BTreeMap<String, String>,
     /// The YAML of every file, aliases expanded, and the texts kept for
     /// error positions.
     yaml_budget: Budget,
