@@ -84,6 +84,12 @@ pub struct Options {
     /// GitHub: fail on `uses:` steps kiln cannot run, instead of listing them
     /// in `Workflow::unsupported`.
     pub strict: bool,
+    /// GitHub: leave out `uses:` steps kiln cannot run (noted). Without it
+    /// such a step fails its job with a message that says so.
+    pub skip_unsupported_actions: bool,
+    /// The image of every job, whatever the file says (`--image`); GitHub
+    /// jobs whose `runs-on` has no mapping then run too.
+    pub image: Option<String>,
     /// GitHub `github.event_name` (default `push`).
     pub event_name: String,
     /// GitLab `CI_PIPELINE_SOURCE` (default `push`): `merge_request_event`,
@@ -106,6 +112,8 @@ impl Default for Options {
             gitlab_default_image: "ruby:3.1".to_string(),
             runner_images: RunnerImages::default(),
             strict: false,
+            skip_unsupported_actions: false,
+            image: None,
             event_name: "push".to_string(),
             pipeline_source: "push".to_string(),
             limits: Limits::default(),

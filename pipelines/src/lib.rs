@@ -208,9 +208,15 @@ pub fn load(
                     .iter()
                     .map(|e| format!("{}: excluded by {}", e.name, e.reason)),
             );
+            let mut jobs = p.jobs;
+            if let Some(image) = &opts.image {
+                for j in &mut jobs {
+                    j.image = image.clone();
+                }
+            }
             Ok(Pipeline {
                 format: Format::GitLab,
-                jobs: p.jobs,
+                jobs,
                 notes,
                 excluded,
             })
@@ -220,7 +226,7 @@ pub fn load(
             let mut notes = w.warnings;
             notes.extend(w.unsupported.iter().map(|u| format!("unsupported: {u}")));
             notes.extend(w.skipped.iter().map(|j| format!("{j}: skipped by `if`")));
-            let excluded = w
+            let mut excluded: Vec<Excluded> = w
                 .skipped
                 .iter()
                 .map(|j| Excluded {
@@ -228,6 +234,13 @@ pub fn load(
                     reason: "if: false".into(),
                 })
                 .collect();
+            for (name, reason) in &w.unmapped {
+                notes.push(format!("{name}: left out: {reason}"));
+                excluded.push(Excluded {
+                    name: name.clone(),
+                    reason: reason.clone(),
+                });
+            }
             Ok(Pipeline {
                 format: Format::GitHub,
                 jobs: w.jobs,

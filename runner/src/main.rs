@@ -415,6 +415,7 @@ fn plan_jobs(args: &RunJob) -> Result<Option<(Vec<JobSpec>, Option<PathBuf>)>> {
         opts.runner_images.set(label, image);
     }
     args.pipeline.apply(&mut ctx, &mut opts)?;
+    opts.image = args.image.clone();
     let pipeline = kiln::local::load_pipeline(file, &ctx, &opts)?;
     for n in &pipeline.notes {
         eprintln!("kiln: note: {n}");

@@ -28,6 +28,10 @@ pub struct PipelineArgs {
     /// workflow, `github.event_name`, e.g. pull_request).
     #[arg(long)]
     source: Option<String>,
+    /// GitHub: leave out `uses:` steps kiln cannot run instead of failing
+    /// the job at them.
+    #[arg(long)]
+    skip_unsupported_actions: bool,
     /// With --list: also list the jobs this pipeline leaves out, with the
     /// clause that leaves each out.
     #[arg(long, requires = "list")]
@@ -38,6 +42,7 @@ impl PipelineArgs {
     /// Applies the options to the context and parse options.
     pub fn apply(&self, ctx: &mut LocalContext, opts: &mut Options) -> Result<()> {
         opts.inputs = crate::key_values(&self.inputs, "--input")?;
+        opts.skip_unsupported_actions = self.skip_unsupported_actions;
         for (project, dir) in crate::key_values(&self.include_projects, "--include-project")? {
             let dir = PathBuf::from(dir);
             let dir = dir

@@ -74,6 +74,9 @@ pub struct Workflow {
     pub warnings: Vec<String>,
     /// Jobs whose `if:` is false when the file is parsed.
     pub skipped: Vec<String>,
+    /// Jobs left out because no image is known for their `runs-on`, with
+    /// what to pass (`-P label=IMAGE`).
+    pub unmapped: Vec<(String, String)>,
     /// Job id to the names of its matrix instances.
     pub groups: BTreeMap<String, Vec<String>>,
 }
@@ -120,8 +123,10 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
         unsupported: Vec::new(),
         warnings: Vec::new(),
         skipped: Vec::new(),
+        unmapped: Vec::new(),
         groups: BTreeMap::new(),
     };
+    w.warnings.extend(env::computed_envs(root));
     let Some(jobs) = root.get("jobs").and_then(Value::as_mapping) else {
         return Err(c.err(&[key("jobs")], "`jobs` is missing or not a mapping"));
     };
