@@ -128,7 +128,13 @@ impl Parser<'_> {
         let Some(list) = rules.as_sequence() else {
             return Err(self.err(path, "`rules` must be a list"));
         };
-        for (i, rule) in list.iter().enumerate() {
+        // `- !reference [.x, rules]` puts a list in the list: GitLab
+        // flattens it (one level, as it does for scripts).
+        let flat = list.iter().enumerate().flat_map(|(i, r)| match r {
+            Value::Sequence(inner) => inner.iter().map(|x| (i, x)).collect::<Vec<_>>(),
+            other => vec![(i, other)],
+        });
+        for (i, rule) in flat {
             let rp = join(path, &[Seg::Index(i)]);
             let Some(rule) = rule.as_mapping() else {
                 return Err(self.err(&rp, "a rule must be a mapping"));
