@@ -98,8 +98,9 @@ pub struct Options {
     pub pipeline_source: String,
     /// Bounds on the file and on what it expands to.
     pub limits: Limits,
-    /// GitLab CI/CD inputs of the main file (`spec: inputs`), as text
-    /// (`--input k=v`); converted to each input's declared type.
+    /// CI/CD inputs (`--input k=v`) as text, converted to each input's
+    /// declared type: GitLab `spec: inputs` of the main file, GitHub
+    /// `workflow_call`/`workflow_dispatch` inputs.
     pub inputs: Vec<(String, String)>,
     /// GitLab `include: project` paths mapped to local checkouts
     /// (`--include-project group/proj=DIR`).

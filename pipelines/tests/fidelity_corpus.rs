@@ -272,8 +272,17 @@ fn github_os_matrix_lists_unmapped_runners() {
 
 #[test]
 fn github_runner_from_an_input_and_self_hosted() {
-    // `inputs.os` defaults to ubuntu-latest (workflow_call default).
+    // `inputs.os` defaults to ubuntu-latest (workflow_call default); an
+    // `--input os=...` replaces it.
     let p = github("self-hosted.yml", &Options::default());
+    assert_eq!(jobs(&p), ["build"]);
+    assert_eq!(p.jobs[0].image, "catthehacker/ubuntu:act-latest");
+    let opts = Options {
+        inputs: vec![("os".into(), "ubuntu-20.04".into())],
+        ..Options::default()
+    };
+    let p2 = github("self-hosted.yml", &opts);
+    assert_eq!(p2.jobs[0].image, "catthehacker/ubuntu:act-20.04");
     let why = excluded(&p);
     assert!(
         why.iter()
@@ -283,7 +292,8 @@ fn github_runner_from_an_input_and_self_hosted() {
     let mut opts = Options::default();
     opts.runner_images.set("self-hosted", "my/runner:1");
     let p = github("self-hosted.yml", &opts);
-    assert!(jobs(&p).contains(&"gpu"), "{:?}", jobs(&p));
+    assert_eq!(jobs(&p), ["build", "gpu"]);
+    assert_eq!(p.jobs[1].needs.as_deref(), Some(&["build".to_string()][..]));
 }
 
 #[test]

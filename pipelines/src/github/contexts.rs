@@ -64,6 +64,7 @@ impl JobBuilder<'_> {
             ]),
         );
         cx.set("vars", ExprValue::object(ctx.extra_vars.iter().cloned()));
+        cx.set("inputs", self.inputs.clone());
         cx.set(
             "matrix",
             ExprValue::Object(
@@ -117,4 +118,46 @@ impl JobBuilder<'_> {
         }
         variables
     }
+}
+
+/// The `inputs` context: the defaults the workflow declares under
+/// `on.workflow_call.inputs` and `on.workflow_dispatch.inputs`, with the
+/// caller's `--input` values (as the declared `type`: boolean, number or
+/// string) over them.
+pub(super) fn inputs(root: &serde_yaml::Mapping, given: &[(String, String)]) -> ExprValue {
+    let mut out = BTreeMap::new();
+    let mut types = BTreeMap::new();
+    let on = root.get("on");
+    for trigger in ["workflow_dispatch", "workflow_call"] {
+        let Some(decl) = on
+            .and_then(|o| o.get(trigger))
+            .and_then(|t| t.get("inputs"))
+            .and_then(Value::as_mapping)
+        else {
+            continue;
+        };
+        for (k, d) in decl {
+            let Some(k) = k.as_str() else { continue };
+            let ty = d.get("type").and_then(Value::as_str).unwrap_or("string");
+            types.insert(k.to_string(), ty.to_string());
+            let v = match d.get("default") {
+                Some(v) => ExprValue::from_yaml(v),
+                None if ty == "boolean" => ExprValue::Bool(false),
+                None => ExprValue::String(String::new()),
+            };
+            out.insert(k.to_string(), v);
+        }
+    }
+    for (k, v) in given {
+        let typed = match types.get(k).map(String::as_str) {
+            Some("boolean") => v.parse().map(ExprValue::Bool).ok(),
+            Some("number") => v.parse().map(ExprValue::Number).ok(),
+            _ => None,
+        };
+        out.insert(
+            k.clone(),
+            typed.unwrap_or_else(|| ExprValue::String(v.clone())),
+        );
+    }
+    ExprValue::Object(out)
 }

@@ -133,6 +133,7 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
     let wf_env = env_map(root.get("env"), &[key("env")], &c, limits)?;
     let wf_defaults = run_defaults(root.get("defaults"), &[key("defaults")], &c)?;
     let workflow_name = w.name.clone().unwrap_or_else(|| file.to_string());
+    let inputs = contexts::inputs(root, &opts.inputs);
     let mut needs_raw: Vec<(usize, String, Vec<String>)> = Vec::new();
     let ids: BTreeSet<String> = jobs.keys().filter_map(scalar).collect();
     let mut instances = 0usize;
@@ -209,6 +210,7 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
                 wf_env: &wf_env,
                 wf_defaults: &wf_defaults,
                 workflow_name: &workflow_name,
+                inputs: &inputs,
                 out: &out,
             }
             .build(&mut w)?;
