@@ -332,3 +332,115 @@ fn github_jobs_gated_on_the_event() {
     };
     assert_eq!(jobs(&github("events.yml", &opts)), ["test", "nightly"]);
 }
+
+#[test]
+fn deploy_environments_by_source() {
+    // rules: `exists` asks the checkout (a Dockerfile is there); production
+    // is manual and allowed to fail as its rule says.
+    let c = checkout("x");
+    let p = gitlab("deploy-environments.gitlab-ci.yml", &c, &source("push"));
+    assert_eq!(jobs(&p), ["docker-build", "staging", "production"]);
+    assert_eq!(p.jobs[2].when, JobWhen::Manual);
+    assert_eq!(p.jobs[2].allow_failure, kiln_pipelines::AllowFailure::Yes);
+    let p = gitlab(
+        "deploy-environments.gitlab-ci.yml",
+        &c,
+        &source("merge_request_event"),
+    );
+    assert_eq!(jobs(&p), ["docker-build", "review"]);
+    // Another branch: nothing but what the rules allow there.
+    let mut dev = checkout("x");
+    dev.branch = Some("feature/x".into());
+    let p = gitlab("deploy-environments.gitlab-ci.yml", &dev, &source("push"));
+    assert!(jobs(&p).is_empty(), "{:?}", jobs(&p));
+    assert_eq!(p.excluded.len(), 4);
+}
+
+#[test]
+fn scheduled_and_web_pipelines() {
+    let c = checkout("x");
+    let p = gitlab("scheduled.gitlab-ci.yml", &c, &source("push"));
+    assert_eq!(jobs(&p), ["test", "lint"]);
+    let p = gitlab("scheduled.gitlab-ci.yml", &c, &source("schedule"));
+    assert_eq!(jobs(&p), ["fuzz"]);
+    let why = excluded(&p);
+    assert!(
+        why.contains(&("test", "test.rules[0]: when: never")),
+        "{why:?}"
+    );
+    assert!(
+        why.contains(&("lint", "except: [\"schedules\"]")),
+        "{why:?}"
+    );
+    let p = gitlab("scheduled.gitlab-ci.yml", &c, &source("web"));
+    assert_eq!(jobs(&p), ["test", "lint", "web-triggered"]);
+}
+
+#[test]
+fn anchored_variables_merge_in_order() {
+    // Psych: `<<: *common` then `<<: *debug` (overwrites LOG_LEVEL), then
+    // the explicit LANG overwrites both. The job's own `variables` win.
+    let p = gitlab(
+        "anchored-variables.gitlab-ci.yml",
+        &checkout("x"),
+        &Options::default(),
+    );
+    let j = &p.jobs[0];
+    assert_eq!(var(j, "LANG"), Some("C.UTF-8"), "job variables win");
+    assert_eq!(var(j, "LOG_LEVEL"), Some("info"), "job variables win");
+    assert_eq!(var(j, "RUST_BACKTRACE"), Some("1"), "from the global merge");
+    let plain = &p.jobs[1];
+    assert_eq!(var(plain, "LANG"), Some("en_US.UTF-8"), "the later key wins");
+    assert_eq!(var(plain, "LOG_LEVEL"), Some("debug"), "the later merge wins");
+}
+
+#[test]
+fn github_release_on_tags() {
+    // `if: startsWith(github.ref, 'refs/tags/v')` is false on a branch.
+    let p = github("release.yml", &Options::default());
+    assert_eq!(jobs(&p), ["build"]);
+    let root = corpus("fidelity/github");
+    let text = std::fs::read_to_string(root.join(".github/workflows/release.yml")).unwrap();
+    let mut c = checkout("fidelity/github");
+    c.tag = Some("v2.1.0".into());
+    c.branch = None;
+    let p = kiln_pipelines::load(
+        Path::new(".github/workflows/release.yml"),
+        &text,
+        &c,
+        &Options::default(),
+        &|_| Err(std::io::ErrorKind::NotFound.into()),
+    )
+    .unwrap();
+    assert_eq!(jobs(&p), ["build", "publish"]);
+    assert_eq!(var(&p.jobs[1], "GITHUB_REF"), Some("refs/tags/v2.1.0"));
+    assert_eq!(var(&p.jobs[1], "GITHUB_REF_TYPE"), Some("tag"));
+}
+
+#[test]
+fn github_container_with_services() {
+    let p = github("container-services.yml", &Options::default());
+    assert_eq!(jobs(&p), ["integration"]);
+    assert_eq!(p.jobs[0].image, "python:3.12");
+    assert_eq!(
+        var(&p.jobs[0], "DATABASE_URL"),
+        Some("postgres://postgres@postgres/test")
+    );
+    assert!(p.notes.iter().any(|n| n.contains("`services` are ignored")));
+}
+
+#[test]
+fn github_dispatch_inputs() {
+    // workflow_dispatch defaults: target staging, dry_run true (notify off).
+    let p = github("dispatch.yml", &Options::default());
+    assert_eq!(jobs(&p), ["deploy staging"]);
+    let opts = Options {
+        inputs: vec![
+            ("target".into(), "production".into()),
+            ("dry_run".into(), "false".into()),
+        ],
+        ..Options::default()
+    };
+    let p = github("dispatch.yml", &opts);
+    assert_eq!(jobs(&p), ["deploy production", "notify"]);
+}

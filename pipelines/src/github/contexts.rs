@@ -16,19 +16,12 @@ impl JobBuilder<'_> {
     /// left for the executor).
     pub(super) fn base_contexts(&self) -> Contexts {
         let ctx = self.ctx;
-        let branch = ctx.branch.clone().unwrap_or_default();
+        let (full_ref, ref_name, ref_type) = git_ref(ctx);
         let mut github: BTreeMap<String, ExprValue> = [
             ("sha", ctx.commit_sha.clone()),
-            (
-                "ref",
-                if branch.is_empty() {
-                    String::new()
-                } else {
-                    format!("refs/heads/{branch}")
-                },
-            ),
-            ("ref_name", branch.clone()),
-            ("ref_type", "branch".to_string()),
+            ("ref", full_ref),
+            ("ref_name", ref_name),
+            ("ref_type", ref_type.to_string()),
             ("head_ref", String::new()),
             ("base_ref", String::new()),
             ("repository", ctx.project_name.clone()),
@@ -111,12 +104,23 @@ impl JobBuilder<'_> {
         ] {
             variables.set(k, v);
         }
-        if let Some(b) = &ctx.branch {
-            variables.set("GITHUB_REF", format!("refs/heads/{b}"));
-            variables.set("GITHUB_REF_NAME", b.clone());
-            variables.set("GITHUB_REF_TYPE", "branch".into());
+        let (full_ref, ref_name, ref_type) = git_ref(ctx);
+        if !ref_name.is_empty() {
+            variables.set("GITHUB_REF", full_ref);
+            variables.set("GITHUB_REF_NAME", ref_name);
+            variables.set("GITHUB_REF_TYPE", ref_type.into());
         }
         variables
+    }
+}
+
+/// `github.ref`, `ref_name` and `ref_type`: the tag of a tag run, else the
+/// branch (all empty on a detached HEAD without a tag).
+fn git_ref(ctx: &crate::LocalContext) -> (String, String, &'static str) {
+    match (&ctx.tag, &ctx.branch) {
+        (Some(t), _) => (format!("refs/tags/{t}"), t.clone(), "tag"),
+        (None, Some(b)) => (format!("refs/heads/{b}"), b.clone(), "branch"),
+        (None, None) => (String::new(), String::new(), "branch"),
     }
 }
 
