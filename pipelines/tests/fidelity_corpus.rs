@@ -390,8 +390,16 @@ fn anchored_variables_merge_in_order() {
     assert_eq!(var(j, "LOG_LEVEL"), Some("info"), "job variables win");
     assert_eq!(var(j, "RUST_BACKTRACE"), Some("1"), "from the global merge");
     let plain = &p.jobs[1];
-    assert_eq!(var(plain, "LANG"), Some("en_US.UTF-8"), "the later key wins");
-    assert_eq!(var(plain, "LOG_LEVEL"), Some("debug"), "the later merge wins");
+    assert_eq!(
+        var(plain, "LANG"),
+        Some("en_US.UTF-8"),
+        "the later key wins"
+    );
+    assert_eq!(
+        var(plain, "LOG_LEVEL"),
+        Some("debug"),
+        "the later merge wins"
+    );
 }
 
 #[test]

@@ -425,6 +425,33 @@ mod tests {
     }
 
     #[test]
+    fn interpolation_is_bounded() {
+        // A 100 KiB input used 64 times in one value, then in 1000 values.
+        let big = "x".repeat(100 << 10);
+        let header = "spec:\n  inputs:\n    b:\n---\n";
+        let one = format!(
+            "{header}j:\n  script: \"{}\"\n",
+            "$[[ inputs.b ]]".repeat(64)
+        );
+        let mut opts = Options {
+            inputs: vec![("b".into(), big.clone())],
+            ..Options::default()
+        };
+        let e = parse_with(&one, &ctx(), &opts, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_script_bytes"), "{e}");
+        let many: String = (0..1000)
+            .map(|i| format!("j{i}:\n  script: $[[ inputs.b ]]\n"))
+            .collect();
+        opts.limits.max_yaml_bytes = 16 << 20;
+        let e = parse_with(&format!("{header}{many}"), &ctx(), &opts, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_yaml_bytes"), "{e}");
+    }
+
+    #[test]
     fn without_a_header_text_is_left_alone() {
         let p = parse_files("j:\n  script: echo '$[[ inputs.x ]]'\n", &[]).unwrap();
         assert_eq!(names(&p), ["j"]);
