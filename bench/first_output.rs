@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 use kiln_agent::proto::{
     Decoder, Frame, Start, StepSpec, CMDLINE_ROOTFSTYPE, ROOT_DISK_SERIAL, SCRATCH_DISK_SERIAL,
 };
-use kiln_images::rootfs::{rootfs_for, ImageSource};
-use kiln_images::Cache;
+use kiln_images::{Cache, ImageSource, Images, NoProgress};
 use kiln_tests::harness;
 use kiln_vmm::{Disk, MachineConfig};
 
@@ -58,11 +57,14 @@ fn main() {
     let image = harness::busybox_image();
     let cache = Cache::open(harness::cache_dir()).unwrap();
     // Warm: rootfs and initramfs cached, as the target says.
-    let rootfs = rootfs_for(
-        &cache,
-        &ImageSource::parse(&image.to_string_lossy()).unwrap(),
-    )
-    .unwrap();
+    let images = Images::new(cache.clone(), kiln::env::Env::read().images()).unwrap();
+    let rootfs = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(images.rootfs(
+            &ImageSource::parse(&image.to_string_lossy()).unwrap(),
+            std::sync::Arc::new(NoProgress),
+        ))
+        .unwrap();
     let initramfs = kiln_images::build_initramfs(&cache, &agent, &kernel).unwrap();
     let run_dir = harness::run_dir("bench");
 

@@ -431,7 +431,7 @@ fn measure(rounds: usize) {
 /// kiln's kvm backend against its qemu backend (QEMU with KVM), through
 /// the executor, to the first byte of a job's output.
 fn first_output(rounds: usize, cpu: &kiln_vmm::CpuVirt) {
-    use kiln::sink::BufferSink;
+    use kiln::joblog::BufferSink;
     use kiln_pipelines::{JobSpec, Step};
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -17,8 +17,32 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kiln_images::rootfs::{rootfs_for, ImageSource};
-use kiln_images::Cache;
+use kiln_images::{ImageError, ImageSource, Images, ImagesOptions, NoProgress, Rootfs};
+
+/// Root filesystems the way the executor gets them: one service (one
+/// registry client) over a cache, on a runtime.
+struct Kiln {
+    rt: tokio::runtime::Runtime,
+    images: Images,
+}
+
+impl Kiln {
+    fn open(cache_dir: &Path) -> Kiln {
+        let options = ImagesOptions::from_vars(|k| std::env::var_os(k));
+        Kiln {
+            rt: tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            images: Images::open(cache_dir, options).unwrap(),
+        }
+    }
+
+    fn rootfs(&self, src: &ImageSource) -> Result<Rootfs, ImageError> {
+        self.rt
+            .block_on(self.images.rootfs(src, std::sync::Arc::new(NoProgress)))
+    }
+}
 
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
@@ -243,17 +267,19 @@ fn compare(reg: &common::TestRegistry, name: &str, what: &str, rounds: usize, wa
     let mut fstype = String::new();
     let cold = best(rounds, || {
         let w = tempfile::tempdir().unwrap();
-        let cache = Cache::open(w.path()).unwrap();
-        let r = rootfs_for(&cache, &ImageSource::parse(&reference).unwrap()).unwrap();
+        let kiln = Kiln::open(w.path());
+        let r = kiln
+            .rootfs(&ImageSource::parse(&reference).unwrap())
+            .unwrap();
         fstype = r.fstype;
     });
 
     // kiln, warm: the same cache, image already pulled and built.
     let w = tempfile::tempdir().unwrap();
-    let cache = Cache::open(w.path()).unwrap();
+    let kiln = Kiln::open(w.path());
     let src = ImageSource::parse(&reference).unwrap();
-    rootfs_for(&cache, &src).unwrap();
-    let warm = best(warm_rounds, || rootfs_for(&cache, &src).unwrap());
+    kiln.rootfs(&src).unwrap();
+    let warm = best(warm_rounds, || kiln.rootfs(&src).unwrap());
 
     let ratio = cold.as_secs_f64() / baseline.as_secs_f64();
     if what.contains("smoke") {

@@ -13,10 +13,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::apply::tarstream::{Seekable, TarReader};
-use crate::apply::{Budget, Limits};
-use crate::cache::Cache;
+use crate::apply::{apply_blob_reader, Budget, Limits};
 use crate::oci::{self, Descriptor, ImageConfig};
-use crate::rootfs::{self, Rootfs};
 use crate::{quote, ImageError};
 
 /// Entries an image tar may have: a `docker save` tar has a few per layer.
@@ -84,7 +82,7 @@ impl TarIndex {
 
     fn read_small(&self, name: &str) -> Result<Vec<u8>, ImageError> {
         let (mut r, size) = self.reader(name)?;
-        if size > crate::registry::MAX_MANIFEST {
+        if size > oci::MAX_MANIFEST {
             return Err(ImageError::Corrupt {
                 what: format!("{}: {name}", self.path.display()),
                 detail: "larger than 4 MiB".into(),
@@ -226,32 +224,46 @@ fn plan_legacy(ix: &TarIndex, tag: Option<&str>) -> Result<(ImageConfig, Plan), 
     Ok((config, plan))
 }
 
-/// The rootfs of an image tar (cached by ChainID like any other).
-pub fn rootfs_from_archive(
-    cache: &Cache,
-    path: &Path,
-    tag: Option<&str>,
-    label: &str,
-) -> Result<Rootfs, ImageError> {
-    let ix = TarIndex::open(path)?;
-    let oci_form = ix.has("index.json") && ix.has("oci-layout");
-    let (config, plan) = if oci_form {
-        plan_oci(&ix, tag)?
-    } else if ix.has("manifest.json") {
-        plan_legacy(&ix, tag)?
-    } else {
-        return Err(ImageError::NotFound(format!(
-            "{} is not an image archive (no index.json or manifest.json)",
-            path.display()
-        )));
-    };
-    let chain_id = crate::apply::chain_id(&config.diff_ids);
-    if let Some(r) = rootfs::cached_rootfs(cache, &chain_id, &config, label) {
-        return Ok(r);
+/// An image in an image tar, indexed and planned: its config, and where
+/// each layer is in the tar.
+pub struct ArchiveImage {
+    ix: TarIndex,
+    /// Docker >= 25's OCI layout in a tar: blobs are named by digest and
+    /// verified against it (legacy layer names are not digests).
+    oci_form: bool,
+    pub config: ImageConfig,
+    plan: Plan,
+}
+
+impl ArchiveImage {
+    /// Index the tar at `path` and choose the image tagged `tag` (else the
+    /// first, or the linux/amd64 one).
+    pub fn open(path: &Path, tag: Option<&str>) -> Result<ArchiveImage, ImageError> {
+        let ix = TarIndex::open(path)?;
+        let oci_form = ix.has("index.json") && ix.has("oci-layout");
+        let (config, plan) = if oci_form {
+            plan_oci(&ix, tag)?
+        } else if ix.has("manifest.json") {
+            plan_legacy(&ix, tag)?
+        } else {
+            return Err(ImageError::NotFound(format!(
+                "{} is not an image archive (no index.json or manifest.json)",
+                path.display()
+            )));
+        };
+        Ok(ArchiveImage {
+            ix,
+            oci_form,
+            config,
+            plan,
+        })
     }
-    rootfs::build_rootfs_with(cache, &config, label, |tree, budget| {
-        for (name, d, diff_id) in &plan {
-            let (r, size) = ix.reader(name)?;
+
+    /// Apply the image's layers, base first, to `tree`, straight from their
+    /// offsets in the tar.
+    pub fn apply_layers(&self, tree: &Path, budget: &Budget) -> Result<(), ImageError> {
+        for (name, d, diff_id) in &self.plan {
+            let (r, size) = self.ix.reader(name)?;
             if size != d.size {
                 return Err(ImageError::Corrupt {
                     what: format!("layer {}", d.digest),
@@ -262,8 +274,8 @@ pub fn rootfs_from_archive(
                     ),
                 });
             }
-            rootfs::apply_blob_reader(r, d, diff_id, tree, oci_form, budget)?;
+            apply_blob_reader(r, d, diff_id, tree, self.oci_form, budget)?;
         }
         Ok(())
-    })
+    }
 }

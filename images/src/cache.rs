@@ -20,22 +20,8 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// `$KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
-    pub fn default_dir() -> PathBuf {
-        if let Some(d) = std::env::var_os("KILN_CACHE_DIR") {
-            return PathBuf::from(d);
-        }
-        if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-            return PathBuf::from(d).join("kiln");
-        }
-        let home = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/root"));
-        home.join(".cache").join("kiln")
-    }
-
     /// Opens (creating what is missing) the cache at `root`; images are
-    /// converted under [`Limits::from_env`].
+    /// converted under [`Limits::default`] (see [`Cache::with_limits`]).
     pub fn open(root: impl Into<PathBuf>) -> Result<Cache, ImageError> {
         let root = root.into();
         for sub in [
@@ -53,7 +39,7 @@ impl Cache {
         }
         Ok(Cache {
             root,
-            limits: Limits::from_env(),
+            limits: Limits::default(),
         })
     }
 

@@ -2,7 +2,13 @@
 //! the guest kernel, and the initramfs that carries the agent.
 //!
 //! This crate knows nothing about VMs: it produces files (a vmlinux, a cpio,
-//! an ext4 image) and the image's configuration.
+//! an ext4 image) and the image's configuration. It reads no environment
+//! variable: its settings are [`ImagesOptions`].
+//!
+//! A job's image: [`ImageSource::parse_with`] (the string, checked against
+//! the edge's [`ImagePolicy`]) → [`Images::rootfs`] (the one async path:
+//! `pull` resolves and downloads, `archive`/`oci` read local images,
+//! `apply` applies layers, `rootfs` builds and caches the file system).
 
 use std::path::{Path, PathBuf};
 
@@ -12,20 +18,27 @@ pub mod cache;
 pub mod initramfs;
 pub mod kernel;
 pub mod oci;
+pub mod options;
 pub mod pull;
 pub mod reference;
 pub mod registry;
 pub mod rootfs;
 pub mod scratch;
+pub mod source;
 pub mod store;
+
+mod service;
 
 pub use cache::Cache;
 pub use initramfs::build_initramfs;
 pub use kernel::Kernel;
 pub use oci::ImageConfig;
+pub use options::ImagesOptions;
 pub use reference::Reference;
-pub use registry::{PullProgress, RegistryConfig};
-pub use rootfs::Rootfs;
+pub use registry::{NoProgress, PullProgress, Registry, RegistryConfig};
+pub use rootfs::{Rootfs, RootfsFormat};
+pub use service::Images;
+pub use source::{ImagePolicy, ImageSource, Refusal};
 
 /// Errors of this crate. Messages name the file or layer that failed; text
 /// that comes from an image (names, digests, media types, registry bodies)
@@ -51,6 +64,11 @@ pub enum ImageError {
     NotFound(String),
     #[error("invalid image reference {}: {reason}", quote(.reference))]
     BadReference { reference: String, reason: String },
+    #[error("image {} is refused: {refusal}", quote(.image))]
+    Refused {
+        image: String,
+        refusal: source::Refusal,
+    },
     #[error("{}: {}", trunc(.reference, MAX_SHOWN), trunc(.detail, MAX_SHOWN_DETAIL))]
     Registry {
         reference: String,

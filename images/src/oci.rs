@@ -5,9 +5,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::apply::Budget;
 use crate::ImageError;
 
-const MAX_JSON: u64 = 4 << 20;
+/// Largest manifest, index or config accepted.
+pub const MAX_MANIFEST: u64 = 4 << 20;
 
 /// What a job needs from the image's config.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +127,16 @@ impl LayoutImage {
     /// Path of a blob, after checking the digest's form (no path tricks).
     pub fn blob_path(&self, d: &Descriptor) -> Result<PathBuf, ImageError> {
         blob_path(&self.dir, &d.digest)
+    }
+
+    /// Apply the image's layers, base first, to `tree` (each blob verified
+    /// against its digest: a layout directory is not the cache).
+    pub fn apply_layers(&self, tree: &Path, budget: &Budget) -> Result<(), ImageError> {
+        for (layer, diff_id) in self.manifest.layers.iter().zip(&self.config.diff_ids) {
+            let path = self.blob_path(layer)?;
+            crate::apply::apply_blob_file(&path, layer, diff_id, tree, true, budget)?;
+        }
+        Ok(())
     }
 }
 
@@ -263,14 +275,14 @@ fn read_limited(p: &Path) -> Result<Vec<u8>, ImageError> {
     if !m.is_file() {
         return Err(corrupt(&p.display().to_string(), "not a regular file"));
     }
-    if m.len() > MAX_JSON {
+    if m.len() > MAX_MANIFEST {
         return Err(corrupt(&p.display().to_string(), "larger than 4 MiB"));
     }
     let mut v = Vec::new();
-    f.take(MAX_JSON + 1)
+    f.take(MAX_MANIFEST + 1)
         .read_to_end(&mut v)
         .map_err(|e| ImageError::io("read", p, e))?;
-    if v.len() as u64 > MAX_JSON {
+    if v.len() as u64 > MAX_MANIFEST {
         return Err(corrupt(&p.display().to_string(), "larger than 4 MiB"));
     }
     Ok(v)

@@ -1,17 +1,19 @@
-//! Registry image → cached rootfs: resolve the reference (tag → digest once
-//! per pull, then everything by digest), download the layers concurrently
-//! into the shared blob store, and apply each as soon as it and the ones
-//! below it are there.
+//! Registry image → layer blobs in the cache: resolve the reference (tag →
+//! digest once per pull, then everything by digest) and download the
+//! layers concurrently into the shared blob store ([`Downloads`]), so that
+//! the builder can apply each as soon as it and the ones below it are there.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::oneshot;
+
 use crate::cache::Cache;
 use crate::oci::{self, Descriptor, ImageConfig, Manifest};
 use crate::reference::Reference;
 use crate::registry::{FetchedManifest, PullProgress, Registry, MAX_MANIFEST};
-use crate::rootfs::{self, Rootfs};
+use crate::rootfs;
 use crate::store::{self, ImageRecord};
 use crate::ImageError;
 
@@ -151,7 +153,7 @@ pub async fn resolve(
         &format!("manifest {manifest_digest} of {r}"),
     )?;
     // Before the config is fetched and the image recorded.
-    rootfs::check_layer_count(cache, manifest.layers.len(), &r.to_string())?;
+    rootfs::check_layer_count(cache.limits(), manifest.layers.len(), &r.to_string())?;
     let config_bytes = match store::read_small_blob(cache, &manifest.config.digest) {
         Some(b) => b,
         None => {
@@ -233,95 +235,71 @@ async fn ensure_blob(
     Ok(dest)
 }
 
-/// Download what is missing of `img` and build its rootfs.
-pub async fn build_rootfs(
-    cache: &Cache,
-    reg: &Registry,
-    r: &Reference,
-    img: &ResolvedImage,
-    progress: Arc<dyn PullProgress>,
-) -> Result<Rootfs, ImageError> {
-    let label = r.to_string();
-    if let Some(rf) = rootfs::cached_rootfs(cache, &img.record.chain_id, &img.config, &label) {
-        return Ok(rf);
-    }
-    // Before any download.
-    rootfs::check_layer_count(cache, img.manifest.layers.len(), &label)?;
-    let pinned = r.with_digest(&img.record.digest);
-    let slots = Arc::new(tokio::sync::Semaphore::new(
-        reg.config().max_concurrent_downloads.max(1),
-    ));
-    let mut downloads = Vec::new();
-    let mut aborts = Vec::new();
-    for layer in &img.manifest.layers {
-        let h = tokio::spawn(ensure_blob(
-            cache.clone(),
-            reg.clone(),
-            pinned.clone(),
-            layer.clone(),
-            progress.clone(),
-            slots.clone(),
+/// The layer downloads of one image, in flight on the runtime, base
+/// first. Dropping it aborts those still running.
+pub struct Downloads {
+    pending: std::collections::VecDeque<oneshot::Receiver<Result<PathBuf, ImageError>>>,
+    aborts: Vec<tokio::task::AbortHandle>,
+}
+
+impl Downloads {
+    /// Start downloading what the cache lacks of `layers` (of `r`, pinned
+    /// to a digest), at most [`RegistryConfig::max_concurrent_downloads`]
+    /// at once. Must be called on a tokio runtime.
+    ///
+    /// [`RegistryConfig::max_concurrent_downloads`]: crate::RegistryConfig::max_concurrent_downloads
+    pub fn start(
+        cache: &Cache,
+        reg: &Registry,
+        r: &Reference,
+        layers: &[Descriptor],
+        progress: Arc<dyn PullProgress>,
+    ) -> Downloads {
+        let slots = Arc::new(tokio::sync::Semaphore::new(
+            reg.config().max_concurrent_downloads.max(1),
         ));
-        aborts.push(h.abort_handle());
-        downloads.push(h);
-    }
-    let rt = tokio::runtime::Handle::current();
-    let (cache2, img2, label2) = (cache.clone(), img.clone(), label.clone());
-    let built = tokio::task::spawn_blocking(move || {
-        rootfs::build_rootfs_with(&cache2, &img2.config, &label2, |tree, budget| {
-            let layers = img2.manifest.layers.iter().zip(&img2.config.diff_ids);
-            for ((layer, diff_id), h) in layers.zip(downloads) {
-                let path = rt.block_on(h).map_err(|e| ImageError::Corrupt {
-                    what: format!("layer {}", layer.digest),
-                    detail: format!("download task: {e}"),
-                })??;
-                progress.stage(&format!("applying layer {}", short(&layer.digest)));
-                rootfs::apply_blob_file(&path, layer, diff_id, tree, false, budget)?;
-            }
-            progress.stage("building the root filesystem");
-            Ok(())
-        })
-    })
-    .await;
-    for a in aborts {
-        a.abort();
-    }
-    let rootfs = built.map_err(|e| ImageError::Corrupt {
-        what: format!("rootfs of {label}"),
-        detail: format!("build task: {e}"),
-    })??;
-    let max = store::max_bytes_from_env();
-    let cache2 = cache.clone();
-    let _ = tokio::task::spawn_blocking(move || {
-        if let Err(e) = store::prune(&cache2, false, Some(max)) {
-            tracing::warn!("cache eviction failed: {e}");
+        let mut d = Downloads {
+            pending: Default::default(),
+            aborts: Vec::new(),
+        };
+        for layer in layers {
+            let (tx, rx) = oneshot::channel();
+            let download = ensure_blob(
+                cache.clone(),
+                reg.clone(),
+                r.clone(),
+                layer.clone(),
+                progress.clone(),
+                slots.clone(),
+            );
+            let h = tokio::spawn(async move {
+                let _ = tx.send(download.await);
+            });
+            d.aborts.push(h.abort_handle());
+            d.pending.push_back(rx);
         }
-    })
-    .await;
-    Ok(rootfs)
+        d
+    }
+
+    /// The path of the next layer (base first) once it is in the cache.
+    /// Blocking: for the thread that applies the layers, never an async
+    /// task.
+    pub fn wait_next(&mut self, layer: &Descriptor) -> Result<PathBuf, ImageError> {
+        let gone = || ImageError::Corrupt {
+            what: format!("layer {}", layer.digest),
+            detail: "the download task ended without a result".into(),
+        };
+        let rx = self.pending.pop_front().ok_or_else(gone)?;
+        rx.blocking_recv().map_err(|_| gone())?
+    }
 }
 
-/// The rootfs of a registry image (resolution cached for `tag_ttl`).
-pub async fn rootfs_for_reference(
-    cache: &Cache,
-    reg: &Registry,
-    r: &Reference,
-    progress: Arc<dyn PullProgress>,
-) -> Result<Rootfs, ImageError> {
-    let img = resolve(cache, reg, r, false).await?;
-    build_rootfs(cache, reg, r, &img, progress).await
-}
-
-/// `kiln image pull`: resolve the tag now, then download and build.
-pub async fn pull(
-    cache: &Cache,
-    reg: &Registry,
-    r: &Reference,
-    progress: Arc<dyn PullProgress>,
-) -> Result<(ResolvedImage, Rootfs), ImageError> {
-    let img = resolve(cache, reg, r, true).await?;
-    let rootfs = build_rootfs(cache, reg, r, &img, progress).await?;
-    Ok((img, rootfs))
+impl Drop for Downloads {
+    fn drop(&mut self) {
+        for a in &self.aborts {
+            a.abort();
+        }
+    }
 }
 
 /// `sha256:0123456789ab`.

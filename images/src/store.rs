@@ -13,17 +13,10 @@ use crate::cache::{remove_any, sha256_hex, Cache};
 use crate::reference::Reference;
 use crate::ImageError;
 
-/// Default cache size bound (`$KILN_CACHE_MAX_GB` overrides).
+/// Default cache size bound ([`ImagesOptions::cache_max_bytes`]).
+///
+/// [`ImagesOptions::cache_max_bytes`]: crate::ImagesOptions::cache_max_bytes
 pub const DEFAULT_MAX_BYTES: u64 = 20 << 30;
-
-/// The configured size bound of the cache, in bytes.
-pub fn max_bytes_from_env() -> u64 {
-    std::env::var("KILN_CACHE_MAX_GB")
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .map(|g| (g * (1u64 << 30) as f64) as u64)
-        .unwrap_or(DEFAULT_MAX_BYTES)
-}
 
 /// What a reference resolved to when it was pulled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,7 +65,7 @@ pub fn present_blob(cache: &Cache, digest: &str, size: u64) -> Option<PathBuf> {
 pub fn read_small_blob(cache: &Cache, digest: &str) -> Option<Vec<u8>> {
     let p = blob_path(cache, digest).ok()?;
     let m = std::fs::metadata(&p).ok()?;
-    if m.len() > crate::registry::MAX_MANIFEST {
+    if m.len() > crate::oci::MAX_MANIFEST {
         return None;
     }
     let bytes = std::fs::read(&p).ok()?;

@@ -1,4 +1,4 @@
-//! Hostile images, converted the way a job's image is (`rootfs_for`): tars
+//! Hostile images, converted the way a job's image is (`Images::rootfs`): tars
 //! that claim huge names, PAX headers and sparse files, zip bombs, layers cut
 //! short or that are no tar at all, manifests pointing outside their archive,
 //! deep trees, symlink loops, millions of entries.
@@ -42,10 +42,17 @@ const TAR_ZST: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 /// `<dir>/cache`, writes `<dir>/result` (peak memory in KiB, `ok` or `err`,
 /// then the image path or the error with its sources) and exits.
 fn child(dir: &Path) -> ! {
-    use kiln_images::rootfs::{rootfs_for, ImageSource};
+    use kiln_images::{ImageSource, Images, ImagesOptions, NoProgress};
     let source = fs::read_to_string(dir.join("source")).unwrap();
-    let cache = kiln_images::Cache::open(dir.join("cache")).unwrap();
-    let result = ImageSource::parse(&source).and_then(|s| rootfs_for(&cache, &s));
+    // The variables the test set, read as `kiln` reads them.
+    let options = ImagesOptions::from_vars(|k| std::env::var_os(k));
+    let images = Images::open(dir.join("cache"), options).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = ImageSource::parse(&source)
+        .and_then(|s| rt.block_on(images.rootfs(&s, std::sync::Arc::new(NoProgress))));
     let text = match result {
         Ok(r) => format!("ok\n{}", r.image.display()),
         Err(e) => format!("err\n{}", chain(&e)),

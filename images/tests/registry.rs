@@ -12,9 +12,10 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response;
 use common::{Comp, TestRegistry};
-use kiln_images::registry::{Registry, RegistryConfig};
-use kiln_images::rootfs::{rootfs_for, ImageSource};
-use kiln_images::{Cache, ImageError, Reference};
+use kiln_images::{
+    Cache, ImageError, ImageSource, Images, ImagesOptions, NoProgress, Reference, RegistryConfig,
+    Rootfs,
+};
 
 fn new_cache() -> (tempfile::TempDir, Cache) {
     let t = tempfile::tempdir().unwrap();
@@ -26,6 +27,31 @@ fn pull(cache: &Cache, reference: &str) -> Result<kiln_images::Rootfs, ImageErro
     let src = ImageSource::parse(reference)?;
     assert!(matches!(src, ImageSource::Registry(_)), "{src:?}");
     rootfs_for(cache, &src)
+}
+
+/// The rootfs of `src` through a service over `cache` with registry
+/// settings `cfg`, on a runtime of its own.
+fn rootfs_with(
+    cache: &Cache,
+    cfg: RegistryConfig,
+    src: &ImageSource,
+) -> Result<Rootfs, ImageError> {
+    let options = ImagesOptions {
+        registry: cfg,
+        ..Default::default()
+    };
+    let images = Images::new(cache.clone(), options)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(images.rootfs(src, Arc::new(NoProgress)))
+}
+
+/// [`rootfs_with`] with the default registry settings.
+fn rootfs_for(cache: &Cache, src: &ImageSource) -> Result<Rootfs, ImageError> {
+    rootfs_with(cache, RegistryConfig::default(), src)
 }
 
 fn read_in_rootfs(r: &kiln_images::Rootfs, path: &str) -> Vec<u8> {
@@ -501,20 +527,8 @@ fn bearer_token_auth_redirects_retries_and_one_download_for_concurrent_pulls() {
         backoff: std::time::Duration::from_millis(10),
         ..Default::default()
     };
-    let anon = Registry::new(cfg.clone()).unwrap();
     let src_ref = ImageSource::Registry(reference.clone());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let e = rt
-        .block_on(kiln_images::rootfs::rootfs_for_async(
-            &cache,
-            &src_ref,
-            &anon,
-            Arc::new(kiln_images::registry::NoProgress),
-        ))
+    let e = rootfs_with(&cache, cfg.clone(), &src_ref)
         .unwrap_err()
         .to_string();
     assert!(e.contains("401"), "{e}");
@@ -535,16 +549,7 @@ fn bearer_token_auth_redirects_retries_and_one_download_for_concurrent_pulls() {
         let hs: Vec<_> = (0..3)
             .map(|_| {
                 let (cache, cfg, src_ref) = (cache.clone(), cfg.clone(), src_ref.clone());
-                s.spawn(move || {
-                    let reg = Registry::new(cfg).unwrap();
-                    kiln_images::rootfs::block_on(kiln_images::rootfs::rootfs_for_async(
-                        &cache,
-                        &src_ref,
-                        &reg,
-                        Arc::new(kiln_images::registry::NoProgress),
-                    ))
-                    .unwrap()
-                })
+                s.spawn(move || rootfs_with(&cache, cfg, &src_ref))
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
@@ -566,14 +571,7 @@ fn bearer_token_auth_redirects_retries_and_one_download_for_concurrent_pulls() {
     // Within the tag TTL a pull asks the registry nothing.
     let gets = proxy.manifest_gets.load(Ordering::SeqCst);
     let before = proxy.first_429.load(Ordering::SeqCst);
-    let again = kiln_images::rootfs::block_on(kiln_images::rootfs::rootfs_for_async(
-        &cache,
-        &src_ref,
-        &Registry::new(cfg.clone()).unwrap(),
-        Arc::new(kiln_images::registry::NoProgress),
-    ))
-    .unwrap()
-    .unwrap();
+    let again = rootfs_with(&cache, cfg.clone(), &src_ref).unwrap();
     assert_eq!(again.image, first.image);
     assert_eq!(proxy.manifest_gets.load(Ordering::SeqCst), gets);
     assert_eq!(proxy.first_429.load(Ordering::SeqCst), before);
@@ -617,13 +615,7 @@ fn basic_auth_pulls_with_the_right_password_and_refuses_a_wrong_one() {
             .unwrap();
             cfg.load_auth_file(&dcfg).unwrap();
         }
-        let r = kiln_images::rootfs::block_on(kiln_images::rootfs::rootfs_for_async(
-            &cache,
-            &src_ref,
-            &Registry::new(cfg).unwrap(),
-            Arc::new(kiln_images::registry::NoProgress),
-        ))
-        .unwrap();
+        let r = rootfs_with(&cache, cfg, &src_ref);
         (t, r)
     };
     let (_t, none) = pull_with(None);
@@ -654,17 +646,9 @@ fn insecure_http_is_refused_for_non_loopback_hosts() {
         connect_timeout: std::time::Duration::from_millis(300),
         ..Default::default()
     };
-    let reg = Registry::new(cfg).unwrap();
     // 192.0.2.0/24 is TEST-NET-1: unroutable. https is what is tried.
     let src = ImageSource::parse("192.0.2.1:5000/x/y:z").unwrap();
-    let e = kiln_images::rootfs::block_on(kiln_images::rootfs::rootfs_for_async(
-        &cache,
-        &src,
-        &reg,
-        Arc::new(kiln_images::registry::NoProgress),
-    ))
-    .unwrap()
-    .unwrap_err();
+    let e = rootfs_with(&cache, cfg, &src).unwrap_err();
     let chain = error_chain(&e);
     assert!(
         chain.contains("https://192.0.2.1:5000/v2/x/y/manifests/z"),

@@ -6,12 +6,28 @@ use std::path::{Path, PathBuf};
 pub const BUILD_HINT: &str =
     "cargo build -p kiln-agent --target x86_64-unknown-linux-musl --profile agent";
 
-/// `$KILN_AGENT`, else the cargo target directory's musl build, else a static
-/// `kiln-agent` next to the kiln binary, else `/usr/lib/kiln/kiln-agent`.
-pub fn locate_agent() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("KILN_AGENT") {
-        let p = PathBuf::from(p);
-        return check(&p).map(|()| p);
+/// Why no usable agent was found.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("the guest agent binary (static, x86_64-unknown-linux-musl) was not found; build it with `{BUILD_HINT}` or set KILN_AGENT")]
+    NotFound,
+    #[error("cannot read the agent {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a static x86_64 ELF executable; build it with `{BUILD_HINT}`", path.display())]
+    NotStatic { path: PathBuf },
+}
+
+/// `named` (the user's choice, e.g. `$KILN_AGENT` read at the edge) if it
+/// is a static executable, else the cargo target directory's musl build,
+/// else a static `kiln-agent` next to the kiln binary, else
+/// `/usr/lib/kiln/kiln-agent`.
+pub fn locate_agent(named: Option<&Path>) -> Result<PathBuf, AgentError> {
+    if let Some(p) = named {
+        return check(p).map(|()| p.to_path_buf());
     }
     let mut candidates = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
@@ -34,23 +50,25 @@ pub fn locate_agent() -> Result<PathBuf, String> {
         }
     }
     candidates.push("/usr/lib/kiln/kiln-agent".into());
-    candidates.into_iter().find(|p| check(p).is_ok()).ok_or_else(|| {
-        format!("the guest agent binary (static, x86_64-unknown-linux-musl) was not found; build it with `{BUILD_HINT}` or set KILN_AGENT")
-    })
+    candidates
+        .into_iter()
+        .find(|p| check(p).is_ok())
+        .ok_or(AgentError::NotFound)
 }
 
 /// The agent runs as PID 1 with nothing else in the initramfs: it must be a
 /// static ELF (no program interpreter).
-fn check(p: &Path) -> Result<(), String> {
-    let bytes =
-        std::fs::read(p).map_err(|e| format!("cannot read the agent {}: {e}", p.display()))?;
+fn check(p: &Path) -> Result<(), AgentError> {
+    let bytes = std::fs::read(p).map_err(|source| AgentError::Read {
+        path: p.to_path_buf(),
+        source,
+    })?;
     if is_static_elf(&bytes) {
         Ok(())
     } else {
-        Err(format!(
-            "{} is not a static x86_64 ELF executable; build it with `{BUILD_HINT}`",
-            p.display()
-        ))
+        Err(AgentError::NotStatic {
+            path: p.to_path_buf(),
+        })
     }
 }
 
@@ -83,5 +101,7 @@ mod tests {
         assert!(!is_static_elf(&me));
         assert!(!is_static_elf(b"#!/bin/sh\n"));
         assert!(!is_static_elf(&me[..100]));
+        let e = locate_agent(Some(&std::env::current_exe().unwrap())).unwrap_err();
+        assert!(matches!(e, AgentError::NotStatic { .. }), "{e}");
     }
 }

@@ -4,8 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kiln_images::ImagePolicy;
 use kiln_vmm::BackendKind;
 use serde::{Deserialize, Serialize};
+
+use crate::executor;
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -46,22 +49,36 @@ pub struct Config {
     /// they are canceled and reported as `runner_system_failure`.
     #[serde(default = "thirty")]
     pub shutdown_timeout: u64,
-    /// Per-VM files and per-job workspaces (default: see `paths::default_run_dir`).
+    /// Per-VM files and per-job workspaces (default: `$KILN_RUN_DIR`, else
+    /// [`crate::paths::default_run_dir`]; filled in by `kiln daemon`).
     #[serde(default)]
     pub run_dir: Option<PathBuf>,
-    /// Guest agent binary (default: found next to kiln).
+    /// Guest agent binary (default: `$KILN_AGENT`, else found next to kiln).
     #[serde(default)]
     pub agent: Option<PathBuf>,
     /// Guest kernel (default: the cached distribution kernel).
     #[serde(default)]
     pub kernel: Option<PathBuf>,
     /// Seconds from VM start to the agent being ready.
-    #[serde(default = "sixty")]
+    #[serde(default = "boot_timeout")]
     pub boot_timeout: u64,
     /// Where serial logs of VMs that failed are kept (default:
-    /// `$XDG_STATE_HOME/kiln/logs`, else `~/.local/state/kiln/logs`).
+    /// `$XDG_STATE_HOME/kiln/logs`, else `~/.local/state/kiln/logs`; see
+    /// [`crate::paths::default_log_dir`]).
     #[serde(default)]
     pub log_dir: Option<PathBuf>,
+    /// The cache of runners that name none, from the environment (filled at
+    /// the edge, `kiln::env::Env::complete`).
+    #[serde(skip)]
+    pub cache_dir: Option<PathBuf>,
+    /// How images are pulled, converted and cached, from the environment
+    /// (filled at the edge, `kiln::env::Env::complete`).
+    #[serde(skip)]
+    pub images: kiln_images::ImagesOptions,
+    /// The QEMU binary of the qemu backend (default: `$KILN_QEMU`, else
+    /// `qemu-system-x86_64` from `PATH`).
+    #[serde(default)]
+    pub qemu: Option<PathBuf>,
     #[serde(default)]
     pub runners: Vec<RunnerConfig>,
 }
@@ -78,11 +95,28 @@ pub struct RunnerConfig {
     /// Jobs of this runner at once; 0 = only `concurrent` limits.
     #[serde(default)]
     pub limit: usize,
-    /// Image for jobs that name none (an OCI layout directory for now).
+    /// Image for jobs that name none: a registry reference, or a path on
+    /// this host (an OCI layout directory or an image tar). The runner's
+    /// own choice, so neither `allowed_images` nor `allow_local_images`
+    /// applies to it.
     #[serde(default)]
     pub image: Option<String>,
+    /// Images a job's `image:` may name, as gitlab-runner's
+    /// `allowed_images`: `*` matches within one path component
+    /// (`docker.io/library/*`), `**` across them (`ghcr.io/acme/**`);
+    /// matched against the image as written and normalised
+    /// (`alpine` is `docker.io/library/alpine:latest`). Empty (the
+    /// default): any registry image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_images: Vec<String>,
+    /// Whether a job's `image:` may be a path on this host (absolute, an
+    /// OCI layout directory or an image tar). Off by default: a job could
+    /// otherwise have the runner read any image-shaped path it can read.
+    /// With `allowed_images`, a path must also match one of them.
+    #[serde(default)]
+    pub allow_local_images: bool,
     /// vCPUs per VM.
-    #[serde(default = "two")]
+    #[serde(default = "vcpus")]
     pub cpus: u32,
     /// Guest memory, MiB.
     #[serde(default = "mem")]
@@ -96,16 +130,14 @@ pub struct RunnerConfig {
     /// Image, kernel and initramfs cache (default: kiln's cache directory).
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
-    /// `auto`, `kvm` or `qemu`.
-    #[serde(default = "auto")]
-    pub backend: String,
+    /// `auto`, `kvm` or `qemu`, as `--backend` takes it.
+    #[serde(default, with = "backend_name")]
+    pub backend: BackendKind,
 }
 
+// The VM settings default to the executor's (`executor::DEFAULT_*`).
 fn one() -> usize {
     1
-}
-fn two() -> u32 {
-    2
 }
 fn three() -> u64 {
     3
@@ -113,20 +145,41 @@ fn three() -> u64 {
 fn thirty() -> u64 {
     30
 }
-fn sixty() -> u64 {
-    60
+fn boot_timeout() -> u64 {
+    executor::DEFAULT_BOOT_TIMEOUT.as_secs()
+}
+fn vcpus() -> u32 {
+    executor::DEFAULT_VCPUS
 }
 fn mem() -> u32 {
-    2048
+    executor::DEFAULT_MEMORY_MIB
 }
 fn disk() -> u64 {
-    16
+    executor::DEFAULT_DISK_GIB
 }
 fn output_limit() -> u64 {
     4096
 }
-fn auto() -> String {
-    "auto".into()
+
+/// `backend = "kvm"`: the backend by the name `--backend` takes; an
+/// unknown name is refused with the names there are.
+mod backend_name {
+    use kiln_vmm::BackendKind;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &BackendKind, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match b {
+            BackendKind::Auto => "auto",
+            BackendKind::Kvm => "kvm",
+            BackendKind::Qemu => "qemu",
+        })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BackendKind, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 impl Config {
@@ -161,7 +214,6 @@ impl Config {
                     r.name, r.url
                 )));
             }
-            r.backend_kind()?;
         }
         Ok(())
     }
@@ -221,10 +273,9 @@ impl Default for Config {
 }
 
 impl RunnerConfig {
-    pub fn backend_kind(&self) -> Result<BackendKind, ConfigError> {
-        self.backend
-            .parse()
-            .map_err(|e| ConfigError::Invalid(format!("runner '{}': backend: {e}", self.name)))
+    /// What a job's `image:` may name on this runner.
+    pub fn image_policy(&self) -> ImagePolicy {
+        ImagePolicy::provider(self.allow_local_images, self.allowed_images.clone())
     }
 
     /// The trace cap in bytes.
@@ -261,7 +312,18 @@ image = "/images/debian"
             (2, 4096, 2, 2048)
         );
         assert_eq!(r.output_limit_bytes(), 4096 * 1024);
-        assert_eq!(r.backend_kind().unwrap(), BackendKind::Auto);
+        assert_eq!(r.backend, BackendKind::Auto);
+        // Registry images only, any of them, unless configured.
+        assert_eq!(r.image_policy(), ImagePolicy::provider(false, vec![]));
+        let c: Config = toml::from_str(
+            "[[runners]]\nname='a'\nurl='https://x'\ntoken='t'\n\
+             allowed_images=['docker.io/library/*']\nallow_local_images=true\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.runners[0].image_policy(),
+            ImagePolicy::provider(true, vec!["docker.io/library/*".into()])
+        );
     }
 
     #[test]
@@ -272,6 +334,25 @@ image = "/images/debian"
         let c: Config =
             toml::from_str("[[runners]]\nname='a'\nurl='ftp://x'\ntoken='t'\n").unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn backends_are_named_as_on_the_command_line() {
+        let c: Config =
+            toml::from_str("[[runners]]\nname='a'\nurl='https://x'\ntoken='t'\nbackend='qemu'\n")
+                .unwrap();
+        assert_eq!(c.runners[0].backend, BackendKind::Qemu);
+        let back: Config = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back.runners[0].backend, BackendKind::Qemu);
+        let e = toml::from_str::<Config>(
+            "[[runners]]\nname='a'\nurl='https://x'\ntoken='t'\nbackend='vmware'\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("unknown backend 'vmware' (expected auto, kvm or qemu)"),
+            "{e}"
+        );
     }
 
     #[test]

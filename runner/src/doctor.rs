@@ -8,6 +8,8 @@ use kiln_images::{Cache, Kernel};
 use kiln_vmm::{BackendKind, KvmSupport};
 use serde::Serialize;
 
+use kiln::env::Env;
+
 #[derive(Serialize)]
 struct Check {
     name: &'static str,
@@ -31,16 +33,12 @@ fn tool_version(cmd: &str, args: &[&str]) -> Option<String> {
         .map(|l| l.trim().to_string())
 }
 
-pub fn run(cache_dir: &Path, json: bool) -> Result<ExitCode> {
+pub fn run(cache_dir: &Path, env: &Env, json: bool) -> Result<ExitCode> {
     let mut checks = Vec::new();
     let kvm = kiln_vmm::probe_kvm();
     let cpu = kiln_vmm::cpu_virt();
     checks.push(kvm_check(&kvm, &cpu));
-    // edge: read at the runner
-    let qemu = kiln_vmm::QemuOptions::new(std::env::var_os("KILN_QEMU"))
-        .binary
-        .to_string_lossy()
-        .into_owned();
+    let qemu = env.qemu().binary.to_string_lossy().into_owned();
     let qemu_version = tool_version(&qemu, &["--version"]);
     checks.push(match &qemu_version {
         Some(v) => Check {
@@ -144,7 +142,7 @@ pub fn run(cache_dir: &Path, json: bool) -> Result<ExitCode> {
             )),
         }),
     }
-    checks.push(match kiln::agent::locate_agent() {
+    checks.push(match kiln::agent::locate_agent(env.agent()) {
         Ok(p) => Check {
             name: "agent",
             status: "ok",
@@ -154,11 +152,11 @@ pub fn run(cache_dir: &Path, json: bool) -> Result<ExitCode> {
         Err(e) => Check {
             name: "agent",
             status: "fail",
-            detail: e,
+            detail: kiln::executor::error_chain(&e),
             fix: Some(kiln::agent::BUILD_HINT.into()),
         },
     });
-    let run_dir = kiln::paths::default_run_dir();
+    let run_dir = env.run_dir();
     let writable = std::fs::create_dir_all(&run_dir).is_ok() && tempfile_in(&run_dir);
     checks.push(if writable {
         Check {

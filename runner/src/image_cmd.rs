@@ -10,10 +10,8 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use kiln_images::pull::short;
-use kiln_images::registry::{PullProgress, Registry, RegistryConfig};
-use kiln_images::rootfs::{rootfs_for_async, ImageSource};
 use kiln_images::store;
-use kiln_images::{Cache, Reference};
+use kiln_images::{Cache, ImageSource, Images, PullProgress, Reference};
 
 #[derive(Subcommand)]
 pub enum ImageCmd {
@@ -112,7 +110,7 @@ pub fn run(cmd: ImageCmd, cache_dir: &Path) -> Result<ExitCode> {
             let max = match (&max_size, all) {
                 (_, true) => Some(0),
                 (Some(s), _) => Some(parse_size(s)?),
-                (None, _) => Some(store::max_bytes_from_env()),
+                (None, _) => Some(kiln::env::Env::read().images().cache_max_bytes),
             };
             let report = store::prune(&cache, true, max)?;
             println!(
@@ -128,13 +126,13 @@ pub fn run(cmd: ImageCmd, cache_dir: &Path) -> Result<ExitCode> {
 
 fn pull(cache: &Cache, image: &str, insecure: bool) -> Result<ExitCode> {
     let source = ImageSource::parse(image)?;
-    let mut config = RegistryConfig::from_env();
+    let mut options = kiln::env::Env::read().images();
     if insecure {
         if let ImageSource::Registry(r) = &source {
-            config.insecure.insert(r.registry.clone());
+            options.registry.insecure.insert(r.registry.clone());
         }
     }
-    let reg = Registry::new(config)?;
+    let images = Images::new(cache.clone(), options)?;
     let progress: Arc<dyn PullProgress> = Arc::new(Bars::new());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -142,15 +140,7 @@ fn pull(cache: &Cache, image: &str, insecure: bool) -> Result<ExitCode> {
         .build()?;
     let t0 = std::time::Instant::now();
     let rootfs = rt
-        .block_on(async {
-            if let ImageSource::Registry(r) = &source {
-                kiln_images::pull::pull(cache, &reg, r, progress.clone())
-                    .await
-                    .map(|(_, rootfs)| rootfs)
-            } else {
-                rootfs_for_async(cache, &source, &reg, progress.clone()).await
-            }
-        })
+        .block_on(images.pull(&source, progress.clone()))
         .with_context(|| format!("pulling {image}"))?;
     progress.stage("");
     println!(

@@ -3,10 +3,11 @@
 pub mod agent;
 pub mod checkout;
 pub mod config;
+pub mod env;
 pub mod executor;
 pub mod gitlab;
+pub mod joblog;
 pub mod local;
 pub mod paths;
-pub mod sink;
 
 pub use executor::{Executor, ExecutorConfig, FailureReason, JobResult};

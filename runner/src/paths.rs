@@ -1,15 +1,15 @@
-//! Where kiln keeps per-VM files, and cleaning up after a crashed kiln.
+//! Where kiln keeps per-VM files and serial logs by default, and cleaning up
+//! after a crashed kiln. The environment these defaults come from is read at
+//! the edge (`kiln::env`) and passed in.
 
 use std::path::{Path, PathBuf};
 
-/// Per-VM files (scratch disks, sockets): `$KILN_RUN_DIR`, else
-/// `$XDG_RUNTIME_DIR/kiln`, else `/run/kiln` for root, else `/tmp/kiln-<uid>`.
-pub fn default_run_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("KILN_RUN_DIR") {
-        return d.into();
-    }
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(d).join("kiln");
+/// Per-VM files (scratch disks, sockets) when nothing names a place:
+/// `<runtime_dir>/kiln` (`runtime_dir` is `$XDG_RUNTIME_DIR`, read at the
+/// edge), else `/run/kiln` for root, else `/tmp/kiln-<uid>`.
+pub fn default_run_dir(runtime_dir: Option<&Path>) -> PathBuf {
+    if let Some(d) = runtime_dir {
+        return d.join("kiln");
     }
     // SAFETY: getuid(2) cannot fail and has no side effects.
     let uid = unsafe { libc::getuid() };
@@ -17,6 +17,27 @@ pub fn default_run_dir() -> PathBuf {
         "/run/kiln".into()
     } else {
         format!("/tmp/kiln-{uid}").into()
+    }
+}
+
+/// Where serial logs of VMs that failed are kept when nothing names a
+/// place: `<state_home>/kiln/logs` (`$XDG_STATE_HOME`), else
+/// `<home>/.local/state/kiln/logs` (`$HOME`); both read at the edge.
+pub fn default_log_dir(state_home: Option<&Path>, home: Option<&Path>) -> Option<PathBuf> {
+    state_home
+        .map(Path::to_path_buf)
+        .or_else(|| home.map(|h| h.join(".local/state")))
+        .map(|d| d.join("kiln").join("logs"))
+}
+
+/// The image cache when nothing names a place: `<cache_home>/kiln`
+/// (`$XDG_CACHE_HOME`), else `<home>/.cache/kiln` (`$HOME`, `/root` without
+/// one); both read at the edge.
+pub fn default_cache_dir(cache_home: Option<&Path>, home: Option<&Path>) -> PathBuf {
+    match (cache_home, home) {
+        (Some(d), _) => d.join("kiln"),
+        (None, Some(h)) => h.join(".cache").join("kiln"),
+        (None, None) => PathBuf::from("/root/.cache/kiln"),
     }
 }
 
@@ -68,5 +89,23 @@ mod tests {
         }
         assert_eq!(clean_stale_jobs(d.path()), 1);
         assert!(!dead.exists() && mine.exists() && other.exists());
+    }
+
+    #[test]
+    fn defaults_follow_the_xdg_directories() {
+        let p = |s: &str| Some(PathBuf::from(s));
+        assert_eq!(
+            default_run_dir(p("/r").as_deref()),
+            PathBuf::from("/r/kiln")
+        );
+        assert_eq!(
+            default_log_dir(p("/s").as_deref(), p("/h").as_deref()),
+            p("/s/kiln/logs")
+        );
+        assert_eq!(
+            default_log_dir(None, p("/h").as_deref()),
+            p("/h/.local/state/kiln/logs")
+        );
+        assert_eq!(default_log_dir(None, None), None);
     }
 }

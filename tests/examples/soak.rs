@@ -113,6 +113,7 @@ cpus = 1
 memory = 256
 disk = 1
 cache_dir = {cache:?}
+allow_local_images = true
 "#,
         run_dir = run_dir.display().to_string(),
         agent = harness::agent().display().to_string(),

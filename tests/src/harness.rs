@@ -195,21 +195,19 @@ pub fn backend() -> BackendKind {
 }
 
 pub fn config(run_dir: &Path) -> ExecutorConfig {
-    ExecutorConfig {
-        cache_dir: cache_dir(),
-        run_dir: run_dir.to_path_buf(),
-        agent: agent(),
-        kernel: kernel(),
-        backend: backend(),
-        vcpus: 1,
-        memory_mib: 512,
-        scratch_bytes: 4 << 30,
-        boot_timeout: Duration::from_secs(90),
-        default_job_timeout: Duration::from_secs(300),
-        log_dir: Some(test_root().join("logs")),
-        extra_cmdline: String::new(),
-        serial_log: None,
-    }
+    ExecutorConfig::builder(cache_dir(), run_dir)
+        .agent(agent())
+        .kernel(kernel())
+        .backend(backend())
+        .vcpus(1)
+        .memory_mib(512)
+        .disk_gib(4)
+        .boot_timeout(Duration::from_secs(90))
+        .default_job_timeout(Duration::from_secs(300))
+        .log_dir(test_root().join("logs"))
+        .qemu(kiln_vmm::QemuOptions::new(Some(qemu_binary())))
+        .build()
+        .expect("the test executor's configuration")
 }
 
 pub fn executor(run_dir: &Path) -> Executor {

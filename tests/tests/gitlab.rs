@@ -45,6 +45,9 @@ struct Setup {
     /// Trace cap, KiB.
     output_limit: u64,
     agent: PathBuf,
+    /// Jobs name the fixture by its path on the host: allowed unless a
+    /// test says otherwise.
+    allow_local_images: bool,
 }
 
 impl Default for Setup {
@@ -55,6 +58,7 @@ impl Default for Setup {
             boot_timeout: 120,
             output_limit: 4096,
             agent: PathBuf::new(),
+            allow_local_images: true,
         }
     }
 }
@@ -85,11 +89,13 @@ memory = 512
 disk = 2
 output_limit = {output_limit}
 cache_dir = {cache:?}
+allow_local_images = {allow_local_images}
 "#,
         concurrent = s.concurrent,
         shutdown_timeout = s.shutdown_timeout,
         boot_timeout = s.boot_timeout,
         output_limit = s.output_limit,
+        allow_local_images = s.allow_local_images,
         run_dir = run_dir.display().to_string(),
         agent = agent.display().to_string(),
         log_dir = harness::test_root().join("logs").display().to_string(),
@@ -1206,8 +1212,75 @@ async fn register_writes_a_private_config_and_verify_checks_it() {
     assert!(out.contains("r1:") && out.contains("403"), "{out}");
 }
 
+/// A job whose `image:` is a path on the runner host (a real OCI layout)
+/// is failed before any VM starts, saying why, unless the runner's
+/// kiln.toml has `allow_local_images = true`; then the same job runs.
+async fn a_host_path_image_is_refused_unless_the_runner_allows_local_images() {
+    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let run_dir = RunDir::new("gitlab-host-image");
+    assert!(harness::busybox_image().join("oci-layout").is_file());
+    let refused = fake.push(fake.job(&image(), &["echo should-not-run"]));
+    let (stop, daemon) = start_daemon(config(
+        &fake,
+        run_dir.path(),
+        Setup {
+            allow_local_images: false,
+            ..Setup::default()
+        },
+    ));
+    let j = fake.wait_done(refused, LIMIT).await;
+    // The fake's jobs do not list image_pull_failure among their failure
+    // reasons: the fallback, as gitlab-runner's.
+    let (state, reason, _) = final_of(&j);
+    assert_eq!(
+        (state.as_str(), reason.as_deref()),
+        ("failed", Some("runner_system_failure"))
+    );
+    let trace = j.trace_text();
+    let message = format!(
+        "image '{}' is a path on the runner host; GitLab jobs may only use registry images \
+         unless `allow_local_images = true` in kiln.toml",
+        image()
+    );
+    assert!(trace.contains(&message), "{trace}");
+    // Refused before the executor: no VM, no image built.
+    assert!(!trace.contains("disposable VM"), "{trace}");
+    assert!(harness::qemu_processes_under(run_dir.path()).is_empty());
+    assert_eq!(
+        (j.assigned, j.runs),
+        (1, 0),
+        "handed out once, no sources fetched"
+    );
+    if let Err(e) = j.check_consistent() {
+        panic!("{e}\ntrace:\n{trace}");
+    }
+    let _ = stop.send(());
+    daemon.await.unwrap();
+
+    let allowed = fake.push(fake.job(&image(), &["echo ran-on-a-host-image"]));
+    let (stop, daemon) = start_daemon(config(&fake, run_dir.path(), Setup::default()));
+    let j = fake.wait_done(allowed, LIMIT).await;
+    assert_eq!(
+        final_of(&j),
+        ("success".into(), None, Some(0)),
+        "{}",
+        j.trace_text()
+    );
+    assert!(j.trace_text().contains("ran-on-a-host-image\n"));
+    assert_consistent(&j);
+    wait_idle(run_dir.path(), Duration::from_secs(120)).await;
+    let _ = stop.send(());
+    daemon.await.unwrap();
+    assert_no_leaks(run_dir.path());
+}
+
 fn main() -> std::process::ExitCode {
     kiln_testkit::Suite::new()
+        .tokio(
+            "a_host_path_image_is_refused_unless_the_runner_allows_local_images",
+            &harness::vm(),
+            a_host_path_image_is_refused_unless_the_runner_allows_local_images,
+        )
         .tokio(
             "jobs_pass_fail_time_out_and_miss_images_two_at_a_time",
             &harness::vm(),

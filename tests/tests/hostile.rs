@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use kiln::executor::FailureReason;
-use kiln::sink::{BufferSink, JobSink, MaskingSink};
+use kiln::joblog::{BufferSink, JobSink, MaskingSink, Secrets};
 use kiln_agent::proto::{StepEnd, Stream, EXIT_CANNOT_START};
 use kiln_pipelines::{JobSpec, Step, StepWhen};
 use kiln_tests::fixtures::BusyboxImage;
@@ -479,7 +479,7 @@ fn child_run(job: &JobSpec) {
     let bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut sink = MaskingSink::new(
         Box::new(Counting(bytes.clone())),
-        &["hunter2-secret".to_string()],
+        Secrets::new(["hunter2-secret"]),
     );
     let (_tx, rx) = tokio::sync::watch::channel(None);
     let r = rt.block_on(ex.run(job, &mut sink, rx));

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kiln::executor::FailureReason;
-use kiln::sink::BufferSink;
+use kiln::joblog::BufferSink;
 use kiln::JobResult;
 use kiln_agent::proto::Stream;
 use kiln_pipelines::{ArtifactSpec, ArtifactWhen, JobSource, JobSpec, Step, StepWhen};
@@ -56,7 +56,7 @@ async fn run_kvm(
     name: &str,
     job: &JobSpec,
     tweak: impl FnOnce(&mut kiln::ExecutorConfig),
-    sink: &mut dyn kiln::sink::JobSink,
+    sink: &mut dyn kiln::joblog::JobSink,
     cancel: tokio::sync::watch::Receiver<Option<bool>>,
     artifacts_to: Option<&Path>,
 ) -> JobResult {
@@ -225,7 +225,7 @@ struct CancelAtFirstOutput {
     tx: tokio::sync::watch::Sender<Option<bool>>,
 }
 
-impl kiln::sink::JobSink for CancelAtFirstOutput {
+impl kiln::joblog::JobSink for CancelAtFirstOutput {
     fn output(&mut self, step: u32, stream: Stream, data: &[u8]) {
         self.inner.output(step, stream, data);
         let _ = self.tx.send(Some(true));

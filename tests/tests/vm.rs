@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use kiln::executor::FailureReason;
-use kiln::sink::BufferSink;
+use kiln::joblog::BufferSink;
 use kiln_agent::proto::Stream;
 use kiln_pipelines::{JobSpec, Shell, Step, StepWhen, Variable};
 use kiln_tests::fixtures::BusyboxImage;
@@ -224,7 +224,7 @@ struct CancelAtFirstOutput {
     tx: tokio::sync::watch::Sender<Option<bool>>,
 }
 
-impl kiln::sink::JobSink for CancelAtFirstOutput {
+impl kiln::joblog::JobSink for CancelAtFirstOutput {
     fn output(&mut self, step: u32, stream: Stream, data: &[u8]) {
         self.inner.output(step, stream, data);
         let _ = self.tx.send(Some(true));

@@ -12,7 +12,8 @@ use super::ApplyError;
 
 /// The limits an image is converted under. [`Limits::default`] fits real
 /// images (the largest public ones unpack to ~20 GB and ~500k files);
-/// [`Limits::from_env`] lets users raise the two they may need to.
+/// [`ImagesOptions::from_vars`](crate::ImagesOptions::from_vars) lets users
+/// raise the two they may need to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Uncompressed tar bytes of all layers together: what gunzip or unzstd
@@ -65,34 +66,6 @@ impl Default for Limits {
             max_pax_records: 4096,
             max_sparse_segments: 1 << 16,
         }
-    }
-}
-
-impl Limits {
-    /// The defaults, with `KILN_IMAGE_MAX_GB` (uncompressed size of an image
-    /// and of a layer, in GiB, fractions allowed) and `KILN_IMAGE_MAX_ENTRIES`
-    /// applied. Unparsable values are ignored with a warning.
-    pub fn from_env() -> Limits {
-        let mut limits = Limits::default();
-        if let Ok(v) = std::env::var("KILN_IMAGE_MAX_GB") {
-            match v.trim().parse::<f64>() {
-                Ok(gb) if gb.is_finite() && gb > 0.0 => {
-                    let bytes = (gb * (1u64 << 30) as f64) as u64;
-                    limits.max_image_bytes = bytes;
-                    limits.max_layer_bytes = bytes;
-                }
-                _ => tracing::warn!("ignoring KILN_IMAGE_MAX_GB={v:?}: not a positive number"),
-            }
-        }
-        if let Ok(v) = std::env::var("KILN_IMAGE_MAX_ENTRIES") {
-            match v.trim().parse::<u64>() {
-                Ok(n) if n > 0 => limits.max_entries = n,
-                _ => {
-                    tracing::warn!("ignoring KILN_IMAGE_MAX_ENTRIES={v:?}: not a positive integer")
-                }
-            }
-        }
-        limits
     }
 }
 

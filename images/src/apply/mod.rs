@@ -37,6 +37,7 @@
 //! on failure.
 
 mod applier;
+mod blob;
 mod digest;
 mod fsops;
 mod limits;
@@ -53,6 +54,8 @@ pub use digest::{chain_id, DiffIdReader};
 pub use limits::{Budget, Limit, Limits};
 
 use crate::quote;
+
+pub use blob::{apply_blob_file, apply_blob_reader};
 
 /// Compression of a layer blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,9 +1,13 @@
 //! Artifacts: pick files of the workspace by GitLab's glob patterns, zip
-//! them for upload, and unpack the archives of `dependencies`.
+//! them for upload, and unpack the archives of `dependencies`; their
+//! transfer, with retries.
 
 use std::io::{Read, Write};
 use std::path::{Component, Path};
 
+use super::backoff::Backoff;
+use super::client::Client;
+use super::job::JobResponse;
 use super::GitlabError;
 
 pub use kiln_agent::glob::{matches, select};
@@ -74,6 +78,60 @@ pub fn unzip_into(archive: &[u8], root: &Path) -> Result<usize, GitlabError> {
         n += 1;
     }
     Ok(n)
+}
+
+/// Download a dependency's artifacts, retrying passing faults.
+pub async fn download_with_retries(
+    client: &Client,
+    id: u64,
+    token: &str,
+) -> Result<Vec<u8>, GitlabError> {
+    let mut b = Backoff::new();
+    let mut last = None;
+    for _ in 0..5 {
+        match client.download_artifacts(id, token).await {
+            Ok(z) => return Ok(z),
+            Err(e) if matches!(e.status(), Some(401 | 403 | 404)) => return Err(e),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(b.next()).await;
+    }
+    Err(last.unwrap_or_else(|| GitlabError::Archive("download failed".into())))
+}
+
+/// Upload the job's artifacts, retrying passing faults (not 4xx).
+#[allow(clippy::too_many_arguments)]
+pub async fn upload_with_retries(
+    client: &Client,
+    job: &JobResponse,
+    zip: Vec<u8>,
+    filename: &str,
+    kind: &str,
+    format: &str,
+    expire_in: Option<&str>,
+) -> Result<(), GitlabError> {
+    let mut b = Backoff::new();
+    let mut last = None;
+    for _ in 0..5 {
+        match client
+            .upload_artifacts(
+                job.id,
+                &job.token,
+                zip.clone(),
+                filename,
+                kind,
+                format,
+                expire_in,
+            )
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(e) if matches!(e.status(), Some(400..=499)) => return Err(e),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(b.next()).await;
+    }
+    Err(last.unwrap_or_else(|| GitlabError::Archive("upload failed".into())))
 }
 
 #[cfg(test)]

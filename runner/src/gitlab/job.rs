@@ -1,183 +1,15 @@
-//! The job payload of `POST /jobs/request` (201) and its translation into a
-//! provider-neutral [`JobSpec`].
+//! The translation of a job payload ([`super::payload`]) into a
+//! provider-neutral [`JobSpec`], with what the runner adds to it.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+pub use super::payload::*;
+use kiln_images::{ImageError, ImagePolicy, ImageSource, Refusal};
 use kiln_pipelines::{
     ArtifactSpec, ArtifactWhen, JobSource, JobSpec, Shell, Step, StepWhen, Variable,
 };
-use serde::{Deserialize, Deserializer};
-
-/// `null` and missing both mean "default".
-fn nd<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
-    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct JobResponse {
-    pub id: u64,
-    pub token: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub allow_git_fetch: bool,
-    #[serde(default, deserialize_with = "nd")]
-    pub job_info: JobInfo,
-    #[serde(default, deserialize_with = "nd")]
-    pub git_info: GitInfo,
-    #[serde(default, deserialize_with = "nd")]
-    pub runner_info: RunnerInfo,
-    #[serde(default, deserialize_with = "nd")]
-    pub variables: Vec<JobVariable>,
-    #[serde(default, deserialize_with = "nd")]
-    pub steps: Vec<JobStep>,
-    #[serde(default, deserialize_with = "nd")]
-    pub image: Option<Image>,
-    #[serde(default, deserialize_with = "nd")]
-    pub artifacts: Vec<Artifact>,
-    #[serde(default, deserialize_with = "nd")]
-    pub dependencies: Vec<Dependency>,
-    #[serde(default, deserialize_with = "nd")]
-    pub features: Features,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct JobInfo {
-    #[serde(default, deserialize_with = "nd")]
-    pub name: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub stage: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub project_id: u64,
-    #[serde(default, deserialize_with = "nd")]
-    pub project_name: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub project_full_path: String,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct GitInfo {
-    #[serde(default, deserialize_with = "nd")]
-    pub repo_url: String,
-    #[serde(rename = "ref", default, deserialize_with = "nd")]
-    pub git_ref: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub sha: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub before_sha: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub ref_type: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub refspecs: Vec<String>,
-    #[serde(default, deserialize_with = "nd")]
-    pub depth: u32,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct RunnerInfo {
-    #[serde(default, deserialize_with = "nd")]
-    pub timeout: i64,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct JobVariable {
-    pub key: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub value: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub public: bool,
-    #[serde(default, deserialize_with = "nd")]
-    pub masked: bool,
-    #[serde(default, deserialize_with = "nd")]
-    pub file: bool,
-    #[serde(default, deserialize_with = "nd")]
-    pub raw: bool,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct JobStep {
-    pub name: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub script: Vec<String>,
-    #[serde(default, deserialize_with = "nd")]
-    pub timeout: i64,
-    #[serde(default, deserialize_with = "nd")]
-    pub when: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub allow_failure: bool,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct Image {
-    #[serde(default, deserialize_with = "nd")]
-    pub name: String,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct Artifact {
-    #[serde(default, deserialize_with = "nd")]
-    pub name: Option<String>,
-    #[serde(default, deserialize_with = "nd")]
-    pub untracked: bool,
-    #[serde(default, deserialize_with = "nd")]
-    pub paths: Vec<String>,
-    #[serde(default, deserialize_with = "nd")]
-    pub exclude: Vec<String>,
-    #[serde(default, deserialize_with = "nd")]
-    pub when: Option<String>,
-    #[serde(default, deserialize_with = "nd")]
-    pub artifact_type: Option<String>,
-    #[serde(default, deserialize_with = "nd")]
-    pub artifact_format: Option<String>,
-    #[serde(default, deserialize_with = "nd")]
-    pub expire_in: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct Dependency {
-    pub id: u64,
-    #[serde(default, deserialize_with = "nd")]
-    pub name: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub token: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub artifacts_file: Option<ArtifactsFile>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct ArtifactsFile {
-    #[serde(default, deserialize_with = "nd")]
-    pub filename: String,
-    #[serde(default, deserialize_with = "nd")]
-    pub size: u64,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct Features {
-    #[serde(default, deserialize_with = "nd")]
-    pub trace_sections: bool,
-    #[serde(default, deserialize_with = "nd")]
-    pub token_mask_prefixes: Vec<String>,
-    #[serde(default, deserialize_with = "nd")]
-    pub failure_reasons: Vec<String>,
-}
-
-/// Where the sources come from (`GIT_STRATEGY`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GitStrategy {
-    /// No sources (`none`, `empty`).
-    None,
-    /// Fetch into a fresh workspace (`fetch`, `clone`: the same thing in a
-    /// disposable workspace).
-    Clone,
-}
-
-/// `GIT_SUBMODULE_STRATEGY`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Submodules {
-    None,
-    Normal,
-    Recursive,
-}
 
 /// What the runner adds to a job.
 #[derive(Debug, Clone)]
@@ -185,6 +17,10 @@ pub struct Context {
     pub runner_id: Option<u64>,
     pub runner_name: String,
     pub default_image: Option<String>,
+    /// What a job's own `image:` may name (the runner's `allowed_images`
+    /// and `allow_local_images`). The default image is the runner's own
+    /// choice and is taken as `kiln run-job --image` takes it.
+    pub image_policy: ImagePolicy,
     /// Slot of this job among the daemon's running jobs (`CI_CONCURRENT_ID`).
     pub concurrent_id: usize,
     /// Host directory holding the job's workspace.
@@ -195,8 +31,11 @@ pub struct Context {
 #[derive(Debug, Clone)]
 pub struct Prepared {
     pub spec: JobSpec,
-    /// Values to mask in the trace.
-    pub masked: Vec<String>,
+    /// `spec.image`, parsed with the runner's policy. A refusal fails
+    /// [`JobResponse::to_spec`], before anything runs; another error (no
+    /// such image) is the executor's to report, as for an image that cannot
+    /// be pulled.
+    pub image: Result<ImageSource, Arc<ImageError>>,
     pub git: GitStrategy,
     pub git_depth: u32,
     pub submodules: Submodules,
@@ -205,16 +44,71 @@ pub struct Prepared {
 
 /// Jobs whose `builds_dir` is `/builds`, like the Docker executor.
 pub const BUILDS_DIR: &str = "/builds";
-/// Default `after_script` timeout (gitlab-runner's `RUNNER_AFTER_SCRIPT_TIMEOUT`).
-pub const AFTER_SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
-/// Used when the server sends no timeout (gitlab-runner's default).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(7200);
+/// Default `after_script` timeout (gitlab-runner's
+/// `RUNNER_AFTER_SCRIPT_TIMEOUT`), as for local runs of `.gitlab-ci.yml`.
+pub use kiln_pipelines::gitlab::AFTER_SCRIPT_TIMEOUT;
+/// Used when the server sends no timeout: kiln's one default job timeout.
+pub const DEFAULT_TIMEOUT: Duration = crate::executor::DEFAULT_JOB_TIMEOUT;
 
 /// Why a job cannot be run as sent.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
     #[error("the job names no image and the runner has no default `image`")]
     NoImage,
+    #[error(
+        "image '{}' is a path on the runner host; GitLab jobs may only use registry images \
+         unless `allow_local_images = true` in kiln.toml",
+        shown(.0)
+    )]
+    HostPathImage(String),
+    #[error(
+        "image '{}' is not allowed: it matches none of this runner's `allowed_images` in kiln.toml ({})",
+        shown(.image), kiln_images::trunc(&.allowed.join(", "), kiln_images::MAX_SHOWN)
+    )]
+    ImageNotAllowed { image: String, allowed: Vec<String> },
+}
+
+impl JobError {
+    /// The failure reason GitLab is sent, and the one it gets when it does
+    /// not know that one (as gitlab-runner falls back).
+    pub fn failure_reason(&self) -> (&'static str, &'static str) {
+        match self {
+            JobError::NoImage => ("runner_configuration_error", "script_failure"),
+            _ => ("image_pull_failure", "runner_system_failure"),
+        }
+    }
+}
+
+/// An image string from a job, escaped and cut for a message.
+fn shown(image: &str) -> String {
+    kiln_images::trunc(&image.escape_debug().to_string(), kiln_images::MAX_SHOWN)
+}
+
+/// Parse a job's `image:` with the runner's policy: refusals in GitLab's
+/// terms, other errors for the executor to report.
+fn parse_image(
+    image: &str,
+    policy: &ImagePolicy,
+) -> Result<Result<ImageSource, Arc<ImageError>>, JobError> {
+    match ImageSource::parse_with(image, policy) {
+        Ok(source) => Ok(Ok(source)),
+        Err(ImageError::Refused {
+            image,
+            refusal: Refusal::HostPath,
+        }) => Err(JobError::HostPathImage(image)),
+        Err(ImageError::Refused {
+            image,
+            refusal: Refusal::NotAllowed(allowed),
+        }) => Err(JobError::ImageNotAllowed { image, allowed }),
+        Err(e) => Ok(Err(Arc::new(e))),
+    }
+}
+
+impl Prepared {
+    /// The job's image, or why it cannot be used.
+    pub fn image(&self) -> Result<&ImageSource, &ImageError> {
+        self.image.as_ref().map_err(|e| e.as_ref())
+    }
 }
 
 /// `s` in single quotes for `sh`.
@@ -253,6 +147,16 @@ fn project_path(job: &JobResponse) -> String {
 }
 
 impl JobResponse {
+    /// What the job's trace masks besides token-shaped strings: the job's
+    /// token and its masked variables' values.
+    pub fn masked_values(&self) -> Vec<String> {
+        std::iter::once(&self.token)
+            .chain(self.variables.iter().filter(|v| v.masked).map(|v| &v.value))
+            .filter(|m| !m.is_empty())
+            .cloned()
+            .collect()
+    }
+
     pub fn variable(&self, key: &str) -> Option<&str> {
         self.variables
             .iter()
@@ -263,15 +167,19 @@ impl JobResponse {
 
     /// Translate to a [`JobSpec`] (see docs/gitlab.md for the mapping).
     pub fn to_spec(&self, ctx: &Context) -> Result<Prepared, JobError> {
-        let image = Some(
-            self.image
-                .as_ref()
-                .map(|i| i.name.clone())
-                .unwrap_or_default(),
-        )
-        .filter(|n| !n.is_empty())
-        .or_else(|| ctx.default_image.clone())
-        .ok_or(JobError::NoImage)?;
+        let own = self.image.as_ref().map(|i| i.name.clone());
+        let (image, source) = match own.filter(|n| !n.is_empty()) {
+            Some(name) => {
+                let source = parse_image(&name, &ctx.image_policy)?;
+                (name, source)
+            }
+            None => {
+                let name = ctx.default_image.clone().ok_or(JobError::NoImage)?;
+                let source =
+                    ImageSource::parse_with(&name, &ImagePolicy::local()).map_err(Arc::new);
+                (name, source)
+            }
+        };
         let project_dir = format!("{BUILDS_DIR}/{}", project_path(self));
         let tmp_dir = format!("{project_dir}.tmp");
         let timeout = if self.runner_info.timeout > 0 {
@@ -284,11 +192,7 @@ impl JobResponse {
         // own after the server's; later ones win).
         let mut vars: Vec<Variable> = Vec::new();
         let mut prelude = String::new();
-        let mut masked = vec![self.token.clone()];
         for v in &self.variables {
-            if v.masked {
-                masked.push(v.value.clone());
-            }
             let mut var = Variable::new(&v.key, &v.value);
             var.masked = v.masked;
             if v.file {
@@ -415,10 +319,9 @@ impl JobResponse {
         spec.artifacts = artifacts;
         spec.source = JobSource::LocalDir(ctx.workspace.clone());
         spec.stage = Some(self.job_info.stage.clone()).filter(|s| !s.is_empty());
-        masked.retain(|m| !m.is_empty());
         Ok(Prepared {
             spec,
-            masked,
+            image: source,
             git,
             git_depth,
             submodules,
@@ -458,7 +361,8 @@ mod tests {
         Context {
             runner_id: Some(7),
             runner_name: "r".into(),
-            default_image: Some("/img".into()),
+            default_image: Some("registry.example/img:1".into()),
+            image_policy: ImagePolicy::provider(false, vec![]),
             concurrent_id: 0,
             workspace: "/ws".into(),
         }
@@ -468,10 +372,11 @@ mod tests {
     fn the_payload_becomes_a_job_spec() {
         let p = job().to_spec(&ctx()).unwrap();
         let s = &p.spec;
-        assert_eq!(s.image, "/img");
+        assert_eq!(s.image, "registry.example/img:1");
+        assert_eq!(p.image().unwrap().label(), "registry.example/img:1");
         assert_eq!(s.timeout, Some(Duration::from_secs(600)));
         assert_eq!(s.working_dir.as_deref(), Some("/builds/group/p"));
-        assert_eq!(p.masked, vec!["job-token", "hunter22"]);
+        assert_eq!(job().masked_values(), vec!["job-token", "hunter22"]);
         assert_eq!(p.git_depth, 3);
         assert_eq!(s.steps.len(), 2);
         assert!(s.steps[0].script.contains("echo hi\n"));
@@ -493,6 +398,53 @@ mod tests {
         assert_eq!(var("CI_RUNNER_ID"), "7");
         assert_eq!(s.artifacts[0].when, ArtifactWhen::Always);
         assert_eq!(s.source, JobSource::LocalDir("/ws".into()));
+    }
+
+    #[test]
+    fn a_host_path_image_is_refused_unless_allowed() {
+        let layout = tempfile::tempdir().unwrap();
+        std::fs::write(layout.path().join("oci-layout"), "{}").unwrap();
+        let dir = layout.path().to_str().unwrap().to_string();
+        let mut j = job();
+        j.image = Some(Image { name: dir.clone() });
+        let e = j.to_spec(&ctx()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "image '{dir}' is a path on the runner host; GitLab jobs may only use \
+                 registry images unless `allow_local_images = true` in kiln.toml"
+            )
+        );
+        assert_eq!(e.failure_reason().0, "image_pull_failure");
+        let mut c = ctx();
+        c.image_policy = ImagePolicy::provider(true, vec![]);
+        let p = j.to_spec(&c).unwrap();
+        assert!(
+            matches!(p.image(), Ok(ImageSource::Layout { .. })),
+            "{:?}",
+            p.image
+        );
+        // An allowed path that is not there: the executor reports it.
+        j.image = Some(Image {
+            name: format!("{dir}/nothing-here"),
+        });
+        assert!(j.to_spec(&c).unwrap().image().is_err());
+
+        // A registry image that the allow-list does not name.
+        j.image = Some(Image {
+            name: "quay.io/x/y:1".into(),
+        });
+        c.image_policy = ImagePolicy::provider(false, vec!["docker.io/library/*".into()]);
+        let e = j.to_spec(&c).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("matches none of this runner's `allowed_images`"),
+            "{e}"
+        );
+        j.image = Some(Image {
+            name: "alpine:3".into(),
+        });
+        assert!(j.to_spec(&c).is_ok());
     }
 
     #[test]

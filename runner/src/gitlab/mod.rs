@@ -1,20 +1,28 @@
 //! The GitLab provider: `kiln daemon` asks GitLab for jobs and runs each in
 //! a disposable VM (see docs/gitlab.md).
 //!
-//! - [`client`]: the runner API over HTTP.
-//! - [`job`]: the job payload and its translation into a `JobSpec`.
+//! - [`daemon`]: the runner loops, concurrency, shutdown.
+//! - [`execute`]: one job, from the trace's first line to the final update.
+//! - [`register`]: the runner's identity: `system_id`, verify, register.
+//! - [`client`]: the runner API over HTTP; [`backoff`]: its retry delays.
+//! - [`payload`]: the job payload as GitLab sends it; [`job`]: its
+//!   translation into a `JobSpec`.
 //! - [`source`]: git fetch on the host into the job's workspace.
-//! - [`mask`], [`trace`]: the log path (masking, cap, incremental upload).
-//! - [`artifacts`]: artifact selection, zip, dependency download.
-//! - [`daemon`]: the job loop, concurrency, shutdown.
+//! - [`trace`]: the job's trace (sections, behind the masking front of
+//!   `crate::joblog`, capped); [`updater`]: sending it incrementally.
+//! - [`artifacts`]: artifact selection, zip, upload and download.
 
 pub mod artifacts;
+pub mod backoff;
 pub mod client;
 pub mod daemon;
+pub mod execute;
 pub mod job;
-pub mod mask;
+pub mod payload;
+pub mod register;
 pub mod source;
 pub mod trace;
+pub mod updater;
 
 /// Errors of the GitLab provider.
 #[derive(Debug, thiserror::Error)]

@@ -1,7 +1,8 @@
-//! Streaming secret masking for job traces.
+//! Streaming secret masking: the algorithm behind the masking front
+//! ([`super::MaskingSink`]).
 //!
-//! Every byte of a trace passes through one [`Masker`] before it is stored
-//! or sent. The values of masked variables become `[MASKED]`, and so do the
+//! Every byte of a job log passes through a [`Masker`] before it is shown,
+//! stored or sent. The values of masked variables become `[MASKED]`, and so do the
 //! bodies of tokens with a known prefix (`glpat-…` → `glpat-[MASKED]`).
 //! Secrets split across writes are still found: the masker holds back the
 //! longest tail of its input that could be the start of a secret (at most
@@ -19,6 +20,7 @@ pub const DEFAULT_TOKEN_PREFIXES: &[&str] = &["glpat-", "glrt-", "glcbt-", "gldt
 /// A token longer than this is cut: mask what we have and go on.
 const MAX_TOKEN: usize = 256;
 
+/// One stream's masker: finds the secrets in what is written to it.
 pub struct Masker {
     /// Longest first, so the longest of overlapping phrases wins.
     phrases: Vec<Vec<u8>>,

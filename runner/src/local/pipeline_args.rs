@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use kiln_pipelines::{JobSummary, LocalContext, Options, Pipeline};
 
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug, Default, Clone)]
 pub struct PipelineArgs {
     /// GitLab CI/CD input of FILE's `spec: inputs` header (NAME=VALUE,
     /// repeatable); converted to the input's declared type.
@@ -41,9 +41,10 @@ pub struct PipelineArgs {
 impl PipelineArgs {
     /// Applies the options to the context and parse options.
     pub fn apply(&self, ctx: &mut LocalContext, opts: &mut Options) -> Result<()> {
-        opts.inputs = crate::key_values(&self.inputs, "--input")?;
+        opts.inputs = super::plan::key_values(&self.inputs, "--input")?;
         opts.skip_unsupported_actions = self.skip_unsupported_actions;
-        for (project, dir) in crate::key_values(&self.include_projects, "--include-project")? {
+        for (project, dir) in super::plan::key_values(&self.include_projects, "--include-project")?
+        {
             let dir = PathBuf::from(dir);
             let dir = dir
                 .canonicalize()
