@@ -23,6 +23,9 @@ if [ $# -eq 0 ]; then
     set -- "$c/gitlab" "$c/gitlab-include" "$c/github" "$c/fidelity/gitlab" "$c/fidelity/github"
 fi
 command -v jq >/dev/null || { echo "needs jq" >&2; exit 2; }
+# An older kiln (before --list --all/--json) lists one job a line.
+json=yes
+"$kiln" run-job --help 2>/dev/null | grep -q -- '--all' || json=no
 
 files=0 listed=0 empty=0 jobs=0 left_out=0 errors=0 crashes=0
 scratch=$(mktemp -d)
@@ -37,13 +40,23 @@ for dir in "$@"; do
         >/dev/null 2>&1
     while IFS= read -r -d '' f; do
         files=$((files + 1))
-        # shellcheck disable=SC2086
-        out=$("$kiln" run-job "$f" --list --json --all ${KILN_LIST_ARGS:-} 2>"$scratch/err")
+        if [ $json = yes ]; then
+            # shellcheck disable=SC2086
+            out=$("$kiln" run-job "$f" --list --json --all ${KILN_LIST_ARGS:-} 2>"$scratch/err")
+        else
+            # shellcheck disable=SC2086
+            out=$("$kiln" run-job "$f" --list ${KILN_LIST_ARGS:-} 2>"$scratch/err")
+        fi
         rc=$?
         rel=${f#"$work"/}
         if [ $rc -eq 0 ]; then
-            n=$(jq '.jobs | length' <<<"$out")
-            x=$(jq '.excluded // [] | length' <<<"$out")
+            if [ $json = yes ]; then
+                n=$(jq '.jobs | length' <<<"$out")
+                x=$(jq '.excluded // [] | length' <<<"$out")
+            else
+                n=$(grep -c . <<<"$out")
+                x=0
+            fi
             jobs=$((jobs + n))
             left_out=$((left_out + x))
             if [ "$n" -gt 0 ]; then listed=$((listed + 1)); else empty=$((empty + 1)); fi
