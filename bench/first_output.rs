@@ -226,6 +226,8 @@ fn bare_once(
         serial_log_limit: 0,
         start_timeout: Duration::from_secs(10),
         qemu: kiln_vmm::QemuOptions::new(Some(harness::qemu_binary())),
+        isolation: Default::default(),
+        test_forbidden_syscall: None,
     };
     let args = kiln_vmm::qemu::qemu_args(&config, accel, &sock);
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();

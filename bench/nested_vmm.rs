@@ -177,6 +177,8 @@ fn kiln_child(args: &[String]) {
             serial_log_limit: 1 << 20,
             start_timeout: Duration::from_secs(10),
             qemu: kiln_vmm::QemuOptions::default(),
+            isolation: Default::default(),
+            test_forbidden_syscall: None,
         };
         let kvm = kiln_vmm::probe_kvm();
         let (mut m, _console) = kiln_vmm::Machine::start(cfg, kiln_vmm::BackendKind::Kvm, &kvm)
@@ -221,6 +223,19 @@ struct Sample {
     uptime: f64,
     exits: u64,
     vmm_rss_kib: u64,
+}
+
+impl std::fmt::Display for Sample {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "start->marker {:7.2} s  guest uptime {:6.2} s  exits {:8}  VMM RSS besides guest {:6} KiB",
+            self.to_marker.as_secs_f64(),
+            self.uptime,
+            self.exits,
+            self.vmm_rss_kib
+        )
+    }
 }
 
 /// KVM's exit count for the VM of `pid` (debugfs; 0 if unavailable).
@@ -385,13 +400,7 @@ fn measure(rounds: usize) {
                 }
             };
             let s = run_vmm(cmd);
-            println!(
-                "round {round} {name:12} start->marker {:7.2} s  guest uptime {:6.2} s  exits {:8}  VMM RSS besides guest {:6} KiB",
-                s.to_marker.as_secs_f64(),
-                s.uptime,
-                s.exits,
-                s.vmm_rss_kib
-            );
+            println!("round {round} {name:12} {s}");
             samples.push(s);
         }
     }
@@ -404,14 +413,7 @@ fn measure(rounds: usize) {
     let kiln = med(&results[0].1);
     for (name, samples) in &results {
         let m = med(samples);
-        println!(
-            "median {name:12} start->marker {:7.2} s  guest uptime {:6.2} s  exits {:8}  VMM RSS besides guest {:6} KiB  (of {})",
-            m.to_marker.as_secs_f64(),
-            m.uptime,
-            m.exits,
-            m.vmm_rss_kib,
-            samples.len()
-        );
+        println!("median {name:12} {m}  (of {})", samples.len());
         if *name != "kiln" {
             println!(
                 "ratio kiln/{name}: start->marker {:.2}x{}  guest uptime {:.2}x  exits {:.2}x  VMM RSS {:.2}x",

@@ -23,7 +23,7 @@ case "${1:-}" in
     ;;
   --doctor)
     shift
-    cargo build -q -p kiln --bin kiln -p kiln-tests --bin kiln-nested
+    cargo build -q -p kiln --bin kiln -p kiln-vmm --bin kiln-vmm -p kiln-tests --bin kiln-nested
     exec target/debug/kiln-nested "$@" -- "$PWD/target/debug/kiln" doctor
     ;;
 esac

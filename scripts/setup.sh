@@ -32,7 +32,7 @@ for t in x86_64-unknown-linux-musl x86_64-unknown-none; do
   rustup target list --installed | grep -qx "$t" || rustup target add "$t"
 done
 
-cargo build -q --release -p kiln
+cargo build -q --release -p kiln -p kiln-vmm --bin kiln --bin kiln-vmm
 cargo build -q -p kiln-agent --target x86_64-unknown-linux-musl --profile agent
 ./target/release/kiln kernel fetch
 # The tests' own cache (target/kiln-tests, or $KILN_TEST_ROOT): tests never

@@ -186,7 +186,7 @@ fn make_tree_writable(dir: &Path) -> std::io::Result<()> {
 fn writable_below(dir: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
     use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    for name in subdirs(dir)? {
+    for name in crate::apply::fsops::list_names(dir)? {
         let st = rfs::statat(dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)?;
         if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
             continue;
@@ -203,20 +203,6 @@ fn writable_below(dir: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
         writable_below(std::os::fd::AsFd::as_fd(&child))?;
     }
     Ok(())
-}
-
-/// The names in a directory, without `.` and `..`.
-fn subdirs(dir: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Vec<Vec<u8>>> {
-    let mut names = Vec::new();
-    let mut entries = rustix::fs::Dir::read_from(dir)?;
-    while let Some(entry) = entries.read() {
-        let entry = entry?;
-        let name = entry.file_name().to_bytes();
-        if name != b"." && name != b".." {
-            names.push(name.to_vec());
-        }
-    }
-    Ok(names)
 }
 
 fn nanos() -> u128 {

@@ -55,7 +55,7 @@ fn child(dir: &Path) -> ! {
         .and_then(|s| rt.block_on(images.rootfs(&s, std::sync::Arc::new(NoProgress))));
     let text = match result {
         Ok(r) => format!("ok\n{}", r.image.display()),
-        Err(e) => format!("err\n{}", chain(&e)),
+        Err(e) => format!("err\n{}", kiln_testkit::error_chain(&e)),
     };
     let status = fs::read_to_string("/proc/self/status").unwrap();
     let hwm = status
@@ -65,18 +65,6 @@ fn child(dir: &Path) -> ! {
         .expect("VmHWM in /proc/self/status");
     fs::write(dir.join("result"), format!("{hwm}\n{text}")).unwrap();
     std::process::exit(0);
-}
-
-/// An error and its sources, as `anyhow` prints them with `{:#}`.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 // ---------------------------------------------------------------------------
@@ -128,6 +116,13 @@ impl Case {
 
     fn cache(&self) -> PathBuf {
         self.base.join("cache")
+    }
+
+    /// Writes `layers` as the OCI layout in `input/` and converts it (see
+    /// [`Case::convert`]).
+    fn convert_layers(&self, layers: &[Layer], env: &[(&str, &str)]) -> Outcome {
+        layout(&self.input(), layers);
+        self.convert(&self.input(), env)
     }
 
     /// Converts `source` (a layout directory or an image tar) in a child
@@ -365,6 +360,32 @@ struct Layer {
     diff_id: String,
 }
 
+/// A layer of `blob` as it is, whose DiffID is never checked (it must fail
+/// before that).
+fn unchecked(blob: Vec<u8>, media_type: &'static str) -> Layer {
+    Layer {
+        blob,
+        media_type,
+        diff_id: some_diff_id(),
+    }
+}
+
+/// The digest `layout` gives a layer's blob.
+fn digest(l: &Layer) -> String {
+    sha256(&l.blob)
+}
+
+/// A gzip layer blob: `head`, then `mib` MiB of `a` (gzip members of about
+/// 1 KB each), then `tail`: an entry that claims a huge header, from little.
+fn gz_claiming(head: &tar::Header, mib: usize, tail: &[u8]) -> Vec<u8> {
+    let mut blob = gz(&block(head));
+    for _ in 0..mib {
+        blob.extend_from_slice(gz_1m_of_a());
+    }
+    blob.extend_from_slice(&gz(tail));
+    blob
+}
+
 /// A layer whose DiffID is right (the sha256 of `tar`), compressed as
 /// `media_type` says.
 fn layer(tar: &[u8], media_type: &'static str) -> Layer {
@@ -458,24 +479,14 @@ fn docker_save(path: &Path, files: &[(&str, &[u8])], config: &str, layers: &[&st
 #[test]
 fn gnu_long_name_of_1_5_gib_is_refused_from_its_header() {
     let case = Case::new("gnu_long_name_of_1_5_gib_is_refused_from_its_header");
-    let size = 1536 * MIB;
-    let mut blob = gz(&block(&header(b'L', b"././@LongLink", size)));
-    for _ in 0..1536 {
-        blob.extend_from_slice(gz_1m_of_a());
-    }
-    blob.extend_from_slice(&gz(&[file("f", b"x"), end()].concat()));
+    let head = header(b'L', b"././@LongLink", 1536 * MIB);
+    let blob = gz_claiming(&head, 1536, &[file("f", b"x"), end()].concat());
     eprintln!("layer blob: {} KB", blob.len() / 1000);
-    let digests = layout(
-        &case.input(),
-        &[Layer {
-            blob,
-            media_type: TAR_GZ,
-            diff_id: some_diff_id(),
-        }],
-    );
-    let out = case.convert(&case.input(), &[]);
+    let l = unchecked(blob, TAR_GZ);
+    let layer_digest = digest(&l);
+    let out = case.convert_layers(&[l], &[]);
     out.error(&[
-        &digests[0],
+        &layer_digest,
         "GNU long name",
         "(1610612736 bytes) exceeds kiln's limit of 4097 bytes",
     ]);
@@ -485,20 +496,9 @@ fn gnu_long_name_of_1_5_gib_is_refused_from_its_header() {
 #[test]
 fn gnu_long_link_of_1_gib_is_refused_from_its_header() {
     let case = Case::new("gnu_long_link_of_1_gib_is_refused_from_its_header");
-    let mut blob = gz(&block(&header(b'K', b"././@LongLink", GIB)));
-    for _ in 0..1024 {
-        blob.extend_from_slice(gz_1m_of_a());
-    }
-    blob.extend_from_slice(&gz(&[entry(b'2', "l", ""), end()].concat()));
-    layout(
-        &case.input(),
-        &[Layer {
-            blob,
-            media_type: TAR_GZ,
-            diff_id: some_diff_id(),
-        }],
-    );
-    let out = case.convert(&case.input(), &[]);
+    let head = header(b'K', b"././@LongLink", GIB);
+    let blob = gz_claiming(&head, 1024, &[entry(b'2', "l", ""), end()].concat());
+    let out = case.convert_layers(&[unchecked(blob, TAR_GZ)], &[]);
     out.error(&["long link", "(1073741824 bytes) exceeds kiln's limit"]);
     out.assert_peak_under(64 * MIB);
 }
@@ -506,20 +506,9 @@ fn gnu_long_link_of_1_gib_is_refused_from_its_header() {
 #[test]
 fn pax_header_of_1_gib_is_refused_from_its_header() {
     let case = Case::new("pax_header_of_1_gib_is_refused_from_its_header");
-    let mut blob = gz(&block(&header(b'x', b"PaxHeader", GIB)));
-    for _ in 0..1024 {
-        blob.extend_from_slice(gz_1m_of_a());
-    }
-    blob.extend_from_slice(&gz(&[file("f", b"x"), end()].concat()));
-    layout(
-        &case.input(),
-        &[Layer {
-            blob,
-            media_type: TAR_GZ,
-            diff_id: some_diff_id(),
-        }],
-    );
-    let out = case.convert(&case.input(), &[]);
+    let head = header(b'x', b"PaxHeader", GIB);
+    let blob = gz_claiming(&head, 1024, &[file("f", b"x"), end()].concat());
+    let out = case.convert_layers(&[unchecked(blob, TAR_GZ)], &[]);
     out.error(&["PAX extended header (1073741824 bytes) exceeds kiln's limit of 1048576 bytes"]);
     out.assert_peak_under(64 * MIB);
 }
@@ -535,8 +524,7 @@ fn pax_header_with_50k_records_is_refused() {
         .map(|(k, v)| (k.as_str(), v.as_slice()))
         .collect();
     let tar = [pax(&refs), file("f", b"x"), end()].concat();
-    layout(&case.input(), &[layer(&tar, TAR_GZ)]);
-    let out = case.convert(&case.input(), &[]);
+    let out = case.convert_layers(&[layer(&tar, TAR_GZ)], &[]);
     out.error(&["records of a PAX extended header exceeds kiln's limit of 4096 records"]);
     out.assert_peak_under(64 * MIB);
 }
@@ -548,14 +536,12 @@ fn deep_and_long_paths_are_refused() {
     let case = Case::new("deep_and_long_paths_are_refused");
     let long = "d/".repeat(2500) + "f";
     let tar = [pax(&[("path", long.as_bytes())]), file("x", b"x"), end()].concat();
-    layout(&case.input(), &[layer(&tar, TAR)]);
-    let out = case.convert(&case.input(), &[]);
+    let out = case.convert_layers(&[layer(&tar, TAR)], &[]);
     out.error(&["a path or link target (5001 bytes) exceeds kiln's limit of 4096 bytes"]);
 
     let deep = "a/".repeat(300) + "f";
     let tar = [pax(&[("path", deep.as_bytes())]), file("x", b"x"), end()].concat();
-    layout(&case.input(), &[layer(&tar, TAR)]);
-    let out = case.convert(&case.input(), &[]);
+    let out = case.convert_layers(&[layer(&tar, TAR)], &[]);
     out.error(&["a path's components (301 components) exceeds kiln's limit of 256"]);
 
     // 200 levels, a symlink to the bottom, 200 more below the symlink:
@@ -571,8 +557,7 @@ fn deep_and_long_paths_are_refused() {
         end(),
     ]
     .concat();
-    layout(&case.input(), &[layer(&tar, TAR)]);
-    let out = case.convert(&case.input(), &[]);
+    let out = case.convert_layers(&[layer(&tar, TAR)], &[]);
     out.error(&["a path's components (257 components) exceeds kiln's limit of 256"]);
     out.assert_peak_under(64 * MIB);
 }
@@ -588,8 +573,7 @@ fn symlink_loops_fail_cleanly() {
         end(),
     ]
     .concat();
-    layout(&case.input(), &[layer(&tar, TAR)]);
-    let out = case.convert(&case.input(), &[]);
+    let out = case.convert_layers(&[layer(&tar, TAR)], &[]);
     out.error(&["\"a/x\"", "symbolic links"]);
 
     let tar = [
@@ -598,8 +582,7 @@ fn symlink_loops_fail_cleanly() {
         end(),
     ]
     .concat();
-    layout(&case.input(), &[layer(&tar, TAR)]);
-    let out = case.convert(&case.input(), &[]);
+    let out = case.convert_layers(&[layer(&tar, TAR)], &[]);
     out.error(&["\"self/x\"", "symbolic links"]);
     assert_eq!(names(&outside), ["victim"]);
     out.assert_peak_under(64 * MIB);
@@ -655,8 +638,7 @@ fn sparse_file_of_2_gib_keeps_its_holes() {
     // Converted: the image stays small.
     let l = layer(&tar, TAR_GZ);
     eprintln!("layer blob: {} bytes", l.blob.len());
-    layout(&case.input(), &[l]);
-    let out = case.convert(&case.input(), &[]);
+    let out = case.convert_layers(&[l], &[]);
     let image = out.image();
     let allocated = fs::metadata(image).unwrap().blocks() * 512;
     eprintln!(
@@ -702,8 +684,7 @@ fn sparse_holes_beyond_the_budget_are_refused_before_writing() {
     }
     h.set_cksum();
     let tar = [block(&h), vec![b'z'; 512], end()].concat();
-    layout(&case.input(), &[layer(&tar, TAR_GZ)]);
-    let out = case.convert(&case.input(), &[]);
+    let out = case.convert_layers(&[layer(&tar, TAR_GZ)], &[]);
     out.error(&[
         "the holes of the image's sparse files exceeds kiln's limit of 8589934592 bytes",
         "\"huge\"",
@@ -731,8 +712,7 @@ fn sparse_maps_with_millions_of_segments_are_refused() {
         end(),
     ]
     .concat();
-    layout(&case.input(), &[layer(&tar, TAR_GZ)]);
-    let out = case.convert(&case.input(), &[]);
+    let out = case.convert_layers(&[layer(&tar, TAR_GZ)], &[]);
     out.error(&["a sparse file's map (100000000 segments) exceeds kiln's limit of 65536"]);
 
     // Old GNU: 4 segments in the header, then extension blocks; 70,000
@@ -760,8 +740,7 @@ fn sparse_maps_with_millions_of_segments_are_refused() {
         ext.set_is_extended(n + 1 < rest.len().div_ceil(21));
         tar.extend_from_slice(ext.as_bytes());
     }
-    layout(&case.input(), &[layer(&tar, TAR_ZST)]);
-    let out = case.convert(&case.input(), &[]);
+    let out = case.convert_layers(&[layer(&tar, TAR_ZST)], &[]);
     out.error(&[
         "a sparse file's map exceeds kiln's limit of 65536 segments",
         "\"old\"",
@@ -784,18 +763,12 @@ fn zstd_bomb_stops_at_the_layer_limit() {
         blob.extend_from_slice(&frame);
     }
     eprintln!("layer blob: {} KB for 512 MiB of zeros", blob.len() / 1000);
-    let digests = layout(
-        &case.input(),
-        &[Layer {
-            blob,
-            media_type: TAR_ZST,
-            diff_id: some_diff_id(),
-        }],
-    );
+    let l = unchecked(blob, TAR_ZST);
+    let layer_digest = digest(&l);
     let limit = [("KILN_IMAGE_MAX_GB", "0.015625")];
-    let out = case.convert(&case.input(), &limit);
+    let out = case.convert_layers(&[l], &limit);
     out.error(&[
-        &digests[0],
+        &layer_digest,
         "the uncompressed layer exceeds kiln's limit of 16777216 bytes",
         "after its end-of-archive marker",
         "KILN_IMAGE_MAX_GB",
@@ -804,15 +777,7 @@ fn zstd_bomb_stops_at_the_layer_limit() {
 
     let mut blob = zstd::encode_all(&block(&header(b'0', b"zeros", 64 * GIB))[..], 3).unwrap();
     blob.extend_from_slice(&frame);
-    layout(
-        &case.input(),
-        &[Layer {
-            blob,
-            media_type: TAR_ZST,
-            diff_id: some_diff_id(),
-        }],
-    );
-    let out = case.convert(&case.input(), &limit);
+    let out = case.convert_layers(&[unchecked(blob, TAR_ZST)], &limit);
     out.error(&[
         "the uncompressed layer (68719476736 bytes) exceeds kiln's limit of 16777216 bytes",
         "\"zeros\"",
@@ -834,8 +799,7 @@ fn image_limit_spans_layers() {
     let l1 = layer(&tar, TAR_ZST);
     let l2 = layer(&tar, TAR_ZST);
     drop(tar);
-    layout(&case.input(), &[l1, l2]);
-    let out = case.convert(&case.input(), &[("KILN_IMAGE_MAX_GB", "0.015625")]);
+    let out = case.convert_layers(&[l1, l2], &[("KILN_IMAGE_MAX_GB", "0.015625")]);
     out.error(&[
         "the image's uncompressed layers",
         "exceeds kiln's limit of 16777216 bytes",
@@ -859,15 +823,10 @@ fn millions_of_tiny_entries_stop_at_the_entry_limit() {
     }
     blob.extend_from_slice(&zstd::encode_all(&end()[..], 3).unwrap());
     eprintln!("layer blob: {} KB", blob.len() / 1000);
-    layout(
-        &case.input(),
-        &[Layer {
-            blob,
-            media_type: TAR_ZST,
-            diff_id: some_diff_id(),
-        }],
+    let out = case.convert_layers(
+        &[unchecked(blob, TAR_ZST)],
+        &[("KILN_IMAGE_MAX_ENTRIES", "50000")],
     );
-    let out = case.convert(&case.input(), &[("KILN_IMAGE_MAX_ENTRIES", "50000")]);
     out.error(&[
         "the image's tar entries exceeds kiln's limit of 50000 entries",
         "KILN_IMAGE_MAX_ENTRIES",
@@ -884,8 +843,10 @@ fn hard_links_count_as_entries() {
         tar.extend(entry(b'1', &format!("link{i}"), "target"));
     }
     tar.extend(end());
-    layout(&case.input(), &[layer(&tar, TAR_GZ)]);
-    let out = case.convert(&case.input(), &[("KILN_IMAGE_MAX_ENTRIES", "1000")]);
+    let out = case.convert_layers(
+        &[layer(&tar, TAR_GZ)],
+        &[("KILN_IMAGE_MAX_ENTRIES", "1000")],
+    );
     out.error(&[
         "the image's tar entries exceeds kiln's limit of 1000 entries",
         "\"link998\"",
@@ -900,8 +861,7 @@ fn huge_uid_gid_and_mtime() {
     h.set_uid(1 << 40);
     h.set_cksum();
     let tar = [block(&h), end()].concat();
-    layout(&case.input(), &[layer(&tar, TAR)]);
-    let out = case.convert(&case.input(), &[]);
+    let out = case.convert_layers(&[layer(&tar, TAR)], &[]);
     out.error(&["\"owned\"", "uid 1099511627776 out of range"]);
 
     let tar = [
@@ -910,8 +870,7 @@ fn huge_uid_gid_and_mtime() {
         end(),
     ]
     .concat();
-    layout(&case.input(), &[layer(&tar, TAR)]);
-    let out = case.convert(&case.input(), &[]);
+    let out = case.convert_layers(&[layer(&tar, TAR)], &[]);
     out.error(&["\"g\"", "bad PAX gid"]);
 
     // Times far out of any file system's range are clamped by the kernel;
@@ -926,8 +885,7 @@ fn huge_uid_gid_and_mtime() {
         end(),
     ]
     .concat();
-    layout(&case.input(), &[layer(&tar, TAR)]);
-    let out = case.convert(&case.input(), &[]);
+    let out = case.convert_layers(&[layer(&tar, TAR)], &[]);
     out.image();
     out.assert_peak_under(64 * MIB);
 }
@@ -1001,41 +959,24 @@ fn layers_that_are_not_tars() {
     let junk: Vec<u8> = (0..100_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    let digests = layout(
-        &case.input(),
-        &[Layer {
-            blob: junk.clone(),
-            media_type: TAR,
-            diff_id: some_diff_id(),
-        }],
-    );
-    let out = case.convert(&case.input(), &[]);
-    out.error(&[&digests[0], "not a tar archive"]);
+    let l = unchecked(junk.clone(), TAR);
+    let layer_digest = digest(&l);
+    let out = case.convert_layers(&[l], &[]);
+    out.error(&[&layer_digest, "not a tar archive"]);
 
     // gzip data declared as a plain tar.
     let tar = [file("f", b"x"), end()].concat();
-    layout(
-        &case.input(),
-        &[Layer {
-            blob: gz(&tar),
-            media_type: TAR,
-            diff_id: sha256(&tar),
-        }],
-    );
-    let out = case.convert(&case.input(), &[]);
+    let gz_as_plain = Layer {
+        blob: gz(&tar),
+        media_type: TAR,
+        diff_id: sha256(&tar),
+    };
+    let out = case.convert_layers(&[gz_as_plain], &[]);
     out.error(&["not a tar archive but a compressed one"]);
 
     // Junk declared as gzip, and as zstd.
     for mt in [TAR_GZ, TAR_ZST] {
-        layout(
-            &case.input(),
-            &[Layer {
-                blob: junk.clone(),
-                media_type: mt,
-                diff_id: some_diff_id(),
-            }],
-        );
-        let out = case.convert(&case.input(), &[]);
+        let out = case.convert_layers(&[unchecked(junk.clone(), mt)], &[]);
         out.error(&["failed to read the layer tar"]);
         out.assert_peak_under(64 * MIB);
     }
@@ -1048,15 +989,13 @@ fn opaque_whiteout_on_a_file_or_an_outside_symlink() {
     let case = Case::new("opaque_whiteout_on_a_file_or_an_outside_symlink");
     let lower = [file("x", b"lower"), end()].concat();
     let upper = [file("x/.wh..wh..opq", b""), end()].concat();
-    layout(&case.input(), &[layer(&lower, TAR), layer(&upper, TAR)]);
-    let out = case.convert(&case.input(), &[]);
+    let out = case.convert_layers(&[layer(&lower, TAR), layer(&upper, TAR)], &[]);
     out.error(&["\"x/.wh..wh..opq\"", "Not a directory"]);
 
     let target = case.outside().to_string_lossy().into_owned();
     let lower = [entry(b'2', "out", &target), end()].concat();
     let upper = [file("out/.wh..wh..opq", b""), end()].concat();
-    layout(&case.input(), &[layer(&lower, TAR), layer(&upper, TAR)]);
-    let out = case.convert(&case.input(), &[]);
+    let out = case.convert_layers(&[layer(&lower, TAR), layer(&upper, TAR)], &[]);
     out.error(&["\"out/.wh..wh..opq\"", "symlink to a missing directory"]);
     out.assert_peak_under(64 * MIB);
 }
@@ -1114,8 +1053,7 @@ fn image_json_and_archive_headers_are_bounded() {
     fs::remove_dir_all(case.input()).unwrap();
     fs::create_dir(case.input()).unwrap();
     let layers: Vec<Layer> = (0..300).map(|_| layer(&tar, TAR)).collect();
-    layout(&case.input(), &layers);
-    let out = case.convert(&case.input(), &[]);
+    let out = case.convert_layers(&layers, &[]);
     out.error(&["300 layers: more than the 256 kiln allows"]);
 
     // docker save: a 5 MiB manifest.json, then a 1 GiB long name header.

@@ -649,22 +649,11 @@ fn insecure_http_is_refused_for_non_loopback_hosts() {
     // 192.0.2.0/24 is TEST-NET-1: unroutable. https is what is tried.
     let src = ImageSource::parse("192.0.2.1:5000/x/y:z").unwrap();
     let e = rootfs_with(&cache, cfg, &src).unwrap_err();
-    let chain = error_chain(&e);
+    let chain = kiln_testkit::error_chain(&e);
     assert!(
         chain.contains("https://192.0.2.1:5000/v2/x/y/manifests/z"),
         "{chain}"
     );
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn main() -> std::process::ExitCode {

@@ -9,23 +9,13 @@ use std::time::{Duration, Instant};
 
 use kiln_pipelines::{gitlab, LocalContext, Options};
 
-/// `n` jobs over three stages; every tenth job `needs` two jobs of its own
-/// stage instead of waiting for the earlier stages.
-fn pipeline(n: usize) -> String {
-    let mut s = String::from("stages: [build, test, deploy]\n");
-    for i in 0..n {
-        let stage = ["build", "test", "deploy"][i % 3];
-        s.push_str(&format!("j{i}:\n  stage: {stage}\n  script: [make]\n"));
-        if i % 10 == 9 && i >= 6 {
-            s.push_str(&format!("  needs: [j{}, j{}]\n", i - 3, i - 6));
-        }
-    }
-    s
-}
+#[path = "../tests/common/many_jobs.rs"]
+mod many_jobs;
+use many_jobs::many_jobs;
 
 /// Best of three (YAML alone, parse, plan) times.
 fn measure(n: usize) -> (Duration, Duration, Duration) {
-    let text = pipeline(n);
+    let text = many_jobs(n);
     let ctx = LocalContext::new("/nonexistent", "bench");
     let read = |_: &str| -> io::Result<String> { Err(io::ErrorKind::NotFound.into()) };
     let target = (0..n)

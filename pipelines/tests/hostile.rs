@@ -16,6 +16,10 @@ use std::time::Instant;
 
 use kiln_pipelines::{github, gitlab, LocalContext, Options, ProjectFiles};
 
+mod common;
+use common::many_jobs;
+use kiln_testkit::error_chain;
+
 const CHILD_ENV: &str = "KILN_HOSTILE_CHILD";
 const MIB: u64 = 1024;
 
@@ -146,18 +150,6 @@ fn ctx() -> LocalContext {
     c
 }
 
-/// The error and its sources, one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
-}
-
 fn no_files(_: &str) -> io::Result<String> {
     Err(io::Error::new(io::ErrorKind::NotFound, "no files here"))
 }
@@ -175,19 +167,19 @@ fn load_with(
 ) -> Result<String, String> {
     kiln_pipelines::load(Path::new(name), text, &ctx(), &Options::default(), read)
         .map(|p| format!("{} jobs", p.jobs.len()))
-        .map_err(|e| chain(&e))
+        .map_err(|e| error_chain(&e))
 }
 
 fn gitlab_text(text: &str, read: &dyn Fn(&str) -> io::Result<String>) -> Result<String, String> {
     gitlab::parse(".gitlab-ci.yml", text, &ctx(), &Options::default(), read)
         .map(|p| format!("{} jobs", p.jobs.len()))
-        .map_err(|e| chain(&e))
+        .map_err(|e| error_chain(&e))
 }
 
 fn github_text(text: &str) -> Result<String, String> {
     github::parse("ci.yml", text, &ctx(), &Options::default())
         .map(|w| format!("{} jobs", w.jobs.len()))
-        .map_err(|e| chain(&e))
+        .map_err(|e| error_chain(&e))
 }
 
 /// A per-test directory, removed at the end.
@@ -730,20 +722,6 @@ fn script_line_and_size_limits() {
 }
 
 // ---------------------------------------------------------------- jobs and planning
-
-/// `n` jobs over three stages; every tenth job `needs` the two jobs of its
-/// stage before it instead of waiting for the earlier stages.
-fn many_jobs(n: usize) -> String {
-    let mut s = String::from("stages: [build, test, deploy]\n");
-    for i in 0..n {
-        let stage = ["build", "test", "deploy"][i % 3];
-        s.push_str(&format!("j{i}:\n  stage: {stage}\n  script: [make]\n"));
-        if i % 10 == 9 && i >= 6 {
-            s.push_str(&format!("  needs: [j{}, j{}]\n", i - 3, i - 6));
-        }
-    }
-    s
-}
 
 #[test]
 fn forty_five_thousand_jobs_parse_and_plan() {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kiln_images::ImagePolicy;
-use kiln_vmm::BackendKind;
+use kiln_vmm::{BackendKind, IsolationMode};
 use serde::{Deserialize, Serialize};
 
 use crate::executor;
@@ -75,6 +75,10 @@ pub struct Config {
     /// (filled at the edge, `kiln::env::Env::complete`).
     #[serde(skip)]
     pub images: kiln_images::ImagesOptions,
+    /// The `kiln-vmm` executable of the kvm backend (default: `$KILN_VMM`,
+    /// else next to `kiln`, else `/usr/lib/kiln/kiln-vmm`).
+    #[serde(default)]
+    pub vmm: Option<PathBuf>,
     /// The QEMU binary of the qemu backend (default: `$KILN_QEMU`, else
     /// `qemu-system-x86_64` from `PATH`).
     #[serde(default)]
@@ -133,6 +137,11 @@ pub struct RunnerConfig {
     /// `auto`, `kvm` or `qemu`, as `--backend` takes it.
     #[serde(default, with = "backend_name")]
     pub backend: BackendKind,
+    /// The jail around each VMM process (kvm backend): `strict` (refuse to
+    /// start a VM when part of it cannot be applied), `best-effort` or `off`,
+    /// as `--isolation` takes it.
+    #[serde(default, with = "isolation_name")]
+    pub isolation: IsolationMode,
 }
 
 // The VM settings default to the executor's (`executor::DEFAULT_*`).
@@ -176,6 +185,22 @@ mod backend_name {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BackendKind, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// `isolation = "strict"`: by the name `--isolation` takes.
+mod isolation_name {
+    use kiln_vmm::IsolationMode;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(m: &IsolationMode, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(m.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<IsolationMode, D::Error> {
         String::deserialize(d)?
             .parse()
             .map_err(serde::de::Error::custom)
@@ -344,6 +369,18 @@ image = "/images/debian"
         assert_eq!(c.runners[0].backend, BackendKind::Qemu);
         let back: Config = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
         assert_eq!(back.runners[0].backend, BackendKind::Qemu);
+        assert_eq!(c.runners[0].isolation, IsolationMode::BestEffort);
+        let c: Config = toml::from_str(
+            "[[runners]]\nname='a'\nurl='https://x'\ntoken='t'\nisolation='strict'\n",
+        )
+        .unwrap();
+        assert_eq!(c.runners[0].isolation, IsolationMode::Strict);
+        let back: Config = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back.runners[0].isolation, IsolationMode::Strict);
+        assert!(toml::from_str::<Config>(
+            "[[runners]]\nname='a'\nurl='https://x'\ntoken='t'\nisolation='strictly'\n",
+        )
+        .is_err());
         let e = toml::from_str::<Config>(
             "[[runners]]\nname='a'\nurl='https://x'\ntoken='t'\nbackend='vmware'\n",
         )

@@ -156,6 +156,7 @@ pub fn run(cache_dir: &Path, env: &Env, json: bool) -> Result<ExitCode> {
             fix: Some(kiln::agent::BUILD_HINT.into()),
         },
     });
+    checks.extend(isolation_checks(env));
     let run_dir = env.run_dir();
     let writable = std::fs::create_dir_all(&run_dir).is_ok() && tempfile_in(&run_dir);
     checks.push(if writable {
@@ -190,6 +191,33 @@ pub fn run(cache_dir: &Path, env: &Env, json: bool) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// What of the jail around each VMM process (kvm backend) this host
+/// enforces. A missing part is a warning: `isolation = "best-effort"` (the
+/// default) runs without it, `"strict"` refuses to start VMs.
+fn isolation_checks(env: &Env) -> Vec<Check> {
+    kiln_vmm::jail::probe(env.vmm().as_deref())
+        .into_iter()
+        .map(|e| match e.status {
+            Ok(how) => Check {
+                name: e.part,
+                status: "ok",
+                detail: how,
+                fix: None,
+            },
+            Err(why) => Check {
+                name: e.part,
+                status: "warn",
+                detail: format!("not enforced: {why}"),
+                fix: Some(
+                    "run kiln as root for the whole jail; with isolation = \"strict\" VMs \
+                     do not start without it"
+                        .into(),
+                ),
+            },
+        })
+        .collect()
 }
 
 /// What `/dev/kvm` can do here, and on what CPU.

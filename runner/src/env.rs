@@ -26,6 +26,8 @@ pub struct Env {
     home: Option<PathBuf>,
     /// `$KILN_QEMU`: the QEMU binary of the qemu backend.
     qemu: Option<PathBuf>,
+    /// `$KILN_VMM`: the VMM process of the kvm backend.
+    vmm: Option<PathBuf>,
     /// `$KILN_CACHE_DIR` and `$XDG_CACHE_HOME`: the cache.
     cache_dir: Option<PathBuf>,
     cache_home: Option<PathBuf>,
@@ -50,6 +52,7 @@ impl Env {
             state_home: var("XDG_STATE_HOME"),
             home: var("HOME"),
             qemu: var("KILN_QEMU"),
+            vmm: var("KILN_VMM"),
             cache_dir: var("KILN_CACHE_DIR"),
             cache_home: var("XDG_CACHE_HOME"),
             images: ImagesOptions::from_vars(|name| std::env::var_os(name)),
@@ -88,6 +91,11 @@ impl Env {
         self.images.clone()
     }
 
+    /// `$KILN_VMM`: the `kiln-vmm` executable (else found next to kiln).
+    pub fn vmm(&self) -> Option<PathBuf> {
+        self.vmm.clone()
+    }
+
     /// How to run QEMU: `$KILN_QEMU`, else `qemu-system-x86_64` from `PATH`.
     pub fn qemu(&self) -> kiln_vmm::QemuOptions {
         kiln_vmm::QemuOptions::new(self.qemu.clone())
@@ -111,6 +119,9 @@ impl Env {
             config.cache_dir = Some(self.cache_dir());
         }
         config.images = self.images();
+        if config.vmm.is_none() {
+            config.vmm = self.vmm();
+        }
         if config.qemu.is_none() {
             config.qemu = self.qemu.clone();
         }

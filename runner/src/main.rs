@@ -101,6 +101,10 @@ struct VmArgs {
     /// Backend: auto, kvm or qemu.
     #[arg(long, default_value = "auto", env = "KILN_BACKEND")]
     backend: BackendKind,
+    /// The jail around each VMM process (kvm backend): strict (refuse to
+    /// start a VM when part of it cannot be applied), best-effort or off.
+    #[arg(long, default_value = "best-effort", env = "KILN_ISOLATION")]
+    isolation: kiln_vmm::IsolationMode,
     /// Guest kernel (vmlinux or bzImage); default: the cached Debian cloud kernel.
     #[arg(long, env = "KILN_KERNEL")]
     kernel: Option<PathBuf>,
@@ -284,6 +288,8 @@ fn executor_config(vm: &VmArgs, cache_dir: PathBuf) -> Result<ExecutorConfig> {
         .kernel_files(vm.kernel.clone(), vm.modules.clone())
         .agent(vm.agent.clone())
         .backend(vm.backend)
+        .isolation(vm.isolation)
+        .vmm_program(env.vmm())
         .vcpus(vm.cpus)
         .memory_mib(vm.memory)
         .disk_gib(vm.disk)

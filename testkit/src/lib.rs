@@ -150,6 +150,19 @@ pub fn at_exit(f: impl FnOnce() + Send + 'static) {
         .push(Box::new(f));
 }
 
+/// An error and its sources on one line, `: `-separated (as `anyhow`
+/// prints them with `{:#}`), for tests that check what an error says.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// The tests of one integration-test target.
 #[derive(Default)]
 pub struct Suite {

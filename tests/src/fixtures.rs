@@ -259,3 +259,33 @@ fn host_mirror(suite: &str) -> Option<String> {
     }
     None
 }
+
+/// Runs `git <args>` in `dir` as a test user (no global configuration
+/// needed); panics with git's stderr if it fails.
+pub fn git(dir: &Path, args: &[&str]) {
+    let o = Command::new("git")
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run git");
+    assert!(
+        o.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Makes `dir` a git checkout with everything in it committed.
+pub fn git_commit_all(dir: &Path) {
+    git(dir, &["init", "-q"]);
+    git(dir, &["add", "."]);
+    git(dir, &["commit", "-q", "-m", "init"]);
+}

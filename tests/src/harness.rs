@@ -5,12 +5,57 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use kiln::{Executor, ExecutorConfig};
+use kiln::executor::FailureReason;
+use kiln::joblog::{BufferSink, JobSink};
+use kiln::{Executor, ExecutorConfig, JobResult};
+use kiln_agent::proto::Stream;
 use kiln_images::{Cache, Kernel};
+use kiln_pipelines::{ArtifactSpec, ArtifactWhen, JobSpec, Step};
 use kiln_testkit::Need;
 use kiln_vmm::BackendKind;
 
 use crate::fixtures::BusyboxImage;
+
+/// The workspace's root directory.
+fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR`, else `target/` in the
+/// workspace.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Runs `cargo build -q <args>` in the workspace (the cargo running the
+/// tests, else `cargo` on the `PATH`); panics with `failed` if it fails.
+/// Returns the target directory the build wrote into.
+pub fn cargo_build(args: &[&str], failed: &str) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .args(["build", "-q"])
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .expect("run cargo build");
+    assert!(st.success(), "{failed}");
+    target_dir()
+}
+
+/// The cargo arguments that build a part of `kiln-agent` the way the guest
+/// runs it: static (musl), with the `agent` profile.
+pub const AGENT_BUILD: [&str; 6] = [
+    "-p",
+    "kiln-agent",
+    "--target",
+    "x86_64-unknown-linux-musl",
+    "--profile",
+    "agent",
+];
 
 /// `target/kiln-tests`: a cache shared by every test run (kernel, initramfs,
 /// root filesystems), so only the first run pays for them. `KILN_TEST_ROOT`
@@ -21,15 +66,7 @@ pub fn test_root() -> PathBuf {
         std::fs::create_dir_all(&d).expect("create $KILN_TEST_ROOT");
         return d;
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .expect("workspace root")
-                .join("target")
-        });
-    let d = target.join("kiln-tests");
+    let d = target_dir().join("kiln-tests");
     std::fs::create_dir_all(&d).expect("create target/kiln-tests");
     d
 }
@@ -100,31 +137,10 @@ pub fn agent() -> PathBuf {
             if let Some(p) = std::env::var_os("KILN_AGENT") {
                 return PathBuf::from(p);
             }
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .expect("workspace root");
-            let st = Command::new(cargo)
-                .args([
-                    "build",
-                    "-q",
-                    "-p",
-                    "kiln-agent",
-                    "--target",
-                    "x86_64-unknown-linux-musl",
-                    "--profile",
-                    "agent",
-                ])
-                .current_dir(root)
-                .status()
-                .expect("run cargo to build the agent");
-            assert!(
-                st.success(),
-                "building the agent failed (rustup target add x86_64-unknown-linux-musl)"
+            let target = cargo_build(
+                &AGENT_BUILD,
+                "building the agent failed (rustup target add x86_64-unknown-linux-musl)",
             );
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root.join("target"));
             target.join("x86_64-unknown-linux-musl/agent/kiln-agent")
         })
         .clone()
@@ -195,6 +211,11 @@ pub fn backend() -> BackendKind {
 }
 
 pub fn config(run_dir: &Path) -> ExecutorConfig {
+    // Builds kiln-vmm as well, for the kvm backend (under cargo only: in a
+    // nested L1 it was copied next to the test binary).
+    if std::env::var_os("CARGO").is_some() {
+        kiln_bin();
+    }
     ExecutorConfig::builder(cache_dir(), run_dir)
         .agent(agent())
         .kernel(kernel())
@@ -255,23 +276,19 @@ pub fn assert_no_leaks(run_dir: &Path) {
     assert!(left.is_empty(), "per-VM files left behind: {left:?}");
 }
 
-/// The `kiln` binary (debug build), built once per test run.
+/// The `kiln` binary (debug build), built once per test run with the
+/// `kiln-vmm` binary next to it.
 pub fn kiln_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace root");
-        let st = Command::new(cargo)
-            .args(["build", "-q", "-p", "kiln", "--bin", "kiln"])
-            .current_dir(root)
-            .status()
-            .expect("run cargo to build kiln");
-        assert!(st.success(), "building kiln failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target"));
+        // kiln-vmm too: the kvm backend runs each VM in it (found next to
+        // kiln, or one directory above a test binary).
+        let target = cargo_build(
+            &[
+                "-p", "kiln", "--bin", "kiln", "-p", "kiln-vmm", "--bin", "kiln-vmm",
+            ],
+            "building kiln failed",
+        );
         target.join("debug/kiln")
     })
     .clone()
@@ -285,4 +302,95 @@ pub fn kiln_cmd(run_dir: &Path) -> Command {
         .env("KILN_RUN_DIR", run_dir)
         .env("XDG_STATE_HOME", test_root().join("state"));
     c
+}
+
+/// `kiln run-job` on the busybox fixture with 1 CPU and 512 MiB, logging
+/// only kiln's errors; the caller adds what to run.
+pub fn run_job_cmd(run_dir: &Path) -> Command {
+    let mut c = kiln_cmd(run_dir);
+    c.args([
+        "--log-level",
+        "error",
+        "run-job",
+        "--cpus",
+        "1",
+        "--memory",
+        "512",
+        "--image",
+    ])
+    .arg(busybox_image());
+    c
+}
+
+/// A one-step job (`script`) named `name` on the busybox fixture.
+pub fn busybox_job(name: &str, script: &str) -> JobSpec {
+    JobSpec::single(
+        name,
+        busybox_image().to_string_lossy(),
+        Step::script("script", script),
+    )
+}
+
+/// Artifacts: what is under `path` in the workspace, collected `when`.
+pub fn artifacts_under(path: &str, when: ArtifactWhen) -> ArtifactSpec {
+    ArtifactSpec {
+        name: None,
+        paths: vec![path.into()],
+        exclude: Vec::new(),
+        untracked: false,
+        when,
+        expire_in: None,
+    }
+}
+
+/// Asserts that the job succeeded, showing its stderr where it did not.
+pub fn assert_success(r: &JobResult, sink: &BufferSink) {
+    assert!(
+        r.success(),
+        "{r:?}\nstderr: {}",
+        String::from_utf8_lossy(&sink.stderr)
+    );
+}
+
+/// Collects output and requests a graceful cancel at the first byte.
+pub struct CancelAtFirstOutput {
+    pub inner: BufferSink,
+    tx: tokio::sync::watch::Sender<Option<bool>>,
+}
+
+impl CancelAtFirstOutput {
+    /// The sink, and the cancel channel's receiver to hand the executor.
+    pub fn new() -> (
+        CancelAtFirstOutput,
+        tokio::sync::watch::Receiver<Option<bool>>,
+    ) {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let sink = CancelAtFirstOutput {
+            inner: BufferSink::default(),
+            tx,
+        };
+        (sink, rx)
+    }
+
+    /// Asserts what a graceful cancel of `echo started; sleep 600` with an
+    /// always-step `echo cleanup` leaves: a canceled job, the first step
+    /// ended by SIGTERM, the always-step run.
+    pub fn assert_canceled_and_cleaned_up(&self, r: &JobResult) {
+        assert_eq!(r.failure, Some(FailureReason::Canceled), "{r:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&self.inner.stdout),
+            "started\ncleanup\n"
+        );
+        assert!(
+            r.steps[0].canceled && r.steps[0].exit_code == 143,
+            "SIGTERM ended the step: {r:?}"
+        );
+    }
+}
+
+impl JobSink for CancelAtFirstOutput {
+    fn output(&mut self, step: u32, stream: Stream, data: &[u8]) {
+        self.inner.output(step, stream, data);
+        let _ = self.tx.send(Some(true));
+    }
 }

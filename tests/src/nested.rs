@@ -509,6 +509,15 @@ fn build_initramfs(cfg: &L1Config, p: &Payload, to: &Path) -> Result<u64> {
     let program = std::path::absolute(&program)?;
     let mut f = Files::new();
     f.add(&program, &program)?;
+    // The kvm backend runs each VM in kiln-vmm, found next to the program
+    // or one directory up (test binaries live in target/*/deps).
+    let dir = program.parent();
+    for d in [dir, dir.and_then(Path::parent)].into_iter().flatten() {
+        let vmm = d.join("kiln-vmm");
+        if vmm.is_file() {
+            f.add(&vmm, &vmm)?;
+        }
+    }
     let busybox = crate::fixtures::busybox_path()?;
     f.files.insert("/bin/busybox".into(), busybox.clone());
     if busybox != Path::new("/bin/busybox") {

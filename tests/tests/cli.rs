@@ -24,7 +24,19 @@ fn doctor_reports_kvm_and_qemu_as_json() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    for n in ["kvm", "qemu", "backend", "kernel", "agent", "mkfs.ext4"] {
+    // ... and what of the VMM jail this host enforces.
+    for n in [
+        "kvm",
+        "qemu",
+        "backend",
+        "kernel",
+        "agent",
+        "mkfs.ext4",
+        "vmm process",
+        "namespaces",
+        "seccomp",
+        "cgroup",
+    ] {
         assert!(names.contains(&n), "doctor lacks {n}: {names:?}");
     }
     for c in v.as_array().unwrap() {
@@ -36,18 +48,7 @@ fn doctor_reports_kvm_and_qemu_as_json() {
 
 fn run_job_keeps_streams_apart_and_passes_the_exit_code() {
     let dir = harness::run_dir("cli-exit");
-    let o = kiln_cmd(&dir)
-        .args([
-            "--log-level",
-            "error",
-            "run-job",
-            "--cpus",
-            "1",
-            "--memory",
-            "512",
-            "--image",
-        ])
-        .arg(harness::busybox_image())
+    let o = harness::run_job_cmd(&dir)
         .args([
             "--",
             "sh",

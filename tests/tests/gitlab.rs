@@ -50,6 +50,16 @@ struct Setup {
     allow_local_images: bool,
 }
 
+impl Setup {
+    /// The default set-up, with two jobs at a time.
+    fn two_at_a_time() -> Setup {
+        Setup {
+            concurrent: 2,
+            ..Setup::default()
+        }
+    }
+}
+
 impl Default for Setup {
     fn default() -> Setup {
         Setup {
@@ -107,22 +117,38 @@ allow_local_images = {allow_local_images}
     c
 }
 
-/// The daemon in this process; stopped (cleanly) by the returned sender.
-fn start_daemon(
-    config: Config,
-) -> (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<()>,
-) {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let h = tokio::spawn(async move {
-        kiln::gitlab::daemon::run(config, async {
-            let _ = rx.await;
-        })
-        .await
-        .expect("the daemon runs");
-    });
-    (tx, h)
+/// The daemon, running in this process.
+struct Daemon {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Daemon {
+    /// Starts the daemon on `fake`'s jobs with `s`, running them under
+    /// `run_dir`.
+    fn start(fake: &FakeGitlab, run_dir: &Path, s: Setup) -> Daemon {
+        let config = config(fake, run_dir, s);
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            kiln::gitlab::daemon::run(config, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("the daemon runs");
+        });
+        Daemon { stop, task }
+    }
+
+    /// Stops the daemon cleanly and waits until it has.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap();
+    }
+}
+
+/// A fake GitLab for this runner's token, whose repository holds one file.
+fn fake_gitlab() -> FakeGitlab {
+    FakeGitlab::start(TOKEN, &[("README", "x\n")])
 }
 
 fn image() -> String {
@@ -212,14 +238,7 @@ async fn jobs_pass_fail_time_out_and_miss_images_two_at_a_time() {
     let slow = fake.push(slow);
     let noimg = fake.push(fake.job("/nonexistent/kiln/image", &["true"]));
 
-    let (stop, daemon) = start_daemon(config(
-        &fake,
-        run_dir.path(),
-        Setup {
-            concurrent: 2,
-            ..Setup::default()
-        },
-    ));
+    let daemon = Daemon::start(&fake, run_dir.path(), Setup::two_at_a_time());
 
     let j = fake.wait_done(pass, LIMIT).await;
     let t = j.trace_text();
@@ -298,24 +317,72 @@ async fn jobs_pass_fail_time_out_and_miss_images_two_at_a_time() {
         2,
         "concurrent = 2: two jobs at once, never more"
     );
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
     assert_no_leaks(run_dir.path());
 }
 
-async fn a_canceled_job_runs_after_script_and_is_reported_canceled() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
-    let run_dir = RunDir::new("gitlab-cancel");
+/// A job that prints `tick` every second until it is canceled, with an
+/// `after_script` that prints `cleanup-ran`; returned once it ticks.
+async fn a_ticking_job(fake: &FakeGitlab, run_dir: &Path) -> (u64, Daemon) {
     let mut job = fake.job(&image(), &["while true; do echo tick; sleep 1; done"]);
     job["steps"].as_array_mut().unwrap().push(json!(
         {"name": "after_script", "script": ["echo cleanup-ran"], "timeout": 300, "when": "always", "allow_failure": true}
     ));
     let id = fake.push(job);
-    let (stop, daemon) = start_daemon(config(&fake, run_dir.path(), Setup::default()));
+    let daemon = Daemon::start(fake, run_dir, Setup::default());
     fake.wait_for(id, LIMIT, "ticks in the trace", |j| {
         j.trace_text().contains("tick\n")
     })
     .await;
+    (id, daemon)
+}
+
+/// Nothing was sent for `j` after the 403 that told of its cancel: no
+/// request, no final update, and no protocol violation.
+fn assert_nothing_after_the_403(j: &FakeJob) {
+    assert!(
+        j.requests_after_forbidden().is_empty(),
+        "nothing is sent after the 403: {:?}",
+        j.requests_after_forbidden()
+    );
+    assert!(j.finals.is_empty(), "no final update: {:?}", j.finals);
+    assert!(j.violations.is_empty(), "{:?}", j.violations);
+}
+
+/// Cancels job `id` hard (the job is `canceled` on GitLab: every job
+/// endpoint answers 403), waits until the daemon is done with it and stops
+/// the daemon. Returns the job as the fake saw it, checked to have had one
+/// request refused and nothing sent after it.
+async fn hard_cancel(fake: &FakeGitlab, run_dir: &Path, id: u64, daemon: Daemon) -> FakeJob {
+    fake.set_status(id, "canceled");
+    wait_idle(run_dir, Duration::from_secs(120)).await;
+    daemon.stop().await;
+    let j = fake.get(id);
+    let refused = j.requests.iter().filter(|r| r.status == 403).count();
+    assert_eq!(
+        refused, 1,
+        "one request learnt of the cancel: {:?}",
+        j.requests
+    );
+    assert_nothing_after_the_403(&j);
+    j
+}
+
+/// `LOOP` ran twice in `j` and its output arrived intact both times.
+fn assert_loop_output_twice(j: &FakeJob) {
+    let block = format!("\x1b[32;1m$ {LOOP}\x1b[0;m\n{}", lines(500));
+    assert_eq!(
+        j.trace_text().matches(&block).count(),
+        2,
+        "{}",
+        j.trace_text()
+    );
+}
+
+async fn a_canceled_job_runs_after_script_and_is_reported_canceled() {
+    let fake = fake_gitlab();
+    let run_dir = RunDir::new("gitlab-cancel");
+    let (id, daemon) = a_ticking_job(&fake, run_dir.path()).await;
     fake.set_status(id, "canceling");
     let j = fake.wait_done(id, Duration::from_secs(120)).await;
     assert_eq!(j.status, "canceled", "GitLab ends a canceling job canceled");
@@ -326,8 +393,7 @@ async fn a_canceled_job_runs_after_script_and_is_reported_canceled() {
         j.trace_text()
     );
     assert_consistent(&j);
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
     assert_no_leaks(run_dir.path());
 }
 
@@ -335,16 +401,9 @@ async fn a_canceled_job_runs_after_script_and_is_reported_canceled() {
 /// timeout is 300 s), caught while it boots: everything kiln wrote before
 /// the boot has reached the fake, QEMU runs, and a few update intervals
 /// (1 s) have passed without output.
-async fn a_job_stuck_in_boot(
-    fake: &FakeGitlab,
-    run_dir: &Path,
-) -> (
-    u64,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<()>,
-) {
+async fn a_job_stuck_in_boot(fake: &FakeGitlab, run_dir: &Path) -> (u64, Daemon) {
     let id = fake.push(fake.job(&image(), &["echo should-not-run"]));
-    let (stop, daemon) = start_daemon(config(
+    let daemon = Daemon::start(
         fake,
         run_dir,
         Setup {
@@ -352,7 +411,7 @@ async fn a_job_stuck_in_boot(
             agent: kiln_tests::fixtures::busybox_path().unwrap(),
             ..Setup::default()
         },
-    ));
+    );
     fake.wait_for(id, LIMIT, "the trace up to the boot", |j| {
         j.trace_text().contains(":get_sources\r")
     })
@@ -367,7 +426,7 @@ async fn a_job_stuck_in_boot(
         !harness::qemu_processes_under(run_dir).is_empty(),
         "the VM still boots"
     );
-    (id, stop, daemon)
+    (id, daemon)
 }
 
 /// A cancel that arrives while the VM boots is noticed at the next update
@@ -378,9 +437,9 @@ async fn a_cancel_during_boot_is_reported_within_seconds() {
     /// Half of the 30 s touch interval; kiln needs about one update
     /// interval (1 s) plus the VM's teardown.
     const NOTICED_WITHIN: Duration = Duration::from_secs(15);
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let run_dir = RunDir::new("gitlab-boot-cancel");
-    let (id, stop, daemon) = a_job_stuck_in_boot(&fake, run_dir.path()).await;
+    let (id, daemon) = a_job_stuck_in_boot(&fake, run_dir.path()).await;
     fake.set_status(id, "canceling");
     let j = fake.wait_done(id, Duration::from_secs(120)).await;
     let waited = j.status_set_at.unwrap().elapsed();
@@ -397,8 +456,7 @@ async fn a_cancel_during_boot_is_reported_within_seconds() {
     );
     assert!(!t.contains("should-not-run\n"));
     assert_consistent(&j);
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
     assert_no_leaks(run_dir.path());
 }
 
@@ -406,24 +464,12 @@ async fn a_cancel_during_boot_is_reported_within_seconds() {
 /// the VM is killed, nothing more is sent (kiln before this test sent one
 /// more trace patch).
 async fn a_hard_cancel_during_boot_sends_nothing_after_the_403() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let run_dir = RunDir::new("gitlab-boot-hard-cancel");
-    let (id, stop, daemon) = a_job_stuck_in_boot(&fake, run_dir.path()).await;
-    fake.set_status(id, "canceled");
-    wait_idle(run_dir.path(), Duration::from_secs(120)).await;
-    let _ = stop.send(());
-    daemon.await.unwrap();
-    let j = fake.get(id);
-    let refused: Vec<_> = j.requests.iter().filter(|r| r.status == 403).collect();
-    assert_eq!(refused.len(), 1, "{:?}", j.requests);
-    assert_eq!(refused[0].what, "PUT running", "a touch learnt of it");
-    assert!(
-        j.requests_after_forbidden().is_empty(),
-        "nothing is sent after the 403: {:?}",
-        j.requests_after_forbidden()
-    );
-    assert!(j.finals.is_empty(), "no final update: {:?}", j.finals);
-    assert!(j.violations.is_empty(), "{:?}", j.violations);
+    let (id, daemon) = a_job_stuck_in_boot(&fake, run_dir.path()).await;
+    let j = hard_cancel(&fake, run_dir.path(), id, daemon).await;
+    let refused = j.requests.iter().find(|r| r.status == 403).unwrap();
+    assert_eq!(refused.what, "PUT running", "a touch learnt of it");
     assert_no_leaks(run_dir.path());
 }
 
@@ -431,44 +477,17 @@ async fn a_hard_cancel_during_boot_sends_nothing_after_the_403() {
 /// answers 403 "Job is not running"): the VM is killed and nothing more is
 /// sent for the job, neither trace nor final update.
 async fn a_hard_cancel_kills_the_vm_and_nothing_is_sent_after_it() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let run_dir = RunDir::new("gitlab-hard-cancel");
-    let mut job = fake.job(&image(), &["while true; do echo tick; sleep 1; done"]);
-    job["steps"].as_array_mut().unwrap().push(json!(
-        {"name": "after_script", "script": ["echo cleanup-ran"], "timeout": 300, "when": "always", "allow_failure": true}
-    ));
-    let id = fake.push(job);
-    let (stop, daemon) = start_daemon(config(&fake, run_dir.path(), Setup::default()));
-    fake.wait_for(id, LIMIT, "ticks in the trace", |j| {
-        j.trace_text().contains("tick\n")
-    })
-    .await;
-    fake.set_status(id, "canceled");
-    wait_idle(run_dir.path(), Duration::from_secs(120)).await;
-    let _ = stop.send(());
-    daemon.await.unwrap();
-    let j = fake.get(id);
-    let refused: Vec<_> = j.requests.iter().filter(|r| r.status == 403).collect();
-    assert_eq!(
-        refused.len(),
-        1,
-        "one request learnt of the cancel: {:?}",
-        j.requests
-    );
-    assert!(
-        j.requests_after_forbidden().is_empty(),
-        "nothing is sent after the 403: {:?}",
-        j.requests_after_forbidden()
-    );
-    assert!(j.finals.is_empty(), "no final update: {:?}", j.finals);
+    let (id, daemon) = a_ticking_job(&fake, run_dir.path()).await;
+    let j = hard_cancel(&fake, run_dir.path(), id, daemon).await;
     assert_eq!(j.status, "canceled");
     assert!(!j.trace_text().contains("cleanup-ran"));
-    assert!(j.violations.is_empty(), "{:?}", j.violations);
     assert_no_leaks(run_dir.path());
 }
 
 async fn server_faults_lose_no_job_and_report_none_twice() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     fake.set_faults(Faults {
         error_before: 0.2,
         error_after: 0.15,
@@ -481,58 +500,36 @@ async fn server_faults_lose_no_job_and_report_none_twice() {
     let ids: Vec<u64> = (0..2)
         .map(|_| fake.push(fake.job(&image(), &[LOOP, "sleep 2", LOOP])))
         .collect();
-    let (stop, daemon) = start_daemon(config(
-        &fake,
-        run_dir.path(),
-        Setup {
-            concurrent: 2,
-            ..Setup::default()
-        },
-    ));
+    let daemon = Daemon::start(&fake, run_dir.path(), Setup::two_at_a_time());
     for id in ids {
         let j = fake.wait_done(id, LIMIT).await;
         assert_eq!(final_of(&j).0, "success", "{}", j.trace_text());
         assert_consistent(&j);
-        let block = format!("\x1b[32;1m$ {LOOP}\x1b[0;m\n{}", lines(500));
-        assert_eq!(
-            j.trace_text().matches(&block).count(),
-            2,
-            "{}",
-            j.trace_text()
-        );
+        assert_loop_output_twice(&j);
     }
     assert!(fake.requests() > 2, "the runner kept asking through errors");
     assert!(
         fake.drops() >= 1,
         "connections were dropped mid-acknowledgement"
     );
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
     assert_no_leaks(run_dir.path());
 }
 
 /// GitLab hands the same job out twice (a resent answer, a retried
 /// request): kiln runs it once and reports it once.
 async fn a_job_handed_out_twice_runs_once() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     fake.set_faults(Faults {
         duplicate_every: 1,
         ..Faults::default()
     });
     let run_dir = RunDir::new("gitlab-dup");
     let id = fake.push(fake.job(&image(), &["echo once", "sleep 2"]));
-    let (stop, daemon) = start_daemon(config(
-        &fake,
-        run_dir.path(),
-        Setup {
-            concurrent: 2,
-            ..Setup::default()
-        },
-    ));
+    let daemon = Daemon::start(&fake, run_dir.path(), Setup::two_at_a_time());
     let j = fake.wait_done(id, LIMIT).await;
     wait_idle(run_dir.path(), Duration::from_secs(120)).await;
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
     let j2 = fake.get(id);
     assert_eq!(j.assigned, 2, "the fake handed the job out twice");
     assert_eq!(final_of(&j2).0, "success");
@@ -547,27 +544,20 @@ async fn a_job_handed_out_twice_runs_once() {
 /// The server loses the tail of a trace it acknowledged: the runner's next
 /// patch gets 416 and resends from the server's `Range`.
 async fn a_trace_the_server_lost_is_resent_from_its_range() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     fake.set_faults(Faults {
         trace_lose_tail: true,
         ..Faults::default()
     });
     let run_dir = RunDir::new("gitlab-416");
     let id = fake.push(fake.job(&image(), &[LOOP, "sleep 3", LOOP]));
-    let (stop, daemon) = start_daemon(config(&fake, run_dir.path(), Setup::default()));
+    let daemon = Daemon::start(&fake, run_dir.path(), Setup::default());
     let j = fake.wait_done(id, LIMIT).await;
     assert_eq!(final_of(&j).0, "success", "{}", j.trace_text());
     assert_consistent(&j);
     assert!(j.range_errors >= 1, "the 416 path ran");
-    let block = format!("\x1b[32;1m$ {LOOP}\x1b[0;m\n{}", lines(500));
-    assert_eq!(
-        j.trace_text().matches(&block).count(),
-        2,
-        "{}",
-        j.trace_text()
-    );
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    assert_loop_output_twice(&j);
+    daemon.stop().await;
     assert_no_leaks(run_dir.path());
 }
 
@@ -582,7 +572,7 @@ fn artifact_job(fake: &FakeGitlab) -> serde_json::Value {
 /// (larger than the instance allows) is not retried and fails the job as
 /// the job's doing, not the runner's.
 async fn artifact_uploads_are_retried_after_5xx_and_a_413_is_not() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let run_dir = RunDir::new("gitlab-upload");
     fake.set_faults(Faults {
         upload_answers: vec![500, 502],
@@ -594,14 +584,7 @@ async fn artifact_uploads_are_retried_after_5xx_and_a_413_is_not() {
         ..Faults::default()
     });
     let too_large = fake.push(artifact_job(&fake));
-    let (stop, daemon) = start_daemon(config(
-        &fake,
-        run_dir.path(),
-        Setup {
-            concurrent: 2,
-            ..Setup::default()
-        },
-    ));
+    let daemon = Daemon::start(&fake, run_dir.path(), Setup::two_at_a_time());
 
     let j = fake.wait_done(retried, LIMIT).await;
     assert_eq!(final_of(&j).0, "success", "{}", j.trace_text());
@@ -623,8 +606,7 @@ async fn artifact_uploads_are_retried_after_5xx_and_a_413_is_not() {
         "the trace says why:\n{t}"
     );
     assert_consistent(&j);
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
     assert_no_leaks(run_dir.path());
 }
 
@@ -634,7 +616,7 @@ async fn artifact_uploads_are_retried_after_5xx_and_a_413_is_not() {
 /// patch is sent when the job ends.
 async fn a_large_trace_is_capped_and_sent_in_1_mib_patches() {
     const MIB: usize = 1 << 20;
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     fake.set_update_interval(60);
     let run_dir = RunDir::new("gitlab-cap");
     let id = fake.push(fake.job(
@@ -645,14 +627,14 @@ async fn a_large_trace_is_capped_and_sent_in_1_mib_patches() {
             "echo; echo after-the-cap",
         ],
     ));
-    let (stop, daemon) = start_daemon(config(
+    let daemon = Daemon::start(
         &fake,
         run_dir.path(),
         Setup {
             output_limit: 2048,
             ..Setup::default()
         },
-    ));
+    );
     let j = fake.wait_done(id, LIMIT).await;
     let t = j.trace_text();
     assert_eq!(final_of(&j).0, "success", "the job goes on past the cap");
@@ -669,8 +651,7 @@ async fn a_large_trace_is_capped_and_sent_in_1_mib_patches() {
         "a full 1 MiB patch: {sizes:?}"
     );
     assert_consistent(&j);
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
     assert_no_leaks(run_dir.path());
 }
 
@@ -678,7 +659,7 @@ async fn a_large_trace_is_capped_and_sent_in_1_mib_patches() {
 /// patch, the job `failed` with `trace_size_exceeded`): kiln kills the VM
 /// and sends nothing more.
 async fn the_server_trace_size_limit_stops_the_job() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     fake.set_trace_limit(256 << 10);
     let run_dir = RunDir::new("gitlab-tracelimit");
     let id = fake.push(fake.job(
@@ -688,22 +669,15 @@ async fn the_server_trace_size_limit_stops_the_job() {
             "sleep 600",
         ],
     ));
-    let (stop, daemon) = start_daemon(config(&fake, run_dir.path(), Setup::default()));
+    let daemon = Daemon::start(&fake, run_dir.path(), Setup::default());
     fake.wait_for(id, LIMIT, "the job dropped", |j| j.status == "failed")
         .await;
     wait_idle(run_dir.path(), Duration::from_secs(120)).await;
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
     let j = fake.get(id);
     assert_eq!(j.failure_reason.as_deref(), Some("trace_size_exceeded"));
     assert!(j.trace.len() <= 256 << 10);
-    assert!(
-        j.requests_after_forbidden().is_empty(),
-        "{:?}",
-        j.requests_after_forbidden()
-    );
-    assert!(j.finals.is_empty(), "{:?}", j.finals);
-    assert!(j.violations.is_empty(), "{:?}", j.violations);
+    assert_nothing_after_the_403(&j);
     assert_no_leaks(run_dir.path());
 }
 
@@ -736,7 +710,7 @@ fn leftovers(run_dir: &Path) -> Vec<PathBuf> {
 }
 
 async fn kill_9_mid_job_then_restart_cleans_up_and_sigterm_fails_running_jobs() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let run_dir = RunDir::new("gitlab-kill");
     let home = tempfile::tempdir().unwrap();
     let cfg = config(
@@ -835,7 +809,7 @@ fn update(token: &str, state: &str, trace: &[u8]) -> UpdateJob {
 /// `append_build_trace_service.rb`, `authenticate_job!`), so a runner
 /// that sends what GitLab refuses is caught.
 async fn the_fake_refuses_what_gitlab_refuses() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let c = Client::new(&fake.url).unwrap();
     let sid = "s_000000000000";
 
@@ -951,7 +925,7 @@ async fn the_fake_refuses_what_gitlab_refuses() {
 /// Failure reasons GitLab does not know are stored as `unknown_failure`
 /// and recorded; the trace size limit drops the job with 403.
 async fn the_fake_checks_failure_reasons_and_the_trace_size_limit() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let c = Client::new(&fake.url).unwrap();
     let sid = "s_000000000000";
     fake.set_trace_limit(100);
@@ -987,7 +961,7 @@ async fn the_fake_checks_failure_reasons_and_the_trace_size_limit() {
 /// With `duplicate_every`, the fake hands the same job to two requests,
 /// and a runner that ran both copies is caught by `check_consistent`.
 async fn the_fake_can_hand_a_job_out_twice_and_catches_a_double_run() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     fake.set_faults(Faults {
         duplicate_every: 1,
         ..Faults::default()
@@ -1075,7 +1049,7 @@ cache_dir = {cache:?}
 /// A token GitLab refuses at start: `kiln daemon` says so and exits with
 /// an error instead of idling.
 async fn a_refused_runner_token_stops_the_daemon_loudly() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let home = tempfile::tempdir().unwrap();
     let cfg = no_vm_config(&fake, home.path(), "glrt-wrong");
     let mut c = Command::new(kiln_binary());
@@ -1115,7 +1089,7 @@ async fn a_refused_runner_token_stops_the_daemon_loudly() {
 /// token reset): job requests get 403, verify confirms it, the daemon
 /// returns the error.
 async fn a_token_revoked_while_serving_stops_the_daemon() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let home = tempfile::tempdir().unwrap();
     let cfg = Config::load(&no_vm_config(&fake, home.path(), TOKEN)).unwrap();
     let daemon = tokio::spawn(kiln::gitlab::daemon::run(cfg, std::future::pending()));
@@ -1144,7 +1118,7 @@ async fn a_token_revoked_while_serving_stops_the_daemon() {
 /// runner fails when GitLab refuses it.
 async fn register_writes_a_private_config_and_verify_checks_it() {
     use std::os::unix::fs::PermissionsExt;
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let home = tempfile::tempdir().unwrap();
     let cfg = home.path().join("kiln.toml");
     let kiln = |args: &[&str]| {
@@ -1216,18 +1190,18 @@ async fn register_writes_a_private_config_and_verify_checks_it() {
 /// is failed before any VM starts, saying why, unless the runner's
 /// kiln.toml has `allow_local_images = true`; then the same job runs.
 async fn a_host_path_image_is_refused_unless_the_runner_allows_local_images() {
-    let fake = FakeGitlab::start(TOKEN, &[("README", "x\n")]);
+    let fake = fake_gitlab();
     let run_dir = RunDir::new("gitlab-host-image");
     assert!(harness::busybox_image().join("oci-layout").is_file());
     let refused = fake.push(fake.job(&image(), &["echo should-not-run"]));
-    let (stop, daemon) = start_daemon(config(
+    let daemon = Daemon::start(
         &fake,
         run_dir.path(),
         Setup {
             allow_local_images: false,
             ..Setup::default()
         },
-    ));
+    );
     let j = fake.wait_done(refused, LIMIT).await;
     // The fake's jobs do not list image_pull_failure among their failure
     // reasons: the fallback, as gitlab-runner's.
@@ -1254,11 +1228,10 @@ async fn a_host_path_image_is_refused_unless_the_runner_allows_local_images() {
     if let Err(e) = j.check_consistent() {
         panic!("{e}\ntrace:\n{trace}");
     }
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
 
     let allowed = fake.push(fake.job(&image(), &["echo ran-on-a-host-image"]));
-    let (stop, daemon) = start_daemon(config(&fake, run_dir.path(), Setup::default()));
+    let daemon = Daemon::start(&fake, run_dir.path(), Setup::default());
     let j = fake.wait_done(allowed, LIMIT).await;
     assert_eq!(
         final_of(&j),
@@ -1269,8 +1242,7 @@ async fn a_host_path_image_is_refused_unless_the_runner_allows_local_images() {
     assert!(j.trace_text().contains("ran-on-a-host-image\n"));
     assert_consistent(&j);
     wait_idle(run_dir.path(), Duration::from_secs(120)).await;
-    let _ = stop.send(());
-    daemon.await.unwrap();
+    daemon.stop().await;
     assert_no_leaks(run_dir.path());
 }
 

@@ -19,7 +19,7 @@ use kiln::executor::FailureReason;
 use kiln::joblog::{BufferSink, JobSink, MaskingSink, Secrets};
 use kiln_agent::proto::{StepEnd, Stream, EXIT_CANNOT_START};
 use kiln_pipelines::{JobSpec, Step, StepWhen};
-use kiln_tests::fixtures::BusyboxImage;
+use kiln_tests::fixtures::{self, BusyboxImage};
 use kiln_tests::harness::{self, assert_no_leaks, kiln_cmd};
 
 /// Peak memory kiln may use for a job that forges 500k frames: the test's
@@ -67,27 +67,6 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, (u32, Vec<u8>)> {
     out
 }
 
-fn git(dir: &Path, args: &[&str]) {
-    let o = Command::new("git")
-        .args([
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@t",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 /// A git checkout at `dir` with `.gitlab-ci.yml` and `files`, committed.
 fn repo(dir: &Path, ci: &str, files: &[(&str, &str)]) {
     std::fs::create_dir_all(dir).unwrap();
@@ -97,9 +76,7 @@ fn repo(dir: &Path, ci: &str, files: &[(&str, &str)]) {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, c).unwrap();
     }
-    git(dir, &["init", "-q"]);
-    git(dir, &["add", "."]);
-    git(dir, &["commit", "-q", "-m", "init"]);
+    fixtures::git_commit_all(dir);
 }
 
 fn text(b: &[u8]) -> String {
@@ -385,28 +362,8 @@ fn port_writer() -> Vec<u8> {
     static BIN: OnceLock<Vec<u8>> = OnceLock::new();
     BIN.get_or_init(|| {
         harness::agent(); // the same target and profile: shares the build
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let st = Command::new(cargo)
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "kiln-agent",
-                "--example",
-                "port_writer",
-                "--target",
-                "x86_64-unknown-linux-musl",
-                "--profile",
-                "agent",
-            ])
-            .current_dir(root)
-            .status()
-            .unwrap();
-        assert!(st.success(), "building the port_writer example failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target"));
+        let args = [&harness::AGENT_BUILD[..], &["--example", "port_writer"]].concat();
+        let target = harness::cargo_build(&args, "building the port_writer example failed");
         std::fs::read(target.join("x86_64-unknown-linux-musl/agent/examples/port_writer")).unwrap()
     })
     .clone()
@@ -592,14 +549,10 @@ async fn artifacts_over_the_limit_fail_the_job_and_say_what_was_sent() {
     let mut job = busybox_job(
         "mkdir -p dist && head -c 786432 /dev/zero > dist/a.bin && head -c 524288 /dev/zero > dist/b.bin && echo small > dist/c.txt",
     );
-    job.artifacts.push(kiln_pipelines::ArtifactSpec {
-        name: None,
-        paths: vec!["dist/".into()],
-        exclude: Vec::new(),
-        untracked: false,
-        when: kiln_pipelines::ArtifactWhen::Always,
-        expire_in: None,
-    });
+    job.artifacts.push(harness::artifacts_under(
+        "dist/",
+        kiln_pipelines::ArtifactWhen::Always,
+    ));
     let (r, sink) = run_vm("artifact-cap", &job, Some(1 << 20), Some(&to)).await;
     assert_eq!(r.failure, Some(FailureReason::ScriptFailure), "{r:?}");
     assert_eq!(r.exit_code, 1);
@@ -623,14 +576,10 @@ async fn artifacts_with_non_utf8_names_are_kept() {
     let mut job = busybox_job(
         "mkdir -p dist && printf odd > \"dist/$(printf 'a\\377b')\" && echo ok > dist/ok.txt",
     );
-    job.artifacts.push(kiln_pipelines::ArtifactSpec {
-        name: None,
-        paths: vec!["dist/".into()],
-        exclude: Vec::new(),
-        untracked: false,
-        when: kiln_pipelines::ArtifactWhen::OnSuccess,
-        expire_in: None,
-    });
+    job.artifacts.push(harness::artifacts_under(
+        "dist/",
+        kiln_pipelines::ArtifactWhen::OnSuccess,
+    ));
     let (r, sink) = run_vm("non-utf8", &job, None, Some(&to)).await;
     assert!(r.success(), "{r:?}: {}", text(&sink.stderr));
     let odd = to.join(std::ffi::OsStr::from_bytes(b"dist/a\xffb"));
@@ -656,18 +605,7 @@ async fn a_job_timeout_reports_the_real_run_time() {
 /// the VM is stopped, nothing is left, and it exits 143.
 fn sigterm_cancels_run_job_and_exits_143() {
     let run_dir = harness::run_dir("sigterm");
-    let mut child = kiln_cmd(&run_dir)
-        .args([
-            "--log-level",
-            "error",
-            "run-job",
-            "--cpus",
-            "1",
-            "--memory",
-            "512",
-            "--image",
-        ])
-        .arg(harness::busybox_image())
+    let mut child = harness::run_job_cmd(&run_dir)
         .args(["--", "sh", "-c", "echo started; sleep 600"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -17,8 +17,8 @@ use kiln::executor::FailureReason;
 use kiln::joblog::BufferSink;
 use kiln::JobResult;
 use kiln_agent::proto::Stream;
-use kiln_pipelines::{ArtifactSpec, ArtifactWhen, JobSource, JobSpec, Step, StepWhen};
-use kiln_tests::harness::{self, assert_no_leaks};
+use kiln_pipelines::{ArtifactWhen, JobSource, JobSpec, Step, StepWhen};
+use kiln_tests::harness::{self, assert_no_leaks, CancelAtFirstOutput};
 use kiln_tests::nested;
 use kiln_vmm::BackendKind;
 
@@ -36,11 +36,7 @@ const SUITE: &[&str] = &[
 ];
 
 fn job(script: &str) -> JobSpec {
-    JobSpec::single(
-        "test",
-        harness::busybox_image().to_string_lossy(),
-        Step::script("script", script),
-    )
+    harness::busybox_job("test", script)
 }
 
 fn step(name: &str, script: &str, when: StepWhen, allow_failure: bool) -> Step {
@@ -219,38 +215,13 @@ async fn kvm_guest_that_never_answers_is_killed_at_the_boot_timeout() {
     );
 }
 
-/// Collects output and requests a graceful cancel at the first byte.
-struct CancelAtFirstOutput {
-    inner: BufferSink,
-    tx: tokio::sync::watch::Sender<Option<bool>>,
-}
-
-impl kiln::joblog::JobSink for CancelAtFirstOutput {
-    fn output(&mut self, step: u32, stream: Stream, data: &[u8]) {
-        self.inner.output(step, stream, data);
-        let _ = self.tx.send(Some(true));
-    }
-}
-
 async fn kvm_graceful_cancel_stops_the_step_and_runs_always_steps() {
     let mut j = job("echo started; sleep 600; echo not reached");
     j.steps
         .push(step("after", "echo cleanup", StepWhen::Always, false));
-    let (tx, rx) = tokio::sync::watch::channel(None);
-    let mut sink = CancelAtFirstOutput {
-        inner: BufferSink::default(),
-        tx,
-    };
+    let (mut sink, rx) = CancelAtFirstOutput::new();
     let r = run_kvm("kvm-cancel", &j, |_| {}, &mut sink, rx, None).await;
-    assert_eq!(r.failure, Some(FailureReason::Canceled), "{r:?}");
-    assert_eq!(
-        String::from_utf8_lossy(&sink.inner.stdout),
-        "started\ncleanup\n"
-    );
-    assert!(
-        r.steps[0].canceled && r.steps[0].exit_code == 143,
-        "SIGTERM ended the step: {r:?}"
-    );
+    sink.assert_canceled_and_cleaned_up(&r);
 }
 
 async fn kvm_workspace_disk_is_read_write_and_artifacts_come_back() {
@@ -268,23 +239,13 @@ async fn kvm_workspace_disk_is_read_write_and_artifacts_come_back() {
     );
     j.source = JobSource::LocalDir(src.clone());
     j.working_dir = Some("/builds/test".into());
-    j.artifacts.push(ArtifactSpec {
-        name: None,
-        paths: vec!["out/".into()],
-        exclude: vec![],
-        untracked: false,
-        when: ArtifactWhen::OnSuccess,
-        expire_in: None,
-    });
+    j.artifacts
+        .push(harness::artifacts_under("out/", ArtifactWhen::OnSuccess));
     let to = base.join("artifacts");
     let (_tx, rx) = tokio::sync::watch::channel(None);
     let mut sink = BufferSink::default();
     let r = run_kvm("kvm-workspace", &j, |_| {}, &mut sink, rx, Some(&to)).await;
-    assert!(
-        r.success(),
-        "{r:?}: {}",
-        String::from_utf8_lossy(&sink.stderr)
-    );
+    harness::assert_success(&r, &sink);
     use sha2::Digest;
     assert_eq!(
         String::from_utf8_lossy(&sink.stdout),
@@ -318,11 +279,7 @@ async fn kvm_two_vcpus_run_the_job() {
         None,
     )
     .await;
-    assert!(
-        r.success(),
-        "{r:?}: {}",
-        String::from_utf8_lossy(&sink.stderr)
-    );
+    harness::assert_success(&r, &sink);
     assert_eq!(String::from_utf8_lossy(&sink.stdout), "2\n2\n0-1\n");
 }
 

@@ -2,7 +2,7 @@
 //! workflow job, each in a VM, from a real git checkout.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use kiln_tests::harness::{self, assert_no_leaks, kiln_cmd};
 
@@ -83,29 +83,7 @@ fn repo(name: &str) -> PathBuf {
     std::fs::write(dir.join(".github/workflows/ci.yml"), GITHUB).unwrap();
     std::fs::write(dir.join("tracked.txt"), "tracked content\n").unwrap();
     std::fs::write(dir.join("sub/file.txt"), "in sub\n").unwrap();
-    let git = |args: &[&str]| {
-        let st = Command::new("git")
-            .args([
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@t",
-                "-c",
-                "init.defaultBranch=main",
-            ])
-            .args(args)
-            .current_dir(&dir)
-            .output()
-            .unwrap();
-        assert!(
-            st.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&st.stderr)
-        );
-    };
-    git(&["init", "-q"]);
-    git(&["add", "."]);
-    git(&["commit", "-q", "-m", "init"]);
+    kiln_tests::fixtures::git_commit_all(&dir);
     std::fs::write(dir.join("uncommitted.txt"), "not committed yet\n").unwrap();
     dir
 }

@@ -9,14 +9,10 @@ use kiln::joblog::BufferSink;
 use kiln_agent::proto::Stream;
 use kiln_pipelines::{JobSpec, Shell, Step, StepWhen, Variable};
 use kiln_tests::fixtures::BusyboxImage;
-use kiln_tests::harness::{self, assert_no_leaks};
+use kiln_tests::harness::{self, assert_no_leaks, CancelAtFirstOutput};
 
 fn job(script: &str) -> JobSpec {
-    JobSpec::single(
-        "test",
-        harness::busybox_image().to_string_lossy(),
-        Step::script("script", script),
-    )
+    harness::busybox_job("test", script)
 }
 
 async fn run(name: &str, job: &JobSpec) -> (kiln::JobResult, BufferSink) {
@@ -35,11 +31,7 @@ async fn stdout_and_stderr_arrive_intact_and_in_order() {
         &job("i=0; while [ $i -lt 3000 ]; do echo \"out $i\"; echo \"err $i\" >&2; i=$((i+1)); done; uname -r; cat /etc/os-release"),
     )
     .await;
-    assert!(
-        r.success(),
-        "{r:?}\nstderr: {}",
-        String::from_utf8_lossy(&sink.stderr)
-    );
+    harness::assert_success(&r, &sink);
     let out = String::from_utf8(sink.stdout).unwrap();
     let err = String::from_utf8(sink.stderr).unwrap();
     let out_lines: Vec<&str> = out.lines().collect();
@@ -65,11 +57,7 @@ async fn ten_mib_of_binary_output_arrives_byte_for_byte() {
         &job("head -c 10485760 /dev/urandom > /tmp/blob\ncat /tmp/blob\nsha256sum /tmp/blob >&2\nprintf '\\000\\001\\377' >&2"),
     )
     .await;
-    assert!(
-        r.success(),
-        "{r:?}\nstderr: {}",
-        String::from_utf8_lossy(&sink.stderr)
-    );
+    harness::assert_success(&r, &sink);
     assert_eq!(sink.stdout.len(), 10 << 20);
     use sha2::Digest;
     let ours = hex::encode(sha2::Sha256::digest(&sink.stdout));
@@ -207,28 +195,11 @@ async fn steps_see_the_image_env_workdir_and_user() {
     j.variables.push(Variable::new("OVERRIDDEN", "job"));
     j.steps[0].shell = Shell::Sh;
     let (r, sink) = run("image-env", &j).await;
-    assert!(
-        r.success(),
-        "{r:?}: {}",
-        String::from_utf8_lossy(&sink.stderr)
-    );
+    harness::assert_success(&r, &sink);
     assert_eq!(
         String::from_utf8_lossy(&sink.stdout),
         "1000\n1000\n1000 10\n/home/builder/work\nimage-value job /home/builder\nwritable\n"
     );
-}
-
-/// Collects output and requests a graceful cancel at the first byte.
-struct CancelAtFirstOutput {
-    inner: BufferSink,
-    tx: tokio::sync::watch::Sender<Option<bool>>,
-}
-
-impl kiln::joblog::JobSink for CancelAtFirstOutput {
-    fn output(&mut self, step: u32, stream: Stream, data: &[u8]) {
-        self.inner.output(step, stream, data);
-        let _ = self.tx.send(Some(true));
-    }
 }
 
 async fn a_graceful_cancel_stops_the_step_and_runs_always_steps() {
@@ -238,23 +209,11 @@ async fn a_graceful_cancel_stops_the_step_and_runs_always_steps() {
     j.steps.push(after);
     let dir = harness::run_dir("cancel");
     let ex = harness::executor(&dir);
-    let (tx, rx) = tokio::sync::watch::channel(None);
-    let mut sink = CancelAtFirstOutput {
-        inner: BufferSink::default(),
-        tx,
-    };
+    let (mut sink, rx) = CancelAtFirstOutput::new();
     let t = Instant::now();
     let r = ex.run(&j, &mut sink, rx).await;
     assert_no_leaks(&dir);
-    assert_eq!(r.failure, Some(FailureReason::Canceled), "{r:?}");
-    assert_eq!(
-        String::from_utf8_lossy(&sink.inner.stdout),
-        "started\ncleanup\n"
-    );
-    assert!(
-        r.steps[0].canceled && r.steps[0].exit_code == 143,
-        "SIGTERM ended the step: {r:?}"
-    );
+    sink.assert_canceled_and_cleaned_up(&r);
     assert!(t.elapsed() < Duration::from_secs(300));
 }
 
@@ -276,11 +235,7 @@ async fn github_file_commands_and_conditions_carry_between_steps() {
         Some("steps.first.outcome == 'success' && env.FROM_ENV_FILE == 'hello'".into());
     j.steps.push(taken);
     let (r, sink) = run("file-commands", &j).await;
-    assert!(
-        r.success(),
-        "{r:?}: {}",
-        String::from_utf8_lossy(&sink.stderr)
-    );
+    harness::assert_success(&r, &sink);
     assert_eq!(
         String::from_utf8_lossy(&sink.stdout),
         "hello\ntool ran\nhi there\ncondition held\n"

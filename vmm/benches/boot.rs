@@ -7,80 +7,20 @@
 //!   guest writes to its serial console (its first line), on both backends
 //!   the same event, awaited by notification (`Machine::serial_updates`).
 //! - start→end: until the guest's i8042 reset ended the VM.
-//! - VMM RSS besides guest memory: kvm: this process's RSS growth while the
-//!   VM runs minus the guest pages resident (mincore); qemu: QEMU's peak RSS
-//!   (VmHWM) minus the guest pages the kvm run showed resident (same guest,
-//!   same pages touched).
+//! - VMM RSS besides guest memory: kvm: the VMM process's peak RSS (VmHWM)
+//!   minus the guest pages it reported resident (mincore) when the VM
+//!   ended; qemu: QEMU's peak RSS minus the guest pages the kvm run showed
+//!   resident (same guest, same pages touched).
 //! - kvm only: the exits that reached the VMM, by reason.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kiln_vmm::{probe_kvm, BackendKind, Disk, KvmSupport, Machine, MachineConfig};
+use common::{build_guest, config, median, qemu_options};
+use kiln_vmm::{probe_kvm, BackendKind, KvmSupport, Machine, MachineConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-
-fn build_guest() -> PathBuf {
-    if let Some(p) = std::env::var_os("KILN_TESTGUEST") {
-        return p.into();
-    }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testguest");
-    let out = Command::new("sh")
-        .arg(dir.join("build.sh"))
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_TARGET_DIR")
-        .output()
-        .expect("run build.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
-/// The bench's edge: `KILN_QEMU` names the QEMU to run, as for kiln itself.
-fn qemu_options() -> kiln_vmm::QemuOptions {
-    kiln_vmm::QemuOptions::new(std::env::var_os("KILN_QEMU"))
-}
-
-fn config(dir: &Path, kernel: &Path, n: usize) -> MachineConfig {
-    let initrd: Vec<u8> = (0..5000usize).map(|i| (i * 7 + 7) as u8).collect();
-    std::fs::write(dir.join("initrd"), initrd).unwrap();
-    let ro: Vec<u8> = (0..4096usize).map(|i| ((i % 512) * 13 + 5) as u8).collect();
-    std::fs::write(dir.join("ro.img"), ro).unwrap();
-    std::fs::write(dir.join("rw.img"), vec![0u8; 4096]).unwrap();
-    MachineConfig {
-        kernel: kernel.to_path_buf(),
-        initramfs: dir.join("initrd"),
-        cmdline:
-            "kiln.testguest mem_mib=64 vcpus=1 initrd_len=5000 initrd_seed=7 disk_ro=kiln-test-ro \
-                  disk_rw=kiln-test-rw disk_ro_sectors=8 virtio=4"
-                .into(),
-        vcpus: 1,
-        memory_mib: 64,
-        disks: vec![
-            Disk {
-                path: dir.join("ro.img"),
-                read_only: true,
-                serial: "kiln-test-ro".into(),
-                ephemeral: true,
-            },
-            Disk {
-                path: dir.join("rw.img"),
-                read_only: false,
-                serial: "kiln-test-rw".into(),
-                ephemeral: true,
-            },
-        ],
-        // The port the test guest looks for (`testguest/src/checks.rs`).
-        console_port: "org.kiln.agent.0".into(),
-        run_dir: dir.join(format!("run{n}")),
-        serial_log_limit: 64 * 1024,
-        start_timeout: Duration::from_secs(10),
-        qemu: qemu_options(),
-    }
-}
 
 fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -108,7 +48,6 @@ async fn run_once(
     kvm: &KvmSupport,
     guest_kib: u64,
 ) -> Sample {
-    let rss_before = status_kib(std::process::id(), "VmRSS:");
     let t0 = Instant::now();
     let (mut m, console) = Machine::start(cfg, backend, kvm).await.expect("start");
     let mut serial = m.serial_updates();
@@ -142,23 +81,18 @@ async fn run_once(
             String::from_utf8_lossy(&m.serial_log())
         );
     }
-    let (_, guest_resident) = m.guest_memory_resident().unwrap_or((0, 0));
-    let rss = match (backend, m.pid()) {
-        (BackendKind::Kvm, Some(pid)) => status_kib(pid, "VmRSS:"),
-        (_, Some(pid)) => status_kib(pid, "VmHWM:"),
-        _ => 0,
-    };
+    let rss = m.pid().map_or(0, |pid| status_kib(pid, "VmHWM:"));
     tokio::time::timeout(Duration::from_secs(30), m.wait())
         .await
         .expect("VM ended");
     let end = t0.elapsed();
+    // Reported by the kvm backend's VMM process when the VM ended.
+    let (_, guest_resident) = m.guest_memory_resident().unwrap_or((0, 0));
     let exits = m.exit_stats().map(|s| s.total()).unwrap_or(0);
     m.destroy().await.unwrap();
     let guest_resident_kib = guest_resident / 1024;
     let vmm_rss_kib = match backend {
-        BackendKind::Kvm => rss
-            .saturating_sub(rss_before)
-            .saturating_sub(guest_resident_kib),
+        BackendKind::Kvm => rss.saturating_sub(guest_resident_kib),
         _ => rss.saturating_sub(guest_kib),
     };
     Sample {
@@ -168,11 +102,6 @@ async fn run_once(
         guest_resident_kib,
         exits,
     }
-}
-
-fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
-    v.sort();
-    v[v.len() / 2]
 }
 
 fn main() {

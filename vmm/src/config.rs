@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::jail::Isolation;
 use crate::qemu::QemuOptions;
 
 /// A block device handed to the guest, identified there by `serial`
@@ -44,6 +45,13 @@ pub struct MachineConfig {
     pub start_timeout: Duration,
     /// How the qemu backend runs QEMU (ignored by the kvm backend).
     pub qemu: QemuOptions,
+    /// The jail around the kvm backend's VMM process.
+    pub isolation: Isolation,
+    /// Test-only: the thread kind (`"vcpu"`, `"event-loop"` or `"main"`) of
+    /// the VMM process that makes a forbidden syscall once the VM runs.
+    /// Honoured only by a `kiln-vmm` built with debug assertions or the
+    /// `test-hooks` feature.
+    pub test_forbidden_syscall: Option<String>,
 }
 
 impl MachineConfig {

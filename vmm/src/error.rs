@@ -67,6 +67,11 @@ pub enum MachineError {
         #[source]
         source: VcpuError,
     },
+    #[error(
+        "the VM's jail could not be applied and isolation is strict: {0} (`kiln doctor` says \
+         what this host enforces; isolation = \"best-effort\" runs without the missing parts)"
+    )]
+    Jail(String),
     #[error("I/O error on the VM's {what}")]
     Io {
         what: &'static str,

@@ -9,14 +9,17 @@
 //! Backends:
 //! - `qemu`: `qemu-system-x86_64 -M microvm,acpi=on` ([`QemuOptions`]), KVM where it runs
 //!   unmodified guests, TCG elsewhere.
-//! - `kvm`: the embedded VMM ([`kvm`]): kvm-ioctls, vm-memory, linux-loader,
+//! - `kvm`: the embedded VMM ([`kvm`]), one jailed process per VM
+//!   ([`process`], [`jail`]): kvm-ioctls, vm-memory, linux-loader,
 //!   ACPI, 8250 serial, i8042 reset, virtio-mmio console/block/rng.
 
 mod config;
 mod error;
 mod host;
+pub mod jail;
 pub mod kvm;
 mod machine;
+pub mod process;
 pub mod qemu;
 mod run_dir;
 mod tail;
@@ -24,5 +27,6 @@ mod tail;
 pub use config::{Disk, MachineConfig};
 pub use error::MachineError;
 pub use host::{cpu_virt, probe_kvm, CpuVirt, KvmSupport};
+pub use jail::{Isolation, IsolationMode, JailReport};
 pub use machine::{BackendKind, ConsoleStream, ExitStatus, Machine};
 pub use qemu::QemuOptions;

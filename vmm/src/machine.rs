@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use crate::config::MachineConfig;
 use crate::error::MachineError;
-use crate::kvm::KvmMachine;
+use crate::jail::JailReport;
+use crate::process::VmmProcess;
 use crate::qemu::QemuMachine;
 use crate::KvmSupport;
 
@@ -84,7 +85,7 @@ pub struct Machine {
 /// The backends, as a closed set.
 enum Inner {
     Qemu(Box<QemuMachine>),
-    Kvm(Box<KvmMachine>),
+    Kvm(Box<VmmProcess>),
 }
 
 impl Machine {
@@ -100,7 +101,7 @@ impl Machine {
         }
         match backend {
             BackendKind::Kvm => {
-                let (inner, console) = KvmMachine::start(config)?;
+                let (inner, console) = VmmProcess::start(config).await?;
                 Ok((
                     Machine {
                         inner: Inner::Kvm(Box::new(inner)),
@@ -129,8 +130,8 @@ impl Machine {
         }
     }
 
-    /// Host process id of the VM (for memory accounting); `None` once gone.
-    /// For the kvm backend this is the current process.
+    /// Host process id of the VM (QEMU, or the kvm backend's VMM process),
+    /// for memory accounting; `None` once gone.
     pub fn pid(&self) -> Option<u32> {
         match &self.inner {
             Inner::Qemu(m) => m.pid(),
@@ -171,8 +172,27 @@ impl Machine {
         }
     }
 
+    /// kvm backend only: what of the jail around the VMM process was applied.
+    pub fn jail(&self) -> Option<&JailReport> {
+        match &self.inner {
+            Inner::Qemu(_) => None,
+            Inner::Kvm(m) => Some(m.jail()),
+        }
+    }
+
+    /// The VM process's cgroup directory (QEMU's, or the kvm backend's VMM
+    /// process's) and its memory limit file, when it has one.
+    pub fn cgroup(&self) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+        let c = match &self.inner {
+            Inner::Qemu(m) => m.cgroup(),
+            Inner::Kvm(m) => m.cgroup(),
+        }?;
+        Some((c.path().to_path_buf(), c.memory_limit_file()))
+    }
+
     /// kvm backend only: the VM exits that reached the VMM, by reason, and
-    /// the guest's accesses to ports no device claims.
+    /// the guest's accesses to ports no device claims (reported when the
+    /// VM ends).
     pub fn exit_stats(&self) -> Option<crate::kvm::stats::ExitStats> {
         match &self.inner {
             Inner::Qemu(_) => None,
@@ -180,7 +200,8 @@ impl Machine {
         }
     }
 
-    /// kvm backend only: (guest RAM bytes, bytes of it resident on the host).
+    /// kvm backend only: (guest RAM bytes, bytes of it resident on the host
+    /// when the VM ended).
     pub fn guest_memory_resident(&self) -> Option<(u64, u64)> {
         match &self.inner {
             Inner::Qemu(_) => None,

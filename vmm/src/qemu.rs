@@ -19,6 +19,8 @@ use tokio::process::{Child, Command};
 
 use crate::config::MachineConfig;
 use crate::error::MachineError;
+use crate::jail::cgroup::{self, Cgroup};
+use crate::jail::IsolationMode;
 use crate::machine::{ConsoleStream, ExitStatus};
 use crate::run_dir::RunDir;
 use crate::tail::{self, SharedTail};
@@ -56,6 +58,8 @@ pub(crate) struct QemuMachine {
     serial: SharedTail,
     stderr: SharedTail,
     exited: Option<ExitStatus>,
+    /// QEMU's cgroup (memory, pids, CPU), as the kvm backend's VMM has.
+    cgroup: Option<Cgroup>,
     // Last: removed after the `Drop` impl has killed QEMU.
     run_dir: RunDir,
 }
@@ -65,6 +69,14 @@ impl QemuMachine {
         config: MachineConfig,
         hardware_kvm: bool,
     ) -> Result<(QemuMachine, ConsoleStream), MachineError> {
+        if config.isolation.mode == IsolationMode::Strict {
+            return Err(MachineError::Jail(
+                "the qemu backend runs QEMU with its seccomp sandbox, a cgroup and no \
+                 environment, but not yet in the VMM jail (namespaces, pivot_root, uid); use \
+                 the kvm backend"
+                    .into(),
+            ));
+        }
         check_readable("kernel", &config.kernel)?;
         check_readable("initramfs", &config.initramfs)?;
         for d in &config.disks {
@@ -89,6 +101,11 @@ impl QemuMachine {
         tracing::debug!(?args, "starting qemu");
 
         let mut cmd = Command::new(&config.qemu.binary);
+        // None of kiln's environment (its tokens) reaches QEMU; PATH finds it.
+        cmd.env_clear();
+        if let Some(path) = std::env::var_os("PATH") {
+            cmd.env("PATH", path);
+        }
         cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -120,6 +137,29 @@ impl QemuMachine {
             tokio::spawn(drain(err, stderr.clone()));
         }
 
+        let cgroup = match child.id() {
+            Some(pid) if config.isolation.mode != IsolationMode::Off => {
+                // TCG's translation cache may grow to 1 GiB (QEMU's default
+                // tb-size): allowed for, so that a busy guest is not killed.
+                let mut limits = config.isolation.limits.clone();
+                if accel == "tcg" {
+                    limits.memory_overhead_mib = limits.memory_overhead_mib.saturating_add(1024);
+                }
+                let cg = cgroup::detect().and_then(|h| {
+                    let c = Cgroup::create(&h, &limits, config.memory_mib, config.vcpus)?;
+                    c.add(pid)?;
+                    Ok(c)
+                });
+                match cg {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::warn!("QEMU runs without its cgroup: {e}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let mut machine = QemuMachine {
             child,
             run_dir,
@@ -127,6 +167,7 @@ impl QemuMachine {
             serial,
             stderr,
             exited: None,
+            cgroup,
         };
         // QEMU connects to our socket while it initialises its devices.
         let console = tokio::select! {
@@ -197,7 +238,15 @@ impl QemuMachine {
 
     pub(crate) async fn destroy(mut self) -> Result<(), MachineError> {
         self.kill_now().await;
+        if let Some(mut c) = self.cgroup.take() {
+            c.remove();
+        }
         self.run_dir.remove()
+    }
+
+    /// QEMU's cgroup, when it has one.
+    pub(crate) fn cgroup(&self) -> Option<&Cgroup> {
+        self.cgroup.as_ref()
     }
 }
 
@@ -372,6 +421,8 @@ mod tests {
             serial_log_limit: 1024,
             start_timeout: Duration::from_secs(1),
             qemu: QemuOptions::default(),
+            isolation: Default::default(),
+            test_forbidden_syscall: None,
         };
         let a = qemu_args(&cfg, "tcg", Path::new("/tmp/x/console.sock"));
         let joined = a.join(" ");

@@ -44,6 +44,17 @@ impl TailBuffer {
         self.buf.extend(data);
     }
 
+    /// Bytes pushed since `written` bytes had been pushed in all, as far as
+    /// they are still held, and the new total: a reader that forwards the
+    /// stream calls this with the total it got last time.
+    pub fn since(&self, written: u64) -> (Vec<u8>, u64) {
+        let total = self.dropped + self.buf.len() as u64;
+        let skip = written
+            .saturating_sub(self.dropped)
+            .min(self.buf.len() as u64) as usize;
+        (self.buf.iter().skip(skip).copied().collect(), total)
+    }
+
     pub fn contents(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.buf.len() + 64);
         if self.dropped > 0 {
@@ -98,5 +109,15 @@ mod tests {
         let mut t = TailBuffer::new(4);
         t.push(b"abcdefgh");
         assert!(t.contents().ends_with(b"efgh"));
+        // A forwarder gets what is new, and what is still held after a gap.
+        let mut t = TailBuffer::new(4);
+        t.push(b"ab");
+        let (new, n) = t.since(0);
+        assert_eq!((new.as_slice(), n), (&b"ab"[..], 2));
+        t.push(b"c");
+        assert_eq!(t.since(n), (b"c".to_vec(), 3));
+        t.push(b"defgh");
+        assert_eq!(t.since(3), (b"efgh".to_vec(), 8));
+        assert_eq!(t.since(8), (Vec::new(), 8));
     }
 }

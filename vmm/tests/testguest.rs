@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use kiln_vmm::{
-    probe_kvm, BackendKind, Disk, ExitStatus, KvmSupport, Machine, MachineConfig, MachineError,
-    QemuOptions,
+    probe_kvm, BackendKind, ConsoleStream, Disk, ExitStatus, KvmSupport, Machine, MachineConfig,
+    MachineError, QemuOptions,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -88,6 +88,8 @@ fn fixture(kernel: PathBuf, extra: &str) -> Fixture {
         serial_log_limit: 64 * 1024,
         start_timeout: Duration::from_secs(10),
         qemu: qemu_options(),
+        isolation: Default::default(),
+        test_forbidden_syscall: None,
     };
     Fixture { dir, config }
 }
@@ -291,21 +293,9 @@ async fn kvm_destroy_and_drop_stop_a_running_guest() {
     let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
     for use_drop in [false, true] {
         let fx = fixture(guest.clone(), "");
-        let (machine, console) = Machine::start(fx.config.clone(), BackendKind::Kvm, &kvm)
-            .await
-            .expect("start");
+        // The guest then polls for a ping that never comes.
+        let (machine, console) = start_and_wait_for_ping(&fx, &kvm).await;
         let mut lines = BufReader::new(console).lines();
-        // The guest now polls for a ping that never comes.
-        let waited = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Ok(Some(l)) = lines.next_line().await {
-                if l == "WAIT ping" {
-                    return true;
-                }
-            }
-            false
-        })
-        .await;
-        assert_eq!(waited, Ok(true));
         let t = std::time::Instant::now();
         if use_drop {
             tokio::task::spawn_blocking(move || drop(machine))
@@ -358,7 +348,304 @@ async fn kvm_start_failures_clean_up() {
     assert!(!fx.config.run_dir.exists());
 }
 
+/// Start the guest and wait until it polls for a ping that never comes: the
+/// VMM process is then running the guest, filters installed.
+async fn start_and_wait_for_ping(fx: &Fixture, kvm: &KvmSupport) -> (Machine, ConsoleStream) {
+    let (machine, console) = Machine::start(fx.config.clone(), BackendKind::Kvm, kvm)
+        .await
+        .expect("start");
+    let (rd, wr) = console.into_split();
+    let mut lines = BufReader::new(rd).lines();
+    let waited = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            if l == "WAIT ping" {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        waited,
+        Ok(true),
+        "serial: {}",
+        String::from_utf8_lossy(&machine.serial_log())
+    );
+    let console = lines.into_inner().into_inner().reunite(wr).unwrap();
+    (machine, console)
+}
+
+fn proc_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+/// While the guest runs, its VMM process is read from /proc: another uid,
+/// no capabilities, no_new_privs, seccomp filter mode, its own namespaces,
+/// an empty root, an empty environment, only the descriptors it needs, and
+/// a cgroup with the memory limit; the cgroup is gone after destroy.
+async fn kvm_vmm_process_is_jailed() {
+    let kvm = probe_kvm();
+    let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
+    let mut fx = fixture(guest.clone(), "");
+    // Strict: everything the jail has must be applied here (root).
+    fx.config.isolation.mode = kiln_vmm::IsolationMode::Strict;
+    let (machine, _console) = start_and_wait_for_ping(&fx, &kvm).await;
+    let pid = machine.pid().expect("a VMM process");
+    assert_ne!(pid, std::process::id());
+    let report = machine.jail().expect("kvm backend").clone();
+    eprintln!("jail: {}", report.summary());
+
+    let uids: Vec<u32> = proc_field(pid, "Uid:")
+        .split_whitespace()
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert_eq!(uids.len(), 4);
+    assert!(
+        uids.iter()
+            .all(|&u| u >= kiln_vmm::jail::UID_BASE && u == uids[0]),
+        "{uids:?}"
+    );
+    let gids = proc_field(pid, "Gid:");
+    assert!(!gids.split_whitespace().any(|g| g == "0"), "{gids}");
+    assert_eq!(proc_field(pid, "Groups:"), "");
+    for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(proc_field(pid, caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(proc_field(pid, "NoNewPrivs:"), "1");
+    assert_eq!(proc_field(pid, "Seccomp:"), "2", "filter mode");
+    // Every thread has its own filter (the vCPUs' and event loop's were
+    // installed by themselves, the main thread's last).
+    let threads: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(threads.len() >= 4, "main, event loop, 2 vCPUs: {threads:?}");
+    for t in &threads {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status")).unwrap();
+        assert!(st.contains("\nSeccomp:\t2\n"), "thread {t}: {st}");
+    }
+
+    for ns in ["mnt", "net", "ipc", "uts"] {
+        let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let its = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(mine, its, "{ns} namespace");
+    }
+    // Its root is the empty per-VM jail directory.
+    let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .collect();
+    assert!(root.is_empty(), "{root:?}");
+    assert!(std::fs::read_dir("/").unwrap().count() > 0);
+    // No environment (kiln's tokens live there).
+    assert!(std::env::var_os("PATH").is_some());
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(environ.is_empty(), "{}", String::from_utf8_lossy(&environ));
+    // Descriptors: what was handed over, and what the VM made itself.
+    let stderr = std::fs::read_link(format!("/proc/{pid}/fd/2")).unwrap();
+    let mut files = vec![
+        std::path::PathBuf::from("/dev/null"),
+        "/dev/kvm".into(),
+        stderr,
+        fx.config.kernel.clone(),
+        fx.config.initramfs.clone(),
+    ];
+    files.extend(fx.config.disks.iter().map(|d| d.path.clone()));
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let target = std::fs::read_link(e.unwrap().path()).unwrap();
+        let t = target.to_string_lossy();
+        assert!(
+            files.contains(&target) || t.starts_with("anon_inode:") || t.starts_with("socket:"),
+            "unexpected descriptor to {t}"
+        );
+    }
+    // The cgroup and its memory limit (guest memory plus overhead).
+    let (cg_dir, limit_file) = machine.cgroup().expect("a cgroup");
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let leaf = cg_dir.file_name().unwrap().to_string_lossy().to_string();
+    assert!(
+        cgroups
+            .lines()
+            .any(|l| l.ends_with(&format!("kiln-vmm/{leaf}"))),
+        "{cgroups}"
+    );
+    let limit: u64 = std::fs::read_to_string(&limit_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        limit,
+        kiln_vmm::jail::cgroup::Limits::default().memory_bytes(fx.config.memory_mib)
+    );
+    assert!(report.pivot_root && report.capabilities_dropped && report.no_new_privs);
+    assert!(report.seccomp && report.missing.is_empty(), "{report:?}");
+
+    machine.destroy().await.unwrap();
+    assert!(!cg_dir.exists(), "destroy removes the cgroup");
+    assert!(!fx.config.run_dir.exists());
+
+    // A part that cannot be applied (a CPU limit the kernel refuses):
+    // strict refuses to start the VM, best-effort runs it and says what is
+    // missing.
+    let mut fx = fixture(guest, "");
+    fx.config.isolation.limits.cpu_percent = Some(0);
+    fx.config.isolation.mode = kiln_vmm::IsolationMode::Strict;
+    match Machine::start(fx.config.clone(), BackendKind::Kvm, &kvm).await {
+        Err(MachineError::Jail(why)) => assert!(why.contains("cgroup"), "{why}"),
+        Err(e) => panic!("{e:?}"),
+        Ok(_) => panic!("strict isolation started a VM without its cgroup"),
+    }
+    assert!(!fx.config.run_dir.exists());
+    fx.config.isolation.mode = kiln_vmm::IsolationMode::BestEffort;
+    let (machine, _console) = start_and_wait_for_ping(&fx, &kvm).await;
+    let report = machine.jail().unwrap();
+    assert!(
+        report.missing.iter().any(|m| m.contains("cgroup")) && report.seccomp,
+        "{report:?}"
+    );
+    machine.destroy().await.unwrap();
+}
+
+/// A forbidden syscall made by any thread of the VMM process (a test hook)
+/// kills that VM only: the job's status names the syscall, and another VM
+/// started alongside passes every check.
+async fn kvm_forbidden_syscall_kills_only_that_vm() {
+    let kvm = probe_kvm();
+    let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
+    for kind in ["vcpu", "event-loop", "main"] {
+        let good = fixture(guest.clone(), "");
+        let mut bad = fixture(guest.clone(), "");
+        bad.config.test_forbidden_syscall = Some(kind.into());
+        let (mut doomed, _console) = Machine::start(bad.config.clone(), BackendKind::Kvm, &kvm)
+            .await
+            .expect("start");
+        let (lines, status, _, _) = boot(&good, BackendKind::Kvm, &kvm).await;
+        assert_all_ok(&lines, ALL_CHECKS);
+        assert_eq!(status, ExitStatus::Shutdown);
+        let status = tokio::time::timeout(Duration::from_secs(30), doomed.wait())
+            .await
+            .expect("the VMM process ends");
+        match &status {
+            ExitStatus::Failed(why) => assert!(
+                why.contains("seccomp") && why.contains("ptrace (101)"),
+                "{kind}: {why}"
+            ),
+            other => panic!("{kind}: {other:?}"),
+        }
+        doomed.destroy().await.unwrap();
+        assert!(!bad.config.run_dir.exists());
+    }
+}
+
+/// QEMU gets none of kiln's environment and runs in a cgroup of its own;
+/// strict isolation refuses the qemu backend (QEMU is not in the jail yet).
+async fn qemu_process_has_a_cgroup_and_no_environment() {
+    let kvm = probe_kvm();
+    let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
+    let mut fx = fixture(guest, " no_bad_chain");
+    fx.config.isolation.mode = kiln_vmm::IsolationMode::Strict;
+    match Machine::start(fx.config.clone(), BackendKind::Qemu, &kvm).await {
+        Err(MachineError::Jail(why)) => assert!(why.contains("qemu"), "{why}"),
+        Err(e) => panic!("{e:?}"),
+        Ok(_) => panic!("strict isolation started QEMU outside the jail"),
+    }
+    fx.config.isolation.mode = kiln_vmm::IsolationMode::BestEffort;
+    let (machine, console) = Machine::start(fx.config.clone(), BackendKind::Qemu, &kvm)
+        .await
+        .expect("start");
+    let pid = machine.pid().unwrap();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let vars: Vec<_> = environ
+        .split(|&b| b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(v).to_string())
+        .collect();
+    assert!(vars.iter().all(|v| v.starts_with("PATH=")), "{vars:?}");
+    let (cg_dir, limit_file) = machine.cgroup().expect("a cgroup");
+    let leaf = cg_dir.file_name().unwrap().to_string_lossy().to_string();
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        cgroups
+            .lines()
+            .any(|l| l.ends_with(&format!("kiln-vmm/{leaf}"))),
+        "{cgroups}"
+    );
+    assert!(limit_file.is_file());
+    drop(console);
+    machine.destroy().await.unwrap();
+    assert!(!cg_dir.exists());
+}
+
+/// The helper for `kvm_vmm_processes_die_with_kiln`: start a VM, print its
+/// VMM process and cgroup, and wait to be killed.
+fn hold_vm(guest: PathBuf) -> std::process::ExitCode {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let fx = fixture(guest, "");
+        let (machine, _console) = start_and_wait_for_ping(&fx, &probe_kvm()).await;
+        let cgroup = machine.cgroup().map(|c| c.0).unwrap_or_default();
+        println!(
+            "VMM {} {} {}",
+            machine.pid().unwrap(),
+            fx.dir.path().display(),
+            cgroup.display()
+        );
+        std::future::pending::<()>().await;
+    });
+    std::process::ExitCode::SUCCESS
+}
+
+/// `kill -9` of kiln kills its VMM processes (PR_SET_PDEATHSIG, set again
+/// after the uid change), and the cgroup a dead kiln left is removed by the
+/// next one's sweep.
+async fn kvm_vmm_processes_die_with_kiln() {
+    let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
+    let mut helper = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .env("KILN_TEST_HOLD_VM", &guest)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(helper.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), out.next_line())
+        .await
+        .expect("the helper started a VM")
+        .unwrap()
+        .expect("a line");
+    let parts: Vec<&str> = line.split(' ').collect();
+    assert_eq!(parts[0], "VMM", "{line}");
+    let (pid, dir, cgroup) = (parts[1], PathBuf::from(parts[2]), PathBuf::from(parts[3]));
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    helper.start_kill().unwrap();
+    helper.wait().await.unwrap();
+    let gone = tokio::time::timeout(Duration::from_secs(10), async {
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(gone.is_ok(), "VMM process {pid} outlived kiln");
+    assert!(cgroup.exists(), "a killed kiln cannot remove its cgroup");
+    let h = kiln_vmm::jail::cgroup::detect().unwrap();
+    kiln_vmm::jail::cgroup::remove_stale(&h);
+    assert!(!cgroup.exists(), "the next kiln removes it");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 fn main() -> std::process::ExitCode {
+    if let Some(guest) = std::env::var_os("KILN_TEST_HOLD_VM") {
+        return hold_vm(guest.into());
+    }
     let kvm = kiln_testkit::Need::custom("kvm", || {
         let kvm = probe_kvm();
         if kvm.device_usable() {
@@ -377,6 +664,8 @@ fn main() -> std::process::ExitCode {
             )),
         }
     });
+    // The whole jail (namespaces, another uid, cgroups) needs root.
+    let jailed = [kvm.clone(), kiln_testkit::root()];
     let kvms = [kvm];
     kiln_testkit::Suite::new()
         .tokio(
@@ -386,7 +675,7 @@ fn main() -> std::process::ExitCode {
         )
         .tokio(
             "testguest_passes_every_check_on_the_qemu_backend",
-            &[qemu],
+            std::slice::from_ref(&qemu),
             testguest_passes_every_check_on_the_qemu_backend,
         )
         .tokio(
@@ -398,6 +687,26 @@ fn main() -> std::process::ExitCode {
             "kvm_start_failures_clean_up",
             &kvms,
             kvm_start_failures_clean_up,
+        )
+        .tokio(
+            "kvm_vmm_process_is_jailed",
+            &jailed,
+            kvm_vmm_process_is_jailed,
+        )
+        .tokio(
+            "qemu_process_has_a_cgroup_and_no_environment",
+            &[qemu.clone(), kiln_testkit::root()],
+            qemu_process_has_a_cgroup_and_no_environment,
+        )
+        .tokio(
+            "kvm_vmm_processes_die_with_kiln",
+            &jailed,
+            kvm_vmm_processes_die_with_kiln,
+        )
+        .tokio(
+            "kvm_forbidden_syscall_kills_only_that_vm",
+            &kvms,
+            kvm_forbidden_syscall_kills_only_that_vm,
         )
         .run()
 }

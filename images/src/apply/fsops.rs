@@ -68,7 +68,7 @@ pub(super) fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
 }
 
 /// The names in a directory opened for reading, without `.` and `..`.
-pub(super) fn list_names(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
+pub(crate) fn list_names(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
     let mut names = Vec::new();
     let mut entries = rfs::Dir::read_from(dir)?;
     while let Some(entry) = entries.read() {

@@ -39,7 +39,7 @@
 mod applier;
 mod blob;
 mod digest;
-mod fsops;
+pub(crate) mod fsops;
 mod limits;
 mod path;
 pub(crate) mod tarstream;

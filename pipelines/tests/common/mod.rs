@@ -1,4 +1,7 @@
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
+
+mod many_jobs;
+pub use many_jobs::many_jobs;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kiln_images::{Cache, ImageError, ImagesOptions, Kernel};
-use kiln_vmm::{BackendKind, QemuOptions};
+use kiln_vmm::{BackendKind, IsolationMode, QemuOptions};
 
 use crate::agent::{self, AgentError};
 
@@ -41,6 +41,10 @@ pub struct ExecutorConfig {
     pub agent: PathBuf,
     pub kernel: Kernel,
     pub backend: BackendKind,
+    /// The jail around the kvm backend's VMM process.
+    pub isolation: IsolationMode,
+    /// The `kiln-vmm` executable (kvm backend); `None`: found next to kiln.
+    pub vmm_program: Option<PathBuf>,
     pub vcpus: u32,
     pub memory_mib: u32,
     pub scratch_bytes: u64,
@@ -105,6 +109,8 @@ pub struct ExecutorConfigBuilder {
     agent: Option<PathBuf>,
     kernel: KernelChoice,
     backend: BackendKind,
+    isolation: IsolationMode,
+    vmm_program: Option<PathBuf>,
     vcpus: u32,
     memory_mib: u32,
     scratch_bytes: u64,
@@ -130,6 +136,8 @@ impl ExecutorConfig {
             agent: None,
             kernel: KernelChoice::Default,
             backend: BackendKind::Auto,
+            isolation: IsolationMode::BestEffort,
+            vmm_program: None,
             vcpus: DEFAULT_VCPUS,
             memory_mib: DEFAULT_MEMORY_MIB,
             scratch_bytes: DEFAULT_DISK_GIB << 30,
@@ -227,6 +235,18 @@ impl ExecutorConfigBuilder {
         self
     }
 
+    /// The jail around the kvm backend's VMM process (default best-effort).
+    /// The `kiln-vmm` executable the kvm backend runs each VM in.
+    pub fn vmm_program(mut self, program: Option<PathBuf>) -> Self {
+        self.vmm_program = program;
+        self
+    }
+
+    pub fn isolation(mut self, isolation: IsolationMode) -> Self {
+        self.isolation = isolation;
+        self
+    }
+
     /// How the qemu backend runs QEMU (its binary).
     pub fn qemu(mut self, qemu: QemuOptions) -> Self {
         self.qemu = qemu;
@@ -265,6 +285,8 @@ impl ExecutorConfigBuilder {
             agent,
             kernel,
             backend: self.backend,
+            isolation: self.isolation,
+            vmm_program: self.vmm_program,
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
             scratch_bytes: self.scratch_bytes,

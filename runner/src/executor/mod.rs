@@ -300,6 +300,12 @@ impl Executor {
             serial_log_limit: 256 * 1024,
             start_timeout: Duration::from_secs(10),
             qemu: self.config.qemu.clone(),
+            isolation: kiln_vmm::Isolation {
+                mode: self.config.isolation,
+                vmm_program: self.config.vmm_program.clone(),
+                ..Default::default()
+            },
+            test_forbidden_syscall: None,
         };
         let boot_started = Instant::now();
         let (machine, console) = match Machine::start(mconfig, self.config.backend, &self.kvm).await

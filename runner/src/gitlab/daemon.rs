@@ -117,6 +117,8 @@ fn executor_config(config: &Config, r: &RunnerConfig) -> Result<ExecutorConfig, 
     .kernel_files(config.kernel.clone(), None)
     .agent(config.agent.clone())
     .backend(r.backend)
+    .isolation(r.isolation)
+    .vmm_program(config.vmm.clone())
     .vcpus(r.cpus)
     .memory_mib(r.memory)
     .disk_gib(r.disk)

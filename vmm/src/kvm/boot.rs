@@ -65,6 +65,9 @@ pub enum BootError {
     Cmdline(String),
     #[error("writing boot data into guest memory failed at {0:#x}")]
     Memory(u64),
+    /// Reported by the VMM process (the message and its causes).
+    #[error("{0}")]
+    InVmmProcess(String),
 }
 
 /// How the boot vCPU enters the kernel.
@@ -95,8 +98,13 @@ fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
 /// Load a vmlinux ELF (PVH entry if it has the note, else its ELF entry with
 /// the 64-bit protocol) or a bzImage (64-bit entry at load + 0x200).
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<Kernel, BootError> {
-    let mut f = open("kernel", path)?;
-    match Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))) {
+    load_kernel_from(mem, &mut open("kernel", path)?)
+}
+
+/// [`load_kernel`] from a file already open (the VMM process gets
+/// descriptors, not paths).
+pub fn load_kernel_from(mem: &GuestMemoryMmap, f: &mut File) -> Result<Kernel, BootError> {
+    match Elf::load(mem, None, f, Some(GuestAddress(HIMEM_START))) {
         Ok(r) => {
             let entry = match r.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(addr) => EntryMode::Pvh(addr),
@@ -113,7 +121,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<Kernel, BootErr
         )) => {}
         Err(e) => return Err(BootError::KernelFormat(e.to_string())),
     }
-    let r = BzImage::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START)))
+    let r = BzImage::load(mem, None, f, Some(GuestAddress(HIMEM_START)))
         .map_err(|e| BootError::KernelFormat(e.to_string()))?;
     let hdr = r
         .setup_header
@@ -140,12 +148,20 @@ pub fn load_initrd(
     path: &Path,
     kernel_end: u64,
 ) -> Result<(u64, u64), BootError> {
-    let mut f = open("initramfs", path)?;
+    load_initrd_from(mem, &mut open("initramfs", path)?, kernel_end)
+}
+
+/// [`load_initrd`] from a file already open.
+pub fn load_initrd_from(
+    mem: &GuestMemoryMmap,
+    f: &mut File,
+    kernel_end: u64,
+) -> Result<(u64, u64), BootError> {
     let size = f
         .metadata()
         .map_err(|source| BootError::Open {
             what: "initramfs",
-            path: path.display().to_string(),
+            path: "(descriptor)".into(),
             source,
         })?
         .len();
@@ -156,7 +172,7 @@ pub fn load_initrd(
         .filter(|&a| a >= kernel_end && a >= HIMEM_START)
         .ok_or(BootError::InitrdTooLarge { size, limit })?;
     let len = usize::try_from(size).map_err(|_| BootError::InitrdTooLarge { size, limit })?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut f, len)
+    mem.read_exact_volatile_from(GuestAddress(addr), f, len)
         .map_err(|_| BootError::Memory(addr))?;
     Ok((addr, size))
 }

@@ -1,11 +1,12 @@
-//! From a [`MachineConfig`] to a running [`KvmMachine`]: the configuration is
-//! checked, then the VM (irqchip, PIT), guest memory, kernel and initrd,
+//! From a [`MachineConfig`] and the descriptors it names ([`Sources`]) to a
+//! running [`KvmMachine`]: the configuration is checked, then the VM (irqchip, PIT), guest memory, kernel and initrd,
 //! devices, ACPI and boot tables and vCPUs are set up in that order; the
 //! event loop and vCPU threads start last. Every step can fail, and a
 //! failure leaves nothing behind (the per-VM directory, descriptors and
 //! mappings go with the values that own them).
 
-use std::fs::OpenOptions;
+use std::fs::File;
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -27,8 +28,7 @@ use super::event_loop::EventLoop;
 use super::{acpi, boot, io_err, kick, kvm_err, memory, vcpu, KvmMachine, MAX_VCPUS};
 use crate::config::MachineConfig;
 use crate::error::MachineError;
-use crate::machine::ConsoleStream;
-use crate::run_dir::RunDir;
+use crate::machine::ExitStatus;
 use crate::tail;
 
 /// Devices besides the disks: the console and the rng.
@@ -65,30 +65,67 @@ fn validate(config: &MachineConfig) -> Result<(), MachineError> {
     Ok(())
 }
 
-/// Create and start the VM. Must run inside a tokio runtime (the console
-/// stream is registered with it).
-pub fn start(config: MachineConfig) -> Result<(KvmMachine, ConsoleStream), MachineError> {
-    let created = Instant::now();
-    if tokio::runtime::Handle::try_current().is_err() {
-        return Err(MachineError::Config(
-            "the kvm backend must be started inside a tokio runtime".into(),
-        ));
-    }
-    validate(&config)?;
-    let run_dir = RunDir::create(&config.run_dir)?;
-    kick::install_handler()?;
+/// What the VM is built from: descriptors opened by whoever may open them
+/// (the VMM process gets descriptors, never paths, and may run where no
+/// path resolves).
+pub struct Sources {
+    pub kvm: Kvm,
+    pub kernel: File,
+    pub initramfs: File,
+    /// One per [`MachineConfig::disks`] entry, in that order, opened
+    /// read-only where the disk is.
+    pub disks: Vec<File>,
+    /// The VMM's end of the console socket; the other end is the caller's
+    /// [`crate::ConsoleStream`].
+    pub console: UnixStream,
+}
 
-    let (kvm, vm) = create_vm()?;
+/// Which thread a [`ThreadStart`] hook runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    Vcpu,
+    EventLoop,
+}
+
+/// Runs first on every thread the VM starts, before it touches guest data
+/// (the VMM process installs that thread's seccomp filter here). An error
+/// ends the VM with that reason.
+pub type ThreadStart = Arc<dyn Fn(ThreadKind) -> Result<(), String> + Send + Sync>;
+
+/// Create and start the VM from `sources`; `config`'s paths and `run_dir`
+/// are not used (the caller owns the per-VM directory).
+pub fn start(
+    config: &MachineConfig,
+    sources: Sources,
+    thread_start: ThreadStart,
+) -> Result<KvmMachine, MachineError> {
+    let created = Instant::now();
+    validate(config)?;
+    kick::install_handler()?;
+    let Sources {
+        kvm,
+        mut kernel,
+        mut initramfs,
+        disks,
+        console: vmm_end,
+    } = sources;
+    if disks.len() != config.disks.len() {
+        return Err(MachineError::Config(format!(
+            "{} disks configured but {} opened",
+            config.disks.len(),
+            disks.len()
+        )));
+    }
+
+    let vm = create_vm(&kvm)?;
     let mem = Arc::new(guest_memory(&vm, config.memory_mib)?);
 
-    let kernel = boot::load_kernel(&mem, &config.kernel)?;
-    let initrd = boot::load_initrd(&mem, &config.initramfs, kernel.end)?;
+    let kernel = boot::load_kernel_from(&mem, &mut kernel)?;
+    let initrd = boot::load_initrd_from(&mem, &mut initramfs, kernel.end)?;
     let cmdline_len = boot::write_cmdline(&mem, &config.cmdline)?;
 
     // Devices.
     let serial_log = tail::shared(config.serial_log_limit.max(4096));
-    let (vmm_end, user_end) =
-        std::os::unix::net::UnixStream::pair().map_err(io_err("console socket"))?;
     vmm_end
         .set_nonblocking(true)
         .map_err(io_err("console socket"))?;
@@ -102,16 +139,7 @@ pub fn start(config: MachineConfig) -> Result<(KvmMachine, ConsoleStream), Machi
         devices.add_pio(port..port + 1, i8042.clone());
     }
     devices.add_virtio(Box::new(Console::new(&config.console_port, vmm_end)))?;
-    for d in &config.disks {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!d.read_only)
-            .open(&d.path)
-            .map_err(|source| MachineError::MissingFile {
-                what: "disk image",
-                path: d.path.clone(),
-                source,
-            })?;
+    for (d, file) in config.disks.iter().zip(disks) {
         let b =
             Block::new(file, d.read_only, d.ephemeral, &d.serial).map_err(io_err("disk image"))?;
         devices.add_virtio(Box::new(b))?;
@@ -139,9 +167,13 @@ pub fn start(config: MachineConfig) -> Result<(KvmMachine, ConsoleStream), Machi
     let control = Arc::new(control);
 
     let el = EventLoop::new(bus.clone(), control.clone()).map_err(io_err("event loop"))?;
+    let (hook, el_control) = (thread_start.clone(), control.clone());
     let event_thread = std::thread::Builder::new()
         .name("kiln-vmm-io".into())
-        .spawn(move || el.run())
+        .spawn(move || match hook(ThreadKind::EventLoop) {
+            Ok(()) => el.run(),
+            Err(why) => el_control.finish(ExitStatus::Failed(why)),
+        })
         .map_err(io_err("event loop thread"))?;
     let mut machine = KvmMachine {
         control: control.clone(),
@@ -153,22 +185,15 @@ pub fn start(config: MachineConfig) -> Result<(KvmMachine, ConsoleStream), Machi
         memory_bytes: u64::from(config.memory_mib) << 20,
         guest_memory: mem,
         _vm: vm,
-        run_dir,
     };
-    spawn_vcpus(&mut machine, vcpus, &bus, &control)?;
-
-    user_end
-        .set_nonblocking(true)
-        .map_err(io_err("console socket"))?;
-    let console = ConsoleStream::from_std(user_end).map_err(io_err("console socket"))?;
+    spawn_vcpus(&mut machine, vcpus, &bus, &control, &thread_start)?;
     tracing::debug!(elapsed = ?created.elapsed(), "kvm VM started");
-    Ok((machine, console))
+    Ok(machine)
 }
 
 /// Open `/dev/kvm`, check what the backend needs, and create the VM with
 /// its in-kernel irqchip and PIT.
-fn create_vm() -> Result<(Kvm, VmFd), MachineError> {
-    let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+fn create_vm(kvm: &Kvm) -> Result<VmFd, MachineError> {
     for cap in crate::host::REQUIRED_CAPS {
         if !kvm.check_extension(cap) {
             return Err(MachineError::BackendUnavailable {
@@ -187,7 +212,7 @@ fn create_vm() -> Result<(Kvm, VmFd), MachineError> {
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
-    Ok((kvm, vm))
+    Ok(vm)
 }
 
 /// Map guest RAM and hand it to the VM, one slot per region.
@@ -242,12 +267,16 @@ fn spawn_vcpus(
     vcpus: Vec<VcpuFd>,
     bus: &Arc<Bus>,
     control: &Arc<Control>,
+    thread_start: &ThreadStart,
 ) -> Result<(), MachineError> {
     for (id, v) in vcpus.into_iter().enumerate() {
-        let (bus, control) = (bus.clone(), control.clone());
+        let (bus, control, hook) = (bus.clone(), control.clone(), thread_start.clone());
         let h = std::thread::Builder::new()
             .name(format!("kiln-vcpu{id}"))
-            .spawn(move || vcpu::run(v, id as u32, bus, control))
+            .spawn(move || match hook(ThreadKind::Vcpu) {
+                Ok(()) => vcpu::run(v, id as u32, bus, control),
+                Err(why) => control.finish(ExitStatus::Failed(why)),
+            })
             .map_err(io_err("vCPU thread"))?;
         machine.vcpu_threads.push(h);
     }

@@ -1,5 +1,6 @@
-//! The embedded KVM backend: one VM in this process, one thread per vCPU
-//! plus one event-loop thread for device I/O.
+//! The embedded KVM backend: one VM in the process that builds it (kiln runs
+//! each in a VMM process of its own, [`crate::process`]), one thread per
+//! vCPU plus one event-loop thread for device I/O.
 //!
 //! Where things are:
 //! - [`KvmMachine`] (this file): a running VM and what can be asked of it.
@@ -34,6 +35,7 @@
 pub mod acpi;
 pub mod boot;
 mod builder;
+pub use builder::{Sources, ThreadKind, ThreadStart};
 mod bus;
 mod control;
 pub mod cpuid;
@@ -55,8 +57,7 @@ use self::control::Control;
 use self::stats::ExitStats;
 use crate::config::MachineConfig;
 use crate::error::MachineError;
-use crate::machine::{ConsoleStream, ExitStatus};
-use crate::run_dir::RunDir;
+use crate::machine::ExitStatus;
 use crate::tail::{self, SharedTail};
 
 /// Most vCPUs we configure (xAPIC ids fit in a byte; 0xff is broadcast).
@@ -86,27 +87,21 @@ pub struct KvmMachine {
     serial: SharedTail,
     memory_bytes: u64,
     // Fields drop in this order, after `Drop::drop` has joined the threads:
-    // the VM fd before the guest memory it maps (see `builder::guest_memory`),
-    // the per-VM directory last.
+    // the VM fd before the guest memory it maps (see `builder::guest_memory`).
     _vm: VmFd,
     guest_memory: Arc<GuestMemoryMmap>,
-    run_dir: RunDir,
 }
 
 impl KvmMachine {
-    /// Create and start the VM (see `builder`). Must run inside a tokio
-    /// runtime (the console stream is registered with it).
-    pub fn start(config: MachineConfig) -> Result<(KvmMachine, ConsoleStream), MachineError> {
-        builder::start(config)
-    }
-
-    pub fn describe(&self) -> String {
-        "kvm".to_string()
-    }
-
-    /// The VM runs inside this process.
-    pub fn pid(&self) -> Option<u32> {
-        Some(std::process::id())
+    /// Create and start the VM in this process from descriptors (see
+    /// `builder`). kiln runs it in a VMM process of its own
+    /// ([`crate::process`]); this is what that process calls.
+    pub fn start(
+        config: &MachineConfig,
+        sources: Sources,
+        thread_start: ThreadStart,
+    ) -> Result<KvmMachine, MachineError> {
+        builder::start(config, sources, thread_start)
     }
 
     pub fn serial_log(&self) -> Vec<u8> {
@@ -122,6 +117,20 @@ impl KvmMachine {
     /// accesses to ports no device claims.
     pub fn exit_stats(&self) -> ExitStats {
         self.control.exits.snapshot()
+    }
+
+    /// Serial bytes written since `written` in all, and the new total (see
+    /// [`crate::tail::TailBuffer::since`]).
+    pub fn serial_since(&self, written: u64) -> (Vec<u8>, u64) {
+        self.serial
+            .lock()
+            .map(|t| t.since(written))
+            .unwrap_or((Vec::new(), written))
+    }
+
+    /// Changes once, when the VM ends (to how it ended).
+    pub fn exit_updates(&self) -> tokio::sync::watch::Receiver<Option<ExitStatus>> {
+        self.exit_rx.clone()
     }
 
     /// Notified on every byte the guest writes to its serial console (the
@@ -159,6 +168,12 @@ impl KvmMachine {
         status
     }
 
+    /// Tell every thread to stop without waiting for them (the VMM process
+    /// exits right after).
+    pub fn request_stop(&self) {
+        self.control.stop();
+    }
+
     /// Stop every thread: vCPUs are kicked out of `KVM_RUN` with a signal
     /// until they notice the stop flag.
     fn stop(&mut self) {
@@ -176,9 +191,9 @@ impl KvmMachine {
         }
     }
 
-    pub async fn destroy(mut self) -> Result<(), MachineError> {
+    /// Stop the VM and wait for its threads.
+    pub fn destroy(mut self) {
         self.stop();
-        self.run_dir.remove()
     }
 }
 

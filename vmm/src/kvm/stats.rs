@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Why a vCPU left `KVM_RUN`, as counted by [`ExitCounters`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum ExitReason {
     IoIn,
     IoOut,
@@ -55,14 +57,14 @@ impl ExitReason {
 }
 
 /// Reads and writes of one port that no device claims.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PortAccesses {
     pub reads: u64,
     pub writes: u64,
 }
 
 /// A snapshot of the counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExitStats {
     /// Exits by reason (reasons never seen are absent).
     pub by_reason: BTreeMap<ExitReason, u64>,

@@ -22,8 +22,7 @@ impl Applier<'_> {
         if !merged {
             self.check_dir_depth(fd.as_fd(), shown)?;
         }
-        let id =
-            dev_ino(&fsops::fstat(fd.as_fd()).map_err(|e| io_err(shown, "stat the directory", e))?);
+        let settled = self.settle_dir(fd.as_fd(), &meta, shown, "stat the directory")?;
         if merged {
             self.touched
                 .entry(parent.key(name))
@@ -31,18 +30,7 @@ impl Applier<'_> {
         } else {
             self.touched.insert(parent.key(name), Origin::Created);
         }
-        self.chown_fd(fd.as_fd(), &meta, shown)?;
-        self.skipped_xattrs += set_xattrs_fd(fd.as_fd(), &meta, shown)?;
-        self.dirs.insert(
-            path.key(),
-            DirMeta {
-                id,
-                mode: meta.mode,
-                atime: meta.atime,
-                mtime: meta.mtime,
-            },
-        );
-        self.stats.entries += 1;
+        self.record_dir(path.key(), settled);
         Ok(())
     }
 

@@ -351,21 +351,40 @@ impl<'b> Applier<'b> {
 
     /// A directory entry for the root itself (`./`).
     fn update_root(&mut self, meta: &Meta, shown: &str) -> Result<(), ApplyError> {
-        let root = self.root.as_fd();
-        let id = dev_ino(&fsops::fstat(root).map_err(|e| io_err(shown, "stat the root", e))?);
-        self.chown_fd(root, meta, shown)?;
-        self.skipped_xattrs += set_xattrs_fd(root, meta, shown)?;
-        self.dirs.insert(
-            Vec::new(),
-            DirMeta {
-                id,
-                mode: meta.mode,
-                atime: meta.atime,
-                mtime: meta.mtime,
-            },
-        );
-        self.stats.entries += 1;
+        let settled = self.settle_dir(self.root.as_fd(), meta, shown, "stat the root")?;
+        self.record_dir(Vec::new(), settled);
         Ok(())
+    }
+
+    /// Gives the directory open at `fd` its owner and xattrs from `meta`;
+    /// returns what to keep of it until the layer is done (its identity,
+    /// mode and times, set last) and how many xattrs were skipped.
+    /// `stat_what` names the `fstat` in an error.
+    fn settle_dir(
+        &self,
+        fd: BorrowedFd<'_>,
+        meta: &Meta,
+        shown: &str,
+        stat_what: &'static str,
+    ) -> Result<(DirMeta, u64), ApplyError> {
+        let id = dev_ino(&fsops::fstat(fd).map_err(|e| io_err(shown, stat_what, e))?);
+        self.chown_fd(fd, meta, shown)?;
+        let skipped = set_xattrs_fd(fd, meta, shown)?;
+        let dir = DirMeta {
+            id,
+            mode: meta.mode,
+            atime: meta.atime,
+            mtime: meta.mtime,
+        };
+        Ok((dir, skipped))
+    }
+
+    /// Records a directory [`Applier::settle_dir`] settled, as the tree's
+    /// `key`: one more entry.
+    fn record_dir(&mut self, key: Vec<u8>, (dir, skipped): (DirMeta, u64)) {
+        self.skipped_xattrs += skipped;
+        self.dirs.insert(key, dir);
+        self.stats.entries += 1;
     }
 
     /// Refuses a directory this layer has just created where the tree

@@ -21,20 +21,24 @@ impl<S: Source> TarReader<'_, S> {
             .map_err(|_| self.malformed(format!("entry {shown}: bad sparse real size")))?;
         let mut segments = Vec::new();
         let there = format!("at entry {shown}");
+        // The error for a map of more than `max` segments.
+        let too_many = |this: &Self| {
+            this.located(
+                ApplyError::LimitExceeded {
+                    limit: Limit::SparseSegments,
+                    claimed: None,
+                    max: max as u64,
+                    at: String::new(),
+                },
+                &there,
+            )
+        };
         let mut push = |this: &Self, offset: io::Result<u64>, length: io::Result<u64>| {
             let (Ok(offset), Ok(length)) = (offset, length) else {
                 return Err(this.malformed(format!("entry {shown}: bad sparse map field")));
             };
             if segments.len() >= max {
-                return Err(this.located(
-                    ApplyError::LimitExceeded {
-                        limit: Limit::SparseSegments,
-                        claimed: None,
-                        max: max as u64,
-                        at: String::new(),
-                    },
-                    &there,
-                ));
+                return Err(too_many(this));
             }
             segments.push((offset, length));
             Ok(())
@@ -48,15 +52,7 @@ impl<S: Source> TarReader<'_, S> {
             // Each block may list nothing; bound the blocks as well.
             blocks += 1;
             if blocks > max / 21 + 1 {
-                return Err(self.located(
-                    ApplyError::LimitExceeded {
-                        limit: Limit::SparseSegments,
-                        claimed: None,
-                        max: max as u64,
-                        at: String::new(),
-                    },
-                    &there,
-                ));
+                return Err(too_many(self));
             }
             let mut ext = tar::GnuExtSparseHeader::new();
             let context = || format!("in the sparse map of entry {shown}");

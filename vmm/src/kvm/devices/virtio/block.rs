@@ -111,12 +111,11 @@ impl Block {
                     Ok((VIRTIO_BLK_S_IOERR, 0))
                 } else if write && self.read_only {
                     Ok((VIRTIO_BLK_S_IOERR, 0))
-                } else if write {
-                    self.write(data, mem, sector * SECTOR_SIZE)
-                        .map(|()| (VIRTIO_BLK_S_OK, 0))
                 } else {
-                    self.read(data, mem, sector * SECTOR_SIZE)
-                        .map(|()| (VIRTIO_BLK_S_OK, total as u32))
+                    // A read fills `total` bytes of guest buffers.
+                    let filled = if write { 0 } else { total as u32 };
+                    self.copy(write, data, mem, sector * SECTOR_SIZE)
+                        .map(|()| (VIRTIO_BLK_S_OK, filled))
                 }
             }
             VIRTIO_BLK_T_FLUSH => {
@@ -144,40 +143,32 @@ impl Block {
         Ok((*status, result.0, result.1))
     }
 
-    /// Copy the disk from `offset` into the guest's buffers.
-    fn read(
-        &mut self,
+    /// Copy between the guest's buffers and the disk from `offset`: to the
+    /// disk when `write`, else into the guest's buffers.
+    fn copy(
+        &self,
+        write: bool,
         data: &[Descriptor],
         mem: &GuestMemoryMmap,
         offset: u64,
     ) -> Result<(), QueueError> {
         let mut buf = vec![0u8; CHUNK];
         for_each_chunk(data, offset, |at, n, offset| {
-            if let Err(e) = self.file.read_exact_at(&mut buf[..n], offset) {
-                tracing::warn!("virtio-blk: read failed: {e}");
-                return Err(QueueError::Layout("host read failed"));
+            let buf = &mut buf[..n];
+            let guest = |_| QueueError::Memory(at.0);
+            if write {
+                mem.read_slice(buf, at).map_err(guest)?;
+                self.file.write_all_at(buf, offset).map_err(|e| {
+                    tracing::warn!("virtio-blk: write failed: {e}");
+                    QueueError::Layout("host write failed")
+                })
+            } else {
+                self.file.read_exact_at(buf, offset).map_err(|e| {
+                    tracing::warn!("virtio-blk: read failed: {e}");
+                    QueueError::Layout("host read failed")
+                })?;
+                mem.write_slice(buf, at).map_err(guest)
             }
-            mem.write_slice(&buf[..n], at)
-                .map_err(|_| QueueError::Memory(at.0))
-        })
-    }
-
-    /// Copy the guest's buffers to the disk from `offset`.
-    fn write(
-        &mut self,
-        data: &[Descriptor],
-        mem: &GuestMemoryMmap,
-        offset: u64,
-    ) -> Result<(), QueueError> {
-        let mut buf = vec![0u8; CHUNK];
-        for_each_chunk(data, offset, |at, n, offset| {
-            mem.read_slice(&mut buf[..n], at)
-                .map_err(|_| QueueError::Memory(at.0))?;
-            if let Err(e) = self.file.write_all_at(&buf[..n], offset) {
-                tracing::warn!("virtio-blk: write failed: {e}");
-                return Err(QueueError::Layout("host write failed"));
-            }
-            Ok(())
         })
     }
 }

@@ -1,0 +1,475 @@
+//! The jail around a VMM process: what kiln asks for ([`Isolation`], in
+//! [`crate::MachineConfig`]), what the VMM process applies to itself before
+//! it touches guest data ([`apply`], in the child), and the cgroup kiln puts
+//! it in ([`cgroup`], in the parent).
+//!
+//! In the VMM process, in this order: every descriptor it was not handed is
+//! closed; new mount, IPC, UTS and network namespaces (the network one is
+//! empty: a TAP or passt socket will be handed in as a descriptor, see
+//! [`crate::process::fds`]); `pivot_root` into the per-VM jail directory,
+//! which is empty and read-only (every file the VM needs is an open
+//! descriptor); the capability bounding set cleared; supplementary groups
+//! dropped and a per-VM unprivileged uid/gid set (which clears every other
+//! capability); `no_new_privs`. The seccomp filters ([`seccomp`]) come last,
+//! per thread, once set-up is done and before the guest runs.
+//!
+//! What cannot be applied (no root, no user namespaces, ...) is reported in
+//! a [`JailReport`]; with [`IsolationMode::Strict`] it fails the start.
+
+pub mod cgroup;
+pub mod seccomp;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// How hard kiln insists on the jail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum IsolationMode {
+    /// Refuse to start a VM when any part of the jail cannot be applied.
+    Strict,
+    /// Apply what the host allows and log what it does not.
+    #[default]
+    BestEffort,
+    /// No jail at all (the VMM still runs in its own process). For
+    /// benchmarks and debugging only.
+    Off,
+}
+
+impl IsolationMode {
+    /// The name `FromStr` takes (`strict`, `best-effort`, `off`).
+    pub fn name(self) -> &'static str {
+        match self {
+            IsolationMode::Strict => "strict",
+            IsolationMode::BestEffort => "best-effort",
+            IsolationMode::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for IsolationMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "strict" => Ok(IsolationMode::Strict),
+            "best-effort" => Ok(IsolationMode::BestEffort),
+            "off" => Ok(IsolationMode::Off),
+            other => Err(format!(
+                "unknown isolation '{other}' (expected strict, best-effort or off)"
+            )),
+        }
+    }
+}
+
+/// First uid (and gid) of the per-VM range when none is configured: VM `n`
+/// of this process runs as `UID_BASE + n % UID_RANGE`.
+pub const UID_BASE: u32 = 64_000;
+pub const UID_RANGE: u32 = 1_000;
+
+/// What the jail around each VMM process must be.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Isolation {
+    pub mode: IsolationMode,
+    /// uid and gid the VMM runs as; `None`: one per VM from [`UID_BASE`].
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// The `kiln-vmm` executable; `None`: `$KILN_VMM`, else next to the
+    /// running executable (or one directory up, for test binaries), else
+    /// `/usr/lib/kiln/kiln-vmm`.
+    pub vmm_program: Option<PathBuf>,
+    pub limits: cgroup::Limits,
+}
+
+/// The part of the jail the VMM process applies to itself (sent to it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailSpec {
+    pub mode: IsolationMode,
+    pub uid: u32,
+    pub gid: u32,
+    /// Becomes `/` (empty; made read-only).
+    pub root: PathBuf,
+    /// Descriptors to keep open (besides 0, 1, 2); every other one is closed.
+    pub keep_fds: Vec<i32>,
+}
+
+/// What was applied, for the log, `kiln doctor` and the tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailReport {
+    /// Namespaces entered, e.g. `["mnt", "ipc", "uts", "net"]`.
+    pub namespaces: Vec<String>,
+    pub pivot_root: bool,
+    /// uid/gid the VMM runs as, when it changed them.
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub capabilities_dropped: bool,
+    pub no_new_privs: bool,
+    /// Descriptors found open that were not handed over, now closed.
+    pub closed_fds: usize,
+    pub seccomp: bool,
+    pub cgroup: Option<String>,
+    /// Each part that could not be applied, and why.
+    pub missing: Vec<String>,
+    /// Parts of the jail kiln does not implement yet (never applied, so not
+    /// a reason for strict mode to refuse).
+    pub not_yet: Vec<String>,
+}
+
+impl JailReport {
+    pub fn summary(&self) -> String {
+        let mut parts = vec![format!("namespaces [{}]", self.namespaces.join(","))];
+        if self.pivot_root {
+            parts.push("pivot_root".into());
+        }
+        if let Some(uid) = self.uid {
+            parts.push(format!("uid {uid}"));
+        }
+        if self.capabilities_dropped {
+            parts.push("no capabilities".into());
+        }
+        if self.no_new_privs {
+            parts.push("no_new_privs".into());
+        }
+        if self.seccomp {
+            parts.push("seccomp".into());
+        }
+        if let Some(c) = &self.cgroup {
+            parts.push(format!("cgroup {c}"));
+        }
+        if !self.missing.is_empty() {
+            parts.push(format!("MISSING: {}", self.missing.join("; ")));
+        }
+        parts.join(", ")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error("isolation is strict but part of the jail could not be applied: {}", .0.join("; "))]
+    Incomplete(Vec<String>),
+    #[error("could not {what}")]
+    Sys {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn last_err(what: &'static str) -> JailError {
+    JailError::Sys {
+        what,
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+/// Apply the jail to this process (the VMM process, still single-threaded).
+/// Returns what was applied; in strict mode anything missing is an error.
+pub fn apply(spec: &JailSpec) -> Result<JailReport, JailError> {
+    let mut report = JailReport::default();
+    if spec.mode == IsolationMode::Off {
+        return Ok(report);
+    }
+    report.closed_fds = close_other_fds(&spec.keep_fds)?;
+    enter_namespaces(&mut report);
+    if report.namespaces.iter().any(|n| n == "mnt") {
+        match pivot_into(&spec.root) {
+            Ok(()) => report.pivot_root = true,
+            Err(e) => report.missing.push(format!("pivot_root: {e}")),
+        }
+    } else {
+        report
+            .missing
+            .push("pivot_root: no mount namespace".to_string());
+    }
+    drop_privileges(spec, &mut report);
+    // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } == 0 {
+        report.no_new_privs = true;
+    } else {
+        report
+            .missing
+            .push(format!("no_new_privs: {}", std::io::Error::last_os_error()));
+    }
+    if spec.mode == IsolationMode::Strict && !report.missing.is_empty() {
+        return Err(JailError::Incomplete(report.missing));
+    }
+    Ok(report)
+}
+
+/// Close every descriptor above 2 that is not in `keep` (found through
+/// `/proc/self/fd`, before `/proc` is out of reach). Returns how many.
+fn close_other_fds(keep: &[i32]) -> Result<usize, JailError> {
+    let dir = std::fs::read_dir("/proc/self/fd").map_err(|source| JailError::Sys {
+        what: "list /proc/self/fd",
+        source,
+    })?;
+    let fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut closed = 0;
+    for fd in fds {
+        if fd > 2 && !keep.contains(&fd) {
+            // SAFETY: closing a descriptor number this process owns and no
+            // Rust object refers to: every descriptor kiln hands over is in
+            // `keep`, and the one `read_dir` used is closed already (a close
+            // of it fails with EBADF and is ignored).
+            if unsafe { libc::close(fd) } == 0 {
+                closed += 1;
+            }
+        }
+    }
+    Ok(closed)
+}
+
+fn enter_namespaces(report: &mut JailReport) {
+    let all = [
+        (libc::CLONE_NEWNS, "mnt"),
+        (libc::CLONE_NEWIPC, "ipc"),
+        (libc::CLONE_NEWUTS, "uts"),
+        (libc::CLONE_NEWNET, "net"),
+    ];
+    for (flag, name) in all {
+        // SAFETY: unshare(2) takes flags only; the process is
+        // single-threaded here (required for CLONE_NEWNS semantics we rely on).
+        if unsafe { libc::unshare(flag) } == 0 {
+            report.namespaces.push(name.to_string());
+        } else {
+            report.missing.push(format!(
+                "{name} namespace: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    if report.namespaces.iter().any(|n| n == "uts") {
+        let name = b"kiln-vmm";
+        // SAFETY: the buffer is valid for its length.
+        unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
+    }
+    // A PID namespace cannot be entered by a running process that will
+    // create threads (clone(CLONE_THREAD) fails once pid_for_children
+    // differs); it needs a clone with CLONE_NEWPID at spawn. Not yet done.
+    report
+        .not_yet
+        .push("pid namespace (needs CLONE_NEWPID at spawn)".into());
+}
+
+fn cstr(p: &std::path::Path) -> Result<std::ffi::CString, JailError> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| JailError::Sys {
+        what: "use the jail root path",
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+    })
+}
+
+/// Make `root` this mount namespace's `/` and drop the old root entirely.
+fn pivot_into(root: &std::path::Path) -> Result<(), JailError> {
+    let root = cstr(root)?;
+    let slash = c"/";
+    let dot = c".";
+    // SAFETY: mount/chdir/pivot_root/umount2 below take NUL-terminated
+    // strings that live across each call, and null for the unused
+    // filesystem type and data; they change only this process's (new)
+    // mount namespace.
+    unsafe {
+        // Nothing we do here may propagate back to the host's mounts.
+        if libc::mount(
+            std::ptr::null(),
+            slash.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(last_err("make the mounts private"));
+        }
+        // pivot_root needs the new root to be a mount point.
+        if libc::mount(
+            root.as_ptr(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(last_err("bind-mount the jail root"));
+        }
+        if libc::chdir(root.as_ptr()) != 0 {
+            return Err(last_err("enter the jail root"));
+        }
+        // pivot_root(".", "."): the old root is stacked on top of the new
+        // one and detached right after, so no directory for it is needed.
+        if libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) != 0 {
+            return Err(last_err("pivot_root into the jail"));
+        }
+        if libc::umount2(dot.as_ptr(), libc::MNT_DETACH) != 0 {
+            return Err(last_err("detach the old root"));
+        }
+        if libc::chdir(slash.as_ptr()) != 0 {
+            return Err(last_err("enter the new root"));
+        }
+        let flags = libc::MS_BIND
+            | libc::MS_REMOUNT
+            | libc::MS_RDONLY
+            | libc::MS_NOSUID
+            | libc::MS_NODEV
+            | libc::MS_NOEXEC;
+        if libc::mount(
+            std::ptr::null(),
+            slash.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(last_err("make the jail root read-only"));
+        }
+    }
+    Ok(())
+}
+
+fn drop_privileges(spec: &JailSpec, report: &mut JailReport) {
+    // SAFETY: geteuid has no arguments.
+    let root = unsafe { libc::geteuid() } == 0;
+    // SAFETY: getppid has no arguments.
+    let parent = unsafe { libc::getppid() };
+    if root {
+        // Needs CAP_SETPCAP, so before the uid changes.
+        if let Err(e) = caps::clear(None, caps::CapSet::Bounding) {
+            report.missing.push(format!("capability bounding set: {e}"));
+        }
+        // SAFETY: setgroups with a zero-length list reads no memory;
+        // setresgid/setresuid take integers. The process is single-threaded.
+        // uid/gid 0 would keep root, and u32::MAX (-1) means "unchanged" to
+        // setresuid: refuse both, and check what the kernel now says.
+        let valid = |id: u32| id != 0 && id != u32::MAX;
+        let ok = valid(spec.uid)
+            && valid(spec.gid)
+            // SAFETY: setgroups with a zero-length list reads no memory; the
+            // others take or return integers. The process is single-threaded.
+            && unsafe {
+                libc::setgroups(0, std::ptr::null()) == 0
+                    && libc::setresgid(spec.gid, spec.gid, spec.gid) == 0
+                    && libc::setresuid(spec.uid, spec.uid, spec.uid) == 0
+                    && libc::getuid() == spec.uid
+                    && libc::geteuid() == spec.uid
+                    && libc::getgid() == spec.gid
+            };
+        if ok {
+            report.uid = Some(spec.uid);
+            report.gid = Some(spec.gid);
+        } else {
+            report.missing.push(format!(
+                "unprivileged uid {}: {}",
+                spec.uid,
+                std::io::Error::last_os_error()
+            ));
+        }
+        // A credential change clears the parent-death signal: set it again,
+        // and do not outlive a parent that died in between.
+        // SAFETY: prctl and getppid take integers only.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+        }
+    } else {
+        report
+            .missing
+            .push("unprivileged uid: kiln does not run as root".to_string());
+    }
+    for set in [
+        caps::CapSet::Inheritable,
+        caps::CapSet::Ambient,
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+    ] {
+        let _ = caps::clear(None, set);
+    }
+    let empty = [
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+        caps::CapSet::Inheritable,
+        caps::CapSet::Bounding,
+    ]
+    .iter()
+    .all(|&s| caps::read(None, s).is_ok_and(|c| c.is_empty()));
+    if empty {
+        report.capabilities_dropped = true;
+    } else {
+        report.missing.push("capabilities: some remain".to_string());
+    }
+}
+
+/// One part of the jail and whether this host enforces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enforced {
+    pub part: &'static str,
+    /// `Ok(how)` or `Err(why not)`.
+    pub status: Result<String, String>,
+}
+
+/// What of the jail this host enforces, for `kiln doctor`: root (for the
+/// namespaces, `pivot_root` and the uid change), seccomp, the cgroup
+/// hierarchy (a probe group is created and removed) and the `kiln-vmm`
+/// executable. Nothing is changed on the host.
+pub fn probe(vmm_program: Option<&std::path::Path>) -> Vec<Enforced> {
+    // SAFETY: geteuid has no arguments.
+    let root = unsafe { libc::geteuid() } == 0;
+    let priv_part = |ok: &str| {
+        if root {
+            Ok(ok.to_string())
+        } else {
+            Err("kiln does not run as root".to_string())
+        }
+    };
+    let seccomp = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .is_some_and(|s| s.lines().any(|l| l.starts_with("Seccomp:")));
+    let cgroup = cgroup::detect().map_err(|e| e.to_string()).and_then(|h| {
+        let limits = cgroup::Limits::default();
+        cgroup::Cgroup::create(&h, &limits, 64, 1)
+            .map(|mut c| {
+                c.remove();
+                format!("{}: memory, pids and cpu limits", h.describe())
+            })
+            .map_err(|e| e.to_string())
+    });
+    vec![
+        Enforced {
+            part: "vmm process",
+            status: crate::process::locate_vmm(vmm_program)
+                .map(|p| format!("one per VM: {}", p.display()))
+                .map_err(|e| e.to_string()),
+        },
+        Enforced {
+            part: "namespaces",
+            status: priv_part("mount, IPC, UTS and an empty network namespace (not PID yet)"),
+        },
+        Enforced {
+            part: "pivot_root",
+            status: priv_part("into an empty, read-only per-VM directory"),
+        },
+        Enforced {
+            part: "uid",
+            status: priv_part(&format!(
+                "one unprivileged uid/gid per VM from {UID_BASE}, no capabilities"
+            )),
+        },
+        Enforced {
+            part: "no_new_privs",
+            status: Ok("always".into()),
+        },
+        Enforced {
+            part: "seccomp",
+            status: if seccomp {
+                Ok("an allow-list per thread (vCPU, event loop, main)".into())
+            } else {
+                Err("the kernel has no seccomp".into())
+            },
+        },
+        Enforced {
+            part: "cgroup",
+            status: cgroup,
+        },
+    ]
+}

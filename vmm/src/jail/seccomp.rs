@@ -1,0 +1,300 @@
+//! The seccomp filters of a VMM process, one allow-list per thread kind,
+//! built with `seccompiler` and installed by each thread for itself once
+//! set-up is done and before the guest runs: vCPU threads before their first
+//! `KVM_RUN`, the device event loop before its first `epoll_wait`, the main
+//! thread after the runtime that reports to kiln is built.
+//!
+//! A syscall off the list raises SIGSYS (`SECCOMP_RET_TRAP`); the handler
+//! writes the syscall number to kiln as the last frame on the control
+//! socket ([`crate::process::proto::FromVmm::Violation`]) and exits the whole
+//! process with [`VIOLATION_EXIT`]. kiln reports the VM failed, naming the
+//! syscall. The handler can only be replaced through `rt_sigaction`, which
+//! no list allows.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// The exit status of a VMM process its filter stopped.
+pub const VIOLATION_EXIT: i32 = 128 + libc::SIGSYS;
+
+/// Which allow-list a thread gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Vcpu,
+    EventLoop,
+    Main,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("building the filter failed: {0}")]
+    Build(String),
+    #[error("installing the filter failed: {0}")]
+    Apply(String),
+}
+
+/// Syscalls every thread makes: locks, memory, signals, time, logging to
+/// stderr, exiting.
+const COMMON: &[i64] = &[
+    libc::SYS_futex,
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_close,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_mprotect,
+    libc::SYS_brk,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_tgkill,
+    libc::SYS_restart_syscall,
+    libc::SYS_rseq,
+    // The thread that sees the VM end (a vCPU on the guest's reset) shuts
+    // the console socket down.
+    libc::SYS_shutdown,
+];
+
+/// vCPU threads: `KVM_RUN` (and nothing else through ioctl), eventfd
+/// writes (irqfds), the serial tail.
+const VCPU: &[i64] = &[];
+
+/// Threads that wait in epoll and move bytes through sockets (the event
+/// loop: the console; the main thread: the control socket).
+const SOCKETS: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_readv,
+];
+
+/// The device event loop, besides [`SOCKETS`]: disk I/O, the rng.
+const EVENT_LOOP: &[i64] = &[
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_lseek,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_getrandom,
+];
+
+/// The main thread, besides [`SOCKETS`]: the residency count at the end
+/// (stopping and joining the other threads needs only [`COMMON`]).
+const MAIN: &[i64] = &[libc::SYS_mincore];
+
+/// `KVM_RUN`: `_IO(KVMIO, 0x80)`.
+const KVM_RUN: u64 = 0xae80;
+
+/// The three compiled filters.
+pub struct Filters {
+    vcpu: BpfProgram,
+    event_loop: BpfProgram,
+    main: BpfProgram,
+}
+
+fn compile(lists: &[&[i64]], kind: Kind) -> Result<BpfProgram, SeccompError> {
+    let b = |e: seccompiler::BackendError| SeccompError::Build(e.to_string());
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for &nr in COMMON.iter().chain(lists.iter().copied().flatten()) {
+        rules.insert(nr, Vec::new());
+    }
+    // Rust's standard library checks a descriptor is open before it closes
+    // it (`fcntl(fd, F_GETFD)`); nothing else of fcntl is needed.
+    let getfd = SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::F_GETFD as u64,
+    )
+    .map_err(b)?;
+    rules.insert(
+        libc::SYS_fcntl,
+        vec![SeccompRule::new(vec![getfd]).map_err(b)?],
+    );
+    if kind == Kind::Vcpu {
+        let run = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, KVM_RUN)
+            .map_err(b)?;
+        rules.insert(
+            libc::SYS_ioctl,
+            vec![SeccompRule::new(vec![run]).map_err(b)?],
+        );
+    }
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(b)?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| SeccompError::Build(e.to_string()))
+}
+
+impl Filters {
+    pub fn build() -> Result<Filters, SeccompError> {
+        Ok(Filters {
+            vcpu: compile(&[VCPU], Kind::Vcpu)?,
+            event_loop: compile(&[SOCKETS, EVENT_LOOP], Kind::EventLoop)?,
+            main: compile(&[SOCKETS, MAIN], Kind::Main)?,
+        })
+    }
+
+    /// Install `kind`'s filter on the calling thread (it needs
+    /// `no_new_privs`, which the jail sets, or CAP_SYS_ADMIN).
+    pub fn apply(&self, kind: Kind) -> Result<(), SeccompError> {
+        let prog = match kind {
+            Kind::Vcpu => &self.vcpu,
+            Kind::EventLoop => &self.event_loop,
+            Kind::Main => &self.main,
+        };
+        seccompiler::apply_filter(prog).map_err(|e| SeccompError::Apply(e.to_string()))
+    }
+}
+
+/// Where the SIGSYS handler reports (the control socket).
+static REPORT_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// Offset of `si_syscall` in x86_64's `siginfo_t` (after si_signo, si_errno,
+/// si_code, padding and `_call_addr`).
+const SI_SYSCALL_OFFSET: usize = 24;
+
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t for SIGSYS with
+    // SA_SIGINFO; si_syscall is an int at this offset on x86_64.
+    let nr = unsafe {
+        info.cast::<u8>()
+            .add(SI_SYSCALL_OFFSET)
+            .cast::<i32>()
+            .read_unaligned()
+    };
+    // A frame by hand: no allocation, no locks (async-signal-safe).
+    let mut body = [0u8; 32];
+    let prefix = b"{\"Violation\":";
+    body[..prefix.len()].copy_from_slice(prefix);
+    let mut len = prefix.len();
+    let mut digits = [0u8; 12];
+    let mut n = i64::from(nr).unsigned_abs();
+    let mut d = 0;
+    loop {
+        digits[d] = b'0' + (n % 10) as u8;
+        d += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if nr < 0 {
+        body[len] = b'-';
+        len += 1;
+    }
+    for i in (0..d).rev() {
+        body[len] = digits[i];
+        len += 1;
+    }
+    body[len] = b'}';
+    len += 1;
+    let mut frame = [0u8; 36];
+    frame[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    frame[4..4 + len].copy_from_slice(&body[..len]);
+    let fd = REPORT_FD.load(Ordering::Relaxed);
+    // SAFETY: write(2) and _exit(2) are async-signal-safe and allowed by
+    // every filter; `frame` is valid for `4 + len` bytes.
+    unsafe {
+        if fd >= 0 {
+            libc::write(fd, frame.as_ptr().cast(), 4 + len);
+        }
+        libc::_exit(VIOLATION_EXIT);
+    }
+}
+
+/// Install the SIGSYS handler that reports a violation on `fd`.
+pub fn install_sigsys_reporter(fd: i32) -> Result<(), SeccompError> {
+    REPORT_FD.store(fd, Ordering::Relaxed);
+    vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys)
+        .map_err(|e| SeccompError::Apply(format!("SIGSYS handler: {e}")))
+}
+
+/// Test hook: a syscall no filter allows (`ptrace(PTRACE_TRACEME)`).
+pub fn make_forbidden_syscall() {
+    // SAFETY: PTRACE_TRACEME takes no pointers; under the filter it never
+    // runs (SIGSYS); without one it merely marks us traceable by kiln.
+    unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) };
+}
+
+/// `name (number)` for the syscalls a VMM is likely to be caught making,
+/// else the number alone.
+pub fn syscall_name(nr: i64) -> String {
+    let known: &[(i64, &str)] = &[
+        (libc::SYS_ptrace, "ptrace"),
+        (libc::SYS_open, "open"),
+        (libc::SYS_openat, "openat"),
+        (libc::SYS_execve, "execve"),
+        (libc::SYS_execveat, "execveat"),
+        (libc::SYS_socket, "socket"),
+        (libc::SYS_connect, "connect"),
+        (libc::SYS_clone, "clone"),
+        (libc::SYS_clone3, "clone3"),
+        (libc::SYS_fork, "fork"),
+        (libc::SYS_vfork, "vfork"),
+        (libc::SYS_ioctl, "ioctl"),
+        (libc::SYS_mount, "mount"),
+        (libc::SYS_kill, "kill"),
+        (libc::SYS_rt_sigaction, "rt_sigaction"),
+        (libc::SYS_prctl, "prctl"),
+        (libc::SYS_bpf, "bpf"),
+        (libc::SYS_unshare, "unshare"),
+        (libc::SYS_setns, "setns"),
+        (libc::SYS_statx, "statx"),
+        (libc::SYS_newfstatat, "newfstatat"),
+        (libc::SYS_fstat, "fstat"),
+        (libc::SYS_readlink, "readlink"),
+        (libc::SYS_getrandom, "getrandom"),
+        (libc::SYS_eventfd2, "eventfd2"),
+        (libc::SYS_epoll_create1, "epoll_create1"),
+        (libc::SYS_fcntl, "fcntl"),
+        (libc::SYS_sched_getaffinity, "sched_getaffinity"),
+        (libc::SYS_poll, "poll"),
+        (libc::SYS_shutdown, "shutdown"),
+        (libc::SYS_ppoll, "ppoll"),
+    ];
+    match known.iter().find(|(n, _)| *n == nr) {
+        Some((_, name)) => format!("{name} ({nr})"),
+        None => format!("number {nr} (x86_64)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_compile_and_name_syscalls() {
+        Filters::build().unwrap();
+        assert_eq!(syscall_name(libc::SYS_ptrace), "ptrace (101)");
+        assert!(syscall_name(9999).contains("9999"));
+    }
+}

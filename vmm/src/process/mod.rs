@@ -1,0 +1,625 @@
+//! One VMM process per VM: the kvm backend as kiln sees it.
+//!
+//! kiln opens everything the VM needs (`/dev/kvm`, kernel, initramfs, disks)
+//! and starts the `kiln-vmm` executable with those descriptors at fixed
+//! numbers ([`fds`]), a control socket and the VMM's end of the console
+//! socket, an empty environment, and `PR_SET_PDEATHSIG` (a kiln killed with
+//! `kill -9` takes its VMs with it). The VMM process jails itself
+//! ([`crate::jail`]), builds the VM ([`crate::kvm::KvmMachine`]) and then
+//! talks [`proto`] over the control socket: serial output, the first exit,
+//! how the VM ended and its exit counters. kiln never maps guest memory.
+//!
+//! A VMM process that dies without saying how the VM ended is a
+//! [`ExitStatus::Failed`] naming why: the signal, a seccomp violation (with
+//! the syscall when the process reported it), or the memory cgroup's OOM
+//! killer.
+
+mod child;
+pub mod proto;
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::watch;
+
+pub use self::child::main as child_main;
+use self::proto::{FromVmm, StartVm, ToVmm, WireDisk, WireError, WireErrorKind};
+use crate::config::MachineConfig;
+use crate::error::MachineError;
+use crate::jail::cgroup::{self, Cgroup};
+use crate::jail::{IsolationMode, JailReport, JailSpec, UID_BASE, UID_RANGE};
+use crate::kvm::stats::ExitStats;
+use crate::machine::{ConsoleStream, ExitStatus};
+use crate::run_dir::RunDir;
+use crate::tail::{self, SharedTail};
+
+/// Descriptor numbers in the VMM process.
+pub mod fds {
+    /// The control socket ([`super::proto`]).
+    pub const CONTROL: i32 = 3;
+    /// The VMM's end of the console socket.
+    pub const CONSOLE: i32 = 4;
+    /// `/dev/kvm`.
+    pub const KVM: i32 = 5;
+    pub const KERNEL: i32 = 6;
+    pub const INITRAMFS: i32 = 7;
+    /// Disk `i` is `FIRST_DISK + i`. Network hook: a TAP descriptor or a
+    /// passt socket goes after the last disk, named in [`super::proto::StartVm`]
+    /// and listed in the jail's `keep_fds`; the VMM's network namespace is
+    /// empty, so that descriptor is its only way out.
+    pub const FIRST_DISK: i32 = 8;
+}
+
+/// Where the high copies of handed-over descriptors go before they are
+/// moved to their fixed numbers in the child (above every fixed number, so
+/// no move overwrites a source not yet moved).
+const HIGH_FD: i32 = 1000;
+
+/// How long a VMM process that said how the VM ended may take to exit.
+const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `kiln-vmm` executable: `configured` (kiln's runner passes
+/// `$KILN_VMM` or `vmm` from kiln.toml), else next to the running executable or one directory up (test binaries live in
+/// `target/*/deps`), else `/usr/lib/kiln/kiln-vmm`.
+pub fn locate_vmm(configured: Option<&Path>) -> Result<PathBuf, MachineError> {
+    if let Some(p) = configured {
+        return Ok(p.to_path_buf());
+    }
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            candidates.push(dir.join("kiln-vmm"));
+            if let Some(up) = dir.parent() {
+                candidates.push(up.join("kiln-vmm"));
+            }
+        }
+    }
+    candidates.push("/usr/lib/kiln/kiln-vmm".into());
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or(MachineError::BackendUnavailable {
+            backend: "kvm",
+            why: "the kiln-vmm executable was not found next to kiln or in /usr/lib/kiln \
+                  (build it with `cargo build -p kiln-vmm --bin kiln-vmm`, or set KILN_VMM)"
+                .into(),
+        })
+}
+
+/// What the VMM process reported besides serial output.
+#[derive(Debug, Default)]
+struct Reported {
+    first_exit: Option<Duration>,
+    stats: ExitStats,
+    guest_resident: u64,
+    /// The syscall a seccomp filter refused, when the VMM process said.
+    violation: Option<i64>,
+}
+
+/// A VM run by a VMM process.
+pub struct VmmProcess {
+    child: tokio::process::Child,
+    pid: Option<u32>,
+    serial: SharedTail,
+    reported: Arc<Mutex<Reported>>,
+    /// Set by the reader when the conversation ends: how the VM ended if
+    /// the VMM process said so.
+    ended: watch::Receiver<Option<Option<ExitStatus>>>,
+    reader: tokio::task::JoinHandle<()>,
+    /// Kept open: the VMM process stops when it sees the end of it.
+    _control: OwnedWriteHalf,
+    exited: Option<ExitStatus>,
+    memory_bytes: u64,
+    jail: JailReport,
+    cgroup: Option<Cgroup>,
+    run_dir: RunDir,
+}
+
+fn open(what: &'static str, path: &Path, write: bool) -> Result<std::fs::File, MachineError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map_err(|source| MachineError::MissingFile {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> MachineError {
+    move |source| MachineError::Io { what, source }
+}
+
+/// A copy of `fd` at a number >= [`HIGH_FD`], close-on-exec.
+fn high_copy(fd: &impl AsRawFd) -> Result<OwnedFd, MachineError> {
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new one (or
+    // -1); ownership of the new one passes to the OwnedFd.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, HIGH_FD) };
+    if n < 0 {
+        return Err(MachineError::Io {
+            what: "VMM descriptors",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: `n` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+impl VmmProcess {
+    pub async fn start(config: MachineConfig) -> Result<(VmmProcess, ConsoleStream), MachineError> {
+        let iso = &config.isolation;
+        let program = locate_vmm(iso.vmm_program.as_deref())?;
+        let run_dir = RunDir::create(&config.run_dir)?;
+        let root = run_dir.path().join("root");
+        std::fs::create_dir(&root).map_err(io_err("jail root"))?;
+
+        let kvm = open("KVM device", Path::new("/dev/kvm"), true)?;
+        let kernel = open("kernel", &config.kernel, false)?;
+        let initramfs = open("initramfs", &config.initramfs, false)?;
+        let disks = config
+            .disks
+            .iter()
+            .map(|d| open("disk image", &d.path, !d.read_only))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (control, control_child) =
+            std::os::unix::net::UnixStream::pair().map_err(io_err("control socket"))?;
+        let (console_vmm, console_user) =
+            std::os::unix::net::UnixStream::pair().map_err(io_err("console socket"))?;
+
+        let mut handed: Vec<(OwnedFd, i32)> = vec![
+            (high_copy(&control_child)?, fds::CONTROL),
+            (high_copy(&console_vmm)?, fds::CONSOLE),
+            (high_copy(&kvm)?, fds::KVM),
+            (high_copy(&kernel)?, fds::KERNEL),
+            (high_copy(&initramfs)?, fds::INITRAMFS),
+        ];
+        for (i, d) in disks.iter().enumerate() {
+            handed.push((high_copy(d)?, fds::FIRST_DISK + i as i32));
+        }
+        // Only the child holds these now (through the high copies).
+        drop((control_child, console_vmm, kvm, kernel, initramfs, disks));
+
+        static NEXT_UID: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT_UID.fetch_add(1, Ordering::Relaxed) % UID_RANGE;
+        let uid = iso.uid.unwrap_or(UID_BASE + n);
+        let gid = iso.gid.unwrap_or(uid);
+
+        let mut missing = Vec::new();
+        let cgroup = if iso.mode == IsolationMode::Off {
+            None
+        } else {
+            match cgroup::detect()
+                .and_then(|h| Cgroup::create(&h, &iso.limits, config.memory_mib, config.vcpus))
+            {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    missing.push(format!("cgroup: {e}"));
+                    None
+                }
+            }
+        };
+        if iso.mode == IsolationMode::Strict && !missing.is_empty() {
+            return Err(MachineError::Jail(missing.join("; ")));
+        }
+
+        let mut cmd = tokio::process::Command::new(&program);
+        cmd.env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let moves: Vec<(i32, i32)> = handed.iter().map(|(f, n)| (f.as_raw_fd(), *n)).collect();
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls prctl(2) and dup2(2), which are async-signal-safe, on
+        // descriptors that `handed` keeps open until spawn returns; it
+        // allocates nothing. PR_SET_PDEATHSIG makes the kernel SIGKILL the
+        // VMM if kiln dies without cleaning up. dup2 clears close-on-exec on
+        // the fixed numbers; every other descriptor of kiln is close-on-exec.
+        unsafe {
+            cmd.as_std_mut().pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                for &(from, to) in &moves {
+                    if libc::dup2(from, to) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| MachineError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+        drop(handed);
+        let pid = child.id();
+
+        if let (Some(cg), Some(pid)) = (&cgroup, pid) {
+            if let Err(e) = cg.add(pid) {
+                missing.push(format!("cgroup: {e}"));
+                if iso.mode == IsolationMode::Strict {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    return Err(MachineError::Jail(missing.join("; ")));
+                }
+            }
+        }
+
+        control
+            .set_nonblocking(true)
+            .map_err(io_err("control socket"))?;
+        let control =
+            tokio::net::UnixStream::from_std(control).map_err(io_err("control socket"))?;
+        let (mut rd, mut wr) = control.into_split();
+        let start = StartVm {
+            version: proto::VERSION,
+            cmdline: config.cmdline.clone(),
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            console_port: config.console_port.clone(),
+            serial_log_limit: config.serial_log_limit,
+            disks: config
+                .disks
+                .iter()
+                .map(|d| WireDisk {
+                    read_only: d.read_only,
+                    serial: d.serial.clone(),
+                    ephemeral: d.ephemeral,
+                })
+                .collect(),
+            jail: JailSpec {
+                mode: iso.mode,
+                uid,
+                gid,
+                root,
+                keep_fds: (fds::CONTROL..fds::FIRST_DISK + config.disks.len() as i32).collect(),
+            },
+            test_forbidden_syscall: config.test_forbidden_syscall.clone(),
+        };
+
+        let answer = tokio::time::timeout(config.start_timeout, async {
+            proto::write_async(&mut wr, &ToVmm::Start(Box::new(start))).await?;
+            proto::read_async::<FromVmm>(&mut rd).await
+        })
+        .await;
+        let fail = |child: &mut tokio::process::Child| {
+            let _ = child.start_kill();
+        };
+        let mut jail = match answer {
+            Ok(Ok(FromVmm::Started { version, jail })) if version == proto::VERSION => jail,
+            Ok(Ok(FromVmm::StartFailed(e))) => {
+                fail(&mut child);
+                let _ = child.wait().await;
+                return Err(remote_error(e));
+            }
+            Ok(Ok(FromVmm::Violation(nr))) => {
+                fail(&mut child);
+                let _ = child.wait().await;
+                return Err(MachineError::EarlyExit(format!(
+                    "the VMM process was killed by its seccomp filter while starting the VM: \
+                     it made the forbidden system call {}",
+                    crate::jail::seccomp::syscall_name(nr)
+                )));
+            }
+            Ok(Ok(other)) => {
+                fail(&mut child);
+                let _ = child.wait().await;
+                return Err(MachineError::EarlyExit(format!(
+                    "the VMM process answered {other:?} instead of starting (version {} expected)",
+                    proto::VERSION
+                )));
+            }
+            Ok(Err(e)) => {
+                let status = tokio::time::timeout(REAP_TIMEOUT, child.wait()).await;
+                fail(&mut child);
+                let why = match status {
+                    Ok(Ok(s)) => describe_death(s, None, None),
+                    _ => format!("the VMM process broke the protocol: {e}"),
+                };
+                return Err(MachineError::EarlyExit(why));
+            }
+            Err(_) => {
+                fail(&mut child);
+                let _ = child.wait().await;
+                return Err(MachineError::StartTimeout(config.start_timeout));
+            }
+        };
+        jail.missing.extend(missing);
+        jail.cgroup = cgroup.as_ref().map(|c| c.path().display().to_string());
+        if !jail.missing.is_empty() {
+            tracing::warn!(
+                "the VMM process runs with part of its jail missing: {}",
+                jail.missing.join("; ")
+            );
+        }
+        tracing::debug!(pid, jail = %jail.summary(), "VMM process started");
+
+        let serial = tail::shared(config.serial_log_limit.max(4096));
+        let reported = Arc::new(Mutex::new(Reported::default()));
+        let (ended_tx, ended) = watch::channel(None);
+        let reader = tokio::spawn(read_reports(rd, serial.clone(), reported.clone(), ended_tx));
+
+        console_user
+            .set_nonblocking(true)
+            .map_err(io_err("console socket"))?;
+        let console = ConsoleStream::from_std(console_user).map_err(io_err("console socket"))?;
+        Ok((
+            VmmProcess {
+                child,
+                pid,
+                serial,
+                reported,
+                ended,
+                reader,
+                _control: wr,
+                exited: None,
+                memory_bytes: u64::from(config.memory_mib) << 20,
+                jail,
+                cgroup,
+                run_dir,
+            },
+            console,
+        ))
+    }
+
+    pub fn describe(&self) -> String {
+        "kvm".to_string()
+    }
+
+    /// The VMM process (`None` once it has been reaped).
+    pub fn pid(&self) -> Option<u32> {
+        self.exited.is_none().then_some(self.pid).flatten()
+    }
+
+    /// What of the jail was applied.
+    pub fn jail(&self) -> &JailReport {
+        &self.jail
+    }
+
+    /// The VMM process's cgroup, when it has one.
+    pub fn cgroup(&self) -> Option<&Cgroup> {
+        self.cgroup.as_ref()
+    }
+
+    pub fn serial_log(&self) -> Vec<u8> {
+        tail::contents(&self.serial)
+    }
+
+    pub fn serial_updates(&self) -> watch::Receiver<u64> {
+        tail::subscribe(&self.serial)
+    }
+
+    pub fn first_exit(&self) -> Option<Duration> {
+        self.reported.lock().ok()?.first_exit
+    }
+
+    /// The exit counters as last reported (at the end of the VM).
+    pub fn exit_stats(&self) -> ExitStats {
+        self.reported
+            .lock()
+            .map(|r| r.stats.clone())
+            .unwrap_or_default()
+    }
+
+    /// Guest RAM size, and how much of it was resident when the VM ended
+    /// (0 before).
+    pub fn guest_memory_resident(&self) -> (u64, u64) {
+        let resident = self.reported.lock().map(|r| r.guest_resident).unwrap_or(0);
+        (self.memory_bytes, resident)
+    }
+
+    pub async fn wait(&mut self) -> ExitStatus {
+        if let Some(s) = &self.exited {
+            return s.clone();
+        }
+        let reported = match self.ended.wait_for(|e| e.is_some()).await {
+            Ok(e) => e.clone().flatten(),
+            Err(_) => None,
+        };
+        let status = match reported {
+            Some(s) => {
+                if tokio::time::timeout(REAP_TIMEOUT, self.child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = self.child.start_kill();
+                    let _ = self.child.wait().await;
+                }
+                s
+            }
+            None => match self.child.wait().await {
+                Ok(s) => {
+                    let violation = self.reported.lock().ok().and_then(|r| r.violation);
+                    ExitStatus::Failed(describe_death(s, self.cgroup.as_ref(), violation))
+                }
+                Err(e) => {
+                    ExitStatus::Failed(format!("the VMM process could not be waited for: {e}"))
+                }
+            },
+        };
+        self.exited = Some(status.clone());
+        status
+    }
+
+    pub async fn destroy(mut self) -> Result<(), MachineError> {
+        if self.exited.is_none() {
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+            self.exited = Some(ExitStatus::Killed);
+        }
+        self.reader.abort();
+        if let Some(mut c) = self.cgroup.take() {
+            c.remove();
+        }
+        self.run_dir.remove()
+    }
+}
+
+impl Drop for VmmProcess {
+    /// Kills the VMM process and reaps it (briefly) so that its cgroup can
+    /// go; the per-VM directory goes with the `run_dir` field after.
+    fn drop(&mut self) {
+        self.reader.abort();
+        if self.exited.is_none() {
+            let _ = self.child.start_kill();
+            for _ in 0..1000 {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+/// Read the VMM process's reports until it ends the conversation.
+async fn read_reports(
+    mut rd: tokio::net::unix::OwnedReadHalf,
+    serial: SharedTail,
+    reported: Arc<Mutex<Reported>>,
+    ended: watch::Sender<Option<Option<ExitStatus>>>,
+) {
+    let outcome = loop {
+        match proto::read_async::<FromVmm>(&mut rd).await {
+            Ok(FromVmm::Serial(bytes)) => {
+                if let Ok(mut t) = serial.lock() {
+                    t.push(&bytes);
+                }
+            }
+            Ok(FromVmm::FirstExit(us)) => {
+                if let Ok(mut r) = reported.lock() {
+                    r.first_exit = Some(Duration::from_micros(us));
+                }
+            }
+            Ok(FromVmm::Exit {
+                status,
+                stats,
+                guest_resident,
+            }) => {
+                if let Ok(mut r) = reported.lock() {
+                    r.stats = stats;
+                    r.guest_resident = guest_resident;
+                }
+                break Some(ExitStatus::from(status));
+            }
+            Ok(FromVmm::Violation(nr)) => {
+                if let Ok(mut r) = reported.lock() {
+                    r.violation = Some(nr);
+                }
+            }
+            Ok(other) => {
+                tracing::warn!("VMM process: unexpected message {other:?}; ignored");
+            }
+            Err(proto::ProtoError::Closed) => break None,
+            Err(e) => {
+                tracing::warn!("VMM process: {e}; treating it as failed");
+                break None;
+            }
+        }
+    };
+    let _ = ended.send(Some(outcome));
+}
+
+/// Why a VMM process ended without saying how the VM ended.
+fn describe_death(
+    status: std::process::ExitStatus,
+    cgroup: Option<&Cgroup>,
+    violation: Option<i64>,
+) -> String {
+    if let Some(nr) = violation {
+        return format!(
+            "the VMM process was killed by its seccomp filter: it made the forbidden system \
+             call {} (a VMM bug or a guest escape attempt)",
+            crate::jail::seccomp::syscall_name(nr)
+        );
+    }
+    match status.signal() {
+        Some(libc::SIGSYS) => "the VMM process was killed by SIGSYS: it made a system call \
+                               its seccomp filter forbids"
+            .to_string(),
+        Some(libc::SIGKILL) if cgroup.and_then(Cgroup::oom_kills).unwrap_or(0) > 0 => {
+            "the VMM process was killed by its memory cgroup's OOM killer: it used more than \
+             guest memory plus its allowed overhead"
+                .to_string()
+        }
+        Some(sig) => format!("the VMM process was killed by signal {sig}"),
+        None => match status.code() {
+            // The SIGSYS handler's exit, its report lost.
+            Some(crate::jail::seccomp::VIOLATION_EXIT) => "the VMM process was killed by its \
+                seccomp filter: it made a forbidden system call"
+                .to_string(),
+            Some(code) => format!(
+                "the VMM process exited with status {code} without saying how the VM ended \
+                 (its stderr is in kiln's log)"
+            ),
+            None => "the VMM process ended for an unknown reason".to_string(),
+        },
+    }
+}
+
+/// A start-up error the VMM process reported, typed again.
+fn remote_error(e: WireError) -> MachineError {
+    let text = e.chain.join(": ");
+    match e.kind {
+        WireErrorKind::Config => MachineError::Config(text),
+        WireErrorKind::Boot => MachineError::Boot(crate::kvm::boot::BootError::InVmmProcess(text)),
+        WireErrorKind::Jail => MachineError::Jail(text),
+        WireErrorKind::Other => MachineError::EarlyExit(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vmm_process_that_died_is_described_by_what_killed_it() {
+        let signal = |sig: i32| std::process::ExitStatus::from_raw(sig);
+        let exited = |code: i32| std::process::ExitStatus::from_raw(code << 8);
+        let why = describe_death(signal(libc::SIGSYS), None, Some(libc::SYS_ptrace));
+        assert!(
+            why.contains("seccomp") && why.contains("ptrace (101)"),
+            "{why}"
+        );
+        let why = describe_death(signal(libc::SIGSYS), None, None);
+        assert!(why.contains("SIGSYS"), "{why}");
+        let why = describe_death(signal(libc::SIGKILL), None, None);
+        assert!(why.contains("signal 9"), "{why}");
+        let why = describe_death(exited(159), None, None);
+        assert!(why.contains("seccomp"), "{why}");
+        let why = describe_death(exited(101), None, None);
+        assert!(why.contains("status 101"), "{why}");
+    }
+
+    #[test]
+    fn remote_errors_keep_their_kind() {
+        let e = |kind| WireError {
+            kind,
+            chain: vec!["outer".into(), "cause".into()],
+        };
+        assert!(matches!(
+            remote_error(e(WireErrorKind::Config)),
+            MachineError::Config(_)
+        ));
+        assert!(matches!(
+            remote_error(e(WireErrorKind::Boot)),
+            MachineError::Boot(_)
+        ));
+        match remote_error(e(WireErrorKind::Jail)) {
+            MachineError::Jail(why) => assert_eq!(why, "outer: cause"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            remote_error(e(WireErrorKind::Other)),
+            MachineError::EarlyExit(_)
+        ));
+    }
+}
