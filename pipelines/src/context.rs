@@ -25,6 +25,24 @@ pub struct LocalContext {
     /// Where the checkout appears inside the guest (`CI_PROJECT_DIR`,
     /// `GITHUB_WORKSPACE`, each job's `working_dir`).
     pub guest_dir: String,
+    /// The tag the pipeline runs for (a tag pipeline: `CI_COMMIT_TAG`, no
+    /// `CI_COMMIT_BRANCH`); `None` for a branch pipeline.
+    pub tag: Option<String>,
+    /// URL of the `origin` remote: the project path, server and registry
+    /// (`CI_PROJECT_PATH`, `CI_SERVER_URL`, `CI_REGISTRY_IMAGE`, ...).
+    pub remote_url: Option<String>,
+    /// The remote's default branch (`CI_DEFAULT_BRANCH`).
+    pub default_branch: Option<String>,
+    /// The commit's full message, author (`Name <email>`) and ISO 8601
+    /// time (`CI_COMMIT_MESSAGE`/`_TITLE`/`_DESCRIPTION`, `_AUTHOR`,
+    /// `_TIMESTAMP`).
+    pub commit_message: Option<String>,
+    pub commit_author: Option<String>,
+    pub commit_timestamp: Option<String>,
+    /// Who runs the pipeline (`GITLAB_USER_LOGIN`, `_NAME`, `_EMAIL`).
+    pub user_login: Option<String>,
+    pub user_name: Option<String>,
+    pub user_email: Option<String>,
 }
 
 impl LocalContext {
@@ -39,6 +57,15 @@ impl LocalContext {
             commit_sha: String::new(),
             branch: None,
             extra_vars: Vec::new(),
+            tag: None,
+            remote_url: None,
+            default_branch: None,
+            commit_message: None,
+            commit_author: None,
+            commit_timestamp: None,
+            user_login: None,
+            user_name: None,
+            user_email: None,
         }
     }
 
@@ -57,10 +84,27 @@ pub struct Options {
     /// GitHub: fail on `uses:` steps kiln cannot run, instead of listing them
     /// in `Workflow::unsupported`.
     pub strict: bool,
+    /// GitHub: leave out `uses:` steps kiln cannot run (noted). Without it
+    /// such a step fails its job with a message that says so.
+    pub skip_unsupported_actions: bool,
+    /// The image of every job, whatever the file says (`--image`); GitHub
+    /// jobs whose `runs-on` has no mapping then run too.
+    pub image: Option<String>,
     /// GitHub `github.event_name` (default `push`).
     pub event_name: String,
+    /// GitLab `CI_PIPELINE_SOURCE` (default `push`): `merge_request_event`,
+    /// `schedule`, `web`, `api`, `trigger`, ...; decides `rules` and
+    /// `only`/`except` as on GitLab.
+    pub pipeline_source: String,
     /// Bounds on the file and on what it expands to.
     pub limits: Limits,
+    /// CI/CD inputs (`--input k=v`) as text, converted to each input's
+    /// declared type: GitLab `spec: inputs` of the main file, GitHub
+    /// `workflow_call`/`workflow_dispatch` inputs.
+    pub inputs: Vec<(String, String)>,
+    /// GitLab `include: project` paths mapped to local checkouts
+    /// (`--include-project group/proj=DIR`).
+    pub include_projects: Vec<(String, PathBuf)>,
 }
 
 impl Default for Options {
@@ -69,8 +113,13 @@ impl Default for Options {
             gitlab_default_image: "ruby:3.1".to_string(),
             runner_images: RunnerImages::default(),
             strict: false,
+            skip_unsupported_actions: false,
+            image: None,
             event_name: "push".to_string(),
+            pipeline_source: "push".to_string(),
             limits: Limits::default(),
+            inputs: Vec::new(),
+            include_projects: Vec::new(),
         }
     }
 }

@@ -56,9 +56,10 @@ pub enum Error {
         message: String,
     },
     /// An `include:` could not be read, or was refused (see `source`).
-    #[error("{}: cannot read included file `{}`", short_n(.file, FILE_CHARS), short_n(.include, FILE_CHARS))]
+    #[error("{}{}: cannot read included file `{}`", short_n(.file, FILE_CHARS), at(.location), short_n(.include, FILE_CHARS))]
     Include {
         file: String,
+        location: Option<Location>,
         include: String,
         #[source]
         source: std::io::Error,
@@ -94,7 +95,9 @@ impl Error {
     pub fn location(&self) -> Option<Location> {
         match self {
             Error::Syntax { location, .. } => Some(*location),
-            Error::Invalid { location, .. } | Error::Limit { location, .. } => *location,
+            Error::Invalid { location, .. }
+            | Error::Limit { location, .. }
+            | Error::Include { location, .. } => *location,
             _ => None,
         }
     }

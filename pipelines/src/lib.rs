@@ -50,7 +50,7 @@ pub fn detect(path: &Path, contents: &str) -> Format {
     }
     let limits = Limits::default();
     let budget = limits::Budget::new(limits.max_yaml_bytes);
-    match yaml::load("", contents, &limits, &budget) {
+    match yaml::load_lenient("", contents, &limits, &budget) {
         Ok(v) => format_from_keys(&v),
         Err(_) => Format::Unknown,
     }
@@ -136,6 +136,16 @@ pub struct Pipeline {
     pub jobs: Vec<JobSpec>,
     /// Ignored features, unsupported steps and excluded jobs, as text.
     pub notes: Vec<String>,
+    /// Jobs the file defines that this pipeline leaves out, with why.
+    pub excluded: Vec<Excluded>,
+}
+
+/// A job left out of the pipeline, and the clause that left it out
+/// (`rules: no rule matched`, `only: ["tags"]`, `if: ...`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Excluded {
+    pub name: String,
+    pub reason: String,
 }
 
 /// Parses `contents` in the format [`detect`] finds. `read` reads files
@@ -157,7 +167,7 @@ pub fn load(
         Some(f) => (f, None),
         None => {
             let budget = limits::Budget::new(opts.limits.max_yaml_bytes);
-            let top = yaml::load(&file, contents, &opts.limits, &budget).map_err(|e| {
+            let top = yaml::load_lenient(&file, contents, &opts.limits, &budget).map_err(|e| {
                 with_note(
                     e,
                     "kiln read it to tell a .gitlab-ci.yml from a GitHub workflow: \
@@ -185,11 +195,30 @@ pub fn load(
         Format::GitLab => {
             let p = gitlab::parse(&file, contents, ctx, opts, read).map_err(noted)?;
             let mut notes = p.warnings;
-            notes.extend(p.excluded.iter().map(|j| format!("{j}: excluded by rules")));
+            let excluded: Vec<Excluded> = p
+                .excluded
+                .iter()
+                .map(|j| Excluded {
+                    name: j.clone(),
+                    reason: p.why_excluded.get(j).cloned().unwrap_or_default(),
+                })
+                .collect();
+            notes.extend(
+                excluded
+                    .iter()
+                    .map(|e| format!("{}: excluded by {}", e.name, e.reason)),
+            );
+            let mut jobs = p.jobs;
+            if let Some(image) = &opts.image {
+                for j in &mut jobs {
+                    j.image = image.clone();
+                }
+            }
             Ok(Pipeline {
                 format: Format::GitLab,
-                jobs: p.jobs,
+                jobs,
                 notes,
+                excluded,
             })
         }
         Format::GitHub => {
@@ -197,10 +226,26 @@ pub fn load(
             let mut notes = w.warnings;
             notes.extend(w.unsupported.iter().map(|u| format!("unsupported: {u}")));
             notes.extend(w.skipped.iter().map(|j| format!("{j}: skipped by `if`")));
+            let mut excluded: Vec<Excluded> = w
+                .skipped
+                .iter()
+                .map(|j| Excluded {
+                    name: j.clone(),
+                    reason: "if: false".into(),
+                })
+                .collect();
+            for (name, reason) in &w.unmapped {
+                notes.push(format!("{name}: left out: {reason}"));
+                excluded.push(Excluded {
+                    name: name.clone(),
+                    reason: reason.clone(),
+                });
+            }
             Ok(Pipeline {
                 format: Format::GitHub,
                 jobs: w.jobs,
                 notes,
+                excluded,
             })
         }
         Format::Unknown => Err(Error::Invalid {
@@ -216,15 +261,60 @@ pub fn load(
     }
 }
 
-/// One line of `kiln list`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One line of `kiln list` (and one object of `--list --json`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct JobSummary {
     pub name: String,
     pub id: String,
     pub stage: Option<String>,
     pub image: String,
+    /// As GitLab writes it: `on_success`, `on_failure`, `always`, `manual`.
+    #[serde(serialize_with = "ser_when")]
     pub when: JobWhen,
+    /// `true`, `false` or `{"exit_codes": [..]}`, as in the YAML.
+    #[serde(serialize_with = "ser_allow_failure")]
+    pub allow_failure: AllowFailure,
     pub needs: Vec<String>,
+}
+
+/// `when` as GitLab writes it.
+pub fn when_name(w: JobWhen) -> &'static str {
+    match w {
+        JobWhen::OnSuccess => "on_success",
+        JobWhen::OnFailure => "on_failure",
+        JobWhen::Always => "always",
+        JobWhen::Manual => "manual",
+    }
+}
+
+fn ser_when<S: serde::Serializer>(w: &JobWhen, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(when_name(*w))
+}
+
+fn ser_allow_failure<S: serde::Serializer>(
+    a: &AllowFailure,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    use serde::Serialize;
+    match a {
+        AllowFailure::No => s.serialize_bool(false),
+        AllowFailure::Yes => s.serialize_bool(true),
+        AllowFailure::ExitCodes(c) => serde_json::json!({ "exit_codes": c }).serialize(s),
+    }
+}
+
+impl JobSummary {
+    pub fn of(j: &JobSpec) -> JobSummary {
+        JobSummary {
+            name: j.name.clone(),
+            id: j.id.clone(),
+            stage: j.stage.clone(),
+            image: j.image.clone(),
+            when: j.when,
+            allow_failure: j.allow_failure.clone(),
+            needs: j.needs.clone().unwrap_or_default(),
+        }
+    }
 }
 
 /// The jobs of a pipeline file, for listing.
@@ -236,15 +326,5 @@ pub fn list_jobs(
     read: &dyn Fn(&str) -> io::Result<String>,
 ) -> Result<Vec<JobSummary>> {
     let p = load(path, contents, ctx, opts, read)?;
-    Ok(p.jobs
-        .into_iter()
-        .map(|j| JobSummary {
-            name: j.name,
-            id: j.id,
-            stage: j.stage,
-            image: j.image,
-            when: j.when,
-            needs: j.needs.unwrap_or_default(),
-        })
-        .collect())
+    Ok(p.jobs.iter().map(JobSummary::of).collect())
 }

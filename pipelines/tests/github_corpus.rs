@@ -26,8 +26,26 @@ fn rust_matrix_names_env_and_unsupported() {
     assert_eq!(var(t, "RUST_BACKTRACE"), Some("1"));
     assert_eq!(var(t, "GITHUB_REF"), Some("refs/heads/main"));
     assert_eq!(var(t, "GITHUB_JOB"), Some("test"));
-    // checkout is dropped, the toolchain action is unsupported, `if` false drops doc.
-    assert_eq!(t.steps.len(), 1);
+    // checkout is dropped, the toolchain action becomes a step that fails
+    // the job and says why, `if` false drops doc.
+    assert_eq!(t.steps.len(), 2);
+    assert!(
+        t.steps[0]
+            .script
+            .contains("uses `dtolnay/rust-toolchain@master`")
+            && t.steps[0].script.contains("--skip-unsupported-actions")
+            && t.steps[0].script.ends_with("exit 1\n"),
+        "{}",
+        t.steps[0].script
+    );
+    assert_eq!(t.steps[0].when, StepWhen::OnSuccess);
+    let skip = Options {
+        skip_unsupported_actions: true,
+        ..Options::default()
+    };
+    let w2 = github_with("rust.yml", &ctx("github", Some("main")), &skip).unwrap();
+    assert_eq!(w2.jobs[0].steps.len(), 1, "skipped on request");
+    let t = &w2.jobs[0];
     assert_eq!(t.steps[0].name, "Test");
     assert!(!t.steps[0].allow_failure);
     assert_eq!(
@@ -40,10 +58,10 @@ fn rust_matrix_names_env_and_unsupported() {
             "{0}".into()
         ])
     );
-    let stable = w.job("test stable").unwrap();
+    let stable = w2.job("test stable").unwrap();
     assert_eq!(stable.steps.len(), 2);
     assert_eq!(stable.steps[1].name, "Run cargo doc --no-deps");
-    assert!(w.job("test nightly").unwrap().steps[0].allow_failure);
+    assert!(w2.job("test nightly").unwrap().steps[0].allow_failure);
     assert_eq!(w.unsupported.len(), 4);
     assert!(
         w.unsupported[0].contains("jobs.test.steps[1]"),
@@ -82,17 +100,34 @@ fn node_runs_on_matrix_and_container() {
     );
     assert_eq!(w.groups["build"].len(), 3);
     assert_eq!(w.jobs[3].image, "node:20-bookworm");
+    // Unmapped runs-on: listed with what to pass, not silently dropped.
     let windows: Vec<_> = w
-        .unsupported
+        .unmapped
         .iter()
-        .filter(|u| u.contains("windows-latest"))
+        .filter(|(_, why)| why.contains("pass -P windows-latest=IMAGE or --image IMAGE"))
+        .map(|(name, _)| name.as_str())
         .collect();
-    assert_eq!(windows.len(), 3);
+    assert_eq!(
+        windows,
+        [
+            "build (windows-latest, 18.x)",
+            "build (windows-latest, 20.x)",
+            "build (windows-latest, 22.x)"
+        ]
+    );
     assert!(w
         .unsupported
         .iter()
         .any(|u| u.contains("actions/setup-node@v4")));
-    assert_eq!(w.jobs[0].steps.len(), 3);
+    assert_eq!(w.jobs[0].steps.len(), 4, "setup-node fails the job");
+    // --image runs every job in one image.
+    let every = Options {
+        image: Some("debian:12".into()),
+        ..Options::default()
+    };
+    let w = github_with("node.yml", &ctx("github", None), &every).unwrap();
+    assert_eq!(w.jobs.len(), 7);
+    assert!(w.jobs.iter().all(|j| j.image == "debian:12"));
     // -P maps another label.
     let mut opts = Options::default();
     opts.runner_images.set("windows-latest", "my/windows-ish:1");

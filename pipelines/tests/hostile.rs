@@ -302,11 +302,15 @@ fn long_hostile_keys_are_quoted_short() {
     let Some(r) = measured("long_hostile_keys_are_quoted_short", || {
         // `\e` in a double-quoted scalar is ESC; explicit keys may be long.
         let k = format!("\"\\e[2J{}\"", "k".repeat(1 << 20));
-        load(".gitlab-ci.yml", &format!("? {k}\n: 1\n? {k}\n: 2\n"))
+        // GitHub refuses duplicate keys (GitLab lets the later one win).
+        load(
+            ".github/workflows/ci.yml",
+            &format!("? {k}\n: 1\n? {k}\n: 2\n"),
+        )
     }) else {
         return;
     };
-    let e = refused(r, 100, &[".gitlab-ci.yml:", "duplicate key", "…"]);
+    let e = refused(r, 100, &[".github/workflows/ci.yml:", "duplicate key", "…"]);
     assert!(e.contains("\\u{1b}"), "escape not escaped: {e}");
 }
 

@@ -133,6 +133,105 @@ fn bad_input_gets_clear_errors() {
     assert_no_leaks(&dir);
 }
 
+/// `--list` with `--source`, `--tag`, `--input`, `--all` and `--json`, on a
+/// git checkout whose remote decides the project variables.
+fn list_simulates_sources_refs_and_inputs() {
+    let dir = harness::run_dir("cli-list");
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let git = |args: &[&str]| {
+        let ok = std::process::Command::new("git")
+            .args(["-c", "user.name=T", "-c", "user.email=t@example.org"])
+            .args(args)
+            .current_dir(&repo)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(ok, "git {args:?}");
+    };
+    git(&["init", "-q", "-b", "main"]);
+    git(&["remote", "add", "origin", "git@gitlab.com:acme/shop.git"]);
+    std::fs::write(
+        repo.join(".gitlab-ci.yml"),
+        "spec:\n  inputs:\n    py:\n      default: '3.12'\n---\n\
+         variables: {A: 1}\nvariables: {IMG: $CI_REGISTRY_IMAGE}\n\
+         test:\n  image: python:$[[ inputs.py ]]\n  script: pytest\n  allow_failure: true\n\
+         deploy:\n  script: echo $IMG\n  only: [main@acme/shop]\n\
+         mr:\n  script: x\n  rules:\n    - if: $CI_MERGE_REQUEST_IID\n      when: manual\n",
+    )
+    .unwrap();
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "ci"]);
+    let list = |extra: &[&str]| {
+        let o = kiln_cmd(&dir)
+            .arg("run-job")
+            .arg(repo.join(".gitlab-ci.yml"))
+            .arg("--list")
+            .args(extra)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(
+            o.status.success(),
+            "{extra:?}: {out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out
+    };
+    let out = list(&["--all"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(
+        lines[0].starts_with("test ") && lines[0].contains("image=python:3.12"),
+        "{out}"
+    );
+    assert!(
+        lines[0].contains("when=on_success allow_failure=yes"),
+        "{out}"
+    );
+    assert!(lines[1].starts_with("deploy "), "{out}");
+    assert!(
+        lines[2].starts_with("mr ") && lines[2].contains("excluded: mr.rules: no rule matched"),
+        "{out}"
+    );
+
+    let out = list(&[
+        "--source",
+        "merge_request_event",
+        "--input",
+        "py=3.9",
+        "--all",
+    ]);
+    assert!(
+        out.starts_with("mr ") && out.contains("when=manual"),
+        "{out}"
+    );
+    assert!(
+        out.contains("test ") && out.contains("excluded: only: [branches, tags]"),
+        "{out}"
+    );
+
+    let out = list(&["--tag", "v1", "--json", "--all"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let jobs: Vec<&str> = v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(jobs, ["test"]);
+    assert_eq!(v["jobs"][0]["allow_failure"], true);
+    assert_eq!(v["jobs"][0]["when"], "on_success");
+    let excluded: Vec<&str> = v["excluded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(excluded, ["deploy", "mr"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn main() -> std::process::ExitCode {
     kiln_testkit::Suite::new()
         .test("help_lists_the_commands", &[], help_lists_the_commands)
@@ -150,6 +249,11 @@ fn main() -> std::process::ExitCode {
             "run_job_reports_a_killed_job_as_137_and_runs_scripts",
             &harness::vm(),
             run_job_reports_a_killed_job_as_137_and_runs_scripts,
+        )
+        .test(
+            "list_simulates_sources_refs_and_inputs",
+            &[kiln_testkit::tool("git", "git")],
+            list_simulates_sources_refs_and_inputs,
         )
         .test(
             "bad_input_gets_clear_errors",

@@ -16,19 +16,12 @@ impl JobBuilder<'_> {
     /// left for the executor).
     pub(super) fn base_contexts(&self) -> Contexts {
         let ctx = self.ctx;
-        let branch = ctx.branch.clone().unwrap_or_default();
+        let (full_ref, ref_name, ref_type) = git_ref(ctx);
         let mut github: BTreeMap<String, ExprValue> = [
             ("sha", ctx.commit_sha.clone()),
-            (
-                "ref",
-                if branch.is_empty() {
-                    String::new()
-                } else {
-                    format!("refs/heads/{branch}")
-                },
-            ),
-            ("ref_name", branch.clone()),
-            ("ref_type", "branch".to_string()),
+            ("ref", full_ref),
+            ("ref_name", ref_name),
+            ("ref_type", ref_type.to_string()),
             ("head_ref", String::new()),
             ("base_ref", String::new()),
             ("repository", ctx.project_name.clone()),
@@ -64,6 +57,7 @@ impl JobBuilder<'_> {
             ]),
         );
         cx.set("vars", ExprValue::object(ctx.extra_vars.iter().cloned()));
+        cx.set("inputs", self.inputs.clone());
         cx.set(
             "matrix",
             ExprValue::Object(
@@ -110,11 +104,64 @@ impl JobBuilder<'_> {
         ] {
             variables.set(k, v);
         }
-        if let Some(b) = &ctx.branch {
-            variables.set("GITHUB_REF", format!("refs/heads/{b}"));
-            variables.set("GITHUB_REF_NAME", b.clone());
-            variables.set("GITHUB_REF_TYPE", "branch".into());
+        let (full_ref, ref_name, ref_type) = git_ref(ctx);
+        if !ref_name.is_empty() {
+            variables.set("GITHUB_REF", full_ref);
+            variables.set("GITHUB_REF_NAME", ref_name);
+            variables.set("GITHUB_REF_TYPE", ref_type.into());
         }
         variables
     }
+}
+
+/// `github.ref`, `ref_name` and `ref_type`: the tag of a tag run, else the
+/// branch (all empty on a detached HEAD without a tag).
+fn git_ref(ctx: &crate::LocalContext) -> (String, String, &'static str) {
+    match (&ctx.tag, &ctx.branch) {
+        (Some(t), _) => (format!("refs/tags/{t}"), t.clone(), "tag"),
+        (None, Some(b)) => (format!("refs/heads/{b}"), b.clone(), "branch"),
+        (None, None) => (String::new(), String::new(), "branch"),
+    }
+}
+
+/// The `inputs` context: the defaults the workflow declares under
+/// `on.workflow_call.inputs` and `on.workflow_dispatch.inputs`, with the
+/// caller's `--input` values (as the declared `type`: boolean, number or
+/// string) over them.
+pub(super) fn inputs(root: &serde_yaml::Mapping, given: &[(String, String)]) -> ExprValue {
+    let mut out = BTreeMap::new();
+    let mut types = BTreeMap::new();
+    let on = root.get("on");
+    for trigger in ["workflow_dispatch", "workflow_call"] {
+        let Some(decl) = on
+            .and_then(|o| o.get(trigger))
+            .and_then(|t| t.get("inputs"))
+            .and_then(Value::as_mapping)
+        else {
+            continue;
+        };
+        for (k, d) in decl {
+            let Some(k) = k.as_str() else { continue };
+            let ty = d.get("type").and_then(Value::as_str).unwrap_or("string");
+            types.insert(k.to_string(), ty.to_string());
+            let v = match d.get("default") {
+                Some(v) => ExprValue::from_yaml(v),
+                None if ty == "boolean" => ExprValue::Bool(false),
+                None => ExprValue::String(String::new()),
+            };
+            out.insert(k.to_string(), v);
+        }
+    }
+    for (k, v) in given {
+        let typed = match types.get(k).map(String::as_str) {
+            Some("boolean") => v.parse().map(ExprValue::Bool).ok(),
+            Some("number") => v.parse().map(ExprValue::Number).ok(),
+            _ => None,
+        };
+        out.insert(
+            k.clone(),
+            typed.unwrap_or_else(|| ExprValue::String(v.clone())),
+        );
+    }
+    ExprValue::Object(out)
 }

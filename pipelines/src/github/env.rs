@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use serde_yaml::Value;
+use serde_yaml::{Mapping, Value};
 
 use super::job::JobBuilder;
 use super::{limit_err, Contexts, ExprValue};
@@ -42,12 +42,46 @@ pub(super) fn env_map(
                 Ok((k, val))
             })
             .collect(),
-        Some(Value::String(s)) if s.contains("${{") => Err(c.err(
-            path,
-            "`env` computed by an expression is not supported; list the variables",
-        )),
+        // Noted once by `computed_envs`; the variables stay unset.
+        Some(Value::String(s)) if s.contains("${{") => Ok(Vec::new()),
         Some(_) => Err(c.err(path, "`env` must be a mapping")),
     }
+}
+
+/// Notes for every `env:` computed by an expression (workflow, job,
+/// container and step `env`): kiln cannot know its keys before running,
+/// so those variables are left unset instead of failing the file.
+pub(super) fn computed_envs(root: &Mapping) -> Vec<String> {
+    let computed = |v: Option<&Value>| v.and_then(Value::as_str).is_some_and(|s| s.contains("${{"));
+    let mut out = Vec::new();
+    let mut note = |path: String| {
+        out.push(format!(
+            "{path}: `env` computed by an expression is left unset (list the variables to set them)"
+        ))
+    };
+    if computed(root.get("env")) {
+        note("env".into());
+    }
+    let Some(jobs) = root.get("jobs").and_then(Value::as_mapping) else {
+        return out;
+    };
+    for (id, job) in jobs {
+        let id = scalar(id).unwrap_or_default();
+        if computed(job.get("env")) {
+            note(format!("jobs.{id}.env"));
+        }
+        if computed(job.get("container").and_then(|c| c.get("env"))) {
+            note(format!("jobs.{id}.container.env"));
+        }
+        if let Some(steps) = job.get("steps").and_then(Value::as_sequence) {
+            for (i, st) in steps.iter().enumerate() {
+                if computed(st.get("env")) {
+                    note(format!("jobs.{id}.steps[{i}].env"));
+                }
+            }
+        }
+    }
+    out
 }
 
 impl JobBuilder<'_> {

@@ -33,6 +33,8 @@ pub(super) struct JobBuilder<'a> {
     pub(super) wf_env: &'a [(String, String)],
     pub(super) wf_defaults: &'a RunDefaults,
     pub(super) workflow_name: &'a str,
+    /// The `inputs` context (`workflow_call`/`workflow_dispatch`).
+    pub(super) inputs: &'a ExprValue,
     /// The output budget: per-step copies of the contexts are charged here.
     pub(super) out: &'a Budget,
 }

@@ -74,6 +74,9 @@ pub struct Workflow {
     pub warnings: Vec<String>,
     /// Jobs whose `if:` is false when the file is parsed.
     pub skipped: Vec<String>,
+    /// Jobs left out because no image is known for their `runs-on`, with
+    /// what to pass (`-P label=IMAGE`).
+    pub unmapped: Vec<(String, String)>,
     /// Job id to the names of its matrix instances.
     pub groups: BTreeMap<String, Vec<String>>,
 }
@@ -120,14 +123,17 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
         unsupported: Vec::new(),
         warnings: Vec::new(),
         skipped: Vec::new(),
+        unmapped: Vec::new(),
         groups: BTreeMap::new(),
     };
+    w.warnings.extend(env::computed_envs(root));
     let Some(jobs) = root.get("jobs").and_then(Value::as_mapping) else {
         return Err(c.err(&[key("jobs")], "`jobs` is missing or not a mapping"));
     };
     let wf_env = env_map(root.get("env"), &[key("env")], &c, limits)?;
     let wf_defaults = run_defaults(root.get("defaults"), &[key("defaults")], &c)?;
     let workflow_name = w.name.clone().unwrap_or_else(|| file.to_string());
+    let inputs = contexts::inputs(root, &opts.inputs);
     let mut needs_raw: Vec<(usize, String, Vec<String>)> = Vec::new();
     let ids: BTreeSet<String> = jobs.keys().filter_map(scalar).collect();
     let mut instances = 0usize;
@@ -204,6 +210,7 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
                 wf_env: &wf_env,
                 wf_defaults: &wf_defaults,
                 workflow_name: &workflow_name,
+                inputs: &inputs,
                 out: &out,
             }
             .build(&mut w)?;

@@ -106,7 +106,21 @@ impl JobBuilder<'_> {
                 }
                 w.unsupported
                     .push(format!("{} in {job_name}: uses `{u}`", describe()));
-                return Ok(None);
+                if self.opts.skip_unsupported_actions {
+                    return Ok(None);
+                }
+                let mut step = unsupported_action(&describe(), u, label);
+                if let Some(cond) = m.get("if").and_then(scalar) {
+                    let whens = [StepWhen::OnSuccess, StepWhen::OnFailure, StepWhen::Always];
+                    match self.decide_if(cond, job_cx, &join(sp, &[key("if")]), whens)? {
+                        None => return Ok(None),
+                        Some((when, condition)) => {
+                            step.when = when;
+                            step.condition = condition;
+                        }
+                    }
+                }
+                return Ok(Some(step));
             }
             (Some(_), None) => {}
         }
@@ -208,6 +222,22 @@ impl JobBuilder<'_> {
             runtime_expressions: runtime,
         }))
     }
+}
+
+/// A step that stands for a `uses:` step kiln cannot run: it fails the job
+/// with a message that says so, instead of the job passing without it.
+fn unsupported_action(what: &str, uses: &str, label: Option<String>) -> Step {
+    let message = format!(
+        "kiln: {what} uses `{uses}`, an action kiln cannot run; replace it with `run:` \
+         steps, or pass --skip-unsupported-actions to leave it out"
+    );
+    let quoted = format!("'{}'", message.replace('\'', r"'\''"));
+    let mut step = Step::script(
+        label.unwrap_or_else(|| format!("Run {uses}")),
+        format!("printf '%s\\n' {quoted} >&2\nexit 1\n"),
+    );
+    step.shell = Shell::Sh;
+    step
 }
 
 /// The shell a step's `shell:` names (GitHub's default without one);

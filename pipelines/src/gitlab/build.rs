@@ -28,19 +28,29 @@ impl Parser<'_> {
         };
         if let Some(rules) = top.get("workflow").and_then(|w| w.get("rules")) {
             match self.workflow_rules(rules, &global_vars)? {
-                Outcome::Excluded => {
-                    let names = top
+                Outcome::Excluded(why) => {
+                    let names: Vec<String> = top
                         .keys()
                         .filter_map(Value::as_str)
                         .filter(|k| is_job(k))
                         .map(String::from)
                         .collect();
-                    self.warnings
-                        .push("`workflow: rules` exclude this pipeline".into());
+                    let why_excluded = names
+                        .iter()
+                        .map(|n| (n.clone(), format!("workflow: {why}")))
+                        .collect();
+                    self.warnings.push(format!(
+                        "`workflow: rules` exclude this pipeline ({why}; source {}, ref {})",
+                        self.opts.pipeline_source,
+                        super::predefined::Pipeline::of(self.ctx, self.opts)
+                            .ref_name()
+                            .unwrap_or("(none)")
+                    ));
                     return Ok(GitlabPipeline {
                         stages,
                         jobs: Vec::new(),
                         excluded: names,
+                        why_excluded,
                         warnings: printable(self.warnings),
                         parallel_groups: BTreeMap::new(),
                     });
@@ -78,6 +88,8 @@ impl Parser<'_> {
                 self.warnings
                     .push(format!("{name}: trigger jobs are not run locally"));
                 excluded.push(name.clone());
+                self.why_excluded
+                    .insert(name.clone(), "trigger: (not run locally)".into());
                 continue;
             }
             let instances = self.expand_parallel(name, &job)?;
@@ -117,6 +129,7 @@ impl Parser<'_> {
             stages,
             jobs,
             excluded,
+            why_excluded: self.why_excluded,
             warnings: printable(self.warnings),
             parallel_groups: groups,
         })

@@ -1,7 +1,10 @@
 //! `include:`: reads the main file and every `include: local` file it
-//! names (nested, with `rules`), and merges them into one top-level
-//! mapping, later definitions winning. Remote, project, template and
-//! component includes cannot be resolved locally and are errors. Depth,
+//! names (nested, with `rules` and `inputs`), and merges them into one
+//! top-level mapping, later definitions winning. `include: project` is read
+//! from a local checkout when the caller maps the project to a directory
+//! (`Options::include_projects`). Remote, template, component and unmapped
+//! project includes cannot be read locally: each is skipped with a warning
+//! that says what to do, and the rest of the pipeline still loads. Depth,
 //! count and size are bounded by the [`Limits`](crate::Limits).
 
 use std::collections::BTreeMap;
@@ -9,15 +12,22 @@ use std::collections::BTreeMap;
 use serde_yaml::{Mapping, Value};
 
 use super::expr::eval_rule_if_with;
+use super::inputs::{self, Given};
 use super::Parser;
 use crate::error::{Error, Location, Result};
 use crate::limits::{bytes, short};
-use crate::yaml::{self, join, key, merge_into, Seg};
+use crate::yaml::{self, join, key, merge_into, scalar, Seg};
 
 impl Parser<'_> {
     /// Loads `file` (its `text` already read) and, depth first, its
     /// includes; records which source defined each top-level key.
-    pub(super) fn load(&mut self, file: &str, text: String, depth: usize) -> Result<Mapping> {
+    pub(super) fn load(
+        &mut self,
+        file: &str,
+        text: String,
+        depth: usize,
+        given: Given<'_>,
+    ) -> Result<Mapping> {
         // The text is kept (for error positions): it counts like the YAML.
         if !self.yaml_budget.charge(text.len()) {
             return Err(Error::Limit {
@@ -29,9 +39,30 @@ impl Parser<'_> {
                 ),
             });
         }
-        let value = yaml::load(file, &text, self.limits, &self.yaml_budget)?;
+        let docs = yaml::load_documents(
+            file,
+            &text,
+            self.limits,
+            &self.yaml_budget,
+            yaml::Dialect::Psych,
+        )?;
         let idx = self.sources.len();
         self.sources.push((file.to_string(), text));
+        let value = match docs.header {
+            None => docs.body,
+            Some(header) => {
+                let vars = self.base_vars();
+                let (file, text) = &self.sources[idx];
+                let env = inputs::Env {
+                    c: yaml::Ctx { file, text },
+                    limits: self.limits,
+                    budget: &self.yaml_budget,
+                    vars: &vars,
+                };
+                let values = inputs::values(&header, given, &env)?;
+                inputs::interpolate(docs.body, &values, &env)?
+            }
+        };
         let mut map = match value {
             Value::Mapping(m) => m,
             Value::Null => Mapping::new(),
@@ -63,7 +94,12 @@ impl Parser<'_> {
             };
             for (i, entry) in entries.iter().enumerate() {
                 let path = [key("include"), Seg::Index(i)];
-                let Some(local) = self.include_path(entry, &path, idx)? else {
+                let Some(Include {
+                    read,
+                    shown,
+                    inputs,
+                }) = self.include_path(entry, &path, idx)?
+                else {
                     continue;
                 };
                 self.includes += 1;
@@ -78,15 +114,20 @@ impl Parser<'_> {
                         ),
                     });
                 }
-                if !self.seen_includes.insert(local.clone()) {
+                if inputs.is_none() && !self.seen_includes.insert(shown.clone()) {
                     continue;
                 }
-                let content = (self.read)(&local).map_err(|source| Error::Include {
+                let content = match &read {
+                    From::Project(p) => (self.read)(p),
+                    From::Dir(dir, p) => crate::ProjectFiles::new(dir, self.limits).read(p),
+                };
+                let content = content.map_err(|source| Error::Include {
                     file: file.to_string(),
-                    include: local.clone(),
+                    location: yaml::locate(&self.sources[idx].1, &path),
+                    include: shown.clone(),
                     source,
                 })?;
-                let sub = self.load(&local, content, depth + 1)?;
+                let sub = self.load(&shown, content, depth + 1, Given::Include(inputs.as_ref()))?;
                 merge_into(&mut merged, Value::Mapping(sub));
             }
         }
@@ -102,18 +143,23 @@ impl Parser<'_> {
         }
     }
 
-    /// The local path of an `include:` entry, `None` when its `rules` skip it.
-    fn include_path(&self, entry: &Value, path: &[Seg], src: usize) -> Result<Option<String>> {
+    /// Where to read an `include:` entry from; `None` when its `rules`
+    /// skip it or it cannot be read locally (then with a warning).
+    fn include_path(&mut self, entry: &Value, path: &[Seg], src: usize) -> Result<Option<Include>> {
         let (file, text) = &self.sources[src];
         let c = yaml::Ctx { file, text };
-        let local = match entry {
-            Value::String(s) if s.contains("://") => {
-                return Err(c.err(
-                    path,
-                    format!("remote include `{}` cannot be resolved locally", short(s)),
-                ))
+        let mut inputs = None;
+        let (local, project_dir) = match entry {
+            Value::String(s) if s.starts_with("https://") || s.starts_with("http://") => {
+                let w = format!(
+                    "{file}: include `{}` skipped: remote files are not fetched; save it in the \
+                     project and include it as `local`",
+                    short(s)
+                );
+                self.warnings.push(w);
+                return Ok(None);
             }
-            Value::String(s) => s.clone(),
+            Value::String(s) => (s.clone(), None),
             Value::Mapping(m) => {
                 if let Some(rules) = m.get("rules") {
                     let vars = self.base_vars();
@@ -122,22 +168,78 @@ impl Parser<'_> {
                         return Ok(None);
                     }
                 }
-                match m.get("local").and_then(Value::as_str) {
-                    Some(s) => s.to_string(),
-                    None => {
-                        let kind = ["remote", "project", "template", "component"]
-                            .into_iter()
-                            .find(|k| m.contains_key(*k))
-                            .unwrap_or("this");
+                inputs = match m.get("inputs") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::Mapping(i)) => Some(i.clone()),
+                    Some(_) => {
+                        return Err(
+                            c.err(&join(path, &[key("inputs")]), "`inputs` must be a mapping")
+                        )
+                    }
+                };
+                if let Some(s) = m.get("local").and_then(Value::as_str) {
+                    (s.to_string(), None)
+                } else if let Some(project) = m.get("project").and_then(Value::as_str) {
+                    let files = match m.get("file") {
+                        Some(f) => yaml::strings(f),
+                        None => None,
+                    };
+                    let Some(files) = files else {
+                        return Err(
+                            c.err(path, "`include: project` needs `file` (a path or a list)")
+                        );
+                    };
+                    let Some(dir) = self
+                        .opts
+                        .include_projects
+                        .iter()
+                        .find(|(p, _)| p.trim_matches('/') == project.trim_matches('/'))
+                        .map(|(_, d)| d.clone())
+                    else {
+                        let w = format!(
+                            "{file}: include project `{}` skipped: pass --include-project {}=DIR \
+                             (a local checkout of it) to read it",
+                            short(project),
+                            short(project)
+                        );
+                        self.warnings.push(w);
+                        return Ok(None);
+                    };
+                    if files.len() != 1 {
+                        // Each file of a multi-file project include is its own entry.
                         return Err(c.err(
                             path,
-                            format!("`include: {kind}` is not supported locally; only `local`"),
+                            "`include: project` with several files: write one entry per file",
                         ));
                     }
+                    (files[0].clone(), Some(dir))
+                } else {
+                    let kind = ["remote", "template", "component"]
+                        .into_iter()
+                        .find(|k| m.contains_key(*k));
+                    let Some(kind) = kind else {
+                        return Err(c.err(
+                            path,
+                            "an include needs one of local, project, remote, template or component",
+                        ));
+                    };
+                    let what = m.get(kind).and_then(scalar).unwrap_or_default();
+                    let how = match kind {
+                        "remote" => "remote files are not fetched; save it in the project and include it as `local`",
+                        "template" => "GitLab's templates are not bundled with kiln; copy it into the project and include it as `local`",
+                        _ => "components are not fetched; include a local checkout's template as `local` or with --include-project",
+                    };
+                    self.warnings.push(format!(
+                        "{file}: include {kind} `{}` skipped: {how}",
+                        short(&what)
+                    ));
+                    return Ok(None);
                 }
             }
             _ => return Err(c.err(path, "an include must be a path or a mapping")),
         };
+        let (file, text) = &self.sources[src];
+        let c = yaml::Ctx { file, text };
         if local.contains('*') {
             return Err(c.err(
                 path,
@@ -151,7 +253,18 @@ impl Parser<'_> {
                 format!("include `{}` leaves the project (`..`)", short(&local)),
             ));
         }
-        Ok(Some(trimmed))
+        Ok(Some(match project_dir {
+            None => Include {
+                shown: trimmed.clone(),
+                read: From::Project(trimmed),
+                inputs,
+            },
+            Some(dir) => Include {
+                shown: format!("{}/{trimmed}", dir.display()),
+                read: From::Dir(dir, trimmed),
+                inputs,
+            },
+        }))
     }
 
     fn include_rules_match(
@@ -177,6 +290,22 @@ impl Parser<'_> {
         }
         Ok(false)
     }
+}
+
+/// Where an include is read from.
+enum From {
+    /// A path in this project (through the caller's `read`).
+    Project(String),
+    /// A path in another project's local checkout (`--include-project`).
+    Dir(std::path::PathBuf, String),
+}
+
+/// One include to read.
+struct Include {
+    read: From,
+    /// The name errors use.
+    shown: String,
+    inputs: Option<Mapping>,
 }
 
 #[cfg(test)]
@@ -219,22 +348,74 @@ mod tests {
     }
 
     #[test]
-    fn includes_that_cannot_be_read_locally_are_errors() {
+    fn includes_that_cannot_be_read_locally_are_skipped_with_a_warning() {
         for (entry, says) in [
-            ("https://example.com/ci.yml", "remote include"),
+            (
+                "https://example.com/ci.yml",
+                "include `https://example.com/ci.yml` skipped",
+            ),
             (
                 "{project: group/p, file: ci.yml}",
-                "`include: project` is not supported",
+                "include project `group/p` skipped: pass --include-project group/p=DIR",
             ),
+            (
+                "{remote: 'https://x/y.yml'}",
+                "include remote `https://x/y.yml` skipped",
+            ),
+            (
+                "{template: Auto-DevOps.gitlab-ci.yml}",
+                "include template `Auto-DevOps.gitlab-ci.yml` skipped",
+            ),
+            (
+                "{component: 'gitlab.com/a/b/c@1.0'}",
+                "include component `gitlab.com/a/b/c@1.0` skipped",
+            ),
+        ] {
+            let p = parse_files(&format!("include:\n  - {entry}\nj:\n  script: x\n"), &[])
+                .unwrap_or_else(|e| panic!("{entry}: {e}"));
+            assert_eq!(names(&p), ["j"], "{entry}");
+            assert!(
+                p.warnings.iter().any(|w| w.contains(says)),
+                "{entry}: {:?}",
+                p.warnings
+            );
+        }
+    }
+
+    #[test]
+    fn includes_that_cannot_be_read_are_errors_at_the_entry() {
+        for (entry, says) in [
             ("ci/*.yml", "wildcard include"),
             ("../outside.yml", "leaves the project"),
-            ("missing.yml", "cannot read included file `missing.yml`"),
+            (
+                "missing.yml",
+                ".gitlab-ci.yml:4:3: cannot read included file `missing.yml`",
+            ),
+            ("{file: x.yml}", "needs one of local, project"),
         ] {
-            let e = parse_files(&format!("include: {entry}\n"), &[])
+            let e = parse_files(&format!("j:\n  script: x\ninclude:\n  - {entry}\n"), &[])
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(says), "{entry}: {e}");
         }
+    }
+
+    #[test]
+    fn a_mapped_project_is_read_from_its_directory() {
+        let dir = std::env::temp_dir().join(format!("kiln-inc-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("templates")).unwrap();
+        std::fs::write(dir.join("templates/build.yml"), ".build:\n  script: make\n").unwrap();
+        let opts = Options {
+            include_projects: vec![("group/ci".into(), dir.clone())],
+            ..Options::default()
+        };
+        let main = "include:\n  - project: group/ci\n    ref: v1\n    file: /templates/build.yml\n\
+                    b:\n  extends: .build\n";
+        let p = parse_with(main, &ctx(), &opts, &[]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let p = p.unwrap();
+        assert_eq!(names(&p), ["b"]);
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
     }
 
     #[test]

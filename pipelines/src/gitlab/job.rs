@@ -19,7 +19,8 @@ use crate::yaml::{key, scalar, strings, Seg};
 
 impl Parser<'_> {
     /// The spec of instance `inst` of job `key_name` and its raw `needs`,
-    /// or `None` when its rules exclude it.
+    /// or `None` when its rules exclude it (the reason goes to
+    /// `why_excluded`).
     pub(super) fn job_spec(
         &mut self,
         key_name: &str,
@@ -53,14 +54,17 @@ impl Parser<'_> {
         let mut layers = self.job_layers(job, inst, &stage, global_vars, &at("variables"))?;
         let vars = self.resolve_job_vars(&layers, &at("variables"))?;
         let lookup: BTreeMap<String, String> = vars.iter().cloned().collect();
-        let Outcome::Included {
-            when,
-            allow_failure: rule_af,
-            vars: rule_vars,
-            needs: rule_needs,
-        } = self.job_outcome(job, &lookup, &jp)?
-        else {
-            return Ok(None);
+        let (when, rule_af, rule_vars, rule_needs) = match self.job_outcome(job, &lookup, &jp)? {
+            Outcome::Included {
+                when,
+                allow_failure,
+                vars,
+                needs,
+            } => (when, allow_failure, vars, needs),
+            Outcome::Excluded(why) => {
+                self.why_excluded.insert(inst.name.clone(), why);
+                return Ok(None);
+            }
         };
         let vars = if rule_vars.is_empty() {
             vars

@@ -35,9 +35,11 @@ mod build;
 mod expr;
 mod extends;
 mod include;
+mod inputs;
 mod job;
 mod needs;
 mod parallel;
+mod predefined;
 mod reference;
 mod rules;
 mod script;
@@ -94,6 +96,9 @@ pub struct GitlabPipeline {
     /// Jobs left out because `rules`, `only`/`except` or `when: never`
     /// excluded them, or `workflow: rules` excluded the pipeline.
     pub excluded: Vec<String>,
+    /// For each excluded job, the clause that excluded it
+    /// (`rules: no rule matched`, `only: ["main"]`, ...).
+    pub why_excluded: BTreeMap<String, String>,
     /// Things that were ignored (`services`, `changes:` rules, ...).
     pub warnings: Vec<String>,
     /// Job key before `parallel` expansion to the expanded job names.
@@ -124,6 +129,7 @@ pub fn parse_project(ctx: &LocalContext, opts: &Options) -> Result<GitlabPipelin
         .read(".gitlab-ci.yml")
         .map_err(|source| Error::Include {
             file: ctx.project_dir.display().to_string(),
+            location: None,
             include: ".gitlab-ci.yml".to_string(),
             source,
         })?;
@@ -152,10 +158,16 @@ pub fn parse(
         includes: 0,
         exists: HashMap::new(),
         warnings: Vec::new(),
+        why_excluded: BTreeMap::new(),
         yaml_budget: Budget::new(limits.max_yaml_bytes),
         out_budget: Budget::new(limits.max_output_bytes),
     };
-    let top = p.load(file, contents.to_string(), 0)?;
+    let top = p.load(
+        file,
+        contents.to_string(),
+        0,
+        inputs::Given::Cli(&opts.inputs),
+    )?;
     let top = p.resolve_references(top)?;
     p.build(top)
 }
@@ -175,6 +187,8 @@ struct Parser<'a> {
     /// `rules: exists` answers, by path: each file is looked at once.
     exists: HashMap<String, bool>,
     warnings: Vec<String>,
+    /// Excluded job to the clause that excluded it.
+    why_excluded: BTreeMap<String, String>,
     /// The YAML of every file, aliases expanded, and the texts kept for
     /// error positions.
     yaml_budget: Budget,

@@ -128,12 +128,56 @@ impl Refs<'_, '_> {
             Value::Mapping(m) => {
                 let mut out = Mapping::with_capacity(m.len());
                 for (k, x) in m {
-                    out.insert(k.clone(), self.resolve(x, depth + 1)?);
+                    let r = self.resolve(x, depth + 1)?;
+                    if let Some(name) = k.as_str().filter(|k| SCRIPT_KEYS.contains(k)) {
+                        self.check_script_reference(name, x, &r)?;
+                    }
+                    out.insert(k.clone(), r);
                 }
                 Value::Mapping(out)
             }
             other => other.clone(),
         })
+    }
+}
+
+/// Keys whose value is a list of commands.
+const SCRIPT_KEYS: [&str; 3] = ["before_script", "script", "after_script"];
+
+impl Refs<'_, '_> {
+    /// A `!reference` in a script key must name commands: a string or a
+    /// list. Naming a mapping (a whole job, `variables`) is the usual
+    /// mistake; say so instead of a shape error about the script.
+    fn check_script_reference(&self, key_name: &str, raw: &Value, resolved: &Value) -> Result<()> {
+        let pairs: Vec<(&Value, &Value)> = match (raw, resolved) {
+            (Value::Sequence(a), Value::Sequence(b)) if a.len() == b.len() => {
+                a.iter().zip(b.iter()).collect()
+            }
+            (a, b) => vec![(a, b)],
+        };
+        for (a, b) in pairs {
+            let Value::Tagged(t) = a else { continue };
+            if t.tag != "reference" || !b.is_mapping() {
+                continue;
+            }
+            let names: Vec<String> = t
+                .value
+                .as_sequence()
+                .map(|s| {
+                    s.iter()
+                        .filter_map(|x| x.as_str())
+                        .map(|x| short(x).into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            return Err(self.err(format!(
+                "`{key_name}: !reference [{}]` names a mapping, not commands; name a script \
+                 (e.g. [{}, {key_name}])",
+                short_n(&names.join(", "), 120),
+                names.first().map(String::as_str).unwrap_or(".job")
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -191,6 +235,11 @@ mod tests {
         assert!(e.contains(":1:1:"), "{e}");
         let e = parse_err("j:\n  script: !reference .nope\n");
         assert!(e.contains("takes a list of names"), "{e}");
+        let e = parse_err(".v:\n  variables: {A: 1}\nj:\n  script: !reference [.v, variables]\n");
+        assert!(
+            e.contains("`script: !reference [.v, variables]` names a mapping, not commands"),
+            "{e}"
+        );
     }
 
     #[test]

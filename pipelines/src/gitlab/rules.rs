@@ -1,9 +1,10 @@
 //! Whether a job (or the whole pipeline) runs, and how: `workflow: rules`,
 //! job `rules` (`if`, `changes`, `exists`, `when`, `allow_failure`,
-//! `variables`, `needs`), legacy `only`/`except`, and `when:`. A local run
-//! has no merge requests, tags or schedules: only the branch and the
-//! variables decide, `changes` counts as changed, and `exists` asks the
-//! project's files.
+//! `variables`, `needs`), legacy `only`/`except`, and `when:`. The kind of
+//! pipeline (branch, tag, merge request, schedule, ...) comes from the
+//! context and `Options::pipeline_source` ([`super::predefined::Pipeline`]);
+//! `changes` counts as changed, and `exists` asks the project's files. An
+//! excluded job keeps the clause that excluded it.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -11,15 +12,18 @@ use std::io;
 use serde_yaml::{Mapping, Value};
 
 use super::expr::eval_rule_if_with;
+use super::predefined::Pipeline;
 use super::variables::{expand_capped, VarKey};
 use super::Parser;
 use crate::error::Result;
+use crate::limits::short;
 use crate::spec::{AllowFailure, JobWhen};
 use crate::yaml::{self, join, key, strings, Seg};
 
 /// What the rules decided for a job or the pipeline.
 pub(super) enum Outcome {
-    Excluded,
+    /// With the clause that excluded it (`rules[2]: when: never`).
+    Excluded(String),
     Included {
         when: JobWhen,
         allow_failure: Option<AllowFailure>,
@@ -58,11 +62,11 @@ impl Parser<'_> {
         };
         Ok(if let Some(rules) = job.get("rules") {
             self.eval_rules(rules, vars, &join(jp, &[key("rules")]), job_when)?
-        } else if !self.only_except(job, vars, jp)? {
-            Outcome::Excluded
+        } else if let Some(why) = self.only_except(job, vars, jp)? {
+            Outcome::Excluded(why)
         } else {
             match job_when {
-                Some(None) => Outcome::Excluded,
+                Some(None) => Outcome::Excluded("when: never".into()),
                 w => Outcome::Included {
                     when: w.flatten().unwrap_or(JobWhen::OnSuccess),
                     allow_failure: None,
@@ -124,7 +128,13 @@ impl Parser<'_> {
         let Some(list) = rules.as_sequence() else {
             return Err(self.err(path, "`rules` must be a list"));
         };
-        for (i, rule) in list.iter().enumerate() {
+        // `- !reference [.x, rules]` puts a list in the list: GitLab
+        // flattens it (one level, as it does for scripts).
+        let flat = list.iter().enumerate().flat_map(|(i, r)| match r {
+            Value::Sequence(inner) => inner.iter().map(|x| (i, x)).collect::<Vec<_>>(),
+            other => vec![(i, other)],
+        });
+        for (i, rule) in flat {
             let rp = join(path, &[Seg::Index(i)]);
             let Some(rule) = rule.as_mapping() else {
                 return Err(self.err(&rp, "a rule must be a mapping"));
@@ -169,7 +179,10 @@ impl Parser<'_> {
                 None => job_when.unwrap_or(Some(JobWhen::OnSuccess)),
             };
             let Some(when) = when else {
-                return Ok(Outcome::Excluded);
+                return Ok(Outcome::Excluded(format!(
+                    "{}: when: never",
+                    yaml::path_string(&rp)
+                )));
             };
             let allow_failure = match rule.get("allow_failure") {
                 Some(v) => Some(self.allow_failure(v, &join(&rp, &[key("allow_failure")]))?),
@@ -190,7 +203,10 @@ impl Parser<'_> {
                 needs: rule.get("needs").cloned(),
             });
         }
-        Ok(Outcome::Excluded)
+        Ok(Outcome::Excluded(format!(
+            "{}: no rule matched",
+            yaml::path_string(path)
+        )))
     }
 
     /// `rules: exists` for one path, asked of each file once. A file that
@@ -214,14 +230,16 @@ impl Parser<'_> {
         e
     }
 
-    /// Legacy `only`/`except` on refs and variables, as far as a local
-    /// checkout can answer them (no tags, merge requests or schedules).
+    /// Legacy `only`/`except`: `None` when the job runs, else the clause
+    /// that excludes it. Without either, `only: [branches, tags]` applies
+    /// (GitLab's default), so merge request pipelines leave such jobs out.
     fn only_except(
         &self,
         job: &Mapping,
         vars: &BTreeMap<String, String>,
         path: &[Seg],
-    ) -> Result<bool> {
+    ) -> Result<Option<String>> {
+        let pipe = Pipeline::of(self.ctx, self.opts);
         let matches = |v: &Value, k: &str| -> Result<bool> {
             let p = join(path, &[key(k)]);
             let (refs, var_exprs) = match v {
@@ -229,33 +247,22 @@ impl Parser<'_> {
                     m.get("refs").and_then(strings),
                     m.get("variables").and_then(strings),
                 ),
-                other => (strings(other), None),
+                other => (
+                    Some(strings(other).ok_or_else(|| {
+                        self.err(&p, format!("`{k}` must be a list of refs or a mapping"))
+                    })?),
+                    None,
+                ),
             };
-            let mut hit = false;
+            let mut hit = true;
             if let Some(refs) = refs {
-                let branch = self.ctx.branch.as_deref();
+                hit = false;
                 for r in refs {
-                    hit |= match r.as_str() {
-                        "branches" | "pushes" => branch.is_some(),
-                        "tags"
-                        | "merge_requests"
-                        | "external_pull_requests"
-                        | "schedules"
-                        | "triggers"
-                        | "web"
-                        | "api"
-                        | "pipelines"
-                        | "chat" => false,
-                        pat if pat.len() > 1 && pat.starts_with('/') => {
-                            let expr = format!("$CI_COMMIT_REF_NAME =~ {pat}");
-                            eval_rule_if_with(&expr, vars, self.limits)
-                                .map_err(|e| self.err(&p, e.to_string()))?
-                        }
-                        name => branch == Some(name),
-                    };
+                    if self.ref_matches(&r, &pipe, vars, &p)? {
+                        hit = true;
+                        break;
+                    }
                 }
-            } else {
-                hit = true;
             }
             if let Some(exprs) = var_exprs {
                 let mut any = false;
@@ -267,17 +274,70 @@ impl Parser<'_> {
             }
             Ok(hit)
         };
-        if let Some(only) = job.get("only") {
-            if !matches(only, "only")? {
-                return Ok(false);
+        let shown = |v: &Value| {
+            let text = serde_json::to_string(v).unwrap_or_default();
+            short(&text).into_owned()
+        };
+        match job.get("only") {
+            Some(only) => {
+                if !matches(only, "only")? {
+                    return Ok(Some(format!("only: {}", shown(only))));
+                }
+            }
+            None => {
+                if !(pipe.is_branch() || pipe.is_tag()) {
+                    return Ok(Some(
+                        "only: [branches, tags] (the default without rules or only)".into(),
+                    ));
+                }
             }
         }
         if let Some(except) = job.get("except") {
             if matches(except, "except")? {
+                return Ok(Some(format!("except: {}", shown(except))));
+            }
+        }
+        Ok(None)
+    }
+
+    /// One `only`/`except` ref pattern, as GitLab's `Policy::Refs`:
+    /// `branches`, `tags`, a source name (`schedules`, `merge_requests`,
+    /// ...), a `/regex/` or a name, each optionally `@group/project`.
+    fn ref_matches(
+        &self,
+        pattern: &str,
+        pipe: &Pipeline,
+        vars: &BTreeMap<String, String>,
+        p: &[Seg],
+    ) -> Result<bool> {
+        let (pattern, project) = match pattern.split_once('@') {
+            Some((pat, proj)) => (pat, Some(proj)),
+            None => (pattern, None),
+        };
+        if let (Some(proj), Some(path)) = (project, vars.get("CI_PROJECT_PATH")) {
+            if proj != path {
                 return Ok(false);
             }
         }
-        Ok(true)
+        if (pattern == "tags" && pipe.is_tag()) || (pattern == "branches" && pipe.is_branch()) {
+            return Ok(true);
+        }
+        if pipe.source_names().iter().any(|n| n == pattern) {
+            return Ok(true);
+        }
+        if !(pipe.is_branch() || pipe.is_tag()) {
+            return Ok(false);
+        }
+        let Some(r) = pipe.ref_name() else {
+            return Ok(false);
+        };
+        if pattern.len() > 1 && pattern.starts_with('/') {
+            let mut v = BTreeMap::new();
+            v.insert("R".to_string(), r.to_string());
+            return eval_rule_if_with(&format!("$R =~ {pattern}"), &v, self.limits)
+                .map_err(|e| self.err(p, e.to_string()));
+        }
+        Ok(pattern == r)
     }
 }
 
@@ -372,8 +432,54 @@ mod tests {
         let mut c = ctx();
         c.branch = None;
         c.extra_vars.push(("FLAG".into(), "1".into()));
+        // A detached checkout: a branch pipeline of no known branch.
         let p = parse_with(text, &c, &Options::default(), &[]).unwrap();
-        assert_eq!(names(&p), ["not-main", "var"]);
+        assert_eq!(names(&p), ["not-main", "branches", "var"]);
+    }
+
+    #[test]
+    fn only_and_except_follow_the_pipeline_kind_and_project() {
+        let text = "default-only:\n  script: x\n\
+                    tags:\n  script: x\n  only: [tags]\n\
+                    release:\n  script: x\n  only: ['/^v\\d+/']\n\
+                    mr:\n  script: x\n  only: [merge_requests]\n\
+                    nightly:\n  script: x\n  only: [schedules]\n\
+                    not-nightly:\n  script: x\n  except: [schedules]\n\
+                    upstream:\n  script: x\n  only: ['main@group/proj', '/^v/@group/proj']\n";
+        let run = |tag: Option<&str>, source: &str, remote: &str| {
+            let mut c = ctx();
+            c.tag = tag.map(String::from);
+            c.remote_url = Some(remote.to_string());
+            let opts = Options {
+                pipeline_source: source.into(),
+                ..Options::default()
+            };
+            let p = parse_with(text, &c, &opts, &[]).unwrap();
+            (
+                names(&p).iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                p.why_excluded,
+            )
+        };
+        let up = "git@gitlab.com:group/proj.git";
+        let (jobs, why) = run(None, "push", up);
+        assert_eq!(jobs, ["default-only", "not-nightly", "upstream"]);
+        assert_eq!(why["tags"], "only: [\"tags\"]");
+        let (jobs, _) = run(None, "push", "git@gitlab.com:fork/proj.git");
+        assert_eq!(jobs, ["default-only", "not-nightly"]);
+        let (jobs, _) = run(Some("v1.0"), "push", up);
+        assert_eq!(
+            jobs,
+            ["default-only", "tags", "release", "not-nightly", "upstream"]
+        );
+        let (jobs, why) = run(None, "merge_request_event", up);
+        assert_eq!(jobs, ["mr"]);
+        assert!(
+            why["default-only"].starts_with("only: [branches, tags]"),
+            "{why:?}"
+        );
+        let (jobs, why) = run(None, "schedule", up);
+        assert_eq!(jobs, ["default-only", "nightly", "upstream"]);
+        assert_eq!(why["not-nightly"], "except: [\"schedules\"]");
     }
 
     #[test]
@@ -384,7 +490,17 @@ mod tests {
         );
         assert!(p.jobs.is_empty());
         assert_eq!(p.excluded, ["a"]);
-        assert_eq!(p.warnings, ["`workflow: rules` exclude this pipeline"]);
+        assert_eq!(
+            p.warnings,
+            [
+                "`workflow: rules` exclude this pipeline (workflow.rules: no rule matched; \
+              source push, ref main)"
+            ]
+        );
+        assert_eq!(
+            p.why_excluded["a"],
+            "workflow: workflow.rules: no rule matched"
+        );
         let p = parse_ok(
             "variables: {G: global}\n\
              workflow:\n  rules:\n    - if: $G == \"global\"\n      variables: {W: set}\n\

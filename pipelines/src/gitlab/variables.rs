@@ -11,6 +11,7 @@ use serde_yaml::{Mapping, Value};
 
 use super::extends::inherits;
 use super::parallel::Instance;
+use super::predefined::slug;
 use super::Parser;
 use crate::error::{Error, Result};
 use crate::limits::{bytes, short};
@@ -30,32 +31,15 @@ impl Parser<'_> {
     }
 
     fn predefined(&self, job: Option<&str>, stage: Option<&str>) -> Vec<(String, String)> {
-        let ctx = self.ctx;
-        let mut v = vec![
-            ("CI", "true".to_string()),
-            ("GITLAB_CI", "true".to_string()),
-            ("CI_SERVER", "yes".to_string()),
-            ("CI_DISPOSABLE_ENVIRONMENT", "true".to_string()),
-            ("CI_PIPELINE_SOURCE", "push".to_string()),
-            ("CI_PROJECT_DIR", ctx.guest_dir.clone()),
-            ("CI_BUILDS_DIR", parent_dir(&ctx.guest_dir)),
-            ("CI_PROJECT_NAME", ctx.project_name.clone()),
-            ("CI_COMMIT_SHA", ctx.commit_sha.clone()),
-            ("CI_COMMIT_SHORT_SHA", ctx.short_sha()),
-        ];
-        if let Some(b) = &ctx.branch {
-            v.push(("CI_COMMIT_REF_NAME", b.clone()));
-            v.push(("CI_COMMIT_REF_SLUG", slug(b)));
-            v.push(("CI_COMMIT_BRANCH", b.clone()));
-        }
+        let mut v = super::predefined::pipeline_vars(self.ctx, self.opts);
         if let Some(j) = job {
-            v.push(("CI_JOB_NAME", j.to_string()));
-            v.push(("CI_JOB_NAME_SLUG", slug(j)));
+            v.push(("CI_JOB_NAME".into(), j.to_string()));
+            v.push(("CI_JOB_NAME_SLUG".into(), slug(j)));
         }
         if let Some(s) = stage {
-            v.push(("CI_JOB_STAGE", s.to_string()));
+            v.push(("CI_JOB_STAGE".into(), s.to_string()));
         }
-        v.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+        v
     }
 
     /// Reads a `variables:` mapping. Keys carry whether `$X` in the value
@@ -262,25 +246,6 @@ pub(super) fn expand_capped(
     Some(out)
 }
 
-/// GitLab's `CI_COMMIT_REF_SLUG`: lowercased, non-alphanumerics to `-`,
-/// at most 63 bytes, no leading or trailing `-`.
-fn slug(s: &str) -> String {
-    let lower: String = s
-        .to_lowercase()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .take(63)
-        .collect();
-    lower.trim_matches('-').to_string()
-}
-
-fn parent_dir(p: &str) -> String {
-    match p.trim_end_matches('/').rsplit_once('/') {
-        Some(("", _)) | None => "/".to_string(),
-        Some((parent, _)) => parent.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::test_util::{ctx, job, parse_err, parse_ok, parse_with, var};
@@ -371,15 +336,6 @@ mod tests {
             e.to_string().contains("variable `B` expands to more than"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn slug_and_parent_dir() {
-        assert_eq!(slug("--A/b.c--"), "a-b-c");
-        assert_eq!(slug(&"x".repeat(70)).len(), 63);
-        assert_eq!(parent_dir("/builds/demo/"), "/builds");
-        assert_eq!(parent_dir("/demo"), "/");
-        assert_eq!(parent_dir("demo"), "/");
     }
 
     #[test]

@@ -1,7 +1,15 @@
 //! YAML loading shared by both front ends: a deserializer that charges
 //! every node to an expansion budget before it is built (alias bombs stop
-//! there), nesting bounded, duplicate keys refused, syntax errors with
-//! positions, and merge keys (`<<: *anchor`) applied.
+//! there), nesting bounded, syntax errors with positions, and merge keys
+//! (`<<: *anchor`) applied.
+//!
+//! Two dialects ([`Dialect`]): GitHub refuses duplicate keys and applies
+//! merge keys as the YAML merge type says (explicit keys win). GitLab loads
+//! files with Ruby's Psych, which is more lenient, and kiln does the same in
+//! its own map visitor (serde_yaml has no switch for it): a repeated key
+//! replaces the earlier value (keeping its place), and each `<<` key merges
+//! its mapping (or list of mappings) into the keys read so far, overwriting
+//! them, so one mapping may hold several `<<` keys. See docs/pipelines.md.
 //!
 //! `locate.rs` maps a key path back to a line and column of the source for
 //! semantic errors; `value.rs` has the helpers that read and size values.
@@ -22,17 +30,57 @@ pub(crate) use value::{mapping_size, merge_into, scalar, scalars, size_of, strin
 use crate::error::{Error, Location};
 use crate::limits::{bytes, short, Budget, Limits, NODE_BYTES};
 
-/// Parses `text`, applying YAML merge keys. Aliases are expanded while the
-/// document is built, each node charged to `budget` first, so an alias
-/// bomb stops at the budget instead of filling memory; nesting deeper than
-/// `limits.max_yaml_depth` is refused. `<<` keys are expanded by
-/// [`Value::apply_merge`], which moves entries and never copies them.
+/// How duplicate keys and merge keys are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    /// Duplicate keys are errors; `<<` as the YAML merge type says.
+    Strict,
+    /// Ruby Psych (GitLab): later keys win, `<<` merges in file order.
+    Psych,
+}
+
+/// A file's documents: GitLab allows a `spec:` header document, then
+/// `---`, then the pipeline.
+#[derive(Debug)]
+pub(crate) struct Documents {
+    pub header: Option<Value>,
+    pub body: Value,
+}
+
+/// Parses `text`, one document, strictly ([`Dialect::Strict`]).
 pub(crate) fn load(
     file: &str,
     text: &str,
     limits: &Limits,
     budget: &Budget,
 ) -> Result<Value, Error> {
+    let docs = load_documents(file, text, limits, budget, Dialect::Strict)?;
+    if docs.header.is_some() {
+        return Err(second_document(file, text));
+    }
+    Ok(docs.body)
+}
+
+/// The pipeline document of `text`, read as GitLab reads it (to tell the
+/// format of a file from its keys).
+pub(crate) fn load_lenient(
+    file: &str,
+    text: &str,
+    limits: &Limits,
+    budget: &Budget,
+) -> Result<Value, Error> {
+    load_documents(file, text, limits, budget, Dialect::Psych).map(|d| d.body)
+}
+
+/// Parses `text`: one document, or a `spec:` header document, `---` and
+/// the body. Any other second document is an error at its `---`.
+pub(crate) fn load_documents(
+    file: &str,
+    text: &str,
+    limits: &Limits,
+    budget: &Budget,
+    dialect: Dialect,
+) -> Result<Documents, Error> {
     if text.len() as u64 > limits.max_file_bytes {
         return Err(Error::Limit {
             file: file.to_string(),
@@ -44,12 +92,81 @@ pub(crate) fn load(
             ),
         });
     }
+    let mut docs = Vec::with_capacity(2);
+    for de in serde_yaml::Deserializer::from_str(text) {
+        if docs.len() == 2 {
+            return Err(second_document(file, text));
+        }
+        docs.push(load_one(file, de, limits, budget, dialect)?);
+    }
+    // A stream that ends with `---` and nothing after it has an empty
+    // last document.
+    if docs.len() == 2 && docs[1].is_null() && !docs[0].is_null() && docs[0].get("spec").is_none() {
+        docs.pop();
+    }
+    let mut docs = docs.into_iter();
+    let first = docs.next().unwrap_or(Value::Null);
+    match docs.next() {
+        None => Ok(Documents {
+            header: None,
+            body: first,
+        }),
+        Some(body) => {
+            let is_header = first
+                .as_mapping()
+                .is_some_and(|m| m.len() == 1 && m.contains_key("spec"));
+            if !is_header {
+                return Err(second_document(file, text));
+            }
+            Ok(Documents {
+                header: Some(first),
+                body,
+            })
+        }
+    }
+}
+
+/// The error for a second document that is not allowed, at its `---`.
+fn second_document(file: &str, text: &str) -> Error {
+    let mut seen_content = false;
+    let mut line = 1;
+    for (i, l) in text.lines().enumerate() {
+        if l.starts_with("---") && seen_content {
+            line = i + 1;
+            break;
+        }
+        let t = l.trim();
+        if !t.is_empty() && !t.starts_with('#') && !t.starts_with("---") && !t.starts_with('%') {
+            seen_content = true;
+        }
+    }
+    Error::Syntax {
+        file: file.to_string(),
+        location: Location { line, column: 1 },
+        message: "more than one YAML document: a pipeline file holds one, or a header with only \
+                  `spec:` (CI/CD inputs), then `---`, then the pipeline"
+            .into(),
+    }
+}
+
+/// Parses one document, applying YAML merge keys. Aliases are expanded while the
+/// document is built, each node charged to `budget` first, so an alias
+/// bomb stops at the budget instead of filling memory; nesting deeper than
+/// `limits.max_yaml_depth` is refused. `<<` keys are expanded by
+/// [`Value::apply_merge`], which moves entries and never copies them.
+fn load_one(
+    file: &str,
+    de: serde_yaml::Deserializer<'_>,
+    limits: &Limits,
+    budget: &Budget,
+    dialect: Dialect,
+) -> Result<Value, Error> {
     let state = LoadState {
         budget,
         max_depth: limits.max_yaml_depth,
         exceeded: Cell::new(None),
+        dialect,
     };
-    let de = serde_yaml::Deserializer::from_str(text);
     let mut value = match (Seed {
         st: &state,
         depth: 0,
@@ -64,6 +181,10 @@ pub(crate) fn load(
             })
         }
     };
+    if dialect == Dialect::Psych {
+        // The map visitor merged `<<` keys already.
+        return Ok(value);
+    }
     value.apply_merge().map_err(|e| syntax(file, &e))?;
     // `apply_merge` does not look again at a mapping that received a `<<`
     // from a merged mapping; run until stable (each pass is linear).
@@ -115,6 +236,7 @@ struct LoadState<'a> {
     budget: &'a Budget,
     max_depth: usize,
     exceeded: Cell<Option<Exceeded>>,
+    dialect: Dialect,
 }
 
 impl LoadState<'_> {
@@ -226,6 +348,11 @@ impl<'de> Visitor<'de> for Seed<'_, '_> {
         self.st.charge(NODE_BYTES)?;
         let mut out = Mapping::new();
         while let Some(k) = a.next_key_seed(inner)? {
+            if self.st.dialect == Dialect::Psych {
+                let v = a.next_value_seed(inner)?;
+                psych_insert(&mut out, k, v);
+                continue;
+            }
             match out.entry(k) {
                 serde_yaml::mapping::Entry::Occupied(e) => {
                     let key = match e.key() {
@@ -254,6 +381,40 @@ impl<'de> Visitor<'de> for Seed<'_, '_> {
             tag: Tag::new(tag),
             value,
         })))
+    }
+}
+
+/// One entry of a mapping as Psych's `revive_hash` adds it: `<<` with a
+/// mapping merges it over the keys so far; with a list of mappings merges
+/// them, the first winning; anything else is a plain key. A plain key
+/// replaces an earlier one in its place.
+fn psych_insert(out: &mut Mapping, k: Value, v: Value) {
+    if k.as_str() != Some("<<") {
+        out.insert(k, v);
+        return;
+    }
+    match v {
+        Value::Mapping(m) => {
+            for (k, v) in m {
+                out.insert(k, v);
+            }
+        }
+        Value::Sequence(list) if list.iter().all(Value::is_mapping) => {
+            let mut merged = Mapping::new();
+            for m in list.into_iter().rev() {
+                if let Value::Mapping(m) = m {
+                    for (k, v) in m {
+                        merged.insert(k, v);
+                    }
+                }
+            }
+            for (k, v) in merged {
+                out.insert(k, v);
+            }
+        }
+        other => {
+            out.insert(k, other);
+        }
     }
 }
 
@@ -319,5 +480,63 @@ mod tests {
         assert_eq!(v["job"]["x"], Value::from(1));
         assert_eq!(v["job"]["y"], Value::from(3));
         assert!(v["job"].get("<<").is_none());
+    }
+
+    fn psych(text: &str) -> Result<Documents, Error> {
+        let limits = Limits::default();
+        let budget = Budget::new(limits.max_yaml_bytes);
+        load_documents("f.yml", text, &limits, &budget, Dialect::Psych)
+    }
+
+    #[test]
+    fn psych_lets_a_later_key_win_in_its_place() {
+        let v = psych("a: 1\nb: 2\na: 3\n").unwrap().body;
+        assert_eq!(v["a"], Value::from(3));
+        let keys: Vec<_> = v.as_mapping().unwrap().keys().cloned().collect();
+        assert_eq!(keys, [Value::from("a"), Value::from("b")]);
+        let e = ld("f.yml", "a: 1\na: 3\n").unwrap_err().to_string();
+        assert!(e.contains("duplicate key `a`"), "strict refuses: {e}");
+    }
+
+    #[test]
+    fn psych_merges_each_merge_key_in_file_order() {
+        let text = ".a: &a {x: a, y: a}\n.b: &b {y: b, z: b}\n\
+                    j:\n  x: own\n  <<: *a\n  <<: *b\n  z: own\n\
+                    k:\n  <<: [*a, *b]\n";
+        let v = psych(text).unwrap().body;
+        // Psych's revive_hash: a merge overwrites the keys read before it.
+        assert_eq!(v["j"]["x"], Value::from("a"));
+        assert_eq!(v["j"]["y"], Value::from("b"));
+        assert_eq!(v["j"]["z"], Value::from("own"));
+        assert!(v["j"].get("<<").is_none());
+        // A list of mappings: the first one wins.
+        assert_eq!(v["k"]["y"], Value::from("a"));
+        assert_eq!(v["k"]["z"], Value::from("b"));
+    }
+
+    #[test]
+    fn a_spec_header_may_precede_the_pipeline() {
+        let d = psych("spec:\n  inputs:\n    x:\n---\nj:\n  script: x\n").unwrap();
+        assert!(d.header.unwrap()["spec"]["inputs"].get("x").is_some());
+        assert_eq!(d.body["j"]["script"], Value::from("x"));
+        // One document, and one with a trailing `---`, have no header.
+        let d = psych("---\nj: 1\n---\n").unwrap();
+        assert!(d.header.is_none());
+        assert_eq!(d.body["j"], Value::from(1));
+    }
+
+    #[test]
+    fn other_second_documents_are_errors_at_their_separator() {
+        let e = psych("a: 1\nb: 2\n---\nc: 3\n").unwrap_err();
+        assert_eq!(e.location(), Some(Location { line: 3, column: 1 }), "{e}");
+        assert!(e.to_string().contains("more than one YAML document"), "{e}");
+        let e = ld("f.yml", "spec: {}\n---\nc: 3\n").unwrap_err();
+        assert!(e.to_string().contains("more than one YAML document"), "{e}");
+    }
+
+    #[test]
+    fn errors_in_the_body_keep_their_position() {
+        let e = psych("spec:\n  inputs: {}\n---\nj:\n  script: [x\n").unwrap_err();
+        assert!(e.location().unwrap().line >= 5, "{e}");
     }
 }

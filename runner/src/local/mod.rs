@@ -29,6 +29,7 @@ use crate::joblog::{JobSink, JsonSink, MaskingSink, Secrets, TerminalSink};
 
 pub mod artifacts;
 mod copy;
+pub mod pipeline_args;
 pub mod plan;
 pub mod stage;
 
@@ -46,7 +47,8 @@ pub struct Args {
     pub file: Option<PathBuf>,
     /// The job to run from FILE (its `needs` run first).
     pub job: Option<String>,
-    /// List FILE's jobs and exit.
+    /// List FILE's jobs and exit (with --json: as JSON; with --all: the
+    /// excluded jobs too).
     #[arg(long, requires = "file")]
     pub list: bool,
     /// Job image: a registry reference (NAME[:TAG][@DIGEST]), an OCI image
@@ -85,6 +87,9 @@ pub struct Args {
     /// Emit JSON lines (events and the result) on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Which pipeline FILE is read as (ref, tag, source, inputs).
+    #[command(flatten)]
+    pub pipeline: pipeline_args::PipelineArgs,
     /// The command to run, after `--`.
     #[arg(last = true)]
     pub command: Vec<String>,

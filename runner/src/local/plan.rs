@@ -48,6 +48,7 @@ pub fn local_context(file: &Path, extra_vars: Vec<(String, String)>) -> Result<L
     ctx.commit_sha = git(&["rev-parse", "HEAD"]).unwrap_or_default();
     ctx.branch = git(&["symbolic-ref", "--short", "-q", "HEAD"]).filter(|b| !b.is_empty());
     ctx.extra_vars = extra_vars;
+    crate::checkout::fill(&mut ctx);
     Ok(ctx)
 }
 
@@ -161,7 +162,7 @@ pub struct Plan {
     pub project_dir: Option<PathBuf>,
 }
 
-fn key_values(items: &[String], what: &str) -> Result<Vec<(String, String)>> {
+pub(super) fn key_values(items: &[String], what: &str) -> Result<Vec<(String, String)>> {
     items
         .iter()
         .map(|kv| {
@@ -219,26 +220,19 @@ pub fn plan_jobs(args: &Args) -> Result<Option<Plan>> {
     };
     let mut all_vars = vars.clone();
     all_vars.extend(secrets.iter().cloned());
-    let ctx = local_context(file, all_vars)?;
+    let mut ctx = local_context(file, all_vars)?;
     let mut opts = kiln_pipelines::Options::default();
     for (label, image) in key_values(&args.platforms, "--platform")? {
         opts.runner_images.set(label, image);
     }
+    args.pipeline.apply(&mut ctx, &mut opts)?;
+    opts.image = args.image.clone();
     let pipeline = load_pipeline(file, &ctx, &opts)?;
     for n in &pipeline.notes {
         eprintln!("kiln: note: {n}");
     }
     if args.list {
-        for j in &pipeline.jobs {
-            let needs = j.needs.as_ref().map(|n| n.join(",")).unwrap_or_default();
-            println!(
-                "{:<40} stage={:<10} image={:<30} needs={}",
-                j.name,
-                j.stage.as_deref().unwrap_or("-"),
-                j.image,
-                if needs.is_empty() { "-" } else { &needs }
-            );
-        }
+        args.pipeline.list(&pipeline, args.json)?;
         return Ok(None);
     }
     let Some(name) = &args.job else {

@@ -1,0 +1,454 @@
+//! Real-world-shaped files that GitLab and GitHub accept and kiln used to
+//! reject or list partly (issue 14), through the common entry point
+//! ([`kiln_pipelines::load`]), for several refs and pipeline sources.
+//!
+//! Each expectation says how it was derived: from GitLab's documented
+//! semantics (Psych's YAML loading, `workflow: rules`, `rules`,
+//! `only`/`except` in `Gitlab::Ci::Build::Policy::Refs`, CI/CD inputs) or
+//! GitHub's (`runs-on`, matrix `exclude`, `if:` with `github.event_name`).
+
+mod common;
+
+use std::path::Path;
+
+use common::{corpus, var};
+use kiln_pipelines::{JobWhen, LocalContext, Options, Pipeline};
+
+/// The checkout: `acme/tool` on gitlab.com, on `main`, its default branch.
+fn checkout(dir: &str) -> LocalContext {
+    let mut c = LocalContext::new(corpus(dir), "tool");
+    c.commit_sha = "0123456789abcdef0123456789abcdef01234567".into();
+    c.branch = Some("main".into());
+    c.remote_url = Some("git@gitlab.com:acme/tool.git".into());
+    c.default_branch = Some("main".into());
+    c.user_login = Some("dev".into());
+    c
+}
+
+fn load_in(dir: &str, file: &str, c: &LocalContext, opts: &Options) -> Pipeline {
+    let root = corpus(dir);
+    let text = std::fs::read_to_string(root.join(file)).expect("corpus file");
+    let files = kiln_pipelines::ProjectFiles::new(&root, &opts.limits);
+    kiln_pipelines::load(Path::new(file), &text, c, opts, &|p| files.read(p))
+        .unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+fn gitlab(file: &str, c: &LocalContext, opts: &Options) -> Pipeline {
+    load_in("fidelity/gitlab", file, c, opts)
+}
+
+fn github(file: &str, opts: &Options) -> Pipeline {
+    load_in(
+        "fidelity/github",
+        &format!(".github/workflows/{file}"),
+        &checkout("fidelity/github"),
+        opts,
+    )
+}
+
+fn jobs(p: &Pipeline) -> Vec<&str> {
+    p.jobs.iter().map(|j| j.name.as_str()).collect()
+}
+
+fn excluded(p: &Pipeline) -> Vec<(&str, &str)> {
+    p.excluded
+        .iter()
+        .map(|e| (e.name.as_str(), e.reason.as_str()))
+        .collect()
+}
+
+fn source(s: &str) -> Options {
+    Options {
+        pipeline_source: s.into(),
+        ..Options::default()
+    }
+}
+
+#[test]
+fn duplicate_keys_later_wins_as_psych() {
+    // Psych's revive_hash assigns `hash[key] = val` for each pair: the
+    // later `variables:` and the later `build:` replace the earlier ones,
+    // keeping the first one's position (Ruby hashes keep insertion order).
+    let p = gitlab(
+        "duplicate-keys.gitlab-ci.yml",
+        &checkout("x"),
+        &Options::default(),
+    );
+    assert_eq!(jobs(&p), ["build", "test"]);
+    let build = &p.jobs[0];
+    assert_eq!(build.image, "golang:1.22");
+    assert_eq!(var(build, "CGO_ENABLED"), Some("0"));
+    assert!(build.steps[0]
+        .script
+        .contains("go build -trimpath -o bin/ ./..."));
+    assert!(!build.steps[0].script.contains("go build ./..."));
+}
+
+#[test]
+fn repeated_merge_keys_merge_in_order() {
+    // Psych merges each `<<` with `hash.merge!`, overwriting what came
+    // before; a `<<` list is merged last-to-first, so the first wins.
+    let p = gitlab(
+        "merge-keys.gitlab-ci.yml",
+        &checkout("x"),
+        &Options::default(),
+    );
+    assert_eq!(jobs(&p), ["lint", "test"]);
+    assert_eq!(p.jobs[0].image, "python:3.11-slim", "the later *retry wins");
+    assert_eq!(
+        p.jobs[1].image, "python:3.12-slim",
+        "the first of the list wins"
+    );
+}
+
+#[test]
+fn branch_mr_and_tag_pipelines() {
+    // GitLab's documented workflow: MR pipelines for merge requests, branch
+    // pipelines otherwise, tag pipelines for tags. Jobs with neither
+    // `rules` nor `only` get `only: [branches, tags]` (GitLab's default),
+    // which a merge request pipeline does not match; `pages` needs the
+    // default branch, `publish` a version tag.
+    let c = checkout("x");
+    let p = gitlab("branch-mr-tag.gitlab-ci.yml", &c, &source("push"));
+    assert_eq!(jobs(&p), ["build", "unit", "pages"]);
+    assert_eq!(
+        var(&p.jobs[0], "IMAGE"),
+        Some("registry.gitlab.com/acme/tool:main")
+    );
+    assert_eq!(
+        excluded(&p),
+        [
+            ("mr-review", "mr-review.rules: no rule matched"),
+            ("publish", "publish.rules: no rule matched")
+        ]
+    );
+
+    let p = gitlab(
+        "branch-mr-tag.gitlab-ci.yml",
+        &c,
+        &source("merge_request_event"),
+    );
+    assert_eq!(jobs(&p), ["mr-review"]);
+
+    let mut t = checkout("x");
+    t.tag = Some("v1.4.0".into());
+    let p = gitlab("branch-mr-tag.gitlab-ci.yml", &t, &source("push"));
+    assert_eq!(jobs(&p), ["build", "unit", "publish"]);
+    assert_eq!(
+        var(&p.jobs[0], "IMAGE"),
+        Some("registry.gitlab.com/acme/tool:v1-4-0")
+    );
+}
+
+#[test]
+fn legacy_only_except_by_source_ref_and_project() {
+    // Policy::Refs: `schedules` matches a schedule pipeline, `branches` a
+    // branch pipeline, `/re/@acme/tool` a matching ref in that project only,
+    // `merge_requests` an MR pipeline.
+    let c = checkout("x");
+    let p = gitlab("legacy-only.gitlab-ci.yml", &c, &source("push"));
+    assert_eq!(jobs(&p), ["test", "not-on-schedule", "docs"]);
+    let why = excluded(&p);
+    assert!(
+        why.contains(&("nightly", "only: [\"schedules\"]")),
+        "{why:?}"
+    );
+
+    let p = gitlab("legacy-only.gitlab-ci.yml", &c, &source("schedule"));
+    assert_eq!(jobs(&p), ["test", "nightly", "docs"]);
+
+    let mut t = checkout("x");
+    t.tag = Some("v2.0".into());
+    let p = gitlab("legacy-only.gitlab-ci.yml", &t, &source("push"));
+    assert_eq!(jobs(&p), ["test", "not-on-schedule", "release"]);
+
+    // A fork (another project path) does not release or publish docs.
+    let mut fork = t.clone();
+    fork.remote_url = Some("https://gitlab.com/someone/tool.git".into());
+    let p = gitlab("legacy-only.gitlab-ci.yml", &fork, &source("push"));
+    assert_eq!(jobs(&p), ["test", "not-on-schedule"]);
+
+    let p = gitlab(
+        "legacy-only.gitlab-ci.yml",
+        &c,
+        &source("merge_request_event"),
+    );
+    assert_eq!(jobs(&p), ["mr-only"]);
+}
+
+#[test]
+fn includes_that_cannot_be_read_are_skipped_the_rest_lists() {
+    let c = checkout("x");
+    let p = gitlab("includes.gitlab-ci.yml", &c, &Options::default());
+    // The local include with inputs creates `deploy-staging` (manual by
+    // its default input); the project include is skipped until mapped.
+    assert_eq!(jobs(&p), ["unit", "deploy-staging"]);
+    assert_eq!(p.jobs[1].when, JobWhen::Manual);
+    let skipped: Vec<&String> = p.notes.iter().filter(|n| n.contains("skipped")).collect();
+    assert_eq!(skipped.len(), 5, "{skipped:?}");
+    assert!(skipped
+        .iter()
+        .any(|n| n.contains("--include-project acme/ci-lib=DIR")));
+
+    let opts = Options {
+        include_projects: vec![("acme/ci-lib".into(), corpus("fidelity/ci-lib"))],
+        ..Options::default()
+    };
+    let p = gitlab("includes.gitlab-ci.yml", &c, &opts);
+    assert_eq!(jobs(&p), ["build", "unit", "deploy-staging"]);
+}
+
+#[test]
+fn a_pipeline_with_inputs() {
+    let c = checkout("x");
+    // Defaults: python 3.12, 2 parallel jobs, no e2e.
+    let p = gitlab("inputs.gitlab-ci.yml", &c, &Options::default());
+    assert_eq!(jobs(&p), ["pytest-3.12 1/2", "pytest-3.12 2/2"]);
+    assert_eq!(var(&p.jobs[0], "BUILD_ID"), Some("abcd"));
+    let opts = Options {
+        inputs: vec![
+            ("python".into(), "3.9".into()),
+            ("parallel".into(), "1".into()),
+            ("run_e2e".into(), "true".into()),
+        ],
+        ..Options::default()
+    };
+    let p = gitlab("inputs.gitlab-ci.yml", &c, &opts);
+    assert_eq!(jobs(&p), ["pytest-3.9 1/1", "e2e"]);
+    assert_eq!(p.jobs[1].image, "python:3.9");
+}
+
+#[test]
+fn references_in_scripts_and_rules() {
+    let c = checkout("x");
+    let p = gitlab("references.gitlab-ci.yml", &c, &Options::default());
+    assert_eq!(jobs(&p), ["build"]);
+    let script = &p.jobs[0].steps[0].script;
+    assert!(script.contains("apt-get install -y make") && script.contains("echo ready"));
+    let mut t = checkout("x");
+    t.tag = Some("v1".into());
+    let p = gitlab("references.gitlab-ci.yml", &t, &Options::default());
+    assert_eq!(jobs(&p), ["build", "package"]);
+}
+
+#[test]
+fn project_and_registry_variables_from_the_remote() {
+    let c = checkout("x");
+    let p = gitlab("registry.gitlab-ci.yml", &c, &Options::default());
+    assert_eq!(jobs(&p), ["build-image", "release-image"]);
+    let j = &p.jobs[0];
+    assert_eq!(
+        var(j, "IMAGE_TAG"),
+        Some("registry.gitlab.com/acme/tool:01234567")
+    );
+    assert_eq!(var(j, "CI_PROJECT_PATH"), Some("acme/tool"));
+    assert_eq!(var(j, "CI_SERVER_URL"), Some("https://gitlab.com"));
+    assert_eq!(var(j, "GITLAB_USER_LOGIN"), Some("dev"));
+}
+
+#[test]
+fn github_os_matrix_lists_unmapped_runners() {
+    // 4 os x 2 python - 1 excluded = 7 instances; the 4 on Windows and
+    // macOS have no image and are listed as excluded with what to pass.
+    let p = github("os-matrix.yml", &Options::default());
+    assert_eq!(
+        jobs(&p),
+        [
+            "test (ubuntu-18.04, 3.8)",
+            "test (ubuntu-22.04, 3.8)",
+            "test (ubuntu-22.04, 3.12)"
+        ]
+    );
+    assert_eq!(p.jobs[0].image, "catthehacker/ubuntu:act-18.04");
+    let why = excluded(&p);
+    assert_eq!(why.len(), 4, "{why:?}");
+    assert!(why[0].1.contains("-P windows-latest=IMAGE"), "{why:?}");
+    let opts = Options {
+        image: Some("python:3.12".into()),
+        ..Options::default()
+    };
+    assert_eq!(github("os-matrix.yml", &opts).jobs.len(), 7);
+}
+
+#[test]
+fn github_runner_from_an_input_and_self_hosted() {
+    // `inputs.os` defaults to ubuntu-latest (workflow_call default); an
+    // `--input os=...` replaces it.
+    let p = github("self-hosted.yml", &Options::default());
+    assert_eq!(jobs(&p), ["build"]);
+    assert_eq!(p.jobs[0].image, "catthehacker/ubuntu:act-latest");
+    let opts = Options {
+        inputs: vec![("os".into(), "ubuntu-20.04".into())],
+        ..Options::default()
+    };
+    let p2 = github("self-hosted.yml", &opts);
+    assert_eq!(p2.jobs[0].image, "catthehacker/ubuntu:act-20.04");
+    let why = excluded(&p);
+    assert!(
+        why.iter()
+            .any(|(n, r)| *n == "gpu" && r.contains("-P self-hosted=IMAGE")),
+        "{why:?}"
+    );
+    let mut opts = Options::default();
+    opts.runner_images.set("self-hosted", "my/runner:1");
+    let p = github("self-hosted.yml", &opts);
+    assert_eq!(jobs(&p), ["build", "gpu"]);
+    assert_eq!(p.jobs[1].needs.as_deref(), Some(&["build".to_string()][..]));
+}
+
+#[test]
+fn github_computed_env_and_actions() {
+    let p = github("computed-env.yml", &Options::default());
+    assert_eq!(jobs(&p), ["deploy"]);
+    assert!(p
+        .notes
+        .iter()
+        .any(|n| n.contains("`env` computed by an expression")));
+    let steps = &p.jobs[0].steps;
+    // login fails the job; upload-artifact keeps its `if: failure()`.
+    assert_eq!(steps.len(), 3);
+    assert!(steps[0].script.contains("docker/login-action@v3"));
+    assert_eq!(steps[2].when, kiln_pipelines::StepWhen::OnFailure);
+    let opts = Options {
+        skip_unsupported_actions: true,
+        ..Options::default()
+    };
+    assert_eq!(github("computed-env.yml", &opts).jobs[0].steps.len(), 1);
+}
+
+#[test]
+fn github_jobs_gated_on_the_event() {
+    let p = github("events.yml", &Options::default());
+    assert_eq!(jobs(&p), ["test"]);
+    assert_eq!(p.jobs[0].image, "catthehacker/ubuntu:act-24.04");
+    let opts = Options {
+        event_name: "pull_request".into(),
+        ..Options::default()
+    };
+    assert_eq!(jobs(&github("events.yml", &opts)), ["test", "pr-lint"]);
+    let opts = Options {
+        event_name: "schedule".into(),
+        ..Options::default()
+    };
+    assert_eq!(jobs(&github("events.yml", &opts)), ["test", "nightly"]);
+}
+
+#[test]
+fn deploy_environments_by_source() {
+    // rules: `exists` asks the checkout (a Dockerfile is there); production
+    // is manual and allowed to fail as its rule says.
+    let c = checkout("x");
+    let p = gitlab("deploy-environments.gitlab-ci.yml", &c, &source("push"));
+    assert_eq!(jobs(&p), ["docker-build", "staging", "production"]);
+    assert_eq!(p.jobs[2].when, JobWhen::Manual);
+    assert_eq!(p.jobs[2].allow_failure, kiln_pipelines::AllowFailure::Yes);
+    let p = gitlab(
+        "deploy-environments.gitlab-ci.yml",
+        &c,
+        &source("merge_request_event"),
+    );
+    assert_eq!(jobs(&p), ["docker-build", "review"]);
+    // Another branch: nothing but what the rules allow there.
+    let mut dev = checkout("x");
+    dev.branch = Some("feature/x".into());
+    let p = gitlab("deploy-environments.gitlab-ci.yml", &dev, &source("push"));
+    assert!(jobs(&p).is_empty(), "{:?}", jobs(&p));
+    assert_eq!(p.excluded.len(), 4);
+}
+
+#[test]
+fn scheduled_and_web_pipelines() {
+    let c = checkout("x");
+    let p = gitlab("scheduled.gitlab-ci.yml", &c, &source("push"));
+    assert_eq!(jobs(&p), ["test", "lint"]);
+    let p = gitlab("scheduled.gitlab-ci.yml", &c, &source("schedule"));
+    assert_eq!(jobs(&p), ["fuzz"]);
+    let why = excluded(&p);
+    assert!(
+        why.contains(&("test", "test.rules[0]: when: never")),
+        "{why:?}"
+    );
+    assert!(
+        why.contains(&("lint", "except: [\"schedules\"]")),
+        "{why:?}"
+    );
+    let p = gitlab("scheduled.gitlab-ci.yml", &c, &source("web"));
+    assert_eq!(jobs(&p), ["test", "lint", "web-triggered"]);
+}
+
+#[test]
+fn anchored_variables_merge_in_order() {
+    // Psych: `<<: *common` then `<<: *debug` (overwrites LOG_LEVEL), then
+    // the explicit LANG overwrites both. The job's own `variables` win.
+    let p = gitlab(
+        "anchored-variables.gitlab-ci.yml",
+        &checkout("x"),
+        &Options::default(),
+    );
+    let j = &p.jobs[0];
+    assert_eq!(var(j, "LANG"), Some("C.UTF-8"), "job variables win");
+    assert_eq!(var(j, "LOG_LEVEL"), Some("info"), "job variables win");
+    assert_eq!(var(j, "RUST_BACKTRACE"), Some("1"), "from the global merge");
+    let plain = &p.jobs[1];
+    assert_eq!(
+        var(plain, "LANG"),
+        Some("en_US.UTF-8"),
+        "the later key wins"
+    );
+    assert_eq!(
+        var(plain, "LOG_LEVEL"),
+        Some("debug"),
+        "the later merge wins"
+    );
+}
+
+#[test]
+fn github_release_on_tags() {
+    // `if: startsWith(github.ref, 'refs/tags/v')` is false on a branch.
+    let p = github("release.yml", &Options::default());
+    assert_eq!(jobs(&p), ["build"]);
+    let root = corpus("fidelity/github");
+    let text = std::fs::read_to_string(root.join(".github/workflows/release.yml")).unwrap();
+    let mut c = checkout("fidelity/github");
+    c.tag = Some("v2.1.0".into());
+    c.branch = None;
+    let p = kiln_pipelines::load(
+        Path::new(".github/workflows/release.yml"),
+        &text,
+        &c,
+        &Options::default(),
+        &|_| Err(std::io::ErrorKind::NotFound.into()),
+    )
+    .unwrap();
+    assert_eq!(jobs(&p), ["build", "publish"]);
+    assert_eq!(var(&p.jobs[1], "GITHUB_REF"), Some("refs/tags/v2.1.0"));
+    assert_eq!(var(&p.jobs[1], "GITHUB_REF_TYPE"), Some("tag"));
+}
+
+#[test]
+fn github_container_with_services() {
+    let p = github("container-services.yml", &Options::default());
+    assert_eq!(jobs(&p), ["integration"]);
+    assert_eq!(p.jobs[0].image, "python:3.12");
+    assert_eq!(
+        var(&p.jobs[0], "DATABASE_URL"),
+        Some("postgres://postgres@postgres/test")
+    );
+    assert!(p.notes.iter().any(|n| n.contains("`services` are ignored")));
+}
+
+#[test]
+fn github_dispatch_inputs() {
+    // workflow_dispatch defaults: target staging, dry_run true (notify off).
+    let p = github("dispatch.yml", &Options::default());
+    assert_eq!(jobs(&p), ["deploy staging"]);
+    let opts = Options {
+        inputs: vec![
+            ("target".into(), "production".into()),
+            ("dry_run".into(), "false".into()),
+        ],
+        ..Options::default()
+    };
+    let p = github("dispatch.yml", &opts);
+    assert_eq!(jobs(&p), ["deploy production", "notify"]);
+}
