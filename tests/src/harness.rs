@@ -159,11 +159,11 @@ pub fn kernel() -> Kernel {
         let cache = Cache::open(cache_dir()).expect("open the test cache");
         Kernel::cached(&cache)
             .into_iter()
-            .next()
+            .find(Kernel::has_guest_modules)
             .unwrap_or_else(|| {
                 panic!(
-                    "no guest kernel in the test cache {}: run scripts/setup.sh \
-                 (it runs KILN_CACHE_DIR=<that dir> kiln kernel fetch)",
+                    "no guest kernel with every guest module in the test cache {}: run \
+                     scripts/setup.sh (it runs KILN_CACHE_DIR=<that dir> kiln kernel fetch)",
                     cache_dir().display()
                 )
             })

@@ -141,11 +141,17 @@ fn resolve_package(package: &str) -> Result<String, ImageError> {
 pub fn fetch_debian(cache: &Cache, package: &str) -> Result<Kernel, ImageError> {
     let pkg = resolve_package(package)?;
     let dest = cache.dir("kernels").join(&pkg);
-    if dest.join("kernel.json").exists() {
+    // A kernel cached by a kiln that needed fewer modules is provisioned
+    // again (its modules are a subset of what the guest loads now).
+    let current = || {
+        dest.join("kernel.json").exists()
+            && Kernel::load(&dest).is_ok_and(|k| k.has_guest_modules())
+    };
+    if current() {
         return Kernel::load(&dest);
     }
     let _lock = cache.lock(&format!("kernel-{pkg}"))?;
-    if dest.join("kernel.json").exists() {
+    if current() {
         return Kernel::load(&dest);
     }
     let tmp = cache.temp_dir("kernel")?;
@@ -208,6 +214,12 @@ pub fn fetch_debian(cache: &Cache, package: &str) -> Result<Kernel, ImageError> 
         detail: e.to_string(),
     })?;
     std::fs::write(out.join("kernel.json"), json).map_err(|e| ImageError::io("write", &out, e))?;
+    if dest.exists() {
+        // The outdated entry goes with the temporary directory.
+        tracing::info!(package = %pkg, "replacing a cached kernel that lacks guest modules");
+        std::fs::rename(&dest, tmp.path().join("outdated"))
+            .map_err(|e| ImageError::io("move aside", &dest, e))?;
+    }
     tmp.publish(&out, &dest)?;
     Kernel::load(&dest)
 }

@@ -127,13 +127,36 @@ impl Kernel {
         found.into_iter().map(|(_, k)| k).collect()
     }
 
-    /// The default kernel: the newest cached one, else fetched now.
+    /// The default kernel: the newest cached one that has every module in
+    /// [`GUEST_MODULES`], else fetched now (which also refreshes a cached
+    /// kernel that lacks one).
     pub fn default_kernel(cache: &Cache) -> Result<Kernel, ImageError> {
-        if let Some(k) = Kernel::cached(cache).into_iter().next() {
+        if let Some(k) = Kernel::cached(cache)
+            .into_iter()
+            .find(Kernel::has_guest_modules)
+        {
             return Ok(k);
         }
         fetch_debian(cache, DEFAULT_KERNEL_PACKAGE)
     }
+
+    /// Whether every module of [`GUEST_MODULES`] is among this kernel's
+    /// (file names compared as module names: `virtio-rng.ko` is
+    /// `virtio_rng`).
+    pub fn has_guest_modules(&self) -> bool {
+        let have: Vec<String> = self
+            .modules
+            .iter()
+            .filter_map(|p| p.file_name())
+            .map(|n| module_name(&n.to_string_lossy()))
+            .collect();
+        GUEST_MODULES.iter().all(|m| have.iter().any(|h| h == m))
+    }
+}
+
+/// A module's name from its file name: `virtio-rng.ko.xz` → `virtio_rng`.
+fn module_name(file: &str) -> String {
+    file.split(".ko").next().unwrap_or(file).replace('-', "_")
 }
 
 /// The KVM modules of a cached Debian kernel (dependencies first), if they
@@ -148,4 +171,42 @@ pub fn kvm_modules(kernel: &Kernel) -> Option<Vec<PathBuf>> {
         .map(|l| dir.join(l))
         .collect();
     (!mods.is_empty() && mods.iter().all(|m| m.is_file())).then_some(mods)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel(files: &[&str]) -> Kernel {
+        Kernel {
+            image: "/k/vmlinux".into(),
+            release: "6.1".into(),
+            pvh: true,
+            modules: files
+                .iter()
+                .map(|f| Path::new("/k/modules").join(f))
+                .collect(),
+            source: "test".into(),
+        }
+    }
+
+    #[test]
+    fn a_kernel_cached_before_a_module_was_added_is_outdated() {
+        let old = [
+            "virtio_ring.ko",
+            "virtio.ko",
+            "virtio_mmio.ko",
+            "virtio_blk.ko",
+            "virtio_console.ko",
+            "virtio-rng.ko",
+            "overlay.ko",
+            "libcrc32c.ko",
+            "erofs.ko",
+        ];
+        assert!(!kernel(&old).has_guest_modules(), "no virtio_net");
+        let mut new = old.to_vec();
+        new.extend(["failover.ko", "net_failover.ko", "virtio_net.ko.xz"]);
+        assert!(kernel(&new).has_guest_modules());
+        assert_eq!(module_name("virtio-rng.ko.zst"), "virtio_rng");
+    }
 }
