@@ -255,6 +255,24 @@ fn kvm_exits(pid: u32) -> u64 {
         .sum()
 }
 
+/// `pid` and its descendants (from `/proc/<pid>/task/*/children`).
+fn tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() && all.len() < 64 {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", all[i]));
+        for t in tasks.into_iter().flatten().flatten() {
+            let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            all.extend(
+                kids.split_whitespace()
+                    .filter_map(|k| k.parse::<u32>().ok()),
+            );
+        }
+        i += 1;
+    }
+    all
+}
+
 /// RSS of `pid` besides its guest-RAM mapping (the anonymous mapping of at
 /// least the guest's size), in KiB.
 fn vmm_rss_kib(pid: u32) -> u64 {
@@ -296,8 +314,10 @@ fn run_vmm(mut cmd: Command) -> Sample {
                     break Sample {
                         to_marker,
                         uptime: rest.trim().parse().unwrap_or(0.0),
-                        exits: kvm_exits(pid),
-                        vmm_rss_kib: vmm_rss_kib(pid),
+                        // kiln's kvm backend runs the VM in a `kiln-vmm`
+                        // child process: count the whole process tree.
+                        exits: tree(pid).into_iter().map(kvm_exits).sum(),
+                        vmm_rss_kib: tree(pid).into_iter().map(vmm_rss_kib).sum(),
                     };
                 }
                 if let Some(x) = l.strip_prefix(KILN_EXITS) {
