@@ -315,9 +315,11 @@ fn run_vmm(mut cmd: Command) -> Sample {
                         to_marker,
                         uptime: rest.trim().parse().unwrap_or(0.0),
                         // kiln's kvm backend runs the VM in a `kiln-vmm`
-                        // child process: count the whole process tree.
+                        // child process: KVM's exits of the whole process
+                        // tree, and the RSS of the process that runs the VM
+                        // (the tree's last one: the VMM, not kiln itself).
                         exits: tree(pid).into_iter().map(kvm_exits).sum(),
-                        vmm_rss_kib: tree(pid).into_iter().map(vmm_rss_kib).sum(),
+                        vmm_rss_kib: tree(pid).last().map_or(0, |&p| vmm_rss_kib(p)),
                     };
                 }
                 if let Some(x) = l.strip_prefix(KILN_EXITS) {
