@@ -42,13 +42,14 @@ pub fn fill(ctx: &mut LocalContext) {
     }
     ctx.user_name = g(&["config", "user.name"]);
     ctx.user_email = g(&["config", "user.email"]);
-    ctx.user_login = std::env::var("USER")
-        .ok()
-        .filter(|u| !u.is_empty() && u != "root")
-        .or_else(|| {
-            let email = ctx.user_email.as_deref()?;
-            Some(email.split('@').next()?.to_string())
-        });
+    // GitLab's login is not known locally: the local part of the
+    // committer's git e-mail stands in for it (`--var` overrides).
+    ctx.user_login = ctx
+        .user_email
+        .as_deref()
+        .and_then(|email| email.split('@').next())
+        .filter(|u| !u.is_empty())
+        .map(str::to_string);
 }
 
 /// The remote's default branch (`origin/HEAD`), else `init.defaultBranch`
