@@ -11,7 +11,7 @@ use clap::Subcommand;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use kiln_images::pull::short;
 use kiln_images::store;
-use kiln_images::{Cache, ImageSource, Images, PullProgress, Reference};
+use kiln_images::{Cache, ImageSource, Images, ImagesOptions, PullProgress, Reference};
 
 #[derive(Subcommand)]
 pub enum ImageCmd {
@@ -48,10 +48,10 @@ pub enum ImageCmd {
     },
 }
 
-pub fn run(cmd: ImageCmd, cache_dir: &Path) -> Result<ExitCode> {
+pub fn run(cmd: ImageCmd, cache_dir: &Path, options: ImagesOptions) -> Result<ExitCode> {
     let cache = Cache::open(cache_dir)?;
     match cmd {
-        ImageCmd::Pull { image, insecure } => pull(&cache, &image, insecure),
+        ImageCmd::Pull { image, insecure } => pull(&cache, &image, insecure, options),
         ImageCmd::Ls { json } => {
             let recs = store::list_records(&cache);
             if json {
@@ -110,7 +110,7 @@ pub fn run(cmd: ImageCmd, cache_dir: &Path) -> Result<ExitCode> {
             let max = match (&max_size, all) {
                 (_, true) => Some(0),
                 (Some(s), _) => Some(parse_size(s)?),
-                (None, _) => Some(kiln::env::Env::read().images().cache_max_bytes),
+                (None, _) => Some(options.cache_max_bytes),
             };
             let report = store::prune(&cache, true, max)?;
             println!(
@@ -124,9 +124,13 @@ pub fn run(cmd: ImageCmd, cache_dir: &Path) -> Result<ExitCode> {
     }
 }
 
-fn pull(cache: &Cache, image: &str, insecure: bool) -> Result<ExitCode> {
+fn pull(
+    cache: &Cache,
+    image: &str,
+    insecure: bool,
+    mut options: ImagesOptions,
+) -> Result<ExitCode> {
     let source = ImageSource::parse(image)?;
-    let mut options = kiln::env::Env::read().images();
     if insecure {
         if let ImageSource::Registry(r) = &source {
             options.registry.insecure.insert(r.registry.clone());

@@ -185,14 +185,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn cache_dir(cli_dir: &Option<PathBuf>) -> PathBuf {
-    cli_dir.clone().unwrap_or_else(|| Env::read().cache_dir())
-}
-
 fn run(cli: Cli) -> Result<ExitCode> {
-    let cache_dir = cache_dir(&cli.cache_dir);
+    // The environment, read once, here at the edge.
+    let env = Env::read();
+    let cache_dir = cli.cache_dir.clone().unwrap_or_else(|| env.cache_dir());
     match cli.command {
-        Command::Doctor { json } => doctor::run(&cache_dir, &Env::read(), json),
+        Command::Doctor { json } => doctor::run(&cache_dir, &env, json),
         Command::Kernel(KernelCmd::Fetch { package }) => {
             let cache = Cache::open(&cache_dir)?;
             let k = kiln_images::kernel::fetch_debian(&cache, &package)
@@ -219,12 +217,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::RunJob(args) => {
             let RunJob { job, vm } = *args;
-            let code = kiln::local::run(&job, || executor_config(&vm, cache_dir))?;
+            let code = kiln::local::run(&job, || executor_config(&vm, cache_dir, &env))?;
             Ok(ExitCode::from(code))
         }
-        Command::Daemon { config } => daemon(&config),
+        Command::Daemon { config } => daemon(&config, &env),
         Command::Gitlab(cmd) => gitlab(cmd),
-        Command::Image(cmd) => image_cmd::run(cmd, &cache_dir),
+        Command::Image(cmd) => image_cmd::run(cmd, &cache_dir, env.images()),
     }
 }
 
@@ -234,9 +232,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn daemon(path: &std::path::Path) -> Result<ExitCode> {
+fn daemon(path: &std::path::Path, env: &Env) -> Result<ExitCode> {
     let mut config = kiln::config::Config::load(path)?;
-    Env::read().complete(&mut config)?;
+    env.complete(&mut config)?;
     runtime()?.block_on(async move {
         let shutdown = async {
             use tokio::signal::unix::{signal, SignalKind};
@@ -298,8 +296,7 @@ fn gitlab(cmd: GitlabCmd) -> Result<ExitCode> {
     })
 }
 
-fn executor_config(vm: &VmArgs, cache_dir: PathBuf) -> Result<ExecutorConfig> {
-    let env = Env::read();
+fn executor_config(vm: &VmArgs, cache_dir: PathBuf, env: &Env) -> Result<ExecutorConfig> {
     let run_dir = vm.run_dir.clone().unwrap_or_else(|| env.run_dir());
     Ok(ExecutorConfig::builder(cache_dir, run_dir)
         .kernel_files(vm.kernel.clone(), vm.modules.clone())
