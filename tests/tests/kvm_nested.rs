@@ -323,7 +323,11 @@ fn kvm_suite_runs_in_a_nested_l1_vm() {
     let me = std::env::current_exe().expect("this test binary");
     let mut argv = vec![me.to_string_lossy().to_string()];
     // Every `kvm_*` test; this one is ignored inside L1 (`outside_l1`).
-    argv.extend(["kvm_", "--test-threads=1", "--nocapture"].map(String::from));
+    // KILN_L1_FILTER narrows it to the tests whose names contain it, to
+    // chase one failure (the count check below is then skipped).
+    let filter = std::env::var("KILN_L1_FILTER").ok();
+    let name = filter.clone().unwrap_or_else(|| "kvm_".into());
+    argv.extend([name, "--test-threads=1".into(), "--nocapture".into()]);
     let payload = nested::Payload {
         argv,
         env: nested::l1_env(&agent),
@@ -351,7 +355,7 @@ fn kvm_suite_runs_in_a_nested_l1_vm() {
             let line = result_line.unwrap_or_default();
             assert_eq!(code, 0, "the suite failed inside L1: {line}");
             assert!(
-                line.contains(&format!("{} passed; 0 failed", SUITE.len())),
+                filter.is_some() || line.contains(&format!("{} passed; 0 failed", SUITE.len())),
                 "every test of the suite ran and passed inside L1: {line}"
             );
         }

@@ -81,7 +81,8 @@ pub struct MachineConfig {
     /// The jail around the kvm backend's VMM process.
     pub isolation: Isolation,
     /// Test-only: the thread kind (`"vcpu"`, `"event-loop"` or `"main"`) of
-    /// the VMM process that makes a forbidden syscall once the VM runs.
+    /// the VMM process that makes a forbidden syscall once the VM runs;
+    /// `panic:<kind>` makes that thread panic instead.
     /// Honoured only by a `kiln-vmm` built with debug assertions or the
     /// `test-hooks` feature.
     pub test_forbidden_syscall: Option<String>,

@@ -542,6 +542,27 @@ async fn kvm_forbidden_syscall_kills_only_that_vm() {
         doomed.destroy().await.unwrap();
         assert!(!bad.config.run_dir.exists());
     }
+    // A panic in a VMM thread (a test hook) is reported with its message,
+    // not hidden behind the seccomp violation a default backtrace makes.
+    for kind in ["vcpu", "event-loop"] {
+        let mut bad = fixture(guest.clone(), "");
+        bad.config.test_forbidden_syscall = Some(format!("panic:{kind}"));
+        let (mut doomed, _console) = Machine::start(bad.config.clone(), BackendKind::Kvm, &kvm)
+            .await
+            .expect("start");
+        let status = tokio::time::timeout(Duration::from_secs(30), doomed.wait())
+            .await
+            .expect("the VMM process ends");
+        match &status {
+            ExitStatus::Failed(why) => assert!(
+                why.contains("panicked") && why.contains(&format!("the {kind} thread panics")),
+                "{kind}: {why}"
+            ),
+            other => panic!("{kind}: {other:?}"),
+        }
+        doomed.destroy().await.unwrap();
+        assert!(!bad.config.run_dir.exists());
+    }
 }
 
 /// QEMU gets none of kiln's environment and runs in a cgroup of its own;

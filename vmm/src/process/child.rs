@@ -51,7 +51,34 @@ fn wire_error(e: &MachineError) -> WireError {
 }
 
 /// Entry point of the `kiln-vmm` executable.
+/// Exit status of a VMM process whose thread panicked.
+pub const PANIC_EXIT: i32 = 158;
+
+/// Report a panic on the control socket and end the whole process.
+///
+/// The default hook would capture a backtrace, which opens
+/// `/proc/self/exe`: inside the seccomp filter that is a violation that
+/// hides the panic. This hook only formats, writes and exits; the VM must
+/// not go on with one of its threads gone.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let text = info.to_string();
+        eprintln!("kiln-vmm: {text}");
+        if let Ok(frame) = proto::encode(&FromVmm::Panicked(text)) {
+            // SAFETY: write(2) on the control socket kiln handed over at
+            // this number, from a buffer valid for its length; a frame
+            // another thread is writing at the same time may be torn, and
+            // kiln then reports the death without the message.
+            unsafe { libc::write(fds::CONTROL, frame.as_ptr().cast(), frame.len()) };
+        }
+        // SAFETY: _exit(2) ends the process without running destructors
+        // that could touch guest memory or the VM's descriptors.
+        unsafe { libc::_exit(PANIC_EXIT) };
+    }));
+}
+
 pub fn main() -> ExitCode {
+    install_panic_hook();
     // SAFETY: kiln starts this process with the control socket at this
     // number (`super::fds`) and nothing else owns it here.
     let mut control = unsafe { UnixStream::from_raw_fd(fds::CONTROL) };
@@ -141,15 +168,16 @@ pub fn main() -> ExitCode {
             })
             .map_err(|e| format!("could not install the seccomp filter: {e}"))?;
         }
+        let panics = forbidden
+            .as_deref()
+            .and_then(|h| h.strip_prefix("panic:"))
+            .is_some_and(|k| k == kind_name(kind));
+        if panics {
+            wait_until_started();
+            panic!("test hook: the {} thread panics", kind_name(kind));
+        }
         if forbidden.as_deref() == Some(kind_name(kind)) {
-            // After kiln has heard the VM started, so that the violation
-            // ends a running VM (the case the hook is for).
-            for _ in 0..5000 {
-                if STARTED.load(Ordering::Acquire) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            wait_until_started();
             seccomp::make_forbidden_syscall();
         }
         Ok(())
@@ -209,6 +237,17 @@ pub fn main() -> ExitCode {
         seccomp::make_forbidden_syscall();
     }
     rt.block_on(serve(machine, control))
+}
+
+/// Test hooks wait until kiln has heard the VM started, so that they end a
+/// running VM (the case they are for).
+fn wait_until_started() {
+    for _ in 0..5000 {
+        if STARTED.load(Ordering::Acquire) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 fn kind_name(kind: ThreadKind) -> &'static str {

@@ -313,7 +313,7 @@ impl VmmProcess {
                 let status = tokio::time::timeout(REAP_TIMEOUT, child.wait()).await;
                 fail(&mut child);
                 let why = match status {
-                    Ok(Ok(s)) => describe_death(s, None, None),
+                    Ok(Ok(s)) => describe_death(s, None, None, None),
                     _ => format!("the VMM process broke the protocol: {e}"),
                 };
                 return Err(MachineError::EarlyExit(why));
@@ -429,8 +429,16 @@ impl VmmProcess {
             }
             None => match self.child.wait().await {
                 Ok(s) => {
-                    let violation = self.reported.lock().ok().and_then(|r| r.violation);
-                    ExitStatus::Failed(describe_death(s, self.cgroup.as_ref(), violation))
+                    let (violation, panic) = match self.reported.lock() {
+                        Ok(r) => (r.violation, r.panic.clone()),
+                        Err(_) => (None, None),
+                    };
+                    ExitStatus::Failed(describe_death(
+                        s,
+                        self.cgroup.as_ref(),
+                        violation,
+                        panic.as_deref(),
+                    ))
                 }
                 Err(e) => {
                     ExitStatus::Failed(format!("the VMM process could not be waited for: {e}"))

@@ -73,6 +73,9 @@ pub enum FromVmm {
     /// A seccomp filter refused this syscall number; the process exits
     /// right after. Written by the SIGSYS handler, as the last frame.
     Violation(i64),
+    /// A thread of the VMM process panicked (a kiln bug, whatever the guest
+    /// did); the process exits right after. Written by the panic hook.
+    Panicked(String),
     Exit {
         status: WireStatus,
         stats: ExitStats,

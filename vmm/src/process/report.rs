@@ -23,6 +23,8 @@ pub(super) struct Reported {
     pub(super) guest_resident: u64,
     /// The syscall a seccomp filter refused, when the VMM process said.
     pub(super) violation: Option<i64>,
+    /// The panic message, when a thread of the VMM process panicked.
+    pub(super) panic: Option<String>,
 }
 
 /// Read the VMM process's reports until it ends the conversation.
@@ -60,6 +62,12 @@ pub(super) async fn read_reports(
                     r.violation = Some(nr);
                 }
             }
+            Ok(FromVmm::Panicked(text)) => {
+                tracing::error!("the VMM process panicked: {text}");
+                if let Ok(mut r) = reported.lock() {
+                    r.panic = Some(text);
+                }
+            }
             Ok(other) => {
                 tracing::warn!("VMM process: unexpected message {other:?}; ignored");
             }
@@ -78,7 +86,11 @@ pub(super) fn describe_death(
     status: std::process::ExitStatus,
     cgroup: Option<&Cgroup>,
     violation: Option<i64>,
+    panic: Option<&str>,
 ) -> String {
+    if let Some(text) = panic {
+        return format!("the VMM process panicked (a kiln bug; please report it): {text}");
+    }
     if let Some(nr) = violation {
         return format!(
             "the VMM process was killed by its seccomp filter: it made the forbidden system \
@@ -100,6 +112,9 @@ pub(super) fn describe_death(
             // The SIGSYS handler's exit, its report lost.
             Some(crate::jail::seccomp::VIOLATION_EXIT) => "the VMM process was killed by its \
                 seccomp filter: it made a forbidden system call"
+                .to_string(),
+            Some(super::child::PANIC_EXIT) => "the VMM process panicked (a kiln bug; please \
+                report it); its message is in kiln's log"
                 .to_string(),
             Some(code) => format!(
                 "the VMM process exited with status {code} without saying how the VM ended \
@@ -129,19 +144,27 @@ mod tests {
     fn a_vmm_process_that_died_is_described_by_what_killed_it() {
         let signal = |sig: i32| std::process::ExitStatus::from_raw(sig);
         let exited = |code: i32| std::process::ExitStatus::from_raw(code << 8);
-        let why = describe_death(signal(libc::SIGSYS), None, Some(libc::SYS_ptrace));
+        let why = describe_death(signal(libc::SIGSYS), None, Some(libc::SYS_ptrace), None);
         assert!(
             why.contains("seccomp") && why.contains("ptrace (101)"),
             "{why}"
         );
-        let why = describe_death(signal(libc::SIGSYS), None, None);
+        let why = describe_death(signal(libc::SIGSYS), None, None, None);
         assert!(why.contains("SIGSYS"), "{why}");
-        let why = describe_death(signal(libc::SIGKILL), None, None);
+        let why = describe_death(signal(libc::SIGKILL), None, None, None);
         assert!(why.contains("signal 9"), "{why}");
-        let why = describe_death(exited(159), None, None);
+        let why = describe_death(exited(159), None, None, None);
         assert!(why.contains("seccomp"), "{why}");
-        let why = describe_death(exited(101), None, None);
+        let why = describe_death(exited(101), None, None, None);
         assert!(why.contains("status 101"), "{why}");
+        let panic_exit = exited(crate::process::child::PANIC_EXIT);
+        let why = describe_death(panic_exit, None, None, Some("boom at src/x.rs:1:2"));
+        assert!(
+            why.contains("panicked") && why.contains("boom at src/x.rs"),
+            "{why}"
+        );
+        let why = describe_death(panic_exit, None, None, None);
+        assert!(why.contains("panicked"), "{why}");
     }
 
     #[test]
