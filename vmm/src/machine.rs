@@ -186,6 +186,15 @@ impl Machine {
         }
     }
 
+    /// kvm backend only: files the VMM process tried to open inside its
+    /// jail and was refused (`thread: path`), the first few.
+    pub fn refused_opens(&self) -> Vec<String> {
+        match &self.inner {
+            Inner::Qemu(_) => Vec::new(),
+            Inner::Kvm(m) => m.refused_opens(),
+        }
+    }
+
     /// The VM process's cgroup directory (QEMU's, or the kvm backend's VMM
     /// process's) and its memory limit file, when it has one.
     pub fn cgroup(&self) -> Option<(std::path::PathBuf, std::path::PathBuf)> {

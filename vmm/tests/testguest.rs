@@ -105,6 +105,7 @@ async fn boot(
     ExitStatus,
     Vec<u8>,
     Option<kiln_vmm::kvm::stats::ExitStats>,
+    Vec<String>,
 ) {
     let (mut machine, console) = Machine::start(fx.config.clone(), backend, kvm)
         .await
@@ -153,6 +154,7 @@ async fn boot(
     }
     let serial = machine.serial_log();
     let exits = machine.exit_stats();
+    let refused = machine.refused_opens();
     if !got.last().is_some_and(|l| l.starts_with("DONE")) {
         eprintln!(
             "{}: exit {status:?}; serial log:\n{}",
@@ -166,7 +168,7 @@ async fn boot(
         !run_dir.exists(),
         "destroy must remove the per-VM directory"
     );
-    (got, status, serial, exits)
+    (got, status, serial, exits, refused)
 }
 
 fn assert_all_ok(lines: &[String], expected: &[&str]) {
@@ -218,8 +220,9 @@ async fn testguest_passes_every_check_on_the_kvm_backend() {
         Err(why) => panic!("cannot build the test guest: {why}"),
     };
     let fx = fixture(guest, "");
-    let (lines, status, serial, exits) = boot(&fx, BackendKind::Kvm, &kvm).await;
+    let (lines, status, serial, exits, refused) = boot(&fx, BackendKind::Kvm, &kvm).await;
     assert_all_ok(&lines, ALL_CHECKS);
+    assert!(refused.is_empty(), "the VMM opened nothing: {refused:?}");
     assert_eq!(
         status,
         ExitStatus::Shutdown,
@@ -267,7 +270,7 @@ async fn testguest_passes_every_check_on_the_qemu_backend() {
     let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
     let kvm = probe_kvm();
     let fx = fixture(guest, " no_bad_chain");
-    let (lines, status, _, exits) = boot(&fx, BackendKind::Qemu, &kvm).await;
+    let (lines, status, _, exits, _) = boot(&fx, BackendKind::Qemu, &kvm).await;
     assert!(exits.is_none(), "exit counts are the kvm backend's");
     let expected: Vec<&str> = ALL_CHECKS
         .iter()
@@ -526,7 +529,7 @@ async fn kvm_forbidden_syscall_kills_only_that_vm() {
         let (mut doomed, _console) = Machine::start(bad.config.clone(), BackendKind::Kvm, &kvm)
             .await
             .expect("start");
-        let (lines, status, _, _) = boot(&good, BackendKind::Kvm, &kvm).await;
+        let (lines, status, _, _, _) = boot(&good, BackendKind::Kvm, &kvm).await;
         assert_all_ok(&lines, ALL_CHECKS);
         assert_eq!(status, ExitStatus::Shutdown);
         let status = tokio::time::timeout(Duration::from_secs(30), doomed.wait())
@@ -541,6 +544,21 @@ async fn kvm_forbidden_syscall_kills_only_that_vm() {
         }
         doomed.destroy().await.unwrap();
         assert!(!bad.config.run_dir.exists());
+    }
+    // An open(2) in a VMM thread (a test hook, as the C library may do on
+    // its own) fails with EACCES and is reported; the VM goes on.
+    for kind in ["vcpu", "event-loop"] {
+        let mut fx = fixture(guest.clone(), "");
+        fx.config.test_forbidden_syscall = Some(format!("open:{kind}"));
+        let (lines, status, _, _, refused) = boot(&fx, BackendKind::Kvm, &kvm).await;
+        assert_all_ok(&lines, ALL_CHECKS);
+        assert_eq!(status, ExitStatus::Shutdown, "{kind}");
+        // Once per thread of that kind.
+        let expected = format!("{kind}: /etc/kiln-test-hook");
+        assert!(
+            !refused.is_empty() && refused.iter().all(|r| *r == expected),
+            "{kind}: {refused:?}"
+        );
     }
     // A panic in a VMM thread (a test hook) is reported with its message,
     // not hidden behind the seccomp violation a default backtrace makes.

@@ -10,7 +10,15 @@
 //! process with [`VIOLATION_EXIT`]. kiln reports the VM failed, naming the
 //! syscall. The handler can only be replaced through `rt_sigaction`, which
 //! no list allows.
+//!
+//! One exception: `open`/`openat` fail with `EACCES` instead (the handler
+//! sets the return value and resumes the thread) and are reported as
+//! [`crate::process::proto::FromVmm::Refused`] with the path and the thread.
+//! Nothing can be opened inside the jail anyway, and the C library opens
+//! files on its own in rare paths (it falls back when that fails), which
+//! must not kill a running job.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -171,9 +179,27 @@ impl Filters {
             Kind::EventLoop => &self.event_loop,
             Kind::Main => &self.main,
         };
-        seccompiler::apply_filter(prog).map_err(|e| SeccompError::Apply(e.to_string()))
+        seccompiler::apply_filter(prog).map_err(|e| SeccompError::Apply(e.to_string()))?;
+        THREAD_KIND.with(|k| {
+            k.set(match kind {
+                Kind::Vcpu => 1,
+                Kind::EventLoop => 2,
+                Kind::Main => 3,
+            })
+        });
+        Ok(())
     }
 }
+
+thread_local! {
+    /// The calling thread's [`Kind`] (1 + its index; 0 before its filter),
+    /// for the SIGSYS handler: a const-initialised plain value, safe to
+    /// read in a signal handler.
+    static THREAD_KIND: Cell<u8> = const { Cell::new(0) };
+}
+
+/// Thread names as reports give them, by `THREAD_KIND`.
+const THREAD_NAMES: [&[u8]; 4] = [b"set-up", b"vcpu", b"event-loop", b"main"];
 
 /// Where the SIGSYS handler reports (the control socket).
 static REPORT_FD: AtomicI32 = AtomicI32::new(-1);
@@ -182,7 +208,94 @@ static REPORT_FD: AtomicI32 = AtomicI32::new(-1);
 /// si_code, padding and `_call_addr`).
 const SI_SYSCALL_OFFSET: usize = 24;
 
-extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+/// A JSON frame built without allocating (the SIGSYS handler's).
+struct Frame {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl Frame {
+    fn new() -> Frame {
+        Frame {
+            buf: [0; 256],
+            len: 4,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.len < self.buf.len() {
+                self.buf[self.len] = b;
+                self.len += 1;
+            }
+        }
+    }
+
+    fn number(&mut self, v: i64) {
+        if v < 0 {
+            self.push(b"-");
+        }
+        let mut n = v.unsigned_abs();
+        let mut digits = [0u8; 20];
+        let mut d = 0;
+        loop {
+            digits[d] = b'0' + (n % 10) as u8;
+            d += 1;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        for i in (0..d).rev() {
+            self.push(&[digits[i]]);
+        }
+    }
+
+    /// A JSON string of printable ASCII (anything else becomes `?`).
+    fn string(&mut self, bytes: &[u8]) {
+        self.push(b"\"");
+        for &b in bytes {
+            let b = if (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\' {
+                b
+            } else {
+                b'?'
+            };
+            self.push(&[b]);
+        }
+        self.push(b"\"");
+    }
+
+    /// Fill in the length prefix; the frame's bytes.
+    fn finish(&mut self) -> &[u8] {
+        let body = (self.len - 4) as u32;
+        self.buf[..4].copy_from_slice(&body.to_le_bytes());
+        &self.buf[..self.len]
+    }
+}
+
+/// Copy the NUL-terminated string at `p` (at most `out.len()` bytes).
+///
+/// # Safety
+/// `p` must be null or point to readable memory up to its NUL or
+/// `out.len()` bytes, whichever comes first.
+unsafe fn c_string(p: *const u8, out: &mut [u8]) -> usize {
+    if p.is_null() {
+        return 0;
+    }
+    let mut n = 0;
+    while n < out.len() {
+        // SAFETY: the caller guarantees `p + n` is readable up to the NUL.
+        let b = unsafe { p.add(n).read() };
+        if b == 0 {
+            break;
+        }
+        out[n] = b;
+        n += 1;
+    }
+    n
+}
+
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo_t for SIGSYS with
     // SA_SIGINFO; si_syscall is an int at this offset on x86_64.
     let nr = unsafe {
@@ -191,41 +304,53 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
             .cast::<i32>()
             .read_unaligned()
     };
-    // A frame by hand: no allocation, no locks (async-signal-safe).
-    let mut body = [0u8; 32];
-    let prefix = b"{\"Violation\":";
-    body[..prefix.len()].copy_from_slice(prefix);
-    let mut len = prefix.len();
-    let mut digits = [0u8; 12];
-    let mut n = i64::from(nr).unsigned_abs();
-    let mut d = 0;
-    loop {
-        digits[d] = b'0' + (n % 10) as u8;
-        d += 1;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    if nr < 0 {
-        body[len] = b'-';
-        len += 1;
-    }
-    for i in (0..d).rev() {
-        body[len] = digits[i];
-        len += 1;
-    }
-    body[len] = b'}';
-    len += 1;
-    let mut frame = [0u8; 36];
-    frame[..4].copy_from_slice(&(len as u32).to_le_bytes());
-    frame[4..4 + len].copy_from_slice(&body[..len]);
+    let nr = i64::from(nr);
+    let thread = THREAD_KIND.with(Cell::get) as usize;
+    let thread = THREAD_NAMES[thread.min(THREAD_NAMES.len() - 1)];
     let fd = REPORT_FD.load(Ordering::Relaxed);
+    // A frame by hand: no allocation, no locks (async-signal-safe).
+    let mut frame = Frame::new();
+    let ctx = ctx.cast::<libc::ucontext_t>();
+    if (nr == libc::SYS_open || nr == libc::SYS_openat) && !ctx.is_null() {
+        // SAFETY: with SA_SIGINFO the third argument is the interrupted
+        // thread's ucontext_t, ours to read and change until we return.
+        let gregs = unsafe { &mut (*ctx).uc_mcontext.gregs };
+        // open(path, ...) has the path in rdi; openat(dirfd, path, ...) in rsi.
+        let arg = if nr == libc::SYS_open {
+            libc::REG_RDI
+        } else {
+            libc::REG_RSI
+        };
+        let mut path = [0u8; 128];
+        // SAFETY: the path argument of the refused call: a string the
+        // thread passed to the kernel, in this process's memory.
+        let n = unsafe { c_string(gregs[arg as usize] as *const u8, &mut path) };
+        frame.push(b"{\"Refused\":{\"nr\":");
+        frame.number(nr);
+        frame.push(b",\"thread\":");
+        frame.string(thread);
+        frame.push(b",\"path\":");
+        frame.string(&path[..n]);
+        frame.push(b"}}");
+        // The call fails with EACCES when the thread resumes.
+        gregs[libc::REG_RAX as usize] = -i64::from(libc::EACCES);
+        let bytes = frame.finish();
+        if fd >= 0 {
+            // SAFETY: write(2) is async-signal-safe and allowed by every
+            // filter; `bytes` is valid for its length.
+            unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+        }
+        return;
+    }
+    frame.push(b"{\"Violation\":");
+    frame.number(nr);
+    frame.push(b"}");
+    let bytes = frame.finish();
     // SAFETY: write(2) and _exit(2) are async-signal-safe and allowed by
-    // every filter; `frame` is valid for `4 + len` bytes.
+    // every filter; `bytes` is valid for its length.
     unsafe {
         if fd >= 0 {
-            libc::write(fd, frame.as_ptr().cast(), 4 + len);
+            libc::write(fd, bytes.as_ptr().cast(), bytes.len());
         }
         libc::_exit(VIOLATION_EXIT);
     }
@@ -236,6 +361,11 @@ pub fn install_sigsys_reporter(fd: i32) -> Result<(), SeccompError> {
     REPORT_FD.store(fd, Ordering::Relaxed);
     vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys)
         .map_err(|e| SeccompError::Apply(format!("SIGSYS handler: {e}")))
+}
+
+/// Test hook: an `openat` (refused with EACCES, reported, survived).
+pub fn make_refused_open() -> std::io::Result<std::fs::File> {
+    std::fs::File::open("/etc/kiln-test-hook")
 }
 
 /// Test hook: a syscall no filter allows (`ptrace(PTRACE_TRACEME)`).
@@ -296,5 +426,45 @@ mod tests {
         Filters::build().unwrap();
         assert_eq!(syscall_name(libc::SYS_ptrace), "ptrace (101)");
         assert!(syscall_name(9999).contains("9999"));
+    }
+
+    #[test]
+    fn handler_frames_decode_as_reports() {
+        use crate::process::proto::{decode, FromVmm};
+        let mut f = Frame::new();
+        f.push(b"{\"Refused\":{\"nr\":");
+        f.number(257);
+        f.push(b",\"thread\":");
+        f.string(b"vcpu");
+        f.push(b",\"path\":");
+        f.string(b"/sys/\"x\"\\\n");
+        f.push(b"}}");
+        let bytes = f.finish().to_vec();
+        assert_eq!(
+            u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize,
+            bytes.len() - 4
+        );
+        match decode::<FromVmm>(&bytes[4..]).unwrap() {
+            FromVmm::Refused { nr, thread, path } => {
+                assert_eq!(
+                    (nr, thread.as_str(), path.as_str()),
+                    (257, "vcpu", "/sys/?x???")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut f = Frame::new();
+        f.push(b"{\"Violation\":");
+        f.number(-3);
+        f.push(b"}");
+        let bytes = f.finish().to_vec();
+        assert!(matches!(
+            decode::<FromVmm>(&bytes[4..]).unwrap(),
+            FromVmm::Violation(-3)
+        ));
+        // A long string is cut at the frame's end, never past it.
+        let mut f = Frame::new();
+        f.string(&[b'a'; 1000]);
+        assert_eq!(f.finish().len(), 256);
     }
 }

@@ -176,6 +176,16 @@ pub fn main() -> ExitCode {
             wait_until_started();
             panic!("test hook: the {} thread panics", kind_name(kind));
         }
+        let opens = forbidden
+            .as_deref()
+            .and_then(|h| h.strip_prefix("open:"))
+            .is_some_and(|k| k == kind_name(kind));
+        if opens {
+            wait_until_started();
+            if let Err(e) = seccomp::make_refused_open() {
+                eprintln!("kiln-vmm: test hook: open refused: {e}");
+            }
+        }
         if forbidden.as_deref() == Some(kind_name(kind)) {
             wait_until_started();
             seccomp::make_forbidden_syscall();

@@ -376,6 +376,15 @@ impl VmmProcess {
         &self.jail
     }
 
+    /// Files the VMM process's threads tried to open and were refused
+    /// (`thread: path`), the first few.
+    pub fn refused_opens(&self) -> Vec<String> {
+        self.reported
+            .lock()
+            .map(|r| r.refused.clone())
+            .unwrap_or_default()
+    }
+
     /// The VMM process's cgroup, when it has one.
     pub fn cgroup(&self) -> Option<&Cgroup> {
         self.cgroup.as_ref()

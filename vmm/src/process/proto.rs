@@ -73,6 +73,13 @@ pub enum FromVmm {
     /// A seccomp filter refused this syscall number; the process exits
     /// right after. Written by the SIGSYS handler, as the last frame.
     Violation(i64),
+    /// A thread tried to open a file; it was refused (EACCES) and goes on.
+    /// Written by the SIGSYS handler.
+    Refused {
+        nr: i64,
+        thread: String,
+        path: String,
+    },
     /// A thread of the VMM process panicked (a kiln bug, whatever the guest
     /// did); the process exits right after. Written by the panic hook.
     Panicked(String),

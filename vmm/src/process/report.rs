@@ -25,7 +25,12 @@ pub(super) struct Reported {
     pub(super) violation: Option<i64>,
     /// The panic message, when a thread of the VMM process panicked.
     pub(super) panic: Option<String>,
+    /// Files a thread tried to open (`thread: path`), the first few.
+    pub(super) refused: Vec<String>,
 }
+
+/// How many refused opens are kept.
+const MAX_REFUSED: usize = 8;
 
 /// Read the VMM process's reports until it ends the conversation.
 pub(super) async fn read_reports(
@@ -60,6 +65,17 @@ pub(super) async fn read_reports(
             Ok(FromVmm::Violation(nr)) => {
                 if let Ok(mut r) = reported.lock() {
                     r.violation = Some(nr);
+                }
+            }
+            Ok(FromVmm::Refused { nr, thread, path }) => {
+                tracing::warn!(
+                    "the VMM process's {thread} thread tried {} on {path:?}; refused (EACCES)",
+                    crate::jail::seccomp::syscall_name(nr)
+                );
+                if let Ok(mut r) = reported.lock() {
+                    if r.refused.len() < MAX_REFUSED {
+                        r.refused.push(format!("{thread}: {path}"));
+                    }
                 }
             }
             Ok(FromVmm::Panicked(text)) => {
