@@ -210,7 +210,20 @@ pub fn backend() -> BackendKind {
     }
 }
 
+/// kiln's warnings (a refused open in a VMM process, a lost frame...) go to
+/// the test's output, where a failure's reader sees them.
+fn log_warnings() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
 pub fn config(run_dir: &Path) -> ExecutorConfig {
+    log_warnings();
     // Builds kiln-vmm as well, for the kvm backend (under cargo only: in a
     // nested L1 it was copied next to the test binary).
     if std::env::var_os("CARGO").is_some() {
