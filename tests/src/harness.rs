@@ -236,7 +236,9 @@ pub fn config(run_dir: &Path) -> ExecutorConfig {
         .vcpus(1)
         .memory_mib(512)
         .disk_gib(4)
-        .boot_timeout(Duration::from_secs(90))
+        // Generous: TCG (and TCG inside TCG in the nested tier) on a loaded
+        // 2-core host has taken over 90 s to reach the agent.
+        .boot_timeout(Duration::from_secs(180))
         .default_job_timeout(Duration::from_secs(300))
         .log_dir(test_root().join("logs"))
         .qemu(kiln_vmm::QemuOptions::new(Some(qemu_binary())))
