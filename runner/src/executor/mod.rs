@@ -316,7 +316,10 @@ impl Executor {
             console_port: proto::AGENT_PORT_NAME.into(),
             run_dir: dir.0.join("vm"),
             serial_log_limit: 256 * 1024,
-            start_timeout: Duration::from_secs(10),
+            // Until QEMU connects its console or the VMM process reports
+            // the VM built; a loaded host (TCG in TCG in the nested tier)
+            // has taken more than 10 s. The boot timeout bounds the rest.
+            start_timeout: Duration::from_secs(60).min(self.config.boot_timeout),
             qemu: self.config.qemu.clone(),
             isolation: kiln_vmm::Isolation {
                 mode: self.config.isolation,
