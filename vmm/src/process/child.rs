@@ -79,6 +79,17 @@ fn install_panic_hook() {
 
 pub fn main() -> ExitCode {
     install_panic_hook();
+    // One malloc arena for every thread. glibc trims a thread arena's heap
+    // after frees and, the first time, reads
+    // /proc/sys/vm/overcommit_memory to decide how: an open(2) under the
+    // seccomp filter (refused, see `seccomp`), seen from the event-loop
+    // thread in the nested tier. The main arena trims with brk alone.
+    // SAFETY: mallopt(3) with a valid parameter, before any other thread
+    // exists.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1)
+    };
     // SAFETY: kiln starts this process with the control socket at this
     // number (`super::fds`) and nothing else owns it here.
     let mut control = unsafe { UnixStream::from_raw_fd(fds::CONTROL) };
