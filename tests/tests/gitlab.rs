@@ -1115,6 +1115,60 @@ async fn a_token_revoked_while_serving_stops_the_daemon() {
     );
 }
 
+/// A GitLab that answers 404 to `POST /runners/verify` (as an independent
+/// server may): the daemon still asks for jobs and serves them. A second
+/// runner whose token is refused stops alone, and the first goes on; when
+/// the first runner's token is refused too (401 on the job request, verify
+/// still 404), the daemon stops with an error naming the runner.
+async fn a_gitlab_without_verify_is_served_and_refused_runners_stop_alone() {
+    let fake = fake_gitlab();
+    fake.set_verify_missing(true);
+    fake.set_refusal(401);
+    let home = tempfile::tempdir().unwrap();
+    let path = no_vm_config(&fake, home.path(), TOKEN);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!(
+        "\n[[runners]]\nname = \"wrong-token\"\nurl = \"{}\"\ntoken = \"glrt-wrong\"\n\
+         backend = \"qemu\"\ncache_dir = {:?}\nnetwork = \"none\"\n",
+        fake.url,
+        home.path().join("cache").display().to_string()
+    ));
+    std::fs::write(&path, text).unwrap();
+    let cfg = Config::load(&path).unwrap();
+    let daemon = tokio::spawn(kiln::gitlab::daemon::run(cfg, std::future::pending()));
+    // A host-path image: refused before any VM, so no VM is needed here.
+    let id = fake.push(fake.job("/srv/images/absent", &["echo never"]));
+    let j = fake.wait_done(id, Duration::from_secs(120)).await;
+    assert_eq!(j.assigned, 1);
+    assert!(
+        j.trace_text().contains("is a path on the runner host"),
+        "{}",
+        j.trace_text()
+    );
+    assert!(fake.verify_calls() >= 2, "both runners tried verify");
+    assert_eq!(fake.verifies(), 0, "verify never answered 200");
+    // The wrong-token runner has stopped by now; the first one still serves.
+    let id2 = fake.push(fake.job("/srv/images/absent", &["echo never"]));
+    fake.wait_done(id2, Duration::from_secs(120)).await;
+    assert!(!daemon.is_finished(), "one runner still serves");
+
+    fake.set_runner_token("glrt-rotated");
+    let r = tokio::time::timeout(Duration::from_secs(120), daemon)
+        .await
+        .expect("the daemon stops once no runner is left")
+        .unwrap();
+    let e = r.expect_err("a refused token is an error");
+    assert!(
+        matches!(
+            &e,
+            kiln::gitlab::GitlabError::TokenRefused { status: 401, runner, .. }
+                if runner == "refused-runner" || runner == "wrong-token"
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("kiln gitlab verify"), "{e}");
+}
+
 /// `kiln gitlab register` writes the runner token into a file only its
 /// owner can read; `kiln gitlab verify` accepts the token, and says which
 /// runner fails when GitLab refuses it.
@@ -1339,6 +1393,11 @@ fn main() -> std::process::ExitCode {
             "a_token_revoked_while_serving_stops_the_daemon",
             &[],
             a_token_revoked_while_serving_stops_the_daemon,
+        )
+        .tokio(
+            "a_gitlab_without_verify_is_served_and_refused_runners_stop_alone",
+            &[],
+            a_gitlab_without_verify_is_served_and_refused_runners_stop_alone,
         )
         .tokio(
             "register_writes_a_private_config_and_verify_checks_it",
