@@ -159,6 +159,10 @@ pub struct RunnerConfig {
     /// /etc/resolv.conf).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns: Vec<String>,
+    /// `[runners.cache]`: where jobs' `cache:` archives are kept (see
+    /// docs/cache.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<crate::cache::CacheConfig>,
 }
 
 fn auto() -> String {
@@ -265,6 +269,9 @@ impl Config {
                 )));
             }
             r.network_config()?;
+            if let Some(c) = &r.cache {
+                c.validate(&r.name).map_err(ConfigError::Invalid)?;
+            }
         }
         Ok(())
     }

@@ -102,6 +102,8 @@ pub(super) struct Runner {
     limit: Arc<Semaphore>,
     /// Where the jobs' directories go.
     pub(super) run_dir: PathBuf,
+    /// Where the jobs' caches are kept (`[runners.cache]`).
+    pub(super) cache_store: crate::cache::LocalStore,
 }
 
 /// Build the executor config of one runner.
@@ -167,6 +169,15 @@ pub async fn run(
     for r in &config.runners {
         let ec = executor_config(&config, r)?;
         let run_dir = ec.run_dir.clone();
+        let cache_store = r
+            .cache
+            .clone()
+            .unwrap_or_default()
+            .open(&ec.cache_dir)
+            .map_err(|e| GitlabError::Executor {
+                runner: r.name.clone(),
+                source: format!("opening the cache store: {e}").into(),
+            })?;
         // Also removes job directories (VM files, workspaces) of a kiln
         // that was killed; its QEMUs died with it (PDEATHSIG).
         let executor = Executor::new(ec).map_err(|e| GitlabError::Executor {
@@ -184,6 +195,7 @@ pub async fn run(
             executor: Arc::new(executor),
             limit: Arc::new(Semaphore::new(limit)),
             run_dir,
+            cache_store,
         });
         loops.push(tokio::spawn(runner_loop(runner, shared.clone())));
     }
