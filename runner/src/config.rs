@@ -472,6 +472,27 @@ image = "/images/debian"
     }
 
     #[test]
+    fn runners_cache_is_read_like_gitlab_runners() {
+        let base = "[[runners]]\nname='a'\nurl='https://x'\ntoken='t'\n[runners.cache]\n";
+        let c: Config = toml::from_str(&format!(
+            "{base}Type='local'\nPath='/c'\nShared=true\nMaxSize=10\nMaxUploadedArchiveSize=99\n"
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        let cache = c.runners[0].cache.as_ref().unwrap();
+        assert_eq!(cache.path.as_deref(), Some(Path::new("/c")));
+        assert!(cache.shared);
+        assert_eq!(
+            (cache.max_size_mib, cache.max_archive_bytes),
+            (Some(10), Some(99))
+        );
+        let s3: Config = toml::from_str(&format!("{base}Type='s3'\n")).unwrap();
+        let e = s3.validate().unwrap_err().to_string();
+        assert!(e.contains("Type = \"s3\" is not supported"), "{e}");
+        assert!(toml::from_str::<Config>(&format!("{base}Bucket='b'\n")).is_err());
+    }
+
+    #[test]
     fn the_example_file_is_valid() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("kiln.example.toml");
         Config::load(&p).unwrap();
