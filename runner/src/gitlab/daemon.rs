@@ -396,10 +396,11 @@ async fn runner_loop(runner: Arc<Runner>, shared: Arc<Shared>) -> Result<(), Git
                 drop((rp, gp));
                 if e.token_refused() {
                     // GitLab answers 401/403 to a token it no longer knows
-                    // (runner deleted, token reset). Only a verify that
-                    // accepts the token makes it a passing fault (a proxy's
-                    // 403); a GitLab without verify (404) is taken at its
-                    // word.
+                    // (runner deleted, token reset). Verify tells a refused
+                    // token from a passing fault (a proxy's 403); where
+                    // GitLab has no verify (404, 405) the job request's
+                    // answer stands; a verify that fails otherwise (5xx,
+                    // transport) proves nothing: ask again after the backoff.
                     match runner
                         .client
                         .verify(&runner.cfg.token, &shared.system_id)
@@ -407,7 +408,10 @@ async fn runner_loop(runner: Arc<Runner>, shared: Arc<Shared>) -> Result<(), Git
                     {
                         Ok(_) => {}
                         Err(v) if v.token_refused() => return Err(refused(&name, &v)),
-                        Err(_) => return Err(refused(&name, &e)),
+                        Err(v) if matches!(v.status(), Some(404 | 405)) => {
+                            return Err(refused(&name, &e))
+                        }
+                        Err(_) => {}
                     }
                 }
                 let d = backoff.next();
