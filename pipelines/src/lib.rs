@@ -27,8 +27,8 @@ pub use error::{Error, ExprError, Location, Result};
 pub use files::{read_beneath, read_file, ProjectFiles};
 pub use limits::{Limits, NODE_BYTES};
 pub use spec::{
-    AllowFailure, ArtifactSpec, ArtifactWhen, JobSource, JobSpec, JobWhen, Shell, Step, StepWhen,
-    Variable,
+    AllowFailure, ArtifactSpec, ArtifactWhen, CachePolicy, CacheSpec, JobSource, JobSpec, JobWhen,
+    Shell, Step, StepWhen, Variable,
 };
 
 /// Which front end a file needs.

@@ -21,6 +21,9 @@ pub struct JobSpec {
     /// Whole-job timeout. The VM is destroyed when it expires.
     pub timeout: Option<Duration>,
     pub artifacts: Vec<ArtifactSpec>,
+    /// GitLab `cache:` entries, in order (keys resolved).
+    #[serde(default)]
+    pub cache: Vec<CacheSpec>,
     /// Where the job's sources come from.
     pub source: JobSource,
     /// Provider job key: the GitHub `jobs.<id>` key, or the GitLab job name
@@ -57,6 +60,7 @@ impl JobSpec {
             working_dir: None,
             timeout: None,
             artifacts: Vec::new(),
+            cache: Vec::new(),
             source: JobSource::None,
             id: name,
             stage: None,
@@ -93,6 +97,9 @@ impl JobSpec {
             .sum::<usize>();
         for a in &self.artifacts {
             n += opt(&a.name) + list(&a.paths) + list(&a.exclude) + opt(&a.expire_in);
+        }
+        for c in &self.cache {
+            n += s(&c.key) + list(&c.fallback_keys) + list(&c.paths);
         }
         n
     }
@@ -235,6 +242,60 @@ pub enum ArtifactWhen {
     OnSuccess,
     OnFailure,
     Always,
+}
+
+/// One GitLab `cache:` entry: files kept between jobs under a key, restored
+/// into the workspace before the first step and saved from it after the
+/// last one (GitLab's semantics; see docs/cache.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheSpec {
+    /// The key, resolved: variables expanded, `key: files:` hashed, the
+    /// `-protected`/`-non_protected` suffix added (by GitLab for jobs it
+    /// sends; by the front end for local runs).
+    pub key: String,
+    /// Keys tried in order when `key` has no cache (`fallback_keys`).
+    pub fallback_keys: Vec<String>,
+    /// Workspace paths (GitLab artifact patterns) the cache holds.
+    pub paths: Vec<String>,
+    /// Also every file git does not track.
+    pub untracked: bool,
+    pub policy: CachePolicy,
+    /// Whether the cache is saved after a job that succeeded, failed, or
+    /// either.
+    pub when: ArtifactWhen,
+}
+
+/// `cache: policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CachePolicy {
+    /// Restore only.
+    Pull,
+    /// Save only.
+    Push,
+    /// Restore, then save (the default).
+    PullPush,
+}
+
+impl CachePolicy {
+    /// Whether the cache is restored before the job.
+    pub fn pulls(self) -> bool {
+        matches!(self, CachePolicy::Pull | CachePolicy::PullPush)
+    }
+
+    /// Whether the cache is saved after the job.
+    pub fn pushes(self) -> bool {
+        matches!(self, CachePolicy::Push | CachePolicy::PullPush)
+    }
+
+    /// `pull`, `push`, `pull-push` (empty: the default).
+    pub fn parse(s: &str) -> Option<CachePolicy> {
+        match s {
+            "pull" => Some(CachePolicy::Pull),
+            "push" => Some(CachePolicy::Push),
+            "" | "pull-push" => Some(CachePolicy::PullPush),
+            _ => None,
+        }
+    }
 }
 
 /// Where a job's workspace comes from.

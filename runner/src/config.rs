@@ -159,6 +159,10 @@ pub struct RunnerConfig {
     /// /etc/resolv.conf).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns: Vec<String>,
+    /// `[runners.cache]`: where jobs' `cache:` archives are kept (see
+    /// docs/cache.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<crate::cache::CacheConfig>,
 }
 
 fn auto() -> String {
@@ -265,6 +269,9 @@ impl Config {
                 )));
             }
             r.network_config()?;
+            if let Some(c) = &r.cache {
+                c.validate(&r.name).map_err(ConfigError::Invalid)?;
+            }
         }
         Ok(())
     }
@@ -462,6 +469,27 @@ image = "/images/debian"
             vec![std::ffi::OsString::from("kiln.toml")],
             "no temporary file left"
         );
+    }
+
+    #[test]
+    fn runners_cache_is_read_like_gitlab_runners() {
+        let base = "[[runners]]\nname='a'\nurl='https://x'\ntoken='t'\n[runners.cache]\n";
+        let c: Config = toml::from_str(&format!(
+            "{base}Type='local'\nPath='/c'\nShared=true\nMaxSize=10\nMaxUploadedArchiveSize=99\n"
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        let cache = c.runners[0].cache.as_ref().unwrap();
+        assert_eq!(cache.path.as_deref(), Some(Path::new("/c")));
+        assert!(cache.shared);
+        assert_eq!(
+            (cache.max_size_mib, cache.max_archive_bytes),
+            (Some(10), Some(99))
+        );
+        let s3: Config = toml::from_str(&format!("{base}Type='s3'\n")).unwrap();
+        let e = s3.validate().unwrap_err().to_string();
+        assert!(e.contains("Type = \"s3\" is not supported"), "{e}");
+        assert!(toml::from_str::<Config>(&format!("{base}Bucket='b'\n")).is_err());
     }
 
     #[test]

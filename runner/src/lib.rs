@@ -1,6 +1,7 @@
 //! kiln: the CLI, the executor (job -> VM lifecycle) and the providers.
 
 pub mod agent;
+pub mod cache;
 pub mod checkout;
 pub mod config;
 pub mod env;

@@ -48,6 +48,8 @@ struct Setup {
     /// Jobs name the fixture by its path on the host: allowed unless a
     /// test says otherwise.
     allow_local_images: bool,
+    /// `[runners.cache] Path` (default: in the shared test cache).
+    cache_path: Option<PathBuf>,
 }
 
 impl Setup {
@@ -69,6 +71,7 @@ impl Default for Setup {
             output_limit: 4096,
             agent: PathBuf::new(),
             allow_local_images: true,
+            cache_path: None,
         }
     }
 }
@@ -101,6 +104,7 @@ output_limit = {output_limit}
 cache_dir = {cache:?}
 network = "none"
 allow_local_images = {allow_local_images}
+{cache_section}
 "#,
         concurrent = s.concurrent,
         shutdown_timeout = s.shutdown_timeout,
@@ -112,6 +116,13 @@ allow_local_images = {allow_local_images}
         log_dir = harness::test_root().join("logs").display().to_string(),
         url = fake.url,
         cache = harness::cache_dir().display().to_string(),
+        cache_section = match &s.cache_path {
+            Some(p) => format!(
+                "[runners.cache]\nPath = {:?}\nMaxSize = 64\n",
+                p.display().to_string()
+            ),
+            None => String::new(),
+        },
     );
     let c: Config = toml::from_str(&text).expect("valid test config");
     c.validate().expect("valid test config");
@@ -682,6 +693,158 @@ async fn the_server_trace_size_limit_stops_the_job() {
     assert_no_leaks(run_dir.path());
 }
 
+/// The sha256sum line of `file` in a trace.
+fn sum_of(trace: &str, file: &str) -> String {
+    trace
+        .lines()
+        .find(|l| l.ends_with(&format!("  {file}")) && !l.contains('$'))
+        .unwrap_or_else(|| panic!("no checksum of {file} in:\n{trace}"))
+        .to_string()
+}
+
+fn assert_in_order(trace: &str, wanted: &[&str]) {
+    let mut at = 0;
+    for w in wanted {
+        match trace[at..].find(w) {
+            Some(i) => at += i + w.len(),
+            None => panic!("{w:?} missing (in order) from:\n{trace}"),
+        }
+    }
+}
+
+/// `cache:` against a GitLab that answers 404 to verify: job 1 pushes two
+/// caches (paths, and untracked files); job 2 pulls with `policy: pull` and
+/// changes the files, which must not be uploaded; job 3's changed key
+/// (as a changed `key: files:` gives) misses and its fallback key hits
+/// with job 1's files, byte-identical, and the untracked cache holds the
+/// file job 1 made but not the tracked one it changed.
+async fn a_cache_is_pushed_pulled_and_falls_back() {
+    let fake = fake_gitlab();
+    fake.set_verify_missing(true);
+    let run_dir = RunDir::new("gitlab-cache");
+    let store = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        &fake,
+        run_dir.path(),
+        Setup {
+            cache_path: Some(store.path().to_path_buf()),
+            ..Setup::default()
+        },
+    );
+    let deps = |key: &str, policy: &str, fallback: &[&str]| {
+        json!({"key": key, "paths": ["vendor/"], "policy": policy, "when": "on_success",
+               "untracked": false, "fallback_keys": fallback})
+    };
+    let untracked = |policy: &str| {
+        json!({"key": "untracked-1-non_protected", "paths": [], "policy": policy,
+               "when": "always", "untracked": true})
+    };
+    let mut j1 = fake.job(
+        &image(),
+        &[
+            "mkdir -p vendor/sub",
+            "head -c 300000 /dev/urandom > vendor/sub/data.bin",
+            "echo hello > vendor/a.txt",
+            "sha256sum vendor/sub/data.bin",
+            "echo built > build.log",
+            "echo changed-by-job > README",
+        ],
+    );
+    j1["cache"] = json!([
+        deps("deps-1-non_protected", "pull-push", &[]),
+        untracked("push")
+    ]);
+    let id1 = fake.push(j1);
+    let j = fake.wait_done(id1, LIMIT).await;
+    let t1 = j.trace_text();
+    assert_eq!(final_of(&j), ("success".into(), None, Some(0)), "{t1}");
+    assert_consistent(&j);
+    assert_in_order(
+        &t1,
+        &[
+            "Checking cache for deps-1-non_protected...",
+            "Failed to extract cache",
+            "Not downloading cache untracked-1-non_protected due to policy",
+            "Creating cache deps-1-non_protected...",
+            "Created cache (2 files",
+            "Creating cache untracked-1-non_protected...",
+            "Created cache",
+            "Job succeeded",
+        ],
+    );
+    let sum = sum_of(&t1, "vendor/sub/data.bin");
+
+    let mut j2 = fake.job(
+        &image(),
+        &[
+            "sha256sum vendor/sub/data.bin",
+            "echo overwritten > vendor/sub/data.bin",
+        ],
+    );
+    j2["cache"] = json!([deps("deps-1-non_protected", "pull", &[])]);
+    let id2 = fake.push(j2);
+    let j = fake.wait_done(id2, LIMIT).await;
+    let t2 = j.trace_text();
+    assert_eq!(final_of(&j), ("success".into(), None, Some(0)), "{t2}");
+    assert_in_order(
+        &t2,
+        &[
+            "Checking cache for deps-1-non_protected...",
+            "Successfully extracted cache (2 files",
+            &sum,
+            "Not uploading cache deps-1-non_protected due to policy",
+        ],
+    );
+    assert!(!t2.contains("Creating cache"), "{t2}");
+
+    let mut j3 = fake.job(
+        &image(),
+        &[
+            "sha256sum vendor/sub/data.bin",
+            "cat vendor/a.txt build.log README",
+        ],
+    );
+    j3["cache"] = json!([
+        deps(
+            "deps-2-non_protected",
+            "pull-push",
+            &["deps-1-non_protected"]
+        ),
+        untracked("pull")
+    ]);
+    let id3 = fake.push(j3);
+    let j = fake.wait_done(id3, LIMIT).await;
+    let t3 = j.trace_text();
+    assert_eq!(final_of(&j), ("success".into(), None, Some(0)), "{t3}");
+    assert_consistent(&j);
+    assert_in_order(
+        &t3,
+        &[
+            "Checking cache for deps-2-non_protected...",
+            "Failed to extract cache",
+            "Trying fallback cache key deps-1-non_protected...",
+            "Checking cache for deps-1-non_protected...",
+            "Successfully extracted cache (2 files",
+            "Checking cache for untracked-1-non_protected...",
+            "Successfully extracted cache (3 files",
+            &sum,
+            "hello\nbuilt\nx\n",
+            "Creating cache deps-2-non_protected...",
+            "Created cache",
+        ],
+    );
+    // Two caches of job 1, and job 3's.
+    let archives = std::fs::read_dir(store.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tar.gz"))
+        .count();
+    assert_eq!(archives, 3);
+    wait_idle(run_dir.path(), Duration::from_secs(120)).await;
+    daemon.stop().await;
+    assert_no_leaks(run_dir.path());
+}
+
 fn kiln_binary() -> PathBuf {
     harness::kiln_bin()
 }
@@ -1115,6 +1278,60 @@ async fn a_token_revoked_while_serving_stops_the_daemon() {
     );
 }
 
+/// A GitLab that answers 404 to `POST /runners/verify` (as an independent
+/// server may): the daemon still asks for jobs and serves them. A second
+/// runner whose token is refused stops alone, and the first goes on; when
+/// the first runner's token is refused too (401 on the job request, verify
+/// still 404), the daemon stops with an error naming the runner.
+async fn a_gitlab_without_verify_is_served_and_refused_runners_stop_alone() {
+    let fake = fake_gitlab();
+    fake.set_verify_missing(true);
+    fake.set_refusal(401);
+    let home = tempfile::tempdir().unwrap();
+    let path = no_vm_config(&fake, home.path(), TOKEN);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!(
+        "\n[[runners]]\nname = \"wrong-token\"\nurl = \"{}\"\ntoken = \"glrt-wrong\"\n\
+         backend = \"qemu\"\ncache_dir = {:?}\nnetwork = \"none\"\n",
+        fake.url,
+        home.path().join("cache").display().to_string()
+    ));
+    std::fs::write(&path, text).unwrap();
+    let cfg = Config::load(&path).unwrap();
+    let daemon = tokio::spawn(kiln::gitlab::daemon::run(cfg, std::future::pending()));
+    // A host-path image: refused before any VM, so no VM is needed here.
+    let id = fake.push(fake.job("/srv/images/absent", &["echo never"]));
+    let j = fake.wait_done(id, Duration::from_secs(120)).await;
+    assert_eq!(j.assigned, 1);
+    assert!(
+        j.trace_text().contains("is a path on the runner host"),
+        "{}",
+        j.trace_text()
+    );
+    assert!(fake.verify_calls() >= 2, "both runners tried verify");
+    assert_eq!(fake.verifies(), 0, "verify never answered 200");
+    // The wrong-token runner has stopped by now; the first one still serves.
+    let id2 = fake.push(fake.job("/srv/images/absent", &["echo never"]));
+    fake.wait_done(id2, Duration::from_secs(120)).await;
+    assert!(!daemon.is_finished(), "one runner still serves");
+
+    fake.set_runner_token("glrt-rotated");
+    let r = tokio::time::timeout(Duration::from_secs(120), daemon)
+        .await
+        .expect("the daemon stops once no runner is left")
+        .unwrap();
+    let e = r.expect_err("a refused token is an error");
+    assert!(
+        matches!(
+            &e,
+            kiln::gitlab::GitlabError::TokenRefused { status: 401, runner, .. }
+                if runner == "refused-runner" || runner == "wrong-token"
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("kiln gitlab verify"), "{e}");
+}
+
 /// `kiln gitlab register` writes the runner token into a file only its
 /// owner can read; `kiln gitlab verify` accepts the token, and says which
 /// runner fails when GitLab refuses it.
@@ -1256,6 +1473,11 @@ fn main() -> std::process::ExitCode {
             a_host_path_image_is_refused_unless_the_runner_allows_local_images,
         )
         .tokio(
+            "a_cache_is_pushed_pulled_and_falls_back",
+            &harness::vm(),
+            a_cache_is_pushed_pulled_and_falls_back,
+        )
+        .tokio(
             "jobs_pass_fail_time_out_and_miss_images_two_at_a_time",
             &harness::vm(),
             jobs_pass_fail_time_out_and_miss_images_two_at_a_time,
@@ -1339,6 +1561,11 @@ fn main() -> std::process::ExitCode {
             "a_token_revoked_while_serving_stops_the_daemon",
             &[],
             a_token_revoked_while_serving_stops_the_daemon,
+        )
+        .tokio(
+            "a_gitlab_without_verify_is_served_and_refused_runners_stop_alone",
+            &[],
+            a_gitlab_without_verify_is_served_and_refused_runners_stop_alone,
         )
         .tokio(
             "register_writes_a_private_config_and_verify_checks_it",

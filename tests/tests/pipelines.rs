@@ -250,6 +250,71 @@ fn list_and_bad_files_give_clear_answers() {
     assert!(text(&o.stderr).contains("no job 'nope'"));
 }
 
+const CACHED: &str = r#"
+cached:
+  cache:
+    key:
+      files: [deps.lock]
+      prefix: deps
+    paths: [vendor/]
+  script:
+    - if [ -f vendor/data.bin ]; then echo restored; else mkdir -p vendor && head -c 200000 /dev/urandom > vendor/data.bin; fi
+    - sha256sum vendor/data.bin
+"#;
+
+/// `cache:` in `kiln run-job`: the first run saves the job's files under a
+/// key from `key: files:` in kiln's cache directory, the second restores
+/// them byte-identical before its first step.
+fn gitlab_cache_is_saved_then_restored_locally() {
+    let dir = harness::test_root().join(format!("repo-gl-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(".gitlab-ci.yml"), CACHED).unwrap();
+    std::fs::write(dir.join("deps.lock"), "v1\n").unwrap();
+    kiln_tests::fixtures::git_commit_all(&dir);
+    let run_dir = harness::run_dir("gl-cache");
+    let first = run(&dir, ".gitlab-ci.yml", "cached", &[], &run_dir);
+    let (out1, err1) = (text(&first.stdout), text(&first.stderr));
+    assert_eq!(first.status.code(), Some(0), "{out1}\n{err1}");
+    let key = err1
+        .lines()
+        .find_map(|l| l.strip_prefix("kiln: Checking cache for "))
+        .and_then(|k| k.strip_suffix("..."))
+        .unwrap_or_else(|| panic!("no cache check in:\n{err1}"))
+        .to_string();
+    assert!(
+        key.starts_with("deps-") && key.ends_with("-non_protected"),
+        "{key}"
+    );
+    for want in [
+        "Failed to extract cache",
+        &format!("Creating cache {key}..."),
+        "Created cache (1 files",
+    ] {
+        assert!(err1.contains(want), "{want:?} missing from:\n{err1}");
+    }
+    let sum = out1
+        .lines()
+        .find(|l| l.ends_with("  vendor/data.bin"))
+        .unwrap_or_else(|| panic!("no checksum in:\n{out1}"))
+        .to_string();
+    assert!(!out1.lines().any(|l| l == "restored"), "{out1}");
+
+    let second = run(&dir, ".gitlab-ci.yml", "cached", &[], &run_dir);
+    let (out2, err2) = (text(&second.stdout), text(&second.stderr));
+    assert_eq!(second.status.code(), Some(0), "{out2}\n{err2}");
+    assert!(
+        err2.contains(&format!("Checking cache for {key}..."))
+            && err2.contains("Successfully extracted cache (1 files"),
+        "{err2}"
+    );
+    assert!(out2.lines().any(|l| l == "restored"), "{out2}");
+    assert!(out2.lines().any(|l| l == sum), "byte-identical: {out2}");
+    // The user's checkout was not touched.
+    assert!(!dir.join("vendor").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn main() -> std::process::ExitCode {
     kiln_testkit::Suite::new()
         .test(
@@ -278,6 +343,15 @@ fn main() -> std::process::ExitCode {
                 kiln_testkit::tool("git", "git"),
             ],
             github_job_gets_env_file_commands_conditions_and_exit_code,
+        )
+        .test(
+            "gitlab_cache_is_saved_then_restored_locally",
+            &[
+                harness::qemu(),
+                harness::busybox(),
+                kiln_testkit::tool("git", "git"),
+            ],
+            gitlab_cache_is_saved_then_restored_locally,
         )
         .test(
             "list_and_bad_files_give_clear_answers",

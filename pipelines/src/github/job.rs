@@ -153,6 +153,7 @@ impl JobBuilder<'_> {
             working_dir: Some(ctx.guest_dir.clone()),
             timeout,
             artifacts: Vec::new(),
+            cache: Vec::new(),
             source: JobSource::LocalDir(ctx.project_dir.clone()),
             id: self.id.to_string(),
             stage: None,

@@ -1,6 +1,6 @@
 //! One job (one `parallel` instance of it) to a [`JobSpec`]: its stage,
 //! variables, whether and when it runs, image, steps, timeout,
-//! `allow_failure`, artifacts and (raw) `needs`; and the rules for job
+//! `allow_failure`, artifacts, caches and (raw) `needs`; and the rules for job
 //! names.
 
 use std::collections::{BTreeMap, HashMap};
@@ -101,6 +101,10 @@ impl Parser<'_> {
             None => Vec::new(),
             Some(v) => self.artifacts(v, &at("artifacts"), &lookup)?,
         };
+        let cache = match job.get("cache") {
+            None => Vec::new(),
+            Some(v) => self.caches(v, &at("cache"), &lookup)?,
+        };
         let needs = rule_needs.or_else(|| job.get("needs").cloned());
         let spec = JobSpec {
             name: inst.name.clone(),
@@ -111,6 +115,7 @@ impl Parser<'_> {
             working_dir: Some(self.ctx.guest_dir.clone()),
             timeout,
             artifacts,
+            cache,
             source: JobSource::LocalDir(self.ctx.project_dir.clone()),
             id: key_name.to_string(),
             stage: Some(stage),

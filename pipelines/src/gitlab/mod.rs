@@ -18,6 +18,7 @@
 //! | one job to a [`JobSpec`] (stage, image, timeout, ...) | `job.rs` |
 //! | `before_script`/`script`/`after_script` to step scripts | `script.rs` |
 //! | `artifacts:` | `artifacts.rs` |
+//! | `cache:` (keys resolved as GitLab resolves them) | `cache.rs` |
 //! | `needs:` to job names, and the final order check | `needs.rs` |
 //! | `rules: if` expressions | `expr.rs` |
 //!
@@ -32,6 +33,7 @@
 
 mod artifacts;
 mod build;
+mod cache;
 mod expr;
 mod extends;
 mod include;

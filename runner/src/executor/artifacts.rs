@@ -26,14 +26,52 @@ pub(super) async fn collect_artifacts(
     tar: &Path,
     to: &Path,
 ) -> Result<bool, Early> {
-    use std::io::Write;
-    io.send(&Frame::CollectArtifacts(proto::CollectArtifacts {
+    let req = proto::CollectArtifacts {
         paths,
         exclude: Vec::new(),
         max_bytes,
-    }))
-    .await?;
-    let io_err = |e: std::io::Error| sys(format!("spooling artifacts to {}: {e}", tar.display()));
+    };
+    let (end, got) = collect_files(io, job, sink, req, tar, to, "artifact").await?;
+    if end.truncated {
+        say(
+            sink,
+            format!(
+                "ERROR: the job's artifacts are over the limit of {}: {} files ({}) were collected, \
+                 {} more files ({}) were left out; failing the job",
+                human_bytes(max_bytes),
+                got.files,
+                human_bytes(got.bytes),
+                end.left_out_files,
+                human_bytes(end.left_out_bytes),
+            ),
+        );
+    }
+    Ok(end.truncated)
+}
+
+/// A runner line in the job's log.
+fn say(sink: &mut dyn JobSink, line: String) {
+    sink.output(0, Stream::Stderr, format!("kiln: {line}\n").as_bytes());
+}
+
+/// Ask the agent for the workspace files `req` selects, spool the tar
+/// stream to `tar` (bounded by `req.max_bytes` plus the tar's overhead),
+/// and extract it into `to` (which must not exist). Files left out are
+/// said in the job's log as "`what` left out". Returns the agent's
+/// account and what was extracted.
+pub(super) async fn collect_files(
+    io: &mut Conversation<'_>,
+    job: &JobSpec,
+    sink: &mut dyn JobSink,
+    req: proto::CollectArtifacts,
+    tar: &Path,
+    to: &Path,
+    what: &str,
+) -> Result<(proto::ArtifactsEnd, Extracted), Early> {
+    use std::io::Write;
+    let max_bytes = req.max_bytes;
+    io.send(&Frame::CollectArtifacts(req)).await?;
+    let io_err = |e: std::io::Error| sys(format!("spooling {what}s to {}: {e}", tar.display()));
     let mut file = std::io::BufWriter::new(std::fs::File::create(tar).map_err(io_err)?);
     let limit = max_bytes + ARTIFACT_TAR_OVERHEAD;
     let mut written = 0u64;
@@ -43,7 +81,7 @@ pub(super) async fn collect_artifacts(
                 written += chunk.len() as u64;
                 if written > limit {
                     return Err(protocol(format!(
-                        "more than {limit} bytes of artifacts (the limit is {max_bytes} bytes of files)"
+                        "more than {limit} bytes of {what}s (the limit is {max_bytes} bytes of files)"
                     )));
                 }
                 file.write_all(&chunk).map_err(io_err)?;
@@ -51,7 +89,7 @@ pub(super) async fn collect_artifacts(
             Frame::ArtifactsEnd(end) => break end,
             other => {
                 return Err(protocol(format!(
-                    "{} while sending artifacts",
+                    "{} while sending {what}s",
                     other.describe()
                 )))
             }
@@ -59,9 +97,6 @@ pub(super) async fn collect_artifacts(
     };
     file.flush().map_err(io_err)?;
     drop(file);
-    let mut say = |line: String| {
-        sink.output(0, Stream::Stderr, format!("kiln: {line}\n").as_bytes());
-    };
     // The agent's own notes (guest data: quoted and counted there,
     // re-checked here).
     for p in end.problems.iter().take(proto::MAX_PROBLEMS + 1) {
@@ -71,32 +106,21 @@ pub(super) async fn collect_artifacts(
         } else {
             proto::quote(p.as_bytes(), max)
         };
-        say(format!("artifact left out: {p}"));
+        say(sink, format!("{what} left out: {p}"));
     }
     let (tar, to2) = (tar.to_path_buf(), to.to_path_buf());
     let got = tokio::task::spawn_blocking(move || extract_artifacts(&tar, &to2))
         .await
-        .map_err(|e| sys(format!("artifacts task: {e}")))?
+        .map_err(|e| sys(format!("{what}s task: {e}")))?
         .map_err(|e| match e {
-            ArtifactError::Io { .. } => sys(format!("extracting artifacts: {e}")),
+            ArtifactError::Io { .. } => sys(format!("extracting {what}s: {e}")),
             _ => protocol(e.to_string()),
         })?;
     for p in &got.problems {
-        say(format!("artifact left out: {p}"));
+        say(sink, format!("{what} left out: {p}"));
     }
-    tracing::debug!(files = got.files, bytes = got.bytes, "artifacts received");
-    if end.truncated {
-        say(format!(
-            "ERROR: the job's artifacts are over the limit of {}: {} files ({}) were collected, \
-             {} more files ({}) were left out; failing the job",
-            human_bytes(max_bytes),
-            got.files,
-            human_bytes(got.bytes),
-            end.left_out_files,
-            human_bytes(end.left_out_bytes),
-        ));
-    }
-    Ok(end.truncated)
+    tracing::debug!(files = got.files, bytes = got.bytes, "{what}s received");
+    Ok((end, got))
 }
 
 /// Tar headers, GNU long names and padding around the artifact files'
@@ -139,6 +163,16 @@ pub enum ArtifactError {
 /// extension headers, the number of files and of directories. Names need
 /// not be UTF-8.
 pub fn extract_artifacts(tar: &Path, to: &Path) -> Result<Extracted, ArtifactError> {
+    let file = std::fs::File::open(tar).map_err(|err| ArtifactError::Io {
+        path: tar.to_path_buf(),
+        err,
+    })?;
+    extract_tar(std::io::BufReader::new(file), to)
+}
+
+/// [`extract_artifacts`] from any reader of a tar stream (a cache archive
+/// is gzipped, and its reader bounds the bytes it inflates).
+pub fn extract_tar(reader: impl std::io::Read, to: &Path) -> Result<Extracted, ArtifactError> {
     use std::ffi::OsString;
     use std::io::Read;
     use std::os::unix::ffi::OsStringExt;
@@ -150,8 +184,7 @@ pub fn extract_artifacts(tar: &Path, to: &Path) -> Result<Extracted, ArtifactErr
     };
     let bad = |e: std::io::Error| ArtifactError::Malformed(e.to_string());
     std::fs::create_dir(to).map_err(io(to))?;
-    let file = std::fs::File::open(tar).map_err(io(tar))?;
-    let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+    let mut archive = tar::Archive::new(reader);
     // Raw: the tar crate would read GNU long names and PAX headers of any
     // size into memory; here they are bounded first.
     let entries = archive.entries().map_err(bad)?.raw(true);

@@ -25,12 +25,14 @@ use tokio::sync::watch;
 use crate::joblog::JobSink;
 
 mod artifacts;
+mod caches;
 mod config;
 mod conversation;
 mod outcome;
 mod steps;
 
-pub use artifacts::{extract_artifacts, ArtifactError, Extracted};
+pub use artifacts::{extract_artifacts, extract_tar, ArtifactError, Extracted};
+pub use caches::saved_when;
 pub use config::{
     ExecutorConfig, ExecutorConfigBuilder, ExecutorConfigError, DEFAULT_BOOT_TIMEOUT,
     DEFAULT_DISK_GIB, DEFAULT_JOB_TIMEOUT, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
@@ -51,6 +53,18 @@ pub struct Executor {
     networks: crate::network::Networks,
     /// Most artifact bytes (file contents) one job may send back.
     max_artifact_bytes: u64,
+    /// Most bytes (file contents) of one cache a job may send back.
+    max_cache_bytes: u64,
+}
+
+/// Where the files a job sends back after its steps go.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Collect<'a> {
+    /// The artifacts (see [`Executor::run_collecting`]).
+    pub artifacts_to: Option<&'a Path>,
+    /// The files of each cache the job saves: `job.cache[i]` into
+    /// `<caches_to>/<i>` (a directory that exists; see `crate::cache`).
+    pub caches_to: Option<&'a Path>,
 }
 
 static JOB_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -80,6 +94,8 @@ struct Run<'a> {
     cancel: &'a mut watch::Receiver<Option<bool>>,
     /// Where to extract the artifacts, and where to spool their tar.
     artifacts: Option<(&'a Path, PathBuf)>,
+    /// Where to extract the caches' files, and where to spool their tars.
+    caches: Option<(&'a Path, PathBuf)>,
 }
 
 /// Why an executor could not be set up.
@@ -137,6 +153,7 @@ impl Executor {
             initramfs,
             networks,
             max_artifact_bytes: proto::MAX_ARTIFACT_BYTES,
+            max_cache_bytes: proto::MAX_ARTIFACT_BYTES,
         })
     }
 
@@ -150,6 +167,12 @@ impl Executor {
     /// large.
     pub fn set_max_artifact_bytes(&mut self, bytes: u64) {
         self.max_artifact_bytes = bytes.min(proto::MAX_ARTIFACT_BYTES);
+    }
+
+    /// Limit the bytes (file contents) of one cache a job may send back
+    /// (at most [`proto::MAX_ARTIFACT_BYTES`]); a larger cache is not saved.
+    pub fn set_max_cache_bytes(&mut self, bytes: u64) {
+        self.max_cache_bytes = bytes.min(proto::MAX_ARTIFACT_BYTES);
     }
 
     /// The kernel command line every VM gets.
@@ -210,9 +233,27 @@ impl Executor {
         job: &JobSpec,
         image: Result<&ImageSource, &kiln_images::ImageError>,
         sink: &mut dyn JobSink,
-        mut cancel: watch::Receiver<Option<bool>>,
+        cancel: watch::Receiver<Option<bool>>,
         artifacts_to: Option<&Path>,
     ) -> JobResult {
+        let collect = Collect {
+            artifacts_to,
+            caches_to: None,
+        };
+        self.run_image_with(job, image, sink, cancel, collect).await
+    }
+
+    /// [`Executor::run_image`], collecting what `collect` asks for: the
+    /// artifacts, and the files of the caches the job saves.
+    pub async fn run_image_with(
+        &self,
+        job: &JobSpec,
+        image: Result<&ImageSource, &kiln_images::ImageError>,
+        sink: &mut dyn JobSink,
+        mut cancel: watch::Receiver<Option<bool>>,
+        collect: Collect<'_>,
+    ) -> JobResult {
+        let artifacts_to = collect.artifacts_to;
         let t0 = Instant::now();
         let mut result = JobResult::pending(&job.image);
         let rootfs = match image {
@@ -348,6 +389,7 @@ impl Executor {
             timeout,
             cancel: &mut cancel,
             artifacts: artifacts_to.map(|to| (to, dir.0.join("artifacts.tar"))),
+            caches: collect.caches_to.map(|to| (to, dir.0.clone())),
         };
         let outcome = self.drive(machine, console, start, run).await;
         if let Err((reason, serial)) = outcome {
@@ -469,6 +511,19 @@ impl Executor {
             &mut run.result.steps,
         )
         .await?;
+        if let Some((to, dir)) = &run.caches {
+            // gitlab-runner's order: archive_cache, then the artifacts.
+            caches::collect_caches(
+                &mut io,
+                run.job,
+                run.sink,
+                run.result,
+                to,
+                dir,
+                self.max_cache_bytes,
+            )
+            .await?;
+        }
         let mut artifacts_over = false;
         if let Some((to, tar)) = &run.artifacts {
             let paths: Vec<String> = run

@@ -10,13 +10,15 @@ use super::job::JobResponse;
 use super::GitlabError;
 
 /// What kiln tells GitLab it can do. Only what it really does: no
-/// services, cache, terminal, sessions or two-phase commit.
+/// services, terminal, sessions or two-phase commit.
 pub fn features() -> serde_json::Value {
     serde_json::json!({
         "variables": true,
         "image": true,
         "artifacts": true,
         "artifacts_exclude": true,
+        "cache": true,
+        "fallback_cache_keys": true,
         "upload_multiple_artifacts": true,
         "refspecs": true,
         "masking": true,

@@ -6,7 +6,10 @@
 //! one of each, and the job keeps them until its final update is sent.
 //! Shutdown: stop asking, wait up to `shutdown_timeout` for running jobs,
 //! then cancel them (reported as `runner_system_failure`).
-//! A runner whose token GitLab refuses stops with an error; when every
+//! A runner asks for jobs whether or not `POST /runners/verify` works (a
+//! 404 there is logged and ignored, as gitlab-runner's `run` does).
+//! A runner whose token GitLab refuses (401/403 on verify or on a job
+//! request) stops with an error naming it; the others go on. When every
 //! runner has stopped, the daemon lets running jobs finish and exits with
 //! that error instead of idling.
 //! A job id is run at most once per daemon: GitLab handing the same job out
@@ -99,6 +102,8 @@ pub(super) struct Runner {
     limit: Arc<Semaphore>,
     /// Where the jobs' directories go.
     pub(super) run_dir: PathBuf,
+    /// Where the jobs' caches are kept (`[runners.cache]`).
+    pub(super) cache_store: crate::cache::LocalStore,
 }
 
 /// Build the executor config of one runner.
@@ -164,6 +169,15 @@ pub async fn run(
     for r in &config.runners {
         let ec = executor_config(&config, r)?;
         let run_dir = ec.run_dir.clone();
+        let cache_store = r
+            .cache
+            .clone()
+            .unwrap_or_default()
+            .open(&ec.cache_dir)
+            .map_err(|e| GitlabError::Executor {
+                runner: r.name.clone(),
+                source: format!("opening the cache store: {e}").into(),
+            })?;
         // Also removes job directories (VM files, workspaces) of a kiln
         // that was killed; its QEMUs died with it (PDEATHSIG).
         let executor = Executor::new(ec).map_err(|e| GitlabError::Executor {
@@ -181,6 +195,7 @@ pub async fn run(
             executor: Arc::new(executor),
             limit: Arc::new(Semaphore::new(limit)),
             run_dir,
+            cache_store,
         });
         loops.push(tokio::spawn(runner_loop(runner, shared.clone())));
     }
@@ -290,27 +305,29 @@ fn refused(name: &str, e: &GitlabError) -> GitlabError {
 async fn runner_loop(runner: Arc<Runner>, shared: Arc<Shared>) -> Result<(), GitlabError> {
     let name = runner.cfg.name.clone();
     let mut backoff = Backoff::new();
-    // Verify the token first (and learn the runner's id).
-    let runner_id = loop {
-        match runner
-            .client
-            .verify(&runner.cfg.token, &shared.system_id)
-            .await
-        {
-            Ok(id) => {
-                tracing::info!(runner = %name, id = ?id.id, "runner token verified");
-                break id.id;
-            }
-            Err(e) if e.token_refused() => return Err(refused(&name, &e)),
-            Err(e) => {
-                tracing::warn!(runner = %name, "verifying the runner: {}", error_chain(&e));
-                if !pause(&shared, backoff.next()).await {
-                    return Ok(());
-                }
-            }
+    // Verify the token once, to learn the runner's id. Job requests do not
+    // depend on it (gitlab-runner's `run` does not call it): a GitLab or a
+    // proxy that answers 404 or fails here is logged and ignored; only a
+    // refused token stops the runner.
+    let runner_id = match runner
+        .client
+        .verify(&runner.cfg.token, &shared.system_id)
+        .await
+    {
+        Ok(id) => {
+            tracing::info!(runner = %name, id = ?id.id, "runner token verified");
+            id.id
+        }
+        Err(e) if e.token_refused() => return Err(refused(&name, &e)),
+        Err(e) => {
+            tracing::warn!(
+                runner = %name,
+                "verifying the runner failed ({}); asking for jobs anyway",
+                error_chain(&e)
+            );
+            None
         }
     };
-    backoff.reset();
     let mut last_update: Option<String> = None;
     let mut stopping = shared.stopping.clone();
     loop {
@@ -378,16 +395,23 @@ async fn runner_loop(runner: Arc<Runner>, shared: Arc<Shared>) -> Result<(), Git
             Err(e) => {
                 drop((rp, gp));
                 if e.token_refused() {
-                    // GitLab answers 403 to a token it no longer knows
-                    // (runner deleted, token reset): ask verify to tell a
-                    // refused token from a passing fault.
+                    // GitLab answers 401/403 to a token it no longer knows
+                    // (runner deleted, token reset). Verify tells a refused
+                    // token from a passing fault (a proxy's 403); where
+                    // GitLab has no verify (404, 405) the job request's
+                    // answer stands; a verify that fails otherwise (5xx,
+                    // transport) proves nothing: ask again after the backoff.
                     match runner
                         .client
                         .verify(&runner.cfg.token, &shared.system_id)
                         .await
                     {
+                        Ok(_) => {}
                         Err(v) if v.token_refused() => return Err(refused(&name, &v)),
-                        _ => {}
+                        Err(v) if matches!(v.status(), Some(404 | 405)) => {
+                            return Err(refused(&name, &e))
+                        }
+                        Err(_) => {}
                     }
                 }
                 let d = backoff.next();

@@ -15,7 +15,8 @@ use super::job::{Context, GitStrategy, JobResponse, Prepared};
 use super::trace::{Sections, Trace, TraceSink};
 use super::updater::Updater;
 use super::{source, GitlabError};
-use crate::executor::{error_chain, FailureReason, JobResult};
+use crate::cache::JobCaches;
+use crate::executor::{error_chain, Collect, FailureReason, JobResult};
 use crate::joblog::mask::DEFAULT_TOKEN_PREFIXES;
 use crate::joblog::Secrets;
 
@@ -218,6 +219,8 @@ async fn execute(
     }
     sections.end("get_sources");
 
+    let caches = restore_caches(runner, job, &prepared, sections, workspace).await;
+
     if let Some(fin) = download_dependencies(runner, job, sections, workspace).await {
         return Ok(fin);
     }
@@ -231,26 +234,105 @@ async fn execute(
         ));
     }
     let mut sink = TraceSink::new(sections.clone());
-    // The guest sends the artifact files over its console; they land here.
+    // The guest sends the artifact and cache files over its console; they
+    // land here.
     let collected = workspace.with_file_name("artifacts");
+    let cache_files = workspace.with_file_name("caches");
+    let collect = Collect {
+        artifacts_to: Some(&collected),
+        caches_to: caches
+            .as_ref()
+            .filter(|_| std::fs::create_dir_all(&cache_files).is_ok())
+            .map(|_| cache_files.as_path()),
+    };
     let result = runner
         .executor
-        .run_image(
-            &prepared.spec,
-            prepared.image(),
-            &mut sink,
-            cancel,
-            Some(&collected),
-        )
+        .run_image_with(&prepared.spec, prepared.image(), &mut sink, cancel, collect)
         .await;
     sink.finish();
 
     let mut fin = outcome(job, &result);
+    // Caches: only from a VM that ran its steps, and not for a canceled job.
+    if let Some(caches) =
+        caches.filter(|_| result.boot_ms > 0 && fin.reason.as_deref() != Some("job_canceled"))
+    {
+        save_caches(caches, sections, &cache_files, fin.state == "success").await;
+    }
     // Artifacts: only from a VM that booted, and not for a canceled job.
     if result.boot_ms > 0 && fin.reason.as_deref() != Some("job_canceled") {
         upload_artifacts(runner, job, sections, &prepared, &collected, &mut fin).await;
     }
     Ok(fin)
+}
+
+/// The job's caches, restored into its workspace (section
+/// `restore_cache`); `None` when it has none.
+async fn restore_caches(
+    runner: &Runner,
+    job: &JobResponse,
+    prepared: &Prepared,
+    sections: &Sections,
+    workspace: &Path,
+) -> Option<JobCaches> {
+    if prepared.spec.cache.is_empty() {
+        return None;
+    }
+    let cfg = runner.cfg.cache.clone().unwrap_or_default();
+    // As gitlab-runner's object names: per runner unless shared, per project.
+    let namespace = if cfg.shared {
+        format!("project/{}", job.job_info.project_id)
+    } else {
+        format!(
+            "runner/{}/project/{}",
+            runner.cfg.name, job.job_info.project_id
+        )
+    };
+    let mut caches = JobCaches::new(
+        runner.cache_store.clone(),
+        namespace,
+        prepared.spec.cache.clone(),
+        job.variable("CACHE_FALLBACK_KEY").map(str::to_string),
+        cfg.max_archive_bytes,
+    );
+    sections.start("restore_cache", "Restoring cache");
+    let (trace, ws) = (sections.trace.clone(), workspace.to_path_buf());
+    let caches = tokio::task::spawn_blocking(move || {
+        caches.restore(&ws, &mut |line| trace.line(&line));
+        caches
+    })
+    .await;
+    sections.end("restore_cache");
+    match caches {
+        Ok(c) => Some(c),
+        Err(e) => {
+            sections
+                .trace
+                .line(&format!("WARNING: restoring the cache failed: {e}"));
+            None
+        }
+    }
+}
+
+/// Save the job's caches from the files its guest sent back (section
+/// `archive_cache` or `archive_cache_on_failure`).
+async fn save_caches(caches: JobCaches, sections: &Sections, collected: &Path, succeeded: bool) {
+    let (name, title) = if succeeded {
+        ("archive_cache", "Saving cache for successful job")
+    } else {
+        ("archive_cache_on_failure", "Saving cache for failed job")
+    };
+    sections.start(name, title);
+    let (trace, from) = (sections.trace.clone(), collected.to_path_buf());
+    let done = tokio::task::spawn_blocking(move || {
+        caches.save(&from, succeeded, &mut |line| trace.line(&line));
+    })
+    .await;
+    if let Err(e) = done {
+        sections
+            .trace
+            .line(&format!("WARNING: saving the cache failed: {e}"));
+    }
+    sections.end(name);
 }
 
 /// Unpack the artifacts of the job's `dependencies` into its workspace;

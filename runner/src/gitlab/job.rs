@@ -8,7 +8,8 @@ use std::time::Duration;
 pub use super::payload::*;
 use kiln_images::{ImageError, ImagePolicy, ImageSource, Refusal};
 use kiln_pipelines::{
-    ArtifactSpec, ArtifactWhen, JobSource, JobSpec, Shell, Step, StepWhen, Variable,
+    ArtifactSpec, ArtifactWhen, CachePolicy, CacheSpec, JobSource, JobSpec, Shell, Step, StepWhen,
+    Variable,
 };
 
 /// What the runner adds to a job.
@@ -49,6 +50,18 @@ pub const BUILDS_DIR: &str = "/builds";
 pub use kiln_pipelines::gitlab::AFTER_SCRIPT_TIMEOUT;
 /// Used when the server sends no timeout: kiln's one default job timeout.
 pub const DEFAULT_TIMEOUT: Duration = crate::executor::DEFAULT_JOB_TIMEOUT;
+
+/// Longest cache key (after expansion) a job may use.
+const MAX_CACHE_KEY: usize = 1024;
+
+/// The job's name, or `job-<id>` when GitLab sent none.
+fn name_or_id(job: &JobResponse) -> String {
+    if job.job_info.name.is_empty() {
+        format!("job-{}", job.id)
+    } else {
+        job.job_info.name.clone()
+    }
+}
 
 /// Why a job cannot be run as sent.
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +176,49 @@ impl JobResponse {
             .rev()
             .find(|v| v.key == key)
             .map(|v| v.value.as_str())
+    }
+
+    /// The job's caches, as gitlab-runner reads them: key, paths and
+    /// fallback keys expanded with the job's variables; an empty key is
+    /// `<job name>/<ref>`; an unknown policy is the default (`pull-push`),
+    /// an unknown `when` `on_success`.
+    fn caches(&self, vars: &[Variable], name: &str) -> Vec<CacheSpec> {
+        let lookup: std::collections::BTreeMap<String, String> = vars
+            .iter()
+            .map(|v| (v.key.clone(), v.value.clone()))
+            .collect();
+        // Expanded values are bounded: a key names an archive, not a file.
+        let exp = |s: &str| {
+            let e = kiln_pipelines::gitlab::expand(s, &lookup);
+            (e.len() <= MAX_CACHE_KEY).then_some(e)
+        };
+        self.cache
+            .iter()
+            .filter(|c| !c.paths.is_empty() || c.untracked)
+            .filter_map(|c| {
+                let key = match exp(&c.key)? {
+                    k if k.trim().is_empty() => format!("{name}/{}", self.git_info.git_ref),
+                    k => k,
+                };
+                Some(CacheSpec {
+                    key,
+                    fallback_keys: c
+                        .fallback_keys
+                        .iter()
+                        .filter_map(|k| exp(k))
+                        .filter(|k| !k.trim().is_empty())
+                        .collect(),
+                    paths: c.paths.iter().filter_map(|p| exp(p)).collect(),
+                    untracked: c.untracked,
+                    policy: CachePolicy::parse(&c.policy).unwrap_or(CachePolicy::PullPush),
+                    when: match c.when.as_str() {
+                        "always" => ArtifactWhen::Always,
+                        "on_failure" => ArtifactWhen::OnFailure,
+                        _ => ArtifactWhen::OnSuccess,
+                    },
+                })
+            })
+            .collect()
     }
 
     /// Translate to a [`JobSpec`] (see docs/gitlab.md for the mapping).
@@ -292,6 +348,8 @@ impl JobResponse {
             })
             .collect();
 
+        let cache = self.caches(&vars, &name_or_id(self));
+
         let git = match self.variable("GIT_STRATEGY") {
             Some("none") | Some("empty") => GitStrategy::None,
             _ => GitStrategy::Clone,
@@ -317,6 +375,7 @@ impl JobResponse {
         spec.working_dir = Some(project_dir.clone());
         spec.timeout = Some(timeout);
         spec.artifacts = artifacts;
+        spec.cache = cache;
         spec.source = JobSource::LocalDir(ctx.workspace.clone());
         spec.stage = Some(self.job_info.stage.clone()).filter(|s| !s.is_empty());
         Ok(Prepared {
@@ -398,6 +457,34 @@ mod tests {
         assert_eq!(var("CI_RUNNER_ID"), "7");
         assert_eq!(s.artifacts[0].when, ArtifactWhen::Always);
         assert_eq!(s.source, JobSource::LocalDir("/ws".into()));
+    }
+
+    #[test]
+    fn caches_are_read_as_gitlab_runner_reads_them() {
+        let mut j = job();
+        j.cache = serde_json::from_value(serde_json::json!([
+            {"key": "deps-$CI_PROJECT_PATH-non_protected", "paths": ["vendor/$GIT_DEPTH"],
+             "policy": "pull", "when": "always", "untracked": false,
+             "fallback_keys": ["main-non_protected", ""]},
+            {"key": "", "untracked": true, "policy": "", "when": null},
+            {"key": "nothing", "paths": [], "untracked": false}
+        ]))
+        .unwrap();
+        let c = j.to_spec(&ctx()).unwrap().spec.cache;
+        assert_eq!(c.len(), 2, "a cache of nothing is left out");
+        assert_eq!(c[0].key, "deps-group/p-non_protected");
+        assert_eq!(c[0].paths, ["vendor/3"]);
+        assert_eq!(c[0].fallback_keys, ["main-non_protected"]);
+        assert_eq!(
+            (c[0].policy, c[0].when),
+            (CachePolicy::Pull, ArtifactWhen::Always)
+        );
+        assert_eq!(c[1].key, "test-job/main", "gitlab-runner's default key");
+        assert!(c[1].untracked);
+        assert_eq!(
+            (c[1].policy, c[1].when),
+            (CachePolicy::PullPush, ArtifactWhen::OnSuccess)
+        );
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct JobResponse {
     #[serde(default, deserialize_with = "nd")]
     pub dependencies: Vec<Dependency>,
     #[serde(default, deserialize_with = "nd")]
+    pub cache: Vec<Cache>,
+    #[serde(default, deserialize_with = "nd")]
     pub features: Features,
 }
 
@@ -125,6 +127,25 @@ pub struct Artifact {
     pub artifact_format: Option<String>,
     #[serde(default, deserialize_with = "nd")]
     pub expire_in: Option<String>,
+}
+
+/// One `cache:` entry as GitLab sends it (the key already has its
+/// `-protected`/`-non_protected` suffix; variables are the runner's to
+/// expand).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Cache {
+    #[serde(default, deserialize_with = "nd")]
+    pub key: String,
+    #[serde(default, deserialize_with = "nd")]
+    pub untracked: bool,
+    #[serde(default, deserialize_with = "nd")]
+    pub policy: String,
+    #[serde(default, deserialize_with = "nd")]
+    pub paths: Vec<String>,
+    #[serde(default, deserialize_with = "nd")]
+    pub when: String,
+    #[serde(default, deserialize_with = "nd")]
+    pub fallback_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

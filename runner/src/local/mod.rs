@@ -24,7 +24,10 @@ use anyhow::{Context, Result};
 use kiln_pipelines::{JobSource, JobSpec};
 use tokio::sync::watch;
 
-use crate::executor::{Executor, ExecutorConfig, FailureReason, JobResult};
+use kiln_images::{ImagePolicy, ImageSource};
+
+use crate::cache::JobCaches;
+use crate::executor::{Collect, Executor, ExecutorConfig, FailureReason, JobResult};
 use crate::joblog::{JobSink, JsonSink, MaskingSink, Secrets, TerminalSink};
 
 pub mod artifacts;
@@ -112,6 +115,15 @@ pub fn run(args: &Args, config: impl FnOnce() -> Result<ExecutorConfig>) -> Resu
     }
     let config = config()?;
     let run_dir = config.run_dir.clone();
+    // Jobs' `cache:`, kept in kiln's cache directory, per project directory.
+    let cache_store = match plan.jobs.iter().any(|j| !j.cache.is_empty()) {
+        true => Some(
+            crate::cache::CacheConfig::default()
+                .open(&config.cache_dir)
+                .context("opening the cache store")?,
+        ),
+        false => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -146,7 +158,48 @@ pub fn run(args: &Args, config: impl FnOnce() -> Result<ExecutorConfig>) -> Resu
             if let Some(c) = &collected {
                 let _ = std::fs::remove_dir_all(c);
             }
-            let result = run_one(&executor, &job, args.json, many, rx.clone(), &collected).await;
+            let caches = match (&cache_store, &stage, &plan.project_dir) {
+                (Some(store), Some(stage), Some(dir)) if !job.cache.is_empty() => {
+                    let fallback = job
+                        .variables
+                        .iter()
+                        .rev()
+                        .find(|v| v.key == "CACHE_FALLBACK_KEY")
+                        .map(|v| v.value.clone());
+                    let mut c = JobCaches::new(
+                        store.clone(),
+                        format!("local/{}", dir.display()),
+                        job.cache.clone(),
+                        fallback,
+                        None,
+                    );
+                    c.restore(stage.path(), &mut |l| eprintln!("kiln: {l}"));
+                    let files = PathBuf::from(format!("{}-caches", stage.path().display()));
+                    let _ = std::fs::remove_dir_all(&files);
+                    std::fs::create_dir_all(&files)
+                        .with_context(|| format!("creating {}", files.display()))?;
+                    Some((c, files))
+                }
+                _ => None,
+            };
+            let caches_to = caches.as_ref().map(|(_, f)| f.as_path());
+            let result = run_one(
+                &executor,
+                &job,
+                args.json,
+                many,
+                rx.clone(),
+                &collected,
+                caches_to,
+            )
+            .await;
+            if let Some((c, files)) = caches {
+                let canceled = matches!(result.failure, Some(FailureReason::Canceled));
+                if result.boot_ms > 0 && !canceled {
+                    c.save(&files, result.success(), &mut |l| eprintln!("kiln: {l}"));
+                }
+                let _ = std::fs::remove_dir_all(&files);
+            }
             // Only when the guest sent artifacts back (the VM ran).
             if let Some(from) = collected.as_ref().filter(|c| c.is_dir()) {
                 if !job.artifacts.is_empty() {
@@ -214,6 +267,7 @@ async fn run_one(
     headers: bool,
     cancel: watch::Receiver<Option<bool>>,
     collected: &Option<PathBuf>,
+    caches_to: Option<&std::path::Path>,
 ) -> JobResult {
     let secrets = job
         .variables
@@ -226,8 +280,14 @@ async fn run_one(
         Box::new(TerminalSink { headers })
     };
     let mut sink = MaskingSink::new(inner, Secrets::new(secrets));
+    // The image as `--image` takes it.
+    let image = ImageSource::parse_with(&job.image, &ImagePolicy::local());
+    let collect = Collect {
+        artifacts_to: collected.as_deref(),
+        caches_to,
+    };
     let result = executor
-        .run_collecting(job, &mut sink, cancel, collected.as_deref())
+        .run_image_with(job, image.as_ref(), &mut sink, cancel, collect)
         .await;
     sink.flush();
     if json {

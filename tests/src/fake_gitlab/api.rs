@@ -24,10 +24,22 @@ pub(super) fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({ "message": message }))).into_response()
 }
 
+/// The answer to a runner token the fake does not accept (403, as GitLab;
+/// or what the test set with `FakeGitlab::set_refusal`).
+fn refused(st: &Inner) -> Response {
+    let status = StatusCode::from_u16(st.refusal).unwrap_or(StatusCode::FORBIDDEN);
+    error(status, &status.to_string())
+}
+
 pub(super) async fn verify(State(s): State<Shared>, Json(body): Json<Value>) -> Response {
     let mut st = lock(&s);
+    st.verify_calls += 1;
+    if st.verify_missing {
+        // A GitLab (or a proxy in front of it) without this endpoint.
+        return error(StatusCode::NOT_FOUND, "404 Not Found");
+    }
     if body["token"].as_str() != Some(st.runner_token.as_str()) {
-        return error(StatusCode::FORBIDDEN, "403 Forbidden");
+        return refused(&st);
     }
     st.verifies += 1;
     Json(json!({"id": 42, "token": st.runner_token, "token_expires_at": null})).into_response()
@@ -55,7 +67,7 @@ pub(super) async fn request_job(
     if body["token"].as_str() != Some(tok.as_str())
         || header(&headers, "runner-token") != Some(tok.as_str())
     {
-        return error(StatusCode::FORBIDDEN, "403 Forbidden");
+        return refused(&st);
     }
     st.requests += 1;
     let version = st.queue_version.to_string();

@@ -31,6 +31,12 @@ pub(super) struct Inner {
     pub(super) faults: Faults,
     pub(super) rng: u64,
     pub(super) verifies: u32,
+    /// Verify calls, answered or not.
+    pub(super) verify_calls: u32,
+    /// Answer 404 to `POST /runners/verify`.
+    pub(super) verify_missing: bool,
+    /// The status a refused runner token gets (403 unless set).
+    pub(super) refusal: u16,
     pub(super) requests: u32,
     pub(super) handed_out: u32,
     pub(super) acks: u32,
@@ -101,6 +107,7 @@ impl FakeGitlab {
             trace_limit: DEFAULT_TRACE_LIMIT,
             artifact_limit: DEFAULT_ARTIFACT_LIMIT,
             update_interval: 1,
+            refusal: 403,
             repo_root: repo.path().to_path_buf(),
             ..Default::default()
         }));
@@ -274,6 +281,24 @@ impl FakeGitlab {
         lock(&self.state).max_running
     }
 
+    /// Answer 404 to `POST /runners/verify`, as a GitLab (or a proxy) that
+    /// does not serve it; job requests still work.
+    pub fn set_verify_missing(&self, missing: bool) {
+        lock(&self.state).verify_missing = missing;
+    }
+
+    /// The status a refused runner token gets on verify and job requests:
+    /// 403 (GitLab's) unless set, e.g. 401.
+    pub fn set_refusal(&self, status: u16) {
+        lock(&self.state).refusal = status;
+    }
+
+    /// `POST /runners/verify` calls, answered or not.
+    pub fn verify_calls(&self) -> u32 {
+        lock(&self.state).verify_calls
+    }
+
+    /// Verify calls answered 200.
     pub fn verifies(&self) -> u32 {
         lock(&self.state).verifies
     }
