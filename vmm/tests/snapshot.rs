@@ -10,79 +10,17 @@
 //! what is tested is the snapshot, not the jail.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[path = "../benches/common/mod.rs"]
 mod common;
 
+use common::{lines_until, no_hook, snapshot_config, sources};
 use kiln_vmm::kvm::snapshot::{self, Profile, Snapshot, SnapshotError};
-use kiln_vmm::kvm::{KvmMachine, Sources, ThreadStart};
-use kiln_vmm::{probe_kvm, ExitStatus, MachineConfig};
-
-/// Generous: a loaded host, nested PVM instruction emulation.
-const LINE_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// The benches' test-guest VM (one vCPU), with a second vCPU (its state
-/// is that of one waiting for INIT/SIPI) and no poll limit at the wait.
-fn config(dir: &Path) -> MachineConfig {
-    let mut c = common::config(dir, &common::build_guest(), 0);
-    c.vcpus = 2;
-    c.cmdline = c.cmdline.replace("vcpus=1", "vcpus=2") + " wait_forever";
-    c
-}
-
-/// What the VM is built from, and the host end of its console.
-fn sources(config: &MachineConfig) -> (Sources, BufReader<UnixStream>, UnixStream) {
-    let (host, vmm) = UnixStream::pair().unwrap();
-    host.set_read_timeout(Some(LINE_TIMEOUT)).unwrap();
-    let disks = config
-        .disks
-        .iter()
-        .map(|d| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(!d.read_only)
-                .open(&d.path)
-                .unwrap()
-        })
-        .collect();
-    let sources = Sources {
-        kvm: kvm_ioctls::Kvm::new().unwrap(),
-        kernel: File::open(&config.kernel).unwrap(),
-        initramfs: File::open(&config.initramfs).unwrap(),
-        disks,
-        console: vmm,
-    };
-    let writer = host.try_clone().unwrap();
-    (sources, BufReader::new(host), writer)
-}
-
-fn no_hook() -> ThreadStart {
-    Arc::new(|_| Ok(()))
-}
-
-/// Console lines up to and including the first that `last` accepts.
-fn lines_until(console: &mut BufReader<UnixStream>, last: impl Fn(&str) -> bool) -> Vec<String> {
-    let mut got = Vec::new();
-    loop {
-        let mut l = String::new();
-        match console.read_line(&mut l) {
-            Ok(0) => panic!("the console ended; lines so far: {got:#?}"),
-            Ok(_) => {}
-            Err(e) => panic!("console: {e}; lines so far: {got:#?}"),
-        }
-        let l = l.trim_end().to_string();
-        let done = last(&l);
-        got.push(l);
-        if done {
-            return got;
-        }
-    }
-}
+use kiln_vmm::kvm::KvmMachine;
+use kiln_vmm::{probe_kvm, ExitStatus};
 
 fn wait_exit(m: &KvmMachine) -> ExitStatus {
     let rx = m.exit_updates();
@@ -110,7 +48,7 @@ fn file_digest(p: &Path) -> String {
 /// Boot, snapshot at the wait point, restore twice, refuse what does not fit.
 fn snapshot_restores_into_fresh_vms_that_share_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path());
+    let config = snapshot_config(dir.path());
     let profile = Profile::for_config(
         &config,
         &file_digest(&config.kernel),
