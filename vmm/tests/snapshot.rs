@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 #[path = "../benches/common/mod.rs"]
 mod common;
 
-use common::{lines_until, no_hook, snapshot_config, sources};
+use common::{lines_until, no_hook, snapshot_config, sources, LINE_TIMEOUT};
 use kiln_vmm::kvm::snapshot::{self, Profile, Snapshot, SnapshotError};
 use kiln_vmm::kvm::KvmMachine;
 use kiln_vmm::{probe_kvm, ExitStatus};
@@ -158,6 +158,126 @@ fn snapshot_restores_into_fresh_vms_that_share_nothing() {
     }
 }
 
+/// The same through kiln's way of running a VM (`Machine`, one jailed
+/// `kiln-vmm` process per VM, seccomp filters on every thread): the VMM
+/// process writes the snapshot into the file kiln handed it and restores
+/// from the one it hands it.
+async fn snapshot_through_the_vmm_process() {
+    use kiln_vmm::kvm::snapshot::SnapshotUse;
+    use kiln_vmm::{BackendKind, Machine};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    let kvm = probe_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = snapshot_config(dir.path());
+    let profile = Profile::for_config(
+        &config,
+        &file_digest(&config.kernel),
+        &file_digest(&config.initramfs),
+    );
+    let path = dir.path().join("vm.snap");
+    let (mut source, console) = Machine::start_with_snapshot(
+        config.clone(),
+        BackendKind::Kvm,
+        &kvm,
+        SnapshotUse::WriteTo(path.clone()),
+    )
+    .await
+    .expect("start");
+    assert!(
+        source.jail().is_some_and(|j| j.seccomp),
+        "{:?}",
+        source.jail()
+    );
+    let mut lines = BufReader::new(console).lines();
+    let waited = tokio::time::timeout(LINE_TIMEOUT, async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            if l == "WAIT ping" {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(waited, Ok(true));
+    let header = source.snapshot(&profile).await.expect("snapshot");
+    assert_eq!(header.profile_hash, profile.hash());
+    // The VM runs on after its snapshot (its filters let it read its state).
+    assert!(source.pid().is_some());
+    source.destroy().await.unwrap();
+
+    for (n, tag) in ["vm1", "vm2"].into_iter().enumerate() {
+        config.run_dir = dir.path().join(format!("restored{n}"));
+        let (mut m, console) = Machine::start_with_snapshot(
+            config.clone(),
+            BackendKind::Kvm,
+            &kvm,
+            SnapshotUse::Restore {
+                path: path.clone(),
+                profile_hash: profile.hash(),
+            },
+        )
+        .await
+        .expect("restore");
+        let (rd, mut wr) = console.into_split();
+        wr.write_all(format!("ping {tag}\n").as_bytes())
+            .await
+            .unwrap();
+        let mut lines = BufReader::new(rd).lines();
+        let mut got = Vec::new();
+        let done = tokio::time::timeout(LINE_TIMEOUT, async {
+            while let Ok(Some(l)) = lines.next_line().await {
+                let done = l.starts_with("DONE");
+                got.push(l);
+                if done {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(done, Ok(true), "{got:#?}");
+        assert!(failed(&got).is_empty(), "{got:#?}");
+        assert!(
+            got.contains(&format!("CHECK memory-marker ok before='' after='{tag}'")),
+            "{got:#?}"
+        );
+        assert!(got.last().unwrap().ends_with(" 0"), "{got:#?}");
+        let status = tokio::time::timeout(Duration::from_secs(60), m.wait()).await;
+        assert_eq!(status, Ok(ExitStatus::Shutdown));
+        m.destroy().await.unwrap();
+    }
+
+    // A snapshot for another profile: the VMM process refuses it, typed.
+    config.run_dir = dir.path().join("refused");
+    let err = Machine::start_with_snapshot(
+        config.clone(),
+        BackendKind::Kvm,
+        &kvm,
+        SnapshotUse::Restore {
+            path: path.clone(),
+            profile_hash: "0".repeat(64),
+        },
+    )
+    .await
+    .err()
+    .expect("another profile must be refused");
+    let chain = kiln_testkit::error_chain(&err);
+    assert!(chain.contains("profile"), "{chain}");
+    assert!(!config.run_dir.exists());
+    // The qemu backend has no snapshots.
+    assert!(matches!(
+        Machine::start_with_snapshot(
+            config.clone(),
+            BackendKind::Qemu,
+            &kvm,
+            SnapshotUse::WriteTo(path.clone()),
+        )
+        .await,
+        Err(kiln_vmm::MachineError::Unsupported(_))
+    ));
+}
+
 fn main() -> std::process::ExitCode {
     let kvm = kiln_testkit::Need::custom("kvm", || {
         let kvm = probe_kvm();
@@ -170,8 +290,13 @@ fn main() -> std::process::ExitCode {
     kiln_testkit::Suite::new()
         .test(
             "snapshot_restores_into_fresh_vms_that_share_nothing",
-            &[kvm],
+            std::slice::from_ref(&kvm),
             snapshot_restores_into_fresh_vms_that_share_nothing,
+        )
+        .tokio(
+            "snapshot_through_the_vmm_process",
+            &[kvm],
+            snapshot_through_the_vmm_process,
         )
         .run()
 }

@@ -25,6 +25,8 @@ pub(super) struct Reported {
     pub(super) violation: Option<i64>,
     /// The panic message, when a thread of the VMM process panicked.
     pub(super) panic: Option<String>,
+    /// The answer to the last snapshot request, until taken.
+    pub(super) snapshot: Option<Result<Box<crate::kvm::snapshot::Header>, proto::WireError>>,
 }
 
 /// Read the VMM process's reports until it ends the conversation.
@@ -66,6 +68,11 @@ pub(super) async fn read_reports(
                 tracing::error!("the VMM process panicked: {text}");
                 if let Ok(mut r) = reported.lock() {
                     r.panic = Some(text);
+                }
+            }
+            Ok(FromVmm::Snapshotted(r)) => {
+                if let Ok(mut rep) = reported.lock() {
+                    rep.snapshot = Some(r);
                 }
             }
             Ok(other) => {

@@ -88,6 +88,22 @@ pub(crate) fn io(what: &'static str) -> impl Fn(std::io::Error) -> SnapshotError
     move |source| SnapshotError::Io { what, source }
 }
 
+/// What a VM started by [`crate::Machine::start_with_snapshot`] does with a
+/// snapshot file (kvm backend only).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SnapshotUse {
+    #[default]
+    None,
+    /// Start from this snapshot, which must be for this [`Profile::hash`].
+    Restore {
+        path: std::path::PathBuf,
+        profile_hash: String,
+    },
+    /// Boot, and allow [`crate::Machine::snapshot`] into this file (created,
+    /// or emptied).
+    WriteTo(std::path::PathBuf),
+}
+
 /// What a snapshot is good for: a VM restored from it must have the same
 /// kernel, initramfs, command line, vCPUs, memory and devices. The caller
 /// hashes the kernel and initramfs (it opened them); [`Profile::hash`]
