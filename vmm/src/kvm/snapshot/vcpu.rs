@@ -136,10 +136,10 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), SnapshotError> {
             .map_err(|e| SnapshotError::Corrupt(format!("MSRs: {e:?}")))?;
         let n = vcpu.set_msrs(&msrs).map_err(kvm("set MSRs"))?;
         if n != chunk.len() {
+            let index = chunk.get(n).map_or(0, |m| m.index);
             return Err(SnapshotError::Mismatch(format!(
-                "KVM refused MSR {:#x} (this host's KVM differs from the one \
-                 that took the snapshot)",
-                chunk[n].index
+                "KVM refused MSR {index:#x} (this host's KVM differs from the one \
+                 that took the snapshot)"
             )));
         }
     }
