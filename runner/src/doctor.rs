@@ -158,6 +158,7 @@ pub fn run(cache_dir: &Path, env: &Env, json: bool) -> Result<ExitCode> {
     });
     checks.extend(isolation_checks(env));
     checks.extend(network_checks());
+    checks.push(snapshot_check(cache_dir));
     let run_dir = env.run_dir();
     let writable = std::fs::create_dir_all(&run_dir).is_ok() && tempfile_in(&run_dir);
     checks.push(if writable {
@@ -192,6 +193,29 @@ pub fn run(cache_dir: &Path, env: &Env, json: bool) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The VM snapshots in the cache (`kiln snapshot ls` lists them). Jobs do
+/// not start from them yet: this only says what is there and what is stale.
+fn snapshot_check(cache_dir: &Path) -> Check {
+    use kiln::snapshots::{EntryState, SnapshotCache};
+    let list = SnapshotCache::new(cache_dir).list();
+    let bytes: u64 = list.iter().map(|e| e.disk_bytes).sum();
+    let usable = list
+        .iter()
+        .filter(|e| matches!(e.state, EntryState::Usable(_)))
+        .count();
+    let unusable = list.len() - usable;
+    Check {
+        name: "snapshots",
+        status: if unusable == 0 { "ok" } else { "warn" },
+        detail: format!(
+            "{usable} usable, {unusable} stale or damaged, {:.1} MiB on disk \
+             (kvm backend; jobs still cold-boot)",
+            bytes as f64 / (1 << 20) as f64
+        ),
+        fix: (unusable > 0).then(|| "kiln snapshot ls; kiln snapshot rm <hash>".into()),
+    }
 }
 
 /// What of the jail around each VMM process (kvm backend) this host

@@ -11,5 +11,6 @@ pub mod joblog;
 pub mod local;
 pub mod network;
 pub mod paths;
+pub mod snapshots;
 
 pub use executor::{Executor, ExecutorConfig, FailureReason, JobResult};

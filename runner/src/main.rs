@@ -43,6 +43,9 @@ enum Command {
     /// Job images: pull, list, remove, prune the cache.
     #[command(subcommand)]
     Image(image_cmd::ImageCmd),
+    /// VM snapshots (kvm backend) in the cache: list, remove.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// Serve CI jobs from GitLab (see docs/gitlab.md), each in a fresh VM.
     Daemon {
         /// The configuration file.
@@ -94,6 +97,21 @@ enum KernelCmd {
     },
     /// List cached kernels (the first is the default).
     Ls,
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// List cached snapshots: profile, size, whether this kiln can use them.
+    Ls,
+    /// Remove the snapshots whose profile hash starts with PREFIX.
+    Rm {
+        /// A profile hash or its start (see `kiln snapshot ls`).
+        #[arg(required_unless_present = "all")]
+        prefix: Option<String>,
+        /// Remove every snapshot.
+        #[arg(long, conflicts_with = "prefix")]
+        all: bool,
+    },
 }
 
 #[derive(Args)]
@@ -223,6 +241,53 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Daemon { config } => daemon(&config, &env),
         Command::Gitlab(cmd) => gitlab(cmd),
         Command::Image(cmd) => image_cmd::run(cmd, &cache_dir, env.images()),
+        Command::Snapshot(cmd) => snapshot_cmd(cmd, &cache_dir),
+    }
+}
+
+fn snapshot_cmd(cmd: SnapshotCmd, cache_dir: &std::path::Path) -> Result<ExitCode> {
+    use kiln::snapshots::{EntryState, SnapshotCache};
+    let cache = SnapshotCache::new(cache_dir);
+    match cmd {
+        SnapshotCmd::Ls => {
+            let list = cache.list();
+            if list.is_empty() {
+                println!("no snapshots in {}", cache.dir().display());
+            }
+            for e in list {
+                let size = format!("{:.1} MiB", e.disk_bytes as f64 / (1 << 20) as f64);
+                match e.state {
+                    EntryState::Usable(h) => println!(
+                        "{}  {size}  usable  {} vCPU, {} MiB, kernel {}, initramfs {}",
+                        &e.name[..e.name.len().min(16)],
+                        h.profile.vcpus,
+                        h.profile.memory_mib,
+                        &h.profile.kernel_sha256[..h.profile.kernel_sha256.len().min(12)],
+                        &h.profile.initramfs_sha256[..h.profile.initramfs_sha256.len().min(12)],
+                    ),
+                    EntryState::Stale(why) => println!(
+                        "{}  {size}  stale ({why}): `kiln snapshot rm` it",
+                        &e.name[..e.name.len().min(16)]
+                    ),
+                    EntryState::Damaged(why) => println!(
+                        "{}  {size}  damaged ({why}): `kiln snapshot rm` it",
+                        &e.name[..e.name.len().min(16)]
+                    ),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SnapshotCmd::Rm { prefix, all } => {
+            let prefix = if all { None } else { prefix };
+            if prefix.as_deref().is_some_and(str::is_empty) {
+                anyhow::bail!("an empty prefix would remove every snapshot: use --all");
+            }
+            let n = cache
+                .remove(prefix.as_deref())
+                .with_context(|| format!("removing snapshots in {}", cache.dir().display()))?;
+            println!("removed {n} snapshot file(s)");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -74,6 +74,8 @@ pub enum MachineError {
          what this host enforces; isolation = \"best-effort\" runs without the missing parts)"
     )]
     Jail(String),
+    #[error("the VM could not be snapshotted or restored")]
+    Snapshot(#[from] crate::kvm::snapshot::SnapshotError),
     #[error("I/O error on the VM's {what}")]
     Io {
         what: &'static str,

@@ -128,6 +128,50 @@ impl Machine {
         }
     }
 
+    /// [`Machine::start`] on the kvm backend, restoring from a snapshot
+    /// (instead of booting) or ready for [`Machine::snapshot`]
+    /// (`kvm::snapshot::SnapshotUse`). The qemu backend has no snapshots:
+    /// asking for one there is `MachineError::Unsupported`.
+    pub async fn start_with_snapshot(
+        config: MachineConfig,
+        backend: BackendKind,
+        kvm: &KvmSupport,
+        snapshot: crate::kvm::snapshot::SnapshotUse,
+    ) -> Result<(Machine, ConsoleStream), MachineError> {
+        if snapshot == crate::kvm::snapshot::SnapshotUse::None {
+            return Machine::start(config, backend, kvm).await;
+        }
+        if backend.resolve(kvm)?.0 != BackendKind::Kvm {
+            return Err(MachineError::Unsupported(
+                "snapshots need the kvm backend (the qemu backend always boots)",
+            ));
+        }
+        if !matches!(config.network, crate::Network::None) {
+            return Err(MachineError::Unsupported(
+                "the kvm backend has no network device yet: use --network none",
+            ));
+        }
+        let (inner, console) = VmmProcess::start_with_snapshot(config, snapshot).await?;
+        Ok((
+            Machine {
+                inner: Inner::Kvm(Box::new(inner)),
+            },
+            console,
+        ))
+    }
+
+    /// kvm backend, started with `SnapshotUse::WriteTo`: pause the VM,
+    /// write its snapshot for `profile` into that file, let it run on.
+    pub async fn snapshot(
+        &mut self,
+        profile: &crate::kvm::snapshot::Profile,
+    ) -> Result<crate::kvm::snapshot::Header, MachineError> {
+        match &mut self.inner {
+            Inner::Qemu(_) => Err(MachineError::Unsupported("snapshots need the kvm backend")),
+            Inner::Kvm(m) => m.snapshot(profile).await,
+        }
+    }
+
     /// Backend and accelerator, e.g. `qemu/tcg` or `kvm`.
     pub fn describe(&self) -> String {
         match &self.inner {

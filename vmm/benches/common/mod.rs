@@ -2,11 +2,19 @@
 
 #![allow(dead_code)] // each bench uses part of it
 
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
+use kiln_vmm::kvm::{Sources, ThreadStart};
 use kiln_vmm::{Disk, MachineConfig};
+
+/// How long a console line may take (a loaded host, nested PVM).
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub fn build_guest() -> PathBuf {
     if let Some(p) = std::env::var_os("KILN_TESTGUEST") {
@@ -71,6 +79,68 @@ pub fn config(dir: &Path, kernel: &Path, n: usize) -> MachineConfig {
         test_forbidden_syscall: None,
         network: kiln_vmm::Network::None,
     }
+}
+
+/// What the VM is built from, and the host end of its console.
+pub fn sources(config: &MachineConfig) -> (Sources, BufReader<UnixStream>, UnixStream) {
+    let (host, vmm) = UnixStream::pair().unwrap();
+    host.set_read_timeout(Some(LINE_TIMEOUT)).unwrap();
+    let disks = config
+        .disks
+        .iter()
+        .map(|d| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(!d.read_only)
+                .open(&d.path)
+                .unwrap()
+        })
+        .collect();
+    let sources = Sources {
+        kvm: kvm_ioctls::Kvm::new().unwrap(),
+        kernel: File::open(&config.kernel).unwrap(),
+        initramfs: File::open(&config.initramfs).unwrap(),
+        disks,
+        console: vmm,
+    };
+    let writer = host.try_clone().unwrap();
+    (sources, BufReader::new(host), writer)
+}
+
+/// No seccomp or other hook on the VM's threads (VMs in this process).
+pub fn no_hook() -> ThreadStart {
+    Arc::new(|_| Ok(()))
+}
+
+/// Console lines up to and including the first that `last` accepts.
+pub fn lines_until(
+    console: &mut BufReader<UnixStream>,
+    last: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let mut got = Vec::new();
+    loop {
+        let mut l = String::new();
+        match console.read_line(&mut l) {
+            Ok(0) => panic!("the console ended; lines so far: {got:#?}"),
+            Ok(_) => {}
+            Err(e) => panic!("console: {e}; lines so far: {got:#?}"),
+        }
+        let l = l.trim_end().to_string();
+        let done = last(&l);
+        got.push(l);
+        if done {
+            return got;
+        }
+    }
+}
+
+/// The benches' test-guest VM (one vCPU), with a second vCPU (its state
+/// is that of one waiting for INIT/SIPI) and no poll limit at the wait.
+pub fn snapshot_config(dir: &Path) -> MachineConfig {
+    let mut c = config(dir, &build_guest(), 0);
+    c.vcpus = 2;
+    c.cmdline = c.cmdline.replace("vcpus=1", "vcpus=2") + " wait_forever";
+    c
 }
 
 pub fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {

@@ -116,6 +116,44 @@ const MAIN: &[i64] = &[libc::SYS_mincore];
 /// `KVM_RUN`: `_IO(KVMIO, 0x80)`.
 const KVM_RUN: u64 = 0xae80;
 
+/// `_IOR(KVMIO, nr, T)` (`_IOWR` with `write`), as kvm-ioctls defines them.
+const fn kvm_ioctl<T>(nr: u64, write: bool) -> u64 {
+    let dir = if write { 3 } else { 2 };
+    (dir << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (0xae << 8) | nr
+}
+
+/// What a vCPU thread reads of its vCPU when the VM is paused for a
+/// snapshot (`kvm::snapshot::vcpu::save`), on VMs that may be snapshotted.
+const SNAPSHOT_VCPU_IOCTLS: &[u64] = {
+    use kvm_bindings::*;
+    &[
+        kvm_ioctl::<kvm_mp_state>(0x98, false),
+        kvm_ioctl::<kvm_regs>(0x81, false),
+        kvm_ioctl::<kvm_sregs>(0x83, false),
+        kvm_ioctl::<kvm_xsave>(0xa4, false),
+        kvm_ioctl::<kvm_xcrs>(0xa6, false),
+        kvm_ioctl::<kvm_debugregs>(0xa1, false),
+        kvm_ioctl::<kvm_lapic_state>(0x8e, false),
+        kvm_ioctl::<kvm_cpuid2>(0x91, true),
+        kvm_ioctl::<kvm_msrs>(0x88, true),
+        kvm_ioctl::<kvm_vcpu_events>(0x9f, false),
+    ]
+};
+
+/// What the main thread reads of the VM for a snapshot
+/// (`kvm::snapshot::vm::save`).
+const SNAPSHOT_VM_IOCTLS: &[u64] = {
+    use kvm_bindings::*;
+    &[
+        kvm_ioctl::<kvm_irqchip>(0x62, true),
+        kvm_ioctl::<kvm_pit_state2>(0x9f, false),
+        kvm_ioctl::<kvm_clock_data>(0x7c, false),
+    ]
+};
+
+/// The main thread writes the snapshot file.
+const SNAPSHOT_MAIN: &[i64] = &[libc::SYS_pwrite64, libc::SYS_ftruncate];
+
 /// The three compiled filters.
 pub struct Filters {
     vcpu: BpfProgram,
@@ -123,7 +161,7 @@ pub struct Filters {
     main: BpfProgram,
 }
 
-fn compile(lists: &[&[i64]], kind: Kind) -> Result<BpfProgram, SeccompError> {
+fn compile(lists: &[&[i64]], kind: Kind, snapshots: bool) -> Result<BpfProgram, SeccompError> {
     let b = |e: seccompiler::BackendError| SeccompError::Build(e.to_string());
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for &nr in COMMON.iter().chain(lists.iter().copied().flatten()) {
@@ -142,13 +180,22 @@ fn compile(lists: &[&[i64]], kind: Kind) -> Result<BpfProgram, SeccompError> {
         libc::SYS_fcntl,
         vec![SeccompRule::new(vec![getfd]).map_err(b)?],
     );
-    if kind == Kind::Vcpu {
-        let run = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, KVM_RUN)
-            .map_err(b)?;
-        rules.insert(
-            libc::SYS_ioctl,
-            vec![SeccompRule::new(vec![run]).map_err(b)?],
-        );
+    let ioctls: Vec<u64> = match (kind, snapshots) {
+        (Kind::Vcpu, false) => vec![KVM_RUN],
+        (Kind::Vcpu, true) => [&[KVM_RUN][..], SNAPSHOT_VCPU_IOCTLS].concat(),
+        (Kind::Main, true) => SNAPSHOT_VM_IOCTLS.to_vec(),
+        _ => Vec::new(),
+    };
+    if !ioctls.is_empty() {
+        let rules_for = ioctls
+            .iter()
+            .map(|&nr| {
+                let c = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, nr)
+                    .map_err(b)?;
+                SeccompRule::new(vec![c]).map_err(b)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        rules.insert(libc::SYS_ioctl, rules_for);
     }
     let filter = SeccompFilter::new(
         rules,
@@ -164,10 +211,18 @@ fn compile(lists: &[&[i64]], kind: Kind) -> Result<BpfProgram, SeccompError> {
 
 impl Filters {
     pub fn build() -> Result<Filters, SeccompError> {
+        Filters::build_for(false)
+    }
+
+    /// `snapshots`: the VM may be snapshotted (kiln sent `snapshot_out`),
+    /// so vCPU threads may read their vCPU's state and the main thread the
+    /// VM's, and write the snapshot file.
+    pub fn build_for(snapshots: bool) -> Result<Filters, SeccompError> {
+        let main_extra: &[i64] = if snapshots { SNAPSHOT_MAIN } else { &[] };
         Ok(Filters {
-            vcpu: compile(&[VCPU], Kind::Vcpu)?,
-            event_loop: compile(&[SOCKETS, EVENT_LOOP], Kind::EventLoop)?,
-            main: compile(&[SOCKETS, MAIN], Kind::Main)?,
+            vcpu: compile(&[VCPU], Kind::Vcpu, snapshots)?,
+            event_loop: compile(&[SOCKETS, EVENT_LOOP], Kind::EventLoop, snapshots)?,
+            main: compile(&[SOCKETS, MAIN, main_extra], Kind::Main, snapshots)?,
         })
     }
 

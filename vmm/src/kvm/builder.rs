@@ -25,6 +25,8 @@ use super::devices::virtio::block::{Block, VIRTIO_BLK_ID_BYTES};
 use super::devices::virtio::console::Console;
 use super::devices::virtio::rng::Rng;
 use super::event_loop::EventLoop;
+use super::snapshot::pause::Pause;
+use super::snapshot::{self, Snapshot};
 use super::{acpi, boot, io_err, kick, kvm_err, memory, vcpu, KvmMachine, MAX_VCPUS};
 use crate::config::MachineConfig;
 use crate::error::MachineError;
@@ -99,6 +101,27 @@ pub fn start(
     sources: Sources,
     thread_start: ThreadStart,
 ) -> Result<KvmMachine, MachineError> {
+    build(config, sources, thread_start, None)
+}
+
+/// Create a VM from `snapshot` (checked by the caller against `config`'s
+/// profile) and start it where the snapshot was taken: guest memory is the
+/// snapshot's, mapped copy-on-write; kernel and initramfs are not loaded.
+pub fn restore(
+    config: &MachineConfig,
+    sources: Sources,
+    snapshot: Snapshot,
+    thread_start: ThreadStart,
+) -> Result<KvmMachine, MachineError> {
+    build(config, sources, thread_start, Some(snapshot))
+}
+
+fn build(
+    config: &MachineConfig,
+    sources: Sources,
+    thread_start: ThreadStart,
+    snapshot: Option<Snapshot>,
+) -> Result<KvmMachine, MachineError> {
     let created = Instant::now();
     validate(config)?;
     kick::install_handler()?;
@@ -118,11 +141,24 @@ pub fn start(
     }
 
     let vm = create_vm(&kvm)?;
-    let mem = Arc::new(guest_memory(&vm, config.memory_mib)?);
+    let mem = Arc::new(match &snapshot {
+        None => memory::create(config.memory_mib).map_err(|source| MachineError::GuestMemory {
+            mib: config.memory_mib,
+            source,
+        })?,
+        Some(s) => snapshot::restored_memory(config, s)?,
+    });
+    register_memory(&vm, &mem)?;
 
-    let kernel = boot::load_kernel_from(&mem, &mut kernel)?;
-    let initrd = boot::load_initrd_from(&mem, &mut initramfs, kernel.end)?;
-    let cmdline_len = boot::write_cmdline(&mem, &config.cmdline)?;
+    let cold = match snapshot {
+        None => {
+            let kernel = boot::load_kernel_from(&mem, &mut kernel)?;
+            let initrd = boot::load_initrd_from(&mem, &mut initramfs, kernel.end)?;
+            let cmdline_len = boot::write_cmdline(&mem, &config.cmdline)?;
+            Ok((kernel, initrd, cmdline_len))
+        }
+        Some(s) => Err(s),
+    };
 
     // Devices.
     let serial_log = tail::shared(config.serial_log_limit.max(4096));
@@ -146,24 +182,43 @@ pub fn start(
     }
     devices.add_virtio(Box::new(Rng))?;
 
-    // Boot tables.
-    let infos = devices.virtio_infos();
-    let rsdp = acpi::write_tables(&mem, config.vcpus, &infos)?;
-    boot::write_gdt_idt(&mem, kernel.entry)?;
-    match kernel.entry {
-        boot::EntryMode::Pvh(_) => boot::write_pvh_info(&mem, Some(initrd), rsdp)?,
-        boot::EntryMode::Linux64(_) => {
-            boot::write_page_tables(&mem)?;
-            boot::write_zero_page(&mem, kernel.setup_header, cmdline_len, Some(initrd), rsdp)?;
-        }
-    }
-    tracing::debug!(entry = ?kernel.entry, initrd = ?initrd, devices = infos.len(), "kernel loaded");
-
-    let vcpus = create_vcpus(&kvm, &vm, config.vcpus, kernel.entry)?;
-
     let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("event loop eventfd"))?;
-    let bus = Arc::new(devices.build(wake.try_clone().map_err(io_err("event loop eventfd"))?));
-    let (control, exit_rx) = Control::new(wake, console_end, created);
+    let (vcpus, bus) = match cold {
+        Ok((kernel, initrd, cmdline_len)) => {
+            // Boot tables.
+            let infos = devices.virtio_infos();
+            let rsdp = acpi::write_tables(&mem, config.vcpus, &infos)?;
+            boot::write_gdt_idt(&mem, kernel.entry)?;
+            match kernel.entry {
+                boot::EntryMode::Pvh(_) => boot::write_pvh_info(&mem, Some(initrd), rsdp)?,
+                boot::EntryMode::Linux64(_) => {
+                    boot::write_page_tables(&mem)?;
+                    boot::write_zero_page(
+                        &mem,
+                        kernel.setup_header,
+                        cmdline_len,
+                        Some(initrd),
+                        rsdp,
+                    )?;
+                }
+            }
+            tracing::debug!(entry = ?kernel.entry, initrd = ?initrd, devices = infos.len(), "kernel loaded");
+            let vcpus = create_vcpus(&kvm, &vm, config.vcpus, kernel.entry)?;
+            let bus = devices.build(wake.try_clone().map_err(io_err("event loop eventfd"))?);
+            (vcpus, bus)
+        }
+        Err(s) => {
+            let bus = devices.build(wake.try_clone().map_err(io_err("event loop eventfd"))?);
+            let vcpus = snapshot::restore_machine(&vm, &bus, &s, config.vcpus)?;
+            (vcpus, bus)
+        }
+    };
+    let bus = Arc::new(bus);
+    let pause = Pause::new(
+        vcpus.len(),
+        snapshot::vcpu::msrs_to_save(&kvm).unwrap_or_default(),
+    );
+    let (control, exit_rx) = Control::new(wake, console_end, created, pause);
     let control = Arc::new(control);
 
     let el = EventLoop::new(bus.clone(), control.clone()).map_err(io_err("event loop"))?;
@@ -183,10 +238,14 @@ pub fn start(
         exited: None,
         serial: serial_log,
         memory_bytes: u64::from(config.memory_mib) << 20,
+        bus: bus.clone(),
         guest_memory: mem,
-        _vm: vm,
+        vm,
     };
     spawn_vcpus(&mut machine, vcpus, &bus, &control, &thread_start)?;
+    // A restored device may already want host I/O (the event loop
+    // registers host descriptors when woken).
+    control.wake();
     tracing::debug!(elapsed = ?created.elapsed(), "kvm VM started");
     Ok(machine)
 }
@@ -215,12 +274,8 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, MachineError> {
     Ok(vm)
 }
 
-/// Map guest RAM and hand it to the VM, one slot per region.
-fn guest_memory(vm: &VmFd, memory_mib: u32) -> Result<GuestMemoryMmap, MachineError> {
-    let mem = memory::create(memory_mib).map_err(|source| MachineError::GuestMemory {
-        mib: memory_mib,
-        source,
-    })?;
+/// Hand guest RAM to the VM, one slot per region.
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MachineError> {
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
@@ -235,7 +290,7 @@ fn guest_memory(vm: &VmFd, memory_mib: u32) -> Result<GuestMemoryMmap, MachineEr
         // than the memory. Slots do not overlap (distinct regions).
         unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("register guest memory"))?;
     }
-    Ok(mem)
+    Ok(())
 }
 
 /// Create and configure every vCPU before any runs.

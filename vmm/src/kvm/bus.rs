@@ -39,6 +39,15 @@ pub trait PioDevice: Send {
     /// `data` arrives zeroed: bytes the device does not fill read as 0.
     fn pio_read(&mut self, port: u16, data: &mut [u8]);
     fn pio_write(&mut self, port: u16, data: &[u8]) -> PioAction;
+    /// The device's state for a snapshot (`kvm::snapshot`), if it keeps any.
+    fn save_state(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Take the state [`PioDevice::save_state`] returned (from a snapshot
+    /// file: check it).
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 struct PioSlot {
@@ -124,6 +133,12 @@ impl Bus {
     /// The virtio devices, in the order they were added.
     pub fn virtio_devices(&self) -> &[VirtioSlot] {
         &self.virtio
+    }
+
+    /// The port-I/O devices, one per claimed range, in the order they were
+    /// added (a device with two ranges appears twice).
+    pub fn pio_devices(&self) -> impl Iterator<Item = &Arc<Mutex<dyn PioDevice>>> {
+        self.pio.iter().map(|s| &s.device)
     }
 }
 

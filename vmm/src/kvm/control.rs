@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::snapshot::pause::Pause;
 use super::stats::ExitCounters;
 use crate::machine::ExitStatus;
 
@@ -23,6 +24,8 @@ pub struct Control {
     created: Instant,
     first_exit: OnceLock<Duration>,
     pub exits: ExitCounters,
+    /// The vCPUs' pause request (snapshots).
+    pub pause: Pause,
 }
 
 impl Control {
@@ -31,6 +34,7 @@ impl Control {
         wake: EventFd,
         console: std::os::unix::net::UnixStream,
         created: Instant,
+        pause: Pause,
     ) -> (Control, tokio::sync::watch::Receiver<Option<ExitStatus>>) {
         let (exit, exit_rx) = tokio::sync::watch::channel(None);
         let control = Control {
@@ -41,6 +45,7 @@ impl Control {
             created,
             first_exit: OnceLock::new(),
             exits: ExitCounters::default(),
+            pause,
         };
         (control, exit_rx)
     }

@@ -29,6 +29,16 @@ pub fn install_handler() -> Result<(), MachineError> {
     })
 }
 
+/// Get every thread in `threads` out of `KVM_RUN` once (a thread not in
+/// it sees the signal's no-op handler and goes on).
+pub fn kick(threads: &[JoinHandle<()>]) {
+    for h in threads.iter().filter(|h| !h.is_finished()) {
+        // SAFETY: as in `join_vcpus`: the thread has not been joined, and
+        // the signal's handler is a no-op installed before it started.
+        unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
+    }
+}
+
 /// Join vCPU threads that were told to stop, kicking each out of `KVM_RUN`
 /// until it notices. A thread still running after `timeout` (all threads
 /// together) is leaked with an error in the log rather than waited for.

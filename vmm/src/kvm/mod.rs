@@ -19,6 +19,8 @@
 //!   ioeventfd/irqfd wiring, ACPI descriptions).
 //! - `event_loop`: queue notifications and host-side sockets;
 //!   `control`: the stop flag, wake-up and exit status the threads share.
+//! - [`snapshot`]: pausing a VM, saving it to a file, and starting a VM
+//!   from one ([`KvmMachine::snapshot`], [`KvmMachine::restore`]).
 //!
 //! Port I/O and MMIO register accesses are handled on the vCPU thread that
 //! exits; queue notifications arrive through ioeventfds and are handled by
@@ -43,6 +45,7 @@ pub mod devices;
 mod event_loop;
 mod kick;
 pub mod memory;
+pub mod snapshot;
 pub mod stats;
 pub mod vcpu;
 
@@ -65,6 +68,8 @@ pub const MAX_VCPUS: u32 = 254;
 
 /// How long [`KvmMachine`] waits for its vCPU threads to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`KvmMachine::snapshot`] waits for every vCPU to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> MachineError {
     move |e| MachineError::Kvm {
@@ -86,9 +91,10 @@ pub struct KvmMachine {
     exited: Option<ExitStatus>,
     serial: SharedTail,
     memory_bytes: u64,
+    bus: Arc<bus::Bus>,
     // Fields drop in this order, after `Drop::drop` has joined the threads:
-    // the VM fd before the guest memory it maps (see `builder::guest_memory`).
-    _vm: VmFd,
+    // the VM fd before the guest memory it maps (see `builder::register_memory`).
+    vm: VmFd,
     guest_memory: Arc<GuestMemoryMmap>,
 }
 
@@ -102,6 +108,42 @@ impl KvmMachine {
         thread_start: ThreadStart,
     ) -> Result<KvmMachine, MachineError> {
         builder::start(config, sources, thread_start)
+    }
+
+    /// Start a VM from `snapshot` (opened with [`snapshot::Snapshot::open`]
+    /// for `config`'s profile), where the snapshot was taken: its memory is
+    /// the snapshot file's, mapped copy-on-write (never written back);
+    /// `sources` are opened as for [`KvmMachine::start`] (kernel and
+    /// initramfs are not read: the snapshot's memory holds them).
+    pub fn restore(
+        config: &MachineConfig,
+        sources: Sources,
+        snapshot: snapshot::Snapshot,
+        thread_start: ThreadStart,
+    ) -> Result<KvmMachine, MachineError> {
+        builder::restore(config, sources, snapshot, thread_start)
+    }
+
+    /// Pause the VM, write a snapshot of it into `out` (an empty, writable
+    /// file; the caller syncs and publishes it) for `profile`, and let it
+    /// run again.
+    pub fn snapshot(
+        &self,
+        out: &std::fs::File,
+        profile: &snapshot::Profile,
+    ) -> Result<snapshot::Header, snapshot::SnapshotError> {
+        let started = std::time::Instant::now();
+        let vcpus = self.control.pause.pause(
+            || kick::kick(&self.vcpu_threads),
+            || self.control.stopping(),
+            PAUSE_TIMEOUT,
+        );
+        let saved = vcpus.and_then(|v| {
+            snapshot::save_machine(&self.vm, &self.bus, &self.guest_memory, v, profile, out)
+        });
+        self.control.pause.resume();
+        tracing::debug!(elapsed = ?started.elapsed(), ok = saved.is_ok(), "kvm VM snapshot");
+        saved
     }
 
     pub fn serial_log(&self) -> Vec<u8> {

@@ -211,6 +211,12 @@ pub fn run(mut vcpu: VcpuFd, id: u32, bus: Arc<Bus>, control: Arc<Control>) {
         if control.stopping() {
             return;
         }
+        if control.pause.requested() {
+            control
+                .pause
+                .park(id as usize, &mut vcpu, || control.stopping());
+            continue;
+        }
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 exits.count(R::IoOut);

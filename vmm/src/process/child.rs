@@ -21,6 +21,7 @@ use super::proto::{self, FromVmm, StartVm, ToVmm, WireError, WireErrorKind, Wire
 use crate::config::{Disk, MachineConfig};
 use crate::error::MachineError;
 use crate::jail::{self, seccomp};
+use crate::kvm::snapshot::Snapshot;
 use crate::kvm::{KvmMachine, Sources, ThreadKind};
 use crate::machine::ExitStatus;
 
@@ -126,6 +127,9 @@ pub fn main() -> ExitCode {
             console: UnixStream::from_raw_fd(fds::CONSOLE),
         }
     };
+    // SAFETY: as above; kiln hands this number only with one of these.
+    let snapshot_file = (start.restore.is_some() || start.snapshot_out)
+        .then(|| unsafe { File::from_raw_fd(fds::SNAPSHOT) });
 
     let mut report = match jail::apply(&start.jail) {
         Ok(r) => r,
@@ -142,7 +146,7 @@ pub fn main() -> ExitCode {
     let filters = if start.jail.mode == jail::IsolationMode::Off {
         None
     } else {
-        match seccomp::Filters::build() {
+        match seccomp::Filters::build_for(start.snapshot_out) {
             Ok(f) => Some(Arc::new(f)),
             Err(e) => {
                 report.missing.push(format!("seccomp: {e}"));
@@ -168,6 +172,7 @@ pub fn main() -> ExitCode {
         let _ = f;
     }
 
+    let mut snapshot_out = None;
     let forbidden = test_hook(&start);
     let config = machine_config(&start);
     let thread_filters = filters.clone();
@@ -203,7 +208,16 @@ pub fn main() -> ExitCode {
         }
         Ok(())
     });
-    let machine = match KvmMachine::start(&config, sources, thread_start) {
+    let built = match (&start.restore, snapshot_file) {
+        (Some(profile_hash), Some(file)) => Snapshot::open(file, profile_hash)
+            .map_err(MachineError::from)
+            .and_then(|snap| KvmMachine::restore(&config, sources, snap, thread_start)),
+        (_, file) => {
+            snapshot_out = file;
+            KvmMachine::start(&config, sources, thread_start)
+        }
+    };
+    let machine = match built {
         Ok(m) => m,
         Err(e) => return fail(&mut control, wire_error(&e)),
     };
@@ -257,7 +271,7 @@ pub fn main() -> ExitCode {
     if test_hook(&start).as_deref() == Some("main") {
         seccomp::make_forbidden_syscall();
     }
-    rt.block_on(serve(machine, control))
+    rt.block_on(serve(machine, control, snapshot_out))
 }
 
 /// Test hooks wait until kiln has heard the VM started, so that they end a
@@ -321,7 +335,11 @@ fn machine_config(start: &StartVm) -> MachineConfig {
 }
 
 /// Forward serial output until the VM ends, then report how.
-async fn serve(machine: KvmMachine, control: tokio::net::UnixStream) -> ExitCode {
+async fn serve(
+    machine: KvmMachine,
+    control: tokio::net::UnixStream,
+    snapshot_out: Option<File>,
+) -> ExitCode {
     let (mut rd, mut wr) = control.into_split();
     let mut serial = machine.serial_updates();
     let mut exited = machine.exit_updates();
@@ -343,6 +361,20 @@ async fn serve(machine: KvmMachine, control: tokio::net::UnixStream) -> ExitCode
             }
             m = proto::read_async::<ToVmm>(&mut rd) => match m {
                 Ok(ToVmm::Stop) => machine.request_stop(),
+                Ok(ToVmm::Snapshot(profile)) => {
+                    let r = match &snapshot_out {
+                        Some(f) => machine.snapshot(f, &profile).map(Box::new).map_err(|e| {
+                            wire_error(&MachineError::from(e))
+                        }),
+                        None => Err(WireError {
+                            kind: WireErrorKind::Config,
+                            chain: vec!["the VM was not started for a snapshot".into()],
+                        }),
+                    };
+                    if proto::write_async(&mut wr, &FromVmm::Snapshotted(r)).await.is_err() {
+                        break None;
+                    }
+                }
                 // kiln is gone or talks nonsense: stop without a report.
                 _ => break None,
             },

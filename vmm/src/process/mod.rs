@@ -36,6 +36,7 @@ use crate::config::MachineConfig;
 use crate::error::MachineError;
 use crate::jail::cgroup::{self, Cgroup};
 use crate::jail::{IsolationMode, JailReport, JailSpec, UID_BASE, UID_RANGE};
+use crate::kvm::snapshot::SnapshotUse;
 use crate::kvm::stats::ExitStats;
 use crate::machine::{ConsoleStream, ExitStatus};
 use crate::run_dir::RunDir;
@@ -56,12 +57,19 @@ pub mod fds {
     /// and listed in the jail's `keep_fds`; the VMM's network namespace is
     /// empty, so that descriptor is its only way out.
     pub const FIRST_DISK: i32 = 8;
+    /// A snapshot to restore from (read-only), or the empty file a
+    /// snapshot is to be written to (`proto::StartVm::restore`,
+    /// `snapshot_out`); absent otherwise.
+    pub const SNAPSHOT: i32 = 64;
 }
 
 /// Where the high copies of handed-over descriptors go before they are
 /// moved to their fixed numbers in the child (above every fixed number, so
 /// no move overwrites a source not yet moved).
 const HIGH_FD: i32 = 1000;
+
+/// How long a snapshot may take (pausing, writing guest memory).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How long a VMM process that said how the VM ended may take to exit.
 const REAP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -105,7 +113,7 @@ pub struct VmmProcess {
     ended: watch::Receiver<Option<Option<ExitStatus>>>,
     reader: tokio::task::JoinHandle<()>,
     /// Kept open: the VMM process stops when it sees the end of it.
-    _control: OwnedWriteHalf,
+    control: OwnedWriteHalf,
     exited: Option<ExitStatus>,
     memory_bytes: u64,
     jail: JailReport,
@@ -146,6 +154,14 @@ fn high_copy(fd: &impl AsRawFd) -> Result<OwnedFd, MachineError> {
 
 impl VmmProcess {
     pub async fn start(config: MachineConfig) -> Result<(VmmProcess, ConsoleStream), MachineError> {
+        VmmProcess::start_with_snapshot(config, SnapshotUse::None).await
+    }
+
+    /// [`VmmProcess::start`], restoring from a snapshot or ready to take one.
+    pub async fn start_with_snapshot(
+        config: MachineConfig,
+        snapshot: SnapshotUse,
+    ) -> Result<(VmmProcess, ConsoleStream), MachineError> {
         let iso = &config.isolation;
         let program = locate_vmm(iso.vmm_program.as_deref())?;
         let run_dir = RunDir::create(&config.run_dir)?;
@@ -175,8 +191,28 @@ impl VmmProcess {
         for (i, d) in disks.iter().enumerate() {
             handed.push((high_copy(d)?, fds::FIRST_DISK + i as i32));
         }
+        let snapshot_file = match &snapshot {
+            SnapshotUse::None => None,
+            SnapshotUse::Restore { path, .. } => Some(open("snapshot", path, false)?),
+            SnapshotUse::WriteTo(path) => Some(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(path)
+                    .map_err(|source| MachineError::MissingFile {
+                        what: "snapshot file",
+                        path: path.clone(),
+                        source,
+                    })?,
+            ),
+        };
+        if let Some(f) = &snapshot_file {
+            handed.push((high_copy(f)?, fds::SNAPSHOT));
+        }
         // Only the child holds these now (through the high copies).
         drop((control_child, console_vmm, kvm, kernel, initramfs, disks));
+        drop(snapshot_file);
 
         static NEXT_UID: AtomicU32 = AtomicU32::new(0);
         let n = NEXT_UID.fetch_add(1, Ordering::Relaxed) % UID_RANGE;
@@ -272,9 +308,16 @@ impl VmmProcess {
                 uid,
                 gid,
                 root,
-                keep_fds: (fds::CONTROL..fds::FIRST_DISK + config.disks.len() as i32).collect(),
+                keep_fds: (fds::CONTROL..fds::FIRST_DISK + config.disks.len() as i32)
+                    .chain((snapshot != SnapshotUse::None).then_some(fds::SNAPSHOT))
+                    .collect(),
             },
             test_forbidden_syscall: config.test_forbidden_syscall.clone(),
+            restore: match &snapshot {
+                SnapshotUse::Restore { profile_hash, .. } => Some(profile_hash.clone()),
+                _ => None,
+            },
+            snapshot_out: matches!(snapshot, SnapshotUse::WriteTo(_)),
         };
 
         let answer = tokio::time::timeout(config.start_timeout, async {
@@ -351,7 +394,7 @@ impl VmmProcess {
                 reported,
                 ended,
                 reader,
-                _control: wr,
+                control: wr,
                 exited: None,
                 memory_bytes: u64::from(config.memory_mib) << 20,
                 jail,
@@ -456,6 +499,53 @@ impl VmmProcess {
         };
         self.exited = Some(status.clone());
         status
+    }
+
+    /// Ask the VMM process for a snapshot into the file it was started
+    /// with ([`SnapshotUse::WriteTo`]) and wait for its answer. The VM runs
+    /// on afterwards.
+    pub async fn snapshot(
+        &mut self,
+        profile: &crate::kvm::snapshot::Profile,
+    ) -> Result<crate::kvm::snapshot::Header, MachineError> {
+        if let Ok(mut r) = self.reported.lock() {
+            r.snapshot = None;
+        }
+        proto::write_async(
+            &mut self.control,
+            &ToVmm::Snapshot(Box::new(profile.clone())),
+        )
+        .await
+        .map_err(|e| MachineError::Io {
+            what: "VMM control socket",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let deadline = tokio::time::Instant::now() + SNAPSHOT_TIMEOUT;
+        loop {
+            if let Some(r) = self
+                .reported
+                .lock()
+                .ok()
+                .and_then(|mut r| r.snapshot.take())
+            {
+                return r.map(|h| *h).map_err(remote_error);
+            }
+            if self.ended.borrow().is_some() {
+                let status = self.wait().await;
+                return Err(MachineError::EarlyExit(format!(
+                    "the VMM process ended before its snapshot was written: {status:?}"
+                )));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(MachineError::Io {
+                    what: "snapshot",
+                    source: std::io::Error::other(format!(
+                        "no answer from the VMM process within {SNAPSHOT_TIMEOUT:?}"
+                    )),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     pub async fn destroy(mut self) -> Result<(), MachineError> {

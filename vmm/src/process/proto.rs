@@ -16,7 +16,7 @@ use crate::kvm::stats::ExitStats;
 use crate::machine::ExitStatus;
 
 /// Bumped on any change to the messages below.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -30,6 +30,11 @@ pub enum ToVmm {
     Start(Box<StartVm>),
     /// Stop the VM and report how it ended.
     Stop,
+    /// Pause the VM, write a snapshot for this profile into the file at
+    /// [`super::fds::SNAPSHOT`] (the VM was started with
+    /// [`StartVm::snapshot_out`]), let it run on, answer
+    /// [`FromVmm::Snapshotted`].
+    Snapshot(Box<crate::kvm::snapshot::Profile>),
 }
 
 /// The VM to build. Files come as descriptors at fixed numbers
@@ -48,6 +53,15 @@ pub struct StartVm {
     /// forbids once the VM runs (ignored unless built with debug assertions
     /// or the `test-hooks` feature).
     pub test_forbidden_syscall: Option<String>,
+    /// Restore the VM from the snapshot at [`super::fds::SNAPSHOT`]
+    /// (read-only), which must be for this profile hash, instead of booting.
+    #[serde(default)]
+    pub restore: Option<String>,
+    /// [`super::fds::SNAPSHOT`] is an empty writable file for a later
+    /// [`ToVmm::Snapshot`] (the threads' filters then allow reading KVM's
+    /// state).
+    #[serde(default)]
+    pub snapshot_out: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,6 +97,8 @@ pub enum FromVmm {
     /// A thread of the VMM process panicked (a kiln bug, whatever the guest
     /// did); the process exits right after. Written by the panic hook.
     Panicked(String),
+    /// The answer to [`ToVmm::Snapshot`].
+    Snapshotted(Result<Box<crate::kvm::snapshot::Header>, WireError>),
     Exit {
         status: WireStatus,
         stats: ExitStats,

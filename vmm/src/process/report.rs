@@ -27,6 +27,8 @@ pub(super) struct Reported {
     pub(super) panic: Option<String>,
     /// Files a thread tried to open (`thread: path`), the first few.
     pub(super) refused: Vec<String>,
+    /// The answer to the last snapshot request, until taken.
+    pub(super) snapshot: Option<Result<Box<crate::kvm::snapshot::Header>, proto::WireError>>,
 }
 
 /// How many refused opens are kept.
@@ -82,6 +84,11 @@ pub(super) async fn read_reports(
                 tracing::error!("the VMM process panicked: {text}");
                 if let Ok(mut r) = reported.lock() {
                     r.panic = Some(text);
+                }
+            }
+            Ok(FromVmm::Snapshotted(r)) => {
+                if let Ok(mut rep) = reported.lock() {
+                    rep.snapshot = Some(r);
                 }
             }
             Ok(other) => {

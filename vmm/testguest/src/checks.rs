@@ -567,13 +567,51 @@ fn check_rng(ctx: &mut Ctx, dev: Dev) {
     );
 }
 
+/// A mark the guest leaves in its own memory after the ping (snapshot
+/// tests: a VM restored after another wrote it must not see it).
+static mut MARKER: [u8; 16] = [0; 16];
+
 fn check_console_rx(ctx: &mut Ctx) {
     let _ = writeln!(ctx.out(), "WAIT ping");
     ctx.flush_line();
+    // `wait_forever`: the host may snapshot the guest here and restore it
+    // much later, so no poll limit.
+    let forever = ctx.flag("wait_forever");
     let Some(port) = ctx.console.as_mut() else {
         return;
     };
-    let got = port.rx.wait_used(POLL_LIMIT * 4);
-    let ok = matches!(got, Some((_, n)) if n >= 4) && bytes_eq(port.rx_page, b"ping");
+    let got = port
+        .rx
+        .wait_used(if forever { u64::MAX } else { POLL_LIMIT * 4 });
+    let rx_page = port.rx_page;
+    let ok = matches!(got, Some((_, n)) if n >= 4) && bytes_eq(rx_page, b"ping");
     ctx.check("console-rx", ok, format_args!("{got:?}"));
+    if forever {
+        // "ping <tag>": report the marker as found, then set it to the tag.
+        let n = got.map_or(0, |(_, n)| n as u64).min(4096);
+        let mut tag = [0u8; 16];
+        let mut len = 0;
+        for i in 5..n {
+            let b = rd8(rx_page + i);
+            if b == b'\n' || len == tag.len() {
+                break;
+            }
+            tag[len] = b;
+            len += 1;
+        }
+        // SAFETY: single-threaded guest; nothing else touches MARKER.
+        let before = unsafe { core::ptr::addr_of_mut!(MARKER).read_volatile() };
+        // SAFETY: as above.
+        unsafe { core::ptr::addr_of_mut!(MARKER).write_volatile(tag) };
+        let blen = before.iter().position(|&b| b == 0).unwrap_or(16);
+        fn show(b: &[u8]) -> &str {
+            core::str::from_utf8(b).unwrap_or("?")
+        }
+        let (b, t) = (show(&before[..blen]), show(&tag[..len]));
+        ctx.check(
+            "memory-marker",
+            blen == 0 && len > 0,
+            format_args!("before='{b}' after='{t}'"),
+        );
+    }
 }

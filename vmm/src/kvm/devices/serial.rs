@@ -7,7 +7,9 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::kvm::bus::{PioAction, PioDevice};
+use crate::kvm::snapshot::state::SerialStateDef;
 use crate::tail::SharedTail;
+use vm_superio::serial::SerialState;
 
 pub const COM1_BASE: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
@@ -59,6 +61,27 @@ impl SerialPort {
     }
 }
 
+/// Snapshots (`kvm::snapshot`): the UART's registers and receive FIFO.
+impl SerialPort {
+    pub fn state(&self) -> SerialState {
+        self.uart.state()
+    }
+
+    pub fn set_state(&mut self, state: &SerialState) -> Result<(), String> {
+        let irq = self
+            .uart
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|e| format!("serial irqfd: {e}"))?;
+        let out = SerialOut(self.uart.writer().0.clone());
+        // Refuses a receive FIFO longer than the UART's.
+        self.uart = Serial::from_state(state, IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(())
+    }
+}
+
 /// COM1's eight registers, from `COM1_BASE`.
 impl PioDevice for SerialPort {
     fn pio_read(&mut self, port: u16, data: &mut [u8]) {
@@ -72,6 +95,15 @@ impl PioDevice for SerialPort {
             self.write(port.wrapping_sub(COM1_BASE) as u8, v);
         }
         PioAction::None
+    }
+
+    fn save_state(&self) -> Option<serde_json::Value> {
+        SerialStateDef::serialize(&self.state(), serde_json::value::Serializer).ok()
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let s = SerialStateDef::deserialize(state).map_err(|e| e.to_string())?;
+        self.set_state(&s)
     }
 }
 

@@ -281,6 +281,28 @@ impl VirtioDevice for Console {
         }
     }
 
+    /// Control messages not yet delivered. Bytes buffered between the
+    /// guest and the host are not kept: a restored VM talks to a new host
+    /// connection, and starts with an empty stream both ways.
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::json!({ "control": self.control })
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let control: Vec<Vec<u8>> = match state.get("control") {
+            Some(v) => serde_json::from_value(v.clone()).map_err(|e| e.to_string())?,
+            None => Vec::new(),
+        };
+        // What `handle_control` queues: a few messages, each a header plus
+        // at most the port's name.
+        let limit = 8 + self.port_name.len();
+        if control.len() > 64 || control.iter().any(|m| m.len() < 8 || m.len() > limit) {
+            return Err("console control messages out of bounds".into());
+        }
+        self.control = control.into();
+        Ok(())
+    }
+
     fn host_ready(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
         self.read_host();
         self.flush_host();

@@ -13,6 +13,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::Queue;
+use crate::kvm::snapshot::state::TransportState;
 
 pub const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
 pub const MMIO_VERSION: u32 = 2;
@@ -89,6 +90,16 @@ pub trait VirtioDevice: Send {
     /// The host-side descriptor is ready. Returns whether to interrupt.
     fn host_ready(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> bool {
         false
+    }
+    /// The device model's own state for a snapshot (see
+    /// `kvm::snapshot`); `Null` when it keeps none.
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Take the state [`VirtioDevice::save_state`] returned (from a
+    /// snapshot file: check it).
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
     }
 }
 
@@ -353,6 +364,65 @@ impl MmioTransport {
         if self.device.host_ready(&mut self.queues, &self.mem) {
             self.signal_used();
         }
+    }
+}
+
+/// Snapshots (`kvm::snapshot`): the transport's registers and queues.
+impl MmioTransport {
+    pub fn save_state(&self) -> TransportState {
+        TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            activated: self.activated,
+            queues: self.queues.iter().map(Queue::save_state).collect(),
+            device: self.device.save_state(),
+        }
+    }
+
+    /// Load `s` (from a snapshot file) into a transport that has not been
+    /// used yet. Everything the guest could have set is checked as the
+    /// registers would check it: the same device, queues, features we
+    /// offer, rings inside guest memory.
+    pub fn restore_state(&mut self, s: &TransportState) -> Result<(), String> {
+        if s.device_type != self.device.device_type() || s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "device {} with {} queues where device {} with {} queues is",
+                s.device_type,
+                s.queues.len(),
+                self.device.device_type(),
+                self.queues.len()
+            ));
+        }
+        if s.driver_features & !self.offered_features() != 0 {
+            return Err(format!(
+                "device {}: driver features {:#x} were never offered",
+                s.device_type, s.driver_features
+            ));
+        }
+        for (q, qs) in self.queues.iter_mut().zip(&s.queues) {
+            q.restore_state(qs, &self.mem)
+                .map_err(|e| format!("device {}: {e}", s.device_type))?;
+        }
+        self.status = s.status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.interrupt_status = s.interrupt_status;
+        self.config_generation = s.config_generation;
+        self.activated = s.activated;
+        if self.activated {
+            self.device.activate(self.driver_features);
+        }
+        self.device
+            .restore_state(&s.device)
+            .map_err(|e| format!("device {}: {e}", s.device_type))
     }
 }
 

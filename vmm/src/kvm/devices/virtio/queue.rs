@@ -12,6 +12,7 @@
 
 use std::sync::atomic::{fence, Ordering};
 
+use crate::kvm::snapshot::state::QueueState;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
@@ -254,6 +255,41 @@ impl Queue {
         let idx = self.used_ring.unchecked_add(2);
         mem.write_obj(self.next_used, idx)
             .map_err(|_| QueueError::Memory(idx.0))?;
+        Ok(())
+    }
+}
+
+/// Snapshots (`kvm::snapshot`).
+impl Queue {
+    pub fn save_state(&self) -> QueueState {
+        QueueState {
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table.0,
+            avail_ring: self.avail_ring.0,
+            used_ring: self.used_ring.0,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+        }
+    }
+
+    /// Load `s` (from a snapshot file): a ready queue must be valid in
+    /// `mem`, as when the driver set it ready.
+    pub fn restore_state(&mut self, s: &QueueState, mem: &GuestMemoryMmap) -> Result<(), String> {
+        let q = Queue {
+            max_size: self.max_size,
+            size: s.size,
+            ready: s.ready,
+            desc_table: GuestAddress(s.desc_table),
+            avail_ring: GuestAddress(s.avail_ring),
+            used_ring: GuestAddress(s.used_ring),
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+        };
+        if q.ready && !q.is_valid(mem) {
+            return Err(format!("queue {s:?} is not valid in guest memory"));
+        }
+        *self = q;
         Ok(())
     }
 }
