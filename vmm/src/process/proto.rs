@@ -16,7 +16,7 @@ use crate::kvm::stats::ExitStats;
 use crate::machine::ExitStatus;
 
 /// Bumped on any change to the messages below.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -48,6 +48,25 @@ pub struct StartVm {
     /// forbids once the VM runs (ignored unless built with debug assertions
     /// or the `test-hooks` feature).
     pub test_forbidden_syscall: Option<String>,
+    /// The guest's network interface; its backend is the descriptor after
+    /// the last disk ([`super::fds::network`]).
+    pub network: Option<WireNetwork>,
+}
+
+/// What kind of descriptor the network backend is, and what the guest sees.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireNetwork {
+    pub kind: WireNetKind,
+    pub mac: [u8; 6],
+    pub mtu: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireNetKind {
+    /// A TAP device: one frame per read or write.
+    Tap,
+    /// A connected stream socket, frames behind 4-byte big-endian lengths.
+    Stream,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
