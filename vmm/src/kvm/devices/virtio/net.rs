@@ -273,17 +273,22 @@ impl Net {
         }
     }
 
+    /// The backend is gone: nothing more is read or written, but the frames
+    /// it sent before are still the guest's (a partial one never completes).
     fn host_gone(&mut self, why: &str) {
         if !self.host_closed {
             tracing::debug!("virtio-net: backend gone: {why}");
             self.host_closed = true;
-            self.rx_pending.clear();
-            self.stream_in = Vec::new();
         }
     }
 
     fn rx_room(&self) -> bool {
         !self.host_closed && self.rx_pending.len() < RX_PENDING_FRAMES
+    }
+
+    /// Whether the frames a stream already delivered may be cut out.
+    fn parse_room(&self) -> bool {
+        self.rx_pending.len() < RX_PENDING_FRAMES
     }
 
     /// Queue a host frame for the guest, or drop it when its size is wrong.
@@ -351,7 +356,7 @@ impl Net {
     /// buffered.
     fn parse_stream(&mut self) {
         let mut at = 0;
-        while self.rx_room() {
+        while self.parse_room() {
             let rest = self.stream_in.len() - at;
             if self.stream_skip > 0 {
                 let n = self.stream_skip.min(rest);

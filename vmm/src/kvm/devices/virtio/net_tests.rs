@@ -466,3 +466,18 @@ fn a_closed_backend_stops_without_stalling_the_guest() {
     t.process_queue(TXQ as usize);
     assert_eq!(used(&mem, TXQ), 1, "the guest's buffer comes back");
 }
+
+#[test]
+fn frames_sent_before_the_backend_closed_still_reach_the_guest() {
+    let (mem, mut t, mut host) = stream_device();
+    let f = frame(80, 9);
+    host.write_all(&(f.len() as u32).to_be_bytes()).unwrap();
+    host.write_all(&f).unwrap();
+    drop(host);
+    t.host_ready();
+    assert_eq!(t.host_interest(), HostInterest::default(), "closed");
+    post_rx(&mem, 0, 2048);
+    t.process_queue(RXQ as usize);
+    assert_eq!(used(&mem, RXQ), 1);
+    assert_eq!(received(&mem, 0), f);
+}
