@@ -360,14 +360,13 @@ impl Networks {
             upstreams,
         )
         .await?;
-        let i = slot.index;
         Ok(JobNetwork {
             machine: kiln_vmm::Network::Tap {
                 fd: lease
                     .tap
                     .clone()
                     .ok_or_else(|| NetworkError::Config("TAP gone".into()))?,
-                mac: [0x52, 0x54, 0x00, (i >> 16) as u8, (i >> 8) as u8, i as u8],
+                mac: slot.mac(),
                 mtu: self.mtu,
             },
             guest: Some(GuestNetwork {
