@@ -105,7 +105,7 @@ fn main() {
             .unwrap_or(3)
     };
     let (upload, download) = if smoke {
-        (8 * MIB, 2 * MIB)
+        (4 * MIB, 2 * MIB)
     } else {
         (64 * MIB, 10 * MIB)
     };
@@ -143,7 +143,6 @@ fn main() {
         for m in order {
             let o = lab
                 .in_host(harness::run_job_cmd(&run_dir))
-                .arg(harness::busybox_image())
                 .args(["--network", modes[m], "--", "sh", "-c", &script])
                 .output()
                 .expect("run kiln");
