@@ -127,6 +127,28 @@ impl Lab {
         Ok(lab)
     }
 
+    /// `kiln` inside the host namespace (`ip netns exec` also gives it the
+    /// lab's resolv.conf), on the qemu backend.
+    pub fn kiln(&self, run_dir: &std::path::Path) -> Command {
+        self.in_host(crate::harness::kiln_cmd(run_dir))
+    }
+
+    /// `cmd` (program, arguments, environment) run inside the host
+    /// namespace, on the qemu backend.
+    pub fn in_host(&self, cmd: Command) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.host])
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            if let Some(v) = v {
+                c.env(k, v);
+            }
+        }
+        c.env("KILN_BACKEND", "qemu");
+        c
+    }
+
     fn teardown(&self) {
         for ns in [&self.host, &self.outside] {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
@@ -166,19 +188,10 @@ impl Lab {
                 std::thread::spawn(move || {
                     let mut c = conn;
                     let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
-                    let mut req = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16384 {
-                        match c.read(&mut buf) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => req.extend_from_slice(&buf[..n]),
-                        }
+                    if !read_request(&mut c) {
+                        return;
                     }
-                    let head = format!(
-                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
-                        body.len()
-                    );
-                    let _ = c.write_all(head.as_bytes());
+                    let _ = c.write_all(response_head(body.len()).as_bytes());
                     let _ = c.write_all(&body);
                 });
             }
@@ -201,12 +214,81 @@ impl Lab {
         Ok(())
     }
 
+    /// Count ICMP echo requests arriving in namespace `ns` by IP length,
+    /// one counter per length in `lens` (read with [`Lab::echo_count`]).
+    pub fn count_echoes(&self, ns: &str, lens: &[u32]) -> Result<()> {
+        for len in lens {
+            ip(&[
+                "netns",
+                "exec",
+                ns,
+                "iptables",
+                "-w",
+                "-A",
+                "INPUT",
+                "-p",
+                "icmp",
+                "--icmp-type",
+                "echo-request",
+                "-m",
+                "length",
+                "--length",
+                &len.to_string(),
+                "-j",
+                "ACCEPT",
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// How many echo requests of IP length `len` reached `ns` so far.
+    pub fn echo_count(&self, ns: &str, len: u32) -> Result<u64> {
+        let o = Command::new("ip")
+            .args(["netns", "exec", ns, "iptables-save", "-c", "-t", "filter"])
+            .output()
+            .context("run iptables-save")?;
+        let text = String::from_utf8_lossy(&o.stdout);
+        let needle = format!("--length {len} ");
+        let line = text
+            .lines()
+            .find(|l| l.contains(&needle) || l.ends_with(&format!("--length {len}")))
+            .with_context(|| format!("no counter for length {len} in:\n{text}"))?;
+        // "[packets:bytes] -A INPUT ..."
+        let packets = line
+            .strip_prefix('[')
+            .and_then(|r| r.split(':').next())
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("unreadable counter: {line}"))?;
+        Ok(packets)
+    }
+
     /// A TCP connection from inside namespace `ns` to `to`.
     pub fn connect_from(ns: &str, to: SocketAddr) -> Result<std::net::TcpStream> {
         Ok(Lab::within(ns, move || {
             std::net::TcpStream::connect_timeout(&to, Duration::from_secs(10))
         })??)
     }
+}
+
+/// Read an HTTP request's head (bounded); `false` if the client went away
+/// first.
+pub fn read_request(c: &mut std::net::TcpStream) -> bool {
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16384 {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
+/// The head of a 200 answer with a body of `len` bytes.
+pub fn response_head(len: usize) -> String {
+    format!(
+        "HTTP/1.0 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/octet-stream\r\n\r\n"
+    )
 }
 
 impl Drop for Lab {

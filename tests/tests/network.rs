@@ -29,19 +29,9 @@ fn passt_needs() -> Vec<Need> {
     n
 }
 
-/// `kiln` inside the lab's host namespace (`ip netns exec` also gives it
-/// the lab's resolv.conf), on the qemu backend.
+/// `kiln` inside the lab's host namespace, on the qemu backend.
 fn kiln(lab: &Lab, run_dir: &Path) -> Command {
-    let std = harness::kiln_cmd(run_dir);
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", &lab.host]).arg(std.get_program());
-    for (k, v) in std.get_envs() {
-        if let Some(v) = v {
-            c.env(k, v);
-        }
-    }
-    c.env("KILN_BACKEND", "qemu");
-    c
+    lab.kiln(run_dir)
 }
 
 fn job_args(network: &str, script: &str) -> Vec<String> {
@@ -371,6 +361,46 @@ fn nothing_is_left_after_kill_9_and_a_restart() {
     assert_no_leaks(&dir);
 }
 
+/// A guest that floods the host with pings from a spoofed source, first
+/// another IPv4 address, then another MAC, gets none of them past its TAP:
+/// the outside namespace counts echo requests by size (one size per phase)
+/// and sees only those sent from the guest's real address and MAC.
+fn spoofed_source_addresses_and_macs_are_dropped() {
+    let lab = Lab::new("sp").unwrap();
+    // IP length = payload + 8 (ICMP) + 20 (IP).
+    let (real, spoof_ip, spoof_mac) = (100u32, 200u32, 300u32);
+    let len = |payload: u32| payload + 28;
+    lab.count_echoes(&lab.outside, &[len(real), len(spoof_ip), len(spoof_mac)])
+        .unwrap();
+    let dir = harness::run_dir("net-spoof");
+    let o = run(
+        &lab,
+        &dir,
+        "nat",
+        &format!(
+            "ping -q -c 5 -i 0.2 -w 20 -s {real} {OUTSIDE_ADDR}; echo REAL rc=$?; \
+             ip addr add 198.51.100.77/32 dev eth0; \
+             ping -q -c 300 -i 0.01 -w 5 -s {spoof_ip} -I 198.51.100.77 {OUTSIDE_ADDR}; \
+             echo SPOOF-IP rc=$?; ip addr del 198.51.100.77/32 dev eth0; \
+             ip link set dev eth0 address 02:00:00:00:00:99 && echo MAC-CHANGED; \
+             ping -q -c 300 -i 0.01 -w 5 -s {spoof_mac} {OUTSIDE_ADDR}; echo SPOOF-MAC rc=$?"
+        ),
+    );
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(out.contains("REAL rc=0"), "the control pings: {out}");
+    assert!(out.contains("MAC-CHANGED"), "{out}");
+    assert!(
+        out.contains("SPOOF-IP rc=") && out.contains("SPOOF-MAC rc="),
+        "{out}"
+    );
+    let count = |payload| lab.echo_count(&lab.outside, len(payload)).unwrap();
+    assert!(count(real) >= 5, "the real address got through: {out}");
+    assert_eq!(count(spoof_ip), 0, "spoofed IPv4 source got through: {out}");
+    assert_eq!(count(spoof_mac), 0, "spoofed MAC got through: {out}");
+    assert_no_leaks(&dir);
+    assert_eq!(leftovers(&lab, &dir), Vec::<String>::new());
+}
+
 fn main() -> std::process::ExitCode {
     kiln_testkit::Suite::new()
         .test(
@@ -397,6 +427,11 @@ fn main() -> std::process::ExitCode {
             "nothing_is_left_after_kill_9_and_a_restart",
             &needs(),
             nothing_is_left_after_kill_9_and_a_restart,
+        )
+        .test(
+            "spoofed_source_addresses_and_macs_are_dropped",
+            &needs(),
+            spoofed_source_addresses_and_macs_are_dropped,
         )
         .test(
             "user_mode_downloads_through_passt",

@@ -31,10 +31,21 @@ pub enum Network {
     /// A TAP device the caller opened (`IFF_TAP | IFF_NO_PI`); the backend
     /// hands the guest's frames to it. The caller keeps its own handle until
     /// the machine is destroyed.
-    Tap { fd: Arc<OwnedFd>, mac: [u8; 6] },
+    Tap {
+        fd: Arc<OwnedFd>,
+        mac: [u8; 6],
+        /// The interface's MTU (the kvm backend's device bounds frames by it).
+        mtu: u32,
+    },
     /// A `passt` (or compatible) stream socket: each frame is a 4-byte
     /// big-endian length and the frame, QEMU's `-netdev stream` protocol.
-    Passt { socket: PathBuf, mac: [u8; 6] },
+    /// The kvm backend connects to it in the caller's process and hands the
+    /// connection to the VMM process.
+    Passt {
+        socket: PathBuf,
+        mac: [u8; 6],
+        mtu: u32,
+    },
 }
 
 impl Network {

@@ -101,12 +101,6 @@ impl Machine {
         }
         match backend {
             BackendKind::Kvm => {
-                if !matches!(config.network, crate::Network::None) {
-                    return Err(MachineError::Unsupported(
-                        "the kvm backend has no network device yet: use --backend qemu, \
-                         or --network none",
-                    ));
-                }
                 let (inner, console) = VmmProcess::start(config).await?;
                 Ok((
                     Machine {

@@ -494,6 +494,7 @@ mod tests {
             network: crate::Network::Passt {
                 socket: "/run/a,b/passt.sock".into(),
                 mac: [0x52, 0x54, 0, 1, 2, 0xab],
+                mtu: 1500,
             },
         };
         let joined = qemu_args(&cfg, "tcg", Path::new("/c")).join(" ");
@@ -510,6 +511,7 @@ mod tests {
         cfg.network = crate::Network::Tap {
             fd: std::sync::Arc::new(fd),
             mac: [0x52, 0x54, 0, 0, 0, 1],
+            mtu: 1500,
         };
         let joined = qemu_args(&cfg, "tcg", Path::new("/c")).join(" ");
         assert!(

@@ -134,15 +134,11 @@ impl Executor {
             tracing::info!("removed {stale} job directories left by a kiln that died");
         }
         let kvm = kiln_vmm::probe_kvm();
-        let (resolved, why) = config.backend.resolve(&kvm)?;
+        let (_, why) = config.backend.resolve(&kvm)?;
         if let Some(why) = why {
             tracing::info!("{why}");
         }
-        let networks = crate::network::Networks::new(
-            &config.network,
-            resolved == kiln_vmm::BackendKind::Kvm,
-            &config.kernel,
-        )?;
+        let networks = crate::network::Networks::new(&config.network, &config.kernel)?;
         let initramfs = kiln_images::build_initramfs(&cache, &config.agent, &config.kernel)
             .map_err(ExecutorError::Initramfs)?;
         let images = Images::new(cache, config.images.clone()).map_err(ExecutorError::Images)?;

@@ -8,7 +8,9 @@
 //! - `filter KILN-REJECT`: fail fast (TCP reset, else ICMP port unreachable).
 //! - `nat KILN-POSTROUTING` (first in `POSTROUTING`): per VM
 //!   `-s <guest> -j KILN-<n>`, which masquerades.
-//! - per VM `filter KILN-<n>` (what the guest may reach through the host:
+//! - per VM `filter KILN-<n>` (what the guest may reach through the host;
+//!   first of all, frames from another source MAC or IPv4 address than the
+//!   VM's are dropped:
 //!   `network_deny` rejected, `network_allow` accepted, the host's private
 //!   and link-local ranges and the pool rejected, the rest accepted) and
 //!   `filter KILN-<n>-IN` (what it may reach of the host itself: kiln's DNS
@@ -219,8 +221,22 @@ fn add_vm_locked(slot: &Slot, policy: &Policy) -> Result<(), NetworkError> {
         }
     }
     let f = |args: &[&str]| iptables("filter", args);
+    let mac = slot.mac_text();
     for c in [&fwd, &inp] {
-        // A spoofed source gets no answer (it would go to someone else).
+        // Spoofed sources are dropped, whatever they are for: another
+        // address gets no answer (it would go to someone else), another
+        // MAC passes nothing (the guest's interface has one).
+        f(&[
+            "-A",
+            c,
+            "-m",
+            "mac",
+            "!",
+            "--mac-source",
+            &mac,
+            "-j",
+            "DROP",
+        ])?;
         f(&["-A", c, "!", "-s", &guest, "-j", "DROP"])?;
     }
     // Replies to what the host itself opened (the guest opens nothing

@@ -228,12 +228,11 @@ pub struct Networks {
 }
 
 impl Networks {
-    /// Check `config` and this host; resolve `auto` (to `none` on the kvm
-    /// backend, which has no network device yet). Removes the firewall
-    /// rules of VMs a killed kiln left behind.
+    /// Check `config` and this host; resolve `auto`. The same modes work on
+    /// both backends. Removes the firewall rules of VMs a killed kiln left
+    /// behind.
     pub fn new(
         config: &NetworkConfig,
-        kvm_backend: bool,
         kernel: &kiln_images::Kernel,
     ) -> Result<Networks, NetworkError> {
         let pool = Pool::new(&config.pool)?;
@@ -263,10 +262,6 @@ impl Networks {
                 tracing::warn!("no network for jobs: {}", NO_NET_MODULE);
                 NetworkMode::None
             }
-            NetworkMode::Auto if kvm_backend => {
-                tracing::info!("no network for jobs: the kvm backend has no network device yet");
-                NetworkMode::None
-            }
             NetworkMode::Auto => {
                 let nat = unavailable(NetworkMode::Nat);
                 let user = unavailable(NetworkMode::User);
@@ -287,13 +282,6 @@ impl Networks {
                     return Err(NetworkError::Unavailable {
                         mode: m,
                         why: NO_NET_MODULE.into(),
-                    });
-                }
-                if kvm_backend && m != NetworkMode::None {
-                    return Err(NetworkError::Unavailable {
-                        mode: m,
-                        why: "the kvm backend has no network device yet (use --backend qemu)"
-                            .into(),
                     });
                 }
                 m
@@ -342,6 +330,7 @@ impl Networks {
                     machine: kiln_vmm::Network::Passt {
                         socket: p.socket.clone(),
                         mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+                        mtu: self.mtu,
                     },
                     guest: Some(GuestNetwork {
                         address: passt::GUEST.to_string(),
@@ -371,14 +360,14 @@ impl Networks {
             upstreams,
         )
         .await?;
-        let i = slot.index;
         Ok(JobNetwork {
             machine: kiln_vmm::Network::Tap {
                 fd: lease
                     .tap
                     .clone()
                     .ok_or_else(|| NetworkError::Config("TAP gone".into()))?,
-                mac: [0x52, 0x54, 0x00, (i >> 16) as u8, (i >> 8) as u8, i as u8],
+                mac: slot.mac(),
+                mtu: self.mtu,
             },
             guest: Some(GuestNetwork {
                 address: slot.guest.to_string(),
@@ -514,29 +503,25 @@ mod tests {
             },
         ];
         for c in bad {
-            assert!(Networks::new(&c, false, &kernel(true)).is_err(), "{c:?}");
+            assert!(Networks::new(&c, &kernel(true)).is_err(), "{c:?}");
         }
         let ok = NetworkConfig {
             allow: vec!["192.168.7.0/24".into(), "10.1.2.3".into()],
             ..base
         };
-        let n = Networks::new(&ok, false, &kernel(true)).unwrap();
+        let n = Networks::new(&ok, &kernel(true)).unwrap();
         assert_eq!(n.mode(), NetworkMode::None);
         assert_eq!(n.policy.allow[1].to_string(), "10.1.2.3/32");
     }
 
     #[test]
-    fn kvm_backend_gets_no_network_on_auto_and_an_error_when_asked() {
+    fn a_kernel_without_virtio_net_gets_no_network_on_auto_and_an_error_when_asked() {
         let auto = NetworkConfig {
             mode: NetworkMode::Auto,
             ..NetworkConfig::default()
         };
         assert_eq!(
-            Networks::new(&auto, true, &kernel(true)).unwrap().mode(),
-            NetworkMode::None
-        );
-        assert_eq!(
-            Networks::new(&auto, false, &kernel(false)).unwrap().mode(),
+            Networks::new(&auto, &kernel(false)).unwrap().mode(),
             NetworkMode::None
         );
         let user = NetworkConfig {
@@ -544,11 +529,7 @@ mod tests {
             ..NetworkConfig::default()
         };
         if unavailable(NetworkMode::User).is_none() {
-            let e = Networks::new(&user, true, &kernel(true))
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains("kvm backend"), "{e}");
-            let e = Networks::new(&user, false, &kernel(false))
+            let e = Networks::new(&user, &kernel(false))
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("virtio_net"), "{e}");

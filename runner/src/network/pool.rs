@@ -32,6 +32,22 @@ impl Slot {
     pub fn tap_name(&self) -> String {
         tap_name(self.index)
     }
+
+    /// The guest's MAC address (locally administered QEMU range, the slot
+    /// in its last three bytes): the only source MAC its TAP accepts.
+    pub fn mac(&self) -> [u8; 6] {
+        let i = self.index;
+        [0x52, 0x54, 0x00, (i >> 16) as u8, (i >> 8) as u8, i as u8]
+    }
+
+    /// [`Slot::mac`] as `iptables -m mac` writes it.
+    pub fn mac_text(&self) -> String {
+        self.mac()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    }
 }
 
 pub fn tap_name(index: u32) -> String {

@@ -74,10 +74,13 @@ pub fn exists(name: &str) -> bool {
 
 /// Give the TAP its host address (the on-link route comes with it), the
 /// MTU, no IPv6 (the guest gets none, so nothing of the host is reachable
-/// over link-local IPv6), and bring it up.
+/// over link-local IPv6), strict reverse-path filtering, and bring it up.
 pub fn configure(slot: &Slot, mtu: u32) -> Result<(), NetworkError> {
     let name = slot.tap_name();
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), b"1");
+    // Strict reverse-path filtering: a source the host would not route back
+    // through this TAP is dropped before the firewall (which drops it too).
+    let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"), b"1");
     ip(&[
         "addr",
         "add",

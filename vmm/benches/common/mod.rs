@@ -102,6 +102,7 @@ pub fn sources(config: &MachineConfig) -> (Sources, BufReader<UnixStream>, UnixS
         initramfs: File::open(&config.initramfs).unwrap(),
         disks,
         console: vmm,
+        network: None,
     };
     let writer = host.try_clone().unwrap();
     (sources, BufReader::new(host), writer)

@@ -23,6 +23,7 @@ use super::devices::i8042::{self, I8042};
 use super::devices::serial::{SerialPort, COM1_BASE, COM1_IRQ};
 use super::devices::virtio::block::{Block, VIRTIO_BLK_ID_BYTES};
 use super::devices::virtio::console::Console;
+use super::devices::virtio::net::{Net, NetBackend};
 use super::devices::virtio::rng::Rng;
 use super::event_loop::EventLoop;
 use super::snapshot::pause::Pause;
@@ -36,7 +37,7 @@ use crate::tail;
 /// Devices besides the disks: the console and the rng.
 const FIXED_VIRTIO_DEVICES: usize = 2;
 
-fn validate(config: &MachineConfig) -> Result<(), MachineError> {
+fn validate(config: &MachineConfig, network: bool) -> Result<(), MachineError> {
     if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
         return Err(MachineError::Config(format!(
             "vcpus must be 1..={MAX_VCPUS}, not {}",
@@ -50,10 +51,11 @@ fn validate(config: &MachineConfig) -> Result<(), MachineError> {
             config.memory_mib
         )));
     }
-    if config.disks.len() + FIXED_VIRTIO_DEVICES > memory::VIRTIO_MAX_DEVICES {
+    let fixed = FIXED_VIRTIO_DEVICES + usize::from(network);
+    if config.disks.len() + fixed > memory::VIRTIO_MAX_DEVICES {
         return Err(MachineError::Config(format!(
             "at most {} disks are supported",
-            memory::VIRTIO_MAX_DEVICES - FIXED_VIRTIO_DEVICES
+            memory::VIRTIO_MAX_DEVICES - fixed
         )));
     }
     for d in &config.disks {
@@ -80,6 +82,16 @@ pub struct Sources {
     /// The VMM's end of the console socket; the other end is the caller's
     /// [`crate::ConsoleStream`].
     pub console: UnixStream,
+    /// The guest's network interface, if it has one: a virtio-net device
+    /// over a backend the caller opened.
+    pub network: Option<NetSource>,
+}
+
+/// A virtio-net device's backend and what the guest is told about it.
+pub struct NetSource {
+    pub backend: NetBackend,
+    pub mac: [u8; 6],
+    pub mtu: u16,
 }
 
 /// Which thread a [`ThreadStart`] hook runs on.
@@ -123,7 +135,7 @@ fn build(
     snapshot: Option<Snapshot>,
 ) -> Result<KvmMachine, MachineError> {
     let created = Instant::now();
-    validate(config)?;
+    validate(config, sources.network.is_some())?;
     kick::install_handler()?;
     let Sources {
         kvm,
@@ -131,6 +143,7 @@ fn build(
         mut initramfs,
         disks,
         console: vmm_end,
+        network,
     } = sources;
     if disks.len() != config.disks.len() {
         return Err(MachineError::Config(format!(
@@ -181,6 +194,10 @@ fn build(
         devices.add_virtio(Box::new(b))?;
     }
     devices.add_virtio(Box::new(Rng))?;
+    if let Some(n) = network {
+        let net = Net::new(n.backend, n.mac, n.mtu).map_err(io_err("network backend"))?;
+        devices.add_virtio(Box::new(net))?;
+    }
 
     let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("event loop eventfd"))?;
     let (vcpus, bus) = match cold {

@@ -37,7 +37,7 @@
 pub mod acpi;
 pub mod boot;
 mod builder;
-pub use builder::{Sources, ThreadKind, ThreadStart};
+pub use builder::{NetSource, Sources, ThreadKind, ThreadStart};
 mod bus;
 mod control;
 pub mod cpuid;

@@ -17,12 +17,15 @@ use std::time::Duration;
 use kvm_ioctls::Kvm;
 
 use super::fds;
-use super::proto::{self, FromVmm, StartVm, ToVmm, WireError, WireErrorKind, WireStatus};
+use super::proto::{
+    self, FromVmm, StartVm, ToVmm, WireError, WireErrorKind, WireNetKind, WireStatus,
+};
 use crate::config::{Disk, MachineConfig};
 use crate::error::MachineError;
 use crate::jail::{self, seccomp};
+use crate::kvm::devices::virtio::net::NetBackend;
 use crate::kvm::snapshot::Snapshot;
-use crate::kvm::{KvmMachine, Sources, ThreadKind};
+use crate::kvm::{KvmMachine, NetSource, Sources, ThreadKind};
 use crate::machine::ExitStatus;
 
 /// Set once kiln has been told the VM started (read by the test hook).
@@ -125,6 +128,17 @@ pub fn main() -> ExitCode {
                 .map(|i| File::from_raw_fd(fds::FIRST_DISK + i))
                 .collect(),
             console: UnixStream::from_raw_fd(fds::CONSOLE),
+            network: start.network.as_ref().map(|n| {
+                let fd = fds::network(start.disks.len());
+                NetSource {
+                    backend: match n.kind {
+                        WireNetKind::Tap => NetBackend::Tap(File::from_raw_fd(fd)),
+                        WireNetKind::Stream => NetBackend::Stream(UnixStream::from_raw_fd(fd)),
+                    },
+                    mac: n.mac,
+                    mtu: n.mtu,
+                }
+            }),
         }
     };
     // SAFETY: as above; kiln hands this number only with one of these.
@@ -328,8 +342,7 @@ fn machine_config(start: &StartVm) -> MachineConfig {
         qemu: Default::default(),
         isolation: Default::default(),
         test_forbidden_syscall: None,
-        // The kvm backend has no network device yet (refused before the
-        // VMM process starts).
+        // The network comes as a descriptor (`Sources::network`).
         network: Default::default(),
     }
 }

@@ -30,7 +30,7 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::watch;
 
 pub use self::child::main as child_main;
-use self::proto::{FromVmm, StartVm, ToVmm, WireDisk};
+use self::proto::{FromVmm, StartVm, ToVmm, WireDisk, WireNetKind, WireNetwork};
 use self::report::{describe_death, read_reports, remote_error, Reported};
 use crate::config::MachineConfig;
 use crate::error::MachineError;
@@ -52,15 +52,19 @@ pub mod fds {
     pub const KVM: i32 = 5;
     pub const KERNEL: i32 = 6;
     pub const INITRAMFS: i32 = 7;
-    /// Disk `i` is `FIRST_DISK + i`. Network hook: a TAP descriptor or a
-    /// passt socket goes after the last disk, named in [`super::proto::StartVm`]
-    /// and listed in the jail's `keep_fds`; the VMM's network namespace is
-    /// empty, so that descriptor is its only way out.
+    /// Disk `i` is `FIRST_DISK + i`.
     pub const FIRST_DISK: i32 = 8;
     /// A snapshot to restore from (read-only), or the empty file a
     /// snapshot is to be written to (`proto::StartVm::restore`,
     /// `snapshot_out`); absent otherwise.
     pub const SNAPSHOT: i32 = 64;
+
+    /// The network backend (a TAP descriptor or a connected passt socket)
+    /// goes right after the last of `disks` disks. The VMM's network
+    /// namespace is empty, so that descriptor is its only way out.
+    pub fn network(disks: usize) -> i32 {
+        FIRST_DISK + disks as i32
+    }
 }
 
 /// Where the high copies of handed-over descriptors go before they are
@@ -152,6 +156,48 @@ fn high_copy(fd: &impl AsRawFd) -> Result<OwnedFd, MachineError> {
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
+/// The descriptor the VMM process's virtio-net device uses, and what it is:
+/// the TAP itself (kiln keeps its own handle), or a fresh connection to
+/// passt's socket, made here because the jailed VMM process resolves no
+/// path.
+fn network_backend(
+    network: &crate::Network,
+) -> Result<Option<(OwnedFd, WireNetwork)>, MachineError> {
+    let mtu = |m: u32| u16::try_from(m).unwrap_or(u16::MAX);
+    Ok(match network {
+        crate::Network::None => None,
+        crate::Network::Tap { fd, mac, mtu: m } => Some((
+            fd.try_clone().map_err(io_err("TAP descriptor"))?,
+            WireNetwork {
+                kind: WireNetKind::Tap,
+                mac: *mac,
+                mtu: mtu(*m),
+            },
+        )),
+        crate::Network::Passt {
+            socket,
+            mac,
+            mtu: m,
+        } => {
+            let s = std::os::unix::net::UnixStream::connect(socket).map_err(|source| {
+                MachineError::MissingFile {
+                    what: "passt socket",
+                    path: socket.clone(),
+                    source,
+                }
+            })?;
+            Some((
+                s.into(),
+                WireNetwork {
+                    kind: WireNetKind::Stream,
+                    mac: *mac,
+                    mtu: mtu(*m),
+                },
+            ))
+        }
+    })
+}
+
 impl VmmProcess {
     pub async fn start(config: MachineConfig) -> Result<(VmmProcess, ConsoleStream), MachineError> {
         VmmProcess::start_with_snapshot(config, SnapshotUse::None).await
@@ -209,6 +255,10 @@ impl VmmProcess {
         };
         if let Some(f) = &snapshot_file {
             handed.push((high_copy(f)?, fds::SNAPSHOT));
+        }
+        let network = network_backend(&config.network)?;
+        if let Some((fd, _)) = &network {
+            handed.push((high_copy(fd)?, fds::network(disks.len())));
         }
         // Only the child holds these now (through the high copies).
         drop((control_child, console_vmm, kvm, kernel, initramfs, disks));
@@ -308,7 +358,8 @@ impl VmmProcess {
                 uid,
                 gid,
                 root,
-                keep_fds: (fds::CONTROL..fds::FIRST_DISK + config.disks.len() as i32)
+                keep_fds: (fds::CONTROL
+                    ..fds::network(config.disks.len()) + i32::from(network.is_some()))
                     .chain((snapshot != SnapshotUse::None).then_some(fds::SNAPSHOT))
                     .collect(),
             },
@@ -318,6 +369,7 @@ impl VmmProcess {
                 _ => None,
             },
             snapshot_out: matches!(snapshot, SnapshotUse::WriteTo(_)),
+            network: network.map(|(_, wire)| wire),
         };
 
         let answer = tokio::time::timeout(config.start_timeout, async {

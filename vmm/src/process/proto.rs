@@ -62,6 +62,25 @@ pub struct StartVm {
     /// state).
     #[serde(default)]
     pub snapshot_out: bool,
+    /// The guest's network interface; its backend is the descriptor after
+    /// the last disk ([`super::fds::network`]).
+    pub network: Option<WireNetwork>,
+}
+
+/// What kind of descriptor the network backend is, and what the guest sees.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireNetwork {
+    pub kind: WireNetKind,
+    pub mac: [u8; 6],
+    pub mtu: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireNetKind {
+    /// A TAP device: one frame per read or write.
+    Tap,
+    /// A connected stream socket, frames behind 4-byte big-endian lengths.
+    Stream,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -5,7 +5,7 @@ use core::fmt::{self, Write};
 use crate::hw::{self, alloc_page, bytes_eq, rd16, rd32, rd64, rd8, sum, wr32, wr64, wr8};
 use crate::virtio::{Dev, Vq, POLL_LIMIT, R_CONFIG};
 
-const F_VERSION_1: u64 = 1 << 32;
+pub const F_VERSION_1: u64 = 1 << 32;
 const CONSOLE_F_MULTIPORT: u64 = 1 << 1;
 const BLK_F_RO: u64 = 1 << 5;
 const BLK_F_FLUSH: u64 = 1 << 9;
@@ -87,7 +87,7 @@ impl Ctx {
         }
     }
 
-    fn check(&mut self, name: &str, ok: bool, detail: fmt::Arguments) {
+    pub fn check(&mut self, name: &str, ok: bool, detail: fmt::Arguments) {
         if ok {
             self.ok += 1;
         } else {
@@ -103,7 +103,7 @@ impl Ctx {
         self.flush_line();
     }
 
-    fn arg(&self, key: &str) -> Option<&str> {
+    pub fn arg(&self, key: &str) -> Option<&str> {
         let s = core::str::from_utf8(&self.cmdline[..self.cmdline_len]).ok()?;
         s.split(' ')
             .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
@@ -207,6 +207,11 @@ pub fn run(ctx: &mut Ctx, si: u64) {
     for d in found.iter().flatten() {
         if d.device_id() == 4 {
             check_rng(ctx, *d);
+        }
+    }
+    for d in found.iter().flatten() {
+        if d.device_id() == 1 {
+            crate::net::check_net(ctx, *d);
         }
     }
     check_console_rx(ctx);

@@ -14,6 +14,7 @@
 
 mod checks;
 mod hw;
+mod net;
 mod virtio;
 
 use core::arch::global_asm;

@@ -90,34 +90,25 @@ impl Console {
     }
 
     /// Move the guest's transmit buffers to the host socket, at most
-    /// `BUFFER_LIMIT` bytes held at a time. Goes on until the queue is empty
-    /// or the socket is full: the guest notified once and may wait for used
-    /// buffers before it notifies again, so stopping at the limit while the
-    /// socket still had room would stall the stream for good. A full socket
-    /// resumes it (`host_ready`).
+    /// `BUFFER_LIMIT` bytes held at a time, until the queue is empty or the
+    /// socket is full ([`Queue::drain_to_host`]; a full socket resumes it in
+    /// `host_ready`).
     fn drain_tx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
-        let mut used = false;
-        loop {
-            let popped = queues[TX].drain_while(
-                mem,
-                "virtio-console transmit",
-                self,
-                |c| c.to_host.len() < BUFFER_LIMIT,
-                |c, descs| {
-                    let mut buf = vec![0u8; Chain::readable_len(descs).min(BUFFER_LIMIT)];
-                    let n = Chain::read_from(descs, mem, &mut buf)?;
-                    if !c.host_closed {
-                        c.to_host.extend(&buf[..n]);
-                    }
-                    Ok(0)
-                },
-            );
-            used |= popped;
-            self.flush_host();
-            if !popped || self.to_host.len() >= BUFFER_LIMIT {
-                return used;
-            }
-        }
+        queues[TX].drain_to_host(
+            mem,
+            "virtio-console transmit",
+            self,
+            |c| c.to_host.len() < BUFFER_LIMIT,
+            |c, descs| {
+                let mut buf = vec![0u8; Chain::readable_len(descs).min(BUFFER_LIMIT)];
+                let n = Chain::read_from(descs, mem, &mut buf)?;
+                if !c.host_closed {
+                    c.to_host.extend(&buf[..n]);
+                }
+                Ok(0)
+            },
+            Console::flush_host,
+        )
     }
 
     fn flush_host(&mut self) {

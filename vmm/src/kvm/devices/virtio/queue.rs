@@ -349,6 +349,35 @@ impl Queue {
     }
 }
 
+impl Queue {
+    /// Serve a transmit queue into a bounded host-side buffer: pop chains
+    /// while `room(state)`, `flush(state)` after each round, and go on until
+    /// the queue is empty or the host is full (no room after a flush). The
+    /// guest notified once and may wait for its buffers before it notifies
+    /// again, so stopping at the bound while the host still takes data would
+    /// stall it for good; a full host resumes it when it drains. Returns
+    /// whether any chain was returned.
+    pub fn drain_to_host<S: ?Sized>(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        what: &str,
+        state: &mut S,
+        room: impl Fn(&S) -> bool,
+        mut handle: impl FnMut(&mut S, &[Descriptor]) -> Result<u32, QueueError>,
+        mut flush: impl FnMut(&mut S),
+    ) -> bool {
+        let mut used = false;
+        loop {
+            let popped = self.drain_while(mem, what, state, &room, &mut handle);
+            used |= popped;
+            flush(state);
+            if !popped || !room(state) {
+                return used;
+            }
+        }
+    }
+}
+
 /// Helpers to lay out queues in mock guest memory, for device tests.
 #[cfg(test)]
 pub mod mock {

@@ -1,0 +1,207 @@
+//! Jobs' network throughput on the qemu backend: `--network nat` (TAP,
+//! routed and masqueraded) against `--network user` (passt, the rootless
+//! mode; it stands in for QEMU's own `-netdev user`, which kiln does not
+//! run), measured in the same run, alternating, as ratios:
+//!
+//! - guest → host TCP throughput: the job pipes zeros into `nc`; a listener
+//!   of the bench in the "outside" namespace times first byte to last;
+//! - a download's time: the job `wget`s a blob from a server of the bench,
+//!   which times the request to the client's close after the last byte.
+//!
+//! Everything runs in the network namespaces of `kiln_tests::netlab`: no
+//! packet leaves them. Under TCG (this machine) the absolute figures say
+//! little; the ratio is the point.
+//!
+//! cargo bench -p kiln-tests --bench network [-- ROUNDS]
+//! cargo test -p kiln-tests --bench network -- --smoke   (one small round, CI)
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use kiln_tests::harness;
+use kiln_tests::netlab::{read_request, response_head, Lab, OUTSIDE_ADDR};
+
+const UPLOAD_PORT: u16 = 9000;
+const DOWNLOAD_PORT: u16 = 9001;
+const MIB: u64 = 1 << 20;
+
+/// What one job measured.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    upload_mib_s: f64,
+    download_s: f64,
+}
+
+/// Accept uploads forever; for each, time the first byte to the
+/// `expect`-th and send (bytes, seconds).
+fn upload_server(l: TcpListener, expect: u64, tx: mpsc::Sender<(u64, f64)>) {
+    for c in l.incoming().flatten() {
+        let mut c = c;
+        let _ = c.set_read_timeout(Some(Duration::from_secs(300)));
+        let mut buf = vec![0u8; 256 * 1024];
+        let (mut got, mut first) = (0u64, None);
+        while got < expect {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    first.get_or_insert_with(Instant::now);
+                    got += n as u64;
+                }
+            }
+        }
+        let secs = first.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let _ = tx.send((got, secs));
+    }
+}
+
+/// Serve `body` to each HTTP request; time the request to the client's
+/// close (it closes once it has every byte) and send the seconds.
+fn download_server(l: TcpListener, body: Vec<u8>, tx: mpsc::Sender<f64>) {
+    for c in l.incoming().flatten() {
+        let mut c = c;
+        let _ = c.set_read_timeout(Some(Duration::from_secs(300)));
+        if !read_request(&mut c) {
+            continue;
+        }
+        let t = Instant::now();
+        let head = response_head(body.len());
+        let sent = c.write_all(head.as_bytes()).is_ok() && c.write_all(&body).is_ok();
+        let _ = c.shutdown(std::net::Shutdown::Write);
+        let mut buf = [0u8; 1024];
+        while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+        let _ = tx.send(if sent {
+            t.elapsed().as_secs_f64()
+        } else {
+            -1.0
+        });
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let mut needs = vec![
+        kiln_testkit::root(),
+        kiln_testkit::tool("ip", "iproute2"),
+        kiln_testkit::tool("iptables", "iptables"),
+        kiln_testkit::tool("passt", "passt"),
+    ];
+    needs.extend(harness::vm());
+    if !kiln_testkit::require("network", &needs) {
+        return;
+    }
+    let smoke = std::env::args().any(|a| a == "--smoke");
+    let rounds: usize = if smoke {
+        1
+    } else {
+        std::env::args()
+            .skip(1)
+            .find_map(|a| a.parse().ok())
+            .unwrap_or(3)
+    };
+    let (upload, download) = if smoke {
+        (4 * MIB, 2 * MIB)
+    } else {
+        (64 * MIB, 10 * MIB)
+    };
+    let lab = Lab::new("bn").expect("the network lab");
+    let (up_tx, up_rx) = mpsc::channel();
+    let (down_tx, down_rx) = mpsc::channel();
+    let ul = Lab::within(&lab.outside, || TcpListener::bind(("0.0.0.0", UPLOAD_PORT)))
+        .unwrap()
+        .unwrap();
+    let dl = Lab::within(&lab.outside, || {
+        TcpListener::bind(("0.0.0.0", DOWNLOAD_PORT))
+    })
+    .unwrap()
+    .unwrap();
+    std::thread::spawn(move || upload_server(ul, upload, up_tx));
+    let body: Vec<u8> = (0..download).map(|i| (i * 7 % 251) as u8).collect();
+    std::thread::spawn(move || download_server(dl, body, down_tx));
+
+    let script = format!(
+        "wget -q -O /dev/null http://{OUTSIDE_ADDR}:{DOWNLOAD_PORT}/blob && echo DOWNLOADED; \
+         dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc {OUTSIDE_ADDR} {UPLOAD_PORT}; \
+         echo UPLOADED",
+        upload / 65536
+    );
+    let run_dir = harness::run_dir("bench-net");
+    let modes = ["nat", "user"];
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); modes.len()];
+    for round in 0..rounds {
+        // Alternate which mode goes first, so drift hits both alike.
+        let order: Vec<usize> = if round % 2 == 0 {
+            vec![0, 1]
+        } else {
+            vec![1, 0]
+        };
+        for m in order {
+            let o = lab
+                .in_host(harness::run_job_cmd(&run_dir))
+                .args(["--network", modes[m], "--", "sh", "-c", &script])
+                .output()
+                .expect("run kiln");
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                o.status.success() && out.contains("DOWNLOADED") && out.contains("UPLOADED"),
+                "{}: the job failed: {out}\n{}",
+                modes[m],
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let down = down_rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("the download was timed");
+            let (got, secs) = up_rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("the upload was timed");
+            assert!(down > 0.0, "{}: the download was cut short", modes[m]);
+            assert_eq!(got, upload, "{}: every uploaded byte arrived", modes[m]);
+            let s = Sample {
+                upload_mib_s: got as f64 / MIB as f64 / secs.max(1e-6),
+                download_s: down,
+            };
+            println!(
+                "round {round} {:<4}: guest→host {:>7.1} MiB/s, {} MiB download {:.2} s",
+                modes[m],
+                s.upload_mib_s,
+                download / MIB,
+                s.download_s
+            );
+            samples[m].push(s);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let up = |m: usize| median(samples[m].iter().map(|s| s.upload_mib_s).collect());
+    let down = |m: usize| median(samples[m].iter().map(|s| s.download_s).collect());
+    println!(
+        "median of {rounds}: nat guest→host {:.1} MiB/s, user (passt) {:.1} MiB/s: nat/user {:.2}×",
+        up(0),
+        up(1),
+        up(0) / up(1)
+    );
+    println!(
+        "median of {rounds}: {} MiB download nat {:.2} s, user (passt) {:.2} s: user/nat {:.2}× \
+         (above 1: nat is faster)",
+        download / MIB,
+        down(0),
+        down(1),
+        down(1) / down(0)
+    );
+    println!(
+        "target (issue 17): nat ≥ 2× QEMU's user networking; passt stands in for it here{}",
+        if accel_is_tcg() {
+            " (TCG: the guest's CPU, not the network, bounds both)"
+        } else {
+            ""
+        }
+    );
+}
+
+fn accel_is_tcg() -> bool {
+    !kiln_vmm::probe_kvm().runs_unmodified_guests()
+}
