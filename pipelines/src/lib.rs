@@ -27,8 +27,8 @@ pub use error::{Error, ExprError, Location, Result};
 pub use files::{read_beneath, read_file, ProjectFiles};
 pub use limits::{Limits, NODE_BYTES};
 pub use spec::{
-    AllowFailure, ArtifactSpec, ArtifactWhen, JobSource, JobSpec, JobWhen, Shell, Step, StepWhen,
-    Variable,
+    AllowFailure, ArtifactSpec, ArtifactWhen, JobSource, JobSpec, JobWhen, NeedResult, Shell, Step,
+    StepWhen, Variable,
 };
 
 /// Which front end a file needs.
@@ -138,6 +138,9 @@ pub struct Pipeline {
     pub notes: Vec<String>,
     /// Jobs the file defines that this pipeline leaves out, with why.
     pub excluded: Vec<Excluded>,
+    /// GitHub: job name to the contexts of its run-time `if:`
+    /// ([`github::Workflow::conditions`]); see [`github::job_should_run`].
+    pub conditions: std::collections::BTreeMap<String, github::Contexts>,
 }
 
 /// A job left out of the pipeline, and the clause that left it out
@@ -219,10 +222,11 @@ pub fn load(
                 jobs,
                 notes,
                 excluded,
+                conditions: Default::default(),
             })
         }
         Format::GitHub => {
-            let w = github::parse(&file, contents, ctx, opts).map_err(noted)?;
+            let w = github::parse_with(&file, contents, ctx, opts, read).map_err(noted)?;
             let mut notes = w.warnings;
             notes.extend(w.unsupported.iter().map(|u| format!("unsupported: {u}")));
             notes.extend(w.skipped.iter().map(|j| format!("{j}: skipped by `if`")));
@@ -246,6 +250,7 @@ pub fn load(
                 jobs: w.jobs,
                 notes,
                 excluded,
+                conditions: w.conditions,
             })
         }
         Format::Unknown => Err(Error::Invalid {

@@ -452,3 +452,139 @@ fn github_dispatch_inputs() {
     let p = github("dispatch.yml", &opts);
     assert_eq!(jobs(&p), ["deploy production", "notify"]);
 }
+
+#[test]
+fn github_job_outputs_needs_and_job_level_status() {
+    use kiln_pipelines::github::{job_should_run, JobStatus};
+    use kiln_pipelines::NeedResult;
+    // GitHub's documented rules: a job's `outputs:` are evaluated after its
+    // steps (`steps.<id>.outputs`), `needs.<id>.result`/`.outputs` are read
+    // by later jobs' `if:`, `env:` and `run:`; a job-level `if:` without a
+    // status function means `success() && (...)`; `failure()` is true when
+    // any ancestor job failed; `always()` runs whatever happened.
+    let p = github("release-outputs.yml", &Options::default());
+    assert_eq!(
+        jobs(&p),
+        [
+            "version",
+            "build (x86_64)",
+            "build (aarch64)",
+            "publish",
+            "notify",
+            "cleanup"
+        ]
+    );
+    let job = |n: &str| p.jobs.iter().find(|j| j.name == n).unwrap();
+    assert_eq!(
+        job("version").outputs,
+        vec![
+            ("tag".to_string(), "${{ steps.v.outputs.tag }}".to_string()),
+            (
+                "sha".to_string(),
+                "0123456789abcdef0123456789abcdef01234567".to_string()
+            )
+        ],
+        "static contexts substituted, steps left for run time"
+    );
+    assert!(job("build (x86_64)").steps[0].runtime_expressions);
+    assert_eq!(job("cleanup").when, JobWhen::OnFailure);
+    assert!(p.conditions.contains_key("publish") && p.conditions.contains_key("notify"));
+    let ran = |name: &str, status: JobStatus, needs: &[(&str, &str)]| {
+        let mut j = job(name).clone();
+        j.needs_results = needs
+            .iter()
+            .map(|(id, result)| NeedResult {
+                id: id.to_string(),
+                result: result.to_string(),
+                outputs: vec![("tag".into(), "v1.0".into())],
+            })
+            .collect();
+        job_should_run(&j, p.conditions.get(name), status).unwrap()
+    };
+    // Everything passed.
+    assert!(ran(
+        "publish",
+        JobStatus::Success,
+        &[("version", "success"), ("build", "success")]
+    ));
+    assert!(!ran(
+        "notify",
+        JobStatus::Success,
+        &[("build", "success"), ("publish", "success")]
+    ));
+    assert!(!ran(
+        "cleanup",
+        JobStatus::Success,
+        &[("publish", "success")]
+    ));
+    // A build failed: publish is skipped, notify and cleanup run.
+    assert!(!ran(
+        "publish",
+        JobStatus::Failure,
+        &[("version", "success"), ("build", "failure")]
+    ));
+    assert!(ran(
+        "notify",
+        JobStatus::Failure,
+        &[("build", "failure"), ("publish", "skipped")]
+    ));
+    assert!(ran(
+        "cleanup",
+        JobStatus::Failure,
+        &[("publish", "skipped")]
+    ));
+    // A plain job after a skipped one is skipped.
+    assert!(!ran(
+        "build (x86_64)",
+        JobStatus::Skipped,
+        &[("version", "skipped")]
+    ));
+}
+
+#[test]
+fn github_reusable_workflows_local_and_remote() {
+    // GitHub: a job with `uses: ./.github/workflows/x.yml` runs the called
+    // workflow's jobs (shown as "caller / job") with `with:` as its inputs,
+    // after the caller's `needs`; a job that needs the caller waits for all
+    // of them. A workflow from another repository is not in the checkout.
+    let p = github("call-reusable.yml", &Options::default());
+    assert_eq!(
+        jobs(&p),
+        [
+            "lint",
+            "build / compile",
+            "build / test",
+            "deploy",
+            "report"
+        ]
+    );
+    let job = |n: &str| p.jobs.iter().find(|j| j.name == n).unwrap();
+    let compile = job("build / compile");
+    assert_eq!(compile.steps[0].script, "make TARGET=linux");
+    assert_eq!(compile.stage.as_deref(), Some("build"));
+    assert_eq!(compile.id, "build / compile");
+    assert_eq!(compile.needs.as_deref(), Some(&["lint".to_string()][..]));
+    assert_eq!(
+        job("build / test").needs.as_deref(),
+        Some(&["build / compile".to_string(), "lint".to_string()][..])
+    );
+    assert_eq!(
+        job("deploy").needs.as_deref(),
+        Some(
+            &[
+                "build / compile".to_string(),
+                "build / test".to_string(),
+                "scan".to_string()
+            ][..]
+        ),
+        "the remote call is kept by its id"
+    );
+    let ex = excluded(&p);
+    assert_eq!(ex.len(), 1);
+    assert_eq!(ex[0].0, "scan");
+    assert!(ex[0].1.contains("not in this checkout"), "{}", ex[0].1);
+    // The called workflow alone: its input's default (empty target).
+    let p = github("reusable-build.yml", &Options::default());
+    assert_eq!(jobs(&p), ["compile", "test"]);
+    assert_eq!(p.jobs[0].steps[0].script, "make TARGET=");
+}

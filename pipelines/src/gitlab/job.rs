@@ -118,6 +118,8 @@ impl Parser<'_> {
             when,
             allow_failure,
             condition: None,
+            outputs: Vec::new(),
+            needs_results: Vec::new(),
         };
         Ok(Some((spec, needs)))
     }
