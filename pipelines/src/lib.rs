@@ -280,6 +280,9 @@ pub struct JobSummary {
     #[serde(serialize_with = "ser_allow_failure")]
     pub allow_failure: AllowFailure,
     pub needs: Vec<String>,
+    /// `when: delayed`: seconds after its turn that the job starts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_in_s: Option<u64>,
 }
 
 /// `when` as GitLab writes it.
@@ -318,6 +321,7 @@ impl JobSummary {
             when: j.when,
             allow_failure: j.allow_failure.clone(),
             needs: j.needs.clone().unwrap_or_default(),
+            start_in_s: j.start_in.map(|d| d.as_secs()),
         }
     }
 }

@@ -50,6 +50,10 @@ pub struct JobSpec {
     /// filled by the provider before the job runs.
     #[serde(default)]
     pub needs_results: Vec<NeedResult>,
+    /// GitLab `when: delayed`: how long after its turn the job starts
+    /// (`start_in`, at most a week); `when` is then `OnSuccess`.
+    #[serde(default)]
+    pub start_in: Option<Duration>,
 }
 
 /// One entry of GitHub's `needs` context: `needs.<id>.result` and
@@ -85,6 +89,7 @@ impl JobSpec {
             condition: None,
             outputs: Vec::new(),
             needs_results: Vec::new(),
+            start_in: None,
         }
     }
 

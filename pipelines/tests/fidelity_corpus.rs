@@ -588,3 +588,87 @@ fn github_reusable_workflows_local_and_remote() {
     assert_eq!(jobs(&p), ["compile", "test"]);
     assert_eq!(p.jobs[0].steps[0].script, "make TARGET=");
 }
+
+#[test]
+fn delayed_jobs_allowed_failures_and_forced_jobs() {
+    use kiln_pipelines::AllowFailure;
+    use std::time::Duration;
+    // GitLab: `when: delayed` needs `start_in` (at most a week) and runs
+    // the job that long after its stage's turn; a rule's `when` replaces
+    // the job's; `only: [schedules]` keeps a job to scheduled pipelines.
+    let p = gitlab(
+        "delayed-canary.gitlab-ci.yml",
+        &checkout("x"),
+        &Options::default(),
+    );
+    assert_eq!(
+        jobs(&p),
+        ["build", "canary", "rollout", "smoke", "rollback"]
+    );
+    let job = |p: &Pipeline, n: &str| p.jobs.iter().find(|j| j.name == n).unwrap().clone();
+    assert_eq!(job(&p, "rollout").start_in, Some(Duration::from_secs(1800)));
+    assert_eq!(job(&p, "rollout").when, JobWhen::OnSuccess);
+    assert_eq!(job(&p, "smoke").allow_failure, AllowFailure::Yes);
+    assert_eq!(job(&p, "rollback").when, JobWhen::OnFailure);
+    assert_eq!(excluded(&p), [("nightly-cleanup", "only: [\"schedules\"]")]);
+    let s = kiln_pipelines::JobSummary::of(&job(&p, "rollout"));
+    assert_eq!(s.start_in_s, Some(1800));
+    let p = gitlab(
+        "delayed-canary.gitlab-ci.yml",
+        &checkout("x"),
+        &source("schedule"),
+    );
+    assert_eq!(
+        job(&p, "nightly-cleanup").start_in,
+        Some(Duration::from_secs(86400))
+    );
+    // A feature branch: the canary and the rollout are left out ...
+    let mut feature = checkout("x");
+    feature.branch = Some("feature".into());
+    let p = gitlab(
+        "delayed-canary.gitlab-ci.yml",
+        &feature,
+        &Options::default(),
+    );
+    assert_eq!(jobs(&p), ["build", "smoke", "rollback"]);
+    // ... unless asked for by name (`kiln run-job FILE rollout --force`).
+    let forced = Options {
+        force_jobs: vec!["rollout".into()],
+        ..Options::default()
+    };
+    let p = gitlab("delayed-canary.gitlab-ci.yml", &feature, &forced);
+    assert_eq!(jobs(&p), ["build", "rollout", "smoke", "rollback"]);
+    assert!(
+        p.notes.iter().any(|n| n.contains("rollout: excluded by")
+            && n.contains("when: never")
+            && n.contains("--force")),
+        "{:?}",
+        p.notes
+    );
+}
+
+#[test]
+fn delayed_needs_a_start_in_of_at_most_a_week() {
+    for (text, says) in [
+        ("j:\n  script: x\n  when: delayed\n", "needs `start_in`"),
+        (
+            "j:\n  script: x\n  when: delayed\n  start_in: 8 days\n",
+            "at most one week",
+        ),
+        (
+            "j:\n  script: x\n  when: delayed\n  start_in: soon\n",
+            "not a duration",
+        ),
+    ] {
+        let e = kiln_pipelines::gitlab::parse(
+            "t.gitlab-ci.yml",
+            text,
+            &checkout("x"),
+            &Options::default(),
+            &|_| Err(std::io::ErrorKind::NotFound.into()),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains(says), "{e}");
+        assert!(e.to_string().contains("t.gitlab-ci.yml:"), "{e}");
+    }
+}

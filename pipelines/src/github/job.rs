@@ -174,6 +174,7 @@ impl JobBuilder<'_> {
             condition,
             outputs,
             needs_results: Vec::new(),
+            start_in: None,
         }))
     }
 

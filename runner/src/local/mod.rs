@@ -166,6 +166,13 @@ pub fn run(args: &Args, config: impl FnOnce() -> Result<ExecutorConfig>) -> Resu
             if many && !args.json {
                 eprintln!("\x1b[1;36m▶ job {}\x1b[0m (image {})", job.name, job.image);
             }
+            if let Some(d) = job.start_in {
+                eprintln!(
+                    "kiln: note: job {} is `when: delayed` (start_in {}s): GitLab would start it then; kiln runs it at once",
+                    job.name,
+                    d.as_secs()
+                );
+            }
             // The guest sends the artifact files over its console; they land here.
             let collected = stage.as_ref().map(StageDir::artifacts_dir);
             if let Some(c) = &collected {

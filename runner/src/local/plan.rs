@@ -249,7 +249,8 @@ pub fn plan_jobs(args: &Args) -> Result<Option<Plan>> {
     for (label, image) in key_values(&args.platforms, "--platform")? {
         opts.runner_images.set(label, image);
     }
-    args.pipeline.apply(&mut ctx, &mut opts)?;
+    args.pipeline
+        .apply(&mut ctx, &mut opts, args.job.as_deref())?;
     opts.image = args.image.clone();
     let pipeline = load_pipeline(file, &ctx, &opts)?;
     for n in &pipeline.notes {
