@@ -105,6 +105,10 @@ pub struct Options {
     /// GitLab `include: project` paths mapped to local checkouts
     /// (`--include-project group/proj=DIR`).
     pub include_projects: Vec<(String, PathBuf)>,
+    /// GitLab jobs (names or keys) to keep even when their `rules`,
+    /// `only`/`except` or the `workflow: rules` leave them out (`kiln
+    /// run-job --force`); a warning names the clause.
+    pub force_jobs: Vec<String>,
 }
 
 impl Default for Options {
@@ -120,6 +124,7 @@ impl Default for Options {
             limits: Limits::default(),
             inputs: Vec::new(),
             include_projects: Vec::new(),
+            force_jobs: Vec::new(),
         }
     }
 }

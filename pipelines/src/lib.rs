@@ -28,7 +28,7 @@ pub use files::{read_beneath, read_file, ProjectFiles};
 pub use limits::{Limits, NODE_BYTES};
 pub use spec::{
     AllowFailure, ArtifactSpec, ArtifactWhen, CachePolicy, CacheSpec, JobSource, JobSpec, JobWhen,
-    Shell, Step, StepWhen, Variable,
+    NeedResult, Shell, Step, StepWhen, Variable,
 };
 
 /// Which front end a file needs.
@@ -138,6 +138,9 @@ pub struct Pipeline {
     pub notes: Vec<String>,
     /// Jobs the file defines that this pipeline leaves out, with why.
     pub excluded: Vec<Excluded>,
+    /// GitHub: job name to the contexts of its run-time `if:`
+    /// ([`github::Workflow::conditions`]); see [`github::job_should_run`].
+    pub conditions: std::collections::BTreeMap<String, github::Contexts>,
 }
 
 /// A job left out of the pipeline, and the clause that left it out
@@ -219,10 +222,11 @@ pub fn load(
                 jobs,
                 notes,
                 excluded,
+                conditions: Default::default(),
             })
         }
         Format::GitHub => {
-            let w = github::parse(&file, contents, ctx, opts).map_err(noted)?;
+            let w = github::parse_with(&file, contents, ctx, opts, read).map_err(noted)?;
             let mut notes = w.warnings;
             notes.extend(w.unsupported.iter().map(|u| format!("unsupported: {u}")));
             notes.extend(w.skipped.iter().map(|j| format!("{j}: skipped by `if`")));
@@ -246,6 +250,7 @@ pub fn load(
                 jobs: w.jobs,
                 notes,
                 excluded,
+                conditions: w.conditions,
             })
         }
         Format::Unknown => Err(Error::Invalid {
@@ -275,6 +280,9 @@ pub struct JobSummary {
     #[serde(serialize_with = "ser_allow_failure")]
     pub allow_failure: AllowFailure,
     pub needs: Vec<String>,
+    /// `when: delayed`: seconds after its turn that the job starts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_in_s: Option<u64>,
 }
 
 /// `when` as GitLab writes it.
@@ -313,6 +321,7 @@ impl JobSummary {
             when: j.when,
             allow_failure: j.allow_failure.clone(),
             needs: j.needs.clone().unwrap_or_default(),
+            start_in_s: j.start_in.map(|d| d.as_secs()),
         }
     }
 }

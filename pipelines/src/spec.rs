@@ -45,6 +45,29 @@ pub struct JobSpec {
     /// parsed (it uses `needs.*` or a status function); evaluate it with
     /// `github::eval_condition` before starting the job.
     pub condition: Option<String>,
+    /// GitHub job `outputs:` (name, text with `${{ }}`), evaluated by the
+    /// executor after the steps (`steps.*`, `needs.*`, `env` contexts).
+    #[serde(default)]
+    pub outputs: Vec<(String, String)>,
+    /// GitHub: how the jobs this one `needs` ended (the `needs` context),
+    /// filled by the provider before the job runs.
+    #[serde(default)]
+    pub needs_results: Vec<NeedResult>,
+    /// GitLab `when: delayed`: how long after its turn the job starts
+    /// (`start_in`, at most a week); `when` is then `OnSuccess`.
+    #[serde(default)]
+    pub start_in: Option<Duration>,
+}
+
+/// One entry of GitHub's `needs` context: `needs.<id>.result` and
+/// `needs.<id>.outputs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NeedResult {
+    /// The job id (`jobs.<id>` key).
+    pub id: String,
+    /// `success`, `failure`, `cancelled` or `skipped`.
+    pub result: String,
+    pub outputs: Vec<(String, String)>,
 }
 
 impl JobSpec {
@@ -68,6 +91,9 @@ impl JobSpec {
             when: JobWhen::OnSuccess,
             allow_failure: AllowFailure::No,
             condition: None,
+            outputs: Vec::new(),
+            needs_results: Vec::new(),
+            start_in: None,
         }
     }
 
@@ -82,6 +108,7 @@ impl JobSpec {
         n += self.entrypoint.as_deref().map_or(0, list);
         n += opt(&self.working_dir) + opt(&self.stage) + opt(&self.condition);
         n += self.needs.as_deref().map_or(0, list);
+        n += self.outputs.iter().map(|(k, v)| s(k) + s(v)).sum::<usize>();
         for st in &self.steps {
             n += s(&st.name) + s(&st.script) + opt(&st.id) + opt(&st.working_dir);
             n += opt(&st.condition);

@@ -452,3 +452,223 @@ fn github_dispatch_inputs() {
     let p = github("dispatch.yml", &opts);
     assert_eq!(jobs(&p), ["deploy production", "notify"]);
 }
+
+#[test]
+fn github_job_outputs_needs_and_job_level_status() {
+    use kiln_pipelines::github::{job_should_run, JobStatus};
+    use kiln_pipelines::NeedResult;
+    // GitHub's documented rules: a job's `outputs:` are evaluated after its
+    // steps (`steps.<id>.outputs`), `needs.<id>.result`/`.outputs` are read
+    // by later jobs' `if:`, `env:` and `run:`; a job-level `if:` without a
+    // status function means `success() && (...)`; `failure()` is true when
+    // any ancestor job failed; `always()` runs whatever happened.
+    let p = github("release-outputs.yml", &Options::default());
+    assert_eq!(
+        jobs(&p),
+        [
+            "version",
+            "build (x86_64)",
+            "build (aarch64)",
+            "publish",
+            "notify",
+            "cleanup"
+        ]
+    );
+    let job = |n: &str| p.jobs.iter().find(|j| j.name == n).unwrap();
+    assert_eq!(
+        job("version").outputs,
+        vec![
+            ("tag".to_string(), "${{ steps.v.outputs.tag }}".to_string()),
+            (
+                "sha".to_string(),
+                "0123456789abcdef0123456789abcdef01234567".to_string()
+            )
+        ],
+        "static contexts substituted, steps left for run time"
+    );
+    assert!(job("build (x86_64)").steps[0].runtime_expressions);
+    assert_eq!(job("cleanup").when, JobWhen::OnFailure);
+    assert!(p.conditions.contains_key("publish") && p.conditions.contains_key("notify"));
+    let ran = |name: &str, status: JobStatus, needs: &[(&str, &str)]| {
+        let mut j = job(name).clone();
+        j.needs_results = needs
+            .iter()
+            .map(|(id, result)| NeedResult {
+                id: id.to_string(),
+                result: result.to_string(),
+                outputs: vec![("tag".into(), "v1.0".into())],
+            })
+            .collect();
+        job_should_run(&j, p.conditions.get(name), status).unwrap()
+    };
+    // Everything passed.
+    assert!(ran(
+        "publish",
+        JobStatus::Success,
+        &[("version", "success"), ("build", "success")]
+    ));
+    assert!(!ran(
+        "notify",
+        JobStatus::Success,
+        &[("build", "success"), ("publish", "success")]
+    ));
+    assert!(!ran(
+        "cleanup",
+        JobStatus::Success,
+        &[("publish", "success")]
+    ));
+    // A build failed: publish is skipped, notify and cleanup run.
+    assert!(!ran(
+        "publish",
+        JobStatus::Failure,
+        &[("version", "success"), ("build", "failure")]
+    ));
+    assert!(ran(
+        "notify",
+        JobStatus::Failure,
+        &[("build", "failure"), ("publish", "skipped")]
+    ));
+    assert!(ran(
+        "cleanup",
+        JobStatus::Failure,
+        &[("publish", "skipped")]
+    ));
+    // A plain job after a skipped one is skipped.
+    assert!(!ran(
+        "build (x86_64)",
+        JobStatus::Skipped,
+        &[("version", "skipped")]
+    ));
+}
+
+#[test]
+fn github_reusable_workflows_local_and_remote() {
+    // GitHub: a job with `uses: ./.github/workflows/x.yml` runs the called
+    // workflow's jobs (shown as "caller / job") with `with:` as its inputs,
+    // after the caller's `needs`; a job that needs the caller waits for all
+    // of them. A workflow from another repository is not in the checkout.
+    let p = github("call-reusable.yml", &Options::default());
+    assert_eq!(
+        jobs(&p),
+        [
+            "lint",
+            "build / compile",
+            "build / test",
+            "deploy",
+            "report"
+        ]
+    );
+    let job = |n: &str| p.jobs.iter().find(|j| j.name == n).unwrap();
+    let compile = job("build / compile");
+    assert_eq!(compile.steps[0].script, "make TARGET=linux");
+    assert_eq!(compile.stage.as_deref(), Some("build"));
+    assert_eq!(compile.id, "build / compile");
+    assert_eq!(compile.needs.as_deref(), Some(&["lint".to_string()][..]));
+    assert_eq!(
+        job("build / test").needs.as_deref(),
+        Some(&["build / compile".to_string(), "lint".to_string()][..])
+    );
+    assert_eq!(
+        job("deploy").needs.as_deref(),
+        Some(
+            &[
+                "build / compile".to_string(),
+                "build / test".to_string(),
+                "scan".to_string()
+            ][..]
+        ),
+        "the remote call is kept by its id"
+    );
+    let ex = excluded(&p);
+    assert_eq!(ex.len(), 1);
+    assert_eq!(ex[0].0, "scan");
+    assert!(ex[0].1.contains("not in this checkout"), "{}", ex[0].1);
+    // The called workflow alone: its input's default (empty target).
+    let p = github("reusable-build.yml", &Options::default());
+    assert_eq!(jobs(&p), ["compile", "test"]);
+    assert_eq!(p.jobs[0].steps[0].script, "make TARGET=");
+}
+
+#[test]
+fn delayed_jobs_allowed_failures_and_forced_jobs() {
+    use kiln_pipelines::AllowFailure;
+    use std::time::Duration;
+    // GitLab: `when: delayed` needs `start_in` (at most a week) and runs
+    // the job that long after its stage's turn; a rule's `when` replaces
+    // the job's; `only: [schedules]` keeps a job to scheduled pipelines.
+    let p = gitlab(
+        "delayed-canary.gitlab-ci.yml",
+        &checkout("x"),
+        &Options::default(),
+    );
+    assert_eq!(
+        jobs(&p),
+        ["build", "canary", "rollout", "smoke", "rollback"]
+    );
+    let job = |p: &Pipeline, n: &str| p.jobs.iter().find(|j| j.name == n).unwrap().clone();
+    assert_eq!(job(&p, "rollout").start_in, Some(Duration::from_secs(1800)));
+    assert_eq!(job(&p, "rollout").when, JobWhen::OnSuccess);
+    assert_eq!(job(&p, "smoke").allow_failure, AllowFailure::Yes);
+    assert_eq!(job(&p, "rollback").when, JobWhen::OnFailure);
+    assert_eq!(excluded(&p), [("nightly-cleanup", "only: [\"schedules\"]")]);
+    let s = kiln_pipelines::JobSummary::of(&job(&p, "rollout"));
+    assert_eq!(s.start_in_s, Some(1800));
+    let p = gitlab(
+        "delayed-canary.gitlab-ci.yml",
+        &checkout("x"),
+        &source("schedule"),
+    );
+    assert_eq!(
+        job(&p, "nightly-cleanup").start_in,
+        Some(Duration::from_secs(86400))
+    );
+    // A feature branch: the canary and the rollout are left out ...
+    let mut feature = checkout("x");
+    feature.branch = Some("feature".into());
+    let p = gitlab(
+        "delayed-canary.gitlab-ci.yml",
+        &feature,
+        &Options::default(),
+    );
+    assert_eq!(jobs(&p), ["build", "smoke", "rollback"]);
+    // ... unless asked for by name (`kiln run-job FILE rollout --force`).
+    let forced = Options {
+        force_jobs: vec!["rollout".into()],
+        ..Options::default()
+    };
+    let p = gitlab("delayed-canary.gitlab-ci.yml", &feature, &forced);
+    assert_eq!(jobs(&p), ["build", "rollout", "smoke", "rollback"]);
+    assert!(
+        p.notes.iter().any(|n| n.contains("rollout: excluded by")
+            && n.contains("when: never")
+            && n.contains("--force")),
+        "{:?}",
+        p.notes
+    );
+}
+
+#[test]
+fn delayed_needs_a_start_in_of_at_most_a_week() {
+    for (text, says) in [
+        ("j:\n  script: x\n  when: delayed\n", "needs `start_in`"),
+        (
+            "j:\n  script: x\n  when: delayed\n  start_in: 8 days\n",
+            "at most one week",
+        ),
+        (
+            "j:\n  script: x\n  when: delayed\n  start_in: soon\n",
+            "not a duration",
+        ),
+    ] {
+        let e = kiln_pipelines::gitlab::parse(
+            "t.gitlab-ci.yml",
+            text,
+            &checkout("x"),
+            &Options::default(),
+            &|_| Err(std::io::ErrorKind::NotFound.into()),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains(says), "{e}");
+        assert!(e.to_string().contains("t.gitlab-ci.yml:"), "{e}");
+    }
+}

@@ -321,8 +321,12 @@ fn lint_labels_float_timeout_job_status_conditions() {
     assert_eq!(w.jobs[1].when, JobWhen::Always);
     assert_eq!(w.jobs[2].when, JobWhen::OnFailure);
     assert_eq!(w.jobs[1].allow_failure, AllowFailure::No);
-    assert!(w
-        .unsupported
-        .iter()
-        .any(|u| u.contains("reusable workflow")));
+    assert!(
+        w.unmapped
+            .iter()
+            .any(|(_, why)| why.contains("reusable workflow")
+                && why.contains("not in this checkout")),
+        "a remote reusable workflow is left out with why: {:?}",
+        w.unmapped
+    );
 }

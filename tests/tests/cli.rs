@@ -157,7 +157,8 @@ fn list_simulates_sources_refs_and_inputs() {
          variables: {A: 1}\nvariables: {IMG: $CI_REGISTRY_IMAGE}\n\
          test:\n  image: python:$[[ inputs.py ]]\n  script: pytest\n  allow_failure: true\n\
          deploy:\n  script: echo $IMG\n  only: [main@acme/shop]\n\
-         mr:\n  script: x\n  rules:\n    - if: $CI_MERGE_REQUEST_IID\n      when: manual\n",
+         mr:\n  script: x\n  rules:\n    - if: $CI_MERGE_REQUEST_IID\n      when: manual\n\
+         later:\n  script: x\n  when: delayed\n  start_in: 5 minutes\n",
     )
     .unwrap();
     git(&["add", "."]);
@@ -180,7 +181,7 @@ fn list_simulates_sources_refs_and_inputs() {
     };
     let out = list(&["--all"]);
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(lines.len(), 4, "{out}");
     assert!(
         lines[0].starts_with("test ") && lines[0].contains("image=python:3.12"),
         "{out}"
@@ -191,8 +192,28 @@ fn list_simulates_sources_refs_and_inputs() {
     );
     assert!(lines[1].starts_with("deploy "), "{out}");
     assert!(
-        lines[2].starts_with("mr ") && lines[2].contains("excluded: mr.rules: no rule matched"),
+        lines[2].starts_with("later ") && lines[2].contains("when=delayed start_in=300s"),
         "{out}"
+    );
+    assert!(
+        lines[3].starts_with("mr ") && lines[3].contains("excluded: mr.rules: no rule matched"),
+        "{out}"
+    );
+    // `--force` keeps a job its rules leave out, and says which clause.
+    let o = kiln_cmd(&dir)
+        .arg("run-job")
+        .arg(repo.join(".gitlab-ci.yml"))
+        .args(["mr", "--force", "--list"])
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(out.lines().any(|l| l.starts_with("mr ")), "{out}{err}");
+    assert!(
+        err.contains("mr: excluded by mr.rules: no rule matched; kept because of --force"),
+        "{err}"
     );
 
     let out = list(&[
@@ -219,7 +240,8 @@ fn list_simulates_sources_refs_and_inputs() {
         .iter()
         .map(|j| j["name"].as_str().unwrap())
         .collect();
-    assert_eq!(jobs, ["test"]);
+    assert_eq!(jobs, ["test", "later"]);
+    assert_eq!(v["jobs"][1]["start_in_s"], 300);
     assert_eq!(v["jobs"][0]["allow_failure"], true);
     assert_eq!(v["jobs"][0]["when"], "on_success");
     let excluded: Vec<&str> = v["excluded"]

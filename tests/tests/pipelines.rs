@@ -33,6 +33,11 @@ pipefail:
   script:
     - false | true
     - echo after-pipe
+flaky:
+  allow_failure: true
+  script:
+    - echo flaky-ran
+    - exit 7
 fail:
   script:
     - echo one
@@ -73,6 +78,45 @@ jobs:
         run: echo always-ran
 "#;
 
+/// Jobs that hand values on: workflow commands, job outputs, `needs.*`,
+/// and job-level `if:` after a failure.
+const CHAIN: &str = r#"
+on: push
+defaults:
+  run:
+    shell: sh
+jobs:
+  a:
+    runs-on: ubuntu-latest
+    outputs:
+      ver: ${{ steps.s.outputs.ver }}
+      file: ${{ steps.s.outputs.file }}
+    steps:
+      - id: s
+        run: |
+          echo "::set-output name=ver::1.2"
+          echo "file=from-file" >> "$GITHUB_OUTPUT"
+          echo "::add-mask::tops3cret"
+          echo "the token is tops3cret"
+          echo "::group::Compile"
+          echo inside
+          echo "::endgroup::"
+          exit 3
+  b:
+    needs: a
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo b-must-not-run
+  c:
+    needs: [a, b]
+    if: always() && needs.a.result == 'failure'
+    runs-on: ubuntu-latest
+    env:
+      VER: ${{ needs.a.outputs.ver }}
+    steps:
+      - run: echo "c got $VER ${{ needs.a.outputs.file }} b=${{ needs.b.result }}"
+"#;
+
 /// A git checkout with both pipeline files, one committed file and one not.
 fn repo(name: &str) -> PathBuf {
     let dir = harness::test_root().join(format!("repo-{name}-{}", std::process::id()));
@@ -81,6 +125,7 @@ fn repo(name: &str) -> PathBuf {
     std::fs::create_dir_all(dir.join("sub")).unwrap();
     std::fs::write(dir.join(".gitlab-ci.yml"), GITLAB).unwrap();
     std::fs::write(dir.join(".github/workflows/ci.yml"), GITHUB).unwrap();
+    std::fs::write(dir.join(".github/workflows/chain.yml"), CHAIN).unwrap();
     std::fs::write(dir.join("tracked.txt"), "tracked content\n").unwrap();
     std::fs::write(dir.join("sub/file.txt"), "in sub\n").unwrap();
     kiln_tests::fixtures::git_commit_all(&dir);
@@ -210,6 +255,58 @@ fn github_job_gets_env_file_commands_conditions_and_exit_code() {
     assert!(out.ends_with("always-ran\n"), "{out}");
 }
 
+/// Two VMs (`a`, `c`); `b` is skipped without one.
+fn github_workflow_commands_job_outputs_and_needs() {
+    let repo = repo("chain");
+    let dir = harness::run_dir("chain");
+    let o = run(&repo, ".github/workflows/chain.yml", "c", &[], &dir);
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert_eq!(o.status.code(), Some(3), "a's exit code: {out}\n{err}");
+    assert!(
+        out.contains("the token is [MASKED]\n"),
+        "::add-mask:: {out}"
+    );
+    assert!(
+        !out.contains("tops3cret") && !err.contains("tops3cret"),
+        "{out}\n{err}"
+    );
+    assert!(
+        out.contains("##[group]Compile\ninside\n##[endgroup]\n"),
+        "::group:: {out}"
+    );
+    assert!(
+        !out.contains("::set-output"),
+        "commands are consumed: {out}"
+    );
+    assert!(!out.contains("b-must-not-run"), "{out}");
+    assert!(
+        err.contains("job b skipped: a job it needs failed"),
+        "{err}"
+    );
+    assert!(
+        out.contains("c got 1.2 from-file b=skipped\n"),
+        "needs.a.outputs in env and run, needs.b.result: {out}\n{err}"
+    );
+    assert!(
+        err.contains("kiln: pipeline: a: failed · b: skipped · c: passed"),
+        "{err}"
+    );
+}
+
+/// One VM: a job allowed to fail says so, and the run passes.
+fn gitlab_allowed_failure_passes_with_a_warning() {
+    let repo = repo("flaky");
+    let dir = harness::run_dir("flaky");
+    let o = run(&repo, ".gitlab-ci.yml", "flaky", &[], &dir);
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(out.contains("flaky-ran"), "{out}");
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("job failed (allowed to fail; exit code 7)"),
+        "{err}"
+    );
+}
+
 fn list_and_bad_files_give_clear_answers() {
     let repo = repo("list");
     let dir = harness::run_dir("list");
@@ -221,7 +318,7 @@ fn list_and_bad_files_give_clear_answers() {
         .unwrap();
     let out = text(&o.stdout);
     assert!(o.status.success());
-    for j in ["build", "uses-artifact", "pipefail", "fail"] {
+    for j in ["build", "uses-artifact", "pipefail", "flaky", "fail"] {
         assert!(
             out.lines().any(|l| l.starts_with(j)),
             "--list lacks {j}: {out}"
@@ -352,6 +449,24 @@ fn main() -> std::process::ExitCode {
                 kiln_testkit::tool("git", "git"),
             ],
             gitlab_cache_is_saved_then_restored_locally,
+        )
+        .test(
+            "github_workflow_commands_job_outputs_and_needs",
+            &[
+                harness::qemu(),
+                harness::busybox(),
+                kiln_testkit::tool("git", "git"),
+            ],
+            github_workflow_commands_job_outputs_and_needs,
+        )
+        .test(
+            "gitlab_allowed_failure_passes_with_a_warning",
+            &[
+                harness::qemu(),
+                harness::busybox(),
+                kiln_testkit::tool("git", "git"),
+            ],
+            gitlab_allowed_failure_passes_with_a_warning,
         )
         .test(
             "list_and_bad_files_give_clear_answers",

@@ -97,6 +97,17 @@ impl JobBuilder<'_> {
                 }
             }
         };
+        if condition.is_some() {
+            let size = cx.approx_bytes();
+            if !self.out.charge(size) {
+                return Err(limit_err(
+                    self.c,
+                    &self.at(&[key("if")]),
+                    "the workflow's contexts take more than max_output_bytes".into(),
+                ));
+            }
+            w.conditions.insert(name.clone(), cx.clone());
+        }
         let Some((image, container_env)) = self.image(&cx, &name, w)? else {
             return Ok(None);
         };
@@ -127,6 +138,7 @@ impl JobBuilder<'_> {
             }
         }
 
+        let outputs = self.outputs(&cx)?;
         let timeout = match job.get("timeout-minutes") {
             None => Some(DEFAULT_JOB_TIMEOUT),
             Some(v) => Some(self.minutes(v, &self.at(&[key("timeout-minutes")]), &cx)?),
@@ -161,7 +173,35 @@ impl JobBuilder<'_> {
             when,
             allow_failure,
             condition,
+            outputs,
+            needs_results: Vec::new(),
+            start_in: None,
         }))
+    }
+
+    /// The job's `outputs:`, with what is static substituted; the rest
+    /// (`steps.*`, `needs.*`) is left for the executor.
+    fn outputs(&self, cx: &Contexts) -> Result<Vec<(String, String)>> {
+        let path = self.at(&[key("outputs")]);
+        let Some(v) = self.job.get("outputs") else {
+            return Ok(Vec::new());
+        };
+        let Some(m) = v.as_mapping() else {
+            return Err(self
+                .c
+                .err(&path, "`outputs` must be a mapping of names to values"));
+        };
+        let mut out = Vec::new();
+        for (k, v) in m {
+            let (Some(name), Some(text)) = (scalar(k), scalar(v)) else {
+                return Err(self
+                    .c
+                    .err(&path, "each output must be a name and a text value"));
+            };
+            let (text, _) = self.sub(&text, cx, &join(&path, &[key(&name)]))?;
+            out.push((name, text));
+        }
+        Ok(out)
     }
 
     /// An `if:` at `path`, decided as far as the static contexts allow:

@@ -26,7 +26,9 @@
 //! | one step: `run`, `uses`, `shell`, `if`, `defaults: run` | `step.rs` |
 //! | `${{ }}` expressions: syntax, evaluation, functions | `expr/` |
 //! | `$GITHUB_ENV`, `$GITHUB_OUTPUT`, `$GITHUB_STATE`, `$GITHUB_PATH` | `filecmd.rs` |
+//! | workflow commands on a step's output (`::set-output`, `::add-mask::`, `::group::`) | `command.rs` |
 
+mod command;
 mod contexts;
 mod env;
 mod expr;
@@ -40,6 +42,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_yaml::Value;
 
+pub use command::{log_line, parse_command, resumes_commands, WorkflowCommand};
 pub use expr::{
     classify_condition, eval_condition, eval_expr, substitute, substitute_partial, Condition,
     Contexts, ExprLimits, ExprValue, JobStatus,
@@ -79,6 +82,10 @@ pub struct Workflow {
     pub unmapped: Vec<(String, String)>,
     /// Job id to the names of its matrix instances.
     pub groups: BTreeMap<String, Vec<String>>,
+    /// Job name to the contexts its `if:` is evaluated with at run time
+    /// (`github`, `vars`, `inputs`, ...; the provider adds `needs` and the
+    /// status), for the jobs whose `if:` waits for run time.
+    pub conditions: BTreeMap<String, Contexts>,
 }
 
 impl Workflow {
@@ -94,8 +101,43 @@ impl Workflow {
     }
 }
 
-/// Parses a workflow file. `file` is used in messages only.
+/// Parses a workflow file. `file` is used in messages only. Reusable
+/// workflows it calls are not read: see [`parse_with`].
 pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> Result<Workflow> {
+    let none = |_: &str| -> std::io::Result<String> { Err(std::io::ErrorKind::NotFound.into()) };
+    parse_with(file, contents, ctx, opts, &none)
+}
+
+/// How deep reusable workflows may call each other (GitHub: 4 levels
+/// below the caller at the time of writing; 10 since 2025).
+pub const MAX_CALL_DEPTH: usize = 10;
+
+/// [`parse`], reading the local reusable workflows that jobs call
+/// (`uses: ./.github/workflows/x.yml`) with `read` (paths relative to the
+/// project root; give it [`crate::ProjectFiles::read`]). Their jobs join
+/// the workflow as `CALLER / JOB` (with `stage` = the caller's id, as
+/// GitHub groups them), after the caller's `needs`; a job that needs the
+/// caller needs them all. A reusable workflow from another repository
+/// cannot be run: the caller is left out with why, and a job that needs it
+/// says so when it is run.
+pub fn parse_with(
+    file: &str,
+    contents: &str,
+    ctx: &LocalContext,
+    opts: &Options,
+    read: &dyn Fn(&str) -> std::io::Result<String>,
+) -> Result<Workflow> {
+    parse_at(file, contents, ctx, opts, read, 0)
+}
+
+fn parse_at(
+    file: &str,
+    contents: &str,
+    ctx: &LocalContext,
+    opts: &Options,
+    read: &dyn Fn(&str) -> std::io::Result<String>,
+    depth: usize,
+) -> Result<Workflow> {
     let limits = &opts.limits;
     let root = yaml::load(file, contents, limits, &Budget::new(limits.max_yaml_bytes))?;
     let out = Budget::new(limits.max_output_bytes);
@@ -125,6 +167,7 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
         skipped: Vec::new(),
         unmapped: Vec::new(),
         groups: BTreeMap::new(),
+        conditions: BTreeMap::new(),
     };
     w.warnings.extend(env::computed_envs(root));
     let Some(jobs) = root.get("jobs").and_then(Value::as_mapping) else {
@@ -144,11 +187,6 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
         let Some(job) = job.as_mapping() else {
             return Err(c.err(&jp, "a job must be a mapping"));
         };
-        if let Some(u) = job.get("uses").and_then(Value::as_str) {
-            w.unsupported
-                .push(format!("jobs.{id}: reusable workflow `{}`", short(u)));
-            continue;
-        }
         let needs = match job.get("needs") {
             None => Vec::new(),
             Some(v) => scalars(v).ok_or_else(|| {
@@ -176,6 +214,18 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
                 ));
             }
         }
+        if let Some(u) = job.get("uses").and_then(Value::as_str) {
+            let call = Call {
+                id: &id,
+                uses: u,
+                job,
+                needs: &needs,
+                depth,
+            };
+            let called = call.run(&c, ctx, opts, read, &mut w, &mut needs_raw)?;
+            instances = count_jobs(instances, called, &c, &jp, limits)?;
+            continue;
+        }
         let combos = matrix(job, &jp, &c, limits, &out)?;
         let Some(combos) = combos else {
             w.unsupported.push(format!(
@@ -184,17 +234,7 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
             continue;
         };
         let total = combos.len();
-        instances = instances.saturating_add(total);
-        if instances > limits.max_jobs {
-            return Err(limit_err(
-                &c,
-                &jp,
-                format!(
-                    "the workflow has more than {} jobs (max_jobs)",
-                    limits.max_jobs
-                ),
-            ));
-        }
+        instances = count_jobs(instances, total, &c, &jp, limits)?;
         let mut names = Vec::new();
         for (index, combo) in combos.iter().enumerate() {
             let built = JobBuilder {
@@ -228,14 +268,19 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
         w.groups.insert(id.clone(), names);
     }
     for (idx, id, needs) in needs_raw {
-        let mut resolved = Vec::new();
+        let mut resolved = w.jobs[idx].needs.take().unwrap_or_default();
         for n in needs {
-            let group = w.groups.get(&n).map(Vec::as_slice).unwrap_or_default();
+            let group = match w.groups.get(&n) {
+                Some(g) => g.clone(),
+                // A job left out (a reusable workflow kiln cannot run): kept
+                // by its id, so that running a job that needs it says why.
+                None => vec![n.clone()],
+            };
             let size: usize = group.iter().map(|g| g.len() + crate::NODE_BYTES).sum();
             if !out.charge(size) {
                 return Err(over(&[key("jobs"), key(&id), key("needs")], &id));
             }
-            resolved.extend(group.iter().cloned());
+            resolved.extend(group);
         }
         w.jobs[idx].needs = Some(resolved);
     }
@@ -259,6 +304,164 @@ pub fn parse(file: &str, contents: &str, ctx: &LocalContext, opts: &Options) -> 
         });
     }
     Ok(w)
+}
+
+/// Whether a GitHub job runs, as GitHub decides a job-level `if:` once the
+/// jobs it needs have ended: `status` is how they ended, all of them up the
+/// chain of `needs` (`Failure` when one failed, `Skipped` when one was
+/// skipped and none failed), `contexts` the job's
+/// [`Workflow::conditions`] entry. Without an `if:` (or with a bare status
+/// function, decided into `job.when` at parse time) the job runs only when
+/// every needed job succeeded; `always()` runs it whatever happened.
+pub fn job_should_run(
+    job: &JobSpec,
+    contexts: Option<&Contexts>,
+    status: JobStatus,
+) -> std::result::Result<bool, crate::ExprError> {
+    use crate::JobWhen;
+    match &job.condition {
+        Some(cond) => {
+            let mut cx = contexts.cloned().unwrap_or_default();
+            cx.partial = false;
+            cx.status = Some(status);
+            cx.set_needs(&job.needs_results);
+            eval_condition(cond, &cx)
+        }
+        None => Ok(match job.when {
+            JobWhen::OnSuccess | JobWhen::Manual => status == JobStatus::Success,
+            JobWhen::OnFailure => status == JobStatus::Failure,
+            JobWhen::Always => true,
+        }),
+    }
+}
+
+/// `so_far` jobs plus `more`, within `max_jobs`.
+fn count_jobs(
+    so_far: usize,
+    more: usize,
+    c: &yaml::Ctx<'_>,
+    path: &[Seg],
+    limits: &crate::Limits,
+) -> Result<usize> {
+    let n = so_far.saturating_add(more);
+    if n > limits.max_jobs {
+        return Err(limit_err(
+            c,
+            path,
+            format!(
+                "the workflow has more than {} jobs (max_jobs)",
+                limits.max_jobs
+            ),
+        ));
+    }
+    Ok(n)
+}
+
+/// A job that calls a reusable workflow (`jobs.<id>.uses`).
+struct Call<'a> {
+    id: &'a str,
+    uses: &'a str,
+    job: &'a serde_yaml::Mapping,
+    needs: &'a [String],
+    depth: usize,
+}
+
+impl Call<'_> {
+    /// Adds the called workflow's jobs to `w` (or notes why it cannot be
+    /// run); returns how many jobs it added.
+    fn run(
+        &self,
+        c: &yaml::Ctx<'_>,
+        ctx: &LocalContext,
+        opts: &Options,
+        read: &dyn Fn(&str) -> std::io::Result<String>,
+        w: &mut Workflow,
+        needs_raw: &mut Vec<(usize, String, Vec<String>)>,
+    ) -> Result<usize> {
+        let id = self.id;
+        let jp = [key("jobs"), key(id), key("uses")];
+        let Some(rel) = self
+            .uses
+            .strip_prefix("./")
+            .filter(|r| !r.contains('@') && (r.ends_with(".yml") || r.ends_with(".yaml")))
+        else {
+            w.unmapped.push((
+                id.to_string(),
+                format!(
+                    "reusable workflow `{}` is not in this checkout: kiln runs only local ones \
+                     (`uses: ./.github/workflows/FILE.yml`); copy it into the project to run it",
+                    short(self.uses)
+                ),
+            ));
+            return Ok(0);
+        };
+        if self.depth >= MAX_CALL_DEPTH {
+            return Err(limit_err(
+                c,
+                &jp,
+                format!("reusable workflows call each other more than {MAX_CALL_DEPTH} deep"),
+            ));
+        }
+        let text = read(rel).map_err(|e| {
+            c.err(
+                &jp,
+                format!("cannot read the reusable workflow `{}`: {e}", short(rel)),
+            )
+        })?;
+        let mut inner_opts = opts.clone();
+        inner_opts.inputs.clear();
+        if let Some(with) = self.job.get("with").and_then(Value::as_mapping) {
+            for (k, v) in with {
+                let (Some(k), Some(v)) = (scalar(k), scalar(v)) else {
+                    continue;
+                };
+                if v.contains("${{") {
+                    w.warnings.push(format!(
+                        "jobs.{id}: input `{}` is computed at run time; the called workflow sees its default",
+                        short(&k)
+                    ));
+                    continue;
+                }
+                inner_opts.inputs.push((k, v));
+            }
+        }
+        if self.job.contains_key("if") {
+            w.warnings.push(format!(
+                "jobs.{id}: the `if:` of a job that calls a reusable workflow is not evaluated"
+            ));
+        }
+        let called = parse_at(rel, &text, ctx, &inner_opts, read, self.depth + 1)?;
+        let prefix = |n: &str| format!("{id} / {n}");
+        let mut names = Vec::new();
+        for mut job in called.jobs {
+            job.name = prefix(&job.name);
+            job.id = prefix(&job.id);
+            job.stage = Some(match &job.stage {
+                Some(s) => format!("{id} / {s}"),
+                None => id.to_string(),
+            });
+            let inner: Vec<String> = job.needs.iter().flatten().map(|n| prefix(n)).collect();
+            job.needs = Some(inner);
+            if !self.needs.is_empty() {
+                needs_raw.push((w.jobs.len(), id.to_string(), self.needs.to_vec()));
+            }
+            names.push(job.name.clone());
+            w.jobs.push(job);
+        }
+        for (name, cx) in called.conditions {
+            w.conditions.insert(prefix(&name), cx);
+        }
+        let from = |m: String| format!("{id} ({rel}): {m}");
+        w.warnings.extend(called.warnings.into_iter().map(from));
+        w.unsupported
+            .extend(called.unsupported.into_iter().map(from));
+        w.skipped.extend(called.skipped.iter().map(|n| prefix(n)));
+        w.unmapped
+            .extend(called.unmapped.into_iter().map(|(n, r)| (prefix(&n), r)));
+        let n = names.len();
+        w.groups.insert(id.to_string(), names);
+        Ok(n)
+    }
 }
 
 /// A limit error at `path`.

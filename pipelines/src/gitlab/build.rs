@@ -28,6 +28,11 @@ impl Parser<'_> {
         };
         if let Some(rules) = top.get("workflow").and_then(|w| w.get("rules")) {
             match self.workflow_rules(rules, &global_vars)? {
+                Outcome::Excluded(why) if !self.opts.force_jobs.is_empty() => {
+                    self.warnings.push(format!(
+                        "`workflow: rules` exclude this pipeline ({why}); --force goes on"
+                    ));
+                }
                 Outcome::Excluded(why) => {
                     let names: Vec<String> = top
                         .keys()

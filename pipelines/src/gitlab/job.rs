@@ -54,18 +54,32 @@ impl Parser<'_> {
         let mut layers = self.job_layers(job, inst, &stage, global_vars, &at("variables"))?;
         let vars = self.resolve_job_vars(&layers, &at("variables"))?;
         let lookup: BTreeMap<String, String> = vars.iter().cloned().collect();
-        let (when, rule_af, rule_vars, rule_needs) = match self.job_outcome(job, &lookup, &jp)? {
-            Outcome::Included {
-                when,
-                allow_failure,
-                vars,
-                needs,
-            } => (when, allow_failure, vars, needs),
-            Outcome::Excluded(why) => {
-                self.why_excluded.insert(inst.name.clone(), why);
-                return Ok(None);
-            }
-        };
+        let forced = self
+            .opts
+            .force_jobs
+            .iter()
+            .any(|f| f == &inst.name || f == key_name);
+        let (when, rule_af, rule_vars, rule_needs, start_in) =
+            match self.job_outcome(job, &lookup, &jp)? {
+                Outcome::Included {
+                    when,
+                    allow_failure,
+                    vars,
+                    needs,
+                    start_in,
+                } => (when, allow_failure, vars, needs, start_in),
+                Outcome::Excluded(why) if forced => {
+                    self.warnings.push(format!(
+                        "{}: excluded by {why}; kept because of --force",
+                        inst.name
+                    ));
+                    (JobWhen::OnSuccess, None, Vec::new(), None, None)
+                }
+                Outcome::Excluded(why) => {
+                    self.why_excluded.insert(inst.name.clone(), why);
+                    return Ok(None);
+                }
+            };
         let vars = if rule_vars.is_empty() {
             vars
         } else {
@@ -123,6 +137,9 @@ impl Parser<'_> {
             when,
             allow_failure,
             condition: None,
+            outputs: Vec::new(),
+            needs_results: Vec::new(),
+            start_in,
         };
         Ok(Some((spec, needs)))
     }

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::time::Duration;
 
 use serde_yaml::{Mapping, Value};
 
@@ -29,6 +30,8 @@ pub(super) enum Outcome {
         allow_failure: Option<AllowFailure>,
         vars: Vec<(String, String)>,
         needs: Option<Value>,
+        /// `when: delayed`: its `start_in`.
+        start_in: Option<Duration>,
     },
 }
 
@@ -45,7 +48,7 @@ impl Parser<'_> {
             vars.entry(k.0.clone()).or_insert_with(|| v.clone());
         }
         let path = [key("workflow"), key("rules")];
-        self.eval_rules(rules, &vars, &path, None)
+        self.eval_rules(rules, &vars, &path, None, None)
     }
 
     /// Whether the job at `jp` runs, from its `rules`, else its
@@ -60,8 +63,15 @@ impl Parser<'_> {
             None => None,
             Some(v) => Some(self.when(v, &join(jp, &[key("when")]))?),
         };
+        let job_start_in = self.start_in(job, jp)?;
         Ok(if let Some(rules) = job.get("rules") {
-            self.eval_rules(rules, vars, &join(jp, &[key("rules")]), job_when)?
+            self.eval_rules(
+                rules,
+                vars,
+                &join(jp, &[key("rules")]),
+                job_when,
+                job_start_in,
+            )?
         } else if let Some(why) = self.only_except(job, vars, jp)? {
             Outcome::Excluded(why)
         } else {
@@ -72,9 +82,33 @@ impl Parser<'_> {
                     allow_failure: None,
                     vars: Vec::new(),
                     needs: None,
+                    start_in: job_start_in,
                 },
             }
         })
+    }
+
+    /// The `start_in` of a mapping (a job or a rule) whose `when` is
+    /// `delayed`: required, and at most a week (GitLab's limits).
+    fn start_in(&self, m: &Mapping, path: &[Seg]) -> Result<Option<Duration>> {
+        if m.get("when").and_then(Value::as_str) != Some("delayed") {
+            return Ok(None);
+        }
+        let at = join(path, &[key("start_in")]);
+        let Some(text) = m.get("start_in").and_then(yaml::scalar) else {
+            return Err(self.err(
+                &join(path, &[key("when")]),
+                "`when: delayed` needs `start_in` (e.g. `start_in: 30 minutes`)",
+            ));
+        };
+        match crate::parse_duration(&text) {
+            Some(d) if d <= Duration::from_secs(7 * 24 * 3600) => Ok(Some(d)),
+            Some(_) => Err(self.err(&at, "`start_in` must be at most one week")),
+            None => Err(self.err(
+                &at,
+                format!("`{}` is not a duration (e.g. `30 minutes`)", short(&text)),
+            )),
+        }
     }
 
     /// `Some(None)` is `when: never`.
@@ -124,6 +158,7 @@ impl Parser<'_> {
         vars: &BTreeMap<String, String>,
         path: &[Seg],
         job_when: Option<Option<JobWhen>>,
+        job_start_in: Option<Duration>,
     ) -> Result<Outcome> {
         let Some(list) = rules.as_sequence() else {
             return Err(self.err(path, "`rules` must be a list"));
@@ -174,9 +209,12 @@ impl Parser<'_> {
             if !matched {
                 continue;
             }
-            let when = match rule.get("when") {
-                Some(v) => self.when(v, &join(&rp, &[key("when")]))?,
-                None => job_when.unwrap_or(Some(JobWhen::OnSuccess)),
+            let (when, start_in) = match rule.get("when") {
+                Some(v) => (
+                    self.when(v, &join(&rp, &[key("when")]))?,
+                    self.start_in(rule, &rp)?,
+                ),
+                None => (job_when.unwrap_or(Some(JobWhen::OnSuccess)), job_start_in),
             };
             let Some(when) = when else {
                 return Ok(Outcome::Excluded(format!(
@@ -201,6 +239,7 @@ impl Parser<'_> {
                 allow_failure,
                 vars,
                 needs: rule.get("needs").cloned(),
+                start_in,
             });
         }
         Ok(Outcome::Excluded(format!(

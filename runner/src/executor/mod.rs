@@ -30,6 +30,7 @@ mod config;
 mod conversation;
 mod outcome;
 mod steps;
+mod workflow;
 
 pub use artifacts::{extract_artifacts, extract_tar, ArtifactError, Extracted};
 pub use caches::saved_when;
@@ -499,7 +500,7 @@ impl Executor {
         let run_started = Instant::now();
         let start_env = start.env.clone();
         io.start(start, run.timeout).await?;
-        steps::run_steps(
+        run.result.outputs = steps::run_steps(
             &mut io,
             run.job,
             &start_env,

@@ -44,6 +44,8 @@ pub struct JobResult {
     pub steps: Vec<proto::StepEnd>,
     /// Where the serial log was kept (system failures only).
     pub debug_log: Option<PathBuf>,
+    /// GitHub: the job's `outputs:`, evaluated after its steps.
+    pub outputs: Vec<(String, String)>,
 }
 
 impl JobResult {
@@ -60,6 +62,7 @@ impl JobResult {
             run_ms: 0,
             steps: Vec::new(),
             debug_log: None,
+            outputs: Vec::new(),
         }
     }
 
@@ -69,8 +72,18 @@ impl JobResult {
 
     /// One line for the terminal.
     pub fn summary(&self) -> String {
+        self.summary_allowing(&kiln_pipelines::AllowFailure::No)
+    }
+
+    /// [`JobResult::summary`] for a job whose failure `allowed` may allow
+    /// (GitLab `allow_failure`, GitHub `continue-on-error`): such a failure
+    /// says "failed (allowed to fail)".
+    pub fn summary_allowing(&self, allowed: &kiln_pipelines::AllowFailure) -> String {
         let outcome = match &self.failure {
             None => "succeeded".to_string(),
+            Some(FailureReason::ScriptFailure) if allowed.allows(self.exit_code) => {
+                format!("failed (allowed to fail; exit code {})", self.exit_code)
+            }
             Some(FailureReason::ScriptFailure) => format!("failed (exit code {})", self.exit_code),
             Some(FailureReason::JobExecutionTimeout) => "failed: timed out".to_string(),
             Some(FailureReason::ImagePullFailure(m)) => format!("failed: image: {m}"),

@@ -11,6 +11,7 @@ use kiln_pipelines::{JobSpec, Shell, Step, StepWhen};
 
 use super::conversation::Conversation;
 use super::outcome::{human_bytes, sys, Early};
+use super::workflow::CommandSink;
 use crate::joblog::JobSink;
 
 /// Run `job`'s steps one at a time over `io`, starting from the `Start`
@@ -22,7 +23,7 @@ pub(super) async fn run_steps(
     start_env: &[(String, String)],
     sink: &mut dyn JobSink,
     ends: &mut Vec<StepEnd>,
-) -> Result<(), Early> {
+) -> Result<Vec<(String, String)>, Early> {
     let mut state = StepState::new(job, start_env);
     for (i, step) in job.steps.iter().enumerate() {
         let index = i as u32;
@@ -57,9 +58,18 @@ pub(super) async fn run_steps(
                     sink.output(index, Stream::Stderr, line.as_bytes());
                     (not_run(index, 1, false), Vec::new())
                 } else {
-                    let end = io.run_step(index, &frame, job, sink).await?;
                     let mut warnings = Vec::new();
-                    let outputs = state.apply_files(&end, &mut warnings);
+                    let (end, mut outputs) = if state.file_commands {
+                        // GitHub: workflow commands on the output are applied.
+                        let mut cmds = CommandSink::new(&mut *sink);
+                        let end = io.run_step(index, &frame, job, &mut cmds).await;
+                        let (outputs, notes) = cmds.finish(index);
+                        warnings.extend(notes);
+                        (end?, outputs)
+                    } else {
+                        (io.run_step(index, &frame, job, sink).await?, Vec::new())
+                    };
+                    outputs.extend(state.apply_files(&end, &mut warnings));
                     for w in warnings {
                         // Parse errors may quote the guest's files.
                         let w = proto::quote(w.as_bytes(), 2 * proto::QUOTE_MAX);
@@ -73,8 +83,14 @@ pub(super) async fn run_steps(
         sink.step_end(&step.name, &end);
         ends.push(end);
     }
-    Ok(())
+    let last = job.steps.len().saturating_sub(1) as u32;
+    Ok(state.job_outputs(job, io.cancel_state(), |m| {
+        sink.output(last, Stream::Stderr, format!("kiln: {m}\n").as_bytes())
+    }))
 }
+
+/// Most bytes a job's `outputs:` may take in all (GitHub: 1 MB per job).
+pub const MAX_JOB_OUTPUTS: usize = 1024 * 1024;
 
 /// The record of a step that did not run: skipped, or failed before it
 /// could start (e.g. its condition could not be evaluated).
@@ -114,8 +130,53 @@ impl StepState {
             contexts: Contexts::default(),
             file_commands,
         };
+        if file_commands {
+            s.contexts.set_needs(&job.needs_results);
+        }
         s.refresh_env_context();
         s
+    }
+
+    /// The job's `outputs:` (GitHub), evaluated now that the steps ran;
+    /// one that cannot be evaluated, or past [`MAX_JOB_OUTPUTS`], is left
+    /// out and said with `note`.
+    fn job_outputs(
+        &mut self,
+        job: &JobSpec,
+        cancel: Option<bool>,
+        mut note: impl FnMut(String),
+    ) -> Vec<(String, String)> {
+        self.contexts.status = Some(self.status(cancel));
+        self.contexts.partial = false;
+        self.refresh_env_context();
+        let mut out = Vec::new();
+        let mut total = 0usize;
+        for (name, text) in &job.outputs {
+            match github::substitute(text, &self.contexts) {
+                Ok(v) if total + name.len() + v.len() > MAX_JOB_OUTPUTS => {
+                    note(format!(
+                        "job output '{name}' left out: the job's outputs take more than {}",
+                        human_bytes(MAX_JOB_OUTPUTS as u64)
+                    ));
+                }
+                Ok(v) => {
+                    total += name.len() + v.len();
+                    out.push((name.clone(), v));
+                }
+                Err(e) => note(format!("job output '{name}': {e}")),
+            }
+        }
+        out
+    }
+
+    fn status(&self, cancel: Option<bool>) -> JobStatus {
+        if cancel.is_some() {
+            JobStatus::Cancelled
+        } else if self.failed {
+            JobStatus::Failure
+        } else {
+            JobStatus::Success
+        }
     }
 
     fn refresh_env_context(&mut self) {
@@ -137,13 +198,7 @@ impl StepState {
         let Some(cond) = &step.condition else {
             return Ok(by_when);
         };
-        self.contexts.status = Some(if cancel.is_some() {
-            JobStatus::Cancelled
-        } else if self.failed {
-            JobStatus::Failure
-        } else {
-            JobStatus::Success
-        });
+        self.contexts.status = Some(self.status(cancel));
         self.refresh_env_context();
         // GitHub: an `if:` replaces the implicit success() unless it names a
         // status function itself; `eval_condition` adds it when absent.

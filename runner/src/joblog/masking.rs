@@ -12,7 +12,13 @@ use super::JobSink;
 pub struct Secrets {
     values: Vec<String>,
     token_prefixes: Vec<String>,
+    /// How many values the job added while it ran ([`Secrets::add`]).
+    added: usize,
 }
+
+/// Most values a job may add to the masks while it runs (`::add-mask::`):
+/// the job is hostile, and every value costs the masker on every byte.
+pub const MAX_ADDED_MASKS: usize = 256;
 
 impl Secrets {
     /// Mask these values (empty ones are ignored).
@@ -24,6 +30,7 @@ impl Secrets {
         Secrets {
             values: values.into_iter().map(Into::into).collect(),
             token_prefixes: Vec::new(),
+            added: 0,
         }
     }
 
@@ -36,6 +43,20 @@ impl Secrets {
         self.token_prefixes
             .extend(prefixes.into_iter().map(Into::into));
         self
+    }
+
+    /// Also mask `value` (empty ones are ignored). Returns false, adding
+    /// nothing, once [`MAX_ADDED_MASKS`] values were added this way.
+    pub fn add(&mut self, value: &str) -> bool {
+        if value.is_empty() || self.values.iter().any(|v| v == value) {
+            return true;
+        }
+        if self.added >= MAX_ADDED_MASKS {
+            return false;
+        }
+        self.added += 1;
+        self.values.push(value.to_string());
+        true
     }
 
     /// Nothing to mask: output passes through untouched.
@@ -155,6 +176,17 @@ impl<S: JobSink + ?Sized> JobSink for MaskingSink<S> {
         self.flush();
         self.inner.step_end(name, end);
     }
+
+    fn add_mask(&mut self, value: &str) {
+        // What the maskers hold back was written before the command: it is
+        // released under the masks it was written under.
+        self.flush();
+        if !self.secrets.add(value) {
+            tracing::warn!(
+                "more than {MAX_ADDED_MASKS} masks added by the job; later ones are ignored"
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -201,6 +233,28 @@ mod tests {
             String::from_utf8_lossy(&all),
             "pass=[MASKED] glpat-[MASKED] done"
         );
+    }
+
+    #[test]
+    fn a_mask_added_while_the_job_runs_masks_what_follows() {
+        let mut sink = MaskingSink::new(BufferSink::default(), Secrets::default());
+        sink.output(0, Stream::Stdout, b"before tok3n ");
+        sink.add_mask("tok3n");
+        sink.add_mask("");
+        sink.output(0, Stream::Stdout, b"after tok3n");
+        sink.output(1, Stream::Stderr, b" tok3n");
+        sink.flush();
+        let b = sink.inner();
+        assert_eq!(
+            String::from_utf8_lossy(&b.stdout),
+            "before tok3n after [MASKED]"
+        );
+        assert_eq!(String::from_utf8_lossy(&b.stderr), " [MASKED]");
+        let mut s = Secrets::default();
+        for i in 0..MAX_ADDED_MASKS {
+            assert!(s.add(&format!("v{i}")));
+        }
+        assert!(!s.add("one-too-many"), "bounded");
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub trait JobSink: Send {
     fn step_start(&mut self, _step: u32, _name: &str) {}
     fn output(&mut self, step: u32, stream: Stream, data: &[u8]);
     fn step_end(&mut self, _name: &str, _end: &StepEnd) {}
+    /// Mask `value` in everything written after this call (GitHub's
+    /// `::add-mask::`); sinks without a masking front ignore it.
+    fn add_mask(&mut self, _value: &str) {}
 }
 
 impl<S: JobSink + ?Sized> JobSink for Box<S> {
@@ -38,5 +41,8 @@ impl<S: JobSink + ?Sized> JobSink for Box<S> {
     }
     fn step_end(&mut self, name: &str, end: &StepEnd) {
         (**self).step_end(name, end)
+    }
+    fn add_mask(&mut self, value: &str) {
+        (**self).add_mask(value)
     }
 }

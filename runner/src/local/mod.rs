@@ -29,11 +29,13 @@ use kiln_images::{ImagePolicy, ImageSource};
 use crate::cache::JobCaches;
 use crate::executor::{Collect, Executor, ExecutorConfig, FailureReason, JobResult};
 use crate::joblog::{JobSink, JsonSink, MaskingSink, Secrets, TerminalSink};
+use results::{Ended, Results};
 
 pub mod artifacts;
 mod copy;
 pub mod pipeline_args;
 pub mod plan;
+mod results;
 pub mod stage;
 
 pub use artifacts::{
@@ -134,9 +136,32 @@ pub fn run(args: &Args, config: impl FnOnce() -> Result<ExecutorConfig>) -> Resu
         let canceled_by = cancel_on_signals(tx)?;
         let many = plan.jobs.len() > 1 || plan.project_dir.is_some();
         let mut code = 0u8;
-        // Artifact folders of the jobs that ran, for the later ones.
+        let mut results = Results::default();
+        // Artifacts of the jobs that ran, for the later ones.
         let mut collected_dirs: Vec<PathBuf> = Vec::new();
         for mut job in plan.jobs {
+            if canceled_by.load(Ordering::Relaxed) != 0 {
+                break;
+            }
+            if let Some(why) = skip(&plan.github, &plan.conditions, &mut job, &results, code) {
+                match why {
+                    Ok(why) => {
+                        eprintln!("kiln: job {} skipped: {why}", job.name);
+                        results.record(&job, Ended::Skipped, Vec::new());
+                    }
+                    Err(e) => {
+                        eprintln!(
+                            "kiln: job {} failed: its `if:` cannot be evaluated: {e}",
+                            job.name
+                        );
+                        results.record(&job, Ended::Failure, Vec::new());
+                        if code == 0 {
+                            code = 1;
+                        }
+                    }
+                }
+                continue;
+            }
             let stage = match &plan.project_dir {
                 Some(dir) => {
                     let stage = StageDir::stage(dir, &run_dir, &job.name)?;
@@ -152,6 +177,13 @@ pub fn run(args: &Args, config: impl FnOnce() -> Result<ExecutorConfig>) -> Resu
             };
             if many && !args.json {
                 eprintln!("\x1b[1;36m▶ job {}\x1b[0m (image {})", job.name, job.image);
+            }
+            if let Some(d) = job.start_in {
+                eprintln!(
+                    "kiln: note: job {} is `when: delayed` (start_in {}s): GitLab would start it then; kiln runs it at once",
+                    job.name,
+                    d.as_secs()
+                );
             }
             // The guest sends the artifact files over its console; they land here.
             let collected = stage.as_ref().map(StageDir::artifacts_dir);
@@ -213,18 +245,75 @@ pub fn run(args: &Args, config: impl FnOnce() -> Result<ExecutorConfig>) -> Resu
                 // Ours: `<stage>-artifacts` in the run directory.
                 let _ = std::fs::remove_dir_all(from);
             }
-            code = exit_code(&result, canceled_by.load(Ordering::Relaxed));
-            let allowed = job.allow_failure.allows(result.exit_code)
-                && matches!(result.failure, Some(FailureReason::ScriptFailure));
-            if code != 0 && !allowed {
-                break;
+            let job_code = exit_code(&result, canceled_by.load(Ordering::Relaxed));
+            let ended = ended(&job, &result);
+            results.record(&job, ended, result.outputs.clone());
+            if matches!(ended, Ended::Failure | Ended::Cancelled) && code == 0 {
+                code = job_code.max(1);
             }
-            if allowed {
-                code = 0;
-            }
+        }
+        if results.len() > 1 && !args.json {
+            let warn = if results.with_warnings() {
+                " (passed with warnings: only jobs allowed to fail failed)"
+            } else {
+                ""
+            };
+            eprintln!("kiln: pipeline: {}{warn}", results.summary());
         }
         Ok(code)
     })
+}
+
+/// How `job` ended, from its result.
+fn ended(job: &JobSpec, result: &JobResult) -> Ended {
+    match &result.failure {
+        None => Ended::Success,
+        Some(FailureReason::Canceled) => Ended::Cancelled,
+        Some(FailureReason::ScriptFailure) if job.allow_failure.allows(result.exit_code) => {
+            Ended::AllowedFailure
+        }
+        Some(_) => Ended::Failure,
+    }
+}
+
+/// Whether `job` is skipped given the jobs that ended (`Some(Ok(why))`),
+/// fails because its `if:` cannot be evaluated (`Some(Err)`), or runs
+/// (`None`; GitHub jobs then get their `needs` context). GitHub: the job's
+/// `if:` decides, with the status of its whole chain of `needs`. GitLab:
+/// once a job failed (`failed` is the run's exit code so far), only
+/// `when: always` and `when: on_failure` jobs still run.
+fn skip(
+    github: &bool,
+    conditions: &std::collections::BTreeMap<String, kiln_pipelines::github::Contexts>,
+    job: &mut JobSpec,
+    results: &Results,
+    failed: u8,
+) -> Option<std::result::Result<String, String>> {
+    use kiln_pipelines::github::{job_should_run, JobStatus};
+    use kiln_pipelines::JobWhen;
+    if *github {
+        job.needs_results = results.needs_of(job);
+        let status = results.status_for(job);
+        return match job_should_run(job, conditions.get(&job.name), status) {
+            Ok(true) => None,
+            Ok(false) => Some(Ok(match (&job.condition, status) {
+                (Some(c), _) => {
+                    format!("`if: {}` is false", c.chars().take(200).collect::<String>())
+                }
+                (None, JobStatus::Failure) => "a job it needs failed".into(),
+                (None, JobStatus::Skipped) => "a job it needs was skipped".into(),
+                (None, JobStatus::Cancelled) => "a job it needs was canceled".into(),
+                (None, JobStatus::Success) => "`if: failure()` and nothing failed".into(),
+            })),
+            Err(e) => Some(Err(e.to_string())),
+        };
+    }
+    match (failed != 0, job.when) {
+        (true, JobWhen::OnSuccess | JobWhen::Manual) => {
+            Some(Ok("an earlier job failed (`when: on_success`)".into()))
+        }
+        _ => None,
+    }
 }
 
 /// First SIGINT or SIGTERM: graceful cancel (after_script and always()
@@ -296,7 +385,7 @@ async fn run_one(
             serde_json::json!({"event": "result", "job": job.name, "result": result})
         );
     } else {
-        eprintln!("kiln: {}", result.summary());
+        eprintln!("kiln: {}", result.summary_allowing(&job.allow_failure));
         if let Some(p) = &result.debug_log {
             eprintln!("kiln: the guest's serial log is in {}", p.display());
         }

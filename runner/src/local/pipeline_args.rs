@@ -36,13 +36,27 @@ pub struct PipelineArgs {
     /// clause that leaves each out.
     #[arg(long, requires = "list")]
     all: bool,
+    /// GitLab: run JOB even when its `rules`, `only`/`except` or the
+    /// `workflow: rules` leave it out of this pipeline (a note names the
+    /// clause).
+    #[arg(long, requires = "job")]
+    force: bool,
 }
 
 impl PipelineArgs {
     /// Applies the options to the context and parse options.
-    pub fn apply(&self, ctx: &mut LocalContext, opts: &mut Options) -> Result<()> {
+    /// `job`: the job asked for (what `--force` keeps).
+    pub fn apply(
+        &self,
+        ctx: &mut LocalContext,
+        opts: &mut Options,
+        job: Option<&str>,
+    ) -> Result<()> {
         opts.inputs = super::plan::key_values(&self.inputs, "--input")?;
         opts.skip_unsupported_actions = self.skip_unsupported_actions;
+        if self.force {
+            opts.force_jobs.extend(job.map(String::from));
+        }
         for (project, dir) in super::plan::key_values(&self.include_projects, "--include-project")?
         {
             let dir = PathBuf::from(dir);
@@ -96,7 +110,10 @@ impl PipelineArgs {
 /// One `--list` line.
 fn line(j: &JobSummary) -> String {
     let needs = j.needs.join(",");
-    let when = kiln_pipelines::when_name(j.when);
+    let when = match j.start_in_s {
+        Some(s) => format!("delayed start_in={s}s"),
+        None => kiln_pipelines::when_name(j.when).to_string(),
+    };
     let af = match &j.allow_failure {
         kiln_pipelines::AllowFailure::No => "no".to_string(),
         kiln_pipelines::AllowFailure::Yes => "yes".to_string(),

@@ -85,6 +85,17 @@ pub fn select_jobs<'a>(
         .iter()
         .filter(|j| (j.name == name || j.id == name) && matches_matrix(j))
         .collect();
+    // GitHub: a job that calls a reusable workflow selects the jobs it called.
+    let github = pipeline.format == kiln_pipelines::Format::GitHub;
+    let targets = if targets.is_empty() && github {
+        pipeline
+            .jobs
+            .iter()
+            .filter(|j| j.stage.as_deref() == Some(name) && matches_matrix(j))
+            .collect()
+    } else {
+        targets
+    };
     if targets.is_empty() {
         const SHOWN: usize = 20;
         let mut names: Vec<String> = pipeline
@@ -140,8 +151,14 @@ pub fn select_jobs<'a>(
             };
             *next += 1;
             let &d = index.get(n.as_str()).with_context(|| {
+                let why = pipeline
+                    .excluded
+                    .iter()
+                    .find(|e| &e.name == n)
+                    .map(|e| format!(": {}", e.reason.chars().take(300).collect::<String>()))
+                    .unwrap_or_default();
                 format!(
-                    "job '{}' needs '{}', which is not in the pipeline",
+                    "job '{}' needs '{}', which is not in the pipeline{why}",
                     job.name.chars().take(80).collect::<String>(),
                     n.chars().take(80).collect::<String>()
                 )
@@ -160,6 +177,11 @@ pub struct Plan {
     pub jobs: Vec<JobSpec>,
     /// The pipeline file's project; none for an ad-hoc job (`--image`).
     pub project_dir: Option<PathBuf>,
+    /// A GitHub workflow: jobs go on after a failure, each decided by its
+    /// `if:` ([`kiln_pipelines::github::job_should_run`]).
+    pub github: bool,
+    /// GitHub: the contexts of each run-time job `if:` (job name to them).
+    pub conditions: std::collections::BTreeMap<String, kiln_pipelines::github::Contexts>,
 }
 
 pub(super) fn key_values(items: &[String], what: &str) -> Result<Vec<(String, String)>> {
@@ -216,6 +238,8 @@ pub fn plan_jobs(args: &Args) -> Result<Option<Plan>> {
         return Ok(Some(Plan {
             jobs: vec![job],
             project_dir: None,
+            github: false,
+            conditions: Default::default(),
         }));
     };
     let mut all_vars = vars.clone();
@@ -225,7 +249,8 @@ pub fn plan_jobs(args: &Args) -> Result<Option<Plan>> {
     for (label, image) in key_values(&args.platforms, "--platform")? {
         opts.runner_images.set(label, image);
     }
-    args.pipeline.apply(&mut ctx, &mut opts)?;
+    args.pipeline
+        .apply(&mut ctx, &mut opts, args.job.as_deref())?;
     opts.image = args.image.clone();
     let pipeline = load_pipeline(file, &ctx, &opts)?;
     for n in &pipeline.notes {
@@ -259,5 +284,7 @@ pub fn plan_jobs(args: &Args) -> Result<Option<Plan>> {
     Ok(Some(Plan {
         jobs,
         project_dir: Some(ctx.project_dir),
+        github: pipeline.format == kiln_pipelines::Format::GitHub,
+        conditions: pipeline.conditions,
     }))
 }

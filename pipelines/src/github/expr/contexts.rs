@@ -12,6 +12,9 @@ pub enum JobStatus {
     Success,
     Failure,
     Cancelled,
+    /// A job this one needs was skipped and none failed: neither
+    /// `success()` nor `failure()` holds (job-level `if:` only).
+    Skipped,
 }
 
 /// The contexts an expression can read.
@@ -64,6 +67,29 @@ impl From<&Limits> for ExprLimits {
 }
 
 impl Contexts {
+    /// Roughly what the contexts take in memory (for the output budget).
+    pub fn approx_bytes(&self) -> usize {
+        self.values
+            .iter()
+            .map(|(k, v)| k.len() + v.approx_bytes())
+            .sum()
+    }
+
+    /// Sets the `needs` context: `needs.<id>.result` and `.outputs`.
+    pub fn set_needs(&mut self, needs: &[crate::NeedResult]) {
+        let mut m = BTreeMap::new();
+        for n in needs {
+            let mut one = BTreeMap::new();
+            one.insert("result".to_string(), ExprValue::String(n.result.clone()));
+            one.insert(
+                "outputs".to_string(),
+                ExprValue::object(n.outputs.iter().cloned()),
+            );
+            m.insert(n.id.clone(), ExprValue::Object(one));
+        }
+        self.set("needs", ExprValue::Object(m));
+    }
+
     pub fn set(&mut self, name: &str, value: ExprValue) {
         self.values.insert(name.to_string(), value);
     }

@@ -17,6 +17,17 @@ pub enum ExprValue {
 }
 
 impl ExprValue {
+    /// Roughly what the value takes in memory (for the output budget).
+    pub fn approx_bytes(&self) -> usize {
+        crate::NODE_BYTES
+            + match self {
+                ExprValue::String(s) => s.len(),
+                ExprValue::Array(a) => a.iter().map(ExprValue::approx_bytes).sum(),
+                ExprValue::Object(m) => m.iter().map(|(k, v)| k.len() + v.approx_bytes()).sum(),
+                _ => 0,
+            }
+    }
+
     pub fn truthy(&self) -> bool {
         match self {
             ExprValue::Null => false,
