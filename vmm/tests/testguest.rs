@@ -387,7 +387,8 @@ fn proc_field(pid: u32, field: &str) -> String {
 }
 
 /// While the guest runs, its VMM process is read from /proc: another uid,
-/// no capabilities, no_new_privs, seccomp filter mode, its own namespaces,
+/// no capabilities, no_new_privs, seccomp filter mode, its own namespaces
+/// (PID 1 of its own PID namespace),
 /// an empty root, an empty environment, only the descriptors it needs, and
 /// a cgroup with the memory limit; the cgroup is gone after destroy.
 async fn kvm_vmm_process_is_jailed() {
@@ -432,11 +433,33 @@ async fn kvm_vmm_process_is_jailed() {
         assert!(st.contains("\nSeccomp:\t2\n"), "thread {t}: {st}");
     }
 
-    for ns in ["mnt", "net", "ipc", "uts"] {
+    for ns in ["pid", "mnt", "net", "ipc", "uts"] {
         let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
         let its = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
         assert_ne!(mine, its, "{ns} namespace");
     }
+    // The VMM is PID 1 of its PID namespace (its vCPU kicks, tgkill, work
+    // there), the child of a waiter that stayed in kiln's: that one holds
+    // no descriptor, no capability, and runs as the VM's uid.
+    let nspid = proc_field(pid, "NSpid:");
+    assert_eq!(nspid, format!("{pid}\t1"), "NSpid");
+    let waiter: u32 = proc_field(pid, "PPid:").parse().unwrap();
+    assert_ne!(waiter, std::process::id());
+    assert_eq!(proc_field(waiter, "PPid:"), std::process::id().to_string());
+    assert_eq!(proc_field(waiter, "Uid:"), proc_field(pid, "Uid:"));
+    assert_eq!(proc_field(waiter, "CapEff:"), "0000000000000000");
+    assert_eq!(proc_field(waiter, "CapBnd:"), "0000000000000000");
+    let waiter_fds: Vec<_> = std::fs::read_dir(format!("/proc/{waiter}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        waiter_fds
+            .iter()
+            .all(|f| ["0", "1", "2"].contains(&f.as_str())),
+        "the waiter holds {waiter_fds:?}"
+    );
+    assert!(report.namespaces.iter().any(|n| n == "pid"), "{report:?}");
     // Its root is the empty per-VM jail directory.
     let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root"))
         .unwrap()
