@@ -693,6 +693,31 @@ async fn kvm_vmm_processes_die_with_kiln() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// A guest that touches more memory than its VMM's cgroup allows (512 MiB
+/// of RAM, a 160 MiB limit) gets its VMM process killed by the cgroup's OOM
+/// killer, and the VM's status says so; the cgroup goes with the VM.
+async fn kvm_guest_past_its_memory_limit_is_killed_by_the_cgroup() {
+    let kvm = probe_kvm();
+    let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
+    let mut fx = fixture(guest, " touch_ram");
+    fx.config.memory_mib = 512;
+    fx.config.isolation.limits.memory_max_mib = Some(160);
+    let (mut machine, console) = Machine::start(fx.config.clone(), BackendKind::Kvm, &kvm)
+        .await
+        .unwrap();
+    let (cg_dir, _) = machine.cgroup().expect("a cgroup");
+    let status = tokio::time::timeout(Duration::from_secs(120), machine.wait())
+        .await
+        .expect("the VM ends");
+    match status {
+        ExitStatus::Failed(why) => assert!(why.contains("OOM"), "{why}"),
+        other => panic!("the guest outgrew its cgroup and the VM ended with {other:?}"),
+    }
+    drop(console);
+    machine.destroy().await.unwrap();
+    assert!(!cg_dir.exists());
+}
+
 /// Every readable mapping of process `pid`, through `/proc/PID/mem`,
 /// searched for each of `needles`.
 fn memory_holds(pid: u32, needles: &[&[u8]]) -> Vec<bool> {
@@ -761,7 +786,8 @@ async fn kvm_vmm_process_holds_none_of_kilns_tokens() {
         .expect("a line");
     let parts: Vec<&str> = line.split(' ').collect();
     assert_eq!(parts[0], "VMM", "{line}");
-    let (vmm, dir): (u32, PathBuf) = (parts[1].parse().unwrap(), parts[2].into());
+    let (vmm, dir, cgroup): (u32, PathBuf, PathBuf) =
+        (parts[1].parse().unwrap(), parts[2].into(), parts[3].into());
     assert_ne!(vmm, kiln);
 
     let tokens = [env_token.as_bytes(), file_token.as_bytes()];
@@ -808,8 +834,11 @@ async fn kvm_vmm_process_holds_none_of_kilns_tokens() {
         }
     })
     .await;
-    let h = kiln_vmm::jail::cgroup::detect().unwrap();
-    kiln_vmm::jail::cgroup::remove_stale(&h);
+    // Its own group only: `remove_stale` would also take the one
+    // `kvm_vmm_processes_die_with_kiln` expects to find.
+    if !cgroup.as_os_str().is_empty() {
+        let _ = std::fs::remove_dir(&cgroup);
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -863,6 +892,11 @@ fn main() -> std::process::ExitCode {
             "kvm_vmm_process_is_jailed",
             &jailed,
             kvm_vmm_process_is_jailed,
+        )
+        .tokio(
+            "kvm_guest_past_its_memory_limit_is_killed_by_the_cgroup",
+            &jailed,
+            kvm_guest_past_its_memory_limit_is_killed_by_the_cgroup,
         )
         .tokio(
             "kvm_vmm_process_holds_none_of_kilns_tokens",
