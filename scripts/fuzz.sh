@@ -5,7 +5,7 @@
 #                                       harness for FUZZ_CASES cases
 #                                       (default 20000; CI runs 150-1000)
 #   scripts/fuzz.sh libfuzzer [TARGET]  the cargo-fuzz targets in fuzz/
-#                                       (nightly + cargo-fuzz), each for
+#                                       (nightly; cargo-fuzz not needed), each for
 #                                       FUZZ_SECONDS (default 60); FUZZ_FEATURES=agent
 #                                       (vmm, images, pipelines, runner)
 #                                       builds only that crate's targets
@@ -26,19 +26,41 @@ libfuzzer)
         echo "fuzz.sh: no nightly toolchain (rustup toolchain install nightly); the property tests run on stable: scripts/fuzz.sh" >&2
         exit 2
     fi
-    if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
-        echo "fuzz.sh: cargo-fuzz is not installed (cargo install cargo-fuzz)" >&2
-        exit 2
-    fi
     cd fuzz
-    for t in $(cargo +nightly fuzz list); do
-        [ -n "$only" ] && [ "$t" != "$only" ] && continue
-        mkdir -p "corpus/$t"
+    # What `cargo fuzz build` does (so cargo-fuzz need not be installed;
+    # `cargo +nightly fuzz run TARGET` works as well): libFuzzer's coverage
+    # instrumentation and AddressSanitizer, for the target only (--target
+    # keeps build scripts out of it).
+    triple=x86_64-unknown-linux-gnu
+    export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+-Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+-Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks \
+-Zsanitizer=address"
+    features=()
+    [ -n "${FUZZ_FEATURES:-}" ] && features=(--no-default-features --features "$FUZZ_FEATURES")
+    # Every target (name, then the crate feature it needs), or those of
+    # FUZZ_FEATURES.
+    targets=$(awk -F'"' '/^name = / && $2 != "kiln-fuzz" { n = $2 } /^required-features/ { print n, $2 }' Cargo.toml |
+        while read -r name feature; do
+            case ",${FUZZ_FEATURES:-$feature}," in *",$feature,"*) echo "$name" ;; esac
+        done)
+    [ -n "$only" ] && targets=$only
+    bins=()
+    for t in $targets; do bins+=(--bin "$t"); done
+    nice cargo +nightly build --release --target "$triple" "${features[@]}" "${bins[@]}"
+    failed=0
+    for t in $targets; do
+        mkdir -p "corpus/$t" "artifacts/$t"
         start=$(date +%s)
-        nice cargo +nightly fuzz run ${FUZZ_FEATURES:+--no-default-features --features "$FUZZ_FEATURES"} "$t" "corpus/$t" -- -max_total_time="$seconds" -rss_limit_mb=2048 2>&1 |
-            grep -E '^(#[0-9]+ +DONE|==[0-9]+==|SUMMARY|artifact_prefix)' || true
-        echo "fuzz.sh: $t ran $(($(date +%s) - start)) s"
+        log=$(mktemp)
+        status=ok
+        nice "target/$triple/release/$t" "corpus/$t" -artifact_prefix="artifacts/$t/" \
+            -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1 || { status=FAILED; failed=1; }
+        grep -E '^(#[0-9]+ +DONE|==[0-9]+==ERROR|SUMMARY|stat::number_of_executed_units|artifact_prefix|Test unit written)' "$log" || true
+        rm -f "$log"
+        echo "fuzz.sh: $t: $status, $(($(date +%s) - start)) s"
     done
+    exit "$failed"
     ;;
 *)
     filter=${1:-}

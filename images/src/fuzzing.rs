@@ -82,7 +82,7 @@ mod tests {
     use super::*;
 
     proptest! {
-        #![proptest_config(config(200))]
+        #![proptest_config(config(64))]
 
         #[test]
         fn hostile_layers_stay_inside_their_root(tar in hostile_tar()) {
@@ -117,7 +117,7 @@ mod tests {
     ];
 
     proptest! {
-        #![proptest_config(config(1000))]
+        #![proptest_config(config(500))]
 
         #[test]
         fn manifests_never_panic(data in json(MANIFEST_KEYS)) {

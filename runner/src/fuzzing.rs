@@ -125,7 +125,7 @@ mod tests {
     ];
 
     proptest! {
-        #![proptest_config(config(500))]
+        #![proptest_config(config(256))]
 
         #[test]
         fn payloads_never_panic(data in json(PAYLOAD_KEYS)) {
@@ -146,7 +146,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(config(150))]
+        #![proptest_config(config(48))]
 
         #[test]
         fn artifact_archives_stay_inside_their_target(tar in hostile_tar()) {

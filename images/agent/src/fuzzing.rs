@@ -217,7 +217,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(config(512))]
+        #![proptest_config(config(256))]
 
         #[test]
         fn frames_round_trip(frames in proptest::collection::vec(frame(), 1..8),
