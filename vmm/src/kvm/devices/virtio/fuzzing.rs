@@ -493,7 +493,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(config(256))]
+        #![proptest_config(config(128))]
 
         #[test]
         fn block_survives_any_driver(data in program()) {
