@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 pub mod apply;
 pub mod archive;
 pub mod cache;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod initramfs;
 pub mod kernel;
 pub mod oci;

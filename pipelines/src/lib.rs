@@ -9,6 +9,9 @@ mod context;
 mod duration;
 mod error;
 mod files;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod github;
 pub mod gitlab;
 mod limits;

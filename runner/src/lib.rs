@@ -6,6 +6,9 @@ pub mod checkout;
 pub mod config;
 pub mod env;
 pub mod executor;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gitlab;
 pub mod joblog;
 pub mod local;

@@ -20,6 +20,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
+pub mod fuzz;
+
 /// Something a test needs from the host.
 #[derive(Clone)]
 pub struct Need {

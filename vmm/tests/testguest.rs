@@ -390,7 +390,8 @@ fn proc_field(pid: u32, field: &str) -> String {
 }
 
 /// While the guest runs, its VMM process is read from /proc: another uid,
-/// no capabilities, no_new_privs, seccomp filter mode, its own namespaces,
+/// no capabilities, no_new_privs, seccomp filter mode, its own namespaces
+/// (PID 1 of its own PID namespace),
 /// an empty root, an empty environment, only the descriptors it needs, and
 /// a cgroup with the memory limit; the cgroup is gone after destroy.
 async fn kvm_vmm_process_is_jailed() {
@@ -435,11 +436,33 @@ async fn kvm_vmm_process_is_jailed() {
         assert!(st.contains("\nSeccomp:\t2\n"), "thread {t}: {st}");
     }
 
-    for ns in ["mnt", "net", "ipc", "uts"] {
+    for ns in ["pid", "mnt", "net", "ipc", "uts"] {
         let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
         let its = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
         assert_ne!(mine, its, "{ns} namespace");
     }
+    // The VMM is PID 1 of its PID namespace (its vCPU kicks, tgkill, work
+    // there), the child of a waiter that stayed in kiln's: that one holds
+    // no descriptor, no capability, and runs as the VM's uid.
+    let nspid = proc_field(pid, "NSpid:");
+    assert_eq!(nspid, format!("{pid}\t1"), "NSpid");
+    let waiter: u32 = proc_field(pid, "PPid:").parse().unwrap();
+    assert_ne!(waiter, std::process::id());
+    assert_eq!(proc_field(waiter, "PPid:"), std::process::id().to_string());
+    assert_eq!(proc_field(waiter, "Uid:"), proc_field(pid, "Uid:"));
+    assert_eq!(proc_field(waiter, "CapEff:"), "0000000000000000");
+    assert_eq!(proc_field(waiter, "CapBnd:"), "0000000000000000");
+    let waiter_fds: Vec<_> = std::fs::read_dir(format!("/proc/{waiter}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        waiter_fds
+            .iter()
+            .all(|f| ["0", "1", "2"].contains(&f.as_str())),
+        "the waiter holds {waiter_fds:?}"
+    );
+    assert!(report.namespaces.iter().any(|n| n == "pid"), "{report:?}");
     // Its root is the empty per-VM jail directory.
     let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root"))
         .unwrap()
@@ -741,6 +764,12 @@ fn hold_vm(guest: PathBuf) -> std::process::ExitCode {
         .enable_all()
         .build()
         .unwrap();
+    // kiln's secrets, as a daemon holds them: a token read from a file
+    // (kept, with the file open) and one in the environment.
+    let _held = std::env::var_os("KILN_TEST_TOKEN_FILE").map(|p| {
+        let token = std::fs::read_to_string(&p).unwrap();
+        (std::fs::File::open(&p).unwrap(), token)
+    });
     rt.block_on(async {
         let fx = fixture(guest, "");
         let (machine, _console) = start_and_wait_for_ping(&fx, &probe_kvm()).await;
@@ -790,6 +819,155 @@ async fn kvm_vmm_processes_die_with_kiln() {
     let h = kiln_vmm::jail::cgroup::detect().unwrap();
     kiln_vmm::jail::cgroup::remove_stale(&h);
     assert!(!cgroup.exists(), "the next kiln removes it");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A guest that touches more memory than its VMM's cgroup allows (512 MiB
+/// of RAM, a 160 MiB limit) gets its VMM process killed by the cgroup's OOM
+/// killer, and the VM's status says so; the cgroup goes with the VM.
+async fn kvm_guest_past_its_memory_limit_is_killed_by_the_cgroup() {
+    let kvm = probe_kvm();
+    let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
+    let mut fx = fixture(guest, " touch_ram");
+    fx.config.memory_mib = 512;
+    fx.config.isolation.limits.memory_max_mib = Some(160);
+    let (mut machine, console) = Machine::start(fx.config.clone(), BackendKind::Kvm, &kvm)
+        .await
+        .unwrap();
+    let (cg_dir, _) = machine.cgroup().expect("a cgroup");
+    let status = tokio::time::timeout(Duration::from_secs(120), machine.wait())
+        .await
+        .expect("the VM ends");
+    match status {
+        ExitStatus::Failed(why) => assert!(why.contains("OOM"), "{why}"),
+        other => panic!("the guest outgrew its cgroup and the VM ended with {other:?}"),
+    }
+    drop(console);
+    machine.destroy().await.unwrap();
+    assert!(!cg_dir.exists());
+}
+
+/// Every readable mapping of process `pid`, through `/proc/PID/mem`,
+/// searched for each of `needles`.
+fn memory_holds(pid: u32, needles: &[&[u8]]) -> Vec<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut found = vec![false; needles.len()];
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let (a, b) = range.split_once('-').unwrap();
+        let (a, b) = (
+            u64::from_str_radix(a, 16).unwrap(),
+            u64::from_str_radix(b, 16).unwrap(),
+        );
+        let mut buf = vec![0u8; (b - a) as usize];
+        if mem.seek(SeekFrom::Start(a)).is_err() || mem.read_exact(&mut buf).is_err() {
+            continue;
+        }
+        // std's (optimised) substring search: this test binary is a debug
+        // build, and the guest's RAM alone is 64 MiB. The needles are ASCII,
+        // which the lossy conversion keeps as they are.
+        let text = String::from_utf8_lossy(&buf);
+        for (n, needle) in needles.iter().enumerate() {
+            found[n] |= text.contains(std::str::from_utf8(needle).unwrap());
+        }
+    }
+    found
+}
+
+/// kiln's tokens (one in its environment, one read from a file it keeps
+/// open) cannot be read from the VMM process while the VM runs: not in its
+/// environment, not through its descriptors, mappings or file system view,
+/// not anywhere in its memory, guest RAM included; the same search finds
+/// both in kiln's own memory.
+async fn kvm_vmm_process_holds_none_of_kilns_tokens() {
+    let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
+    let tmp = tempfile::tempdir().unwrap();
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let env_token = format!("glrt-env-token-{stamp}");
+    let file_token = format!("glrt-file-token-{stamp}");
+    let token_file = tmp.path().join("runner-token");
+    std::fs::write(&token_file, &file_token).unwrap();
+    let mut helper = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .env("KILN_TEST_HOLD_VM", &guest)
+        .env("KILN_TEST_TOKEN", &env_token)
+        .env("KILN_TEST_TOKEN_FILE", &token_file)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let kiln = helper.id().unwrap();
+    let mut out = BufReader::new(helper.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), out.next_line())
+        .await
+        .expect("the helper started a VM")
+        .unwrap()
+        .expect("a line");
+    let parts: Vec<&str> = line.split(' ').collect();
+    assert_eq!(parts[0], "VMM", "{line}");
+    let (vmm, dir, cgroup): (u32, PathBuf, PathBuf) =
+        (parts[1].parse().unwrap(), parts[2].into(), parts[3].into());
+    assert_ne!(vmm, kiln);
+
+    let tokens = [env_token.as_bytes(), file_token.as_bytes()];
+    let environ = std::fs::read(format!("/proc/{vmm}/environ")).unwrap();
+    for t in tokens {
+        assert!(
+            !environ.windows(t.len()).any(|w| w == t),
+            "token in the environment"
+        );
+    }
+    let path = token_file.to_string_lossy().to_string();
+    for e in std::fs::read_dir(format!("/proc/{vmm}/fd")).unwrap() {
+        let target = std::fs::read_link(e.unwrap().path()).unwrap();
+        assert_ne!(target, token_file, "the token file is open in the VMM");
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{vmm}/maps")).unwrap();
+    assert!(!maps.contains(&path), "the token file is mapped");
+    // Its file system view is the empty jail: the token file is not in it.
+    let mountinfo = std::fs::read_to_string(format!("/proc/{vmm}/mountinfo")).unwrap();
+    assert!(
+        !mountinfo.contains(&tmp.path().to_string_lossy().to_string()),
+        "{mountinfo}"
+    );
+    assert!(std::fs::metadata(format!("/proc/{vmm}/root{path}")).is_err());
+    assert_eq!(
+        std::fs::read_dir(format!("/proc/{vmm}/root"))
+            .unwrap()
+            .count(),
+        0
+    );
+    // Its memory holds neither; kiln's (the positive control) both.
+    assert_eq!(memory_holds(vmm, &tokens), vec![false, false], "VMM memory");
+    assert_eq!(
+        memory_holds(kiln, &tokens),
+        vec![true, true],
+        "kiln's memory"
+    );
+
+    helper.start_kill().unwrap();
+    helper.wait().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while Path::new(&format!("/proc/{vmm}")).exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // Its own group only: `remove_stale` would also take the one
+    // `kvm_vmm_processes_die_with_kiln` expects to find.
+    if !cgroup.as_os_str().is_empty() {
+        let _ = std::fs::remove_dir(&cgroup);
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -848,6 +1026,16 @@ fn main() -> std::process::ExitCode {
             "kvm_vmm_process_is_jailed",
             &jailed,
             kvm_vmm_process_is_jailed,
+        )
+        .tokio(
+            "kvm_guest_past_its_memory_limit_is_killed_by_the_cgroup",
+            &jailed,
+            kvm_guest_past_its_memory_limit_is_killed_by_the_cgroup,
+        )
+        .tokio(
+            "kvm_vmm_process_holds_none_of_kilns_tokens",
+            &jailed,
+            kvm_vmm_process_holds_none_of_kilns_tokens,
         )
         .tokio(
             "qemu_process_has_a_cgroup_and_no_environment",

@@ -3,5 +3,7 @@
 //! The library part is [`proto`], shared by the host (the executor) and the
 //! guest (the agent binary, `src/main.rs`).
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod glob;
 pub mod proto;

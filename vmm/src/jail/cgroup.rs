@@ -17,6 +17,10 @@ pub struct Limits {
     pub extra_pids: u32,
     /// CPU time as a percentage of one CPU; `None`: 100 per vCPU plus 50.
     pub cpu_percent: Option<u32>,
+    /// The whole memory limit in MiB, guest RAM included, instead of guest
+    /// RAM plus `memory_overhead_mib` (a guest that touches more is killed
+    /// by the cgroup; the tests use it).
+    pub memory_max_mib: Option<u32>,
 }
 
 impl Default for Limits {
@@ -25,13 +29,18 @@ impl Default for Limits {
             memory_overhead_mib: 256,
             extra_pids: 16,
             cpu_percent: None,
+            memory_max_mib: None,
         }
     }
 }
 
 impl Limits {
     pub fn memory_bytes(&self, guest_mib: u32) -> u64 {
-        (u64::from(guest_mib) + u64::from(self.memory_overhead_mib)) << 20
+        let mib = self.memory_max_mib.map_or_else(
+            || u64::from(guest_mib) + u64::from(self.memory_overhead_mib),
+            u64::from,
+        );
+        mib << 20
     }
     pub fn pids(&self, vcpus: u32) -> u32 {
         vcpus.saturating_add(self.extra_pids)
@@ -306,5 +315,10 @@ mod tests {
             ..Limits::default()
         };
         assert_eq!(l.cpu_percent(8), 30);
+        let l = Limits {
+            memory_max_mib: Some(100),
+            ..Limits::default()
+        };
+        assert_eq!(l.memory_bytes(512), 100 << 20);
     }
 }

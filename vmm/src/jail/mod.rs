@@ -3,8 +3,10 @@
 //! it touches guest data ([`apply`], in the child), and the cgroup kiln puts
 //! it in ([`cgroup`], in the parent).
 //!
-//! In the VMM process, in this order: every descriptor it was not handed is
-//! closed; new mount, IPC, UTS and network namespaces (the network one is
+//! In the VMM process, in this order: it forks into a new PID namespace
+//! ([`enter_pid_namespace`]: the VMM is PID 1 there, a waiter stays
+//! behind); every descriptor it was not handed is closed; new mount, IPC,
+//! UTS and network namespaces (the network one is
 //! empty: a TAP or passt socket will be handed in as a descriptor, see
 //! [`crate::process::fds`]); `pivot_root` into the per-VM jail directory,
 //! which is empty and read-only (every file the VM needs is an open
@@ -161,14 +163,109 @@ fn last_err(what: &'static str) -> JailError {
     }
 }
 
-/// Apply the jail to this process (the VMM process, still single-threaded).
-/// Returns what was applied; in strict mode anything missing is an error.
-pub fn apply(spec: &JailSpec) -> Result<JailReport, JailError> {
+/// Whether the VMM process is PID 1 of its own PID namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PidNamespace {
+    /// This process is PID 1 of a new PID namespace.
+    Entered,
+    /// Not asked for (isolation off).
+    NotAsked,
+    /// The kernel refused (`unshare(CLONE_NEWPID)` failed: why).
+    Unavailable(String),
+}
+
+/// Make the rest of the VMM process run as PID 1 of a new PID namespace.
+///
+/// A running process cannot move into a PID namespace, and once it has
+/// unshared one for its children it can no longer create threads; so this
+/// unshares and forks: the child (PID 1 there) returns and becomes the VMM;
+/// the parent stays behind in kiln's namespace as a waiter and never
+/// returns. The waiter closes every descriptor, drops to the VM's uid and
+/// all capabilities, and ends as its child ended (the same exit code, or
+/// death by the same signal, a seccomp SIGSYS included), so that kiln sees
+/// the VMM's end as before; it dies with kiln (`PR_SET_PDEATHSIG`) and its
+/// child dies with it, as every process of a namespace does with its PID 1.
+/// Call it single-threaded, after kiln put this process in its cgroup (the
+/// child inherits it).
+pub fn enter_pid_namespace(spec: &JailSpec) -> Result<PidNamespace, JailError> {
+    if spec.mode == IsolationMode::Off {
+        return Ok(PidNamespace::NotAsked);
+    }
+    // SAFETY: unshare(2) takes flags only; this process is single-threaded.
+    if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+        return Ok(PidNamespace::Unavailable(
+            std::io::Error::last_os_error().to_string(),
+        ));
+    }
+    // SAFETY: the process is single-threaded, so the child is a complete
+    // copy; it goes on with the VMM, the parent only waits (below).
+    match unsafe { libc::fork() } {
+        -1 => Err(last_err("fork into the new PID namespace")),
+        0 => {
+            // PID 1 now. Die with the waiter, as the waiter dies with kiln.
+            // SAFETY: prctl takes integers only.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+            Ok(PidNamespace::Entered)
+        }
+        child => wait_as_parent(spec, child),
+    }
+}
+
+/// The waiter left in kiln's PID namespace: end as `child` ends.
+fn wait_as_parent(spec: &JailSpec, child: libc::pid_t) -> ! {
+    let _ = close_other_fds(&[]);
+    let mut scratch = JailReport::default();
+    drop_privileges(spec, &mut scratch);
+    // SAFETY: prctl takes integers only.
+    unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes the status into a valid local.
+        let r = unsafe { libc::waitpid(child, &mut status, 0) };
+        if r == child {
+            break;
+        }
+        if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            // SAFETY: _exit ends this process without running destructors.
+            unsafe { libc::_exit(1) };
+        }
+    }
+    if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        // SAFETY: restoring the default action of one signal, unblocking
+        // every signal and sending `sig` to this process take integers and
+        // a local signal set only.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            libc::kill(libc::getpid(), sig);
+        }
+    }
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    };
+    // SAFETY: _exit ends this process without running destructors.
+    unsafe { libc::_exit(code) }
+}
+
+/// Apply the jail to this process (the VMM process, still single-threaded,
+/// PID 1 of its namespace when `pid_ns` says so). Returns what was applied;
+/// in strict mode anything missing is an error.
+pub fn apply(spec: &JailSpec, pid_ns: &PidNamespace) -> Result<JailReport, JailError> {
     let mut report = JailReport::default();
     if spec.mode == IsolationMode::Off {
         return Ok(report);
     }
     report.closed_fds = close_other_fds(&spec.keep_fds)?;
+    match pid_ns {
+        PidNamespace::Entered => report.namespaces.push("pid".to_string()),
+        PidNamespace::NotAsked => {}
+        PidNamespace::Unavailable(why) => report.missing.push(format!("pid namespace: {why}")),
+    }
     enter_namespaces(&mut report);
     if report.namespaces.iter().any(|n| n == "mnt") {
         match pivot_into(&spec.root) {
@@ -244,12 +341,6 @@ fn enter_namespaces(report: &mut JailReport) {
         // SAFETY: the buffer is valid for its length.
         unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
     }
-    // A PID namespace cannot be entered by a running process that will
-    // create threads (clone(CLONE_THREAD) fails once pid_for_children
-    // differs); it needs a clone with CLONE_NEWPID at spawn. Not yet done.
-    report
-        .not_yet
-        .push("pid namespace (needs CLONE_NEWPID at spawn)".into());
 }
 
 fn cstr(p: &std::path::Path) -> Result<std::ffi::CString, JailError> {
@@ -443,7 +534,9 @@ pub fn probe(vmm_program: Option<&std::path::Path>) -> Vec<Enforced> {
         },
         Enforced {
             part: "namespaces",
-            status: priv_part("mount, IPC, UTS and an empty network namespace (not PID yet)"),
+            status: priv_part(
+                "PID (the VMM is its PID 1), mount, IPC, UTS and an empty network namespace",
+            ),
         },
         Enforced {
             part: "pivot_root",

@@ -145,7 +145,21 @@ pub fn main() -> ExitCode {
     let snapshot_file = (start.restore.is_some() || start.snapshot_out)
         .then(|| unsafe { File::from_raw_fd(fds::SNAPSHOT) });
 
-    let mut report = match jail::apply(&start.jail) {
+    // Kiln put this process in its cgroup before it sent the start message:
+    // the VMM forked here inherits it.
+    let pid_ns = match jail::enter_pid_namespace(&start.jail) {
+        Ok(p) => p,
+        Err(e) => {
+            return fail(
+                &mut control,
+                WireError {
+                    kind: WireErrorKind::Jail,
+                    chain: chain(&e),
+                },
+            )
+        }
+    };
+    let mut report = match jail::apply(&start.jail, &pid_ns) {
         Ok(r) => r,
         Err(e) => {
             return fail(

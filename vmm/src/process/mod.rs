@@ -109,7 +109,12 @@ pub fn locate_vmm(configured: Option<&Path>) -> Result<PathBuf, MachineError> {
 /// A VM run by a VMM process.
 pub struct VmmProcess {
     child: tokio::process::Child,
+    /// The process kiln started (in a PID namespace, the waiter).
     pid: Option<u32>,
+    /// The VMM in its PID namespace, the child of `pid`, and a pidfd of
+    /// it (killed and waited for through it: a number could be reused).
+    vmm_pid: Option<u32>,
+    vmm_pidfd: Option<OwnedFd>,
     serial: SharedTail,
     reported: Arc<Mutex<Reported>>,
     /// Set by the reader when the conversation ends: how the VM ended if
@@ -196,6 +201,26 @@ fn network_backend(
             ))
         }
     })
+}
+
+/// The one child of process `pid` (`/proc/PID/task/PID/children`).
+fn only_child(pid: u32) -> Option<u32> {
+    let list = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    let mut kids = list.split_whitespace().filter_map(|p| p.parse().ok());
+    match (kids.next(), kids.next()) {
+        (Some(k), None) => Some(k),
+        _ => None,
+    }
+}
+
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new
+    // descriptor (or -1), which is owned by nobody else.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, libc::PIDFD_NONBLOCK) };
+    let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+    // SAFETY: `fd` is a fresh descriptor (above).
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 impl VmmProcess {
@@ -419,6 +444,14 @@ impl VmmProcess {
                 return Err(MachineError::StartTimeout(config.start_timeout));
             }
         };
+        // In a PID namespace the VM runs in the child of the process kiln
+        // started (see `jail::enter_pid_namespace`); it exists by now.
+        let vmm_pid = if jail.namespaces.iter().any(|n| n == "pid") {
+            pid.and_then(only_child)
+        } else {
+            None
+        };
+        let vmm_pidfd = vmm_pid.and_then(pidfd_open);
         jail.missing.extend(missing);
         jail.cgroup = cgroup.as_ref().map(|c| c.path().display().to_string());
         if !jail.missing.is_empty() {
@@ -442,6 +475,8 @@ impl VmmProcess {
             VmmProcess {
                 child,
                 pid,
+                vmm_pid,
+                vmm_pidfd,
                 serial,
                 reported,
                 ended,
@@ -461,9 +496,14 @@ impl VmmProcess {
         "kvm".to_string()
     }
 
-    /// The VMM process (`None` once it has been reaped).
+    /// The process that runs the VM, as kiln's PID namespace numbers it:
+    /// PID 1 of the VM's own namespace when it has one, else the process
+    /// kiln started (`None` once it has been reaped).
     pub fn pid(&self) -> Option<u32> {
-        self.exited.is_none().then_some(self.pid).flatten()
+        self.exited
+            .is_none()
+            .then_some(self.vmm_pid.or(self.pid))
+            .flatten()
     }
 
     /// What of the jail was applied.
@@ -600,8 +640,35 @@ impl VmmProcess {
         }
     }
 
+    /// Kill the VMM in its PID namespace, when it has one, and wait
+    /// (briefly) until it has exited: its cgroup can be removed only then.
+    /// Killing the waiter alone would kill it too, but later.
+    fn kill_vmm(&self) {
+        let Some(fd) = &self.vmm_pidfd else {
+            return;
+        };
+        // SAFETY: pidfd_send_signal(2) on a pidfd this struct owns, with no
+        // siginfo; poll(2) on one pollfd that lives across the call.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            );
+            let mut p = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            libc::poll(&mut p, 1, 2000);
+        }
+    }
+
     pub async fn destroy(mut self) -> Result<(), MachineError> {
         if self.exited.is_none() {
+            self.kill_vmm();
             let _ = self.child.start_kill();
             let _ = self.child.wait().await;
             self.exited = Some(ExitStatus::Killed);
@@ -620,6 +687,7 @@ impl Drop for VmmProcess {
     fn drop(&mut self) {
         self.reader.abort();
         if self.exited.is_none() {
+            self.kill_vmm();
             let _ = self.child.start_kill();
             for _ in 0..1000 {
                 if !matches!(self.child.try_wait(), Ok(None)) {

@@ -180,6 +180,32 @@ pub fn run(ctx: &mut Ctx, si: u64) {
         format_args!("{memmap_entries} entries, {ram} bytes RAM (expected {expect})"),
     );
 
+    // `touch_ram`: write every page of RAM from 16 MiB up (this guest and
+    // its page pool live below), so that the VMM process's memory grows to
+    // the guest's size: the cgroup test sets a smaller limit and expects
+    // the VMM to be killed before the check is reported.
+    if ctx.flag("touch_ram") {
+        let mut touched = 0u64;
+        for i in 0..u64::from(memmap_entries) {
+            let e = memmap + 24 * i;
+            let (addr, size, kind) = (rd64(e), rd64(e + 8), rd32(e + 16));
+            if kind != 1 {
+                continue;
+            }
+            let mut page = addr.max(16 << 20);
+            while page + 4096 <= addr + size {
+                wr8(page, 0xa5);
+                page += 4096;
+                touched += 4096;
+            }
+        }
+        ctx.check(
+            "touch-ram",
+            true,
+            format_args!("{} MiB touched", touched >> 20),
+        );
+    }
+
     // Initrd: one module with a known pattern.
     let len = ctx.num("initrd_len");
     let seed = ctx.num("initrd_seed");

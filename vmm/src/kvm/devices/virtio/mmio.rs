@@ -455,32 +455,15 @@ pub mod tests {
     /// Drive the standard initialisation with mock ring addresses for every
     /// queue (queue `i` at `mock::DESC + i * 0x10000` and so on).
     pub fn init(t: &mut MmioTransport, features: u64) {
-        w(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        w(t, REG_DRIVER_FEATURES_SEL, 0);
-        w(t, REG_DRIVER_FEATURES, features as u32);
-        w(t, REG_DRIVER_FEATURES_SEL, 1);
-        w(t, REG_DRIVER_FEATURES, (features >> 32) as u32);
-        w(
-            t,
-            REG_STATUS,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
-        );
+        crate::kvm::devices::virtio::fuzzing::init(t, features, |i| {
+            let off = u64::from(i) * 0x10000;
+            (mock::DESC + off, mock::AVAIL + off, mock::USED + off, 16)
+        });
         assert_ne!(r(t, REG_STATUS) & STATUS_FEATURES_OK, 0);
         for i in 0..t.queues.len() as u32 {
-            let off = u64::from(i) * 0x10000;
             w(t, REG_QUEUE_SEL, i);
-            w(t, REG_QUEUE_NUM, 16);
-            w(t, REG_QUEUE_DESC_LOW, (mock::DESC + off) as u32);
-            w(t, REG_QUEUE_DRIVER_LOW, (mock::AVAIL + off) as u32);
-            w(t, REG_QUEUE_DEVICE_LOW, (mock::USED + off) as u32);
-            w(t, REG_QUEUE_READY, 1);
             assert_eq!(r(t, REG_QUEUE_READY), 1, "queue {i} rejected");
         }
-        w(
-            t,
-            REG_STATUS,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
-        );
         assert!(t.is_active());
     }
 

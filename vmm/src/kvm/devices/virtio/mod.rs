@@ -2,6 +2,9 @@
 
 pub mod block;
 pub mod console;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod mmio;
 pub mod net;
 pub mod queue;
