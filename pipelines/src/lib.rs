@@ -13,6 +13,7 @@ pub mod github;
 pub mod gitlab;
 mod limits;
 mod order;
+pub mod services;
 mod spec;
 mod yaml;
 
@@ -27,8 +28,8 @@ pub use error::{Error, ExprError, Location, Result};
 pub use files::{read_beneath, read_file, ProjectFiles};
 pub use limits::{Limits, NODE_BYTES};
 pub use spec::{
-    AllowFailure, ArtifactSpec, ArtifactWhen, JobSource, JobSpec, JobWhen, Shell, Step, StepWhen,
-    Variable,
+    AllowFailure, ArtifactSpec, ArtifactWhen, JobSource, JobSpec, JobWhen, ServiceSpec, Shell,
+    Step, StepWhen, Variable,
 };
 
 /// Which front end a file needs.

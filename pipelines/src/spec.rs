@@ -42,6 +42,30 @@ pub struct JobSpec {
     /// parsed (it uses `needs.*` or a status function); evaluate it with
     /// `github::eval_condition` before starting the job.
     pub condition: Option<String>,
+    /// Services started in the job's VM before its first step (GitLab
+    /// `services:`, GitHub `services:`); at most
+    /// [`MAX_SERVICES`](crate::services::MAX_SERVICES).
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+}
+
+/// One service beside the job: an image run in the job's VM, reachable at
+/// `localhost` and at its `aliases`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    /// Image reference, OCI layout directory or `docker save` tar.
+    pub image: String,
+    /// Host names for it in `/etc/hosts` (checked with
+    /// [`crate::services::check_alias`]): those derived from the image
+    /// name as gitlab-runner derives them, then the job's `alias`es.
+    pub aliases: Vec<String>,
+    /// Replaces the image's entrypoint (and then its command too, as
+    /// Docker does); `None` keeps the image's.
+    pub entrypoint: Option<Vec<String>>,
+    /// Replaces the image's command; `None` keeps it.
+    pub command: Option<Vec<String>>,
+    /// The service's own variables, over the job's.
+    pub variables: Vec<Variable>,
 }
 
 impl JobSpec {
@@ -64,6 +88,7 @@ impl JobSpec {
             when: JobWhen::OnSuccess,
             allow_failure: AllowFailure::No,
             condition: None,
+            services: Vec::new(),
         }
     }
 
@@ -93,6 +118,15 @@ impl JobSpec {
             .sum::<usize>();
         for a in &self.artifacts {
             n += opt(&a.name) + list(&a.paths) + list(&a.exclude) + opt(&a.expire_in);
+        }
+        for sv in &self.services {
+            n += s(&sv.image) + list(&sv.aliases);
+            n += sv.entrypoint.as_deref().map_or(0, list) + sv.command.as_deref().map_or(0, list);
+            n += sv
+                .variables
+                .iter()
+                .map(|v| s(&v.key) + s(&v.value))
+                .sum::<usize>();
         }
         n
     }

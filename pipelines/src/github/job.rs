@@ -100,9 +100,7 @@ impl JobBuilder<'_> {
         let Some((image, container_env)) = self.image(&cx, &name, w)? else {
             return Ok(None);
         };
-        if job.contains_key("services") {
-            w.warnings.push(format!("{name}: `services` are ignored"));
-        }
+        let services = self.services(&cx, &name, w)?;
 
         let (env, job_runtime) = self.job_env(&mut cx)?;
         let variables = self.variables(container_env, env);
@@ -160,6 +158,7 @@ impl JobBuilder<'_> {
             when,
             allow_failure,
             condition,
+            services,
         }))
     }
 

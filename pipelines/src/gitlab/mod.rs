@@ -43,6 +43,7 @@ mod predefined;
 mod reference;
 mod rules;
 mod script;
+mod services;
 mod stages;
 mod variables;
 

@@ -9,12 +9,15 @@ use serde::{Deserialize, Serialize};
 use super::job::JobResponse;
 use super::GitlabError;
 
-/// What kiln tells GitLab it can do. Only what it really does: no
-/// services, cache, terminal, sessions or two-phase commit.
+/// What kiln tells GitLab it can do. Only what it really does: no cache,
+/// terminal, sessions or two-phase commit.
 pub fn features() -> serde_json::Value {
     serde_json::json!({
         "variables": true,
         "image": true,
+        "services": true,
+        "service_variables": true,
+        "service_multiple_aliases": true,
         "artifacts": true,
         "artifacts_exclude": true,
         "upload_multiple_artifacts": true,
