@@ -1,10 +1,12 @@
-//! Starting a step's process: fork, then in the child `setsid`, default
-//! signal dispositions, stdio on the step's pipes, `chroot` into the job's
-//! root, the working directory, the image's user, `execve` along `PATH`.
+//! Starting a step's (or a service's) process: fork, then in the child
+//! `setsid`, default signal dispositions, stdio on the step's pipes,
+//! `chroot` into the job's root (a service: its own mount namespace with
+//! its root moved onto `/`), the working directory, the image's user,
+//! `execve` along `PATH`.
 //!
 //! Between fork and exec the child must not allocate (another thread could
-//! have held the allocator's lock; the agent has none now, but must not
-//! depend on that): everything it uses is prepared before the fork, and it
+//! have held the allocator's lock: with services, their log reader runs):
+//! everything it uses is prepared before the fork, and it
 //! only makes system calls. Most go through `rustix` (direct system calls,
 //! no allocation for `&CStr` paths); `fork`, `sigaction`, `sigprocmask`,
 //! `execve` and `_exit` stay `libc`, which rustix offers only as unsafe
