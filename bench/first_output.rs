@@ -256,6 +256,7 @@ fn bare_once(
                         workdir: "/".into(),
                         user: String::new(),
                         network: None,
+                        services: None,
                     };
                     let step = StepSpec {
                         index: 0,

@@ -20,7 +20,14 @@ pub struct ImageConfig {
     pub working_dir: String,
     pub user: String,
     pub diff_ids: Vec<String>,
+    /// `ExposedPorts` keys (`5432/tcp`, `53/udp`, `8080`), at most
+    /// [`MAX_EXPOSED_PORTS`], sorted: what a service's health check waits for.
+    #[serde(default)]
+    pub exposed_ports: Vec<String>,
 }
+
+/// Most `ExposedPorts` entries kept from an image's config.
+pub const MAX_EXPOSED_PORTS: usize = 64;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Descriptor {
@@ -71,6 +78,8 @@ struct RawContainerConfig {
     working_dir: Option<String>,
     #[serde(default)]
     user: Option<String>,
+    #[serde(default)]
+    exposed_ports: Option<std::collections::BTreeMap<String, serde::de::IgnoredAny>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -177,6 +186,13 @@ pub fn parse_image_config(
         working_dir: c.working_dir.unwrap_or_default(),
         user: c.user.unwrap_or_default(),
         diff_ids: raw.rootfs.diff_ids,
+        exposed_ports: c
+            .exposed_ports
+            .unwrap_or_default()
+            .into_keys()
+            .filter(|k| k.len() <= 32)
+            .take(MAX_EXPOSED_PORTS)
+            .collect(),
     })
 }
 
@@ -336,5 +352,27 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let e = LayoutImage::open(t.path(), None).unwrap_err().to_string();
         assert!(e.contains("not an OCI image layout"), "{e}");
+    }
+
+    #[test]
+    fn exposed_ports_are_kept_bounded() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        let mut ports: Vec<String> = (0..200)
+            .map(|i| format!("\"{}/tcp\": {{}}", 1000 + i))
+            .collect();
+        ports.push(format!("\"{}\": {{}}", "9".repeat(100)));
+        let cfg = format!(
+            r#"{{"config": {{"ExposedPorts": {{{}}}}}, "rootfs": {{"type": "layers", "diff_ids": ["{d}"]}}}}"#,
+            ports.join(",")
+        );
+        let c = parse_image_config(cfg.as_bytes(), "cfg", 1).unwrap();
+        assert_eq!(c.exposed_ports.len(), MAX_EXPOSED_PORTS);
+        assert_eq!(c.exposed_ports[0], "1000/tcp");
+        assert!(c.exposed_ports.iter().all(|p| p.len() <= 32));
+        let none = format!(r#"{{"rootfs": {{"type": "layers", "diff_ids": ["{d}"]}}}}"#);
+        assert!(parse_image_config(none.as_bytes(), "cfg", 1)
+            .unwrap()
+            .exposed_ports
+            .is_empty());
     }
 }

@@ -16,6 +16,7 @@ pub mod github;
 pub mod gitlab;
 mod limits;
 mod order;
+pub mod services;
 mod spec;
 mod yaml;
 
@@ -31,7 +32,7 @@ pub use files::{read_beneath, read_file, ProjectFiles};
 pub use limits::{Limits, NODE_BYTES};
 pub use spec::{
     AllowFailure, ArtifactSpec, ArtifactWhen, CachePolicy, CacheSpec, JobSource, JobSpec, JobWhen,
-    NeedResult, Shell, Step, StepWhen, Variable,
+    NeedResult, ServiceSpec, Shell, Step, StepWhen, Variable,
 };
 
 /// Which front end a file needs.

@@ -57,6 +57,11 @@ pub struct JobSpec {
     /// (`start_in`, at most a week); `when` is then `OnSuccess`.
     #[serde(default)]
     pub start_in: Option<Duration>,
+    /// Services started in the job's VM before its first step (GitLab
+    /// `services:`, GitHub `services:`); at most
+    /// [`MAX_SERVICES`](crate::services::MAX_SERVICES).
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
 }
 
 /// One entry of GitHub's `needs` context: `needs.<id>.result` and
@@ -68,6 +73,25 @@ pub struct NeedResult {
     /// `success`, `failure`, `cancelled` or `skipped`.
     pub result: String,
     pub outputs: Vec<(String, String)>,
+}
+
+/// One service beside the job: an image run in the job's VM, reachable at
+/// `localhost` and at its `aliases`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    /// Image reference, OCI layout directory or `docker save` tar.
+    pub image: String,
+    /// Host names for it in `/etc/hosts` (checked with
+    /// [`crate::services::check_alias`]): those derived from the image
+    /// name as gitlab-runner derives them, then the job's `alias`es.
+    pub aliases: Vec<String>,
+    /// Replaces the image's entrypoint (and then its command too, as
+    /// Docker does); `None` keeps the image's.
+    pub entrypoint: Option<Vec<String>>,
+    /// Replaces the image's command; `None` keeps it.
+    pub command: Option<Vec<String>>,
+    /// The service's own variables, over the job's.
+    pub variables: Vec<Variable>,
 }
 
 impl JobSpec {
@@ -94,6 +118,7 @@ impl JobSpec {
             outputs: Vec::new(),
             needs_results: Vec::new(),
             start_in: None,
+            services: Vec::new(),
         }
     }
 
@@ -127,6 +152,15 @@ impl JobSpec {
         }
         for c in &self.cache {
             n += s(&c.key) + list(&c.fallback_keys) + list(&c.paths);
+        }
+        for sv in &self.services {
+            n += s(&sv.image) + list(&sv.aliases);
+            n += sv.entrypoint.as_deref().map_or(0, list) + sv.command.as_deref().map_or(0, list);
+            n += sv
+                .variables
+                .iter()
+                .map(|v| s(&v.key) + s(&v.value))
+                .sum::<usize>();
         }
         n
     }

@@ -434,7 +434,10 @@ fn github_container_with_services() {
         var(&p.jobs[0], "DATABASE_URL"),
         Some("postgres://postgres@postgres/test")
     );
-    assert!(p.notes.iter().any(|n| n.contains("`services` are ignored")));
+    let svc = &p.jobs[0].services;
+    assert_eq!(svc.len(), 1);
+    assert_eq!(svc[0].image, "postgres:16");
+    assert_eq!(svc[0].aliases, vec!["postgres"]);
 }
 
 #[test]

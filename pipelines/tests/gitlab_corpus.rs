@@ -238,8 +238,11 @@ fn python_image_map_services_variables() {
     assert_eq!(var(t, "PIP_CACHE_DIR"), Some("/builds/demo/.cache/pip"));
     assert_eq!(var(t, "LITERAL"), Some("$NOT_EXPANDED"));
     assert_eq!(t.image, "python:3.12-slim");
+    assert_eq!(t.services.len(), 1);
+    assert_eq!(t.services[0].image, "postgres:16");
+    assert_eq!(t.services[0].aliases, vec!["postgres"]);
     assert!(
-        p.warnings.iter().any(|w| w.contains("services")),
+        !p.warnings.iter().any(|w| w.contains("services")),
         "{:?}",
         p.warnings
     );

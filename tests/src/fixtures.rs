@@ -17,6 +17,12 @@ pub struct BusyboxImage {
     pub user: String,
     /// Extra files: (path inside the image, contents, mode).
     pub files: Vec<(String, Vec<u8>, u32)>,
+    /// The config's `Entrypoint` (none when empty).
+    pub entrypoint: Vec<String>,
+    /// The config's `Cmd`.
+    pub cmd: Vec<String>,
+    /// The config's `ExposedPorts` keys (`8080/tcp`).
+    pub exposed_ports: Vec<String>,
 }
 
 impl Default for BusyboxImage {
@@ -26,6 +32,9 @@ impl Default for BusyboxImage {
             working_dir: String::new(),
             user: String::new(),
             files: Vec::new(),
+            entrypoint: Vec::new(),
+            cmd: vec!["/bin/sh".into()],
+            exposed_ports: Vec::new(),
         }
     }
 }
@@ -125,7 +134,19 @@ impl BusyboxImage {
             )?;
         }
         let tar_bytes = layer.into_inner()?;
-        write_layout(dir, &[tar_bytes], &self.env, &self.working_dir, &self.user)
+        let ports: serde_json::Map<String, serde_json::Value> = self
+            .exposed_ports
+            .iter()
+            .map(|p| (p.clone(), serde_json::json!({})))
+            .collect();
+        let mut config = serde_json::json!({
+            "Env": self.env, "WorkingDir": self.working_dir, "User": self.user,
+            "Cmd": self.cmd, "ExposedPorts": ports,
+        });
+        if !self.entrypoint.is_empty() {
+            config["Entrypoint"] = serde_json::json!(self.entrypoint);
+        }
+        write_layout_config(dir, &[tar_bytes], config)
     }
 }
 
@@ -136,6 +157,16 @@ pub fn write_layout(
     env: &[String],
     working_dir: &str,
     user: &str,
+) -> Result<()> {
+    let config = serde_json::json!({"Env": env, "WorkingDir": working_dir, "User": user, "Cmd": ["/bin/sh"]});
+    write_layout_config(dir, layers, config)
+}
+
+/// [`write_layout`] with the image config's `config` object as given.
+pub fn write_layout_config(
+    dir: &Path,
+    layers: &[Vec<u8>],
+    container_config: serde_json::Value,
 ) -> Result<()> {
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs)?;
@@ -156,7 +187,7 @@ pub fn write_layout(
     }
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
-        "config": {"Env": env, "WorkingDir": working_dir, "User": user, "Cmd": ["/bin/sh"]},
+        "config": container_config,
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     });
     let config = serde_json::to_vec(&config)?;

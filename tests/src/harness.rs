@@ -189,6 +189,48 @@ pub fn busybox_image() -> PathBuf {
     .clone()
 }
 
+/// What [`service_image`]'s `serve` program writes into the page it
+/// serves, before the variables' values: `hello from the service`.
+pub const SERVICE_PAGE: &str = "hello from the service";
+/// The port [`service_image`] serves on (its `ExposedPorts`).
+pub const SERVICE_PORT: u16 = 8080;
+
+/// A service image (built once per run): busybox whose entrypoint `serve`
+/// writes a page (with `$GREETING`, `$JOBVAR`, and whether the job's root
+/// `/newroot` or the agent's `/init` can be seen from the service) and runs
+/// `httpd` on [`SERVICE_PORT`], logging requests to stderr. The layout's
+/// directory is named `svc-image-<pid>`.
+pub fn service_image() -> PathBuf {
+    static IMG: OnceLock<PathBuf> = OnceLock::new();
+    IMG.get_or_init(|| {
+        let dir = test_root().join(format!("svc-image-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let serve = format!(
+            "#!/bin/sh\n\
+             mkdir -p /www\n\
+             seen=hidden; [ -e /newroot ] || [ -e /init ] && seen=visible\n\
+             echo \"{SERVICE_PAGE} GREETING=$GREETING JOBVAR=$JOBVAR outside=$seen\" > /www/index.html\n\
+             echo \"serve: listening on {SERVICE_PORT}\"\n\
+             exec httpd -f -v -p {SERVICE_PORT} -h /www\n"
+        );
+        BusyboxImage {
+            files: vec![("usr/bin/serve".into(), serve.into_bytes(), 0o755)],
+            entrypoint: vec!["serve".into()],
+            cmd: Vec::new(),
+            exposed_ports: vec![format!("{SERVICE_PORT}/tcp")],
+            ..BusyboxImage::default()
+        }
+        .build(&dir)
+        .expect("build the service fixture");
+        let d = dir.clone();
+        kiln_testkit::at_exit(move || {
+            let _ = std::fs::remove_dir_all(d);
+        });
+        dir
+    })
+    .clone()
+}
+
 /// A fresh, unique per-test run directory.
 pub fn run_dir(name: &str) -> PathBuf {
     let d = test_root()

@@ -1465,8 +1465,48 @@ async fn a_host_path_image_is_refused_unless_the_runner_allows_local_images() {
     assert_no_leaks(run_dir.path());
 }
 
+/// `services` in the job payload: started in the job's VM, reachable at
+/// their alias and at `localhost`, with their variables; the start-up
+/// lines in the trace, no warning.
+async fn payload_services_run_in_the_jobs_vm() {
+    let fake = fake_gitlab();
+    let run_dir = RunDir::new("gitlab-services");
+    let port = harness::SERVICE_PORT;
+    let mut job = fake.job(
+        &image(),
+        &[
+            &format!("wget -qO- http://db:{port}/"),
+            &format!("wget -qO- http://localhost:{port}/"),
+        ],
+    );
+    job["services"] = json!([{
+        "name": harness::service_image().display().to_string(),
+        "alias": "db",
+        "entrypoint": null,
+        "variables": [{"key": "GREETING", "value": "from-gitlab"}],
+    }]);
+    let id = fake.push(job);
+    let daemon = Daemon::start(&fake, run_dir.path(), Setup::default());
+    let j = fake.wait_done(id, LIMIT).await;
+    let t = j.trace_text();
+    assert_eq!(final_of(&j), ("success".into(), None, Some(0)), "{t}");
+    let page = format!("{} GREETING=from-gitlab ", harness::SERVICE_PAGE);
+    assert_eq!(t.matches(&page).count(), 2, "{t}");
+    assert!(t.contains("Starting service "), "{t}");
+    assert!(!t.contains("probably didn't start properly"), "{t}");
+    assert_consistent(&j);
+    wait_idle(run_dir.path(), Duration::from_secs(120)).await;
+    daemon.stop().await;
+    assert_no_leaks(run_dir.path());
+}
+
 fn main() -> std::process::ExitCode {
     kiln_testkit::Suite::new()
+        .tokio(
+            "payload_services_run_in_the_jobs_vm",
+            &harness::vm(),
+            payload_services_run_in_the_jobs_vm,
+        )
         .tokio(
             "a_host_path_image_is_refused_unless_the_runner_allows_local_images",
             &harness::vm(),

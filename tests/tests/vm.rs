@@ -183,7 +183,7 @@ async fn steps_see_the_image_env_workdir_and_user() {
         ],
         working_dir: "/home/builder/work".into(),
         user: "builder".into(),
-        files: vec![],
+        ..BusyboxImage::default()
     }
     .build(&dir)
     .unwrap();

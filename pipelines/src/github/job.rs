@@ -111,9 +111,7 @@ impl JobBuilder<'_> {
         let Some((image, container_env)) = self.image(&cx, &name, w)? else {
             return Ok(None);
         };
-        if job.contains_key("services") {
-            w.warnings.push(format!("{name}: `services` are ignored"));
-        }
+        let services = self.services(&cx, &name, w)?;
 
         let (env, job_runtime) = self.job_env(&mut cx)?;
         let variables = self.variables(container_env, env);
@@ -176,6 +174,7 @@ impl JobBuilder<'_> {
             outputs,
             needs_results: Vec::new(),
             start_in: None,
+            services,
         }))
     }
 

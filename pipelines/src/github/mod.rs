@@ -36,6 +36,7 @@ mod filecmd;
 mod image;
 mod job;
 mod matrix;
+mod services;
 mod step;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -88,10 +88,7 @@ impl Parser<'_> {
         };
         let lookup: BTreeMap<String, String> = vars.iter().cloned().collect();
         let (image, entrypoint) = self.image(job, &at("image"), &lookup)?;
-        if job.contains_key("services") {
-            self.warnings
-                .push(format!("{}: `services` are ignored", inst.name));
-        }
+        let services = self.services(job, &at("services"), &lookup)?;
         let steps = self.steps(key_name, job)?;
         let timeout = match job.get("timeout") {
             None => None,
@@ -140,6 +137,7 @@ impl Parser<'_> {
             outputs: Vec::new(),
             needs_results: Vec::new(),
             start_in,
+            services,
         };
         Ok(Some((spec, needs)))
     }
@@ -282,19 +280,13 @@ mod tests {
     }
 
     #[test]
-    fn services_and_trigger_jobs_are_noted() {
+    fn trigger_jobs_are_noted() {
         let p = parse_ok(
             "j:\n  script: x\n  services: [postgres]\n\
              down:\n  trigger: other/project\n",
         );
         assert_eq!(names(&p), ["j"]);
         assert_eq!(p.excluded, ["down"]);
-        assert_eq!(
-            p.warnings,
-            [
-                "j: `services` are ignored",
-                "down: trigger jobs are not run locally"
-            ]
-        );
+        assert_eq!(p.warnings, ["down: trigger jobs are not run locally"]);
     }
 }

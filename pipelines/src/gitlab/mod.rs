@@ -45,6 +45,7 @@ mod predefined;
 mod reference;
 mod rules;
 mod script;
+mod services;
 mod stages;
 mod variables;
 

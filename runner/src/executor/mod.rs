@@ -29,6 +29,7 @@ mod caches;
 mod config;
 mod conversation;
 mod outcome;
+mod services;
 mod steps;
 mod workflow;
 
@@ -39,6 +40,7 @@ pub use config::{
     DEFAULT_DISK_GIB, DEFAULT_JOB_TIMEOUT, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
 };
 pub use outcome::{error_chain, human_bytes, FailureReason, JobResult};
+pub use services::{DEFAULT_SERVICES_WAIT, HEALTHCHECK_PORT_VAR, WAIT_VAR};
 pub use steps::build_start;
 
 use conversation::Conversation;
@@ -264,6 +266,13 @@ impl Executor {
                 return result;
             }
         };
+        let services = match self.prepare_services(job).await {
+            Ok(s) => s,
+            Err(reason) => {
+                result.failure = Some(reason);
+                return result;
+            }
+        };
         let n = JOB_COUNTER.fetch_add(1, Ordering::Relaxed);
         let dir = JobDir(self.config.run_dir.join(crate::paths::job_dir_name(n)));
         if let Err(e) = std::fs::create_dir(&dir.0) {
@@ -292,6 +301,7 @@ impl Executor {
         }
         // The job's sources (`JobSource::LocalDir`) travel as a third disk.
         let mut start = build_start(job, &rootfs);
+        start.services = services.start(job);
         // Dropped after the VM is gone (below), before the job's directory.
         let network = match self.networks.attach(&dir.0).await {
             Ok(n) => n,
@@ -343,6 +353,8 @@ impl Executor {
                 ephemeral: true,
             });
         }
+        // Services' disks last: their serials name them.
+        disks.extend(services.disks());
 
         let mconfig = MachineConfig {
             kernel: self.config.kernel.image.clone(),
@@ -499,7 +511,11 @@ impl Executor {
 
         let run_started = Instant::now();
         let start_env = start.env.clone();
+        let services = start.services.clone();
         io.start(start, run.timeout).await?;
+        if let Some(s) = &services {
+            services::await_services(&mut io, run.job, s, run.sink).await?;
+        }
         run.result.outputs = steps::run_steps(
             &mut io,
             run.job,

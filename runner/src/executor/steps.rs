@@ -380,6 +380,7 @@ pub fn build_start(job: &JobSpec, rootfs: &Rootfs) -> Start {
         workdir,
         user: rootfs.config.user.clone(),
         network: None,
+        services: None,
     }
 }
 

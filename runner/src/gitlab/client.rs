@@ -10,11 +10,14 @@ use super::job::JobResponse;
 use super::GitlabError;
 
 /// What kiln tells GitLab it can do. Only what it really does: no
-/// services, terminal, sessions or two-phase commit.
+/// terminal, sessions or two-phase commit.
 pub fn features() -> serde_json::Value {
     serde_json::json!({
         "variables": true,
         "image": true,
+        "services": true,
+        "service_variables": true,
+        "service_multiple_aliases": true,
         "artifacts": true,
         "artifacts_exclude": true,
         "cache": true,

@@ -79,6 +79,14 @@ pub enum JobError {
         shown(.image), kiln_images::trunc(&.allowed.join(", "), kiln_images::MAX_SHOWN)
     )]
     ImageNotAllowed { image: String, allowed: Vec<String> },
+    #[error("service {}: {}", .index, .source)]
+    Service {
+        index: usize,
+        #[source]
+        source: Box<JobError>,
+    },
+    #[error(transparent)]
+    ServiceSpec(#[from] kiln_pipelines::services::ServiceError),
 }
 
 impl JobError {
@@ -86,7 +94,10 @@ impl JobError {
     /// not know that one (as gitlab-runner falls back).
     pub fn failure_reason(&self) -> (&'static str, &'static str) {
         match self {
-            JobError::NoImage => ("runner_configuration_error", "script_failure"),
+            JobError::NoImage | JobError::ServiceSpec(_) => {
+                ("runner_configuration_error", "script_failure")
+            }
+            JobError::Service { source, .. } => source.failure_reason(),
             _ => ("image_pull_failure", "runner_system_failure"),
         }
     }
@@ -221,6 +232,41 @@ impl JobResponse {
             .collect()
     }
 
+    /// The job's `services`, each image checked with the runner's image
+    /// policy (as the job's own image), each alias a host name, at most
+    /// [`MAX_SERVICES`](kiln_pipelines::services::MAX_SERVICES).
+    fn service_specs(&self, ctx: &Context) -> Result<Vec<kiln_pipelines::ServiceSpec>, JobError> {
+        kiln_pipelines::services::check_count(self.services.len())?;
+        self.services
+            .iter()
+            .enumerate()
+            .map(|(index, s)| {
+                let wrap = |e: JobError| JobError::Service {
+                    index,
+                    source: Box::new(e),
+                };
+                // A name that does not parse is the executor's to report,
+                // as for the job's image.
+                if let Err(refused) = parse_image(&s.name, &ctx.image_policy) {
+                    return Err(wrap(refused));
+                }
+                let variables = s
+                    .variables
+                    .iter()
+                    .map(|v| Variable::new(&v.key, &v.value))
+                    .collect();
+                kiln_pipelines::services::service(
+                    &s.name,
+                    Some(s.alias.as_str()),
+                    s.entrypoint.clone(),
+                    s.command.clone(),
+                    variables,
+                )
+                .map_err(|e| wrap(e.into()))
+            })
+            .collect()
+    }
+
     /// Translate to a [`JobSpec`] (see docs/gitlab.md for the mapping).
     pub fn to_spec(&self, ctx: &Context) -> Result<Prepared, JobError> {
         let own = self.image.as_ref().map(|i| i.name.clone());
@@ -236,6 +282,7 @@ impl JobResponse {
                 (name, source)
             }
         };
+        let services = self.service_specs(ctx)?;
         let project_dir = format!("{BUILDS_DIR}/{}", project_path(self));
         let tmp_dir = format!("{project_dir}.tmp");
         let timeout = if self.runner_info.timeout > 0 {
@@ -378,6 +425,7 @@ impl JobResponse {
         spec.cache = cache;
         spec.source = JobSource::LocalDir(ctx.workspace.clone());
         spec.stage = Some(self.job_info.stage.clone()).filter(|s| !s.is_empty());
+        spec.services = services;
         Ok(Prepared {
             spec,
             image: source,
@@ -539,5 +587,53 @@ mod tests {
         let mut c = ctx();
         c.default_image = None;
         assert!(job().to_spec(&c).is_err());
+    }
+
+    #[test]
+    fn services_come_from_the_payload_checked() {
+        let with = |services: serde_json::Value| {
+            let mut j = job();
+            j.services = serde_json::from_value(services).unwrap();
+            j
+        };
+        let j = with(serde_json::json!([
+            {"name": "postgres:15", "alias": "db", "variables": [{"key": "POSTGRES_PASSWORD", "value": "x"}]},
+            {"name": "registry.example.com/group/img", "entrypoint": ["/bin/sh"], "command": ["-c", "serve"], "alias": null},
+        ]));
+        let s = j.to_spec(&ctx()).unwrap().spec.services;
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].aliases, vec!["postgres", "db"]);
+        assert_eq!(s[0].variables[0].key, "POSTGRES_PASSWORD");
+        assert_eq!(
+            s[1].aliases,
+            vec![
+                "registry.example.com__group__img",
+                "registry.example.com-group-img"
+            ]
+        );
+        assert_eq!(s[1].entrypoint, Some(vec!["/bin/sh".to_string()]));
+
+        let e = with(serde_json::json!([{"name": "pg", "alias": "x\n6.6.6.6 gitlab.com"}]))
+            .to_spec(&ctx())
+            .unwrap_err();
+        assert!(e.to_string().contains("service 0: service alias"), "{e}");
+        assert_eq!(e.failure_reason().0, "runner_configuration_error");
+        let nine: Vec<_> = (0..9)
+            .map(|i| serde_json::json!({"name": format!("s{i}")}))
+            .collect();
+        let e = with(serde_json::Value::Array(nine))
+            .to_spec(&ctx())
+            .unwrap_err();
+        assert!(e.to_string().contains("at most 8"), "{e}");
+        // The runner's image policy holds for services as for the image.
+        let e = with(serde_json::json!([{"name": "/srv/layout"}]))
+            .to_spec(&ctx())
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("service 0: image '/srv/layout' is a path"),
+            "{e}"
+        );
+        assert_eq!(e.failure_reason().0, "image_pull_failure");
     }
 }

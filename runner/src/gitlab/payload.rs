@@ -28,6 +28,8 @@ pub struct JobResponse {
     #[serde(default, deserialize_with = "nd")]
     pub image: Option<Image>,
     #[serde(default, deserialize_with = "nd")]
+    pub services: Vec<Service>,
+    #[serde(default, deserialize_with = "nd")]
     pub artifacts: Vec<Artifact>,
     #[serde(default, deserialize_with = "nd")]
     pub dependencies: Vec<Dependency>,
@@ -107,6 +109,23 @@ pub struct JobStep {
 pub struct Image {
     #[serde(default, deserialize_with = "nd")]
     pub name: String,
+}
+
+/// One of `services` (`common/spec` `Image`): the image `name`, its
+/// `alias`(es), `entrypoint`, `command` and `variables`. `ports`,
+/// `pull_policy` and `executor_opts` are not used.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Service {
+    #[serde(default, deserialize_with = "nd")]
+    pub name: String,
+    #[serde(default, deserialize_with = "nd")]
+    pub alias: String,
+    #[serde(default, deserialize_with = "nd")]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "nd")]
+    pub command: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "nd")]
+    pub variables: Vec<JobVariable>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -21,7 +21,7 @@ fn find_disk(serial: &str) -> Option<String> {
 }
 
 /// Wait for the disk with serial `serial`.
-fn wait_for_disk(serial: &str, what: &str) -> Result<String> {
+pub(super) fn wait_for_disk(serial: &str, what: &str) -> Result<String> {
     wait_for(
         DEVICE_WAIT,
         &format!("the {what} disk (serial {serial})"),
@@ -62,30 +62,45 @@ pub fn mount_root(cmdline: &str) -> Result<()> {
         MountFlags::empty(),
         c"lowerdir=/lower,upperdir=/scratch/upper,workdir=/scratch/work",
     )?;
-    let nr = |p: &str| format!("{NEWROOT}{p}");
+    mount_api(NEWROOT)?;
+    let tmpfs = MountFlags::NOSUID | MountFlags::NODEV;
+    mount(
+        "tmpfs",
+        &format!("{NEWROOT}{SCRIPT_DIR}"),
+        "tmpfs",
+        tmpfs,
+        c"mode=0755",
+    )?;
+    mount_workspace(cmdline)
+}
+
+/// The API filesystems inside `root` (the job's, or a service's): proc,
+/// sysfs (read-only), devtmpfs, devpts, `/dev/shm`; and `/tmp` (in the
+/// overlay) open to everyone.
+pub(super) fn mount_api(root: &str) -> Result<()> {
+    let r = |p: &str| format!("{root}{p}");
     let api = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
-    mount("proc", &nr("/proc"), "proc", api, c"")?;
-    mount("sysfs", &nr("/sys"), "sysfs", api | MountFlags::RDONLY, c"")?;
+    mount("proc", &r("/proc"), "proc", api, c"")?;
+    mount("sysfs", &r("/sys"), "sysfs", api | MountFlags::RDONLY, c"")?;
     mount(
         "devtmpfs",
-        &nr("/dev"),
+        &r("/dev"),
         "devtmpfs",
         MountFlags::NOSUID,
         c"mode=0755",
     )?;
     mount(
         "devpts",
-        &nr("/dev/pts"),
+        &r("/dev/pts"),
         "devpts",
         MountFlags::NOSUID | MountFlags::NOEXEC,
         c"newinstance,ptmxmode=0666,mode=0620",
     )?;
     let tmpfs = MountFlags::NOSUID | MountFlags::NODEV;
-    mount("tmpfs", &nr("/dev/shm"), "tmpfs", tmpfs, c"mode=1777")?;
-    mount("tmpfs", &nr(SCRIPT_DIR), "tmpfs", tmpfs, c"mode=0755")?;
-    let _ = std::fs::create_dir_all(nr("/tmp"));
-    let _ = set_mode(&nr("/tmp"), 0o1777);
-    mount_workspace(cmdline)
+    mount("tmpfs", &r("/dev/shm"), "tmpfs", tmpfs, c"mode=1777")?;
+    let _ = std::fs::create_dir_all(r("/tmp"));
+    let _ = set_mode(&r("/tmp"), 0o1777);
+    Ok(())
 }
 
 /// The job's workspace: when the host attached a disk with serial

@@ -3,8 +3,10 @@
 //! - `boot`: API filesystems, kernel modules, the command line, devices;
 //! - `disks`: the job's root filesystem (image, scratch, overlay, workspace);
 //! - `port`: the protocol's virtio-console port;
-//! - `session`: the frame loop (`Ready`, `Start`, `RunStep`,
+//! - `session`: the frame loop (`Ready`, `Start`, `ServiceStatus`, `RunStep`,
 //!   `CollectArtifacts`, `Cancel`, `Finish`, `Done`);
+//! - `services`: the job's services (their roots, processes, output and
+//!   health check);
 //! - `job`: the job's context (user, working directory, environment) and a
 //!   step's files;
 //! - `step`: running one step (output, timeout, cancel, its `StepEnd`);
@@ -20,6 +22,7 @@ mod error;
 mod job;
 mod net;
 mod port;
+mod services;
 mod session;
 mod spawn;
 mod step;

@@ -17,7 +17,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
 
-use kiln_agent::proto::GuestNetwork;
+use kiln_agent::proto::{is_host_alias, GuestNetwork};
 
 use super::error::{Error, Result};
 use super::NEWROOT;
@@ -109,13 +109,17 @@ pub fn check(n: &GuestNetwork) -> Result<Checked> {
     })
 }
 
-/// Bring up `lo`, and `eth0` with `net` if the job has a network.
-pub fn setup(net: Option<&GuestNetwork>) -> Result<()> {
+/// Bring up `lo`, and `eth0` with `net` if the job has a network; write
+/// the name-service files into the job's root, with `aliases` (the
+/// services') on 127.0.0.1. Returns those files, for the services' roots.
+pub fn setup(net: Option<&GuestNetwork>, aliases: &[String]) -> Result<Vec<NameFile>> {
     let sock = Sock::open()?;
     sock.up("lo")?;
     let Some(net) = net else {
         // No network, but `localhost` resolves, as under docker.
-        return write_files(&[("/etc/hosts", hosts(None, "kiln"))]);
+        let files = vec![("/etc/hosts", hosts(None, "kiln", aliases))];
+        write_files(NEWROOT, &files)?;
+        return Ok(files);
     };
     let c = check(net)?;
     wait_for_iface()?;
@@ -124,10 +128,14 @@ pub fn setup(net: Option<&GuestNetwork>) -> Result<()> {
     sock.ioctl_addr(IFACE, SIOCSIFNETMASK, c.netmask, "set the netmask of")?;
     sock.up(IFACE)?;
     sock.default_route(c.gateway)?;
-    write_files(&files(&c))?;
+    let files = files(&c, aliases).to_vec();
+    write_files(NEWROOT, &files)?;
     super::sys::sethostname(&c.hostname);
-    Ok(())
+    Ok(files)
 }
+
+/// A name-service file: its path inside a root, and its contents.
+pub type NameFile = (&'static str, String);
 
 fn wait_for_iface() -> Result<()> {
     let name = CString::new(IFACE).map_err(|_| Error::NulByte(IFACE.into()))?;
@@ -294,33 +302,40 @@ impl Sock {
     }
 }
 
-/// The contents of the job's `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname`.
-pub fn files(c: &Checked) -> [(&'static str, String); 3] {
+/// The contents of the job's `/etc/resolv.conf`, `/etc/hosts` and
+/// `/etc/hostname`; `aliases` on 127.0.0.1.
+pub fn files(c: &Checked, aliases: &[String]) -> [NameFile; 3] {
     let mut resolv = String::from("# written by kiln\n");
     for d in &c.dns {
         resolv.push_str(&format!("nameserver {d}\n"));
     }
     [
         ("/etc/resolv.conf", resolv),
-        ("/etc/hosts", hosts(Some(c.address), &c.hostname)),
+        ("/etc/hosts", hosts(Some(c.address), &c.hostname, aliases)),
         ("/etc/hostname", format!("{}\n", c.hostname)),
     ]
 }
 
-/// `/etc/hosts`: localhost, and the host name on the guest's address (on
-/// loopback without one).
-fn hosts(address: Option<Ipv4Addr>, hostname: &str) -> String {
+/// `/etc/hosts`: localhost and `aliases` (the services', those that are
+/// host names: [`is_host_alias`]), and the host name on the guest's address
+/// (on loopback without one).
+fn hosts(address: Option<Ipv4Addr>, hostname: &str, aliases: &[String]) -> String {
+    let mut local = String::from("localhost");
+    for a in aliases.iter().filter(|a| is_host_alias(a)) {
+        local.push(' ');
+        local.push_str(a);
+    }
     format!(
-        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{hostname}\n",
+        "127.0.0.1\t{local}\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{hostname}\n",
         address.map_or_else(|| "127.0.1.1".to_string(), |a| a.to_string())
     )
 }
 
-/// Write [`files`] inside the job's root: whatever the image has there
-/// (a file, or a symbolic link that could point anywhere) is removed first,
-/// and the new file is created without following links.
-fn write_files(files: &[(&str, String)]) -> Result<()> {
-    let etc = format!("{NEWROOT}/etc");
+/// Write [`files`] inside `root` (the job's, or a service's): whatever the
+/// image has there (a file, or a symbolic link that could point anywhere) is
+/// removed first, and the new file is created without following links.
+pub fn write_files(root: &str, files: &[(&str, String)]) -> Result<()> {
+    let etc = format!("{root}/etc");
     match std::fs::symlink_metadata(&etc) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => return Err(Error::Network("the image's /etc is not a directory".into())),
@@ -330,7 +345,7 @@ fn write_files(files: &[(&str, String)]) -> Result<()> {
         })?,
     }
     for (path, text) in files {
-        let host = format!("{NEWROOT}{path}");
+        let host = format!("{root}{path}");
         let fail = |e: std::io::Error| Error::StepFile {
             what: format!("cannot write {path}"),
             error: e,
@@ -371,9 +386,10 @@ mod tests {
     fn a_good_config_gives_the_files() {
         let c = check(&good()).unwrap();
         assert_eq!(c.netmask, Ipv4Addr::new(255, 255, 255, 252));
-        let [resolv, hosts, hostname] = files(&c);
+        let [resolv, hosts, hostname] =
+            files(&c, &["db".into(), "a b".into(), "x\n1.2.3.4 y".into()]);
         assert!(resolv.1.ends_with("nameserver 10.213.0.1\n"));
-        assert!(hosts.1.contains("127.0.0.1\tlocalhost\n"));
+        assert!(hosts.1.contains("127.0.0.1\tlocalhost db\n"), "{}", hosts.1);
         assert!(hosts.1.contains("10.213.0.2\tkiln\n"));
         assert_eq!(hostname.1, "kiln\n");
     }

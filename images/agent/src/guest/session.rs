@@ -1,5 +1,6 @@
-//! The frame loop: wait for `Start`, then serve `RunStep` and
-//! `CollectArtifacts` until `Finish` (or a hard `Cancel`), then `Done`.
+//! The frame loop: wait for `Start`, start the job's services (and say how
+//! each went), then serve `RunStep` and `CollectArtifacts` until `Finish`
+//! (or a hard `Cancel`), then `Done`.
 
 use kiln_agent::proto::{Cancel, Frame, StepStart};
 
@@ -7,6 +8,7 @@ use super::artifacts::send_artifacts;
 use super::error::Result;
 use super::job::Job;
 use super::port::Port;
+use super::services::Services;
 use super::step::run_step;
 use super::sys;
 
@@ -19,8 +21,14 @@ pub fn serve(port: &mut Port) -> Result<()> {
             other => port.log(&format!("ignoring {other:?} before Start")),
         }
     };
-    super::net::setup(start.network.as_ref())?;
+    let mut services = Services::mount(start.services.as_ref());
+    let names = super::net::setup(start.network.as_ref(), &services.aliases())?;
+    services.write_name_files(&names, port);
     let job = Job::prepare(&start)?;
+    if start.services.is_some() {
+        services.start();
+        services.report(port)?;
+    }
     run_job(port, &job)?;
     // The host may kill the VM as soon as it sees Done: flush every
     // filesystem first.

@@ -1,10 +1,12 @@
-//! Starting a step's process: fork, then in the child `setsid`, default
-//! signal dispositions, stdio on the step's pipes, `chroot` into the job's
-//! root, the working directory, the image's user, `execve` along `PATH`.
+//! Starting a step's (or a service's) process: fork, then in the child
+//! `setsid`, default signal dispositions, stdio on the step's pipes,
+//! `chroot` into the job's root (a service: its own mount namespace with
+//! its root moved onto `/`), the working directory, the image's user,
+//! `execve` along `PATH`.
 //!
 //! Between fork and exec the child must not allocate (another thread could
-//! have held the allocator's lock; the agent has none now, but must not
-//! depend on that): everything it uses is prepared before the fork, and it
+//! have held the allocator's lock: with services, their log reader runs):
+//! everything it uses is prepared before the fork, and it
 //! only makes system calls. Most go through `rustix` (direct system calls,
 //! no allocation for `&CStr` paths); `fork`, `sigaction`, `sigprocmask`,
 //! `execve` and `_exit` stay `libc`, which rustix offers only as unsafe
@@ -40,6 +42,9 @@ pub fn pipe() -> Result<Pipe> {
 /// What the child needs, all prepared before fork.
 struct ChildPlan<'a> {
     root: CString,
+    /// Enter a mount namespace of its own and make `root` its `/` there
+    /// (services), rather than only `chroot` into it (steps).
+    own_mount_ns: bool,
     workdir: CString,
     candidates: Vec<CString>,
     /// NULL-terminated, pointing into `spawn`'s `c_args` and `c_env`.
@@ -59,8 +64,19 @@ fn cstr(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::NulByte(s.into()))
 }
 
-/// Fork and exec `argv` chrooted into the job's root, as `ident`.
-pub fn spawn(
+/// Where a process runs.
+pub enum Root<'a> {
+    /// The job's root ([`NEWROOT`]), by `chroot`: the steps.
+    Job,
+    /// A service's root (a mount point), made `/` of a mount namespace of
+    /// the process's own, so nothing outside it (the agent's initramfs, the
+    /// job's root, other services) is reachable from it.
+    Isolated(&'a str),
+}
+
+/// Fork and exec `argv` in `root`, as `ident`.
+pub fn spawn_in(
+    root: Root<'_>,
     argv: &[String],
     env: &[(String, String)],
     workdir: &str,
@@ -68,6 +84,10 @@ pub fn spawn(
     out: &Pipe,
     err: &Pipe,
 ) -> Result<Pid> {
+    let (root, own_mount_ns) = match root {
+        Root::Job => (NEWROOT, false),
+        Root::Isolated(r) => (r, true),
+    };
     let path_var = env
         .iter()
         .find(|(k, _)| k == "PATH")
@@ -97,7 +117,8 @@ pub fn spawn(
     // SAFETY: `empty_mask` is a valid, writable sigset_t.
     unsafe { libc::sigemptyset(&mut empty_mask) };
     let plan = ChildPlan {
-        root: cstr(NEWROOT)?,
+        root: cstr(root)?,
+        own_mount_ns,
         workdir: cstr(workdir)?,
         candidates,
         argv: null_terminated(&c_args),
@@ -116,9 +137,9 @@ pub fn spawn(
         empty_mask,
     };
 
-    // SAFETY: fork(2) in a single-threaded process; the child only makes
-    // system calls on memory prepared above and then execs or _exits
-    // (`in_child` never returns).
+    // SAFETY: the child only makes system calls on memory prepared above
+    // (no allocation, no lock another thread could hold: the service log
+    // reader may run) and then execs or _exits (`in_child` never returns).
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(Error::Fork(std::io::Error::last_os_error()));
@@ -155,7 +176,9 @@ fn in_child(plan: &ChildPlan<'_>) -> ! {
     }
     let _ = rustix::stdio::dup2_stdout(plan.out);
     let _ = rustix::stdio::dup2_stderr(plan.err);
-    if rustix::process::chroot(plan.root.as_c_str()).is_err()
+    if plan.own_mount_ns {
+        enter_own_root(plan);
+    } else if rustix::process::chroot(plan.root.as_c_str()).is_err()
         || rustix::process::chdir(c"/").is_err()
     {
         fail(
@@ -193,6 +216,29 @@ fn in_child(plan: &ChildPlan<'_>) -> ! {
         fail(b"kiln: permission denied\n", EXIT_NOT_EXECUTABLE);
     }
     fail(plan.not_found.as_bytes(), EXIT_NOT_FOUND)
+}
+
+/// In the child: a mount namespace of its own in which `plan.root` (a
+/// mount point) is moved onto `/` and made the root, as `switch_root` does
+/// (`pivot_root` cannot leave the initramfs). The old root is left under
+/// the moved mount, out of reach.
+fn enter_own_root(plan: &ChildPlan<'_>) {
+    use rustix::mount::MountPropagationFlags as P;
+    // SAFETY: unshare(2) of the mount namespace only (not the descriptor
+    // table), in the child's one thread.
+    let unshared = unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) };
+    if unshared.is_err()
+        || rustix::mount::mount_change(c"/", P::PRIVATE | P::REC).is_err()
+        || rustix::process::chdir(plan.root.as_c_str()).is_err()
+        || rustix::mount::mount_move(c".", c"/").is_err()
+        || rustix::process::chroot(c".").is_err()
+        || rustix::process::chdir(c"/").is_err()
+    {
+        fail(
+            b"kiln: cannot enter the service's root filesystem\n",
+            EXIT_CANNOT_START,
+        );
+    }
 }
 
 /// In the child: say why on stderr (the step's pipe) and exit with `code`.

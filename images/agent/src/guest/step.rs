@@ -13,7 +13,7 @@ use rustix::process::{Pid, Signal, WaitOptions};
 use super::error::{Error, Result};
 use super::job::{Job, StepFiles};
 use super::port::Port;
-use super::spawn::{pipe, spawn};
+use super::spawn::{pipe, spawn_in, Root};
 use super::sys::kmsg;
 
 /// After a step's process exits, how long we keep reading output its
@@ -47,7 +47,7 @@ fn start_step(job: &Job, step: &StepSpec) -> Result<Started> {
     let env = job.step_env(step, files.as_ref());
     let out = pipe()?;
     let err = pipe()?;
-    let child = spawn(&argv, &env, &workdir, &job.ident, &out, &err)?;
+    let child = spawn_in(Root::Job, &argv, &env, &workdir, &job.ident, &out, &err)?;
     Ok(Started {
         child,
         out: out.read,
@@ -215,7 +215,7 @@ fn poll_step(
 }
 
 /// The shell convention: the exit status, or 128 + the signal that killed it.
-fn exit_code(status: i32) -> i32 {
+pub(super) fn exit_code(status: i32) -> i32 {
     if libc::WIFEXITED(status) {
         libc::WEXITSTATUS(status)
     } else if libc::WIFSIGNALED(status) {

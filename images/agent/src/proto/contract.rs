@@ -4,7 +4,7 @@
 //! take them from here; a change to any of them is a protocol change.
 
 /// Bumped on every incompatible change (to the frames or to the names below).
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Name of the virtio-console port the protocol is spoken on. The agent
 /// finds it in `/sys/class/virtio-ports/*/name`.
@@ -19,6 +19,34 @@ pub const SCRATCH_DISK_SERIAL: &str = "kiln-scratch";
 /// Serial of the optional workspace disk (ext4), mounted at
 /// [`CMDLINE_WORKDIR`].
 pub const WORK_DISK_SERIAL: &str = "kiln-work";
+
+/// Serial prefix of a service's root filesystem disk (read-only, the
+/// image's, as [`ROOT_DISK_SERIAL`]): service `i` of `Start::services` is
+/// on the disk with serial `kiln-svc-<i>` ([`service_disk_serial`]).
+pub const SERVICE_DISK_SERIAL_PREFIX: &str = "kiln-svc-";
+/// Most services one job may have (each is a disk of the VM).
+pub const MAX_SERVICES: usize = 8;
+
+/// The serial of service `index`'s disk.
+pub fn service_disk_serial(index: u32) -> String {
+    format!("{SERVICE_DISK_SERIAL_PREFIX}{index}")
+}
+
+/// Whether `name` may stand in `/etc/hosts` as a service alias: dot-separated
+/// labels of ASCII letters, digits, `-` and `_` (Docker accepts the `__` of
+/// gitlab-runner's derived aliases), each 1..=63 bytes and not starting or
+/// ending with `-`, at most 253 bytes in all.
+pub fn is_host_alias(name: &str) -> bool {
+    let label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    !name.is_empty() && name.len() <= 253 && name.split('.').all(label)
+}
 
 /// Kernel command-line key (`kiln.rootfstype=erofs`): the root disk's
 /// filesystem type; [`DEFAULT_ROOTFSTYPE`] when absent.

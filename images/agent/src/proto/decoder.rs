@@ -94,6 +94,26 @@ mod tests {
                     dns: vec!["10.213.0.1".into()],
                     hostname: "kiln".into(),
                 }),
+                services: Some(Services {
+                    wait_ms: 30_000,
+                    list: vec![ServiceStart {
+                        index: 0,
+                        name: "postgres:15".into(),
+                        aliases: vec!["postgres".into(), "db".into()],
+                        fstype: "erofs".into(),
+                        argv: vec!["docker-entrypoint.sh".into(), "postgres".into()],
+                        env: vec![("POSTGRES_PASSWORD".into(), "x".into())],
+                        workdir: String::new(),
+                        user: "postgres".into(),
+                        ports: vec![5432],
+                    }],
+                }),
+            }),
+            Frame::ServiceStatus(ServiceStatus {
+                index: 0,
+                healthy: false,
+                error: "no connection".into(),
+                log: "line\n\u{1b}[31m".into(),
             }),
             Frame::RunStep(StepSpec {
                 index: 3,

@@ -30,6 +30,7 @@ pub(super) enum Kind {
     Finish = 12,
     CollectArtifacts = 13,
     ArtifactsEnd = 14,
+    ServiceStatus = 15,
 }
 
 impl Kind {
@@ -49,6 +50,7 @@ impl Kind {
             12 => Kind::Finish,
             13 => Kind::CollectArtifacts,
             14 => Kind::ArtifactsEnd,
+            15 => Kind::ServiceStatus,
             _ => return None,
         })
     }
@@ -76,6 +78,9 @@ pub enum Frame {
     Finish,
     CollectArtifacts(CollectArtifacts),
     ArtifactsEnd(ArtifactsEnd),
+    /// Guest -> host: how one of `Start::services` started (one frame per
+    /// service, before the first step).
+    ServiceStatus(ServiceStatus),
 }
 
 /// A frame that cannot be encoded, or bytes from the peer that are not a
@@ -119,6 +124,7 @@ impl Frame {
             Frame::RunStep(v) => json(out, Kind::RunStep, v),
             Frame::CollectArtifacts(v) => json(out, Kind::CollectArtifacts, v),
             Frame::ArtifactsEnd(v) => json(out, Kind::ArtifactsEnd, v),
+            Frame::ServiceStatus(v) => json(out, Kind::ServiceStatus, v),
             Frame::Done => out.push(Kind::Done as u8),
             Frame::Finish => out.push(Kind::Finish as u8),
             Frame::Output { step, stream, data } => {
@@ -161,6 +167,7 @@ impl Frame {
             Frame::Finish => "Finish".into(),
             Frame::CollectArtifacts(_) => "CollectArtifacts".into(),
             Frame::ArtifactsEnd(_) => "ArtifactsEnd".into(),
+            Frame::ServiceStatus(s) => format!("ServiceStatus for service {}", s.index),
         }
     }
 
@@ -194,6 +201,7 @@ impl Frame {
             Kind::RunStep => Frame::RunStep(j(k, payload)?),
             Kind::CollectArtifacts => Frame::CollectArtifacts(j(k, payload)?),
             Kind::ArtifactsEnd => Frame::ArtifactsEnd(j(k, payload)?),
+            Kind::ServiceStatus => Frame::ServiceStatus(j(k, payload)?),
             Kind::Done | Kind::Finish => {
                 if !payload.is_empty() {
                     return Err(ProtoError::BadBody {

@@ -35,7 +35,66 @@ pub struct Start {
     /// in frames of hosts that predate it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<GuestNetwork>,
+    /// The job's services, started before the first step; absent in frames
+    /// of hosts that predate them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<Services>,
 }
+
+/// The services a job runs beside its steps, each from its own image on
+/// its own disk, in the VM's one network namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Services {
+    /// How long the agent waits for each service's `ports` to accept a
+    /// connection (0: not at all). At most [`MAX_SERVICES`](super::MAX_SERVICES).
+    pub wait_ms: u64,
+    pub list: Vec<ServiceStart>,
+}
+
+/// One service as the agent starts it: the image's root filesystem (the
+/// disk with serial [`service_disk_serial`](super::service_disk_serial)`(index)`,
+/// read-only, under an overlay) in a mount namespace of its own, running
+/// `argv` as `user` with `env`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStart {
+    /// Its place in `Services::list`, which its disk's serial carries.
+    pub index: u32,
+    /// The service's image name, for messages.
+    pub name: String,
+    /// Host names that resolve to 127.0.0.1 in the job's and every
+    /// service's `/etc/hosts` (checked again with
+    /// [`is_host_alias`](super::is_host_alias)).
+    pub aliases: Vec<String>,
+    /// The disk's filesystem (`erofs`, `ext4`).
+    pub fstype: String,
+    /// The program (its entrypoint and command, as Docker joins them).
+    pub argv: Vec<String>,
+    /// Its whole environment.
+    pub env: Vec<(String, String)>,
+    /// Absolute working directory inside its root; empty: `/`.
+    pub workdir: String,
+    /// The image's `User`; empty: root.
+    pub user: String,
+    /// TCP ports on 127.0.0.1 of which one must accept a connection within
+    /// `Services::wait_ms`; empty: no wait.
+    pub ports: Vec<u16>,
+}
+
+/// Guest -> host: how service `index` started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub index: u32,
+    /// It runs and (if it has ports) one of them accepted a connection.
+    pub healthy: bool,
+    /// Why not, when not healthy.
+    pub error: String,
+    /// The end of its output (stdout and stderr as they came), at most
+    /// [`MAX_SERVICE_LOG`] bytes; sent only when not healthy.
+    pub log: String,
+}
+
+/// Most bytes of a service's output the agent keeps (and sends).
+pub const MAX_SERVICE_LOG: usize = 16 * 1024;
 
 /// How the agent configures `eth0` (the VM's one virtio-net device) and the
 /// job's name-service files. Every value is checked again in the guest.
@@ -187,6 +246,7 @@ mod tests {
         let old = r#"{"env":[],"workdir":"/","user":""}"#;
         let s: Start = serde_json::from_str(old).unwrap();
         assert_eq!(s.network, None);
+        assert_eq!(s.services, None);
         assert_eq!(serde_json::to_string(&s).unwrap(), old);
     }
 
