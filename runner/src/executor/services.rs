@@ -325,7 +325,7 @@ mod tests {
             w.contains("*** WARNING:\x1b[0;m Service postgres:15 probably didn't start properly.")
         );
         assert!(
-            w.contains("Health check error:\nno connection\\n\\u{1b}[2J\n"),
+            w.contains("Health check error:\nno connection\\n\\x1b[2J\n"),
             "{w:?}"
         );
         assert!(w.contains("last line\n"));
