@@ -3,8 +3,10 @@
 pub mod agent;
 pub mod checkout;
 pub mod config;
+pub mod daemon;
 pub mod env;
 pub mod executor;
+pub mod github;
 pub mod gitlab;
 pub mod joblog;
 pub mod local;

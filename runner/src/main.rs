@@ -43,7 +43,8 @@ enum Command {
     /// Job images: pull, list, remove, prune the cache.
     #[command(subcommand)]
     Image(image_cmd::ImageCmd),
-    /// Serve CI jobs from GitLab (see docs/gitlab.md), each in a fresh VM.
+    /// Serve CI jobs from GitLab and GitHub Actions (see docs/gitlab.md,
+    /// docs/github.md), each in a fresh VM.
     Daemon {
         /// The configuration file.
         #[arg(long, default_value = "kiln.toml")]
@@ -52,6 +53,21 @@ enum Command {
     /// GitLab runner registration.
     #[command(subcommand)]
     Gitlab(GitlabCmd),
+    /// GitHub Actions runners of a running `kiln daemon`.
+    #[command(subcommand)]
+    Github(GithubCmd),
+}
+
+#[derive(Subcommand)]
+enum GithubCmd {
+    /// Queued jobs and the runners (starting, running, draining) with their VMs.
+    Status {
+        #[arg(long, default_value = "kiln.toml")]
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -222,6 +238,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Daemon { config } => daemon(&config, &env),
         Command::Gitlab(cmd) => gitlab(cmd),
+        Command::Github(GithubCmd::Status { config, json }) => github_status(&config, &env, json),
         Command::Image(cmd) => image_cmd::run(cmd, &cache_dir, env.images()),
     }
 }
@@ -248,9 +265,28 @@ fn daemon(path: &std::path::Path, env: &Env) -> Result<ExitCode> {
                 }
             }
         };
-        kiln::gitlab::daemon::run(config, shutdown).await?;
+        kiln::daemon::run(config, shutdown).await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+fn github_status(path: &std::path::Path, env: &Env, json: bool) -> Result<ExitCode> {
+    let mut config = kiln::config::Config::load(path)?;
+    env.complete(&mut config)?;
+    let run_dir = config.run_dir.clone().unwrap_or_else(|| env.run_dir());
+    let status = match kiln::github::status::read(&run_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", kiln::github::status::render(&status));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn gitlab(cmd: GitlabCmd) -> Result<ExitCode> {
