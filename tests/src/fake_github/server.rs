@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, Request as AxRequest, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -312,7 +312,8 @@ async fn generate(State(s): State<Shared>, body: Bytes) -> Response {
         j.status = "in_progress".into();
         j.runner_name = Some(name);
         j.runner_id = Some(id);
-        event = st.event("in_progress", j.id);
+        let jid = j.id;
+        event = st.event("in_progress", jid);
     }
     let hook = st.webhook.clone();
     drop(st);
@@ -350,7 +351,8 @@ async fn delete_runner(State(s): State<Shared>, Path(p): Path<Vec<String>>) -> R
     if let Some(j) = job.and_then(|j| st.jobs.get_mut(&j)) {
         if j.status == "in_progress" {
             j.status = "completed".into();
-            event = st.event("completed", j.id);
+            let jid = j.id;
+            event = st.event("completed", jid);
         }
     }
     let hook = st.webhook.clone();
