@@ -33,10 +33,12 @@ if [ "$1" = "--jitconfig" ]; then cfg="$2"; fi
 unset ACTIONS_RUNNER_INPUT_JITCONFIG
 if [ -z "$cfg" ]; then echo "fake-runner: no JIT config" >&2; exit 1; fi
 files=$(printf '%s' "$cfg" | base64 -d) || { echo "fake-runner: the JIT config is not base64" >&2; exit 1; }
-case "$files" in
-  *'".runner"'*'".credentials"'*) ;;
-  *) echo "fake-runner: the JIT config holds no .runner/.credentials" >&2; exit 1 ;;
-esac
+for f in '".runner"' '".credentials"'; do
+  case "$files" in
+    *"$f"*) ;;
+    *) echo "fake-runner: the JIT config holds no $f" >&2; exit 1 ;;
+  esac
+done
 echo "fake-runner: started as uid=$(id -u)"
 echo "fake-runner: jitconfig-sha256=$(printf '%s' "$cfg" | sha256sum | cut -d' ' -f1)"
 echo "fake-runner: the config itself: $cfg"
