@@ -64,7 +64,7 @@ async fn service(
     let secret = entry.webhook_secret()?;
     let api = Api::new(entry, &auth).map_err(|source| GithubError::Api {
         entry: entry.name.clone(),
-        source,
+        source: Box::new(source),
     })?;
     let cache = config
         .cache_dir

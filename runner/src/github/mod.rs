@@ -32,7 +32,7 @@ pub enum GithubError {
     Api {
         entry: String,
         #[source]
-        source: api::ApiError,
+        source: Box<api::ApiError>,
     },
     #[error("[[github]] '{entry}': profile '{profile}': the executor could not start")]
     Executor {
