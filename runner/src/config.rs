@@ -85,6 +85,10 @@ pub struct Config {
     pub qemu: Option<PathBuf>,
     #[serde(default)]
     pub runners: Vec<RunnerConfig>,
+    /// GitHub Actions scopes served by ephemeral JIT runners
+    /// (docs/github.md); they share `concurrent` with the GitLab runners.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub github: Vec<crate::github::config::GithubConfig>,
 }
 
 /// One `[[runners]]` entry: a GitLab runner registration.
@@ -272,6 +276,16 @@ impl Config {
             if let Some(c) = &r.cache {
                 c.validate(&r.name).map_err(ConfigError::Invalid)?;
             }
+        }
+        let mut names = std::collections::HashSet::new();
+        for g in &self.github {
+            if !names.insert(&g.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "two [[github]] entries are named '{}'",
+                    g.name
+                )));
+            }
+            g.validate()?;
         }
         Ok(())
     }

@@ -46,7 +46,8 @@ enum Command {
     /// VM snapshots (kvm backend) in the cache: list, remove.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
-    /// Serve CI jobs from GitLab (see docs/gitlab.md), each in a fresh VM.
+    /// Serve CI jobs from GitLab and GitHub Actions (see docs/gitlab.md,
+    /// docs/github.md), each in a fresh VM.
     Daemon {
         /// The configuration file.
         #[arg(long, default_value = "kiln.toml")]
@@ -55,6 +56,21 @@ enum Command {
     /// GitLab runner registration.
     #[command(subcommand)]
     Gitlab(GitlabCmd),
+    /// GitHub Actions runners of a running `kiln daemon`.
+    #[command(subcommand)]
+    Github(GithubCmd),
+}
+
+#[derive(Subcommand)]
+enum GithubCmd {
+    /// Queued jobs and the runners (starting, running, draining) with their VMs.
+    Status {
+        #[arg(long, default_value = "kiln.toml")]
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -240,6 +256,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Daemon { config } => daemon(&config, &env),
         Command::Gitlab(cmd) => gitlab(cmd),
+        Command::Github(GithubCmd::Status { config, json }) => github_status(&config, &env, json),
         Command::Image(cmd) => image_cmd::run(cmd, &cache_dir, env.images()),
         Command::Snapshot(cmd) => snapshot_cmd(cmd, &cache_dir),
     }
@@ -313,9 +330,28 @@ fn daemon(path: &std::path::Path, env: &Env) -> Result<ExitCode> {
                 }
             }
         };
-        kiln::gitlab::daemon::run(config, shutdown).await?;
+        kiln::daemon::run(config, shutdown).await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+fn github_status(path: &std::path::Path, env: &Env, json: bool) -> Result<ExitCode> {
+    let mut config = kiln::config::Config::load(path)?;
+    env.complete(&mut config)?;
+    let run_dir = config.run_dir.clone().unwrap_or_else(|| env.run_dir());
+    let status = match kiln::github::status::read(&run_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", kiln::github::status::render(&status));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn gitlab(cmd: GitlabCmd) -> Result<ExitCode> {

@@ -2,6 +2,7 @@
 //! build, a shared kernel cache, and leak checks (no QEMU process, no per-VM
 //! file left behind).
 
+pub mod fake_github;
 pub mod fake_gitlab;
 pub mod fixtures;
 pub mod harness;

@@ -147,6 +147,17 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), GitlabError> {
+    let global = Arc::new(Semaphore::new(config.concurrent));
+    run_shared(config, global, shutdown).await
+}
+
+/// [`run`] with the daemon's `concurrent` budget shared with other
+/// providers (`crate::daemon`): `global` holds `concurrent` permits.
+pub async fn run_shared(
+    config: Config,
+    global: Arc<Semaphore>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), GitlabError> {
     config.validate()?;
     if config.runners.is_empty() {
         return Err(GitlabError::Config(crate::config::ConfigError::Invalid(
@@ -155,7 +166,7 @@ pub async fn run(
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
-        global: Arc::new(Semaphore::new(config.concurrent)),
+        global,
         concurrent: config.concurrent,
         check_interval: config.check_interval(),
         stopping: stop_rx,
