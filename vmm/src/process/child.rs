@@ -37,6 +37,13 @@ fn chain(e: &dyn std::error::Error) -> Vec<String> {
         .collect()
 }
 
+fn jail_error(e: &jail::JailError) -> WireError {
+    WireError {
+        kind: WireErrorKind::Jail,
+        chain: chain(e),
+    }
+}
+
 fn wire_error(e: &MachineError) -> WireError {
     match e {
         MachineError::Config(s) => WireError {
@@ -149,27 +156,11 @@ pub fn main() -> ExitCode {
     // the VMM forked here inherits it.
     let pid_ns = match jail::enter_pid_namespace(&start.jail) {
         Ok(p) => p,
-        Err(e) => {
-            return fail(
-                &mut control,
-                WireError {
-                    kind: WireErrorKind::Jail,
-                    chain: chain(&e),
-                },
-            )
-        }
+        Err(e) => return fail(&mut control, jail_error(&e)),
     };
     let mut report = match jail::apply(&start.jail, &pid_ns) {
         Ok(r) => r,
-        Err(e) => {
-            return fail(
-                &mut control,
-                WireError {
-                    kind: WireErrorKind::Jail,
-                    chain: chain(&e),
-                },
-            )
-        }
+        Err(e) => return fail(&mut control, jail_error(&e)),
     };
     let filters = if start.jail.mode == jail::IsolationMode::Off {
         None
@@ -212,25 +203,23 @@ pub fn main() -> ExitCode {
             })
             .map_err(|e| format!("could not install the seccomp filter: {e}"))?;
         }
-        let panics = forbidden
-            .as_deref()
-            .and_then(|h| h.strip_prefix("panic:"))
-            .is_some_and(|k| k == kind_name(kind));
-        if panics {
+        let hook = |prefix: &str| {
+            forbidden
+                .as_deref()
+                .and_then(|h| h.strip_prefix(prefix))
+                .is_some_and(|k| k == kind_name(kind))
+        };
+        if hook("panic:") {
             wait_until_started();
             panic!("test hook: the {} thread panics", kind_name(kind));
         }
-        let opens = forbidden
-            .as_deref()
-            .and_then(|h| h.strip_prefix("open:"))
-            .is_some_and(|k| k == kind_name(kind));
-        if opens {
+        if hook("open:") {
             wait_until_started();
             if let Err(e) = seccomp::make_refused_open() {
                 eprintln!("kiln-vmm: test hook: open refused: {e}");
             }
         }
-        if forbidden.as_deref() == Some(kind_name(kind)) {
+        if hook("") {
             wait_until_started();
             seccomp::make_forbidden_syscall();
         }
