@@ -4,6 +4,7 @@
 
 pub mod fake_github;
 pub mod fake_gitlab;
+pub mod fake_server;
 pub mod fixtures;
 pub mod harness;
 pub mod nested;

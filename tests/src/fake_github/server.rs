@@ -87,20 +87,8 @@ pub struct FakeGithub {
     pub token: String,
     pub repo: String,
     state: Shared,
-    rt: tokio::runtime::Handle,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for FakeGithub {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+    /// Stopped and joined on drop (before the fields below).
+    server: crate::fake_server::ServerThread,
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -423,40 +411,14 @@ impl FakeGithub {
                 middleware,
             ))
             .with_state(state.clone());
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        listener.set_nonblocking(true).expect("non-blocking");
-        let url = format!("http://{}", listener.local_addr().expect("an address"));
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let (rt_tx, rt_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("fake-github".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("the fake GitHub's runtime");
-                let _ = rt_tx.send(rt.handle().clone());
-                rt.block_on(async move {
-                    let listener =
-                        tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-                    tokio::select! {
-                        _ = axum::serve(listener, app) => {}
-                        _ = stop_rx => {}
-                    }
-                });
-                rt.shutdown_background();
-            })
-            .expect("start the fake GitHub's thread");
-        let rt = rt_rx.recv().expect("the fake's runtime");
+        let server = crate::fake_server::ServerThread::start("fake-github", app);
+        let url = server.url.clone();
         FakeGithub {
             url,
             token: token.into(),
             repo: repo.into(),
             state,
-            rt,
-            stop: Some(stop_tx),
-            thread: Some(thread),
+            server,
         }
     }
 
@@ -488,7 +450,11 @@ impl FakeGithub {
         let status = match (notify, event, hook) {
             (true, Some(ev), Some(hook)) => {
                 let s = self.state.clone();
-                self.rt.spawn(deliver(s, hook, ev)).await.unwrap_or(0)
+                self.server
+                    .rt
+                    .spawn(deliver(s, hook, ev))
+                    .await
+                    .unwrap_or(0)
             }
             _ => 0,
         };
@@ -505,7 +471,8 @@ impl FakeGithub {
             .expect("set_webhook first");
         let (body, signature, delivery) =
             (body.to_vec(), signature.to_string(), delivery.to_string());
-        self.rt
+        self.server
+            .rt
             .spawn(async move { post_webhook(&url, &body, &signature, &delivery).await })
             .await
             .unwrap_or(0)

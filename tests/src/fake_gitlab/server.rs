@@ -77,20 +77,9 @@ pub struct FakeGitlab {
     /// Commit of `main` in the served repository.
     pub sha: String,
     state: Shared,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Stopped and joined on drop (before the fields below).
+    _server: crate::fake_server::ServerThread,
     _repo: tempfile::TempDir,
-}
-
-impl Drop for FakeGitlab {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 impl FakeGitlab {
@@ -126,38 +115,14 @@ impl FakeGitlab {
             // Our own limits answer 413; axum's 2 MB default must not.
             .layer(DefaultBodyLimit::max(1 << 30))
             .with_state(state.clone());
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("fake-gitlab".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("the fake GitLab's runtime");
-                rt.block_on(async move {
-                    let listener =
-                        tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-                    tokio::select! {
-                        _ = axum::serve(listener, app) => {}
-                        _ = stop_rx => {}
-                    }
-                });
-                rt.shutdown_background();
-            })
-            .expect("start the fake GitLab's thread");
+        let server = crate::fake_server::ServerThread::start("fake-gitlab", app);
+        let url = server.url.clone();
         FakeGitlab {
             url,
             runner_token: runner_token.into(),
             sha,
             state,
-            stop: Some(stop_tx),
-            thread: Some(thread),
+            _server: server,
             _repo: repo,
         }
     }
