@@ -506,6 +506,7 @@ async fn server_faults_lose_no_job_and_report_none_twice() {
         drop_every: 4,
         final_202: 2,
         final_412: true,
+        fail_first_requests: 3,
         ..Faults::default()
     });
     let run_dir = RunDir::new("gitlab-faults");
@@ -519,7 +520,17 @@ async fn server_faults_lose_no_job_and_report_none_twice() {
         assert_consistent(&j);
         assert_loop_output_twice(&j);
     }
-    assert!(fake.requests() > 2, "the runner kept asking through errors");
+    // Both jobs ran although the runner's first job requests got 500s:
+    // it kept asking through errors.
+    assert!(
+        fake.request_errors() >= 3,
+        "the first job requests were refused ({} were)",
+        fake.request_errors()
+    );
+    assert!(
+        fake.requests() >= 2,
+        "the runner asked again after the errors"
+    );
     assert!(
         fake.drops() >= 1,
         "connections were dropped mid-acknowledgement"

@@ -38,15 +38,28 @@ pub struct Faults {
     /// Answer each job's first artifact uploads with these statuses, in
     /// order (the upload is read, then refused); later ones are handled.
     pub upload_answers: Vec<u16>,
+    /// Answer the first N job requests (`POST /jobs/request`) with 500
+    /// before handling them: a runner that gives up on errors never gets
+    /// a job.
+    pub fail_first_requests: u32,
 }
 
 pub(super) async fn faults(State(s): State<Shared>, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     let api = path.starts_with("/api/v4/jobs");
     let is_ack = path.ends_with("/trace") || req.method() == Method::PUT;
+    let is_request = path == "/api/v4/jobs/request";
     let (before, after, drop) = {
         let mut st = lock(&s);
         let f = st.faults.clone();
+        if is_request && st.request_errors < f.fail_first_requests {
+            st.request_errors += 1;
+            drop(st);
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "injected fault (request)",
+            );
+        }
         let drop = api && is_ack && f.drop_every > 0 && {
             st.acks += 1;
             st.acks.is_multiple_of(f.drop_every)
@@ -61,6 +74,9 @@ pub(super) async fn faults(State(s): State<Shared>, req: Request, next: Next) ->
         )
     };
     if api && before {
+        if is_request {
+            lock(&s).request_errors += 1;
+        }
         return error(StatusCode::INTERNAL_SERVER_ERROR, "injected fault (before)");
     }
     let resp = next.run(req).await;

@@ -38,6 +38,8 @@ pub(super) struct Inner {
     /// The status a refused runner token gets (403 unless set).
     pub(super) refusal: u16,
     pub(super) requests: u32,
+    /// Job requests answered with an injected 500.
+    pub(super) request_errors: u32,
     pub(super) handed_out: u32,
     pub(super) acks: u32,
     pub(super) drops: u32,
@@ -271,6 +273,12 @@ impl FakeGitlab {
     /// Authenticated job requests.
     pub fn requests(&self) -> u32 {
         lock(&self.state).requests
+    }
+
+    /// Job requests answered with an injected 500 (not counted in
+    /// [`FakeGitlab::requests`]).
+    pub fn request_errors(&self) -> u32 {
+        lock(&self.state).request_errors
     }
 
     /// Connections dropped by the `drop_every` fault.
