@@ -159,6 +159,7 @@ fn main() -> ExitCode {
             trace_lose_tail: i % 4 == 0,
             duplicate_every: 6,
             upload_answers: if i % 5 == 0 { vec![503] } else { Vec::new() },
+            ..Faults::default()
         });
         let cancel = i % 7 == 0;
         let script = if cancel {
