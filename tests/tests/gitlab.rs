@@ -409,17 +409,35 @@ async fn a_canceled_job_runs_after_script_and_is_reported_canceled() {
     assert_no_leaks(run_dir.path());
 }
 
+/// The `PUT {state: running}` touches the fake has seen for `j`.
+fn touches(j: &FakeJob) -> usize {
+    j.requests
+        .iter()
+        .filter(|r| r.what == "PUT running")
+        .count()
+}
+
+/// The boot timeout of [`a_job_stuck_in_boot`]'s job.
+const STUCK_BOOT_TIMEOUT: u64 = 120;
+/// Touches [`a_job_stuck_in_boot`] waits for while the VM boots. kiln
+/// touches once per update interval (the fake asks for 1 s); a kiln that
+/// touched only every 30 s (gitlab-runner's pace, kiln's before the fix)
+/// could send at most `STUCK_BOOT_TIMEOUT / 30` = 4 before the boot
+/// timeout ends the job, so it fails this wait, whatever the load.
+const TOUCHES_WHILE_BOOTING: usize = 6;
+
 /// A job whose VM never becomes ready (busybox is its init; the boot
-/// timeout is 300 s), caught while it boots: everything kiln wrote before
-/// the boot has reached the fake, QEMU runs, and a few update intervals
-/// (1 s) have passed without output.
+/// timeout is [`STUCK_BOOT_TIMEOUT`]), caught while it boots: everything
+/// kiln wrote before the boot has reached the fake, QEMU runs, and kiln
+/// has touched the job [`TOUCHES_WHILE_BOOTING`] times since QEMU started
+/// (it asks at each update interval, not at gitlab-runner's 30 s).
 async fn a_job_stuck_in_boot(fake: &FakeGitlab, run_dir: &Path) -> (u64, Daemon) {
     let id = fake.push(fake.job(&image(), &["echo should-not-run"]));
     let daemon = Daemon::start(
         fake,
         run_dir,
         Setup {
-            boot_timeout: 300,
+            boot_timeout: STUCK_BOOT_TIMEOUT,
             agent: kiln_tests::fixtures::busybox_path().unwrap(),
             ..Setup::default()
         },
@@ -433,7 +451,19 @@ async fn a_job_stuck_in_boot(fake: &FakeGitlab, run_dir: &Path) -> (u64, Daemon)
         assert!(t0.elapsed() < LIMIT, "no VM started");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = touches(&fake.get(id));
+    let j = fake
+        .wait_for(id, LIMIT, "touches while the VM boots", |j| {
+            j.done() || touches(j) >= before + TOUCHES_WHILE_BOOTING
+        })
+        .await;
+    assert!(
+        !j.done(),
+        "the job ended before kiln touched it {TOUCHES_WHILE_BOOTING} times while booting \
+         (it touched it {} times): kiln does not ask at the update interval:\n{}",
+        touches(&j) - before,
+        j.trace_text()
+    );
     assert!(
         !harness::qemu_processes_under(run_dir).is_empty(),
         "the VM still boots"
@@ -443,24 +473,21 @@ async fn a_job_stuck_in_boot(fake: &FakeGitlab, run_dir: &Path) -> (u64, Daemon)
 
 /// A cancel that arrives while the VM boots is noticed at the next update
 /// interval (1 s here), not at gitlab-runner's 30 s "touch" (kiln before
-/// this test: 27 s); only the cancel can end this job before its 300 s
-/// boot timeout.
-async fn a_cancel_during_boot_is_reported_within_seconds() {
-    /// Half of the 30 s touch interval; kiln needs about one update
-    /// interval (1 s) plus the VM's teardown.
-    const NOTICED_WITHIN: Duration = Duration::from_secs(15);
+/// this test: 27 s). That pace is what [`a_job_stuck_in_boot`] checks,
+/// by counting touches rather than by a clock; here the cancel must end
+/// the job (only it can, before the boot timeout).
+async fn a_cancel_during_boot_is_noticed_at_the_update_interval() {
     let fake = fake_gitlab();
     let run_dir = RunDir::new("gitlab-boot-cancel");
     let (id, daemon) = a_job_stuck_in_boot(&fake, run_dir.path()).await;
     fake.set_status(id, "canceling");
     let j = fake.wait_done(id, Duration::from_secs(120)).await;
-    let waited = j.status_set_at.unwrap().elapsed();
-    eprintln!("a cancel during boot was reported after {waited:?}");
-    assert_eq!(j.status, "canceled");
-    assert!(
-        waited < NOTICED_WITHIN,
-        "the cancel was reported after {waited:?}"
+    // For the log only: a timed assertion would fail on a loaded host.
+    eprintln!(
+        "a cancel during boot was reported after {:?}",
+        j.status_set_at.unwrap().elapsed()
     );
+    assert_eq!(j.status, "canceled");
     let t = j.trace_text();
     assert!(
         t.contains("ERROR: Job failed: canceled"),
@@ -914,8 +941,10 @@ async fn kill_9_mid_job_then_restart_cleans_up_and_sigterm_fails_running_jobs() 
     child.wait().unwrap();
     let t0 = Instant::now();
     while !harness::qemu_processes_under(run_dir.path()).is_empty() {
+        // PDEATHSIG kills it at once; tearing down its memory on a loaded
+        // host is what may take a while.
         assert!(
-            t0.elapsed() < Duration::from_secs(30),
+            t0.elapsed() < Duration::from_secs(120),
             "QEMU outlived the killed daemon"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1319,7 +1348,17 @@ async fn a_gitlab_without_verify_is_served_and_refused_runners_stop_alone() {
         "{}",
         j.trace_text()
     );
-    assert!(fake.verify_calls() >= 2, "both runners tried verify");
+    // Each runner verifies once, first, and concurrently with the other's
+    // job: the second may still be on its way when the first job is done.
+    let t0 = Instant::now();
+    while fake.verify_calls() < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "both runners tried verify ({} calls)",
+            fake.verify_calls()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(fake.verifies(), 0, "verify never answered 200");
     // The wrong-token runner has stopped by now; the first one still serves.
     let id2 = fake.push(fake.job("/srv/images/absent", &["echo never"]));
@@ -1539,9 +1578,9 @@ fn main() -> std::process::ExitCode {
             a_canceled_job_runs_after_script_and_is_reported_canceled,
         )
         .tokio(
-            "a_cancel_during_boot_is_reported_within_seconds",
+            "a_cancel_during_boot_is_noticed_at_the_update_interval",
             &harness::vm(),
-            a_cancel_during_boot_is_reported_within_seconds,
+            a_cancel_during_boot_is_noticed_at_the_update_interval,
         )
         .tokio(
             "a_hard_cancel_during_boot_sends_nothing_after_the_403",
