@@ -314,12 +314,16 @@ async fn a_queued_webhook_starts_one_runner_vm_with_its_jit_config() {
     // Labels no profile has start nothing either.
     let (gpu, status) = fake.queue(&["self-hosted", "gpu"], true).await;
     assert_eq!(status, 202, "a job for no profile is not accepted");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(fake.runners().is_empty(), "nothing registered");
-    assert!(harness::qemu_processes_under(&d.run).is_empty(), "no VM");
-    let st = read_status(&d.run).unwrap();
+    // The status file is rewritten every 250 ms: wait until it has counted
+    // the forged deliveries (it must count exactly 4, checked below).
+    let st = wait_for("the status counts the forged deliveries", || {
+        read_status(&d.run).filter(|s| s.entries[0].counters.bad_signatures >= 4)
+    })
+    .await;
     assert_eq!(st.entries[0].counters.bad_signatures, 4);
     assert!(st.entries[0].queued.is_empty());
+    assert!(fake.runners().is_empty(), "nothing registered");
+    assert!(harness::qemu_processes_under(&d.run).is_empty(), "no VM");
 
     // The real one, delivered twice (GitHub redelivers): one runner.
     let sig = sign(SECRET, &body);
@@ -338,7 +342,10 @@ async fn a_queued_webhook_starts_one_runner_vm_with_its_jit_config() {
     })
     .await;
     assert_eq!(harness::qemu_processes_under(&d.run).len(), 1, "one VM");
-    let st = read_status(&d.run).unwrap();
+    let st = wait_for("the status shows the runner running", || {
+        read_status(&d.run).filter(|s| s.entries[0].runners.iter().any(|r| r.state == "running"))
+    })
+    .await;
     let rs = &st.entries[0].runners;
     assert_eq!(rs.len(), 1, "{rs:?}");
     assert_eq!((rs[0].state.as_str(), rs[0].job), ("running", Some(job)));
@@ -445,7 +452,13 @@ async fn five_queued_jobs_two_at_a_time_through_the_reconciler_and_api_faults() 
         .filter(|r| r.status == 429 || r.status == 403)
         .count();
     assert_eq!(limited, 2);
-    let st = read_status(&d.run).unwrap();
+    // The status file lags up to 250 ms behind: wait until it shows every
+    // VM finished, then check its counters.
+    let st = wait_for("the status shows the five VMs finished", || {
+        read_status(&d.run)
+            .filter(|s| s.entries[0].counters.vms_finished >= 5 && s.entries[0].runners.is_empty())
+    })
+    .await;
     assert!(st.entries[0].counters.api_errors >= 4);
     assert_eq!(st.entries[0].counters.jit_configs, 5);
     daemon.stop().await;
@@ -495,6 +508,14 @@ async fn sigterm_mid_job_destroys_the_vm_and_removes_the_runner() {
     .await;
     assert_eq!(harness::qemu_processes_under(&d.run).len(), 1);
     assert_secret_nowhere(&d, &runner.encoded_jit_config, true);
+    // The daemon rewrites its status file every 250 ms: wait until it
+    // shows the runner running before asking the CLI.
+    wait_for("the status shows the runner running", || {
+        read_status(&d.run)
+            .filter(|s| s.entries[0].runners.iter().any(|r| r.state == "running"))
+            .map(|_| ())
+    })
+    .await;
     // `kiln github status --json` shows it.
     let out = Command::new(harness::kiln_bin())
         .args(["github", "status", "--json", "--config"])
