@@ -177,16 +177,25 @@ async fn kvm_step_timeout_ends_the_step_and_later_steps_run() {
 }
 
 async fn kvm_job_timeout_kills_the_vm() {
-    let mut j = job("echo started; sleep 600");
+    // With the default job timeout above the sleep, only the job's own
+    // timeout can end it with this failure (a kiln that ignored it would
+    // see the job succeed after 600 s): no clock needed.
+    let mut j = job("echo started; sleep 600; echo not-killed");
     j.timeout = Some(Duration::from_secs(5));
-    let (r, sink) = run("kvm-job-timeout", &j).await;
+    let (_tx, rx) = tokio::sync::watch::channel(None);
+    let mut sink = BufferSink::default();
+    let r = run_kvm(
+        "kvm-job-timeout",
+        &j,
+        |c| c.default_job_timeout = Duration::from_secs(3600),
+        &mut sink,
+        rx,
+        None,
+    )
+    .await;
     assert_eq!(r.failure, Some(FailureReason::JobExecutionTimeout), "{r:?}");
     assert_eq!(String::from_utf8_lossy(&sink.stdout), "started\n");
-    assert!(
-        r.run_ms < 300_000,
-        "the VM was killed at the job timeout, not after the sleep: {} ms",
-        r.run_ms
-    );
+    eprintln!("killed at the job timeout after {} ms", r.run_ms);
 }
 
 async fn kvm_guest_that_never_answers_is_killed_at_the_boot_timeout() {

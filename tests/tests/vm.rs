@@ -108,9 +108,11 @@ async fn a_step_timeout_ends_the_step_and_is_reported() {
     let mut never = Step::script("never", "echo must not run");
     never.when = StepWhen::OnSuccess;
     j.steps.push(never);
-    let t = Instant::now();
     let (r, sink) = run("step-timeout", &j).await;
     assert_eq!(r.failure, Some(FailureReason::JobExecutionTimeout), "{r:?}");
+    // The sleep was cut short by the step's timeout, not by the job's (300
+    // s, which kills the VM: no step would be marked timed out and the
+    // always-step would not run). No clock needed.
     assert!(r.steps[0].timed_out);
     assert_eq!(r.steps[0].exit_code, 137);
     assert!(r.steps[2].skipped);
@@ -118,19 +120,27 @@ async fn a_step_timeout_ends_the_step_and_is_reported() {
         String::from_utf8_lossy(&sink.stdout),
         "started\nafter ran\n"
     );
-    assert!(
-        t.elapsed() < Duration::from_secs(300),
-        "the sleep was not cut short"
-    );
 }
 
 async fn a_job_timeout_kills_the_vm() {
-    let mut j = job("echo started; sleep 600");
+    // The executor's default job timeout (300 s) is shorter than the
+    // sleep: had the job's own 3 s been ignored, the default would end it
+    // with the same failure. Above the sleep, only the job's timeout can
+    // (a kiln that ignored it would see the job succeed after 600 s), so
+    // no clock is needed to tell which one ended it.
+    let mut j = job("echo started; sleep 600; echo not-killed");
     j.timeout = Some(Duration::from_secs(3));
-    let (r, sink) = run("job-timeout", &j).await;
+    let dir = harness::run_dir("job-timeout");
+    let mut cfg = harness::config(&dir);
+    cfg.default_job_timeout = Duration::from_secs(3600);
+    let ex = kiln::Executor::new(cfg).unwrap();
+    let (_tx, rx) = tokio::sync::watch::channel(None);
+    let mut sink = BufferSink::default();
+    let r = ex.run(&j, &mut sink, rx).await;
+    assert_no_leaks(&dir);
     assert_eq!(r.failure, Some(FailureReason::JobExecutionTimeout), "{r:?}");
     assert_eq!(String::from_utf8_lossy(&sink.stdout), "started\n");
-    assert!(r.run_ms < 60_000, "killed at its timeout: {} ms", r.run_ms);
+    eprintln!("killed at its timeout after {} ms", r.run_ms);
 }
 
 async fn a_guest_that_never_answers_is_killed_at_the_boot_timeout() {
@@ -151,10 +161,10 @@ async fn a_guest_that_never_answers_is_killed_at_the_boot_timeout() {
         Some(FailureReason::RunnerSystemFailure(m)) => assert!(m.contains("boot timeout"), "{m}"),
         other => panic!("expected a system failure, got {other:?}"),
     }
-    assert!(
-        elapsed >= Duration::from_secs(8) && elapsed < Duration::from_secs(60),
-        "{elapsed:?}"
-    );
+    // The boot timeout fired (the message above says so; nothing else
+    // ends a boot), and not before its time. No upper bound: how long the
+    // VM takes to start and die depends on the host's load.
+    assert!(elapsed >= Duration::from_secs(8), "{elapsed:?}");
     assert!(
         r.debug_log.as_ref().is_some_and(|p| p.exists()),
         "the serial log is kept for failed boots"
@@ -210,11 +220,12 @@ async fn a_graceful_cancel_stops_the_step_and_runs_always_steps() {
     let dir = harness::run_dir("cancel");
     let ex = harness::executor(&dir);
     let (mut sink, rx) = CancelAtFirstOutput::new();
-    let t = Instant::now();
     let r = ex.run(&j, &mut sink, rx).await;
     assert_no_leaks(&dir);
+    // SIGTERM ended the sleep (exit 143, the step marked canceled) and the
+    // always-step ran: the job timeout (300 s) would have killed the VM
+    // instead. No clock needed.
     sink.assert_canceled_and_cleaned_up(&r);
-    assert!(t.elapsed() < Duration::from_secs(300));
 }
 
 async fn github_file_commands_and_conditions_carry_between_steps() {
