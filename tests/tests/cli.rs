@@ -70,13 +70,24 @@ fn run_job_keeps_streams_apart_and_passes_the_exit_code() {
 
 fn run_job_reports_a_killed_job_as_137_and_runs_scripts() {
     let dir = harness::run_dir("cli-137");
-    let script = dir.join("../cli-137-script.sh");
-    std::fs::write(&script, "echo from-script\nkill -9 $$\necho not reached\n").unwrap();
+    // Outside the run dir (which must be left empty), and this run's own:
+    // another run of this test may write its script meanwhile.
+    let script = tempfile::Builder::new()
+        .prefix("cli-137-")
+        .suffix(".sh")
+        .tempfile_in(harness::test_root())
+        .unwrap();
+    std::fs::write(
+        script.path(),
+        "echo from-script\nkill -9 $$\necho not reached\n",
+    )
+    .unwrap();
+    let script = script.path();
     let o = kiln_cmd(&dir)
         .args(["run-job", "--cpus", "1", "--memory", "512", "--image"])
         .arg(harness::busybox_image())
         .arg("--script")
-        .arg(&script)
+        .arg(script)
         .output()
         .unwrap();
     assert_no_leaks(&dir);
