@@ -49,6 +49,18 @@ pub(super) struct Conversation<'a> {
     running: Option<u32>,
 }
 
+/// The next cancel request: whether it is graceful. Never resolves once
+/// the sender is gone (nobody can cancel any more). That wait must stay
+/// inside the future `select!` polls, never in a branch's handler: a
+/// handler that waits forever stops the console read and the deadlines
+/// with it, and the job hangs with its output unread.
+async fn next_cancel(cancel: &mut watch::Receiver<Option<bool>>) -> bool {
+    if cancel.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    cancel.borrow().unwrap_or(true)
+}
+
 /// An agent diagnostic, for the debug log only, cut to a sane length.
 fn agent_log(message: &str) {
     tracing::debug!(target: "kiln::agent", "{}", proto::quote(message.as_bytes(), 1024));
@@ -187,15 +199,10 @@ impl<'a> Conversation<'a> {
                     format!("the job ran past its timeout of {:?}; the VM was killed", self.timeout),
                 ),
             }),
-            changed = self.cancel.changed(), if self.cancel_state != Some(false) => {
-                if changed.is_err() {
-                    // The sender is gone: nobody can cancel any more.
-                    std::future::pending::<()>().await;
-                }
+            graceful = next_cancel(&mut *self.cancel), if self.cancel_state != Some(false) => {
                 if self.phase == Phase::Boot {
                     return Err((FailureReason::Canceled, "canceled during boot".into()));
                 }
-                let graceful = self.cancel.borrow().unwrap_or(true);
                 if !graceful {
                     return Err((FailureReason::Canceled, "canceled".into()));
                 }
@@ -263,5 +270,44 @@ impl<'a> Conversation<'a> {
             (Phase::Job, Some(i)) => format!("{} while step {i} was running", frame.describe()),
             (Phase::Job, None) => format!("{} while no step was running", frame.describe()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job whose cancel sender is gone (dropped by its provider) must
+    /// still be served: the console's data and the deadline win over the
+    /// closed channel, every time. Before the fix, `select!` picked the
+    /// closed channel's branch at random, whose handler then waited
+    /// forever: the console was no longer read and no timeout fired.
+    #[tokio::test]
+    async fn a_closed_cancel_channel_does_not_stop_the_read() {
+        let (tx, mut rx) = watch::channel(None::<bool>);
+        drop(tx);
+        for _ in 0..200 {
+            let (mut a, mut b) = tokio::io::duplex(64);
+            a.write_all(b"frame").await.unwrap();
+            let mut buf = [0u8; 16];
+            let got = tokio::time::timeout(Duration::from_secs(60), async {
+                tokio::select! {
+                    r = b.read(&mut buf) => r.unwrap(),
+                    _ = next_cancel(&mut rx) => unreachable!("a closed channel is no cancel"),
+                }
+            })
+            .await
+            .expect("the read was served");
+            assert_eq!(&buf[..got], b"frame");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancel_is_seen_with_its_kind() {
+        let (tx, mut rx) = watch::channel(None);
+        tx.send(Some(true)).unwrap();
+        assert!(next_cancel(&mut rx).await, "graceful");
+        tx.send(Some(false)).unwrap();
+        assert!(!next_cancel(&mut rx).await, "hard");
     }
 }
