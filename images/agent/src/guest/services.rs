@@ -12,7 +12,7 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kiln_agent::proto::{
@@ -37,6 +37,10 @@ use crate::user;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Pause between rounds of connection attempts.
 const RETRY: Duration = Duration::from_millis(100);
+/// How long the report waits for the rest of an exited service's output:
+/// its pipe closes when the service is gone, unless a process it left
+/// behind holds it open.
+const EXITED_DRAIN: Duration = Duration::from_secs(5);
 
 /// One service and how far it got.
 struct Service {
@@ -61,7 +65,35 @@ pub struct Services {
     list: Vec<Service>,
     wait: Duration,
     /// The end of each service's output, by index in `list`.
-    logs: Arc<Mutex<Vec<Vec<u8>>>>,
+    logs: Arc<Logs>,
+}
+
+/// What the log reader keeps of each service's output.
+struct Logs {
+    state: Mutex<Vec<Log>>,
+    /// Notified when a service's pipe closes.
+    closed: Condvar,
+}
+
+#[derive(Clone, Default)]
+struct Log {
+    /// The last [`MAX_SERVICE_LOG`] bytes.
+    tail: Vec<u8>,
+    /// The pipe closed: the reader has everything the service wrote.
+    ended: bool,
+}
+
+impl Logs {
+    fn new(n: usize) -> Logs {
+        Logs {
+            state: Mutex::new(vec![Log::default(); n]),
+            closed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Log>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Services {
@@ -94,7 +126,7 @@ impl Services {
                 }
             })
             .collect();
-        let logs = Arc::new(Mutex::new(vec![Vec::new(); list.len()]));
+        let logs = Arc::new(Logs::new(list.len()));
         Services {
             list,
             wait: Duration::from_millis(wait_ms),
@@ -189,7 +221,7 @@ impl Services {
             let log = if healthy {
                 String::new()
             } else {
-                self.tail(s.spec.index as usize)
+                self.tail(s.spec.index as usize, matches!(s.state, State::Exited(_)))
             };
             out.push(ServiceStatus {
                 index: s.spec.index,
@@ -202,11 +234,25 @@ impl Services {
     }
 
     /// The end of service `i`'s output, from a line start where it was cut.
-    fn tail(&self, i: usize) -> String {
-        // A give-up pause lets the reader take what the service wrote last.
-        std::thread::sleep(Duration::from_millis(50));
-        let logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(log) = logs.get(i) else {
+    /// An `exited` service's last words may still be in its pipe: wait
+    /// (at most [`EXITED_DRAIN`]) until the reader has read it to its end,
+    /// rather than for a fixed pause a loaded guest may not give the reader
+    /// time in.
+    fn tail(&self, i: usize, exited: bool) -> String {
+        let logs = if exited {
+            let ended = |l: &mut Vec<Log>| l.get(i).is_none_or(|l| l.ended);
+            self.logs
+                .closed
+                .wait_timeout_while(self.logs.lock(), EXITED_DRAIN, |l| !ended(l))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0)
+        } else {
+            // Still running: there is no end to wait for; a pause lets the
+            // reader take what it wrote last.
+            std::thread::sleep(Duration::from_millis(50));
+            self.logs.lock()
+        };
+        let Some(log) = logs.get(i).map(|l| &l.tail) else {
             return String::new();
         };
         let mut from = 0;
@@ -328,7 +374,7 @@ fn start_service(s: &Service) -> std::result::Result<(Pid, OwnedFd), String> {
 
 /// The log reader: poll the services' pipes, keep the last
 /// [`MAX_SERVICE_LOG`] bytes of each; ends when every pipe is closed.
-fn keep_logs(mut fds: Vec<(usize, OwnedFd)>, logs: &Mutex<Vec<Vec<u8>>>) {
+fn keep_logs(mut fds: Vec<(usize, OwnedFd)>, logs: &Logs) {
     let mut buf = vec![0u8; 16 * 1024];
     while !fds.is_empty() {
         let mut pfds: Vec<PollFd<'_>> = fds
@@ -355,8 +401,8 @@ fn keep_logs(mut fds: Vec<(usize, OwnedFd)>, logs: &Mutex<Vec<Vec<u8>>>) {
             let (svc, fd) = &fds[i];
             match rustix::io::read(fd, &mut buf) {
                 Ok(n) if n > 0 => {
-                    let mut logs = logs.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(log) = logs.get_mut(*svc) {
+                    if let Some(log) = logs.lock().get_mut(*svc) {
+                        let log = &mut log.tail;
                         log.extend_from_slice(&buf[..n]);
                         if log.len() > MAX_SERVICE_LOG {
                             let cut = log.len() - MAX_SERVICE_LOG;
@@ -369,7 +415,11 @@ fn keep_logs(mut fds: Vec<(usize, OwnedFd)>, logs: &Mutex<Vec<Vec<u8>>>) {
             }
         }
         for i in closed.into_iter().rev() {
-            fds.remove(i);
+            let (svc, _) = fds.remove(i);
+            if let Some(log) = logs.lock().get_mut(svc) {
+                log.ended = true;
+            }
+            logs.closed.notify_all();
         }
     }
 }
@@ -395,11 +445,12 @@ mod tests {
         for (i, s) in list.iter_mut().enumerate() {
             s.spec.index = i as u32;
         }
-        Services {
-            list,
-            wait,
-            logs: Arc::new(Mutex::new(vec![Vec::new(); n])),
+        let logs = Arc::new(Logs::new(n));
+        // No reader in these tests unless one says so: nothing more comes.
+        for l in logs.lock().iter_mut() {
+            l.ended = true;
         }
+        Services { list, wait, logs }
     }
 
     /// The health check against real processes and sockets: one listens,
@@ -433,7 +484,7 @@ mod tests {
             ],
             Duration::from_secs(1),
         );
-        s.logs.lock().unwrap()[1] = format!("{}\nlast words\n", "x".repeat(2 * MAX_SERVICE_LOG))
+        s.logs.lock()[1].tail = format!("{}\nlast words\n", "x".repeat(2 * MAX_SERVICE_LOG))
             .into_bytes()
             .split_off(MAX_SERVICE_LOG + 11);
         let st = s.statuses();
@@ -459,5 +510,29 @@ mod tests {
             let _ = c.wait();
         }
         let _ = quitter.wait();
+    }
+
+    /// A service that exited: its last words are in the report even when
+    /// the log reader runs late (a loaded guest). The report used to pause
+    /// 50 ms and take whatever had been read by then.
+    #[test]
+    fn an_exited_services_last_words_are_waited_for() {
+        let p = pipe().unwrap();
+        rustix::io::write(&p.write, b"starting\nno port here\n").unwrap();
+        drop(p.write); // the service is gone
+        let mut s = services(vec![running(1, vec![1])], Duration::from_secs(1));
+        s.list[0].state = State::Exited(3);
+        s.logs.lock()[0].ended = false;
+        let logs = s.logs.clone();
+        let read = p.read;
+        let reader = std::thread::spawn(move || {
+            // The reader is scheduled late.
+            std::thread::sleep(Duration::from_millis(300));
+            keep_logs(vec![(0, read)], &logs);
+        });
+        let st = s.statuses();
+        reader.join().unwrap();
+        assert!(!st[0].healthy);
+        assert_eq!(st[0].log, "starting\nno port here\n");
     }
 }
