@@ -285,8 +285,13 @@ async fn a_queued_webhook_starts_one_runner_vm_with_its_jit_config() {
         },
     );
     let daemon = Daemon::start(cfg);
-    let addr = wait_for("the webhook endpoint", || {
-        read_status(&d.run).and_then(|s| s.entries[0].webhook.clone())
+    // The first listing must be over before the job is queued, or it finds
+    // the job and starts a runner without any webhook (a loaded host may
+    // run it after the endpoint is up).
+    let addr = wait_for("the webhook endpoint and the first listing", || {
+        read_status(&d.run)
+            .filter(|s| s.entries[0].counters.reconciles >= 1)
+            .and_then(|s| s.entries[0].webhook.clone())
     })
     .await;
     fake.set_webhook(&format!("http://{addr}/github"), SECRET);
