@@ -606,8 +606,11 @@ async fn kvm_forbidden_syscall_kills_only_that_vm() {
     }
 }
 
-/// QEMU gets none of kiln's environment and runs in a cgroup of its own;
-/// strict isolation refuses the qemu backend (QEMU is not in the jail yet).
+/// QEMU gets none of kiln's environment and runs in a cgroup of its own,
+/// under its seccomp sandbox, with no capabilities, no_new_privs and its
+/// own network, IPC and UTS namespaces (read from /proc while the guest
+/// runs); strict isolation refuses the qemu backend (QEMU is not in the
+/// whole jail yet).
 async fn qemu_process_has_a_cgroup_and_no_environment() {
     let kvm = probe_kvm();
     let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
@@ -640,6 +643,18 @@ async fn qemu_process_has_a_cgroup_and_no_environment() {
         "{cgroups}"
     );
     assert!(limit_file.is_file());
+    assert_eq!(proc_field(pid, "Seccomp:"), "2", "QEMU's -sandbox filter");
+    assert_eq!(proc_field(pid, "NoNewPrivs:"), "1");
+    for caps in ["CapPrm:", "CapEff:", "CapBnd:"] {
+        assert_eq!(proc_field(pid, caps), "0000000000000000", "{caps}");
+    }
+    for ns in ["net", "ipc", "uts"] {
+        let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let its = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(mine, its, "{ns} namespace");
+    }
+    let report = machine.jail().expect("a jail report");
+    assert!(report.missing.is_empty(), "{}", report.summary());
     drop(console);
     machine.destroy().await.unwrap();
     assert!(!cg_dir.exists());
