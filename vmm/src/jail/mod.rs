@@ -3,7 +3,10 @@
 //! it touches guest data ([`apply`], in the child), and the cgroup kiln puts
 //! it in ([`cgroup`], in the parent).
 //!
-//! In the VMM process, in this order: it forks into a new PID namespace
+//! In the VMM process, in this order: without root, it enters a user
+//! namespace where kiln's uid is root ([`enter_user_namespace`]), so that
+//! the rest can be made without root (no per-VM uid then); it forks into a
+//! new PID namespace
 //! ([`enter_pid_namespace`]: the VMM is PID 1 there, a waiter stays
 //! behind); every descriptor it was not handed is closed; new mount, IPC,
 //! UTS and network namespaces (the network one is
@@ -16,7 +19,8 @@
 //! per thread, once set-up is done and before the guest runs.
 //!
 //! What cannot be applied (no root, no user namespaces, ...) is reported in
-//! a [`JailReport`]; with [`IsolationMode::Strict`] it fails the start.
+//! a [`JailReport`]; with [`IsolationMode::Strict`] it fails the start. The
+//! report also times each step ([`JailReport::steps`]).
 
 pub mod cgroup;
 pub mod seccomp;
