@@ -1208,8 +1208,7 @@ fn main() -> std::process::ExitCode {
             {
                 Ok(o) if o.status.success() => Ok(()),
                 Ok(o) => Err(format!(
-                    "as uid {NOBODY}: `{}` failed {}",
-                    args.join(" "),
+                    "as uid {NOBODY}: {}",
                     String::from_utf8_lossy(&o.stderr).trim()
                 )),
                 Err(e) => Err(format!(
@@ -1228,9 +1227,8 @@ fn main() -> std::process::ExitCode {
         &[
             "sh",
             "-c",
-            "test -r /dev/kvm -a -w /dev/kvm || \
-             { echo \"(/dev/kvm is $(stat -c '%A %U:%G' /dev/kvm); the test does not change \
-             it)\" >&2; exit 1; }",
+            "test -r /dev/kvm -a -w /dev/kvm || { echo \"/dev/kvm is $(stat -c '%A %U:%G' \
+             /dev/kvm): not usable; the test does not change it\" >&2; exit 1; }",
         ],
     );
     let kvm = kiln_testkit::Need::custom("kvm", || {

@@ -223,6 +223,39 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// SIGKILL the process behind `pidfd` and wait (briefly, 2 s at most)
+/// until it has exited, so that its cgroup holds it no longer.
+fn kill_through(pidfd: &OwnedFd) {
+    // SAFETY: pidfd_send_signal(2) on a pidfd the caller owns, with no
+    // siginfo; poll(2) on one pollfd that lives across the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        );
+        let mut p = libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        libc::poll(&mut p, 1, 2000);
+    }
+}
+
+/// End a VMM process whose start failed, so that its cgroup can be removed
+/// right after: the VMM in its PID namespace first (it would otherwise die
+/// only after the waiter, later), then the process kiln started, reaped.
+async fn end_failed_start(child: &mut tokio::process::Child, pid: Option<u32>) {
+    if let Some(fd) = pid.and_then(only_child).and_then(pidfd_open) {
+        kill_through(&fd);
+    }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
 impl VmmProcess {
     pub async fn start(config: MachineConfig) -> Result<(VmmProcess, ConsoleStream), MachineError> {
         VmmProcess::start_with_snapshot(config, SnapshotUse::None).await
@@ -424,19 +457,14 @@ impl VmmProcess {
             proto::read_async::<FromVmm>(&mut rd).await
         })
         .await;
-        let fail = |child: &mut tokio::process::Child| {
-            let _ = child.start_kill();
-        };
         let mut jail = match answer {
             Ok(Ok(FromVmm::Started { version, jail })) if version == proto::VERSION => jail,
             Ok(Ok(FromVmm::StartFailed(e))) => {
-                fail(&mut child);
-                let _ = child.wait().await;
+                end_failed_start(&mut child, pid).await;
                 return Err(remote_error(e));
             }
             Ok(Ok(FromVmm::Violation(nr))) => {
-                fail(&mut child);
-                let _ = child.wait().await;
+                end_failed_start(&mut child, pid).await;
                 return Err(MachineError::EarlyExit(format!(
                     "the VMM process was killed by its seccomp filter while starting the VM: \
                      it made the forbidden system call {}",
@@ -444,8 +472,7 @@ impl VmmProcess {
                 )));
             }
             Ok(Ok(other)) => {
-                fail(&mut child);
-                let _ = child.wait().await;
+                end_failed_start(&mut child, pid).await;
                 return Err(MachineError::EarlyExit(format!(
                     "the VMM process answered {other:?} instead of starting (version {} expected)",
                     proto::VERSION
@@ -453,7 +480,7 @@ impl VmmProcess {
             }
             Ok(Err(e)) => {
                 let status = tokio::time::timeout(REAP_TIMEOUT, child.wait()).await;
-                fail(&mut child);
+                end_failed_start(&mut child, pid).await;
                 let why = match status {
                     Ok(Ok(s)) => describe_death(s, None, None, None),
                     _ => format!("the VMM process broke the protocol: {e}"),
@@ -461,8 +488,7 @@ impl VmmProcess {
                 return Err(MachineError::EarlyExit(why));
             }
             Err(_) => {
-                fail(&mut child);
-                let _ = child.wait().await;
+                end_failed_start(&mut child, pid).await;
                 return Err(MachineError::StartTimeout(config.start_timeout));
             }
         };
@@ -671,25 +697,8 @@ impl VmmProcess {
     /// (briefly) until it has exited: its cgroup can be removed only then.
     /// Killing the waiter alone would kill it too, but later.
     fn kill_vmm(&self) {
-        let Some(fd) = &self.vmm_pidfd else {
-            return;
-        };
-        // SAFETY: pidfd_send_signal(2) on a pidfd this struct owns, with no
-        // siginfo; poll(2) on one pollfd that lives across the call.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            );
-            let mut p = libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            libc::poll(&mut p, 1, 2000);
+        if let Some(fd) = &self.vmm_pidfd {
+            kill_through(fd);
         }
     }
 
