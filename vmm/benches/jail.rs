@@ -8,6 +8,10 @@
 //! - start: `Machine::start` until it returns (the VMM process has jailed
 //!   itself and built the VM, and said so).
 //! - first serial byte: until the guest's first serial output reached kiln.
+//! - then each step of the start (`JailReport::steps`: kiln's cgroup,
+//!   spawn and join, the VMM process's namespaces, pivot_root, uid,
+//!   seccomp, the VM's build, the whole exchange), medians, jailed against
+//!   not: where the added time goes.
 
 mod common;
 
