@@ -8,6 +8,10 @@
 //! - start: `Machine::start` until it returns (the VMM process has jailed
 //!   itself and built the VM, and said so).
 //! - first serial byte: until the guest's first serial output reached kiln.
+//! - then each step of the start (`JailReport::steps`: kiln's cgroup,
+//!   spawn and join, the VMM process's namespaces, pivot_root, uid,
+//!   seccomp, the VM's build, the whole exchange), medians, jailed against
+//!   not: where the added time goes.
 
 mod common;
 
@@ -19,6 +23,8 @@ use kiln_vmm::{probe_kvm, BackendKind, IsolationMode, KvmSupport, Machine, Machi
 struct Sample {
     start: Duration,
     first_serial: Duration,
+    /// The timed steps of the start (`JailReport::steps`).
+    steps: Vec<kiln_vmm::jail::Step>,
 }
 
 async fn run_once(mut cfg: MachineConfig, mode: IsolationMode, kvm: &KvmSupport) -> Sample {
@@ -34,14 +40,15 @@ async fn run_once(mut cfg: MachineConfig, mode: IsolationMode, kvm: &KvmSupport)
         .expect("the guest wrote to its serial console")
         .expect("serial updates");
     let first_serial = t0.elapsed();
+    let jail = m.jail().expect("kvm backend").clone();
     if mode != IsolationMode::Off {
-        let jail = m.jail().expect("kvm backend");
         assert!(jail.seccomp, "{}", jail.summary());
     }
     m.destroy().await.unwrap();
     Sample {
         start,
         first_serial,
+        steps: jail.steps,
     }
 }
 
@@ -92,5 +99,26 @@ fn main() {
         };
         report("start", |s| s.start);
         report("first serial byte", |s| s.first_serial);
+        // Where the start goes, step by step (medians; a step only one
+        // side has shows 0 on the other).
+        let step = |samples: &[Sample], name: &str| {
+            let v: Vec<u64> = samples
+                .iter()
+                .map(|s| s.steps.iter().find(|t| t.name == name).map_or(0, |t| t.micros))
+                .collect();
+            median(v) as f64 / 1e3
+        };
+        let mut names: Vec<String> = Vec::new();
+        for s in jailed.iter().chain(&open) {
+            for t in &s.steps {
+                if !names.contains(&t.name) {
+                    names.push(t.name.clone());
+                }
+            }
+        }
+        for name in &names {
+            let (j, o) = (step(&jailed, name), step(&open, name));
+            println!("  {name:34} jailed {j:8.2} ms   no jail {o:8.2} ms   added {:+7.2} ms", j - o);
+        }
     });
 }

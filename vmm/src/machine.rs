@@ -216,10 +216,11 @@ impl Machine {
         }
     }
 
-    /// kvm backend only: what of the jail around the VMM process was applied.
+    /// What of the jail around the VM's process (the VMM process, or QEMU)
+    /// was applied.
     pub fn jail(&self) -> Option<&JailReport> {
         match &self.inner {
-            Inner::Qemu(_) => None,
+            Inner::Qemu(m) => Some(m.jail()),
             Inner::Kvm(m) => Some(m.jail()),
         }
     }

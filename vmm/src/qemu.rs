@@ -21,7 +21,7 @@ use tokio::process::{Child, Command};
 use crate::config::MachineConfig;
 use crate::error::MachineError;
 use crate::jail::cgroup::{self, Cgroup};
-use crate::jail::IsolationMode;
+use crate::jail::{IsolationMode, JailReport};
 use crate::machine::{ConsoleStream, ExitStatus};
 use crate::run_dir::RunDir;
 use crate::tail::{self, SharedTail};
@@ -61,6 +61,8 @@ pub(crate) struct QemuMachine {
     exited: Option<ExitStatus>,
     /// QEMU's cgroup (memory, pids, CPU), as the kvm backend's VMM has.
     cgroup: Option<Cgroup>,
+    /// What of the jail around QEMU was applied.
+    jail: JailReport,
     // Last: removed after the `Drop` impl has killed QEMU.
     run_dir: RunDir,
 }
@@ -72,9 +74,10 @@ impl QemuMachine {
     ) -> Result<(QemuMachine, ConsoleStream), MachineError> {
         if config.isolation.mode == IsolationMode::Strict {
             return Err(MachineError::Jail(
-                "the qemu backend runs QEMU with its seccomp sandbox, a cgroup and no \
-                 environment, but not yet in the VMM jail (namespaces, pivot_root, uid); use \
-                 the kvm backend"
+                "the qemu backend runs QEMU with its seccomp sandbox, a cgroup, its own \
+                 network, IPC and UTS namespaces, no capabilities and no environment, but not \
+                 yet in the whole VMM jail (PID and mount namespaces, pivot_root, a per-VM \
+                 uid); use the kvm backend"
                     .into(),
             ));
         }
@@ -106,6 +109,35 @@ impl QemuMachine {
             crate::Network::Tap { fd, .. } => Some(fd.as_raw_fd()),
             _ => None,
         };
+        let jailed = config.isolation.mode != IsolationMode::Off;
+        // QEMU's cgroup, joined by the child before exec (QEMU never runs
+        // outside it).
+        let cgroup = if jailed {
+            // TCG's translation cache may grow to 1 GiB (QEMU's default
+            // tb-size): allowed for, so that a busy guest is not killed.
+            let mut limits = config.isolation.limits.clone();
+            if accel == "tcg" {
+                limits.memory_overhead_mib = limits.memory_overhead_mib.saturating_add(1024);
+            }
+            match cgroup::detect()
+                .and_then(|h| Cgroup::create(&h, &limits, config.memory_mib, config.vcpus))
+            {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!("QEMU runs without its cgroup: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let join_files = match &cgroup {
+            Some(c) => c.join_files().unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let join_fds: Vec<i32> = join_files.iter().map(AsRawFd::as_raw_fd).collect();
+        let keep_cap = matches!(config.network, crate::Network::Passt { .. }).then_some(PASST_CAP);
+
         let mut cmd = Command::new(&config.qemu.binary);
         // None of kiln's environment (its tokens) reaches QEMU; PATH finds it.
         cmd.env_clear();
@@ -118,11 +150,13 @@ impl QemuMachine {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         // SAFETY: the closure runs in the forked child before exec and only
-        // calls prctl(2) and fcntl(2), which are async-signal-safe.
+        // calls prctl(2), fcntl(2), write(2) (`cgroup::join_self`) and
+        // unshare(2), which are async-signal-safe, and allocates nothing.
         // PR_SET_PDEATHSIG makes the kernel SIGKILL QEMU if kiln dies without
         // cleaning up (kill -9), so no VM outlives the runner. Clearing
         // FD_CLOEXEC on the TAP descriptor (the child's copy of the table
-        // only) lets QEMU inherit it; `config` keeps it open until then.
+        // only) lets QEMU inherit it; `config` keeps it open until then, as
+        // `join_files` keeps the cgroup's files.
         unsafe {
             cmd.as_std_mut().pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
@@ -133,6 +167,11 @@ impl QemuMachine {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
+                if jailed {
+                    // What fails here shows in `qemu_jail_report`.
+                    cgroup::join_self(&join_fds);
+                    qemu_jail_self(keep_cap);
+                }
                 Ok(())
             });
         }
@@ -140,6 +179,7 @@ impl QemuMachine {
             program: config.qemu.binary.clone(),
             source,
         })?;
+        drop(join_files);
 
         let serial = tail::shared(config.serial_log_limit.max(4096));
         let stderr = tail::shared(64 * 1024);
@@ -150,31 +190,29 @@ impl QemuMachine {
             tokio::spawn(drain(err, stderr.clone()));
         }
 
-        let cgroup = match child.id() {
-            Some(pid) if config.isolation.mode != IsolationMode::Off => {
-                // TCG's translation cache may grow to 1 GiB (QEMU's default
-                // tb-size): allowed for, so that a busy guest is not killed.
-                let mut limits = config.isolation.limits.clone();
-                if accel == "tcg" {
-                    limits.memory_overhead_mib = limits.memory_overhead_mib.saturating_add(1024);
-                }
-                let cg = cgroup::detect().and_then(|h| {
-                    let c = Cgroup::create(&h, &limits, config.memory_mib, config.vcpus)?;
-                    c.add(pid)?;
-                    Ok(c)
-                });
-                match cg {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        tracing::warn!("QEMU runs without its cgroup: {e}");
-                        None
+        let jail = match child.id() {
+            Some(pid) if jailed => {
+                if let Some(c) = &cgroup {
+                    if !c.contains(pid) {
+                        if let Err(e) = c.add(pid) {
+                            tracing::warn!("QEMU runs without its cgroup: {e}");
+                        }
                     }
                 }
+                qemu_jail_report(pid, cgroup.as_ref(), keep_cap)
             }
-            _ => None,
+            _ => JailReport::default(),
         };
+        if !jail.missing.is_empty() {
+            tracing::warn!(
+                "QEMU runs with part of its jail missing: {}",
+                jail.missing.join("; ")
+            );
+        }
+        tracing::debug!(jail = %jail.summary(), "QEMU started");
         let mut machine = QemuMachine {
             child,
+            jail,
             run_dir,
             accel,
             serial,
@@ -255,6 +293,11 @@ impl QemuMachine {
             c.remove();
         }
         self.run_dir.remove()
+    }
+
+    /// What of the jail around QEMU was applied.
+    pub(crate) fn jail(&self) -> &JailReport {
+        &self.jail
     }
 
     /// QEMU's cgroup, when it has one.
@@ -383,6 +426,84 @@ pub fn qemu_args(config: &MachineConfig, accel: &str, console_sock: &Path) -> Ve
     }
     push(&cmdline);
     a
+}
+
+/// What QEMU running as root keeps of its capabilities when the network is
+/// passt: CAP_DAC_OVERRIDE, to connect to passt's socket, which passt
+/// (run as nobody) made in a directory of nobody's.
+const PASST_CAP: u32 = 1;
+
+/// The namespaces QEMU gets: an empty network namespace (its network is
+/// the TAP descriptor or passt's socket, a path), IPC and UTS. No PID or
+/// mount namespace and no other uid: QEMU opens the VM's files by path.
+const QEMU_NAMESPACES: [(libc::c_int, &str); 3] = [
+    (libc::CLONE_NEWNET, "net"),
+    (libc::CLONE_NEWIPC, "ipc"),
+    (libc::CLONE_NEWUTS, "uts"),
+];
+
+/// In the child before QEMU's exec (async-signal-safe calls only, no
+/// allocation): new namespaces ([`QEMU_NAMESPACES`]), an empty capability
+/// bounding set (so that QEMU, root or not, execs with no capability),
+/// `no_new_privs`. `keep_cap`: the one capability left in the bounding set
+/// (QEMU, as root, then has that one only). Each may fail (kiln without
+/// root); kiln reads what
+/// QEMU got from /proc after the spawn ([`qemu_jail_report`]).
+fn qemu_jail_self(keep_cap: Option<u32>) {
+    // SAFETY: unshare(2) and prctl(2) take integers only.
+    unsafe {
+        for (flag, _) in QEMU_NAMESPACES {
+            libc::unshare(flag);
+        }
+        for cap in (0..64).filter(|&c| Some(c) != keep_cap) {
+            libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
+        }
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+    }
+}
+
+/// What of its jail QEMU (process `pid`) runs with, read from /proc.
+fn qemu_jail_report(pid: u32, cgroup: Option<&Cgroup>, keep_cap: Option<u32>) -> JailReport {
+    let mut r = JailReport::default();
+    for (_, ns) in QEMU_NAMESPACES {
+        let mine = std::fs::read_link(format!("/proc/self/ns/{ns}"));
+        let its = std::fs::read_link(format!("/proc/{pid}/ns/{ns}"));
+        match (mine, its) {
+            (Ok(a), Ok(b)) if a != b => r.namespaces.push(ns.to_string()),
+            _ => r.missing.push(format!("{ns} namespace")),
+        }
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or("")
+            .to_string()
+    };
+    r.capabilities_dropped = ["CapPrm:", "CapEff:", "CapBnd:"]
+        .iter()
+        .all(|f| field(f) == "0000000000000000");
+    if !r.capabilities_dropped {
+        r.missing.push(if keep_cap == Some(PASST_CAP) {
+            "capabilities: QEMU keeps CAP_DAC_OVERRIDE to reach passt's socket (nobody's)".into()
+        } else {
+            "capabilities: some remain".into()
+        });
+    }
+    r.no_new_privs = field("NoNewPrivs:") == "1";
+    if !r.no_new_privs {
+        r.missing.push("no_new_privs".into());
+    }
+    // QEMU installs its `-sandbox` filter itself while it starts.
+    r.seccomp = true;
+    match cgroup {
+        Some(c) if c.contains(pid) => r.cgroup = Some(c.path().display().to_string()),
+        _ => r.missing.push("cgroup".into()),
+    }
+    r.not_yet = vec!["pid and mount namespaces, pivot_root and a per-VM uid around QEMU".into()];
+    r
 }
 
 /// The guest's virtio-net device and its QEMU netdev.

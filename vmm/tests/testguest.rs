@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use kiln_vmm::{
-    probe_kvm, BackendKind, ConsoleStream, Disk, ExitStatus, KvmSupport, Machine, MachineConfig,
-    MachineError, QemuOptions,
+    probe_kvm, BackendKind, ConsoleStream, Disk, ExitStatus, IsolationMode, KvmSupport, Machine,
+    MachineConfig, MachineError, QemuOptions,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -605,8 +605,11 @@ async fn kvm_forbidden_syscall_kills_only_that_vm() {
     }
 }
 
-/// QEMU gets none of kiln's environment and runs in a cgroup of its own;
-/// strict isolation refuses the qemu backend (QEMU is not in the jail yet).
+/// QEMU gets none of kiln's environment and runs in a cgroup of its own,
+/// under its seccomp sandbox, with no capabilities, no_new_privs and its
+/// own network, IPC and UTS namespaces (read from /proc while the guest
+/// runs); strict isolation refuses the qemu backend (QEMU is not in the
+/// whole jail yet).
 async fn qemu_process_has_a_cgroup_and_no_environment() {
     let kvm = probe_kvm();
     let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
@@ -639,6 +642,18 @@ async fn qemu_process_has_a_cgroup_and_no_environment() {
         "{cgroups}"
     );
     assert!(limit_file.is_file());
+    assert_eq!(proc_field(pid, "Seccomp:"), "2", "QEMU's -sandbox filter");
+    assert_eq!(proc_field(pid, "NoNewPrivs:"), "1");
+    for caps in ["CapPrm:", "CapEff:", "CapBnd:"] {
+        assert_eq!(proc_field(pid, caps), "0000000000000000", "{caps}");
+    }
+    for ns in ["net", "ipc", "uts"] {
+        let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let its = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(mine, its, "{ns} namespace");
+    }
+    let report = machine.jail().expect("a jail report");
+    assert!(report.missing.is_empty(), "{}", report.summary());
     drop(console);
     machine.destroy().await.unwrap();
     assert!(!cg_dir.exists());
@@ -755,14 +770,29 @@ async fn kvm_virtio_net_moves_frames_both_ways() {
     }
 }
 
-/// The helper for `kvm_vmm_processes_die_with_kiln`: start a VM, print its
-/// VMM process and cgroup, and wait to be killed.
-fn hold_vm(guest: PathBuf) -> std::process::ExitCode {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+/// The runtime of a helper process (this binary started again by a test).
+fn helper_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+/// The first line a helper process prints (within `secs`).
+async fn first_line(helper: &mut tokio::process::Child, secs: u64, what: &str) -> String {
+    let mut out = BufReader::new(helper.stdout.take().unwrap()).lines();
+    tokio::time::timeout(Duration::from_secs(secs), out.next_line())
+        .await
+        .unwrap_or_else(|_| panic!("{what}"))
+        .unwrap()
+        .expect("a line")
+}
+
+/// The helper for `kvm_vmm_processes_die_with_kiln`: start a VM, print its
+/// VMM process and cgroup, and wait to be killed.
+fn hold_vm(guest: PathBuf) -> std::process::ExitCode {
+    let rt = helper_runtime();
     // kiln's secrets, as a daemon holds them: a token read from a file
     // (kept, with the file open) and one in the environment.
     let _held = std::env::var_os("KILN_TEST_TOKEN_FILE").map(|p| {
@@ -795,12 +825,7 @@ async fn kvm_vmm_processes_die_with_kiln() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut out = BufReader::new(helper.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(60), out.next_line())
-        .await
-        .expect("the helper started a VM")
-        .unwrap()
-        .expect("a line");
+    let line = first_line(&mut helper, 60, "the helper started a VM").await;
     let parts: Vec<&str> = line.split(' ').collect();
     assert_eq!(parts[0], "VMM", "{line}");
     let (pid, dir, cgroup) = (parts[1], PathBuf::from(parts[2]), PathBuf::from(parts[3]));
@@ -906,12 +931,7 @@ async fn kvm_vmm_process_holds_none_of_kilns_tokens() {
         .spawn()
         .unwrap();
     let kiln = helper.id().unwrap();
-    let mut out = BufReader::new(helper.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(60), out.next_line())
-        .await
-        .expect("the helper started a VM")
-        .unwrap()
-        .expect("a line");
+    let line = first_line(&mut helper, 60, "the helper started a VM").await;
     let parts: Vec<&str> = line.split(' ').collect();
     assert_eq!(parts[0], "VMM", "{line}");
     let (vmm, dir, cgroup): (u32, PathBuf, PathBuf) =
@@ -970,10 +990,246 @@ async fn kvm_vmm_process_holds_none_of_kilns_tokens() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// The uid the unprivileged tests run kiln's side as (`nobody`).
+const NOBODY: &str = "65534";
+
+/// `cmd` run as uid and gid [`NOBODY`] with no supplementary groups.
+fn as_nobody(program: &Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new("setpriv");
+    cmd.args([
+        &format!("--reuid={NOBODY}"),
+        &format!("--regid={NOBODY}"),
+        "--clear-groups",
+    ])
+    .arg(program);
+    cmd
+}
+
+/// The helper for `unprivileged_jail_uses_a_user_namespace` (started as
+/// uid 65534): jail this process as a VMM process jails itself, with no
+/// VM, into `root`; print what was applied and wait until stdin closes.
+/// `KILN_TEST_JAIL_STRICT` set: strict isolation, print the refusal.
+fn jail_only(root: PathBuf) -> std::process::ExitCode {
+    use kiln_vmm::jail;
+    use std::io::{Read, Write};
+    let strict = std::env::var_os("KILN_TEST_JAIL_STRICT").is_some();
+    let spec = jail::JailSpec {
+        mode: if strict {
+            IsolationMode::Strict
+        } else {
+            IsolationMode::BestEffort
+        },
+        uid: jail::UID_BASE,
+        gid: jail::UID_BASE,
+        root,
+        keep_fds: Vec::new(),
+    };
+    let user = jail::enter_user_namespace(&spec);
+    let pid = jail::enter_pid_namespace(&spec, &user).expect("pid namespace");
+    let mut out = std::io::stdout();
+    match jail::apply(&spec, &user, &pid) {
+        Ok(r) => {
+            let _ = writeln!(
+                out,
+                "JAIL ns={} pivot_root={} caps_dropped={} no_new_privs={} missing={}",
+                r.namespaces.join(","),
+                r.pivot_root,
+                r.capabilities_dropped,
+                r.no_new_privs,
+                r.missing.join("|")
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(out, "REFUSED {e}");
+        }
+    }
+    let _ = out.flush();
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    std::process::ExitCode::SUCCESS
+}
+
+/// kiln without root: the VMM process's jail is made in a user namespace
+/// (kiln's uid is root there): PID 1 of its own PID namespace, its own
+/// mount, IPC, UTS and network namespaces, an empty root, no capabilities,
+/// no_new_privs; it runs as kiln's uid, which the report names as missing
+/// (no per-VM uid without root), so strict isolation refuses. Read from
+/// /proc while it runs. No VM: the jail alone, as uid 65534.
+async fn unprivileged_jail_uses_a_user_namespace() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        root.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut helper = as_nobody(&exe)
+        .env("KILN_TEST_JAIL_ONLY", root.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let waiter = helper.id().unwrap();
+    let line = first_line(&mut helper, 30, "the helper jailed itself").await;
+    eprintln!("{line}");
+    assert!(
+        line.starts_with(
+            "JAIL ns=user,pid,mnt,ipc,uts,net pivot_root=true caps_dropped=true \
+             no_new_privs=true missing=per-VM uid: kiln runs without root"
+        ),
+        "{line}"
+    );
+    assert!(!line.contains('|'), "only the uid is missing: {line}");
+    // The jailed process: the waiter's only child, PID 1 of its namespace.
+    let children =
+        std::fs::read_to_string(format!("/proc/{waiter}/task/{waiter}/children")).unwrap();
+    let pid: u32 = children.trim().parse().expect("one child");
+    assert_eq!(proc_field(pid, "NSpid:"), format!("{pid}\t1"));
+    assert_eq!(
+        proc_field(pid, "Uid:"),
+        [NOBODY; 4].join("\t"),
+        "kiln's uid"
+    );
+    for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(proc_field(pid, caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(proc_field(pid, "NoNewPrivs:"), "1");
+    let uid_map = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap();
+    assert_eq!(
+        uid_map.split_whitespace().collect::<Vec<_>>(),
+        ["0", NOBODY, "1"],
+        "kiln's uid is root of the user namespace, nothing else is mapped"
+    );
+    for ns in ["user", "pid", "mnt", "net", "ipc", "uts"] {
+        let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let its = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(mine, its, "{ns} namespace");
+    }
+    let its_root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .collect();
+    assert!(its_root.is_empty(), "{its_root:?}");
+    drop(helper.stdin.take());
+    assert!(helper.wait().await.unwrap().success());
+
+    // Strict isolation refuses what best-effort accepted.
+    let out = as_nobody(&exe)
+        .env("KILN_TEST_JAIL_ONLY", root.path())
+        .env("KILN_TEST_JAIL_STRICT", "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("REFUSED isolation is strict") && text.contains("per-VM uid"),
+        "{text}"
+    );
+}
+
+/// The test guest on the kvm backend with kiln as uid 65534 (the helper):
+/// the VM runs, in a user namespace, with seccomp; strict isolation
+/// refuses to start it.
+async fn unprivileged_kvm_vm_runs_in_a_user_namespace() {
+    let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
+    let out = as_nobody(&std::env::current_exe().unwrap())
+        .env("KILN_TEST_UNPRIVILEGED_VM", &guest)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("STRICT refused"), "{text}");
+    assert!(text.contains("RAN"), "{text}");
+}
+
+/// The helper for `unprivileged_kvm_vm_runs_in_a_user_namespace`.
+fn unprivileged_vm(guest: PathBuf) -> std::process::ExitCode {
+    let rt = helper_runtime();
+    rt.block_on(async {
+        let kvm = probe_kvm();
+        let mut fx = fixture(guest.clone(), "");
+        fx.config.isolation.mode = IsolationMode::Strict;
+        match Machine::start(fx.config.clone(), BackendKind::Kvm, &kvm).await {
+            Err(MachineError::Jail(why)) => println!("STRICT refused: {why}"),
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => panic!("strict isolation started a VM without root"),
+        }
+        let fx = fixture(guest, "");
+        let (lines, status, _, _, _) = boot(&fx, BackendKind::Kvm, &kvm).await;
+        assert_all_ok(&lines, ALL_CHECKS);
+        assert_eq!(status, ExitStatus::Shutdown);
+        let (machine, _console) = start_and_wait_for_ping(&fx, &kvm).await;
+        let report = machine.jail().expect("kvm backend").clone();
+        let pid = machine.pid().expect("a VMM process");
+        assert!(
+            report.namespaces.iter().any(|n| n == "user")
+                && report.pivot_root
+                && report.seccomp
+                && report.capabilities_dropped,
+            "{report:?}"
+        );
+        assert_eq!(proc_field(pid, "Seccomp:"), "2");
+        assert_eq!(proc_field(pid, "CapEff:"), "0000000000000000");
+        println!("RAN {}", report.summary());
+        machine.destroy().await.unwrap();
+    });
+    std::process::ExitCode::SUCCESS
+}
+
 fn main() -> std::process::ExitCode {
     if let Some(guest) = std::env::var_os("KILN_TEST_HOLD_VM") {
         return hold_vm(guest.into());
     }
+    if let Some(root) = std::env::var_os("KILN_TEST_JAIL_ONLY") {
+        return jail_only(root.into());
+    }
+    if let Some(guest) = std::env::var_os("KILN_TEST_UNPRIVILEGED_VM") {
+        return unprivileged_vm(guest.into());
+    }
+    // Runs a command as uid 65534 (setpriv needs root); Ok when it succeeds.
+    let nobody_can = |what: &'static str, args: &'static [&'static str]| {
+        kiln_testkit::Need::custom(what, move || {
+            // SAFETY: geteuid has no arguments.
+            if unsafe { libc::geteuid() } != 0 {
+                return Err("needs root to switch to uid 65534 (setpriv)".into());
+            }
+            match Command::new("setpriv")
+                .args([
+                    &format!("--reuid={NOBODY}"),
+                    &format!("--regid={NOBODY}"),
+                    "--clear-groups",
+                ])
+                .args(args)
+                .output()
+            {
+                Ok(o) if o.status.success() => Ok(()),
+                Ok(o) => Err(format!(
+                    "as uid {NOBODY}: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )),
+                Err(e) => Err(format!(
+                    "setpriv does not run ({e}; apt-get install util-linux)"
+                )),
+            }
+        })
+    };
+    let userns = nobody_can(
+        "unprivileged user namespaces",
+        &["unshare", "--user", "true"],
+    );
+    // Never changed by a test: the device's own permissions decide.
+    let kvm_for_nobody = nobody_can(
+        "/dev/kvm usable by uid 65534",
+        &[
+            "sh",
+            "-c",
+            "test -r /dev/kvm -a -w /dev/kvm || { echo \"/dev/kvm is $(stat -c '%A %U:%G' \
+             /dev/kvm): not usable; the test does not change it\" >&2; exit 1; }",
+        ],
+    );
     let kvm = kiln_testkit::Need::custom("kvm", || {
         let kvm = probe_kvm();
         if kvm.device_usable() {
@@ -1050,6 +1306,16 @@ fn main() -> std::process::ExitCode {
             "kvm_forbidden_syscall_kills_only_that_vm",
             &kvms,
             kvm_forbidden_syscall_kills_only_that_vm,
+        )
+        .tokio(
+            "unprivileged_jail_uses_a_user_namespace",
+            std::slice::from_ref(&userns),
+            unprivileged_jail_uses_a_user_namespace,
+        )
+        .tokio(
+            "unprivileged_kvm_vm_runs_in_a_user_namespace",
+            &[kvms[0].clone(), userns, kvm_for_nobody],
+            unprivileged_kvm_vm_runs_in_a_user_namespace,
         )
         .run()
 }

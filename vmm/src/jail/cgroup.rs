@@ -224,6 +224,40 @@ impl Cgroup {
         Ok(())
     }
 
+    /// The files through which a process moves itself into the group,
+    /// opened write-only and close-on-exec, for [`join_self`] in a forked
+    /// child before it runs anything else: v1's `tasks` (one thread, the
+    /// caller: the kernel skips the global lock and the RCU grace period a
+    /// move of a whole process waits for, about 10 ms on a busy host; the
+    /// child is single-threaded, so the thread is the process), v2's
+    /// `cgroup.procs`.
+    pub fn join_files(&self) -> Result<Vec<std::fs::File>, CgroupError> {
+        let name = if self.v2 { "cgroup.procs" } else { "tasks" };
+        self.dirs
+            .iter()
+            .map(|d| {
+                let path = d.join(name);
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|source| CgroupError::Io {
+                        what: "open",
+                        path,
+                        source,
+                    })
+            })
+            .collect()
+    }
+
+    /// Whether process `pid` is in the group (in every hierarchy).
+    pub fn contains(&self, pid: u32) -> bool {
+        let pid = pid.to_string();
+        self.dirs.iter().all(|d| {
+            std::fs::read_to_string(d.join("cgroup.procs"))
+                .is_ok_and(|procs| procs.lines().any(|l| l.trim() == pid))
+        })
+    }
+
     /// The group's directory (the memory controller's on v1).
     pub fn path(&self) -> &Path {
         &self.dirs[0]
@@ -268,6 +302,18 @@ impl Drop for Cgroup {
     fn drop(&mut self) {
         self.remove();
     }
+}
+
+/// Move the calling thread into the groups whose [`Cgroup::join_files`]
+/// these are; what each write returned (`false`: it failed). Only
+/// async-signal-safe calls (write(2)) and no allocation: made in a child
+/// between fork and exec.
+pub fn join_self(files: &[i32]) -> bool {
+    files.iter().all(|&fd| {
+        // SAFETY: write(2) of one byte from a static buffer to a
+        // descriptor the caller keeps open.
+        unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) == 1 }
+    })
 }
 
 /// Remove the groups of kiln processes that are gone (named `<pid>-<n>`);

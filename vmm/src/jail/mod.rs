@@ -3,7 +3,10 @@
 //! it touches guest data ([`apply`], in the child), and the cgroup kiln puts
 //! it in ([`cgroup`], in the parent).
 //!
-//! In the VMM process, in this order: it forks into a new PID namespace
+//! In the VMM process, in this order: without root, it enters a user
+//! namespace where kiln's uid is root ([`enter_user_namespace`]), so that
+//! the rest can be made without root (no per-VM uid then); it forks into a
+//! new PID namespace
 //! ([`enter_pid_namespace`]: the VMM is PID 1 there, a waiter stays
 //! behind); every descriptor it was not handed is closed; new mount, IPC,
 //! UTS and network namespaces (the network one is
@@ -16,7 +19,8 @@
 //! per thread, once set-up is done and before the guest runs.
 //!
 //! What cannot be applied (no root, no user namespaces, ...) is reported in
-//! a [`JailReport`]; with [`IsolationMode::Strict`] it fails the start.
+//! a [`JailReport`]; with [`IsolationMode::Strict`] it fails the start. The
+//! report also times each step ([`JailReport::steps`]).
 
 pub mod cgroup;
 pub mod seccomp;
@@ -114,6 +118,44 @@ pub struct JailReport {
     /// Parts of the jail kiln does not implement yet (never applied, so not
     /// a reason for strict mode to refuse).
     pub not_yet: Vec<String>,
+    /// How long each step of setting up the VMM process took, in order
+    /// (the jail's steps in the VMM process, kiln's around it), for the
+    /// debug log and the jail bench.
+    #[serde(default)]
+    pub steps: Vec<Step>,
+}
+
+/// One timed step of a VMM process's start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    pub name: String,
+    pub micros: u64,
+}
+
+impl Step {
+    /// Step `name`, from `since` until now.
+    pub fn since(name: &str, since: std::time::Instant) -> Step {
+        Step {
+            name: name.to_string(),
+            micros: u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+impl JailReport {
+    /// Record that step `name` took from `since` until now.
+    pub fn timed(&mut self, name: &str, since: std::time::Instant) {
+        self.steps.push(Step::since(name, since));
+    }
+
+    /// The steps as `name 1.23 ms, ...`.
+    pub fn describe_steps(&self) -> String {
+        self.steps
+            .iter()
+            .map(|s| format!("{} {:.2} ms", s.name, s.micros as f64 / 1e3))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 impl JailReport {
@@ -163,6 +205,72 @@ fn last_err(what: &'static str) -> JailError {
     }
 }
 
+/// Whether the VMM process runs in a user namespace of its own (kiln
+/// without root: its uid and gid are mapped to root there, and the other
+/// namespaces and `pivot_root` are made inside it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserNamespace {
+    /// kiln runs as root: none is needed (the VMM gets a per-VM uid).
+    NotNeeded,
+    /// Not asked for (isolation off).
+    NotAsked,
+    /// Entered: kiln's uid and gid outside are root inside.
+    Entered { uid: u32, gid: u32 },
+    /// The kernel refused (unprivileged user namespaces disabled: why).
+    Unavailable(String),
+}
+
+/// Whether this process has root's privileges (euid 0).
+fn privileged() -> bool {
+    // SAFETY: geteuid has no arguments.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Without root, move this process into a new user namespace where its uid
+/// and gid are root (one mapping each, `setgroups` denied), so that the
+/// rest of the jail (namespaces, `pivot_root`) can be made; every
+/// capability it gets there is dropped again by [`apply`]. With root,
+/// nothing. Call it single-threaded, before [`enter_pid_namespace`] (the
+/// PID namespace then belongs to the user namespace).
+pub fn enter_user_namespace(spec: &JailSpec) -> UserNamespace {
+    if spec.mode == IsolationMode::Off {
+        return UserNamespace::NotAsked;
+    }
+    if privileged() {
+        return UserNamespace::NotNeeded;
+    }
+    // SAFETY: getuid/getgid/getppid take no arguments.
+    let (uid, gid, parent) = unsafe { (libc::getuid(), libc::getgid(), libc::getppid()) };
+    // SAFETY: unshare(2) takes flags only; this process is single-threaded
+    // (required for CLONE_NEWUSER).
+    if unsafe { libc::unshare(libc::CLONE_NEWUSER) } != 0 {
+        return UserNamespace::Unavailable(format!(
+            "unshare(CLONE_NEWUSER): {} (unprivileged user namespaces may be disabled:              sysctl kernel.unprivileged_userns_clone, user.max_user_namespaces, or              kernel.apparmor_restrict_unprivileged_userns)",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // The credential change cleared the parent-death signal: set it again,
+    // and do not outlive a kiln that died in between.
+    // SAFETY: prctl and getppid take integers only.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if libc::getppid() != parent {
+            libc::_exit(1);
+        }
+    }
+    let maps = [
+        ("/proc/self/setgroups", "deny".to_string()),
+        ("/proc/self/uid_map", format!("0 {uid} 1")),
+        ("/proc/self/gid_map", format!("0 {gid} 1")),
+    ];
+    for (file, text) in maps {
+        if let Err(e) = std::fs::write(file, text) {
+            return UserNamespace::Unavailable(format!("write {file}: {e}"));
+        }
+    }
+    UserNamespace::Entered { uid, gid }
+}
+
 /// Whether the VMM process is PID 1 of its own PID namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PidNamespace {
@@ -187,7 +295,10 @@ pub enum PidNamespace {
 /// child dies with it, as every process of a namespace does with its PID 1.
 /// Call it single-threaded, after kiln put this process in its cgroup (the
 /// child inherits it).
-pub fn enter_pid_namespace(spec: &JailSpec) -> Result<PidNamespace, JailError> {
+pub fn enter_pid_namespace(
+    spec: &JailSpec,
+    user_ns: &UserNamespace,
+) -> Result<PidNamespace, JailError> {
     if spec.mode == IsolationMode::Off {
         return Ok(PidNamespace::NotAsked);
     }
@@ -207,15 +318,15 @@ pub fn enter_pid_namespace(spec: &JailSpec) -> Result<PidNamespace, JailError> {
             unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
             Ok(PidNamespace::Entered)
         }
-        child => wait_as_parent(spec, child),
+        child => wait_as_parent(spec, user_ns, child),
     }
 }
 
 /// The waiter left in kiln's PID namespace: end as `child` ends.
-fn wait_as_parent(spec: &JailSpec, child: libc::pid_t) -> ! {
+fn wait_as_parent(spec: &JailSpec, user_ns: &UserNamespace, child: libc::pid_t) -> ! {
     let _ = close_other_fds(&[]);
     let mut scratch = JailReport::default();
-    drop_privileges(spec, &mut scratch);
+    drop_privileges(spec, user_ns, &mut scratch);
     // SAFETY: prctl takes integers only.
     unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
     let mut status = 0;
@@ -255,12 +366,23 @@ fn wait_as_parent(spec: &JailSpec, child: libc::pid_t) -> ! {
 /// Apply the jail to this process (the VMM process, still single-threaded,
 /// PID 1 of its namespace when `pid_ns` says so). Returns what was applied;
 /// in strict mode anything missing is an error.
-pub fn apply(spec: &JailSpec, pid_ns: &PidNamespace) -> Result<JailReport, JailError> {
+pub fn apply(
+    spec: &JailSpec,
+    user_ns: &UserNamespace,
+    pid_ns: &PidNamespace,
+) -> Result<JailReport, JailError> {
     let mut report = JailReport::default();
     if spec.mode == IsolationMode::Off {
         return Ok(report);
     }
+    match user_ns {
+        UserNamespace::Entered { .. } => report.namespaces.push("user".to_string()),
+        UserNamespace::Unavailable(why) => report.missing.push(format!("user namespace: {why}")),
+        UserNamespace::NotNeeded | UserNamespace::NotAsked => {}
+    }
+    let t = std::time::Instant::now();
     report.closed_fds = close_other_fds(&spec.keep_fds)?;
+    report.timed("close descriptors", t);
     match pid_ns {
         PidNamespace::Entered => report.namespaces.push("pid".to_string()),
         PidNamespace::NotAsked => {}
@@ -268,16 +390,20 @@ pub fn apply(spec: &JailSpec, pid_ns: &PidNamespace) -> Result<JailReport, JailE
     }
     enter_namespaces(&mut report);
     if report.namespaces.iter().any(|n| n == "mnt") {
+        let t = std::time::Instant::now();
         match pivot_into(&spec.root) {
             Ok(()) => report.pivot_root = true,
             Err(e) => report.missing.push(format!("pivot_root: {e}")),
         }
+        report.timed("pivot_root", t);
     } else {
         report
             .missing
             .push("pivot_root: no mount namespace".to_string());
     }
-    drop_privileges(spec, &mut report);
+    let t = std::time::Instant::now();
+    drop_privileges(spec, user_ns, &mut report);
+    report.timed("uid and capabilities", t);
     // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } == 0 {
         report.no_new_privs = true;
@@ -325,6 +451,7 @@ fn enter_namespaces(report: &mut JailReport) {
         (libc::CLONE_NEWNET, "net"),
     ];
     for (flag, name) in all {
+        let t = std::time::Instant::now();
         // SAFETY: unshare(2) takes flags only; the process is
         // single-threaded here (required for CLONE_NEWNS semantics we rely on).
         if unsafe { libc::unshare(flag) } == 0 {
@@ -335,6 +462,7 @@ fn enter_namespaces(report: &mut JailReport) {
                 std::io::Error::last_os_error()
             ));
         }
+        report.timed(&format!("{name} namespace"), t);
     }
     if report.namespaces.iter().any(|n| n == "uts") {
         let name = b"kiln-vmm";
@@ -359,7 +487,7 @@ fn pivot_into(root: &std::path::Path) -> Result<(), JailError> {
     // SAFETY: mount/chdir/pivot_root/umount2 below take NUL-terminated
     // strings that live across each call, and null for the unused
     // filesystem type and data; they change only this process's (new)
-    // mount namespace.
+    // mount namespace; statvfs writes into a zeroed local (a plain C struct).
     unsafe {
         // Nothing we do here may propagate back to the host's mounts.
         if libc::mount(
@@ -397,12 +525,28 @@ fn pivot_into(root: &std::path::Path) -> Result<(), JailError> {
         if libc::chdir(slash.as_ptr()) != 0 {
             return Err(last_err("enter the new root"));
         }
+        // Keep the atime flags the bind mount has: in a user namespace
+        // they may be locked, and a remount that changes them fails.
+        let mut st: libc::statvfs = std::mem::zeroed();
+        let mut atime = 0;
+        if libc::statvfs(slash.as_ptr(), &mut st) == 0 {
+            for (st_flag, ms_flag) in [
+                (libc::ST_NOATIME, libc::MS_NOATIME),
+                (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+                (libc::ST_RELATIME, libc::MS_RELATIME),
+            ] {
+                if st.f_flag & st_flag != 0 {
+                    atime |= ms_flag;
+                }
+            }
+        }
         let flags = libc::MS_BIND
             | libc::MS_REMOUNT
             | libc::MS_RDONLY
             | libc::MS_NOSUID
             | libc::MS_NODEV
-            | libc::MS_NOEXEC;
+            | libc::MS_NOEXEC
+            | atime;
         if libc::mount(
             std::ptr::null(),
             slash.as_ptr(),
@@ -417,12 +561,21 @@ fn pivot_into(root: &std::path::Path) -> Result<(), JailError> {
     Ok(())
 }
 
-fn drop_privileges(spec: &JailSpec, report: &mut JailReport) {
-    // SAFETY: geteuid has no arguments.
-    let root = unsafe { libc::geteuid() } == 0;
+fn drop_privileges(spec: &JailSpec, user_ns: &UserNamespace, report: &mut JailReport) {
     // SAFETY: getppid has no arguments.
     let parent = unsafe { libc::getppid() };
-    if root {
+    if let UserNamespace::Entered { uid, .. } = user_ns {
+        // Root of its own user namespace: only kiln's uid is mapped, so no
+        // other uid can be taken; what that root could do there goes with
+        // its capabilities (below), the bounding set first.
+        if let Err(e) = caps::clear(None, caps::CapSet::Bounding) {
+            report.missing.push(format!("capability bounding set: {e}"));
+        }
+        report.missing.push(format!(
+            "per-VM uid: kiln runs without root, so the VMM runs as kiln's uid {uid} \
+             (root of its own user namespace, without capabilities)"
+        ));
+    } else if privileged() {
         // Needs CAP_SETPCAP, so before the uid changes.
         if let Err(e) = caps::clear(None, caps::CapSet::Bounding) {
             report.missing.push(format!("capability bounding set: {e}"));
@@ -504,15 +657,25 @@ pub struct Enforced {
 /// hierarchy (a probe group is created and removed) and the `kiln-vmm`
 /// executable. Nothing is changed on the host.
 pub fn probe(vmm_program: Option<&std::path::Path>) -> Vec<Enforced> {
-    // SAFETY: geteuid has no arguments.
-    let root = unsafe { libc::geteuid() } == 0;
-    let priv_part = |ok: &str| {
-        if root {
-            Ok(ok.to_string())
-        } else {
-            Err("kiln does not run as root".to_string())
-        }
+    let root = privileged();
+    // Without root, the namespaces and pivot_root are made inside a user
+    // namespace: is one allowed here?
+    let userns = if root {
+        Ok(())
+    } else {
+        user_namespaces_allowed()
     };
+    let priv_part = |ok: &str| match (&userns, root) {
+        (_, true) => Ok(ok.to_string()),
+        (Ok(()), false) => Ok(format!(
+            "{ok}, inside a user namespace (kiln does not run as root)"
+        )),
+        (Err(why), false) => Err(format!(
+            "kiln does not run as root and cannot make a user namespace: {why}"
+        )),
+    };
+    // SAFETY: getuid has no arguments.
+    let uid = unsafe { libc::getuid() };
     let seccomp = std::fs::read_to_string("/proc/self/status")
         .ok()
         .is_some_and(|s| s.lines().any(|l| l.starts_with("Seccomp:")));
@@ -544,9 +707,16 @@ pub fn probe(vmm_program: Option<&std::path::Path>) -> Vec<Enforced> {
         },
         Enforced {
             part: "uid",
-            status: priv_part(&format!(
-                "one unprivileged uid/gid per VM from {UID_BASE}, no capabilities"
-            )),
+            status: if root {
+                Ok(format!(
+                    "one unprivileged uid/gid per VM from {UID_BASE}, no capabilities"
+                ))
+            } else {
+                Err(format!(
+                    "kiln does not run as root: every VMM runs as kiln's uid {uid} \
+                     (without capabilities)"
+                ))
+            },
         },
         Enforced {
             part: "no_new_privs",
@@ -565,4 +735,39 @@ pub fn probe(vmm_program: Option<&std::path::Path>) -> Vec<Enforced> {
             status: cgroup,
         },
     ]
+}
+
+/// Whether this (unprivileged) process may make a user namespace: a child
+/// process tries and exits. Nothing changes for this process.
+fn user_namespaces_allowed() -> Result<(), String> {
+    // SAFETY: the child calls only unshare(2) and _exit(2), both
+    // async-signal-safe (this process may have other threads); the parent
+    // reaps it with waitpid into a local.
+    unsafe {
+        match libc::fork() {
+            -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
+            0 => {
+                let ok = libc::unshare(libc::CLONE_NEWUSER) == 0;
+                libc::_exit(if ok { 0 } else { 1 })
+            }
+            child => {
+                let mut status = 0;
+                while libc::waitpid(child, &mut status, 0) < 0 {
+                    if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                        return Err("waitpid failed".into());
+                    }
+                }
+                if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+                    Ok(())
+                } else {
+                    Err(
+                        "unprivileged user namespaces are disabled on this host (sysctl \
+                         kernel.unprivileged_userns_clone, user.max_user_namespaces or \
+                         kernel.apparmor_restrict_unprivileged_userns)"
+                            .into(),
+                    )
+                }
+            }
+        }
+    }
 }

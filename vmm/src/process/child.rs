@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
 
@@ -154,14 +154,21 @@ pub fn main() -> ExitCode {
 
     // Kiln put this process in its cgroup before it sent the start message:
     // the VMM forked here inherits it.
-    let pid_ns = match jail::enter_pid_namespace(&start.jail) {
+    let t = Instant::now();
+    let user_ns = jail::enter_user_namespace(&start.jail);
+    let user_ns_step = jail::Step::since("user namespace", t);
+    let t = Instant::now();
+    let pid_ns = match jail::enter_pid_namespace(&start.jail, &user_ns) {
         Ok(p) => p,
         Err(e) => return fail(&mut control, jail_error(&e)),
     };
-    let mut report = match jail::apply(&start.jail, &pid_ns) {
+    let pid_ns_step = jail::Step::since("pid namespace", t);
+    let mut report = match jail::apply(&start.jail, &user_ns, &pid_ns) {
         Ok(r) => r,
         Err(e) => return fail(&mut control, jail_error(&e)),
     };
+    report.steps.splice(0..0, [user_ns_step, pid_ns_step]);
+    let t = Instant::now();
     let filters = if start.jail.mode == jail::IsolationMode::Off {
         None
     } else {
@@ -190,6 +197,7 @@ pub fn main() -> ExitCode {
         report.seccomp = true;
         let _ = f;
     }
+    report.timed("seccomp filters", t);
 
     let mut snapshot_out = None;
     let forbidden = test_hook(&start);
@@ -225,6 +233,7 @@ pub fn main() -> ExitCode {
         }
         Ok(())
     });
+    let t = Instant::now();
     let built = match (&start.restore, snapshot_file) {
         (Some(profile_hash), Some(file)) => Snapshot::open(file, profile_hash)
             .map_err(MachineError::from)
@@ -238,6 +247,7 @@ pub fn main() -> ExitCode {
         Ok(m) => m,
         Err(e) => return fail(&mut control, wire_error(&e)),
     };
+    report.timed("build the VM", t);
     if let Err(e) = proto::write_blocking(
         &mut control,
         &FromVmm::Started {

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::watch;
@@ -35,7 +35,7 @@ use self::report::{describe_death, read_reports, remote_error, Reported};
 use crate::config::MachineConfig;
 use crate::error::MachineError;
 use crate::jail::cgroup::{self, Cgroup};
-use crate::jail::{IsolationMode, JailReport, JailSpec, UID_BASE, UID_RANGE};
+use crate::jail::{IsolationMode, JailReport, JailSpec, Step, UID_BASE, UID_RANGE};
 use crate::kvm::snapshot::SnapshotUse;
 use crate::kvm::stats::ExitStats;
 use crate::machine::{ConsoleStream, ExitStatus};
@@ -223,6 +223,39 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// SIGKILL the process behind `pidfd` and wait (briefly, 2 s at most)
+/// until it has exited, so that its cgroup holds it no longer.
+fn kill_through(pidfd: &OwnedFd) {
+    // SAFETY: pidfd_send_signal(2) on a pidfd the caller owns, with no
+    // siginfo; poll(2) on one pollfd that lives across the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        );
+        let mut p = libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        libc::poll(&mut p, 1, 2000);
+    }
+}
+
+/// End a VMM process whose start failed, so that its cgroup can be removed
+/// right after: the VMM in its PID namespace first (it would otherwise die
+/// only after the waiter, later), then the process kiln started, reaped.
+async fn end_failed_start(child: &mut tokio::process::Child, pid: Option<u32>) {
+    if let Some(fd) = pid.and_then(only_child).and_then(pidfd_open) {
+        kill_through(&fd);
+    }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
 impl VmmProcess {
     pub async fn start(config: MachineConfig) -> Result<(VmmProcess, ConsoleStream), MachineError> {
         VmmProcess::start_with_snapshot(config, SnapshotUse::None).await
@@ -295,6 +328,8 @@ impl VmmProcess {
         let gid = iso.gid.unwrap_or(uid);
 
         let mut missing = Vec::new();
+        let mut steps = Vec::new();
+        let t = Instant::now();
         let cgroup = if iso.mode == IsolationMode::Off {
             None
         } else {
@@ -311,7 +346,9 @@ impl VmmProcess {
         if iso.mode == IsolationMode::Strict && !missing.is_empty() {
             return Err(MachineError::Jail(missing.join("; ")));
         }
+        steps.push(Step::since("kiln: create the cgroup", t));
 
+        let t = Instant::now();
         let mut cmd = tokio::process::Command::new(&program);
         cmd.env_clear()
             .stdin(Stdio::null())
@@ -319,10 +356,17 @@ impl VmmProcess {
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
         let moves: Vec<(i32, i32)> = handed.iter().map(|(f, n)| (f.as_raw_fd(), *n)).collect();
+        // The child moves itself into its cgroup before exec (the cheap
+        // way, see `Cgroup::join_files`); kiln checks and falls back below.
+        let join_files = match &cgroup {
+            Some(cg) => cg.join_files().unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let join_fds: Vec<i32> = join_files.iter().map(AsRawFd::as_raw_fd).collect();
         // SAFETY: the closure runs in the forked child before exec and only
-        // calls prctl(2) and dup2(2), which are async-signal-safe, on
-        // descriptors that `handed` keeps open until spawn returns; it
-        // allocates nothing. PR_SET_PDEATHSIG makes the kernel SIGKILL the
+        // calls prctl(2), write(2) (`cgroup::join_self`) and dup2(2), which
+        // are async-signal-safe, on descriptors that `handed` and
+        // `join_files` keep open until spawn returns; it allocates nothing. PR_SET_PDEATHSIG makes the kernel SIGKILL the
         // VMM if kiln dies without cleaning up. dup2 clears close-on-exec on
         // the fixed numbers; every other descriptor of kiln is close-on-exec.
         unsafe {
@@ -330,6 +374,8 @@ impl VmmProcess {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                // A failure shows in the check after spawn.
+                cgroup::join_self(&join_fds);
                 for &(from, to) in &moves {
                     if libc::dup2(from, to) < 0 {
                         return Err(std::io::Error::last_os_error());
@@ -343,10 +389,17 @@ impl VmmProcess {
             source,
         })?;
         drop(handed);
+        drop(join_files);
         let pid = child.id();
+        steps.push(Step::since("kiln: spawn kiln-vmm", t));
+        let t = Instant::now();
 
         if let (Some(cg), Some(pid)) = (&cgroup, pid) {
-            if let Err(e) = cg.add(pid) {
+            let joined = cg.contains(pid) || {
+                tracing::debug!(pid, "the VMM process did not join its cgroup itself");
+                false
+            };
+            if let Err(e) = if joined { Ok(()) } else { cg.add(pid) } {
                 missing.push(format!("cgroup: {e}"));
                 if iso.mode == IsolationMode::Strict {
                     let _ = child.start_kill();
@@ -356,6 +409,8 @@ impl VmmProcess {
             }
         }
 
+        steps.push(Step::since("kiln: join the cgroup", t));
+        let t = Instant::now();
         control
             .set_nonblocking(true)
             .map_err(io_err("control socket"))?;
@@ -402,19 +457,14 @@ impl VmmProcess {
             proto::read_async::<FromVmm>(&mut rd).await
         })
         .await;
-        let fail = |child: &mut tokio::process::Child| {
-            let _ = child.start_kill();
-        };
         let mut jail = match answer {
             Ok(Ok(FromVmm::Started { version, jail })) if version == proto::VERSION => jail,
             Ok(Ok(FromVmm::StartFailed(e))) => {
-                fail(&mut child);
-                let _ = child.wait().await;
+                end_failed_start(&mut child, pid).await;
                 return Err(remote_error(e));
             }
             Ok(Ok(FromVmm::Violation(nr))) => {
-                fail(&mut child);
-                let _ = child.wait().await;
+                end_failed_start(&mut child, pid).await;
                 return Err(MachineError::EarlyExit(format!(
                     "the VMM process was killed by its seccomp filter while starting the VM: \
                      it made the forbidden system call {}",
@@ -422,8 +472,7 @@ impl VmmProcess {
                 )));
             }
             Ok(Ok(other)) => {
-                fail(&mut child);
-                let _ = child.wait().await;
+                end_failed_start(&mut child, pid).await;
                 return Err(MachineError::EarlyExit(format!(
                     "the VMM process answered {other:?} instead of starting (version {} expected)",
                     proto::VERSION
@@ -431,7 +480,7 @@ impl VmmProcess {
             }
             Ok(Err(e)) => {
                 let status = tokio::time::timeout(REAP_TIMEOUT, child.wait()).await;
-                fail(&mut child);
+                end_failed_start(&mut child, pid).await;
                 let why = match status {
                     Ok(Ok(s)) => describe_death(s, None, None, None),
                     _ => format!("the VMM process broke the protocol: {e}"),
@@ -439,8 +488,7 @@ impl VmmProcess {
                 return Err(MachineError::EarlyExit(why));
             }
             Err(_) => {
-                fail(&mut child);
-                let _ = child.wait().await;
+                end_failed_start(&mut child, pid).await;
                 return Err(MachineError::StartTimeout(config.start_timeout));
             }
         };
@@ -453,6 +501,11 @@ impl VmmProcess {
         };
         let vmm_pidfd = vmm_pid.and_then(pidfd_open);
         jail.missing.extend(missing);
+        // kiln's steps, then the VMM process's, then the whole exchange
+        // (which includes the VMM process's).
+        jail.steps.splice(0..0, steps);
+        jail.steps
+            .push(Step::since("kiln: start message until Started", t));
         jail.cgroup = cgroup.as_ref().map(|c| c.path().display().to_string());
         if !jail.missing.is_empty() {
             tracing::warn!(
@@ -460,7 +513,7 @@ impl VmmProcess {
                 jail.missing.join("; ")
             );
         }
-        tracing::debug!(pid, jail = %jail.summary(), "VMM process started");
+        tracing::debug!(pid, jail = %jail.summary(), steps = %jail.describe_steps(), "VMM process started");
 
         let serial = tail::shared(config.serial_log_limit.max(4096));
         let reported = Arc::new(Mutex::new(Reported::default()));
@@ -644,25 +697,8 @@ impl VmmProcess {
     /// (briefly) until it has exited: its cgroup can be removed only then.
     /// Killing the waiter alone would kill it too, but later.
     fn kill_vmm(&self) {
-        let Some(fd) = &self.vmm_pidfd else {
-            return;
-        };
-        // SAFETY: pidfd_send_signal(2) on a pidfd this struct owns, with no
-        // siginfo; poll(2) on one pollfd that lives across the call.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            );
-            let mut p = libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            libc::poll(&mut p, 1, 2000);
+        if let Some(fd) = &self.vmm_pidfd {
+            kill_through(fd);
         }
     }
 
