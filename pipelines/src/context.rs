@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use crate::github::RunnerImages;
 use crate::limits::Limits;
+use crate::remote::RemoteIncludes;
 
 /// Facts about the local checkout that the caller reads (from git) and
 /// passes in: this crate spawns no processes.
@@ -22,6 +23,10 @@ pub struct LocalContext {
     /// every variable defined in the file (like GitLab pipeline variables)
     /// and are visible to `rules: if` and GitHub `vars.*`.
     pub extra_vars: Vec<(String, String)>,
+    /// Secrets given on the command line (also in `extra_vars`): GitHub's
+    /// `secrets` context, passed to a reusable workflow only with
+    /// `secrets: inherit` or by name.
+    pub secrets: Vec<(String, String)>,
     /// Where the checkout appears inside the guest (`CI_PROJECT_DIR`,
     /// `GITHUB_WORKSPACE`, each job's `working_dir`).
     pub guest_dir: String,
@@ -57,6 +62,7 @@ impl LocalContext {
             commit_sha: String::new(),
             branch: None,
             extra_vars: Vec::new(),
+            secrets: Vec::new(),
             tag: None,
             remote_url: None,
             default_branch: None,
@@ -109,6 +115,10 @@ pub struct Options {
     /// `only`/`except` or the `workflow: rules` leave them out (`kiln
     /// run-job --force`); a warning names the clause.
     pub force_jobs: Vec<String>,
+    /// GitLab `include: remote`: how the files are fetched (`kiln run-job`
+    /// gives HTTP(S) with a cache); by default they are skipped with a
+    /// warning.
+    pub remote_includes: RemoteIncludes,
 }
 
 impl Default for Options {
@@ -125,6 +135,7 @@ impl Default for Options {
             inputs: Vec::new(),
             include_projects: Vec::new(),
             force_jobs: Vec::new(),
+            remote_includes: RemoteIncludes::none(),
         }
     }
 }

@@ -41,9 +41,22 @@ pub struct PipelineArgs {
     /// clause).
     #[arg(long, requires = "job")]
     force: bool,
+    /// GitLab `include: remote`: read the files from kiln's cache only
+    /// (fetched by an earlier run), without the network.
+    #[arg(long)]
+    offline: bool,
+    /// kiln's cache directory: remote includes are kept there (set by
+    /// `main`; without it remote includes are skipped with a warning).
+    #[arg(skip)]
+    cache_dir: Option<PathBuf>,
 }
 
 impl PipelineArgs {
+    /// Where `include: remote` files are cached (kiln's cache directory).
+    pub fn set_cache_dir(&mut self, dir: PathBuf) {
+        self.cache_dir = Some(dir);
+    }
+
     /// Applies the options to the context and parse options.
     /// `job`: the job asked for (what `--force` keeps).
     pub fn apply(
@@ -54,6 +67,14 @@ impl PipelineArgs {
     ) -> Result<()> {
         opts.inputs = super::plan::key_values(&self.inputs, "--input")?;
         opts.skip_unsupported_actions = self.skip_unsupported_actions;
+        if let Some(dir) = &self.cache_dir {
+            let fetcher = super::remote_include::RemoteFetcher::new(
+                dir,
+                self.offline,
+                opts.limits.max_file_bytes,
+            );
+            opts.remote_includes = fetcher.hook();
+        }
         if self.force {
             opts.force_jobs.extend(job.map(String::from));
         }
