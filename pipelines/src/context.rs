@@ -111,6 +111,11 @@ pub struct Options {
     /// GitLab `include: project` paths mapped to local checkouts
     /// (`--include-project group/proj=DIR`).
     pub include_projects: Vec<(String, PathBuf)>,
+    /// GitLab `include: template` read from this folder
+    /// (`--include-template-dir DIR`: `DIR/Jobs/Build.gitlab-ci.yml` for
+    /// `template: Jobs/Build.gitlab-ci.yml`); without it they are skipped
+    /// with a warning.
+    pub include_template_dir: Option<PathBuf>,
     /// GitLab jobs (names or keys) to keep even when their `rules`,
     /// `only`/`except` or the `workflow: rules` leave them out (`kiln
     /// run-job --force`); a warning names the clause.
@@ -134,6 +139,7 @@ impl Default for Options {
             limits: Limits::default(),
             inputs: Vec::new(),
             include_projects: Vec::new(),
+            include_template_dir: None,
             force_jobs: Vec::new(),
             remote_includes: RemoteIncludes::none(),
         }

@@ -3,12 +3,13 @@
 //! later definitions winning. `include: local` is read from the checkout;
 //! `include: project` from a local checkout when the caller maps the
 //! project to a directory (`Options::include_projects`); `include: remote`
-//! through the caller's fetcher (`Options::remote_includes`). Nested
+//! through the caller's fetcher (`Options::remote_includes`); `include:
+//! template` from `Options::include_template_dir`. Nested
 //! includes resolve as on GitLab: a `local` include is read from the
 //! project of the file that names it (a mapped project's own checkout), and
-//! a remote file has no project, so its `local` includes are errors.
-//! Template, component, unmapped project includes and remote ones without a
-//! fetcher are skipped with a warning that says what to do, and the rest of
+//! a remote file or a template has no project, so its `local` includes
+//! are errors. Components, and template, project and remote includes kiln
+//! was given no way to read, are skipped with a warning that says what to do, and the rest of
 //! the pipeline still loads. Depth, count and size are bounded by the
 //! [`Limits`](crate::Limits).
 
@@ -129,7 +130,11 @@ impl Parser<'_> {
                         crate::ProjectFiles::new(dir, self.limits).read(p),
                         Base::Dir(dir.clone()),
                     ),
-                    From::Remote(url) => (self.fetch(url), Base::Remote),
+                    From::Remote(url) => (self.fetch(url), Base::NoProject("remote")),
+                    From::Template(dir, name) => (
+                        crate::ProjectFiles::new(dir, self.limits).read(name),
+                        Base::NoProject("template"),
+                    ),
                 };
                 let content = content.map_err(|source| Error::Include {
                     file: file.to_string(),
@@ -259,26 +264,22 @@ impl Parser<'_> {
                         ));
                     }
                     (files[0].clone(), Some(dir))
-                } else {
-                    let kind = ["template", "component"]
-                        .into_iter()
-                        .find(|k| m.contains_key(*k));
-                    let Some(kind) = kind else {
-                        return Err(c.err(
-                            path,
-                            "an include needs one of local, project, remote, template or component",
-                        ));
-                    };
-                    let what = m.get(kind).and_then(scalar).unwrap_or_default();
-                    let how = match kind {
-                        "template" => "GitLab's templates are not bundled with kiln; copy it into the project and include it as `local`",
-                        _ => "components are not fetched; include a local checkout's template as `local` or with --include-project",
-                    };
+                } else if let Some(name) = m.get("template") {
+                    let name = scalar(name).unwrap_or_default();
+                    return self.template(&name, inputs, &join(path, &[key("template")]), src);
+                } else if let Some(what) = m.get("component") {
+                    let what = scalar(what).unwrap_or_default();
                     self.warnings.push(format!(
-                        "{file}: include {kind} `{}` skipped: {how}",
+                        "{file}: include component `{}` skipped: components are not fetched; \
+                         include a local checkout's template as `local` or with --include-project",
                         short(&what)
                     ));
                     return Ok(None);
+                } else {
+                    return Err(c.err(
+                        path,
+                        "an include needs one of local, project, remote, template or component",
+                    ));
                 }
             }
             _ => return Err(c.err(path, "an include must be a path or a mapping")),
@@ -303,11 +304,11 @@ impl Parser<'_> {
             (Some(dir), _) => Some(dir),
             (None, Base::Project) => None,
             (None, Base::Dir(dir)) => Some(dir.clone()),
-            (None, Base::Remote) => {
+            (None, Base::NoProject(kind)) => {
                 return Err(c.err(
                     path,
                     format!(
-                        "local include `{}` in a remote file: a file included with `remote` \
+                        "local include `{}` in a {kind} file: a file included with `{kind}` \
                          has no project, so GitLab refuses its `local` includes (\"Local file \
                          does not have project!\"); include that file with `remote` (its full \
                          URL) or `project`",
@@ -327,6 +328,41 @@ impl Parser<'_> {
                 read: From::Dir(dir, trimmed),
                 inputs,
             },
+        }))
+    }
+
+    /// An `include: template` of source `src`: read from
+    /// `--include-template-dir` (a name that leaves it is refused), or
+    /// skipped with a warning that names it and the option.
+    fn template(
+        &mut self,
+        name: &str,
+        inputs: Option<Mapping>,
+        path: &[Seg],
+        src: usize,
+    ) -> Result<Option<Include>> {
+        let (file, text) = &self.sources[src];
+        let Some(dir) = self.opts.include_template_dir.clone() else {
+            self.warnings.push(format!(
+                "{file}: include template `{}` skipped: GitLab's templates (lib/gitlab/ci/templates \
+                 in gitlab-org/gitlab) are not bundled with kiln; pass --include-template-dir DIR \
+                 (a folder holding `{}`) or copy it into the project and include it as `local`",
+                short(name),
+                short(name)
+            ));
+            return Ok(None);
+        };
+        let c = yaml::Ctx { file, text };
+        if name.is_empty() || name.split('/').any(|part| part == "..") {
+            return Err(c.err(
+                path,
+                format!("include template `{}`: expected a template name such as Jobs/Build.gitlab-ci.yml", short(name)),
+            ));
+        }
+        Ok(Some(Include {
+            shown: format!("{}/{}", dir.display(), name.trim_start_matches('/')),
+            read: From::Template(dir, name.to_string()),
+            inputs,
         }))
     }
 
@@ -383,6 +419,8 @@ enum From {
     Dir(std::path::PathBuf, String),
     /// A URL (`include: remote`), through the caller's fetcher.
     Remote(String),
+    /// A GitLab template (`include: template`) in `--include-template-dir`.
+    Template(std::path::PathBuf, String),
 }
 
 /// Where the `local` includes of a file are read from: GitLab reads them
@@ -393,8 +431,9 @@ pub(super) enum Base {
     Project,
     /// A mapped project's checkout (`include: project`).
     Dir(std::path::PathBuf),
-    /// A remote file: it has no project, so `local` includes are refused.
-    Remote,
+    /// A remote file or a template (the kind): it has no project, so
+    /// `local` includes are refused.
+    NoProject(&'static str),
 }
 
 /// Whether `s` is an `http://` or `https://` URL (GitLab's `remote`, and
@@ -496,7 +535,9 @@ mod tests {
             ),
             (
                 "{template: Auto-DevOps.gitlab-ci.yml}",
-                "include template `Auto-DevOps.gitlab-ci.yml` skipped",
+                "include template `Auto-DevOps.gitlab-ci.yml` skipped: GitLab's templates \
+                 (lib/gitlab/ci/templates in gitlab-org/gitlab) are not bundled with kiln; pass \
+                 --include-template-dir DIR (a folder holding `Auto-DevOps.gitlab-ci.yml`)",
             ),
             (
                 "{component: 'gitlab.com/a/b/c@1.0'}",
@@ -711,5 +752,50 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(names(&p.unwrap()), ["from-lib"]);
+    }
+
+    #[test]
+    fn templates_are_read_from_the_template_dir() {
+        let dir = std::env::temp_dir().join(format!("kiln-inc-tpl-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("Jobs")).unwrap();
+        std::fs::write(
+            dir.join("Jobs/Build.gitlab-ci.yml"),
+            "include:\n  - template: Jobs/Test.gitlab-ci.yml\nbuild:\n  script: make\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("Jobs/Test.gitlab-ci.yml"),
+            "test:\n  script: make test\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("Bad.gitlab-ci.yml"), "include: local.yml\n").unwrap();
+        let opts = Options {
+            include_template_dir: Some(dir.clone()),
+            ..Options::default()
+        };
+        let parse =
+            |main: &str| parse_with(main, &ctx(), &opts, &[("local.yml", "l:\n  script: x\n")]);
+        let p = parse("include:\n  - template: Jobs/Build.gitlab-ci.yml\n");
+        let missing = parse("include:\n  - template: Nope.gitlab-ci.yml\n");
+        let escape = parse("include:\n  - template: ../x.yml\n");
+        let local = parse("include:\n  - template: Bad.gitlab-ci.yml\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let p = p.unwrap();
+        // A file's includes come first, as for local ones.
+        assert_eq!(names(&p), ["test", "build"]);
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        let e = missing.unwrap_err().to_string();
+        assert!(
+            e.starts_with(".gitlab-ci.yml:2:3: cannot read included file")
+                && e.contains("Nope.gitlab-ci.yml"),
+            "{e}"
+        );
+        let e = escape.unwrap_err().to_string();
+        assert!(e.contains("expected a template name"), "{e}");
+        let e = local.unwrap_err().to_string();
+        assert!(
+            e.contains("local include `local.yml` in a template file"),
+            "{e}"
+        );
     }
 }

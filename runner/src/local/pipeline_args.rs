@@ -17,6 +17,10 @@ pub struct PipelineArgs {
     /// (GROUP/PROJ=DIR, repeatable).
     #[arg(long = "include-project")]
     include_projects: Vec<String>,
+    /// Read GitLab `include: template: NAME` from DIR/NAME (a folder of
+    /// GitLab's templates, e.g. lib/gitlab/ci/templates of gitlab-org/gitlab).
+    #[arg(long = "include-template-dir", value_name = "DIR")]
+    include_template_dir: Option<PathBuf>,
     /// Simulate a pipeline for this branch instead of the checkout's.
     #[arg(long = "ref", conflicts_with = "git_tag")]
     git_ref: Option<String>,
@@ -85,6 +89,12 @@ impl PipelineArgs {
                 .canonicalize()
                 .with_context(|| format!("--include-project {project}: {}", dir.display()))?;
             opts.include_projects.push((project, dir));
+        }
+        if let Some(dir) = &self.include_template_dir {
+            let dir = dir
+                .canonicalize()
+                .with_context(|| format!("--include-template-dir {}", dir.display()))?;
+            opts.include_template_dir = Some(dir);
         }
         if let Some(r) = &self.git_ref {
             ctx.branch = Some(r.clone());
