@@ -30,6 +30,24 @@ json=yes
 files=0 listed=0 empty=0 jobs=0 left_out=0 errors=0 crashes=0
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
+# `include: remote`: no network. A kiln that fetches remote includes reads
+# them from its cache with --offline; the cache is seeded with the corpus
+# mirror (pipelines/tests/corpus/fidelity/remote/HOST/PATH is what
+# https://HOST/PATH sends), under kiln's names: sha256 of the URL.
+offline=
+if "$kiln" run-job --help 2>/dev/null | grep -q -- '--offline'; then
+    offline=--offline
+    export KILN_CACHE_DIR=$scratch/cache
+    mkdir -p "$KILN_CACHE_DIR/remote-includes"
+    mirror=$here/pipelines/tests/corpus/fidelity/remote
+    if [ -d "$mirror" ]; then
+        while IFS= read -r -d '' m; do
+            url=https://${m#"$mirror"/}
+            sum=$(printf '%s' "$url" | sha256sum | cut -d' ' -f1)
+            cp "$m" "$KILN_CACHE_DIR/remote-includes/$sum.yml"
+        done < <(find "$mirror" -type f -print0)
+    fi
+fi
 for dir in "$@"; do
     # A scratch checkout: the folder's files, committed, origin on gitlab.com.
     work=$scratch/$(basename "$dir")-$files
@@ -42,10 +60,10 @@ for dir in "$@"; do
         files=$((files + 1))
         if [ $json = yes ]; then
             # shellcheck disable=SC2086
-            out=$("$kiln" run-job "$f" --list --json --all ${KILN_LIST_ARGS:-} 2>"$scratch/err")
+            out=$("$kiln" run-job "$f" --list --json --all $offline ${KILN_LIST_ARGS:-} 2>"$scratch/err")
         else
             # shellcheck disable=SC2086
-            out=$("$kiln" run-job "$f" --list ${KILN_LIST_ARGS:-} 2>"$scratch/err")
+            out=$("$kiln" run-job "$f" --list $offline ${KILN_LIST_ARGS:-} 2>"$scratch/err")
         fi
         rc=$?
         rel=${f#"$work"/}

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use crate::github::RunnerImages;
 use crate::limits::Limits;
+use crate::remote::RemoteIncludes;
 
 /// Facts about the local checkout that the caller reads (from git) and
 /// passes in: this crate spawns no processes.
@@ -22,6 +23,10 @@ pub struct LocalContext {
     /// every variable defined in the file (like GitLab pipeline variables)
     /// and are visible to `rules: if` and GitHub `vars.*`.
     pub extra_vars: Vec<(String, String)>,
+    /// Secrets given on the command line (also in `extra_vars`): GitHub's
+    /// `secrets` context, passed to a reusable workflow only with
+    /// `secrets: inherit` or by name.
+    pub secrets: Vec<(String, String)>,
     /// Where the checkout appears inside the guest (`CI_PROJECT_DIR`,
     /// `GITHUB_WORKSPACE`, each job's `working_dir`).
     pub guest_dir: String,
@@ -57,6 +62,7 @@ impl LocalContext {
             commit_sha: String::new(),
             branch: None,
             extra_vars: Vec::new(),
+            secrets: Vec::new(),
             tag: None,
             remote_url: None,
             default_branch: None,
@@ -105,10 +111,19 @@ pub struct Options {
     /// GitLab `include: project` paths mapped to local checkouts
     /// (`--include-project group/proj=DIR`).
     pub include_projects: Vec<(String, PathBuf)>,
+    /// GitLab `include: template` read from this folder
+    /// (`--include-template-dir DIR`: `DIR/Jobs/Build.gitlab-ci.yml` for
+    /// `template: Jobs/Build.gitlab-ci.yml`); without it they are skipped
+    /// with a warning.
+    pub include_template_dir: Option<PathBuf>,
     /// GitLab jobs (names or keys) to keep even when their `rules`,
     /// `only`/`except` or the `workflow: rules` leave them out (`kiln
     /// run-job --force`); a warning names the clause.
     pub force_jobs: Vec<String>,
+    /// GitLab `include: remote`: how the files are fetched (`kiln run-job`
+    /// gives HTTP(S) with a cache); by default they are skipped with a
+    /// warning.
+    pub remote_includes: RemoteIncludes,
 }
 
 impl Default for Options {
@@ -124,7 +139,9 @@ impl Default for Options {
             limits: Limits::default(),
             inputs: Vec::new(),
             include_projects: Vec::new(),
+            include_template_dir: None,
             force_jobs: Vec::new(),
+            remote_includes: RemoteIncludes::none(),
         }
     }
 }

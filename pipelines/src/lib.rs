@@ -16,6 +16,7 @@ pub mod github;
 pub mod gitlab;
 mod limits;
 mod order;
+mod remote;
 pub mod services;
 mod spec;
 mod yaml;
@@ -30,6 +31,7 @@ pub use duration::parse_duration;
 pub use error::{Error, ExprError, Location, Result};
 pub use files::{read_beneath, read_file, ProjectFiles};
 pub use limits::{Limits, NODE_BYTES};
+pub use remote::{FetchFn, RemoteIncludes};
 pub use spec::{
     AllowFailure, ArtifactSpec, ArtifactWhen, CachePolicy, CacheSpec, JobSource, JobSpec, JobWhen,
     NeedResult, ServiceSpec, Shell, Step, StepWhen, Variable,
@@ -145,6 +147,10 @@ pub struct Pipeline {
     /// GitHub: job name to the contexts of its run-time `if:`
     /// ([`github::Workflow::conditions`]); see [`github::job_should_run`].
     pub conditions: std::collections::BTreeMap<String, github::Contexts>,
+    /// GitHub: a job that called a reusable workflow to that workflow's
+    /// `on.workflow_call.outputs` ([`github::Workflow::call_outputs`]); see
+    /// [`github::call_outputs`].
+    pub call_outputs: std::collections::BTreeMap<String, Vec<(String, String)>>,
 }
 
 /// A job left out of the pipeline, and the clause that left it out
@@ -227,6 +233,7 @@ pub fn load(
                 notes,
                 excluded,
                 conditions: Default::default(),
+                call_outputs: Default::default(),
             })
         }
         Format::GitHub => {
@@ -255,6 +262,7 @@ pub fn load(
                 notes,
                 excluded,
                 conditions: w.conditions,
+                call_outputs: w.call_outputs,
             })
         }
         Format::Unknown => Err(Error::Invalid {

@@ -675,3 +675,114 @@ fn delayed_needs_a_start_in_of_at_most_a_week() {
         assert!(e.to_string().contains("t.gitlab-ci.yml:"), "{e}");
     }
 }
+
+/// Options whose `include: remote` reads `https://HOST/PATH` from
+/// `corpus/fidelity/remote/HOST/PATH`: the files a server would send
+/// (`tests/tests/cli.rs` fetches over HTTP from a server on 127.0.0.1).
+fn with_remote_mirror() -> Options {
+    let mirror = corpus("fidelity/remote");
+    Options {
+        remote_includes: kiln_pipelines::RemoteIncludes::with(move |url| {
+            let rel = url.strip_prefix("https://").unwrap_or(url);
+            kiln_pipelines::read_beneath(&mirror, rel, 1 << 20)
+        }),
+        ..Options::default()
+    }
+}
+
+#[test]
+fn remote_includes_nest_and_take_inputs_and_rules() {
+    // GitLab: a remote file is read without a project, its own `remote`
+    // includes resolve by full URL; `rules:` decide whether an include is
+    // read (here: only for tags) and `inputs:` reach its `spec:` header.
+    // Included files come first, then the including file's jobs; jobs
+    // order by stage.
+    let opts = with_remote_mirror();
+    let p = gitlab("remote-templates.gitlab-ci.yml", &checkout("x"), &opts);
+    assert_eq!(jobs(&p), ["go-mod-tidy", "lint", "unit"]);
+    let unit = p.jobs.iter().find(|j| j.name == "unit").unwrap();
+    assert_eq!(unit.image, "golang:1.22");
+    assert_eq!(var(unit, "FROM_TEMPLATE"), Some("common-v3"));
+    assert_eq!(var(unit, "GOFLAGS"), Some("-race"));
+    assert!(p.notes.is_empty(), "{:?}", p.notes);
+    let mut tag = checkout("x");
+    tag.branch = None;
+    tag.tag = Some("v1.0.0".into());
+    let p = gitlab("remote-templates.gitlab-ci.yml", &tag, &opts);
+    assert_eq!(jobs(&p), ["go-mod-tidy", "lint", "unit", "publish"]);
+    assert_eq!(p.jobs[3].stage.as_deref(), Some("deploy"), "inputs.stage");
+    // Without a fetcher (a library caller): skipped with a warning, and the
+    // jobs that extend its templates fail as GitLab's would without them.
+    let root = corpus("fidelity/gitlab");
+    let text = std::fs::read_to_string(root.join("remote-templates.gitlab-ci.yml")).unwrap();
+    let e = kiln_pipelines::load(
+        Path::new("remote-templates.gitlab-ci.yml"),
+        &text,
+        &checkout("x"),
+        &Options::default(),
+        &|_| Err(std::io::ErrorKind::NotFound.into()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("which does not exist"), "{e}");
+    // The earlier includes file: its remote lint job joins once fetched,
+    // before `unit` in their stage (included content is merged first).
+    let p = gitlab("includes.gitlab-ci.yml", &checkout("x"), &opts);
+    assert_eq!(jobs(&p), ["lint", "unit", "deploy-staging"]);
+}
+
+#[test]
+fn reusable_workflow_outputs_inputs_and_secrets() {
+    // GitHub: `with:` gives the called workflow's `inputs` (typed as
+    // declared; `${{ inputs.channel }}` of the caller resolves first);
+    // `secrets: inherit` passes every secret, `secrets: {NAME: ...}` only
+    // those named; `on.workflow_call.outputs` are what the caller's
+    // `needs.version.outputs` hold once the called jobs ran.
+    let mut c = checkout("fidelity/github");
+    c.secrets = vec![
+        ("GH_TOKEN".into(), "tok".into()),
+        ("SIGNING_KEY".into(), "key".into()),
+    ];
+    let opts = Options::default();
+    let root = corpus("fidelity/github");
+    let file = ".github/workflows/release-call.yml";
+    let text = std::fs::read_to_string(root.join(file)).unwrap();
+    let files = kiln_pipelines::ProjectFiles::new(&root, &opts.limits);
+    let p = kiln_pipelines::load(Path::new(file), &text, &c, &opts, &|f| files.read(f)).unwrap();
+    assert_eq!(
+        jobs(&p),
+        [
+            "version / compute",
+            "version / notes",
+            "sign / compute",
+            "sign / notes",
+            "publish"
+        ]
+    );
+    let job = |n: &str| p.jobs.iter().find(|j| j.name == n).unwrap();
+    assert!(job("version / compute").steps[0]
+        .script
+        .contains("-stable\" >> \"$GITHUB_OUTPUT\""));
+    assert!(job("sign / compute").steps[0].script.contains("-signing\""));
+    assert_eq!(var(job("version / notes"), "GH_TOKEN"), Some("tok"));
+    assert_eq!(var(job("version / notes"), "PRERELEASE"), Some("false"));
+    assert_eq!(var(job("sign / notes"), "GH_TOKEN"), Some("key"));
+    assert_eq!(
+        p.call_outputs["version"],
+        [
+            (
+                "version".to_string(),
+                "${{ jobs.compute.outputs.version }}".to_string()
+            ),
+            (
+                "notes-file".to_string(),
+                "${{ jobs.notes.outputs.file }}".to_string()
+            ),
+        ]
+    );
+    assert_eq!(
+        job("publish").needs.as_deref().map(<[String]>::len),
+        Some(4),
+        "publish needs every called job"
+    );
+}

@@ -250,7 +250,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::RunJob(args) => {
-            let RunJob { job, vm } = *args;
+            let RunJob { mut job, vm } = *args;
+            job.pipeline.set_cache_dir(cache_dir.clone());
             let code = kiln::local::run(&job, || executor_config(&vm, cache_dir, &env))?;
             Ok(ExitCode::from(code))
         }

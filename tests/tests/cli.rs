@@ -265,6 +265,89 @@ fn list_simulates_sources_refs_and_inputs() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `include: remote` from a server on 127.0.0.1: fetched and cached, read
+/// from the cache with `--offline` once the server is gone; a 404 and an
+/// oversize file are clear errors naming the URL and the entry.
+fn remote_includes_are_fetched_cached_and_bounded() {
+    use axum::routing::get;
+    let dir = harness::run_dir("cli-remote-include");
+    let cache = dir.join("cache");
+    let big = "# padding\n".repeat(500_000); // 5 MB: over max_file_bytes (4 MiB)
+    let app = axum::Router::new()
+        .route(
+            "/acme/ci/-/raw/v1/build.yml",
+            get(|| async { ".build:\n  image: golang:1.22\n  script: make\n" }),
+        )
+        .route("/big.yml", get(move || async move { big.clone() }));
+    let server = kiln_tests::fake_server::ServerThread::start("remote-include", app);
+    std::fs::create_dir_all(dir.join("p")).unwrap();
+    let write = |name: &str, path: &str| {
+        let f = dir.join("p").join(name);
+        std::fs::write(
+            &f,
+            format!(
+                "include:\n  - remote: {}{path}\nbuild:\n  extends: .build\n",
+                server.url
+            ),
+        )
+        .unwrap();
+        f
+    };
+    let ok = write("ok.gitlab-ci.yml", "/acme/ci/-/raw/v1/build.yml");
+    let list = |file: &std::path::Path, extra: &[&str]| {
+        kiln_cmd(&dir)
+            .env("KILN_CACHE_DIR", &cache)
+            .arg("run-job")
+            .arg(file)
+            .args(["--list", "--json"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let image = |o: &std::process::Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["jobs"][0]["image"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(image(&list(&ok, &[])), "golang:1.22");
+    // Errors name the file, the entry and the URL, and say what failed.
+    let missing = write("missing.gitlab-ci.yml", "/nope.yml");
+    let o = list(&missing, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "missing.gitlab-ci.yml:2:3: cannot read included file `{}/nope.yml`: the server \
+             answered 404 Not Found",
+            server.url
+        )),
+        "{err}"
+    );
+    let big = write("big.gitlab-ci.yml", "/big.yml");
+    let o = list(&big, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("big.yml`: it is larger than 4194304 bytes (max_file_bytes)"),
+        "{err}"
+    );
+    // The server is gone: --offline reads the cached copy; a file never
+    // fetched is a clear error.
+    drop(server);
+    assert_eq!(image(&list(&ok, &["--offline"])), "golang:1.22");
+    let o = list(&missing, &["--offline"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--offline: it is not in kiln's cache")
+            && err.contains("run once without --offline to fetch it"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn main() -> std::process::ExitCode {
     kiln_testkit::Suite::new()
         .test("help_lists_the_commands", &[], help_lists_the_commands)
@@ -287,6 +370,11 @@ fn main() -> std::process::ExitCode {
             "list_simulates_sources_refs_and_inputs",
             &[kiln_testkit::tool("git", "git")],
             list_simulates_sources_refs_and_inputs,
+        )
+        .test(
+            "remote_includes_are_fetched_cached_and_bounded",
+            &[],
+            remote_includes_are_fetched_cached_and_bounded,
         )
         .test(
             "bad_input_gets_clear_errors",

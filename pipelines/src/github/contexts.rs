@@ -57,6 +57,7 @@ impl JobBuilder<'_> {
             ]),
         );
         cx.set("vars", ExprValue::object(ctx.extra_vars.iter().cloned()));
+        cx.set("secrets", ExprValue::object(ctx.secrets.iter().cloned()));
         cx.set("inputs", self.inputs.clone());
         cx.set(
             "matrix",

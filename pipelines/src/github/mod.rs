@@ -87,6 +87,13 @@ pub struct Workflow {
     /// (`github`, `vars`, `inputs`, ...; the provider adds `needs` and the
     /// status), for the jobs whose `if:` waits for run time.
     pub conditions: BTreeMap<String, Contexts>,
+    /// This file's `on.workflow_call.outputs`: (name, `value`, an
+    /// expression on `jobs.<id>.outputs`/`.result`).
+    pub outputs: Vec<(String, String)>,
+    /// A job that called a reusable workflow (`CALLER`, or `OUTER / INNER`
+    /// for nested calls) to that workflow's `outputs`: what the caller's
+    /// `needs.CALLER.outputs` are made of (see [`call_outputs`]).
+    pub call_outputs: BTreeMap<String, Vec<(String, String)>>,
 }
 
 impl Workflow {
@@ -169,6 +176,8 @@ fn parse_at(
         unmapped: Vec::new(),
         groups: BTreeMap::new(),
         conditions: BTreeMap::new(),
+        outputs: declared_outputs(root),
+        call_outputs: BTreeMap::new(),
     };
     w.warnings.extend(env::computed_envs(root));
     let Some(jobs) = root.get("jobs").and_then(Value::as_mapping) else {
@@ -222,6 +231,7 @@ fn parse_at(
                 job,
                 needs: &needs,
                 depth,
+                inputs: &inputs,
             };
             let called = call.run(&c, ctx, opts, read, &mut w, &mut needs_raw)?;
             instances = count_jobs(instances, called, &c, &jp, limits)?;
@@ -365,6 +375,8 @@ struct Call<'a> {
     job: &'a serde_yaml::Mapping,
     needs: &'a [String],
     depth: usize,
+    /// The caller's `inputs` context (for `with:` and `secrets:` values).
+    inputs: &'a ExprValue,
 }
 
 impl Call<'_> {
@@ -411,21 +423,65 @@ impl Call<'_> {
         })?;
         let mut inner_opts = opts.clone();
         inner_opts.inputs.clear();
+        // `with:` and `secrets:` values may use what is known now: the
+        // caller's inputs, vars and secrets.
+        let mut cx = Contexts {
+            partial: true,
+            limits: ExprLimits::from(&opts.limits),
+            ..Contexts::default()
+        };
+        cx.set("inputs", self.inputs.clone());
+        cx.set("vars", ExprValue::object(ctx.extra_vars.iter().cloned()));
+        cx.set("secrets", ExprValue::object(ctx.secrets.iter().cloned()));
+        let now = |v: &str| match substitute_partial(v, &cx) {
+            Ok((v, false)) => Some(v),
+            _ => None,
+        };
         if let Some(with) = self.job.get("with").and_then(Value::as_mapping) {
             for (k, v) in with {
                 let (Some(k), Some(v)) = (scalar(k), scalar(v)) else {
                     continue;
                 };
-                if v.contains("${{") {
+                let Some(v) = now(&v) else {
                     w.warnings.push(format!(
                         "jobs.{id}: input `{}` is computed at run time; the called workflow sees its default",
                         short(&k)
                     ));
                     continue;
-                }
+                };
                 inner_opts.inputs.push((k, v));
             }
         }
+        // GitHub passes secrets to a called workflow only when asked:
+        // `secrets: inherit`, or each by name.
+        let mut inner_ctx = ctx.clone();
+        inner_ctx.secrets = match self.job.get("secrets") {
+            Some(Value::String(s)) if s == "inherit" => ctx.secrets.clone(),
+            Some(Value::Mapping(m)) => {
+                let mut given = Vec::new();
+                for (k, v) in m {
+                    let (Some(k), Some(v)) = (scalar(k), scalar(v)) else {
+                        continue;
+                    };
+                    match now(&v) {
+                        Some(v) => given.push((k, v)),
+                        None => w.warnings.push(format!(
+                            "jobs.{id}: secret `{}` cannot be computed before the run; the called workflow does not get it",
+                            short(&k)
+                        )),
+                    }
+                }
+                given
+            }
+            Some(_) => {
+                return Err(c.err(
+                    &[key("jobs"), key(id), key("secrets")],
+                    "`secrets` must be `inherit` or a mapping of names to values",
+                ))
+            }
+            None => Vec::new(),
+        };
+        let ctx = &inner_ctx;
         if self.job.contains_key("if") {
             w.warnings.push(format!(
                 "jobs.{id}: the `if:` of a job that calls a reusable workflow is not evaluated"
@@ -452,6 +508,10 @@ impl Call<'_> {
         for (name, cx) in called.conditions {
             w.conditions.insert(prefix(&name), cx);
         }
+        w.call_outputs.insert(id.to_string(), called.outputs);
+        for (inner, outputs) in called.call_outputs {
+            w.call_outputs.insert(prefix(&inner), outputs);
+        }
         let from = |m: String| format!("{id} ({rel}): {m}");
         w.warnings.extend(called.warnings.into_iter().map(from));
         w.unsupported
@@ -465,7 +525,175 @@ impl Call<'_> {
     }
 }
 
+/// `on.workflow_call.outputs` of a workflow: (name, `value`).
+fn declared_outputs(root: &serde_yaml::Mapping) -> Vec<(String, String)> {
+    let Some(decl) = root
+        .get("on")
+        .and_then(|o| o.get("workflow_call"))
+        .and_then(|t| t.get("outputs"))
+        .and_then(Value::as_mapping)
+    else {
+        return Vec::new();
+    };
+    decl.iter()
+        .filter_map(|(k, d)| Some((scalar(k)?, d.get("value").and_then(scalar)?)))
+        .collect()
+}
+
+/// `needs.CALLER.outputs` of a job that called a reusable workflow: the
+/// called workflow's `on.workflow_call.outputs` (`outputs`, see
+/// [`Workflow::call_outputs`]) evaluated with its jobs' `jobs.<id>.result`
+/// and `jobs.<id>.outputs` (`jobs`, by their ids in the called workflow),
+/// once they ran. An output that cannot be evaluated is left out, and
+/// said in the second list.
+pub fn call_outputs(
+    outputs: &[(String, String)],
+    jobs: &[crate::NeedResult],
+    limits: ExprLimits,
+) -> (Vec<(String, String)>, Vec<String>) {
+    let mut cx = Contexts {
+        limits,
+        ..Contexts::default()
+    };
+    cx.set_needs(jobs);
+    if let Some(v) = cx.values.remove("needs") {
+        cx.set("jobs", v);
+    }
+    let (mut out, mut errors) = (Vec::new(), Vec::new());
+    for (name, value) in outputs {
+        match substitute(value, &cx) {
+            Ok(v) => out.push((name.clone(), v)),
+            Err(e) => errors.push(format!("workflow output `{}`: {e}", short(name))),
+        }
+    }
+    (out, errors)
+}
+
 /// A limit error at `path`.
 fn limit_err(c: &yaml::Ctx<'_>, path: &[Seg], message: String) -> Error {
     c.err(path, message).into_limit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NeedResult;
+
+    const CALLED: &str = "on:\n  workflow_call:\n    inputs:\n      target: {type: string}\n\
+        \x20     debug: {type: boolean, default: false}\n\
+        \x20   outputs:\n      version:\n        value: ${{ jobs.compile.outputs.v }}\n\
+        \x20     status:\n        value: ${{ jobs.compile.result }}\n\
+        jobs:\n  compile:\n    runs-on: ubuntu-latest\n    outputs:\n      v: ${{ steps.v.outputs.v }}\n\
+        \x20   steps:\n      - run: make TARGET=${{ inputs.target }} DEBUG=${{ inputs.debug }} TOKEN=${{ secrets.token }}\n";
+
+    fn with_called(main: &str, secrets: &[(&str, &str)]) -> Workflow {
+        let mut ctx = LocalContext::new("/nonexistent", "demo");
+        ctx.secrets = secrets
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let read = |p: &str| match p {
+            ".github/workflows/called.yml" => Ok(CALLED.to_string()),
+            _ => Err(std::io::ErrorKind::NotFound.into()),
+        };
+        parse_with("ci.yml", main, &ctx, &Options::default(), &read)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_callers_with_reaches_the_called_inputs_typed_and_computed() {
+        // GitHub: `with:` values may use the caller's `inputs` (and
+        // `vars`, `secrets`); each is converted to the declared `type`.
+        let w = with_called(
+            "on:\n  workflow_dispatch:\n    inputs:\n      os: {default: linux}\n\
+             jobs:\n  build:\n    uses: ./.github/workflows/called.yml\n\
+             \x20   with:\n      target: ${{ inputs.os }}-amd64\n      debug: true\n",
+            &[],
+        );
+        assert_eq!(w.jobs[0].name, "build / compile");
+        assert_eq!(
+            w.jobs[0].steps[0].script,
+            "make TARGET=linux-amd64 DEBUG=true TOKEN="
+        );
+        assert!(w.warnings.is_empty(), "{:?}", w.warnings);
+    }
+
+    #[test]
+    fn secrets_reach_a_called_workflow_only_when_passed() {
+        let call = |secrets: &str| {
+            let main = format!(
+                "on: push\njobs:\n  build:\n    uses: ./.github/workflows/called.yml\n{secrets}"
+            );
+            let w = with_called(&main, &[("token", "s3cret"), ("DEPLOY", "d3ploy")]);
+            w.jobs[0].steps[0].script.clone()
+        };
+        assert!(call("    secrets: inherit\n").ends_with("TOKEN=s3cret"));
+        assert!(
+            call("    secrets:\n      token: ${{ secrets.DEPLOY }}\n").ends_with("TOKEN=d3ploy")
+        );
+        assert!(call("").ends_with("TOKEN="), "no `secrets:`, no secrets");
+    }
+
+    #[test]
+    fn a_called_workflows_outputs_are_kept_for_its_caller() {
+        let w = with_called(
+            "on: push\njobs:\n  build:\n    uses: ./.github/workflows/called.yml\n\
+             \x20 deploy:\n    needs: build\n    runs-on: ubuntu-latest\n\
+             \x20   steps:\n      - run: deploy ${{ needs.build.outputs.version }}\n",
+            &[],
+        );
+        let declared = &w.call_outputs["build"];
+        assert_eq!(
+            declared,
+            &[
+                (
+                    "version".to_string(),
+                    "${{ jobs.compile.outputs.v }}".to_string()
+                ),
+                (
+                    "status".to_string(),
+                    "${{ jobs.compile.result }}".to_string()
+                ),
+            ]
+        );
+        // Once the called jobs ran: `needs.build.outputs.version`.
+        let ran = [NeedResult {
+            id: "compile".into(),
+            result: "success".into(),
+            outputs: vec![("v".into(), "1.4.0".into())],
+        }];
+        let (out, errors) = call_outputs(declared, &ran, ExprLimits::default());
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            out,
+            [
+                ("version".to_string(), "1.4.0".to_string()),
+                ("status".to_string(), "success".to_string()),
+            ]
+        );
+        let deploy = w.job("deploy").unwrap();
+        assert_eq!(
+            deploy.needs.as_deref(),
+            Some(&["build / compile".to_string()][..])
+        );
+        assert!(deploy.steps[0].runtime_expressions);
+    }
+
+    #[test]
+    fn bad_secrets_are_an_error_at_the_key() {
+        let read = |_: &str| Ok(CALLED.to_string());
+        let e = parse_with(
+            "ci.yml",
+            "on: push\njobs:\n  build:\n    uses: ./.github/workflows/called.yml\n    secrets: [a]\n",
+            &LocalContext::new("/nonexistent", "demo"),
+            &Options::default(),
+            &read,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("ci.yml:5:5: jobs.build.secrets: `secrets` must be `inherit`"),
+            "{e}"
+        );
+    }
 }

@@ -1,11 +1,17 @@
-//! `include:`: reads the main file and every `include: local` file it
-//! names (nested, with `rules` and `inputs`), and merges them into one
-//! top-level mapping, later definitions winning. `include: project` is read
-//! from a local checkout when the caller maps the project to a directory
-//! (`Options::include_projects`). Remote, template, component and unmapped
-//! project includes cannot be read locally: each is skipped with a warning
-//! that says what to do, and the rest of the pipeline still loads. Depth,
-//! count and size are bounded by the [`Limits`](crate::Limits).
+//! `include:`: reads the main file and every file it includes (nested,
+//! with `rules` and `inputs`), and merges them into one top-level mapping,
+//! later definitions winning. `include: local` is read from the checkout;
+//! `include: project` from a local checkout when the caller maps the
+//! project to a directory (`Options::include_projects`); `include: remote`
+//! through the caller's fetcher (`Options::remote_includes`); `include:
+//! template` from `Options::include_template_dir`. Nested
+//! includes resolve as on GitLab: a `local` include is read from the
+//! project of the file that names it (a mapped project's own checkout), and
+//! a remote file or a template has no project, so its `local` includes
+//! are errors. Components, and template, project and remote includes kiln
+//! was given no way to read, are skipped with a warning that says what to do, and the rest of
+//! the pipeline still loads. Depth, count and size are bounded by the
+//! [`Limits`](crate::Limits).
 
 use std::collections::BTreeMap;
 
@@ -27,6 +33,7 @@ impl Parser<'_> {
         text: String,
         depth: usize,
         given: Given<'_>,
+        base: &Base,
     ) -> Result<Mapping> {
         // The text is kept (for error positions): it counts like the YAML.
         if !self.yaml_budget.charge(text.len()) {
@@ -98,7 +105,7 @@ impl Parser<'_> {
                     read,
                     shown,
                     inputs,
-                }) = self.include_path(entry, &path, idx)?
+                }) = self.include_path(entry, &path, idx, base)?
                 else {
                     continue;
                 };
@@ -117,9 +124,17 @@ impl Parser<'_> {
                 if inputs.is_none() && !self.seen_includes.insert(shown.clone()) {
                     continue;
                 }
-                let content = match &read {
-                    From::Project(p) => (self.read)(p),
-                    From::Dir(dir, p) => crate::ProjectFiles::new(dir, self.limits).read(p),
+                let (content, sub_base) = match &read {
+                    From::Project(p) => ((self.read)(p), Base::Project),
+                    From::Dir(dir, p) => (
+                        crate::ProjectFiles::new(dir, self.limits).read(p),
+                        Base::Dir(dir.clone()),
+                    ),
+                    From::Remote(url) => (self.fetch(url), Base::NoProject("remote")),
+                    From::Template(dir, name) => (
+                        crate::ProjectFiles::new(dir, self.limits).read(name),
+                        Base::NoProject("template"),
+                    ),
                 };
                 let content = content.map_err(|source| Error::Include {
                     file: file.to_string(),
@@ -127,7 +142,13 @@ impl Parser<'_> {
                     include: shown.clone(),
                     source,
                 })?;
-                let sub = self.load(&shown, content, depth + 1, Given::Include(inputs.as_ref()))?;
+                let sub = self.load(
+                    &shown,
+                    content,
+                    depth + 1,
+                    Given::Include(inputs.as_ref()),
+                    &sub_base,
+                )?;
                 merge_into(&mut merged, Value::Mapping(sub));
             }
         }
@@ -143,22 +164,40 @@ impl Parser<'_> {
         }
     }
 
-    /// Where to read an `include:` entry from; `None` when its `rules`
-    /// skip it or it cannot be read locally (then with a warning).
-    fn include_path(&mut self, entry: &Value, path: &[Seg], src: usize) -> Result<Option<Include>> {
+    /// Reads a remote include with the caller's fetcher, bounded like any
+    /// pipeline file.
+    fn fetch(&self, url: &str) -> std::io::Result<String> {
+        let Some(fetch) = self.opts.remote_includes.fetcher() else {
+            return Err(std::io::Error::other("remote includes are not fetched"));
+        };
+        let text = fetch(url)?;
+        if text.len() as u64 > self.limits.max_file_bytes {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                format!(
+                    "it is larger than {} (max_file_bytes)",
+                    bytes(usize::try_from(self.limits.max_file_bytes).unwrap_or(usize::MAX))
+                ),
+            ));
+        }
+        Ok(text)
+    }
+
+    /// Where to read an `include:` entry of source `src` (read from `base`)
+    /// from; `None` when its `rules` skip it or it cannot be read (then
+    /// with a warning).
+    fn include_path(
+        &mut self,
+        entry: &Value,
+        path: &[Seg],
+        src: usize,
+        base: &Base,
+    ) -> Result<Option<Include>> {
         let (file, text) = &self.sources[src];
         let c = yaml::Ctx { file, text };
         let mut inputs = None;
         let (local, project_dir) = match entry {
-            Value::String(s) if s.starts_with("https://") || s.starts_with("http://") => {
-                let w = format!(
-                    "{file}: include `{}` skipped: remote files are not fetched; save it in the \
-                     project and include it as `local`",
-                    short(s)
-                );
-                self.warnings.push(w);
-                return Ok(None);
-            }
+            Value::String(s) if is_url(s) => return Ok(self.remote(s, None, src)),
             Value::String(s) => (s.clone(), None),
             Value::Mapping(m) => {
                 if let Some(rules) = m.get("rules") {
@@ -179,6 +218,18 @@ impl Parser<'_> {
                 };
                 if let Some(s) = m.get("local").and_then(Value::as_str) {
                     (s.to_string(), None)
+                } else if let Some(url) = m.get("remote") {
+                    let url = url.as_str().unwrap_or_default();
+                    if !is_url(url) {
+                        return Err(c.err(
+                            &join(path, &[key("remote")]),
+                            format!(
+                                "include remote `{}`: expected an http:// or https:// URL",
+                                short(url)
+                            ),
+                        ));
+                    }
+                    return Ok(self.remote(url, inputs, src));
                 } else if let Some(project) = m.get("project").and_then(Value::as_str) {
                     let files = match m.get("file") {
                         Some(f) => yaml::strings(f),
@@ -213,27 +264,22 @@ impl Parser<'_> {
                         ));
                     }
                     (files[0].clone(), Some(dir))
-                } else {
-                    let kind = ["remote", "template", "component"]
-                        .into_iter()
-                        .find(|k| m.contains_key(*k));
-                    let Some(kind) = kind else {
-                        return Err(c.err(
-                            path,
-                            "an include needs one of local, project, remote, template or component",
-                        ));
-                    };
-                    let what = m.get(kind).and_then(scalar).unwrap_or_default();
-                    let how = match kind {
-                        "remote" => "remote files are not fetched; save it in the project and include it as `local`",
-                        "template" => "GitLab's templates are not bundled with kiln; copy it into the project and include it as `local`",
-                        _ => "components are not fetched; include a local checkout's template as `local` or with --include-project",
-                    };
+                } else if let Some(name) = m.get("template") {
+                    let name = scalar(name).unwrap_or_default();
+                    return self.template(&name, inputs, &join(path, &[key("template")]), src);
+                } else if let Some(what) = m.get("component") {
+                    let what = scalar(what).unwrap_or_default();
                     self.warnings.push(format!(
-                        "{file}: include {kind} `{}` skipped: {how}",
+                        "{file}: include component `{}` skipped: components are not fetched; \
+                         include a local checkout's template as `local` or with --include-project",
                         short(&what)
                     ));
                     return Ok(None);
+                } else {
+                    return Err(c.err(
+                        path,
+                        "an include needs one of local, project, remote, template or component",
+                    ));
                 }
             }
             _ => return Err(c.err(path, "an include must be a path or a mapping")),
@@ -253,6 +299,24 @@ impl Parser<'_> {
                 format!("include `{}` leaves the project (`..`)", short(&local)),
             ));
         }
+        // A `local` include is read from the project of the file naming it.
+        let project_dir = match (project_dir, base) {
+            (Some(dir), _) => Some(dir),
+            (None, Base::Project) => None,
+            (None, Base::Dir(dir)) => Some(dir.clone()),
+            (None, Base::NoProject(kind)) => {
+                return Err(c.err(
+                    path,
+                    format!(
+                        "local include `{}` in a {kind} file: a file included with `{kind}` \
+                         has no project, so GitLab refuses its `local` includes (\"Local file \
+                         does not have project!\"); include that file with `remote` (its full \
+                         URL) or `project`",
+                        short(&local)
+                    ),
+                ))
+            }
+        };
         Ok(Some(match project_dir {
             None => Include {
                 shown: trimmed.clone(),
@@ -265,6 +329,61 @@ impl Parser<'_> {
                 inputs,
             },
         }))
+    }
+
+    /// An `include: template` of source `src`: read from
+    /// `--include-template-dir` (a name that leaves it is refused), or
+    /// skipped with a warning that names it and the option.
+    fn template(
+        &mut self,
+        name: &str,
+        inputs: Option<Mapping>,
+        path: &[Seg],
+        src: usize,
+    ) -> Result<Option<Include>> {
+        let (file, text) = &self.sources[src];
+        let Some(dir) = self.opts.include_template_dir.clone() else {
+            self.warnings.push(format!(
+                "{file}: include template `{}` skipped: GitLab's templates (lib/gitlab/ci/templates \
+                 in gitlab-org/gitlab) are not bundled with kiln; pass --include-template-dir DIR \
+                 (a folder holding `{}`) or copy it into the project and include it as `local`",
+                short(name),
+                short(name)
+            ));
+            return Ok(None);
+        };
+        let c = yaml::Ctx { file, text };
+        if name.is_empty() || name.split('/').any(|part| part == "..") {
+            return Err(c.err(
+                path,
+                format!("include template `{}`: expected a template name such as Jobs/Build.gitlab-ci.yml", short(name)),
+            ));
+        }
+        Ok(Some(Include {
+            shown: format!("{}/{}", dir.display(), name.trim_start_matches('/')),
+            read: From::Template(dir, name.to_string()),
+            inputs,
+        }))
+    }
+
+    /// An `include: remote` of source `src`: read with the caller's
+    /// fetcher, or skipped with a warning when there is none.
+    fn remote(&mut self, url: &str, inputs: Option<Mapping>, src: usize) -> Option<Include> {
+        if self.opts.remote_includes.fetcher().is_none() {
+            let w = format!(
+                "{}: include remote `{}` skipped: remote files are not fetched here; \
+                 `kiln run-job` fetches them, or save it in the project and include it as `local`",
+                self.sources[src].0,
+                short(url)
+            );
+            self.warnings.push(w);
+            return None;
+        }
+        Some(Include {
+            read: From::Remote(url.to_string()),
+            shown: url.to_string(),
+            inputs,
+        })
     }
 
     fn include_rules_match(
@@ -298,6 +417,30 @@ enum From {
     Project(String),
     /// A path in another project's local checkout (`--include-project`).
     Dir(std::path::PathBuf, String),
+    /// A URL (`include: remote`), through the caller's fetcher.
+    Remote(String),
+    /// A GitLab template (`include: template`) in `--include-template-dir`.
+    Template(std::path::PathBuf, String),
+}
+
+/// Where the `local` includes of a file are read from: GitLab reads them
+/// in the context of the file that names them.
+#[derive(Debug, Clone)]
+pub(super) enum Base {
+    /// The main project (the checkout).
+    Project,
+    /// A mapped project's checkout (`include: project`).
+    Dir(std::path::PathBuf),
+    /// A remote file or a template (the kind): it has no project, so
+    /// `local` includes are refused.
+    NoProject(&'static str),
+}
+
+/// Whether `s` is an `http://` or `https://` URL (GitLab's `remote`, and
+/// the short form `include: https://...`).
+fn is_url(s: &str) -> bool {
+    let lower = s.get(..8).unwrap_or(s).to_ascii_lowercase();
+    lower.starts_with("https://") || lower.starts_with("http://")
 }
 
 /// One include to read.
@@ -310,8 +453,35 @@ struct Include {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+    use std::io;
+    use std::sync::{Arc, Mutex};
+
     use super::super::test_util::{ctx, job, names, parse_files, parse_with, var};
     use crate::context::Options;
+    use crate::RemoteIncludes;
+
+    /// Options whose fetcher serves `files` (URL, text) and records each
+    /// URL it is asked for; other URLs are "404".
+    fn serving(files: &[(&str, &str)]) -> (Options, Arc<Mutex<Vec<String>>>) {
+        let files: BTreeMap<String, String> = files
+            .iter()
+            .map(|(u, t)| (u.to_string(), t.to_string()))
+            .collect();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let log = asked.clone();
+        let opts = Options {
+            remote_includes: RemoteIncludes::with(move |url| {
+                log.lock().unwrap().push(url.to_string());
+                files
+                    .get(url)
+                    .cloned()
+                    .ok_or_else(|| io::Error::other(format!("HTTP 404 Not Found from {url}")))
+            }),
+            ..Options::default()
+        };
+        (opts, asked)
+    }
 
     #[test]
     fn local_includes_merge_and_the_including_file_wins() {
@@ -352,7 +522,8 @@ mod tests {
         for (entry, says) in [
             (
                 "https://example.com/ci.yml",
-                "include `https://example.com/ci.yml` skipped",
+                "include remote `https://example.com/ci.yml` skipped: remote files are not \
+                 fetched here; `kiln run-job` fetches them",
             ),
             (
                 "{project: group/p, file: ci.yml}",
@@ -364,7 +535,9 @@ mod tests {
             ),
             (
                 "{template: Auto-DevOps.gitlab-ci.yml}",
-                "include template `Auto-DevOps.gitlab-ci.yml` skipped",
+                "include template `Auto-DevOps.gitlab-ci.yml` skipped: GitLab's templates \
+                 (lib/gitlab/ci/templates in gitlab-org/gitlab) are not bundled with kiln; pass \
+                 --include-template-dir DIR (a folder holding `Auto-DevOps.gitlab-ci.yml`)",
             ),
             (
                 "{component: 'gitlab.com/a/b/c@1.0'}",
@@ -444,5 +617,185 @@ mod tests {
         opts.limits.max_includes = 1;
         let e = parse_with("include: a.yml\n", &ctx(), &opts, &files).unwrap_err();
         assert!(e.to_string().contains("max_includes"), "{e}");
+    }
+
+    #[test]
+    fn remote_includes_are_fetched_merged_and_nested_as_on_gitlab() {
+        let (opts, asked) = serving(&[
+            (
+                "https://ci.example.com/t/build.yml",
+                "include:\n  - remote: https://ci.example.com/t/common.yml\n\
+                 .build:\n  image: golang:1.22\n  script: make\n",
+            ),
+            (
+                "https://ci.example.com/t/common.yml",
+                "variables: {FROM_REMOTE: common}\n",
+            ),
+            (
+                "https://ci.example.com/t/inputs.yml",
+                "spec:\n  inputs:\n    stage: {default: test}\n---\n\
+                 lint:\n  stage: $[[ inputs.stage ]]\n  script: lint\n",
+            ),
+        ]);
+        let main = "stages: [build, check]\n\
+                    include:\n  - https://ci.example.com/t/build.yml\n\
+                    \x20 - remote: https://ci.example.com/t/inputs.yml\n    inputs: {stage: check}\n\
+                    \x20 - remote: https://ci.example.com/t/build.yml\n\
+                    b:\n  stage: build\n  extends: .build\n";
+        let p = parse_with(main, &ctx(), &opts, &[]).unwrap();
+        assert_eq!(names(&p), ["b", "lint"]);
+        assert_eq!(job(&p, "b").image, "golang:1.22");
+        assert_eq!(var(job(&p, "b"), "FROM_REMOTE"), Some("common"));
+        assert_eq!(job(&p, "lint").stage.as_deref(), Some("check"));
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        // A file included twice is read once, as a local one is.
+        assert_eq!(
+            *asked.lock().unwrap(),
+            [
+                "https://ci.example.com/t/build.yml",
+                "https://ci.example.com/t/common.yml",
+                "https://ci.example.com/t/inputs.yml",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_remote_include_that_cannot_be_fetched_is_an_error_at_its_entry() {
+        let (opts, _) = serving(&[("https://ci.example.com/big.yml", &"x".repeat(64))]);
+        let e = parse_with(
+            "j:\n  script: x\ninclude:\n  - remote: https://ci.example.com/gone.yml\n",
+            &ctx(),
+            &opts,
+            &[],
+        )
+        .unwrap_err();
+        let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+        assert_eq!(
+            chain,
+            ".gitlab-ci.yml:4:3: cannot read included file `https://ci.example.com/gone.yml`: \
+             HTTP 404 Not Found from https://ci.example.com/gone.yml"
+        );
+        // What the fetcher returns is bounded like any pipeline file.
+        let mut small = opts.clone();
+        small.limits.max_file_bytes = 48;
+        let e = parse_with(
+            "include: https://ci.example.com/big.yml\n",
+            &ctx(),
+            &small,
+            &[],
+        )
+        .unwrap_err();
+        let source = std::error::Error::source(&e).map(|s| s.to_string());
+        assert!(
+            source
+                .as_deref()
+                .is_some_and(|s| s.contains("max_file_bytes")),
+            "{e}: {source:?}"
+        );
+        // Only http(s) URLs.
+        let e = parse_with(
+            "include:\n  - remote: file:///etc/passwd\n",
+            &ctx(),
+            &opts,
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("include remote `file:///etc/passwd`: expected an http:// or https:// URL"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn local_includes_of_a_remote_file_are_refused_as_gitlab_does() {
+        // GitLab reads a remote file without a project: its `local`
+        // includes fail with "Local file ... does not have project!".
+        let (opts, _) = serving(&[(
+            "https://ci.example.com/a.yml",
+            "include:\n  - local: b.yml\na:\n  script: x\n",
+        )]);
+        let e = parse_with(
+            "include: https://ci.example.com/a.yml\n",
+            &ctx(),
+            &opts,
+            &[("b.yml", "b:\n  script: x\n")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with(
+                "https://ci.example.com/a.yml:2:3: include[0]: local include `b.yml` in a remote file"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn local_includes_of_a_mapped_project_are_read_from_that_project() {
+        // `include: project` changes the project: its `local` includes are
+        // that project's files, not the main checkout's.
+        let dir = std::env::temp_dir().join(format!("kiln-inc-nested-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("ci")).unwrap();
+        std::fs::write(dir.join("ci/all.yml"), "include: /ci/jobs.yml\n").unwrap();
+        std::fs::write(dir.join("ci/jobs.yml"), "from-lib:\n  script: x\n").unwrap();
+        let opts = Options {
+            include_projects: vec![("group/lib".into(), dir.clone())],
+            ..Options::default()
+        };
+        let main = "include:\n  - project: group/lib\n    file: ci/all.yml\n";
+        let p = parse_with(
+            main,
+            &ctx(),
+            &opts,
+            &[("ci/jobs.yml", "from-main:\n  script: x\n")],
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(names(&p.unwrap()), ["from-lib"]);
+    }
+
+    #[test]
+    fn templates_are_read_from_the_template_dir() {
+        let dir = std::env::temp_dir().join(format!("kiln-inc-tpl-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("Jobs")).unwrap();
+        std::fs::write(
+            dir.join("Jobs/Build.gitlab-ci.yml"),
+            "include:\n  - template: Jobs/Test.gitlab-ci.yml\nbuild:\n  script: make\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("Jobs/Test.gitlab-ci.yml"),
+            "test:\n  script: make test\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("Bad.gitlab-ci.yml"), "include: local.yml\n").unwrap();
+        let opts = Options {
+            include_template_dir: Some(dir.clone()),
+            ..Options::default()
+        };
+        let parse =
+            |main: &str| parse_with(main, &ctx(), &opts, &[("local.yml", "l:\n  script: x\n")]);
+        let p = parse("include:\n  - template: Jobs/Build.gitlab-ci.yml\n");
+        let missing = parse("include:\n  - template: Nope.gitlab-ci.yml\n");
+        let escape = parse("include:\n  - template: ../x.yml\n");
+        let local = parse("include:\n  - template: Bad.gitlab-ci.yml\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let p = p.unwrap();
+        // A file's includes come first, as for local ones.
+        assert_eq!(names(&p), ["test", "build"]);
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        let e = missing.unwrap_err().to_string();
+        assert!(
+            e.starts_with(".gitlab-ci.yml:2:3: cannot read included file")
+                && e.contains("Nope.gitlab-ci.yml"),
+            "{e}"
+        );
+        let e = escape.unwrap_err().to_string();
+        assert!(e.contains("expected a template name"), "{e}");
+        let e = local.unwrap_err().to_string();
+        assert!(
+            e.contains("local include `local.yml` in a template file"),
+            "{e}"
+        );
     }
 }

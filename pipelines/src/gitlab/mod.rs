@@ -170,6 +170,7 @@ pub fn parse(
         contents.to_string(),
         0,
         inputs::Given::Cli(&opts.inputs),
+        &include::Base::Project,
     )?;
     let top = p.resolve_references(top)?;
     p.build(top)

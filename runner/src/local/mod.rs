@@ -35,6 +35,7 @@ pub mod artifacts;
 mod copy;
 pub mod pipeline_args;
 pub mod plan;
+pub mod remote_include;
 mod results;
 pub mod stage;
 
@@ -136,7 +137,7 @@ pub fn run(args: &Args, config: impl FnOnce() -> Result<ExecutorConfig>) -> Resu
         let canceled_by = cancel_on_signals(tx)?;
         let many = plan.jobs.len() > 1 || plan.project_dir.is_some();
         let mut code = 0u8;
-        let mut results = Results::default();
+        let mut results = Results::with_call_outputs(plan.call_outputs);
         // Artifacts of the jobs that ran, for the later ones.
         let mut collected_dirs: Vec<PathBuf> = Vec::new();
         for mut job in plan.jobs {

@@ -17,6 +17,10 @@ pub struct PipelineArgs {
     /// (GROUP/PROJ=DIR, repeatable).
     #[arg(long = "include-project")]
     include_projects: Vec<String>,
+    /// Read GitLab `include: template: NAME` from DIR/NAME (a folder of
+    /// GitLab's templates, e.g. lib/gitlab/ci/templates of gitlab-org/gitlab).
+    #[arg(long = "include-template-dir", value_name = "DIR")]
+    include_template_dir: Option<PathBuf>,
     /// Simulate a pipeline for this branch instead of the checkout's.
     #[arg(long = "ref", conflicts_with = "git_tag")]
     git_ref: Option<String>,
@@ -41,9 +45,22 @@ pub struct PipelineArgs {
     /// clause).
     #[arg(long, requires = "job")]
     force: bool,
+    /// GitLab `include: remote`: read the files from kiln's cache only
+    /// (fetched by an earlier run), without the network.
+    #[arg(long)]
+    offline: bool,
+    /// kiln's cache directory: remote includes are kept there (set by
+    /// `main`; without it remote includes are skipped with a warning).
+    #[arg(skip)]
+    cache_dir: Option<PathBuf>,
 }
 
 impl PipelineArgs {
+    /// Where `include: remote` files are cached (kiln's cache directory).
+    pub fn set_cache_dir(&mut self, dir: PathBuf) {
+        self.cache_dir = Some(dir);
+    }
+
     /// Applies the options to the context and parse options.
     /// `job`: the job asked for (what `--force` keeps).
     pub fn apply(
@@ -54,6 +71,14 @@ impl PipelineArgs {
     ) -> Result<()> {
         opts.inputs = super::plan::key_values(&self.inputs, "--input")?;
         opts.skip_unsupported_actions = self.skip_unsupported_actions;
+        if let Some(dir) = &self.cache_dir {
+            let fetcher = super::remote_include::RemoteFetcher::new(
+                dir,
+                self.offline,
+                opts.limits.max_file_bytes,
+            );
+            opts.remote_includes = fetcher.hook();
+        }
         if self.force {
             opts.force_jobs.extend(job.map(String::from));
         }
@@ -64,6 +89,12 @@ impl PipelineArgs {
                 .canonicalize()
                 .with_context(|| format!("--include-project {project}: {}", dir.display()))?;
             opts.include_projects.push((project, dir));
+        }
+        if let Some(dir) = &self.include_template_dir {
+            let dir = dir
+                .canonicalize()
+                .with_context(|| format!("--include-template-dir {}", dir.display()))?;
+            opts.include_template_dir = Some(dir);
         }
         if let Some(r) = &self.git_ref {
             ctx.branch = Some(r.clone());

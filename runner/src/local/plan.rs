@@ -182,6 +182,8 @@ pub struct Plan {
     pub github: bool,
     /// GitHub: the contexts of each run-time job `if:` (job name to them).
     pub conditions: std::collections::BTreeMap<String, kiln_pipelines::github::Contexts>,
+    /// GitHub: reusable-workflow calls to their `on.workflow_call.outputs`.
+    pub call_outputs: std::collections::BTreeMap<String, Vec<(String, String)>>,
 }
 
 pub(super) fn key_values(items: &[String], what: &str) -> Result<Vec<(String, String)>> {
@@ -240,11 +242,13 @@ pub fn plan_jobs(args: &Args) -> Result<Option<Plan>> {
             project_dir: None,
             github: false,
             conditions: Default::default(),
+            call_outputs: Default::default(),
         }));
     };
     let mut all_vars = vars.clone();
     all_vars.extend(secrets.iter().cloned());
     let mut ctx = local_context(file, all_vars)?;
+    ctx.secrets = secrets.clone();
     let mut opts = kiln_pipelines::Options::default();
     for (label, image) in key_values(&args.platforms, "--platform")? {
         opts.runner_images.set(label, image);
@@ -286,5 +290,6 @@ pub fn plan_jobs(args: &Args) -> Result<Option<Plan>> {
         project_dir: Some(ctx.project_dir),
         github: pipeline.format == kiln_pipelines::Format::GitHub,
         conditions: pipeline.conditions,
+        call_outputs: pipeline.call_outputs,
     }))
 }

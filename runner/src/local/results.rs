@@ -2,9 +2,9 @@
 //! `needs` context (`needs.<id>.result`, `needs.<id>.outputs`), the status
 //! a job-level `if:` sees, and the run's closing summary.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
-use kiln_pipelines::github::JobStatus;
+use kiln_pipelines::github::{self, JobStatus};
 use kiln_pipelines::{JobSpec, NeedResult};
 
 /// How one job ended.
@@ -68,21 +68,28 @@ struct Need {
 /// The key of `need` in the `needs` context of a job in `stage`: its own
 /// job id inside the same called workflow (ids there are `CALLER / ID`),
 /// else the id of the calling job it ran under, as GitHub shows a called
-/// workflow as one job to the caller's other jobs.
-fn needs_key(need: &Need, stage: Option<&str>) -> String {
+/// workflow as one job to the caller's other jobs. In that case also the
+/// call's full path (`CALLER`, or `OUTER / INNER` seen from `OUTER`), the
+/// key of [`kiln_pipelines::Pipeline::call_outputs`].
+fn needs_key(need: &Need, stage: Option<&str>) -> (String, Option<String>) {
     match (&need.stage, stage) {
-        (Some(s), Some(c)) if s == c => need
-            .id
-            .strip_prefix(&format!("{c} / "))
-            .unwrap_or(&need.id)
-            .to_string(),
-        (None, _) => need.id.clone(),
+        (Some(s), Some(c)) if s == c => (
+            need.id
+                .strip_prefix(&format!("{c} / "))
+                .unwrap_or(&need.id)
+                .to_string(),
+            None,
+        ),
+        (None, _) => (need.id.clone(), None),
         (Some(s), c) => {
-            let rel = c
-                .and_then(|c| s.strip_prefix(c))
-                .and_then(|r| r.strip_prefix(" / "))
-                .unwrap_or(s);
-            rel.split(" / ").next().unwrap_or(rel).to_string()
+            let inside = c.filter(|c| s.starts_with(&format!("{c} / ")));
+            let rel = inside.map_or(s.as_str(), |c| &s[c.len() + 3..]);
+            let key = rel.split(" / ").next().unwrap_or(rel).to_string();
+            let path = match inside {
+                Some(c) => format!("{c} / {key}"),
+                None => key.clone(),
+            };
+            (key, Some(path))
         }
     }
 }
@@ -97,6 +104,9 @@ pub struct Results {
     chain: HashMap<String, JobStatus>,
     /// Names in the order they ended, with a word on how.
     order: Vec<(String, Ended)>,
+    /// GitHub: a job that called a reusable workflow to that workflow's
+    /// `on.workflow_call.outputs`.
+    call_outputs: BTreeMap<String, Vec<(String, String)>>,
 }
 
 impl Results {
@@ -114,14 +124,24 @@ impl Results {
     /// `job`'s `needs` context: one entry per job id it needs (matrix
     /// instances together: failure if one failed, else cancelled, else
     /// skipped; outputs of the last instance that set them).
+    /// A need that is a called workflow has that workflow's
+    /// `on.workflow_call.outputs` as its outputs, evaluated with its jobs.
     pub fn needs_of(&self, job: &JobSpec) -> Vec<NeedResult> {
+        let names: Vec<&String> = job.needs.iter().flatten().collect();
+        self.needs_among(&names, job.stage.as_deref())
+    }
+
+    /// The results for the jobs in `names`, seen from a job in `stage`.
+    fn needs_among(&self, names: &[&String], stage: Option<&str>) -> Vec<NeedResult> {
         let mut out: Vec<NeedResult> = Vec::new();
-        for name in job.needs.iter().flatten() {
-            let Some(need) = self.ended.get(name) else {
+        let mut calls: Vec<(usize, String)> = Vec::new();
+        for name in names {
+            let Some(need) = self.ended.get(*name) else {
                 continue;
             };
             let (ended, outputs) = (&need.ended, &need.outputs);
-            let id = &needs_key(need, job.stage.as_deref());
+            let (id, call) = needs_key(need, stage);
+            let id = &id;
             let at = match out.iter().position(|n| &n.id == id) {
                 Some(i) => i,
                 None => {
@@ -146,8 +166,46 @@ impl Results {
             if !outputs.is_empty() {
                 n.outputs = outputs.clone();
             }
+            if let Some(path) = call {
+                if !calls.iter().any(|(i, _)| *i == at) {
+                    calls.push((at, path));
+                }
+            }
+        }
+        for (at, path) in calls {
+            let Some(declared) = self.call_outputs.get(&path) else {
+                continue;
+            };
+            let inside = format!("{path} / ");
+            let names: Vec<&String> = self
+                .order
+                .iter()
+                .map(|(n, _)| n)
+                .filter(|n| {
+                    self.ended
+                        .get(*n)
+                        .and_then(|e| e.stage.as_deref())
+                        .is_some_and(|s| s == path || s.starts_with(&inside))
+                })
+                .collect();
+            let jobs = self.needs_among(&names, Some(&path));
+            let (outputs, errors) =
+                github::call_outputs(declared, &jobs, github::ExprLimits::default());
+            for e in errors {
+                eprintln!("kiln: note: {path}: {e}");
+            }
+            out[at].outputs = outputs;
         }
         out
+    }
+
+    /// The results of a GitHub run whose reusable-workflow calls have
+    /// these `on.workflow_call.outputs` (by caller).
+    pub fn with_call_outputs(call_outputs: BTreeMap<String, Vec<(String, String)>>) -> Self {
+        Results {
+            call_outputs,
+            ..Results::default()
+        }
     }
 
     /// Records how `job` ended.
@@ -271,8 +329,9 @@ mod tests {
             ended: Ended::Success,
             outputs: Vec::new(),
         };
-        assert_eq!(needs_key(&n, None), "a");
-        assert_eq!(needs_key(&n, Some("a")), "b");
+        assert_eq!(needs_key(&n, None), ("a".into(), Some("a".into())));
+        assert_eq!(needs_key(&n, Some("a")), ("b".into(), Some("a / b".into())));
+        assert_eq!(needs_key(&n, Some("a / b")), ("j".into(), None));
     }
 
     #[test]
@@ -282,5 +341,55 @@ mod tests {
         r.record(&job("b", "b", &[]), Ended::Success, vec![]);
         assert!(r.with_warnings());
         assert_eq!(r.summary(), "a: failed (allowed to fail) · b: passed");
+    }
+
+    #[test]
+    fn a_called_workflow_gives_its_declared_outputs_to_the_caller() {
+        // `on.workflow_call.outputs.version.value: ${{ jobs.build.outputs.v }}`
+        let mut outputs = BTreeMap::new();
+        outputs.insert(
+            "call".to_string(),
+            vec![
+                (
+                    "version".to_string(),
+                    "${{ jobs.build.outputs.v }}".to_string(),
+                ),
+                (
+                    "how".to_string(),
+                    "${{ jobs.build.result }}/${{ jobs.inner.outputs.deep }}".to_string(),
+                ),
+            ],
+        );
+        outputs.insert(
+            "call / inner".to_string(),
+            vec![("deep".to_string(), "${{ jobs.leaf.outputs.x }}".to_string())],
+        );
+        let mut r = Results::with_call_outputs(outputs);
+        let mut build = job("call / build", "call / build", &[]);
+        build.stage = Some("call".into());
+        let mut leaf = job("call / inner / leaf", "call / inner / leaf", &[]);
+        leaf.stage = Some("call / inner".into());
+        let after = job("after", "after", &["call / build", "call / inner / leaf"]);
+        r.record(
+            &build,
+            Ended::Success,
+            vec![("v".into(), "1.2.3".into()), ("other".into(), "x".into())],
+        );
+        r.record(
+            &leaf,
+            Ended::Success,
+            vec![("x".into(), "deep-value".into())],
+        );
+        let needs = r.needs_of(&after);
+        assert_eq!(needs.len(), 1);
+        assert_eq!(needs[0].id, "call");
+        // Only the declared outputs: the jobs' own outputs stay inside.
+        assert_eq!(
+            needs[0].outputs,
+            [
+                ("version".to_string(), "1.2.3".to_string()),
+                ("how".to_string(), "success/deep-value".to_string()),
+            ]
+        );
     }
 }
