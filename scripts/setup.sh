@@ -24,6 +24,20 @@ if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
   $SUDO apt-get update -qq
 fi
 
+# moto_server (PyPI `moto[server]`): the S3-compatible server the S3 cache
+# tests start on 127.0.0.1 (runner/src/cache/s3/tests.rs, tests/gitlab.rs).
+if ! command -v moto_server >/dev/null; then
+  echo "setup: installing moto[server] (pip)"
+  if ! command -v python3 >/dev/null || ! python3 -m pip --version >/dev/null 2>&1; then
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3 python3-pip
+  fi
+  # A distribution Python refuses installs outside a virtualenv (PEP 668).
+  python3 -m pip install -q 'moto[server]' 2>/dev/null ||
+    $SUDO python3 -m pip install -q --break-system-packages 'moto[server]'
+  if command -v pyenv >/dev/null; then pyenv rehash; fi
+fi
+
 if ! command -v cargo >/dev/null; then
   echo "setup: Rust is missing; install it from https://rustup.rs" >&2
   exit 1

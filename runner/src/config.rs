@@ -75,6 +75,11 @@ pub struct Config {
     /// (filled at the edge, `kiln::env::Env::complete`).
     #[serde(skip)]
     pub images: kiln_images::ImagesOptions,
+    /// S3 credentials for `[runners.cache.s3]` that names none, from
+    /// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (filled at the edge,
+    /// `kiln::env::Env::complete`; never written to the file).
+    #[serde(skip)]
+    pub aws_credentials: Option<crate::cache::AwsCredentials>,
     /// The `kiln-vmm` executable of the kvm backend (default: `$KILN_VMM`,
     /// else next to `kiln`, else `/usr/lib/kiln/kiln-vmm`).
     #[serde(default)]
@@ -502,7 +507,18 @@ image = "/images/debian"
         );
         let s3: Config = toml::from_str(&format!("{base}Type='s3'\n")).unwrap();
         let e = s3.validate().unwrap_err().to_string();
-        assert!(e.contains("Type = \"s3\" is not supported"), "{e}");
+        assert!(
+            e.contains("needs [runners.cache.s3] with a BucketName"),
+            "{e}"
+        );
+        let s3: Config = toml::from_str(&format!(
+            "{base}Type='s3'\n[runners.cache.s3]\nBucketName='b'\nServerAddress='h:9000'\n"
+        ))
+        .unwrap();
+        s3.validate().unwrap();
+        let gcs: Config = toml::from_str(&format!("{base}Type='gcs'\n")).unwrap();
+        let e = gcs.validate().unwrap_err().to_string();
+        assert!(e.contains("Type = \"gcs\" is not supported"), "{e}");
         assert!(toml::from_str::<Config>(&format!("{base}Bucket='b'\n")).is_err());
     }
 

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use kiln_images::ImagesOptions;
 
+use crate::cache::s3::{AwsCredentials, Secret};
 use crate::config::Config;
 
 /// What kiln takes from its environment.
@@ -36,6 +37,10 @@ pub struct Env {
     /// `KILN_REGISTRY_CONFIG`, `DOCKER_CONFIG`; see
     /// [`kiln_images::options::vars`] and docs/images.md).
     images: ImagesOptions,
+    /// `$AWS_ACCESS_KEY_ID`, `$AWS_SECRET_ACCESS_KEY` and
+    /// `$AWS_SESSION_TOKEN`: credentials of an S3 cache store whose
+    /// `[runners.cache.s3]` names none.
+    aws: Option<AwsCredentials>,
 }
 
 fn var(name: &str) -> Option<PathBuf> {
@@ -56,6 +61,7 @@ impl Env {
             cache_dir: var("KILN_CACHE_DIR"),
             cache_home: var("XDG_CACHE_HOME"),
             images: ImagesOptions::from_vars(|name| std::env::var_os(name)),
+            aws: aws_credentials(|name| std::env::var(name).ok()),
         }
     }
 
@@ -128,8 +134,25 @@ impl Env {
         if config.log_dir.is_none() {
             config.log_dir = self.log_dir();
         }
+        if config.aws_credentials.is_none() {
+            config.aws_credentials = self.aws.clone();
+        }
         Ok(())
     }
+}
+
+/// The AWS credentials `var` names, when both the key and the secret are
+/// set.
+fn aws_credentials(var: impl Fn(&str) -> Option<String>) -> Option<AwsCredentials> {
+    let key = var("AWS_ACCESS_KEY_ID").filter(|k| !k.is_empty())?;
+    let secret = var("AWS_SECRET_ACCESS_KEY").filter(|s| !s.is_empty())?;
+    Some(AwsCredentials {
+        access_key_id: key,
+        secret_access_key: Secret(secret),
+        session_token: var("AWS_SESSION_TOKEN")
+            .filter(|t| !t.is_empty())
+            .map(Secret),
+    })
 }
 
 #[cfg(test)]
@@ -154,5 +177,46 @@ mod tests {
         };
         env.complete(&mut c).unwrap();
         assert_eq!(c.run_dir, Some("/toml/run".into()));
+    }
+
+    #[test]
+    fn aws_credentials_come_from_the_environment_and_stay_out_of_the_file_and_logs() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert!(aws_credentials(vars(&[("AWS_ACCESS_KEY_ID", "AKIA1")])).is_none());
+        let creds = aws_credentials(vars(&[
+            ("AWS_ACCESS_KEY_ID", "AKIA1"),
+            ("AWS_SECRET_ACCESS_KEY", "s3cr3t-value"),
+        ]))
+        .unwrap();
+        assert_eq!(creds.access_key_id, "AKIA1");
+        assert!(creds.session_token.is_none());
+        let env = Env {
+            aws: Some(creds),
+            ..Env::default()
+        };
+        let mut c: Config =
+            toml::from_str("[[runners]]\nname='a'\nurl='https://x'\ntoken='t'\n").unwrap();
+        env.complete(&mut c).unwrap();
+        assert_eq!(
+            c.aws_credentials
+                .as_ref()
+                .map(|a| a.secret_access_key.0.as_str()),
+            Some("s3cr3t-value")
+        );
+        assert!(
+            !format!("{c:?}").contains("s3cr3t"),
+            "Debug hides the secret"
+        );
+        assert!(
+            !toml::to_string(&c).unwrap().contains("s3cr3t"),
+            "never written to kiln.toml"
+        );
     }
 }

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use libtest_mimic::{Arguments, Failed, Trial};
 
 pub mod fuzz;
+pub mod moto;
 
 /// Something a test needs from the host.
 #[derive(Clone)]
@@ -66,12 +67,23 @@ impl Need {
 
 /// A program on `PATH`, from the Debian package `package`.
 pub fn tool(bin: &'static str, package: &'static str) -> Need {
+    program(bin, format!("apt-get install {package}"))
+}
+
+/// A program on `PATH`, from the PyPI package `package` (installed by
+/// scripts/setup.sh with pip).
+pub fn pip_tool(bin: &'static str, package: &'static str) -> Need {
+    program(bin, format!("pip install '{package}'"))
+}
+
+/// `bin` on `PATH`, which `install` installs.
+fn program(bin: &'static str, install: String) -> Need {
     Need::custom(bin, move || {
         if on_path(bin) {
             Ok(())
         } else {
             Err(format!(
-                "{bin} is not installed (apt-get install {package}, or run scripts/setup.sh)"
+                "{bin} is not installed ({install}, or run scripts/setup.sh)"
             ))
         }
     })

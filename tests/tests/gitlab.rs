@@ -17,6 +17,9 @@ use kiln_tests::harness::{self, assert_no_leaks};
 use serde_json::json;
 
 const TOKEN: &str = "glrt-test-runner-token";
+/// The S3 cache's bucket and secret key (`Setup::cache_s3`).
+const S3_BUCKET: &str = "kiln-cache";
+const S3_SECRET: &str = "moto-secret-key-0123";
 const LIMIT: Duration = Duration::from_secs(420);
 
 /// A per-test run directory, removed when the test ends.
@@ -50,6 +53,9 @@ struct Setup {
     allow_local_images: bool,
     /// `[runners.cache] Path` (default: in the shared test cache).
     cache_path: Option<PathBuf>,
+    /// `[runners.cache] Type = "s3"` on this `ServerAddress` (a moto
+    /// server of the test's), objects under `kiln/`.
+    cache_s3: Option<String>,
 }
 
 impl Setup {
@@ -72,6 +78,7 @@ impl Default for Setup {
             agent: PathBuf::new(),
             allow_local_images: true,
             cache_path: None,
+            cache_s3: None,
         }
     }
 }
@@ -116,12 +123,17 @@ allow_local_images = {allow_local_images}
         log_dir = harness::test_root().join("logs").display().to_string(),
         url = fake.url,
         cache = harness::cache_dir().display().to_string(),
-        cache_section = match &s.cache_path {
-            Some(p) => format!(
+        cache_section = match (&s.cache_path, &s.cache_s3) {
+            (_, Some(address)) => format!(
+                "[runners.cache]\nType = \"s3\"\nPath = \"kiln\"\n\
+                 [runners.cache.s3]\nServerAddress = {address:?}\nAccessKey = \"AKIAKILNTEST\"\n\
+                 SecretKey = {S3_SECRET:?}\nBucketName = {S3_BUCKET:?}\nInsecure = true\n"
+            ),
+            (Some(p), None) => format!(
                 "[runners.cache]\nPath = {:?}\nMaxSize = 64\n",
                 p.display().to_string()
             ),
-            None => String::new(),
+            (None, None) => String::new(),
         },
     );
     let c: Config = toml::from_str(&text).expect("valid test config");
@@ -883,6 +895,114 @@ async fn a_cache_is_pushed_pulled_and_falls_back() {
     assert_no_leaks(run_dir.path());
 }
 
+/// `cache:` with `[runners.cache] Type = "s3"` against a real S3 server
+/// (moto), in one VM: the job's first cache misses its key in the bucket
+/// and restores its fallback key (an object planted by the test, as a job
+/// of this runner would have pushed it: gitlab-runner's object name
+/// `<Path>/runner/<short token>/project/<id>/<key>`), byte-identical;
+/// `policy: pull` uploads nothing; its second cache (`policy: push`) is
+/// uploaded, and holds what the job wrote.
+async fn an_s3_cache_falls_back_pulls_and_pushes_through_a_real_server() {
+    use sha2::Digest;
+    let moto = kiln_testkit::moto::MotoServer::start();
+    moto.create_bucket(S3_BUCKET);
+    let object = |key: &str| format!("kiln/runner/test-runn/project/1/{key}");
+    // The seed: an archive as kiln makes them.
+    let d = tempfile::tempdir().unwrap();
+    let seed = d.path().join("seed");
+    std::fs::create_dir_all(seed.join("vendor")).unwrap();
+    let data: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(seed.join("vendor/data.bin"), &data).unwrap();
+    let archive = d.path().join("seed.tar.gz");
+    kiln::cache::archive::pack(&seed, &[PathBuf::from("vendor/data.bin")], &archive).unwrap();
+    moto.put_object(
+        S3_BUCKET,
+        &object("seed-1-non_protected"),
+        &std::fs::read(&archive).unwrap(),
+    );
+    let seed_sum = format!(
+        "{}  vendor/data.bin",
+        hex::encode(sha2::Sha256::digest(&data))
+    );
+
+    let fake = fake_gitlab();
+    let run_dir = RunDir::new("gitlab-s3-cache");
+    let daemon = Daemon::start(
+        &fake,
+        run_dir.path(),
+        Setup {
+            cache_s3: Some(moto.address()),
+            ..Setup::default()
+        },
+    );
+    let mut j = fake.job(
+        &image(),
+        &[
+            "sha256sum vendor/data.bin",
+            "mkdir out",
+            "head -c 200000 /dev/urandom > out/o.bin",
+            "sha256sum out/o.bin",
+        ],
+    );
+    j["cache"] = json!([
+        {"key": "deps-2-non_protected", "paths": ["vendor/"], "policy": "pull",
+         "when": "on_success", "untracked": false, "fallback_keys": ["seed-1-non_protected"]},
+        {"key": "out-1-non_protected", "paths": ["out/"], "policy": "push",
+         "when": "on_success", "untracked": false}
+    ]);
+    let id = fake.push(j);
+    let j = fake.wait_done(id, LIMIT).await;
+    let t = j.trace_text();
+    assert_eq!(final_of(&j), ("success".into(), None, Some(0)), "{t}");
+    assert_consistent(&j);
+    assert_in_order(
+        &t,
+        &[
+            "Checking cache for deps-2-non_protected...",
+            "WARNING: no cache for deps-2-non_protected in bucket kiln-cache",
+            "Failed to extract cache",
+            "Trying fallback cache key seed-1-non_protected...",
+            "Checking cache for seed-1-non_protected...",
+            "Successfully extracted cache (1 files",
+            "Not downloading cache out-1-non_protected due to policy",
+            &seed_sum,
+            "Not uploading cache deps-2-non_protected due to policy",
+            "Creating cache out-1-non_protected...",
+            "Created cache (1 files",
+            "Job succeeded",
+        ],
+    );
+    for secret in [S3_SECRET, "X-Amz-"] {
+        assert!(!t.contains(secret), "{secret} in the trace:\n{t}");
+    }
+    wait_idle(run_dir.path(), Duration::from_secs(120)).await;
+    daemon.stop().await;
+    assert_no_leaks(run_dir.path());
+
+    assert!(
+        moto.object(S3_BUCKET, &object("deps-2-non_protected"))
+            .is_none(),
+        "policy: pull uploaded"
+    );
+    let pushed = moto
+        .object(S3_BUCKET, &object("out-1-non_protected"))
+        .expect("the pushed cache is in the bucket");
+    let got = d.path().join("got.tar.gz");
+    std::fs::write(&got, pushed).unwrap();
+    let ws = d.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    kiln::cache::archive::unpack(&got, &ws, &d.path().join("scratch"), 1 << 30).unwrap();
+    let out_sum = format!(
+        "{}  out/o.bin",
+        hex::encode(sha2::Sha256::digest(
+            std::fs::read(ws.join("out/o.bin")).unwrap()
+        ))
+    );
+    assert!(t.contains(&out_sum), "{out_sum} not in:\n{t}");
+}
+
 fn kiln_binary() -> PathBuf {
     harness::kiln_bin()
 }
@@ -1566,6 +1686,15 @@ fn main() -> std::process::ExitCode {
             "a_cache_is_pushed_pulled_and_falls_back",
             &harness::vm(),
             a_cache_is_pushed_pulled_and_falls_back,
+        )
+        .tokio(
+            "an_s3_cache_falls_back_pulls_and_pushes_through_a_real_server",
+            &[
+                harness::qemu(),
+                harness::busybox(),
+                kiln_testkit::moto::need(),
+            ],
+            an_s3_cache_falls_back_pulls_and_pushes_through_a_real_server,
         )
         .tokio(
             "jobs_pass_fail_time_out_and_miss_images_two_at_a_time",

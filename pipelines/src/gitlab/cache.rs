@@ -5,14 +5,16 @@
 //! the `-protected`/`-non_protected` suffix GitLab adds to every key
 //! (separated caches, its default).
 //!
-//! `key: files:` is hashed from the files' contents (GitLab hashes the
-//! commits that last changed them; either way, changing a file changes the
-//! key). Without any of the files the key is `default`, as GitLab's.
+//! `key: files:` is hashed as GitLab hashes it (`Seed::Build::Cache`
+//! `hash_of_file_contents`): the SHA-1 of the files' git blob IDs, sorted,
+//! joined by `-`; the blob ID is git's (`git hash-object`), so the key is
+//! the one GitLab gives the same files, checkout or not. Without any of the
+//! files the key is `default`, as GitLab's.
 
 use std::collections::BTreeMap;
 
 use serde_yaml::{Mapping, Value};
-use sha2::{Digest, Sha256};
+use sha1::{Digest, Sha1};
 
 use super::variables::expand_capped;
 use super::Parser;
@@ -179,8 +181,8 @@ impl Parser<'_> {
         }))
     }
 
-    /// `key: {files: [..], prefix: ..}`: `prefix-` + a hash of the files'
-    /// contents (`default` when none of them exists).
+    /// `key: {files: [..], prefix: ..}`: `prefix-` + GitLab's digest of the
+    /// files' contents (`default` when none of them exists).
     fn files_key(
         &self,
         km: &Mapping,
@@ -198,23 +200,18 @@ impl Parser<'_> {
                 format!("`key: files` lists one or {MAX_KEY_FILES} files"),
             ));
         }
-        let mut hash = Sha256::new();
-        let mut found = false;
-        for f in &files {
-            // Read beneath the project directory, bounded, like includes.
-            if let Ok(text) = (self.read)(f) {
-                found = true;
-                hash.update(f.as_bytes());
-                hash.update([0]);
-                hash.update(text.as_bytes());
-                hash.update([0]);
-            }
-        }
-        let digest = if found {
-            let d = hash.finalize();
-            d.iter().take(20).map(|b| format!("{b:02x}")).collect()
-        } else {
+        // Read beneath the project directory, bounded, like includes.
+        let mut blobs: Vec<String> = files
+            .iter()
+            .filter_map(|f| (self.read)(f).ok())
+            .map(|text| git_blob_id(text.as_bytes()))
+            .collect();
+        blobs.sort();
+        blobs.dedup();
+        let digest = if blobs.is_empty() {
             "default".to_string()
+        } else {
+            hex(&Sha1::digest(blobs.join("-").as_bytes()))
         };
         let prefix = match km.get("prefix") {
             None | Some(Value::Null) => None,
@@ -230,6 +227,18 @@ impl Parser<'_> {
             None => digest,
         })
     }
+}
+
+/// Git's object ID of a blob holding `bytes` (`git hash-object`).
+fn git_blob_id(bytes: &[u8]) -> String {
+    let mut h = Sha1::new();
+    h.update(format!("blob {}\0", bytes.len()).as_bytes());
+    h.update(bytes);
+    hex(&h.finalize())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -295,6 +304,25 @@ mod tests {
         assert!(k(&one).starts_with("j-") && k(&one).ends_with("-non_protected"));
         assert_eq!(k(&one).len(), "j-".len() + 40 + "-non_protected".len());
         assert_eq!(k(&none), "j-default-non_protected");
+        // GitLab's digest, from git's own blob IDs:
+        // `printf v1 | git hash-object --stdin` is 28c218c4..., and
+        // `printf 28c218c4... | sha1sum` is c4ba0f99....
+        assert_eq!(
+            git_blob_id(b"v1"),
+            "28c218c44b49222f91536daf5b4d9871638edc8e"
+        );
+        assert_eq!(
+            k(&one),
+            "j-c4ba0f99a41707ad2007f794bbde65742f6a1f5b-non_protected"
+        );
+        // Two files: their blob IDs sorted and joined by `-`.
+        let main2 = "j:\n  script: x\n  cache:\n    key: {files: [b.txt, a.lock]}\n\
+                    \x20   paths: [target/]\n";
+        let both = parse_files(main2, &[("a.lock", "v1"), ("b.txt", "x\n")]).unwrap();
+        assert_eq!(
+            k(&both),
+            "95bba56391e78dddfe75da82ed656f8a0a75bcb7-non_protected"
+        );
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! Neither ever fails the job: a cache that cannot be restored or saved is
 //! a warning in the job's log, worded like gitlab-runner's.
 //!
-//! - [`store`]: the local directory of archives (bounded, LRU-pruned);
+//! - [`store`]: where archives are kept: the local directory (bounded,
+//!   LRU-pruned) or, through [`s3`], an S3-compatible bucket;
 //! - [`archive`]: building archives, and restoring hostile ones safely.
 
 use std::collections::HashSet;
@@ -21,23 +22,25 @@ use kiln_agent::proto;
 use kiln_pipelines::CacheSpec;
 use serde::{Deserialize, Serialize};
 
-use crate::executor::{human_bytes, saved_when};
+use crate::executor::{error_chain, human_bytes, saved_when};
 
 pub mod archive;
+pub mod s3;
 pub mod store;
 
-pub use store::LocalStore;
+pub use s3::{short_token, AwsCredentials, S3Config};
+pub use store::{LocalStore, Store};
 
 /// `[runners.cache]` in kiln.toml, shaped like gitlab-runner's.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
-    /// `local` (the default): a directory on this host. (`s3` is not
-    /// supported yet.)
+    /// `local` (the default): a directory on this host; `s3`: a bucket
+    /// of an S3-compatible server (`[runners.cache.s3]`).
     #[serde(rename = "Type", default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
-    /// The directory of archives (default: `ci-cache` in the runner's
-    /// cache directory).
+    /// `local`: the directory of archives (default: `ci-cache` in the
+    /// runner's cache directory). `s3`: the prefix of the objects' names.
     #[serde(rename = "Path", default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
     /// Share caches between runners (keys are otherwise per runner and
@@ -56,23 +59,68 @@ pub struct CacheConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub max_archive_bytes: Option<u64>,
+    /// `[runners.cache.s3]`, for `Type = "s3"`.
+    #[serde(rename = "s3", default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Config>,
+}
+
+/// Why a cache store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    S3(#[from] s3::S3Error),
 }
 
 impl CacheConfig {
+    fn is_s3(&self) -> bool {
+        self.kind.as_deref() == Some("s3")
+    }
+
     /// Check the settings kiln cannot honour.
     pub fn validate(&self, runner: &str) -> Result<(), String> {
         match self.kind.as_deref() {
             None | Some("") | Some("local") => Ok(()),
+            Some("s3") => match &self.s3 {
+                Some(s) if !s.bucket_name.trim().is_empty() => Ok(()),
+                _ => Err(format!(
+                    "runner '{runner}': [runners.cache] Type = \"s3\" needs \
+                     [runners.cache.s3] with a BucketName"
+                )),
+            },
             Some(other) => Err(format!(
                 "runner '{runner}': [runners.cache] Type = \"{other}\" is not supported; \
-                 use \"local\" (the default)"
+                 use \"local\" (the default) or \"s3\""
             )),
         }
     }
 
-    /// The store these settings describe, in `cache_dir/ci-cache` unless
-    /// `Path` says otherwise.
-    pub fn open(&self, cache_dir: &Path) -> std::io::Result<LocalStore> {
+    /// The store these settings describe: `local`, in `cache_dir/ci-cache`
+    /// unless `Path` says otherwise; `s3`, with the credentials of
+    /// `[runners.cache.s3]`, else `env`'s, spooling in
+    /// `cache_dir/ci-cache-spool` (an `s3` store must be opened inside the
+    /// daemon's tokio runtime).
+    pub fn open(&self, cache_dir: &Path, env: Option<&AwsCredentials>) -> Result<Store, OpenError> {
+        let io_at = |path: PathBuf| move |source| OpenError::Io { path, source };
+        if self.is_s3() {
+            let dir = cache_dir.join("ci-cache-spool");
+            let spool = store::Spool::open(&dir).map_err(io_at(dir))?;
+            spool.clean();
+            let prefix = self
+                .path
+                .as_deref()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let cfg = self.s3.clone().unwrap_or_default();
+            let max = self.max_archive_bytes.unwrap_or(MAX_INFLATED);
+            let store = s3::S3Store::open(&cfg, &prefix, env, spool, max)?;
+            return Ok(Store::S3(Box::new(store)));
+        }
         let root = self
             .path
             .clone()
@@ -81,9 +129,9 @@ impl CacheConfig {
             .max_size_mib
             .map(|m| m.saturating_mul(1 << 20))
             .unwrap_or(store::DEFAULT_MAX_BYTES);
-        let s = LocalStore::open(&root, max)?;
+        let s = LocalStore::open(&root, max).map_err(io_at(root.clone()))?;
         s.clean_tmp();
-        Ok(s)
+        Ok(Store::Local(s))
     }
 }
 
@@ -93,7 +141,7 @@ const MAX_INFLATED: u64 = proto::MAX_ARTIFACT_BYTES + (1 << 30);
 
 /// One job's caches: what it restores before and saves after its VM.
 pub struct JobCaches {
-    store: LocalStore,
+    store: Store,
     /// The project (and runner) the keys belong to.
     namespace: String,
     specs: Vec<CacheSpec>,
@@ -109,7 +157,7 @@ impl JobCaches {
     /// The caches `specs` of a job in `namespace`, with the job's
     /// `CACHE_FALLBACK_KEY`.
     pub fn new(
-        store: LocalStore,
+        store: Store,
         namespace: String,
         specs: Vec<CacheSpec>,
         fallback: Option<String>,
@@ -156,14 +204,25 @@ impl JobCaches {
                     say(format!("Trying fallback cache key {key}..."));
                 }
                 say(format!("Checking cache for {key}..."));
-                let Some(archive) = self.store.get(&self.namespace, key) else {
-                    say(format!("WARNING: no cache for {key} on this runner"));
-                    say("Failed to extract cache".into());
-                    continue;
+                let archive = match self.store.fetch(&self.namespace, key) {
+                    Ok(Some(a)) => a,
+                    Ok(None) => {
+                        say(format!(
+                            "WARNING: no cache for {key} {}",
+                            self.store.location()
+                        ));
+                        say("Failed to extract cache".into());
+                        continue;
+                    }
+                    Err(e) => {
+                        say(format!("WARNING: {}", error_chain(&e)));
+                        say("Failed to extract cache".into());
+                        continue;
+                    }
                 };
                 let scratch = workspace
                     .with_file_name(format!("job-{}-cache-restore-{i}-{n}", std::process::id()));
-                match archive::unpack(&archive, workspace, &scratch, MAX_INFLATED) {
+                match archive::unpack(archive.path(), workspace, &scratch, MAX_INFLATED) {
                     Ok(got) => {
                         for p in got.problems.iter().take(proto::MAX_PROBLEMS) {
                             say(format!("WARNING: cache entry left out: {p}"));
@@ -232,7 +291,7 @@ impl JobCaches {
                     .store
                     .publish(&tmp, &self.namespace, &c.key)
                     .map(|()| size)
-                    .map_err(|e| e.to_string()),
+                    .map_err(|e| error_chain(&e)),
             });
             match saved {
                 Ok(size) => say(format!(

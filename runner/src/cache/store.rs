@@ -1,4 +1,7 @@
-//! The local cache store: one directory on the runner host holding one
+//! Where cache archives are kept: a [`Store`], either the local directory
+//! ([`LocalStore`]) or an S3-compatible bucket ([`S3Store`]).
+//!
+//! The local store is one directory on the runner host holding one
 //! gzipped tar per (namespace, key), named by the SHA-256 of both (no key
 //! can name a path), bounded in total size and pruned least recently used
 //! first (a restore counts as a use).
@@ -10,30 +13,164 @@ use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 
+use super::s3::{S3Error, S3Store};
+
 /// The default bound of a store: 5 GiB of archives.
 pub const DEFAULT_MAX_BYTES: u64 = 5 << 30;
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Where a cache store keeps archives being written or read: a private
+/// directory whose files are named by the process that made them (so a
+/// later kiln removes those of one that died).
+#[derive(Debug, Clone)]
+pub struct Spool {
+    dir: PathBuf,
+}
+
+impl Spool {
+    /// The spool `dir` (created, private to this user).
+    pub fn open(dir: &Path) -> io::Result<Spool> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        Ok(Spool {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// A fresh path in the spool.
+    pub fn temp_path(&self) -> PathBuf {
+        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        self.dir.join(format!("{}-{n}.tar.gz", std::process::id()))
+    }
+
+    /// Remove files left by a kiln that died.
+    pub fn clean(&self) {
+        if let Ok(dir) = std::fs::read_dir(&self.dir) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
+                let dead =
+                    |p: u32| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists();
+                if pid.is_some_and(dead) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
+
+/// Why an archive could not be fetched from or published to a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    S3(#[from] S3Error),
+}
+
+/// A store of cache archives: a closed set of backends.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Local(LocalStore),
+    /// Boxed: a bucket, its credentials and client are large.
+    S3(Box<S3Store>),
+}
+
+/// An archive fetched from a store, to be unpacked; a downloaded one is
+/// removed when this is dropped.
+#[derive(Debug)]
+pub struct Fetched {
+    path: PathBuf,
+    temporary: bool,
+}
+
+impl Fetched {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Fetched {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Store {
+    /// Where a missing key was looked for, for the job's log.
+    pub fn location(&self) -> String {
+        match self {
+            Store::Local(_) => "on this runner".into(),
+            Store::S3(s) => format!("in bucket {}", s.bucket()),
+        }
+    }
+
+    /// The archive of `key` in `namespace`; `None` when there is none (a
+    /// miss). Blocking.
+    pub fn fetch(&self, namespace: &str, key: &str) -> Result<Option<Fetched>, StoreError> {
+        match self {
+            Store::Local(l) => Ok(l.get(namespace, key).map(|path| Fetched {
+                path,
+                temporary: false,
+            })),
+            Store::S3(s) => {
+                let object = s.object(namespace, key)?;
+                let fetched = Fetched {
+                    path: s.spool().temp_path(),
+                    temporary: true,
+                };
+                Ok(s.download(&object, fetched.path())?.map(|_| fetched))
+            }
+        }
+    }
+
+    /// A fresh path for an archive being written, on the store's side.
+    pub fn temp_path(&self) -> PathBuf {
+        match self {
+            Store::Local(l) => l.temp_path(),
+            Store::S3(s) => s.spool().temp_path(),
+        }
+    }
+
+    /// Publish the archive at `tmp` (from [`Self::temp_path`]) as `key` in
+    /// `namespace`; `tmp` is gone afterwards, whatever happened. Blocking.
+    pub fn publish(&self, tmp: &Path, namespace: &str, key: &str) -> Result<(), StoreError> {
+        let done = match self {
+            Store::Local(l) => l.publish(tmp, namespace, key).map_err(StoreError::from),
+            Store::S3(s) => s
+                .object(namespace, key)
+                .and_then(|object| s.upload(tmp, &object))
+                .map(|_| ())
+                .map_err(StoreError::from),
+        };
+        let _ = std::fs::remove_file(tmp);
+        done
+    }
+}
 
 /// A directory of cache archives.
 #[derive(Debug, Clone)]
 pub struct LocalStore {
     root: PathBuf,
     max_bytes: u64,
+    spool: Spool,
 }
 
 impl LocalStore {
     /// The store in `root` (created, private to this user), holding at most
     /// `max_bytes` of archives.
     pub fn open(root: &Path, max_bytes: u64) -> io::Result<LocalStore> {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(root.join("tmp"))?;
+        let spool = Spool::open(&root.join("tmp"))?;
         Ok(LocalStore {
             root: root.to_path_buf(),
             max_bytes,
+            spool,
         })
     }
 
@@ -66,10 +203,7 @@ impl LocalStore {
 
     /// A fresh temporary path in the store, for an archive being written.
     pub fn temp_path(&self) -> PathBuf {
-        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        self.root
-            .join("tmp")
-            .join(format!("{}-{n}.tar.gz", std::process::id()))
+        self.spool.temp_path()
     }
 
     /// Publish the archive at `tmp` (from [`Self::temp_path`]) as `key`
@@ -115,17 +249,7 @@ impl LocalStore {
 
     /// Remove temporary archives left by a kiln that died.
     pub fn clean_tmp(&self) {
-        if let Ok(dir) = std::fs::read_dir(self.root.join("tmp")) {
-            for e in dir.flatten() {
-                let name = e.file_name().to_string_lossy().to_string();
-                let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
-                let dead =
-                    |p: u32| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists();
-                if pid.is_some_and(dead) {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
+        self.spool.clean();
     }
 }
 

@@ -103,7 +103,7 @@ pub(super) struct Runner {
     /// Where the jobs' directories go.
     pub(super) run_dir: PathBuf,
     /// Where the jobs' caches are kept (`[runners.cache]`).
-    pub(super) cache_store: crate::cache::LocalStore,
+    pub(super) cache_store: crate::cache::Store,
 }
 
 /// Build the executor config of one runner.
@@ -184,10 +184,10 @@ pub async fn run_shared(
             .cache
             .clone()
             .unwrap_or_default()
-            .open(&ec.cache_dir)
+            .open(&ec.cache_dir, config.aws_credentials.as_ref())
             .map_err(|e| GitlabError::Executor {
                 runner: r.name.clone(),
-                source: format!("opening the cache store: {e}").into(),
+                source: format!("opening the cache store: {}", error_chain(&e)).into(),
             })?;
         // Also removes job directories (VM files, workspaces) of a kiln
         // that was killed; its QEMUs died with it (PDEATHSIG).

@@ -278,13 +278,15 @@ async fn restore_caches(
         return None;
     }
     let cfg = runner.cfg.cache.clone().unwrap_or_default();
-    // As gitlab-runner's object names: per runner unless shared, per project.
+    // As gitlab-runner's object names: per runner (its short token) unless
+    // shared, per project.
     let namespace = if cfg.shared {
         format!("project/{}", job.job_info.project_id)
     } else {
         format!(
             "runner/{}/project/{}",
-            runner.cfg.name, job.job_info.project_id
+            crate::cache::short_token(&runner.cfg.token),
+            job.job_info.project_id
         )
     };
     let mut caches = JobCaches::new(

@@ -122,7 +122,7 @@ pub fn run(args: &Args, config: impl FnOnce() -> Result<ExecutorConfig>) -> Resu
     let cache_store = match plan.jobs.iter().any(|j| !j.cache.is_empty()) {
         true => Some(
             crate::cache::CacheConfig::default()
-                .open(&config.cache_dir)
+                .open(&config.cache_dir, None)
                 .context("opening the cache store")?,
         ),
         false => None,
