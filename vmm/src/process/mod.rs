@@ -15,10 +15,13 @@
 //! killer.
 
 mod child;
+pub mod fds;
+mod handover;
+mod pids;
 pub mod proto;
 mod report;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -30,7 +33,9 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::watch;
 
 pub use self::child::main as child_main;
-use self::proto::{FromVmm, StartVm, ToVmm, WireDisk, WireNetKind, WireNetwork};
+use self::handover::{high_copy, io_err, network_backend, open};
+use self::pids::{end_failed_start, kill_through, only_child, pidfd_open};
+use self::proto::{FromVmm, StartVm, ToVmm, WireDisk};
 use self::report::{describe_death, read_reports, remote_error, Reported};
 use crate::config::MachineConfig;
 use crate::error::MachineError;
@@ -41,31 +46,6 @@ use crate::kvm::stats::ExitStats;
 use crate::machine::{ConsoleStream, ExitStatus};
 use crate::run_dir::RunDir;
 use crate::tail::{self, SharedTail};
-
-/// Descriptor numbers in the VMM process.
-pub mod fds {
-    /// The control socket ([`super::proto`]).
-    pub const CONTROL: i32 = 3;
-    /// The VMM's end of the console socket.
-    pub const CONSOLE: i32 = 4;
-    /// `/dev/kvm`.
-    pub const KVM: i32 = 5;
-    pub const KERNEL: i32 = 6;
-    pub const INITRAMFS: i32 = 7;
-    /// Disk `i` is `FIRST_DISK + i`.
-    pub const FIRST_DISK: i32 = 8;
-    /// A snapshot to restore from (read-only), or the empty file a
-    /// snapshot is to be written to (`proto::StartVm::restore`,
-    /// `snapshot_out`); absent otherwise.
-    pub const SNAPSHOT: i32 = 64;
-
-    /// The network backend (a TAP descriptor or a connected passt socket)
-    /// goes right after the last of `disks` disks. The VMM's network
-    /// namespace is empty, so that descriptor is its only way out.
-    pub fn network(disks: usize) -> i32 {
-        FIRST_DISK + disks as i32
-    }
-}
 
 /// Where the high copies of handed-over descriptors go before they are
 /// moved to their fixed numbers in the child (above every fixed number, so
@@ -128,132 +108,6 @@ pub struct VmmProcess {
     jail: JailReport,
     cgroup: Option<Cgroup>,
     run_dir: RunDir,
-}
-
-fn open(what: &'static str, path: &Path, write: bool) -> Result<std::fs::File, MachineError> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(write)
-        .open(path)
-        .map_err(|source| MachineError::MissingFile {
-            what,
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
-fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> MachineError {
-    move |source| MachineError::Io { what, source }
-}
-
-/// A copy of `fd` at a number >= [`HIGH_FD`], close-on-exec.
-fn high_copy(fd: &impl AsRawFd) -> Result<OwnedFd, MachineError> {
-    // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new one (or
-    // -1); ownership of the new one passes to the OwnedFd.
-    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, HIGH_FD) };
-    if n < 0 {
-        return Err(MachineError::Io {
-            what: "VMM descriptors",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: `n` is a fresh descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(n) })
-}
-
-/// The descriptor the VMM process's virtio-net device uses, and what it is:
-/// the TAP itself (kiln keeps its own handle), or a fresh connection to
-/// passt's socket, made here because the jailed VMM process resolves no
-/// path.
-fn network_backend(
-    network: &crate::Network,
-) -> Result<Option<(OwnedFd, WireNetwork)>, MachineError> {
-    let mtu = |m: u32| u16::try_from(m).unwrap_or(u16::MAX);
-    Ok(match network {
-        crate::Network::None => None,
-        crate::Network::Tap { fd, mac, mtu: m } => Some((
-            fd.try_clone().map_err(io_err("TAP descriptor"))?,
-            WireNetwork {
-                kind: WireNetKind::Tap,
-                mac: *mac,
-                mtu: mtu(*m),
-            },
-        )),
-        crate::Network::Passt {
-            socket,
-            mac,
-            mtu: m,
-        } => {
-            let s = std::os::unix::net::UnixStream::connect(socket).map_err(|source| {
-                MachineError::MissingFile {
-                    what: "passt socket",
-                    path: socket.clone(),
-                    source,
-                }
-            })?;
-            Some((
-                s.into(),
-                WireNetwork {
-                    kind: WireNetKind::Stream,
-                    mac: *mac,
-                    mtu: mtu(*m),
-                },
-            ))
-        }
-    })
-}
-
-/// The one child of process `pid` (`/proc/PID/task/PID/children`).
-fn only_child(pid: u32) -> Option<u32> {
-    let list = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-    let mut kids = list.split_whitespace().filter_map(|p| p.parse().ok());
-    match (kids.next(), kids.next()) {
-        (Some(k), None) => Some(k),
-        _ => None,
-    }
-}
-
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    let pid = libc::pid_t::try_from(pid).ok()?;
-    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new
-    // descriptor (or -1), which is owned by nobody else.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, libc::PIDFD_NONBLOCK) };
-    let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
-    // SAFETY: `fd` is a fresh descriptor (above).
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// SIGKILL the process behind `pidfd` and wait (briefly, 2 s at most)
-/// until it has exited, so that its cgroup holds it no longer.
-fn kill_through(pidfd: &OwnedFd) {
-    // SAFETY: pidfd_send_signal(2) on a pidfd the caller owns, with no
-    // siginfo; poll(2) on one pollfd that lives across the call.
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        );
-        let mut p = libc::pollfd {
-            fd: pidfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        libc::poll(&mut p, 1, 2000);
-    }
-}
-
-/// End a VMM process whose start failed, so that its cgroup can be removed
-/// right after: the VMM in its PID namespace first (it would otherwise die
-/// only after the waiter, later), then the process kiln started, reaped.
-async fn end_failed_start(child: &mut tokio::process::Child, pid: Option<u32>) {
-    if let Some(fd) = pid.and_then(only_child).and_then(pidfd_open) {
-        kill_through(&fd);
-    }
-    let _ = child.start_kill();
-    let _ = child.wait().await;
 }
 
 impl VmmProcess {
