@@ -29,6 +29,12 @@ fn passt_needs() -> Vec<Need> {
     n
 }
 
+fn unprivileged_needs() -> Vec<Need> {
+    let mut n = passt_needs();
+    n.push(testkit::tool("setpriv", "util-linux"));
+    n
+}
+
 /// `kiln` inside the lab's host namespace, on the qemu backend.
 fn kiln(lab: &Lab, run_dir: &Path) -> Command {
     lab.kiln(run_dir)
@@ -57,10 +63,16 @@ fn job_args(network: &str, script: &str) -> Vec<String> {
 }
 
 fn run(lab: &Lab, run_dir: &Path, network: &str, script: &str) -> Output {
-    let o = kiln(lab, run_dir)
-        .args(job_args(network, script))
-        .output()
-        .expect("run kiln");
+    show(
+        kiln(lab, run_dir)
+            .args(job_args(network, script))
+            .output()
+            .expect("run kiln"),
+    )
+}
+
+/// Print `o`'s output (the test's log) and return it.
+fn show(o: Output) -> Output {
     println!(
         "--- stdout\n{}--- stderr\n{}",
         String::from_utf8_lossy(&o.stdout),
@@ -123,24 +135,33 @@ fn blob() -> Vec<u8> {
 
 /// A job downloads a file by name (the outside DNS server answers it)
 /// and checks its SHA-256; the job's name-service files are kiln's.
-fn download_by_name(tag: &str, mode: &str, resolver: &str) {
+fn download_by_name(tag: &str, mode: &str, resolver: &str, user: Option<&Unprivileged>) {
     let lab = Lab::new(tag).unwrap();
     let body = blob();
     let want = hex::encode(Sha256::digest(&body));
     lab.http_server(&lab.outside, body).unwrap();
     lab.dns_server().unwrap();
     let dir = harness::run_dir(&format!("net-{tag}"));
-    let o = run(
-        &lab,
-        &dir,
-        mode,
-        &format!(
-            "set -e; cat /etc/resolv.conf; echo host=$(hostname); grep -c localhost /etc/hosts; \
-             wget -q -O /tmp/f http://{FILE_HOST}:{HTTP_PORT}/blob; sha256sum /tmp/f"
-        ),
+    let script = format!(
+        "set -e; cat /etc/resolv.conf; echo host=$(hostname); grep -c localhost /etc/hosts; \
+         wget -q -O /tmp/f http://{FILE_HOST}:{HTTP_PORT}/blob || \
+         {{ echo DOWNLOAD-FAILED; ip addr; ip route; nslookup {FILE_HOST}; exit 1; }}; sha256sum /tmp/f"
     );
+    let o = match user {
+        None => run(&lab, &dir, mode, &script),
+        Some(u) => {
+            u.own(&dir);
+            show(
+                u.kiln(&lab, &dir)
+                    .args(job_args(mode, &script))
+                    .output()
+                    .unwrap(),
+            )
+        }
+    };
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{out}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{out}\n{err}");
     assert!(out.contains(&format!("{want}  /tmp/f")), "{out}");
     assert!(out.contains(&format!("nameserver {resolver}")), "{out}");
     assert!(out.contains("host=kiln"), "{out}");
@@ -149,13 +170,110 @@ fn download_by_name(tag: &str, mode: &str, resolver: &str) {
 }
 
 fn downloads_a_file_by_name_over_nat() {
-    download_by_name("dl", "nat", "10.213.");
+    download_by_name("dl", "nat", "10.213.", None);
 }
 
 fn user_mode_downloads_through_passt() {
-    download_by_name("us", "user", "10.0.2.3");
+    download_by_name("us", "user", "10.0.2.3", None);
 }
 
+/// `nobody`, with a home of its own under the test root: kiln's cache (the
+/// test cache's kernels and initramfs copied, so nothing is downloaded),
+/// state and the job's run directory are the user's, as on a developer's
+/// laptop; nothing of root's is writable to it.
+struct Unprivileged {
+    home: std::path::PathBuf,
+}
+
+const NOBODY: u32 = 65534;
+
+impl Unprivileged {
+    fn new(tag: &str) -> Unprivileged {
+        harness::kernel();
+        let home = harness::test_root().join(format!("nobody-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&home);
+        std::fs::create_dir_all(home.join("cache")).unwrap();
+        for d in ["kernels", "initramfs"] {
+            let from = harness::cache_dir().join(d);
+            if from.is_dir() {
+                let ok = Command::new("cp")
+                    .arg("-a")
+                    .arg(&from)
+                    .arg(home.join("cache"))
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok, "copy {}", from.display());
+            }
+        }
+        let u = Unprivileged { home };
+        u.own(&u.home);
+        let h = u.home.clone();
+        kiln_testkit::at_exit(move || {
+            let _ = std::fs::remove_dir_all(h);
+        });
+        u
+    }
+
+    /// Give `path` (recursively) to the user.
+    fn own(&self, path: &Path) {
+        let ok = Command::new("chown")
+            .args(["-R", &format!("{NOBODY}:{NOBODY}")])
+            .arg(path)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "chown {}", path.display());
+    }
+
+    /// `cmd` run as the user (no supplementary groups, no capabilities)
+    /// inside the lab's host namespace.
+    fn wrap(&self, lab: &Lab, cmd: Command) -> Command {
+        let mut c = Command::new("setpriv");
+        c.args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--",
+        ])
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            if let Some(v) = v {
+                c.env(k, v);
+            }
+        }
+        c.env("HOME", &self.home);
+        lab.in_host(c)
+    }
+
+    /// `kiln` as the user, with its cache and state in the user's home.
+    fn kiln(&self, lab: &Lab, run_dir: &Path) -> Command {
+        let mut k = harness::kiln_cmd(run_dir);
+        k.env("KILN_CACHE_DIR", self.home.join("cache"))
+            .env("XDG_STATE_HOME", self.home.join("state"));
+        self.wrap(lab, k)
+    }
+}
+
+/// `--network user` needs no privilege: kiln, QEMU (TCG) and passt run as
+/// `nobody` and the job downloads by name as it does for root.
+fn user_mode_works_as_an_unprivileged_user() {
+    let u = Unprivileged::new("us");
+    let lab = Lab::new("un").unwrap();
+    // The wrapper does drop to the user: the control.
+    let mut id = Command::new("sh");
+    id.args(["-c", "id -u; grep CapEff /proc/self/status"]);
+    let id = show(u.wrap(&lab, id).output().unwrap());
+    let id = String::from_utf8_lossy(&id.stdout).to_string();
+    assert!(
+        id.starts_with(&format!("{NOBODY}\n")) && id.contains("CapEff:\t0000000000000000"),
+        "not unprivileged: {id}"
+    );
+    drop(lab);
+    download_by_name("un", "user", "10.0.2.3", Some(&u));
+}
 /// The guest script that tries `targets` on the HTTP port and reports one
 /// line per target: `TRY <addr> secs=<n> [<reply or error>]`.
 fn tries(targets: &[&str]) -> String {
@@ -241,6 +359,29 @@ fn cannot_reach_the_host_metadata_private_or_denied_networks() {
 /// A kiln that is killed if the test ends early (it would outlive the
 /// test's namespaces otherwise).
 struct Killed(Child);
+
+impl Killed {
+    /// Wait for the child and collect what it printed (piped).
+    fn output(&mut self) -> Output {
+        let read = |r: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut b = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut b);
+                }
+                b
+            })
+        };
+        let out = read(self.0.stdout.take().map(|r| Box::new(r) as _));
+        let err = read(self.0.stderr.take().map(|r| Box::new(r) as _));
+        let status = self.0.wait().unwrap();
+        Output {
+            status,
+            stdout: out.join().unwrap(),
+            stderr: err.join().unwrap(),
+        }
+    }
+}
 
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -366,6 +507,76 @@ fn nothing_is_left_after_kill_9_and_a_restart() {
     assert_no_leaks(&dir);
 }
 
+/// Ten `nat` jobs, two kilns at a time (each one `kiln run-job` of a
+/// five-job pipeline: four jobs and a fifth that needs them), each job
+/// downloading by name: every job has its network, and afterwards no TAP
+/// device, route, iptables rule or chain, QEMU or passt process remains.
+/// The two kilns share the host namespace, so their slots must not
+/// collide.
+fn ten_jobs_leave_nothing_behind() {
+    let lab = Lab::new("10").unwrap();
+    lab.http_server(&lab.outside, b"job-payload".to_vec())
+        .unwrap();
+    lab.dns_server().unwrap();
+    let t0 = Instant::now();
+    let kilns: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|k| {
+            let repo = harness::test_root().join(format!("repo-net10{k}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&repo);
+            std::fs::create_dir_all(&repo).unwrap();
+            let job = |name: &str, needs: &str| {
+                format!(
+                    "{name}:\n  {needs}script:\n    - echo \"$CI_JOB_NAME got $(wget -q -O - \
+                     http://{FILE_HOST}:{HTTP_PORT}/) at $(ip -4 addr show eth0 | grep -o 'inet [0-9.]*')\"\n"
+                )
+            };
+            let mut yml: String = (1..5).map(|i| job(&format!("j{i}"), "")).collect();
+            yml.push_str(&job("last", "needs: [j1, j2, j3, j4]\n  "));
+            std::fs::write(repo.join(".gitlab-ci.yml"), yml).unwrap();
+            let dir = harness::run_dir(&format!("net-10{k}"));
+            let child = Killed(
+                kiln(&lab, &dir)
+                    .args(["--log-level", "warn", "run-job"])
+                    .arg(repo.join(".gitlab-ci.yml"))
+                    .arg("last")
+                    .arg("--image")
+                    .arg(harness::busybox_image())
+                    .args(["--cpus", "1", "--memory", "512", "--network", "nat"])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap(),
+            );
+            (child, dir, repo)
+        })
+        .collect();
+    let mut got = Vec::new();
+    let mut dirs = Vec::new();
+    for (mut child, dir, repo) in kilns {
+        let o = show(child.output());
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(o.status.success(), "{out}");
+        // `<job> got job-payload at inet 10.213.x.y`, once per job.
+        let jobs: std::collections::BTreeSet<_> = out
+            .lines()
+            .filter_map(|l| l.split_once(" got job-payload at inet 10.213."))
+            .filter_map(|(pre, _)| pre.split_whitespace().last())
+            .map(str::to_string)
+            .collect();
+        assert_eq!(jobs.len(), 5, "every job of this kiln downloaded: {out}");
+        got.extend(jobs);
+        assert_no_leaks(&dir);
+        let _ = std::fs::remove_dir_all(repo);
+        dirs.push(dir);
+    }
+    println!("10 jobs took {:?}", t0.elapsed());
+    assert_eq!(got.len(), 10, "{got:?}");
+    for d in &dirs {
+        assert_eq!(leftovers(&lab, d), Vec::<String>::new());
+    }
+}
+
 /// A guest that floods the host with pings from a spoofed source, first
 /// another IPv4 address, then another MAC, gets none of them past its TAP:
 /// the outside namespace counts echo requests by size (one size per phase)
@@ -434,6 +645,11 @@ fn main() -> std::process::ExitCode {
             nothing_is_left_after_kill_9_and_a_restart,
         )
         .test(
+            "ten_jobs_leave_nothing_behind",
+            &needs(),
+            ten_jobs_leave_nothing_behind,
+        )
+        .test(
             "spoofed_source_addresses_and_macs_are_dropped",
             &needs(),
             spoofed_source_addresses_and_macs_are_dropped,
@@ -442,6 +658,11 @@ fn main() -> std::process::ExitCode {
             "user_mode_downloads_through_passt",
             &passt_needs(),
             user_mode_downloads_through_passt,
+        )
+        .test(
+            "user_mode_works_as_an_unprivileged_user",
+            &unprivileged_needs(),
+            user_mode_works_as_an_unprivileged_user,
         )
         .run()
 }

@@ -323,7 +323,10 @@ impl Networks {
                 })?;
                 let socket = dir.join("passt.sock");
                 let mtu = self.mtu;
-                let p = tokio::task::spawn_blocking(move || passt::start(&socket, mtu))
+                // Forked here, on a runtime thread, and only waited for on
+                // the blocking pool (see `passt::spawn`).
+                let p = passt::spawn(&socket, mtu)?;
+                let p = tokio::task::spawn_blocking(move || p.wait_ready())
                     .await
                     .map_err(|e| NetworkError::Config(format!("passt task: {e}")))??;
                 Ok(JobNetwork {

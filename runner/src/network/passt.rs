@@ -47,8 +47,15 @@ pub fn binary() -> PathBuf {
 }
 
 /// Start passt for one VM with its socket at `socket` (in the VM's
-/// directory) and wait for the socket.
-pub fn start(socket: &Path, mtu: u32) -> Result<Passt, NetworkError> {
+/// directory); [`Passt::wait_ready`] waits for the socket.
+///
+/// Call it from a thread that lives as long as the job (an async task's
+/// runtime thread), never from the blocking pool: passt's
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked it ends, and the
+/// pool retires idle threads after 10 s. passt then died under a running
+/// job whenever it kept the signal, i.e. whenever kiln was not root (as
+/// root, `--runas` changes passt's uid, which clears it).
+pub fn spawn(socket: &Path, mtu: u32) -> Result<Passt, NetworkError> {
     let bin = binary();
     let mut cmd = Command::new(&bin);
     // SAFETY: geteuid(2) cannot fail and has no side effects.
@@ -64,16 +71,26 @@ pub fn start(socket: &Path, mtu: u32) -> Result<Passt, NetworkError> {
         })?;
         cmd.args(["--runas", &format!("{NOBODY}:{NOBODY}")]);
     }
-    cmd.args(["--foreground", "--quiet", "-4", "--no-map-gw", "--no-dhcp"])
-        .arg("--socket")
-        .arg(socket)
-        .args(["--address", &GUEST.to_string()])
-        .args(["--netmask", &PREFIX.to_string()])
-        .args(["--gateway", &GATEWAY.to_string()])
-        .args(["--dns-forward", &DNS.to_string()])
-        .args(["--mtu", &mtu.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
+    // `--one-off`: passt quits when its one client (QEMU, or kiln's
+    // connection for the kvm backend's VMM) goes, so it cannot outlive the
+    // VM even where the death signal does not reach it (see above).
+    cmd.args([
+        "--foreground",
+        "--quiet",
+        "--one-off",
+        "-4",
+        "--no-map-gw",
+        "--no-dhcp",
+    ])
+    .arg("--socket")
+    .arg(socket)
+    .args(["--address", &GUEST.to_string()])
+    .args(["--netmask", &PREFIX.to_string()])
+    .args(["--gateway", &GATEWAY.to_string()])
+    .args(["--dns-forward", &DNS.to_string()])
+    .args(["--mtu", &mtu.to_string()])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null());
     let log = socket.with_extension("log");
     if let Ok(f) = std::fs::File::create(&log) {
         cmd.stderr(f);
@@ -93,28 +110,37 @@ pub fn start(socket: &Path, mtu: u32) -> Result<Passt, NetworkError> {
         tool: "passt (apt-get install passt, for --network user)",
         source,
     })?;
-    let mut p = Passt {
+    Ok(Passt {
         child,
         socket: socket.to_path_buf(),
-    };
-    let t0 = Instant::now();
-    while !socket.exists() {
-        if let Ok(Some(status)) = p.child.try_wait() {
-            let mut err = std::fs::read(&log).unwrap_or_default();
-            err.truncate(4096);
-            let err = String::from_utf8_lossy(&err);
-            return Err(NetworkError::Command {
-                command: format!("{} (exited: {status})", bin.display()),
-                stderr: err.trim().to_string(),
-            });
+    })
+}
+
+impl Passt {
+    /// Wait until passt has created its socket (blocking: run it on the
+    /// blocking pool).
+    pub fn wait_ready(mut self) -> Result<Passt, NetworkError> {
+        let (bin, socket) = (binary(), self.socket.clone());
+        let log = socket.with_extension("log");
+        let t0 = Instant::now();
+        while !socket.exists() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let mut err = std::fs::read(&log).unwrap_or_default();
+                err.truncate(4096);
+                let err = String::from_utf8_lossy(&err);
+                return Err(NetworkError::Command {
+                    command: format!("{} (exited: {status})", bin.display()),
+                    stderr: err.trim().to_string(),
+                });
+            }
+            if t0.elapsed() > START_TIMEOUT {
+                return Err(NetworkError::Command {
+                    command: bin.display().to_string(),
+                    stderr: format!("no socket after {START_TIMEOUT:?}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        if t0.elapsed() > START_TIMEOUT {
-            return Err(NetworkError::Command {
-                command: bin.display().to_string(),
-                stderr: format!("no socket after {START_TIMEOUT:?}"),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(10));
+        Ok(self)
     }
-    Ok(p)
 }

@@ -21,7 +21,10 @@
 //! backend is then not read at all (a TAP drops on its own queue, passt
 //! waits), so a guest that never reads cannot grow the VMM's memory; frames
 //! for the host wait (at most [`TX_PENDING_FRAMES`]) while the backend is
-//! full, and the transmit queue is then left alone until it drains.
+//! full, and the transmit queue is then left alone until it drains. Nor
+//! can a guest hold the event loop (and the console and disks served by
+//! it): one wake-up looks at most at [`TX_BUDGET`] transmit chains, and the
+//! receive side moves at most [`RX_PENDING_FRAMES`] per wake-up.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -59,6 +62,13 @@ const STREAM_READ: usize = 64 * 1024;
 pub const RX_PENDING_FRAMES: usize = 256;
 /// Guest → host frames held while the backend cannot take them.
 pub const TX_PENDING_FRAMES: usize = 256;
+/// Transmit chains looked at per wake-up. The guest's vCPUs run while the
+/// event loop drains, so a guest that keeps its ring full (or keeps moving
+/// its available index) would otherwise hold the loop, and the console
+/// and disks with it, for as long as the backend takes frames. Past the
+/// budget the device asks to be woken when the backend is writable, which
+/// comes back after the loop served whatever else was ready.
+pub const TX_BUDGET: usize = 256;
 
 /// Where the guest's frames go and come from; opened by kiln.
 #[derive(Debug)]
@@ -139,6 +149,8 @@ pub struct Net {
     /// stream), and how much of the first one a stream has taken.
     tx_pending: VecDeque<Vec<u8>>,
     tx_offset: usize,
+    /// The last drain stopped at [`TX_BUDGET`]: chains may be waiting.
+    tx_more: bool,
     /// One TAP read's buffer: the bound plus one byte.
     scratch: Vec<u8>,
     counters: NetCounters,
@@ -162,6 +174,7 @@ impl Net {
             stream_skip: 0,
             tx_pending: VecDeque::new(),
             tx_offset: 0,
+            tx_more: false,
             scratch: vec![0u8; max_frame + 1],
             counters: NetCounters::default(),
         })
@@ -432,21 +445,32 @@ impl Net {
         )
     }
 
-    /// Move the guest's frames to the backend until the queue is empty or
-    /// the backend is full ([`Queue::drain_to_host`]; a full backend resumes
-    /// it in [`VirtioDevice::host_ready`]).
+    /// Move the guest's frames to the backend until the queue is empty, the
+    /// backend is full ([`Queue::drain_to_host`]; a full backend resumes it
+    /// in [`VirtioDevice::host_ready`]) or [`TX_BUDGET`] chains were looked
+    /// at (then `tx_more` asks the event loop to come back).
     fn drain_tx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
-        queues[TX].drain_to_host(
+        // Counted where every chain passes, malformed ones included (those
+        // never reach `take_tx`): once per pop attempt, so an empty queue
+        // costs a little budget too.
+        let budget = std::cell::Cell::new(TX_BUDGET);
+        let used = queues[TX].drain_to_host(
             mem,
             "virtio-net transmit",
             self,
-            |n| n.tx_pending.len() < TX_PENDING_FRAMES,
+            |n| {
+                let left = budget.get();
+                budget.set(left.saturating_sub(1));
+                left > 0 && n.tx_pending.len() < TX_PENDING_FRAMES
+            },
             |n, descs| {
                 n.take_tx(descs, mem);
                 Ok(0)
             },
             Net::flush_tx,
-        )
+        );
+        self.tx_more = budget.get() == 0;
+        used
     }
 }
 
@@ -476,6 +500,7 @@ impl VirtioDevice for Net {
         // Frames for a driver that is gone; the stream's framing state and
         // what the backend still owes stay, so the stream stays in step.
         self.rx_pending.clear();
+        self.tx_more = false;
     }
 
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
@@ -493,13 +518,14 @@ impl VirtioDevice for Net {
     fn host_interest(&self) -> HostInterest {
         HostInterest {
             read: self.rx_room(),
-            write: !self.host_closed && !self.tx_pending.is_empty(),
+            write: !self.host_closed && (!self.tx_pending.is_empty() || self.tx_more),
         }
     }
 
     fn host_ready(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
         self.read_host();
         self.flush_tx();
+        self.tx_more = false;
         let mut used = false;
         if queues[RX].ready {
             used |= self.fill_rx(queues, mem);
