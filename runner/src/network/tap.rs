@@ -77,7 +77,17 @@ pub fn exists(name: &str) -> bool {
 /// over link-local IPv6), strict reverse-path filtering, and bring it up.
 pub fn configure(slot: &Slot, mtu: u32) -> Result<(), NetworkError> {
     let name = slot.tap_name();
-    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), b"1");
+    // No IPv6 on the TAP: the isolation rules are IPv4 ones. Where the host
+    // has no IPv6 at all (no /proc/sys/net/ipv6) there is nothing to turn
+    // off; a write that fails otherwise leaves a way around the firewall,
+    // so the job does not get this network.
+    let v6 = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+    if std::path::Path::new("/proc/sys/net/ipv6").exists() {
+        std::fs::write(&v6, b"1").map_err(|source| NetworkError::Tun {
+            what: "turn IPv6 off on the TAP (its isolation rules are IPv4 only)",
+            source,
+        })?;
+    }
     // Strict reverse-path filtering: a source the host would not route back
     // through this TAP is dropped before the firewall (which drops it too).
     let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"), b"1");
