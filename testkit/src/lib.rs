@@ -5,7 +5,7 @@
 //! list their tests in a [`Suite`]: a test whose [`Need`]s are not met is
 //! reported by the runner as `ignored`, with the reason printed once at the
 //! start — unless the environment *requires* that need, in which case the
-//! test fails with the reason. CI sets `KILN_TEST_REQUIRE=all,-hardware-kvm`
+//! test fails with the reason. CI sets `KILN_TEST_REQUIRE=all,-hardware-kvm,-unprivileged-kvm`
 //! so that a missing prerequisite fails the run loudly.
 //!
 //! `KILN_TEST_REQUIRE` is a comma list of need names (`qemu`, `root`,
