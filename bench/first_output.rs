@@ -45,13 +45,19 @@ fn main() {
         .parent()
         .unwrap()
         .to_path_buf();
-    let st = Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
-        .args(["build", "-q", "--release", "-p", "kiln"])
-        .current_dir(&root)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let kiln = root.join("target/release/kiln");
+    // A measurement runs the release build; a smoke run (CI) the debug
+    // build the tests already made, so CI builds no release kiln.
+    let kiln = if smoke {
+        harness::kiln_bin()
+    } else {
+        let st = Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
+            .args(["build", "-q", "--release", "-p", "kiln"])
+            .current_dir(&root)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        root.join("target/release/kiln")
+    };
     let agent = harness::agent();
     let kernel = harness::kernel();
     let image = harness::busybox_image();

@@ -46,10 +46,18 @@ for t in x86_64-unknown-linux-musl x86_64-unknown-none; do
   rustup target list --installed | grep -qx "$t" || rustup target add "$t"
 done
 
-cargo build -q --release -p kiln -p kiln-vmm --bin kiln --bin kiln-vmm
-cargo build -q -p kiln-agent --target x86_64-unknown-linux-musl --profile agent
-./target/release/kiln kernel fetch
 # The tests' own cache (target/kiln-tests, or $KILN_TEST_ROOT): tests never
 # download, so the kernel is fetched for them here.
-KILN_CACHE_DIR="${KILN_TEST_ROOT:-${CARGO_TARGET_DIR:-target}/kiln-tests}/cache" \
-  ./target/release/kiln kernel fetch
+TEST_CACHE="${KILN_TEST_ROOT:-${CARGO_TARGET_DIR:-target}/kiln-tests}/cache"
+cargo build -q -p kiln-agent --target x86_64-unknown-linux-musl --profile agent
+if [ "${KILN_SETUP_FOR:-}" = tests ]; then
+  # For the tests (scripts/test.sh) only the debug build they run is
+  # needed: the same `cargo build` the test harness does, so nothing is
+  # built twice, and no release build (minutes on a fresh clone).
+  cargo build -q -p kiln --bin kiln -p kiln-vmm --bin kiln-vmm
+  KILN_CACHE_DIR="$TEST_CACHE" "${CARGO_TARGET_DIR:-target}/debug/kiln" kernel fetch
+  exit 0
+fi
+cargo build -q --release -p kiln -p kiln-vmm --bin kiln --bin kiln-vmm
+./target/release/kiln kernel fetch
+KILN_CACHE_DIR="$TEST_CACHE" ./target/release/kiln kernel fetch
