@@ -12,8 +12,9 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -21,6 +22,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use super::block::{Block, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID};
 use super::console::Console;
 use super::mmio::*;
+use super::net::{Net, NetBackend, NET_HDR_LEN};
 use super::rng::Rng;
 
 /// Guest memory: two adjacent regions (buffers may straddle them) and one
@@ -103,13 +105,41 @@ fn addr(i: &mut Input) -> u64 {
     }
 }
 
+/// The host end of a device's backend (a console's or passt's stream, a
+/// TAP's stand-in datagram socket): fed hostile bytes and drained.
+trait HostEnd {
+    fn feed(&mut self, bytes: &[u8]);
+    fn drain(&mut self);
+}
+
+impl HostEnd for UnixStream {
+    fn feed(&mut self, bytes: &[u8]) {
+        let _ = self.write(bytes);
+    }
+    fn drain(&mut self) {
+        let mut b = [0u8; 4096];
+        while matches!(self.read(&mut b), Ok(n) if n > 0) {}
+    }
+}
+
+impl HostEnd for UnixDatagram {
+    /// One frame per send, as a TAP delivers them (empty ones too).
+    fn feed(&mut self, bytes: &[u8]) {
+        let _ = self.send(bytes);
+    }
+    fn drain(&mut self) {
+        let mut b = vec![0u8; 65536];
+        while self.recv(&mut b).is_ok() {}
+    }
+}
+
 /// Run the driver program in `data` against `t`; `host` is the host end of
-/// a console (fed and drained), if any.
+/// the device's backend (fed and drained), if any.
 fn run(
     t: &mut MmioTransport,
     mem: &GuestMemoryMmap,
     data: &[u8],
-    mut host: Option<&mut UnixStream>,
+    mut host: Option<&mut dyn HostEnd>,
 ) {
     let mut i = Input(data);
     let queues = t.queues.len();
@@ -133,7 +163,7 @@ fn run(
                 // One descriptor of the selected queue, wherever its table
                 // is: mostly plausible (sizes a device expects, chained
                 // within the queue), sometimes anything.
-                let (desc, _, size) = selected(t);
+                let (desc, _, size) = selected(t, i.u8());
                 let at = desc.wrapping_add(16 * (u64::from(i.u8()) % size));
                 let a = addr(&mut i);
                 let len = match i.u8() % 5 {
@@ -156,7 +186,7 @@ fn run(
                 let at = if i.u8() & 1 == 0 {
                     addr(&mut i)
                 } else {
-                    let (desc, _, size) = selected(t);
+                    let (desc, _, size) = selected(t, i.u8());
                     let d = desc.wrapping_add(16 * (u64::from(i.u8()) % size));
                     mem.read_obj(GuestAddress(d)).unwrap_or(0)
                 };
@@ -167,9 +197,10 @@ fn run(
             5 | 6 => t.process_queue(usize::from(i.u8()) % (queues + 1)),
             7 => {
                 if let Some(h) = host.as_deref_mut() {
-                    let n = usize::from(i.u8());
-                    let _ = h.write(i.bytes(n));
-                    drain(h);
+                    // Up to 2 KiB: past a frame's bound (MTU 1500) too.
+                    let n = usize::from(i.u8()) * 8 + usize::from(i.u8() % 8);
+                    h.feed(i.bytes(n));
+                    h.drain();
                 }
                 t.host_ready();
             }
@@ -197,8 +228,10 @@ fn run(
                 // A plausible request on the selected queue, as a driver
                 // lays one out: a readable header (a block request's type
                 // and sector), data buffers in either direction, and a
-                // writable status byte; then published.
-                let (desc, _, size) = selected(t);
+                // writable status byte (or a readable last piece); then
+                // published.
+                let qi = i.u8();
+                let (desc, _, size) = selected(t, qi);
                 let head = u64::from(i.u8()) % size;
                 let n = 1 + u64::from(i.u8() % 4);
                 for k in 0..n {
@@ -212,8 +245,14 @@ fn run(
                             let _ = mem.write_obj(sector, GuestAddress(a.wrapping_add(8)));
                             (16, 0)
                         }
-                        k if k + 1 == n => (1, 2),
-                        _ => (512 * u32::from(i.u8() % 3), 2 * u16::from(i.u8() % 2)),
+                        // A status byte, or (a transmit chain) the last
+                        // readable piece of a frame.
+                        k if k + 1 == n => (1, 2 * u16::from(i.u8() % 4 != 0)),
+                        // Sectors, and frames about an MTU and past it.
+                        _ => (
+                            [0u32, 512, 1024, 1536, 4096][usize::from(i.u8() % 5)],
+                            2 * u16::from(i.u8() % 2),
+                        ),
                     };
                     let next = if k + 1 < n { 1 } else { 0 };
                     let _ = mem.write_obj(a, GuestAddress(at));
@@ -224,26 +263,27 @@ fn run(
                         GuestAddress(at.wrapping_add(14)),
                     );
                 }
-                publish(t, mem, head as u16);
+                publish(t, mem, qi, head as u16);
             }
             _ => {
                 // Make the head index in the next bytes available on the
                 // selected queue's ring, wherever the driver put it.
-                let (_, _, size) = selected(t);
+                let qi = i.u8();
+                let (_, _, size) = selected(t, qi);
                 let head = u16::from(i.u8()) % (size as u16).saturating_add(1);
-                publish(t, mem, head);
+                publish(t, mem, qi, head);
             }
         }
         if let Some(h) = host.as_deref_mut() {
-            drain(h);
+            h.drain();
         }
     }
 }
 
-/// Make `head` the next available entry of the selected queue's ring,
-/// wherever the driver put it.
-fn publish(t: &mut MmioTransport, mem: &GuestMemoryMmap, head: u16) {
-    let (_, avail, size) = selected(t);
+/// Make `head` the next available entry of queue `qi`'s ring, wherever the
+/// driver put it.
+fn publish(t: &mut MmioTransport, mem: &GuestMemoryMmap, qi: u8, head: u16) {
+    let (_, avail, size) = selected(t, qi);
     let idx: u16 = mem
         .read_obj(GuestAddress(avail.wrapping_add(2)))
         .unwrap_or(0);
@@ -252,17 +292,12 @@ fn publish(t: &mut MmioTransport, mem: &GuestMemoryMmap, head: u16) {
     let _ = mem.write_obj(idx.wrapping_add(1), GuestAddress(avail.wrapping_add(2)));
 }
 
-/// The selected queue's (or else the first's) descriptor table, available
-/// ring and size (at least 1).
-fn selected(t: &mut MmioTransport) -> (u64, u64, u64) {
-    let n = usize::try_from(r(t, REG_QUEUE_SEL)).unwrap_or(0) % t.queues.len();
-    let q = &t.queues[n];
+/// Queue `qi` (modulo the count)'s descriptor table, available ring and
+/// size (at least 1). The program names the queue: `QueueSel` is
+/// write-only, so reading it back would always say queue 0.
+fn selected(t: &mut MmioTransport, qi: u8) -> (u64, u64, u64) {
+    let q = &t.queues[usize::from(qi) % t.queues.len()];
     (q.desc_table.0, q.avail_ring.0, u64::from(q.size.max(1)))
-}
-
-fn drain(h: &mut UnixStream) {
-    let mut b = [0u8; 4096];
-    while matches!(h.read(&mut b), Ok(n) if n > 0) {}
 }
 
 /// Reset, then initialise the device as a driver does (also the device
@@ -312,7 +347,7 @@ fn served_after_reset(
     mem: &GuestMemoryMmap,
     q: u32,
     descs: &[(u64, u32, u16)],
-    host: Option<&mut UnixStream>,
+    host: Option<&mut dyn HostEnd>,
 ) -> u32 {
     let features = t_features(t);
     init(t, features, |i| {
@@ -344,7 +379,7 @@ fn served_after_reset(
     // hostile run left for the host go out, and the queue moves again.
     if let Some(h) = host {
         for _ in 0..64 {
-            drain(h);
+            h.drain();
             t.host_ready();
         }
     }
@@ -434,6 +469,42 @@ pub fn console(data: &[u8]) {
     assert_eq!(len, 0);
 }
 
+/// virtio-net over a TAP's stand-in (a datagram pair: one frame per read;
+/// `data[0]` bit 0 clear) or passt's length-prefixed stream (bit 0 set),
+/// its host end sending hostile frames and draining what the guest sends.
+/// The driver program works both queues; afterwards a reset driver's
+/// well-formed frame is still transmitted.
+pub fn net(data: &[u8]) {
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    let stream = data.first().is_some_and(|b| b & 1 == 1);
+    let program = data.get(1..).unwrap_or_default();
+    let mem = memory();
+    let mut frame = vec![0u8; NET_HDR_LEN + 60];
+    frame[NET_HDR_LEN..NET_HDR_LEN + 6].copy_from_slice(&[0xff; 6]);
+    frame[NET_HDR_LEN + 6..NET_HDR_LEN + 12].copy_from_slice(&MAC);
+    frame[NET_HDR_LEN + 12..NET_HDR_LEN + 14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let good = [(GOOD_DATA, frame.len() as u32, 0)];
+    let len = if stream {
+        let (dev_end, mut host) = UnixStream::pair().expect("socketpair");
+        host.set_nonblocking(true).expect("nonblocking");
+        let dev = Net::new(NetBackend::Stream(dev_end), MAC, 1500).expect("net");
+        let mut t = MmioTransport::new(Box::new(dev), mem.clone()).expect("transport");
+        run(&mut t, &mem, program, Some(&mut host));
+        mem.write_slice(&frame, GuestAddress(GOOD_DATA)).unwrap();
+        served_after_reset(&mut t, &mem, 1, &good, Some(&mut host))
+    } else {
+        let (dev_end, mut host) = UnixDatagram::pair().expect("socketpair");
+        host.set_nonblocking(true).expect("nonblocking");
+        let fd: OwnedFd = dev_end.into();
+        let dev = Net::new(NetBackend::Tap(File::from(fd)), MAC, 1500).expect("net");
+        let mut t = MmioTransport::new(Box::new(dev), mem.clone()).expect("transport");
+        run(&mut t, &mem, program, Some(&mut host));
+        mem.write_slice(&frame, GuestAddress(GOOD_DATA)).unwrap();
+        served_after_reset(&mut t, &mem, 1, &good, Some(&mut host))
+    };
+    assert_eq!(len, 0, "a transmitted chain is used with length 0");
+}
+
 /// The descriptor walker alone, on guest memory filled from `data`: every
 /// chain it returns lies inside guest memory and is no longer than the queue.
 pub fn queue(data: &[u8]) {
@@ -508,6 +579,11 @@ mod tests {
         #[test]
         fn console_survives_any_driver(data in program()) {
             console(&data);
+        }
+
+        #[test]
+        fn net_survives_any_driver_and_any_host(data in program()) {
+            net(&data);
         }
 
         #[test]
