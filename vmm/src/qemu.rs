@@ -184,6 +184,10 @@ impl QemuMachine {
             if accel == "tcg" {
                 limits.memory_overhead_mib = limits.memory_overhead_mib.saturating_add(1024);
             }
+            // QEMU's waiter (the whole jail) is one more process there.
+            if jail.is_some() {
+                limits.extra_pids = limits.extra_pids.saturating_add(1);
+            }
             match cgroup::detect()
                 .and_then(|h| Cgroup::create(&h, &limits, config.memory_mib, config.vcpus))
             {
