@@ -10,6 +10,8 @@
 //! cargo test -p kiln-tests --bench first_output -- --smoke   (one round, CI)
 
 use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -236,9 +238,54 @@ fn bare_once(
         test_forbidden_syscall: None,
         network: kiln_vmm::Network::None,
     };
-    let args = kiln_vmm::qemu::qemu_args(&config, accel, &sock);
+    // QEMU inherits the disks as descriptors (`-add-fd`), as kiln hands them.
+    // A read-write disk also gets a read-only descriptor (QEMU opens it so
+    // first).
+    let disks: Vec<Vec<std::fs::File>> = config
+        .disks
+        .iter()
+        .map(|d| {
+            let open = |write| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(write)
+                    .open(&d.path)
+                    .unwrap()
+            };
+            let mut fds = vec![open(false)];
+            if !d.read_only {
+                fds.push(open(true));
+            }
+            fds
+        })
+        .collect();
+    let inputs = kiln_vmm::qemu::QemuInputs {
+        kernel: config.kernel.clone(),
+        initramfs: config.initramfs.clone(),
+        console: sock.clone(),
+        disk_fds: disks
+            .iter()
+            .map(|fds| fds.iter().map(|f| f.as_raw_fd()).collect())
+            .collect(),
+        net_fd: None,
+    };
+    let args = kiln_vmm::qemu::qemu_args(&config, accel, &inputs);
+    let inherit: Vec<i32> = inputs.disk_fds.iter().flatten().copied().collect();
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-    let mut qemu = Command::new(&config.qemu.binary)
+    let mut cmd = Command::new(&config.qemu.binary);
+    // SAFETY: fcntl(2) on descriptors `disks` keeps open, in the child
+    // before exec (async-signal-safe, nothing allocated).
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &inherit {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut qemu = cmd
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -36,6 +36,7 @@ fn doctor_reports_kvm_and_qemu_as_json() {
         "namespaces",
         "seccomp",
         "cgroup",
+        "qemu jail",
     ] {
         assert!(names.contains(&n), "doctor lacks {n}: {names:?}");
     }

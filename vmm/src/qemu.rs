@@ -8,10 +8,11 @@
 //! whose host end is a Unix socket in the per-VM directory; the 8250 serial
 //! (kernel messages) is read from QEMU's stdout into a bounded buffer.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
@@ -21,8 +22,11 @@ use tokio::process::{Child, Command};
 use crate::config::MachineConfig;
 use crate::error::MachineError;
 use crate::jail::cgroup::{self, Cgroup};
+use crate::jail::qemu::{self as qemu_jail, QemuJail};
 use crate::jail::{IsolationMode, JailReport};
 use crate::machine::{ConsoleStream, ExitStatus};
+use crate::process::handover::{network_backend, open};
+use crate::process::pids;
 use crate::run_dir::RunDir;
 use crate::tail::{self, SharedTail};
 
@@ -54,7 +58,13 @@ impl Default for QemuOptions {
 }
 
 pub(crate) struct QemuMachine {
+    /// The process kiln started: QEMU, or, with the whole jail, the waiter
+    /// whose one child QEMU is.
     child: Child,
+    /// QEMU's pid (in kiln's PID namespace), and a pidfd for it with the
+    /// whole jail (killed through it before the waiter).
+    qemu_pid: Option<u32>,
+    qemu_pidfd: Option<OwnedFd>,
     accel: &'static str,
     serial: SharedTail,
     stderr: SharedTail,
@@ -72,44 +82,99 @@ impl QemuMachine {
         config: MachineConfig,
         hardware_kvm: bool,
     ) -> Result<(QemuMachine, ConsoleStream), MachineError> {
-        if config.isolation.mode == IsolationMode::Strict {
+        let jailed = config.isolation.mode != IsolationMode::Off;
+        // The whole jail needs root (mounts, pivot_root, another uid).
+        let full = jailed && qemu_jail::available();
+        if config.isolation.mode == IsolationMode::Strict && !full {
             return Err(MachineError::Jail(
-                "the qemu backend runs QEMU with its seccomp sandbox, a cgroup, its own \
-                 network, IPC and UTS namespaces, no capabilities and no environment, but not \
-                 yet in the whole VMM jail (PID and mount namespaces, pivot_root, a per-VM \
-                 uid); use the kvm backend"
+                "the qemu backend's whole jail around QEMU (PID and mount namespaces, \
+                 pivot_root, a per-VM uid) needs kiln to run as root; run kiln as root or \
+                 use isolation = \"best-effort\""
                     .into(),
             ));
         }
         check_readable("kernel", &config.kernel)?;
         check_readable("initramfs", &config.initramfs)?;
+        // Disks are descriptors QEMU inherits (`-add-fd`): opened here, so
+        // QEMU needs neither their paths nor write access to host files.
+        let mut disks = Vec::with_capacity(config.disks.len());
         for d in &config.disks {
-            check_readable("disk image", &d.path)?;
             if d.serial.len() > 20 || d.serial.contains(',') {
                 return Err(MachineError::Config(format!(
                     "disk serial '{}' must be at most 20 bytes without commas",
                     d.serial
                 )));
             }
+            // QEMU opens a read-write disk read-only first: its fdset
+            // holds a descriptor of each kind.
+            let mut fds = vec![OwnedFd::from(open("disk image", &d.path, false)?)];
+            if !d.read_only {
+                fds.push(OwnedFd::from(open("disk image", &d.path, true)?));
+            }
+            disks.push(fds);
         }
+        let disk_fds: Vec<Vec<i32>> = disks
+            .iter()
+            .map(|fds| fds.iter().map(AsRawFd::as_raw_fd).collect())
+            .collect();
+        // The TAP, or a connection to passt's socket made here.
+        let net = network_backend(&config.network)?.map(|(fd, _)| fd);
         // From here on, failures remove the directory: `run_dir`'s drop does.
         let run_dir = RunDir::create(&config.run_dir)?;
+        let accel = if hardware_kvm { "kvm" } else { "tcg" };
 
-        let sock = run_dir.path().join("console.sock");
+        let jail = if full {
+            let (uid, gid) = crate::jail::next_vm_ids(&config.isolation);
+            Some(QemuJail::prepare(
+                run_dir.path(),
+                &config.kernel,
+                &config.initramfs,
+                &config.qemu.binary,
+                accel == "kvm",
+                uid,
+                gid,
+            )?)
+        } else {
+            None
+        };
+        let sock = match &jail {
+            Some(j) => j.console_socket(),
+            None => run_dir.path().join("console.sock"),
+        };
         let listener = UnixListener::bind(&sock).map_err(|source| MachineError::Io {
             what: "console socket",
             source,
         })?;
-        let accel = if hardware_kvm { "kvm" } else { "tcg" };
-        let args = qemu_args(&config, accel, &sock);
-        tracing::debug!(?args, "starting qemu");
-
-        // QEMU inherits the TAP device's descriptor (`-netdev tap,fd=N`).
-        let tap_fd = match &config.network {
-            crate::Network::Tap { fd, .. } => Some(fd.as_raw_fd()),
-            _ => None,
+        let inputs = match &jail {
+            Some(j) => {
+                j.give(&sock)?;
+                QemuInputs {
+                    kernel: qemu_jail::KERNEL.into(),
+                    initramfs: qemu_jail::INITRD.into(),
+                    console: qemu_jail::CONSOLE.into(),
+                    disk_fds: disk_fds.clone(),
+                    net_fd: net.as_ref().map(AsRawFd::as_raw_fd),
+                }
+            }
+            None => QemuInputs {
+                kernel: config.kernel.clone(),
+                initramfs: config.initramfs.clone(),
+                console: sock.clone(),
+                disk_fds,
+                net_fd: net.as_ref().map(AsRawFd::as_raw_fd),
+            },
         };
-        let jailed = config.isolation.mode != IsolationMode::Off;
+        let args = qemu_args(&config, accel, &inputs);
+        tracing::debug!(?args, "starting qemu");
+        // QEMU inherits the disks and the network's descriptor.
+        let inherit: Vec<i32> = inputs
+            .disk_fds
+            .iter()
+            .flatten()
+            .copied()
+            .chain(inputs.net_fd)
+            .collect();
+
         // QEMU's cgroup, joined by the child before exec (QEMU never runs
         // outside it).
         let cgroup = if jailed {
@@ -118,6 +183,10 @@ impl QemuMachine {
             let mut limits = config.isolation.limits.clone();
             if accel == "tcg" {
                 limits.memory_overhead_mib = limits.memory_overhead_mib.saturating_add(1024);
+            }
+            // QEMU's waiter (the whole jail) is one more process there.
+            if jail.is_some() {
+                limits.extra_pids = limits.extra_pids.saturating_add(1);
             }
             match cgroup::detect()
                 .and_then(|h| Cgroup::create(&h, &limits, config.memory_mib, config.vcpus))
@@ -136,9 +205,11 @@ impl QemuMachine {
             None => Vec::new(),
         };
         let join_fds: Vec<i32> = join_files.iter().map(AsRawFd::as_raw_fd).collect();
-        let keep_cap = matches!(config.network, crate::Network::Passt { .. }).then_some(PASST_CAP);
 
-        let mut cmd = Command::new(&config.qemu.binary);
+        let program = jail
+            .as_ref()
+            .map_or_else(|| config.qemu.binary.clone(), |j| j.binary().to_path_buf());
+        let mut cmd = Command::new(&program);
         // None of kiln's environment (its tokens) reaches QEMU; PATH finds it.
         cmd.env_clear();
         if let Some(path) = std::env::var_os("PATH") {
@@ -149,20 +220,24 @@ impl QemuMachine {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        let jail = jail.map(Arc::new);
+        let in_child = jail.clone();
         // SAFETY: the closure runs in the forked child before exec and only
-        // calls prctl(2), fcntl(2), write(2) (`cgroup::join_self`) and
-        // unshare(2), which are async-signal-safe, and allocates nothing.
+        // calls prctl(2), fcntl(2), write(2) (`cgroup::join_self`),
+        // unshare(2) and, with the whole jail, what `QemuJail::enter`
+        // calls, all async-signal-safe, and allocates nothing.
         // PR_SET_PDEATHSIG makes the kernel SIGKILL QEMU if kiln dies without
         // cleaning up (kill -9), so no VM outlives the runner. Clearing
-        // FD_CLOEXEC on the TAP descriptor (the child's copy of the table
-        // only) lets QEMU inherit it; `config` keeps it open until then, as
-        // `join_files` keeps the cgroup's files.
+        // FD_CLOEXEC on the disks' and the network's descriptors (the
+        // child's copy of the table only) lets QEMU inherit them; `disks`
+        // and `net` keep them open until then, as `join_files` keeps the
+        // cgroup's files.
         unsafe {
             cmd.as_std_mut().pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if let Some(fd) = tap_fd {
+                for &fd in &inherit {
                     if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
@@ -170,16 +245,20 @@ impl QemuMachine {
                 if jailed {
                     // What fails here shows in `qemu_jail_report`.
                     cgroup::join_self(&join_fds);
-                    qemu_jail_self(keep_cap);
+                }
+                match &in_child {
+                    Some(j) => j.enter(),
+                    None if jailed => qemu_jail_self(),
+                    None => {}
                 }
                 Ok(())
             });
         }
         let mut child = cmd.spawn().map_err(|source| MachineError::Spawn {
-            program: config.qemu.binary.clone(),
+            program: program.clone(),
             source,
         })?;
-        drop(join_files);
+        drop((join_files, disks, net));
 
         let serial = tail::shared(config.serial_log_limit.max(4096));
         let stderr = tail::shared(64 * 1024);
@@ -190,7 +269,20 @@ impl QemuMachine {
             tokio::spawn(drain(err, stderr.clone()));
         }
 
-        let jail = match child.id() {
+        // With the whole jail, the process kiln started is the waiter and
+        // QEMU its one child (PID 1 of its namespace).
+        let waiter = child.id();
+        let qemu_pid = match (&jail, waiter) {
+            (Some(_), Some(w)) => pids::only_child(w),
+            (None, w) => w,
+            _ => None,
+        };
+        let qemu_pidfd = if jail.is_some() {
+            qemu_pid.and_then(pids::pidfd_open)
+        } else {
+            None
+        };
+        let jail_report = match qemu_pid {
             Some(pid) if jailed => {
                 if let Some(c) = &cgroup {
                     if !c.contains(pid) {
@@ -199,20 +291,15 @@ impl QemuMachine {
                         }
                     }
                 }
-                qemu_jail_report(pid, cgroup.as_ref(), keep_cap)
+                qemu_jail_report(pid, cgroup.as_ref(), jail.as_deref())
             }
             _ => JailReport::default(),
         };
-        if !jail.missing.is_empty() {
-            tracing::warn!(
-                "QEMU runs with part of its jail missing: {}",
-                jail.missing.join("; ")
-            );
-        }
-        tracing::debug!(jail = %jail.summary(), "QEMU started");
         let mut machine = QemuMachine {
             child,
-            jail,
+            qemu_pid,
+            qemu_pidfd,
+            jail: jail_report,
             run_dir,
             accel,
             serial,
@@ -220,6 +307,20 @@ impl QemuMachine {
             exited: None,
             cgroup,
         };
+        if !machine.jail.missing.is_empty() && machine.qemu_pid.is_some() {
+            if config.isolation.mode == IsolationMode::Strict {
+                machine.kill_now().await;
+                return Err(MachineError::Jail(format!(
+                    "isolation is strict but part of QEMU's jail is missing: {}",
+                    machine.jail.missing.join("; ")
+                )));
+            }
+            tracing::warn!(
+                "QEMU runs with part of its jail missing: {}",
+                machine.jail.missing.join("; ")
+            );
+        }
+        tracing::debug!(jail = %machine.jail.summary(), "QEMU started");
         // QEMU connects to our socket while it initialises its devices.
         let console = tokio::select! {
             r = listener.accept() => match r {
@@ -252,7 +353,7 @@ impl QemuMachine {
     }
 
     pub(crate) fn pid(&self) -> Option<u32> {
-        self.child.id()
+        self.qemu_pid.or_else(|| self.child.id())
     }
 
     pub(crate) fn serial_log(&self) -> Vec<u8> {
@@ -281,6 +382,10 @@ impl QemuMachine {
 
     async fn kill_now(&mut self) {
         if self.exited.is_none() {
+            // QEMU first, so that its cgroup is empty once the waiter is.
+            if let Some(fd) = &self.qemu_pidfd {
+                pids::kill_through(fd);
+            }
             let _ = self.child.start_kill();
             let _ = self.child.wait().await;
             self.exited = Some(ExitStatus::Killed);
@@ -311,6 +416,9 @@ impl Drop for QemuMachine {
     fn drop(&mut self) {
         if self.exited.is_none() {
             // Synchronous best effort: SIGKILL and reap if it is already gone.
+            if let Some(fd) = &self.qemu_pidfd {
+                pids::kill_through(fd);
+            }
             let _ = self.child.start_kill();
             let _ = self.child.try_wait();
         }
@@ -341,8 +449,22 @@ async fn drain(mut from: impl tokio::io::AsyncRead + Unpin, into: SharedTail) {
     }
 }
 
+/// What QEMU is given besides `config`: paths as QEMU sees them (in its
+/// jail, or the host's) and the descriptors it inherits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuInputs {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub console: PathBuf,
+    /// Per disk of `config.disks`, its descriptors (QEMU's fdset for it):
+    /// one opened read-only, and for a read-write disk one opened so too.
+    pub disk_fds: Vec<Vec<i32>>,
+    /// The TAP, or a connection to passt's socket.
+    pub net_fd: Option<i32>,
+}
+
 /// The QEMU command line for `config`.
-pub fn qemu_args(config: &MachineConfig, accel: &str, console_sock: &Path) -> Vec<String> {
+pub fn qemu_args(config: &MachineConfig, accel: &str, inputs: &QemuInputs) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |s: &str| a.push(s.to_string());
     push("-M");
@@ -380,17 +502,22 @@ pub fn qemu_args(config: &MachineConfig, accel: &str, console_sock: &Path) -> Ve
     push("-chardev");
     push(&format!(
         "socket,id=console,path={}",
-        qemu_escape(&console_sock.to_string_lossy())
+        qemu_escape(&inputs.console.to_string_lossy())
     ));
     push("-device");
     push(&format!(
         "virtserialport,chardev=console,name={}",
         qemu_escape(&config.console_port)
     ));
-    for (i, d) in config.disks.iter().enumerate() {
+    for ((i, d), fds) in config.disks.iter().enumerate().zip(&inputs.disk_fds) {
+        // fdset i + 1 holds the disk's descriptors; QEMU opens no path.
+        for fd in fds {
+            push("-add-fd");
+            push(&format!("fd={fd},set={}", i + 1));
+        }
         let mut drive = format!(
-            "id=disk{i},file={},format=raw,if=none,read-only={}",
-            qemu_escape(&d.path.to_string_lossy()),
+            "id=disk{i},file=/dev/fdset/{},format=raw,if=none,read-only={}",
+            i + 1,
             if d.read_only { "on" } else { "off" }
         );
         if d.ephemeral {
@@ -406,11 +533,11 @@ pub fn qemu_args(config: &MachineConfig, accel: &str, console_sock: &Path) -> Ve
     }
     push("-device");
     push("virtio-rng-device");
-    net_args(&config.network, &mut push);
+    net_args(&config.network, inputs.net_fd, &mut push);
     push("-kernel");
-    push(&config.kernel.to_string_lossy());
+    push(&inputs.kernel.to_string_lossy());
     push("-initrd");
-    push(&config.initramfs.to_string_lossy());
+    push(&inputs.initramfs.to_string_lossy());
     push("-append");
     let mut cmdline = config.cmdline.clone();
     if accel == "tcg" {
@@ -428,42 +555,36 @@ pub fn qemu_args(config: &MachineConfig, accel: &str, console_sock: &Path) -> Ve
     a
 }
 
-/// What QEMU running as root keeps of its capabilities when the network is
-/// passt: CAP_DAC_OVERRIDE, to connect to passt's socket, which passt
-/// (run as nobody) made in a directory of nobody's.
-const PASST_CAP: u32 = 1;
-
-/// The namespaces QEMU gets: an empty network namespace (its network is
-/// the TAP descriptor or passt's socket, a path), IPC and UTS. No PID or
-/// mount namespace and no other uid: QEMU opens the VM's files by path.
+/// The namespaces QEMU always gets: an empty network namespace (its
+/// network is the TAP or passt's connection, a descriptor), IPC and UTS.
+/// With the whole jail ([`QemuJail`]) also PID and mount namespaces.
 const QEMU_NAMESPACES: [(libc::c_int, &str); 3] = [
     (libc::CLONE_NEWNET, "net"),
     (libc::CLONE_NEWIPC, "ipc"),
     (libc::CLONE_NEWUTS, "uts"),
 ];
 
-/// In the child before QEMU's exec (async-signal-safe calls only, no
-/// allocation): new namespaces ([`QEMU_NAMESPACES`]), an empty capability
-/// bounding set (so that QEMU, root or not, execs with no capability),
-/// `no_new_privs`. `keep_cap`: the one capability left in the bounding set
-/// (QEMU, as root, then has that one only). Each may fail (kiln without
-/// root); kiln reads what
-/// QEMU got from /proc after the spawn ([`qemu_jail_report`]).
-fn qemu_jail_self(keep_cap: Option<u32>) {
+/// Without the whole jail (kiln is not root), in the child before QEMU's
+/// exec (async-signal-safe calls only, no allocation): new namespaces
+/// ([`QEMU_NAMESPACES`]), an empty capability bounding set, `no_new_privs`.
+/// Each may fail (kiln without root); kiln reads what QEMU got from /proc
+/// after the spawn ([`qemu_jail_report`]).
+fn qemu_jail_self() {
     // SAFETY: unshare(2) and prctl(2) take integers only.
     unsafe {
         for (flag, _) in QEMU_NAMESPACES {
             libc::unshare(flag);
         }
-        for cap in (0..64).filter(|&c| Some(c) != keep_cap) {
+        for cap in 0..64 {
             libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
         }
         libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
     }
 }
 
-/// What of its jail QEMU (process `pid`) runs with, read from /proc.
-fn qemu_jail_report(pid: u32, cgroup: Option<&Cgroup>, keep_cap: Option<u32>) -> JailReport {
+/// What of its jail QEMU (process `pid`) runs with, read from /proc;
+/// `jail`: the whole jail, when kiln made one.
+fn qemu_jail_report(pid: u32, cgroup: Option<&Cgroup>, jail: Option<&QemuJail>) -> JailReport {
     let mut r = JailReport::default();
     for (_, ns) in QEMU_NAMESPACES {
         let mine = std::fs::read_link(format!("/proc/self/ns/{ns}"));
@@ -472,6 +593,14 @@ fn qemu_jail_report(pid: u32, cgroup: Option<&Cgroup>, keep_cap: Option<u32>) ->
             (Ok(a), Ok(b)) if a != b => r.namespaces.push(ns.to_string()),
             _ => r.missing.push(format!("{ns} namespace")),
         }
+    }
+    match jail {
+        Some(j) => qemu_jail::check(pid, j, &mut r),
+        None => r.missing.push(
+            "pid and mount namespaces, pivot_root and a per-VM uid around QEMU (they need \
+             kiln to run as root)"
+                .into(),
+        ),
     }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
@@ -485,17 +614,8 @@ fn qemu_jail_report(pid: u32, cgroup: Option<&Cgroup>, keep_cap: Option<u32>) ->
     r.capabilities_dropped = ["CapPrm:", "CapEff:", "CapBnd:"]
         .iter()
         .all(|f| field(f) == "0000000000000000");
-    r.not_yet = vec!["pid and mount namespaces, pivot_root and a per-VM uid around QEMU".into()];
     if !r.capabilities_dropped {
-        if keep_cap == Some(PASST_CAP) {
-            // By design (not a failure to warn about at every job).
-            r.not_yet.push(
-                "capabilities: QEMU keeps CAP_DAC_OVERRIDE to reach passt's socket (nobody's)"
-                    .into(),
-            );
-        } else {
-            r.missing.push("capabilities: some remain".into());
-        }
+        r.missing.push("capabilities: some remain".into());
     }
     r.no_new_privs = field("NoNewPrivs:") == "1";
     if !r.no_new_privs {
@@ -510,15 +630,15 @@ fn qemu_jail_report(pid: u32, cgroup: Option<&Cgroup>, keep_cap: Option<u32>) ->
     r
 }
 
-/// The guest's virtio-net device and its QEMU netdev.
-fn net_args(network: &crate::Network, push: &mut impl FnMut(&str)) {
-    let netdev = match network {
-        crate::Network::None => return,
-        crate::Network::Tap { fd, .. } => format!("tap,id=net0,fd={}", fd.as_raw_fd()),
-        crate::Network::Passt { socket, .. } => format!(
-            "stream,id=net0,server=off,addr.type=unix,addr.path={}",
-            qemu_escape(&socket.to_string_lossy())
-        ),
+/// The guest's virtio-net device and its QEMU netdev: `fd` is the TAP, or
+/// kiln's connection to passt's socket.
+fn net_args(network: &crate::Network, fd: Option<i32>, push: &mut impl FnMut(&str)) {
+    let netdev = match (network, fd) {
+        (crate::Network::None, _) | (_, None) => return,
+        (crate::Network::Tap { .. }, Some(fd)) => format!("tap,id=net0,fd={fd}"),
+        (crate::Network::Passt { .. }, Some(fd)) => {
+            format!("stream,id=net0,server=off,addr.type=fd,addr.str={fd}")
+        }
     };
     push("-netdev");
     push(&netdev);
@@ -583,11 +703,34 @@ mod tests {
             test_forbidden_syscall: None,
             network: crate::Network::None,
         };
-        let a = qemu_args(&cfg, "tcg", Path::new("/tmp/x/console.sock"));
+        let inputs = QemuInputs {
+            kernel: "/kernel".into(),
+            initramfs: "/initrd".into(),
+            console: "/tmp/x/console.sock".into(),
+            disk_fds: vec![vec![7], vec![8, 9]],
+            net_fd: None,
+        };
+        let a = qemu_args(&cfg, "tcg", &inputs);
         let joined = a.join(" ");
         assert!(
-            joined.contains("file=/a,,b.img,format=raw,if=none,read-only=on"),
+            joined.contains(
+                "-add-fd fd=7,set=1 -drive id=disk0,file=/dev/fdset/1,format=raw,if=none,read-only=on"
+            ),
             "{joined}"
+        );
+        assert!(
+            joined.contains(
+                "-add-fd fd=8,set=2 -add-fd fd=9,set=2 -drive id=disk1,file=/dev/fdset/2"
+            ),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("-kernel /kernel -initrd /initrd"),
+            "{joined}"
+        );
+        assert!(
+            !joined.contains("a,,b.img"),
+            "disks are descriptors: {joined}"
         );
         assert!(joined.contains("virtio-blk-device,drive=disk1,serial=kiln-scratch"));
         assert!(joined.contains("read-only=off,cache=unsafe"));
@@ -622,26 +765,31 @@ mod tests {
                 mtu: 1500,
             },
         };
-        let joined = qemu_args(&cfg, "tcg", Path::new("/c")).join(" ");
+        let mut inputs = QemuInputs {
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            console: "/c".into(),
+            disk_fds: Vec::new(),
+            net_fd: Some(11),
+        };
+        let joined = qemu_args(&cfg, "tcg", &inputs).join(" ");
         assert!(
-            joined.contains(
-                "-netdev stream,id=net0,server=off,addr.type=unix,addr.path=/run/a,,b/passt.sock"
-            ),
+            joined.contains("-netdev stream,id=net0,server=off,addr.type=fd,addr.str=11"),
             "{joined}"
         );
         assert!(joined.contains("virtio-net-device,netdev=net0,mac=52:54:00:01:02:ab"));
         let null = std::fs::File::open("/dev/null").unwrap();
         let fd: std::os::fd::OwnedFd = null.into();
-        let raw = fd.as_raw_fd();
         cfg.network = crate::Network::Tap {
             fd: std::sync::Arc::new(fd),
             mac: [0x52, 0x54, 0, 0, 0, 1],
             mtu: 1500,
         };
-        let joined = qemu_args(&cfg, "tcg", Path::new("/c")).join(" ");
-        assert!(
-            joined.contains(&format!("-netdev tap,id=net0,fd={raw}")),
-            "{joined}"
-        );
+        inputs.net_fd = Some(12);
+        let joined = qemu_args(&cfg, "tcg", &inputs).join(" ");
+        assert!(joined.contains("-netdev tap,id=net0,fd=12"), "{joined}");
+        inputs.net_fd = None;
+        let joined = qemu_args(&cfg, "tcg", &inputs).join(" ");
+        assert!(!joined.contains("-netdev"), "{joined}");
     }
 }

@@ -606,24 +606,21 @@ async fn kvm_forbidden_syscall_kills_only_that_vm() {
 }
 
 /// QEMU gets none of kiln's environment and runs in a cgroup of its own,
-/// under its seccomp sandbox, with no capabilities, no_new_privs and its
-/// own network, IPC and UTS namespaces (read from /proc while the guest
-/// runs); strict isolation refuses the qemu backend (QEMU is not in the
-/// whole jail yet).
+/// under its seccomp sandbox, with no capabilities, no_new_privs, its own
+/// PID, mount, network, IPC and UTS namespaces, a per-VM uid, and a root
+/// (`pivot_root`) holding only what it needs (read from /proc while the
+/// guest runs): strict isolation accepts the qemu backend. One VM for all.
 async fn qemu_process_has_a_cgroup_and_no_environment() {
     let kvm = probe_kvm();
     let guest = testguest().unwrap_or_else(|why| panic!("cannot build the test guest: {why}"));
     let mut fx = fixture(guest, " no_bad_chain");
+    // A stand-in for the daemon's token file, next to the VM's inputs.
+    let token = fx.dir.path().join("kiln-token");
+    std::fs::write(&token, b"glrt-secret").unwrap();
     fx.config.isolation.mode = kiln_vmm::IsolationMode::Strict;
-    match Machine::start(fx.config.clone(), BackendKind::Qemu, &kvm).await {
-        Err(MachineError::Jail(why)) => assert!(why.contains("qemu"), "{why}"),
-        Err(e) => panic!("{e:?}"),
-        Ok(_) => panic!("strict isolation started QEMU outside the jail"),
-    }
-    fx.config.isolation.mode = kiln_vmm::IsolationMode::BestEffort;
     let (machine, console) = Machine::start(fx.config.clone(), BackendKind::Qemu, &kvm)
         .await
-        .expect("start");
+        .expect("strict isolation starts QEMU in its jail");
     let pid = machine.pid().unwrap();
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     let vars: Vec<_> = environ
@@ -642,21 +639,99 @@ async fn qemu_process_has_a_cgroup_and_no_environment() {
         "{cgroups}"
     );
     assert!(limit_file.is_file());
+    assert!(
+        std::fs::read_link(format!("/proc/{pid}/exe"))
+            .unwrap()
+            .to_string_lossy()
+            .contains("qemu"),
+        "the pid is QEMU's, not its waiter's"
+    );
     assert_eq!(proc_field(pid, "Seccomp:"), "2", "QEMU's -sandbox filter");
     assert_eq!(proc_field(pid, "NoNewPrivs:"), "1");
     for caps in ["CapPrm:", "CapEff:", "CapBnd:"] {
         assert_eq!(proc_field(pid, caps), "0000000000000000", "{caps}");
     }
-    for ns in ["net", "ipc", "uts"] {
+    for ns in ["net", "ipc", "uts", "pid", "mnt"] {
         let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
         let its = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
         assert_ne!(mine, its, "{ns} namespace");
     }
+    // QEMU is PID 1 of its PID namespace.
+    let nspid = proc_field(pid, "NSpid:");
+    assert!(
+        nspid.ends_with("\t1") || nspid.ends_with(" 1"),
+        "NSpid: {nspid}"
+    );
+    // A per-VM unprivileged uid and gid, no supplementary group (tcg).
     let report = machine.jail().expect("a jail report");
+    let uid = report.uid.expect("a per-VM uid");
+    assert!(uid >= kiln_vmm::jail::UID_BASE, "{uid}");
+    for ids in ["Uid:", "Gid:"] {
+        let all: Vec<u32> = proc_field(pid, ids)
+            .split_whitespace()
+            .map(|x| x.parse().unwrap())
+            .collect();
+        assert_eq!(all, vec![uid; 4], "{ids}");
+    }
+    let tcg = machine.describe() == "qemu/tcg";
+    if tcg {
+        assert_eq!(proc_field(pid, "Groups:"), "");
+    }
+    // Its root is the jail: what QEMU needs, nothing else of the host's.
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let mut top: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    top.sort();
+    let allowed = [
+        "bin", "dev", "etc", "initrd", "kernel", "lib", "lib32", "lib64", "libx32", "sbin", "usr",
+    ];
+    assert!(
+        top.iter().all(|t| allowed.contains(&t.as_str())),
+        "QEMU's root holds {top:?}"
+    );
+    assert!(top.contains(&"kernel".to_string()) && top.contains(&"usr".to_string()));
+    let token_inside = root.join(token.strip_prefix("/").unwrap());
+    assert!(!token_inside.exists(), "the token file is reachable");
+    for host_file in ["etc/passwd", "etc/shadow", "root", "proc/1", "tmp", "var"] {
+        assert!(
+            !root.join(host_file).exists(),
+            "{host_file} is in QEMU's root"
+        );
+    }
+    let mut etc: Vec<_> = std::fs::read_dir(root.join("etc"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    etc.sort();
+    assert!(etc.iter().all(|e| e == "ld.so.cache"), "{etc:?}");
+    assert_eq!(
+        root.join("dev/kvm").exists(),
+        !tcg,
+        "/dev/kvm only with -accel kvm"
+    );
+    // The inputs are read-only, the root too (written as root here, so
+    // this is the mount's refusal, not a permission).
+    assert_eq!(
+        std::fs::write(root.join("kernel"), b"x")
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EROFS)
+    );
+    assert_eq!(
+        std::fs::write(root.join("new-file"), b"x")
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EROFS)
+    );
+    assert!(report.pivot_root, "{}", report.summary());
     assert!(report.missing.is_empty(), "{}", report.summary());
+    assert!(report.not_yet.is_empty(), "{:?}", report.not_yet);
     drop(console);
     machine.destroy().await.unwrap();
     assert!(!cg_dir.exists());
+    assert!(!fx.config.run_dir.exists());
 }
 
 /// The guest's MAC in the virtio-net tests, and on its command line.

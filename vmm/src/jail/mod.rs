@@ -25,6 +25,7 @@
 pub mod cgroup;
 mod namespaces;
 mod probe;
+pub mod qemu;
 pub mod seccomp;
 
 use self::namespaces::privileged;
@@ -79,6 +80,17 @@ impl std::str::FromStr for IsolationMode {
 /// of this process runs as `UID_BASE + n % UID_RANGE`.
 pub const UID_BASE: u32 = 64_000;
 pub const UID_RANGE: u32 = 1_000;
+
+/// The uid and gid of the next VM's VMM process (kvm backend) or QEMU
+/// (qemu backend): the configured ones, else one per VM from [`UID_BASE`]
+/// (one counter for both backends).
+pub fn next_vm_ids(iso: &Isolation) -> (u32, u32) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT_UID: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT_UID.fetch_add(1, Ordering::Relaxed) % UID_RANGE;
+    let uid = iso.uid.unwrap_or(UID_BASE + n);
+    (uid, iso.gid.unwrap_or(uid))
+}
 
 /// What the jail around each VMM process must be.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -128,6 +128,13 @@ fn wait_as_parent(spec: &JailSpec, user_ns: &UserNamespace, child: libc::pid_t) 
     drop_privileges(spec, user_ns, &mut scratch);
     // SAFETY: prctl takes integers only.
     unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    end_as(child)
+}
+
+/// Wait for `child` and end this process as it ended: the same exit code,
+/// or death by the same signal. Async-signal-safe (no allocation): QEMU's
+/// waiter calls it between fork and exec.
+pub(super) fn end_as(child: libc::pid_t) -> ! {
     let mut status = 0;
     loop {
         // SAFETY: waitpid writes the status into a valid local.

@@ -92,6 +92,24 @@ pub fn probe(vmm_program: Option<&std::path::Path>) -> Vec<Enforced> {
             part: "cgroup",
             status: cgroup,
         },
+        Enforced {
+            part: "qemu jail",
+            status: if root {
+                Ok(
+                    "qemu backend: QEMU is PID 1 of its own PID namespace, in mount, IPC, UTS \
+                    and network namespaces, pivot_root into a per-VM directory (read-only \
+                    /usr, kernel, initramfs; disks and network as descriptors), a per-VM \
+                    uid, no capabilities, -sandbox; isolation = \"strict\" accepts it"
+                        .into(),
+                )
+            } else {
+                Err(format!(
+                    "kiln does not run as root: QEMU runs as kiln's uid {uid} without PID \
+                     and mount namespaces or pivot_root; isolation = \"strict\" refuses \
+                     the qemu backend"
+                ))
+            },
+        },
     ]
 }
 

@@ -9,7 +9,7 @@ use super::proto::{WireNetKind, WireNetwork};
 use super::HIGH_FD;
 use crate::error::MachineError;
 
-pub(super) fn open(
+pub(crate) fn open(
     what: &'static str,
     path: &Path,
     write: bool,
@@ -48,7 +48,7 @@ pub(super) fn high_copy(fd: &impl AsRawFd) -> Result<OwnedFd, MachineError> {
 /// the TAP itself (kiln keeps its own handle), or a fresh connection to
 /// passt's socket, made here because the jailed VMM process resolves no
 /// path.
-pub(super) fn network_backend(
+pub(crate) fn network_backend(
     network: &crate::Network,
 ) -> Result<Option<(OwnedFd, WireNetwork)>, MachineError> {
     let mtu = |m: u32| u16::try_from(m).unwrap_or(u16::MAX);

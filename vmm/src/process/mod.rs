@@ -16,8 +16,8 @@
 
 mod child;
 pub mod fds;
-mod handover;
-mod pids;
+pub(crate) mod handover;
+pub(crate) mod pids;
 pub mod proto;
 mod report;
 
@@ -25,7 +25,6 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,7 +39,7 @@ use self::report::{describe_death, read_reports, remote_error, Reported};
 use crate::config::MachineConfig;
 use crate::error::MachineError;
 use crate::jail::cgroup::{self, Cgroup};
-use crate::jail::{IsolationMode, JailReport, JailSpec, Step, UID_BASE, UID_RANGE};
+use crate::jail::{IsolationMode, JailReport, JailSpec, Step};
 use crate::kvm::snapshot::SnapshotUse;
 use crate::kvm::stats::ExitStats;
 use crate::machine::{ConsoleStream, ExitStatus};
@@ -176,10 +175,7 @@ impl VmmProcess {
         drop((control_child, console_vmm, kvm, kernel, initramfs, disks));
         drop(snapshot_file);
 
-        static NEXT_UID: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT_UID.fetch_add(1, Ordering::Relaxed) % UID_RANGE;
-        let uid = iso.uid.unwrap_or(UID_BASE + n);
-        let gid = iso.gid.unwrap_or(uid);
+        let (uid, gid) = crate::jail::next_vm_ids(iso);
 
         let mut missing = Vec::new();
         let mut steps = Vec::new();

@@ -5,7 +5,7 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// The one child of process `pid` (`/proc/PID/task/PID/children`).
-pub(super) fn only_child(pid: u32) -> Option<u32> {
+pub(crate) fn only_child(pid: u32) -> Option<u32> {
     let list = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
     let mut kids = list.split_whitespace().filter_map(|p| p.parse().ok());
     match (kids.next(), kids.next()) {
@@ -14,7 +14,7 @@ pub(super) fn only_child(pid: u32) -> Option<u32> {
     }
 }
 
-pub(super) fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+pub(crate) fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     let pid = libc::pid_t::try_from(pid).ok()?;
     // SAFETY: pidfd_open(2) takes a pid and flags and returns a new
     // descriptor (or -1), which is owned by nobody else.
@@ -26,7 +26,7 @@ pub(super) fn pidfd_open(pid: u32) -> Option<OwnedFd> {
 
 /// SIGKILL the process behind `pidfd` and wait (briefly, 2 s at most)
 /// until it has exited, so that its cgroup holds it no longer.
-pub(super) fn kill_through(pidfd: &OwnedFd) {
+pub(crate) fn kill_through(pidfd: &OwnedFd) {
     // SAFETY: pidfd_send_signal(2) on a pidfd the caller owns, with no
     // siginfo; poll(2) on one pollfd that lives across the call.
     unsafe {
