@@ -128,7 +128,11 @@ impl Parser<'_> {
                             crate::ProjectFiles::new(dir, self.limits).read(p),
                             Base::Dir(dir.clone()),
                         ),
-                        From::Remote(url) => (self.fetch(url), Base::NoProject("remote")),
+                        From::Remote(url, sri) => (
+                            self.fetch(url)
+                                .and_then(|t| check_integrity(t, sri.as_ref())),
+                            Base::NoProject("remote"),
+                        ),
                         From::Template(dir, name) => (
                             crate::ProjectFiles::new(dir, self.limits).read(name),
                             Base::NoProject("template"),
@@ -286,15 +290,24 @@ impl Parser<'_> {
     ) -> Result<Vec<Include>> {
         let (file, text) = &self.sources[src];
         let c = yaml::Ctx { file, text };
+        // GitLab expands project, group, instance and pipeline variables
+        // and the predefined ones in the location (not the file's
+        // `variables:`): what `base_vars` holds.
+        let vars = self.base_vars();
+        let ex = |s: &str, at: &[Seg]| -> Result<String> {
+            expand_location(s, &vars).map_err(|m| c.err(at, m))
+        };
         let mut inputs = None;
         let (local, project_dir) = match entry {
-            Value::String(s) if is_url(s) => {
-                return Ok(self.remote(s, None, src).into_iter().collect())
+            Value::String(s) => {
+                let s = ex(s, path)?;
+                if is_url(&s) {
+                    return Ok(self.remote(&s, None, None, src).into_iter().collect());
+                }
+                (s, None)
             }
-            Value::String(s) => (s.clone(), None),
             Value::Mapping(m) => {
                 if let Some(rules) = m.get("rules") {
-                    let vars = self.base_vars();
                     let rules_path = join(path, &[key("rules")]);
                     if !self.include_rules_match(rules, &vars, &rules_path, &c)? {
                         return Ok(Vec::new());
@@ -310,9 +323,13 @@ impl Parser<'_> {
                     }
                 };
                 if let Some(s) = m.get("local").and_then(Value::as_str) {
-                    (s.to_string(), None)
+                    (ex(s, &join(path, &[key("local")]))?, None)
                 } else if let Some(url) = m.get("remote") {
-                    let url = url.as_str().unwrap_or_default();
+                    let url = ex(
+                        url.as_str().unwrap_or_default(),
+                        &join(path, &[key("remote")]),
+                    )?;
+                    let url = url.as_str();
                     if !is_url(url) {
                         return Err(c.err(
                             &join(path, &[key("remote")]),
@@ -322,7 +339,17 @@ impl Parser<'_> {
                             ),
                         ));
                     }
-                    return Ok(self.remote(url, inputs, src).into_iter().collect());
+                    let sri = match m.get("integrity") {
+                        None | Some(Value::Null) => None,
+                        Some(v) => Some(parse_integrity(v).ok_or_else(|| {
+                            c.err(
+                                &join(path, &[key("integrity")]),
+                                "`integrity` must be `sha256-` and the file's SHA-256 in \
+                                 base64 (`sha256-$(openssl dgst -sha256 -binary FILE | base64)`)",
+                            )
+                        })?),
+                    };
+                    return Ok(self.remote(url, inputs, sri, src).into_iter().collect());
                 } else if let Some(project) = m.get("project").and_then(Value::as_str) {
                     let files = match m.get("file") {
                         Some(f) => yaml::strings(f),
@@ -333,8 +360,16 @@ impl Parser<'_> {
                             c.err(path, "`include: project` needs `file` (a path or a list)")
                         );
                     };
-                    let git_ref = m.get("ref").and_then(scalar);
-                    return self.project(project, &files, git_ref, inputs, path, src);
+                    let git_ref = match m.get("ref").and_then(scalar) {
+                        Some(r) => Some(ex(&r, &join(path, &[key("ref")]))?),
+                        None => None,
+                    };
+                    let project = ex(project, &join(path, &[key("project")]))?;
+                    let files = files
+                        .iter()
+                        .map(|f| ex(f, &join(path, &[key("file")])))
+                        .collect::<Result<Vec<_>>>()?;
+                    return self.project(&project, &files, git_ref, inputs, path, src);
                 } else if let Some(name) = m.get("template") {
                     let name = scalar(name).unwrap_or_default();
                     return Ok(self
@@ -342,8 +377,8 @@ impl Parser<'_> {
                         .into_iter()
                         .collect());
                 } else if let Some(what) = m.get("component") {
-                    let what = scalar(what).unwrap_or_default();
                     let path = join(path, &[key("component")]);
+                    let what = ex(&scalar(what).unwrap_or_default(), &path)?;
                     return Ok(self
                         .component_path(&what, inputs, &path, src)?
                         .into_iter()
@@ -585,7 +620,13 @@ impl Parser<'_> {
 
     /// An `include: remote` of source `src`: read with the caller's
     /// fetcher, or skipped with a warning when there is none.
-    fn remote(&mut self, url: &str, inputs: Option<Mapping>, src: usize) -> Option<Include> {
+    fn remote(
+        &mut self,
+        url: &str,
+        inputs: Option<Mapping>,
+        sri: Option<[u8; 32]>,
+        src: usize,
+    ) -> Option<Include> {
         if self.opts.remote_includes.fetcher().is_none() {
             let w = format!(
                 "{}: include remote `{}` skipped: remote files are not fetched here; \
@@ -597,7 +638,7 @@ impl Parser<'_> {
             return None;
         }
         Some(Include {
-            read: From::Remote(url.to_string()),
+            read: From::Remote(url.to_string(), sri),
             shown: url.to_string(),
             inputs,
         })
@@ -634,8 +675,9 @@ enum From {
     Project(String),
     /// A path in another project's local checkout (`--include-project`).
     Dir(std::path::PathBuf, String),
-    /// A URL (`include: remote`), through the caller's fetcher.
-    Remote(String),
+    /// A URL (`include: remote`), through the caller's fetcher, with the
+    /// SHA-256 its `integrity:` wants.
+    Remote(String, Option<[u8; 32]>),
     /// A GitLab template (`include: template`) in `--include-template-dir`.
     Template(std::path::PathBuf, String),
     /// Another project's file through the GitLab API.
@@ -746,6 +788,88 @@ pub(super) enum Base {
     /// A remote file or a template (the kind): it has no project, so
     /// `local` includes are refused.
     NoProject(&'static str),
+}
+
+/// The SHA-256 of an `integrity:` value (`sha256-<base64>`, a subresource
+/// integrity string as GitLab takes it).
+fn parse_integrity(v: &Value) -> Option<[u8; 32]> {
+    use base64::Engine as _;
+    let b64 = v.as_str()?.trim().strip_prefix("sha256-")?;
+    let raw = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    raw.try_into().ok()
+}
+
+/// `text`, when `want` is none or its SHA-256; otherwise an error with
+/// both digests.
+fn check_integrity(text: String, want: Option<&[u8; 32]>) -> std::io::Result<String> {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let Some(want) = want else {
+        return Ok(text);
+    };
+    let got = sha2::Sha256::digest(text.as_bytes());
+    if got.as_slice() == want {
+        return Ok(text);
+    }
+    let b64 = |d: &[u8]| base64::engine::general_purpose::STANDARD.encode(d);
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!(
+            "integrity check failed: `integrity:` wants sha256-{} but the file is sha256-{}; \
+             the file changed since `integrity` was written: check the new version, then update \
+             `integrity`",
+            b64(want),
+            b64(&got)
+        ),
+    ))
+}
+
+/// An include location with `$NAME`/`${NAME}` replaced from `vars`
+/// (`$$` is a `$`), or a message naming the first variable it does not
+/// define (GitLab would make it empty and then fail to find the file).
+fn expand_location(
+    s: &str,
+    vars: &BTreeMap<String, String>,
+) -> std::result::Result<String, String> {
+    /// Longer locations are surely wrong; this bounds `$A$A$A...`.
+    const MAX: usize = 4096;
+    let mut rest = s;
+    while let Some(pos) = rest.find('$') {
+        let after = &rest[pos + 1..];
+        if let Some(r) = after.strip_prefix('$') {
+            rest = r;
+            continue;
+        }
+        let (name, next) = match after.strip_prefix('{') {
+            Some(r) => match r.find('}') {
+                Some(end) => (&r[..end], &r[end + 1..]),
+                None => ("", r),
+            },
+            None => {
+                let end = after
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(after.len());
+                (&after[..end], &after[end..])
+            }
+        };
+        if !name.is_empty() && !vars.contains_key(name) {
+            return Err(format!(
+                "include `{}`: variable `{}` is not defined here; GitLab expands only project, \
+                 group and instance variables (give them with --var {}=VALUE) and predefined \
+                 ones in `include:`, not those of `variables:`",
+                short(s),
+                short(name),
+                short(name)
+            ));
+        }
+        rest = next;
+    }
+    super::variables::expand_capped(s, vars, MAX).ok_or_else(|| {
+        format!(
+            "include `{}`: it expands to more than {MAX} bytes",
+            short(s)
+        )
+    })
 }
 
 /// Whether `s` is an `http://` or `https://` URL (GitLab's `remote`, and
@@ -1349,13 +1473,16 @@ mod tests {
             "deploy:\n  script: x\n",
         )
         .unwrap();
+        // CI_SERVER_FQDN comes from the checkout's remote.
+        let mut on_gitlab_com = ctx();
+        on_gitlab_com.remote_url = Some("git@gitlab.com:demo/demo.git".into());
         let opts = Options {
             include_projects: vec![("comp/ops".into(), dir.clone())],
             ..Options::default()
         };
         let p = parse_with(
-            "include:\n  - component: gitlab.com/comp/ops/deploy@1.0.0\n",
-            &ctx(),
+            "include:\n  - component: $CI_SERVER_FQDN/comp/ops/deploy@1.0.0\n",
+            &on_gitlab_com,
             &opts,
             &[],
         );
@@ -1365,5 +1492,91 @@ mod tests {
 
     fn tempfile_dir(what: &str) -> std::path::PathBuf {
         std::env::temp_dir().join(format!("kiln-inc-{what}-{}", std::process::id()))
+    }
+
+    #[test]
+    fn include_locations_expand_pipeline_and_predefined_variables_only() {
+        let mut c = ctx();
+        c.extra_vars = vec![("CI_DIR".into(), "ci".into()), ("REF".into(), "v2".into())];
+        let (mut opts, asked) = gitlab(
+            vec![(
+                "demo/lib",
+                "jobs/main.yml",
+                "v2",
+                "from-lib:\n  script: x\n",
+            )],
+            Vec::new(),
+        );
+        let files = [("ci/main.yml", "from-local:\n  script: x\n")];
+        let main = "include:\n  - local: $CI_DIR/${CI_COMMIT_BRANCH}.yml\n\
+                    \x20 - project: $CI_PROJECT_NAME/lib\n    ref: $REF\n    file: jobs/${CI_COMMIT_BRANCH}.yml\n";
+        let p = parse_with(main, &c, &opts, &files).unwrap();
+        assert_eq!(names(&p), ["from-local", "from-lib"]);
+        assert_eq!(*asked.lock().unwrap(), ["demo/lib:jobs/main.yml@v2"]);
+        // The file's own `variables:` are not used, as on GitLab.
+        let e = parse_with(
+            "variables: {DIR: ci}\ninclude:\n  - local: $DIR/main.yml\n",
+            &c,
+            &opts,
+            &files,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            ".gitlab-ci.yml:3:5: include[0].local: include `$DIR/main.yml`: variable `DIR` is not \
+             defined here; GitLab expands only project, group and instance variables (give them \
+             with --var DIR=VALUE) and predefined ones in `include:`, not those of `variables:`"
+        );
+        // `$$` is a dollar; a remote URL is expanded before it is checked.
+        opts.remote_includes = crate::RemoteIncludes::with(|url| {
+            assert_eq!(url, "https://ci.example.com/v2/a$b.yml");
+            Ok("r:\n  script: x\n".into())
+        });
+        let p = parse_with(
+            "include: https://ci.example.com/$REF/a$$b.yml\n",
+            &c,
+            &opts,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(names(&p), ["r"]);
+    }
+
+    #[test]
+    fn remote_includes_with_integrity_are_checked() {
+        // sha256-$(printf 'r:\n  script: x\n' | openssl dgst -sha256 -binary | base64)
+        let good = "sha256-PxiQ6AY3ZcvkLvgN2ucmqUxrUNOLYjWxS+KExwOl/us=";
+        let (opts, _) = serving(&[("https://ci.example.com/r.yml", "r:\n  script: x\n")]);
+        let parse = |sri: &str| {
+            parse_with(
+                &format!(
+                    "include:\n  - remote: https://ci.example.com/r.yml\n    integrity: '{sri}'\n"
+                ),
+                &ctx(),
+                &opts,
+                &[],
+            )
+        };
+        assert_eq!(names(&parse(good).unwrap()), ["r"]);
+        let other = "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
+        let e = parse(other).unwrap_err();
+        let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+        assert_eq!(
+            chain,
+            format!(
+                ".gitlab-ci.yml:2:3: cannot read included file `https://ci.example.com/r.yml`: \
+                 integrity check failed: `integrity:` wants {other} but the file is {good}; the \
+                 file changed since `integrity` was written: check the new version, then update \
+                 `integrity`"
+            )
+        );
+        for bad in ["sha512-abc", "sha256-not base64!", "sha256-YWJj"] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(
+                e.starts_with(".gitlab-ci.yml:3:5: include[0].integrity: `integrity` must be"),
+                "{bad}: {e}"
+            );
+        }
     }
 }
