@@ -208,11 +208,12 @@ impl Parser<'_> {
             format!("templates/{}.yml", c.name),
             format!("templates/{}/template.yml", c.name),
         ];
-        let not_found = || {
+        let not_found = |why: Option<std::io::Error>| {
+            let why = why.map(|e| format!(" ({e})")).unwrap_or_default();
             std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!(
-                    "component `{}`: neither {} nor {} exists in project {}",
+                    "component `{}`: neither {} nor {} exists in project {}{why}",
                     c.name, paths[0], paths[1], c.project
                 ),
             )
@@ -226,7 +227,7 @@ impl Parser<'_> {
                     Err(e) => return Err(e),
                 }
             }
-            return Err(not_found());
+            return Err(not_found(None));
         }
         let Some(api) = self.opts.gitlab_api.files() else {
             return Err(std::io::Error::other(
@@ -251,17 +252,18 @@ impl Parser<'_> {
         } else {
             c.version.clone()
         };
+        let mut last = None;
         for p in &paths {
             match api.file(&c.project, p, Some(&version)) {
                 Ok(text) => {
                     let text = self.bounded(text)?;
                     return Ok((text, Base::Api(c.project.clone(), Some(version))));
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => last = Some(e),
                 Err(e) => return Err(e),
             }
         }
-        Err(not_found())
+        Err(not_found(last))
     }
 
     /// `text`, unless it is larger than a pipeline file may be.
