@@ -51,8 +51,10 @@ pub struct PipelineArgs {
     offline: bool,
     /// GitLab server whose API reads `include: project` and `include:
     /// component` files (e.g. https://gitlab.com); cached like remote
-    /// includes, so --offline works once they were read.
-    #[arg(long = "gitlab-url", env = "CI_SERVER_URL", value_name = "URL")]
+    /// includes, so --offline works once they were read. Not taken from
+    /// CI_SERVER_URL: kiln inside a GitLab job (a test suite) must not
+    /// reach the network unasked.
+    #[arg(long = "gitlab-url", env = "KILN_GITLAB_URL", value_name = "URL")]
     gitlab_url: Option<String>,
     /// Access token for --gitlab-url (read_api scope), for private
     /// projects; prefer the GITLAB_TOKEN variable (a flag shows in `ps`).
