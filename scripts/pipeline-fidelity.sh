@@ -47,6 +47,28 @@ if "$kiln" run-job --help 2>/dev/null | grep -q -- '--offline'; then
             cp "$m" "$KILN_CACHE_DIR/remote-includes/$sum.yml"
         done < <(find "$mirror" -type f -print0)
     fi
+    # `include: project` and `component` through the GitLab API
+    # (--gitlab-url): the API's answers are in the corpus mirror
+    # pipelines/tests/corpus/fidelity/gitlab-api (PROJECT/-/REF/FILE,
+    # PROJECT/-/project.json, PROJECT/-/releases.json), cached under the
+    # URLs kiln asks for on https://gitlab.com.
+    api=$here/pipelines/tests/corpus/fidelity/gitlab-api
+    if "$kiln" run-job --help 2>/dev/null | grep -q -- '--gitlab-url' && [ -d "$api" ]; then
+        offline="$offline --gitlab-url https://gitlab.com"
+        enc() { jq -rn --arg s "$1" '$s|@uri'; }
+        while IFS= read -r -d '' m; do
+            rel=${m#"$api"/}
+            project=${rel%%/-/*} rest=${rel#*/-/}
+            base=https://gitlab.com/api/v4/projects/$(enc "$project")
+            case $rest in
+                project.json) url=$base ;;
+                releases.json) url="$base/releases?per_page=100" ;;
+                *) url="$base/repository/files/$(enc "${rest#*/}")/raw?ref=$(enc "${rest%%/*}")" ;;
+            esac
+            sum=$(printf '%s' "$url" | sha256sum | cut -d' ' -f1)
+            cp "$m" "$KILN_CACHE_DIR/remote-includes/$sum.yml"
+        done < <(find "$api" -type f -print0)
+    fi
 fi
 for dir in "$@"; do
     # A scratch checkout: the folder's files, committed, origin on gitlab.com.

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use crate::github::RunnerImages;
 use crate::limits::Limits;
-use crate::remote::RemoteIncludes;
+use crate::remote::{GitlabApi, RemoteIncludes};
 
 /// Facts about the local checkout that the caller reads (from git) and
 /// passes in: this crate spawns no processes.
@@ -124,6 +124,11 @@ pub struct Options {
     /// gives HTTP(S) with a cache); by default they are skipped with a
     /// warning.
     pub remote_includes: RemoteIncludes,
+    /// GitLab `include: project` (of projects `include_projects` does not
+    /// map) and `include: component`: read through this server's API
+    /// (`kiln run-job --gitlab-url`); by default they are skipped with a
+    /// warning.
+    pub gitlab_api: GitlabApi,
 }
 
 impl Default for Options {
@@ -142,6 +147,7 @@ impl Default for Options {
             include_template_dir: None,
             force_jobs: Vec::new(),
             remote_includes: RemoteIncludes::none(),
+            gitlab_api: GitlabApi::none(),
         }
     }
 }

@@ -31,7 +31,7 @@ pub use duration::parse_duration;
 pub use error::{Error, ExprError, Location, Result};
 pub use files::{read_beneath, read_file, ProjectFiles};
 pub use limits::{Limits, NODE_BYTES};
-pub use remote::{FetchFn, RemoteIncludes};
+pub use remote::{FetchFn, GitlabApi, GitlabFiles, RemoteIncludes};
 pub use spec::{
     AllowFailure, ArtifactSpec, ArtifactWhen, CachePolicy, CacheSpec, JobSource, JobSpec, JobWhen,
     NeedResult, ServiceSpec, Shell, Step, StepWhen, Variable,

@@ -786,3 +786,82 @@ fn reusable_workflow_outputs_inputs_and_secrets() {
         "publish needs every called job"
     );
 }
+
+/// A GitLab API (for `include: project` and `component`) that answers from
+/// `corpus/fidelity/gitlab-api`: `PROJECT/-/REF/FILE`, the project's
+/// `PROJECT/-/project.json` (`default_branch`) and `PROJECT/-/releases.json`
+/// (release tags), as `GET /api/v4/projects/:id/...` would
+/// (`runner/src/local/gitlab_include.rs` sends those requests).
+struct GitlabMirror(std::path::PathBuf);
+
+impl GitlabMirror {
+    fn json(&self, project: &str, name: &str) -> std::io::Result<serde_json::Value> {
+        let text = kiln_pipelines::read_beneath(&self.0, &format!("{project}/-/{name}"), 1 << 20)?;
+        serde_json::from_str(&text).map_err(std::io::Error::other)
+    }
+}
+
+impl kiln_pipelines::GitlabFiles for GitlabMirror {
+    fn host(&self) -> &str {
+        "gitlab.com"
+    }
+
+    fn file(&self, project: &str, file: &str, git_ref: Option<&str>) -> std::io::Result<String> {
+        let git_ref = match git_ref {
+            Some(r) => r.to_string(),
+            None => self.json(project, "project.json")?["default_branch"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        };
+        kiln_pipelines::read_beneath(&self.0, &format!("{project}/-/{git_ref}/{file}"), 1 << 20)
+    }
+
+    fn releases(&self, project: &str) -> std::io::Result<Vec<String>> {
+        let list = self.json(project, "releases.json")?;
+        Ok(list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["tag_name"].as_str().map(String::from))
+            .collect())
+    }
+}
+
+#[test]
+fn project_and_component_includes_through_the_gitlab_api() {
+    // GitLab: `project` files at `ref` (default: the project's default
+    // branch, here `main`), their `local` includes from that project at
+    // that ref; the component `.../secret-detection@1` is the highest 1.x.y
+    // release (1.1.2, not 2.0.0), its file `templates/secret-detection.yml`,
+    // its `stage` input `check`; `$CI_SERVER_FQDN` is gitlab.com (the
+    // checkout's remote); the remote file matches its `integrity:`. Jobs
+    // order by stage: build, check, test.
+    let mut opts = with_remote_mirror();
+    opts.gitlab_api = kiln_pipelines::GitlabApi::with(GitlabMirror(corpus("fidelity/gitlab-api")));
+    let p = gitlab("api-includes.gitlab-ci.yml", &checkout("x"), &opts);
+    assert_eq!(jobs(&p), ["build-image", "secret_detection", "yamllint"]);
+    assert!(p.notes.is_empty(), "{:?}", p.notes);
+    let build = &p.jobs[0];
+    assert_eq!(build.image, "docker:27");
+    assert_eq!(var(build, "FROM_TEMPLATE"), Some("common-v3"));
+    assert_eq!(p.jobs[1].stage.as_deref(), Some("check"));
+    assert!(p.jobs[2].allow_failure != kiln_pipelines::AllowFailure::No);
+    // Without a server: both are skipped with a warning, and the job that
+    // extends a skipped template fails as GitLab's would without it.
+    let root = corpus("fidelity/gitlab");
+    let text = std::fs::read_to_string(root.join("api-includes.gitlab-ci.yml")).unwrap();
+    let e = kiln_pipelines::load(
+        Path::new("api-includes.gitlab-ci.yml"),
+        &text,
+        &checkout("x"),
+        &with_remote_mirror(),
+        &|_| Err(std::io::ErrorKind::NotFound.into()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains(".docker-build") && e.contains("does not exist"),
+        "{e}"
+    );
+}

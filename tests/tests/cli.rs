@@ -349,6 +349,86 @@ fn remote_includes_are_fetched_cached_and_bounded() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `include: project` through the GitLab API of `--gitlab-url` (a fake
+/// GitLab on 127.0.0.1): the default branch first, then the file, with the
+/// token from `GITLAB_TOKEN` in `Authorization`, never in the output;
+/// `--offline` reads the cached answers once the server is gone.
+fn project_includes_come_through_the_gitlab_api() {
+    use std::sync::{Arc, Mutex};
+
+    use axum::response::IntoResponse;
+    const TOKEN: &str = "glpat-cli-test-secret";
+    let dir = harness::run_dir("cli-gitlab-api");
+    let cache = dir.join("cache");
+    let auth = Arc::new(Mutex::new(Vec::new()));
+    let seen = auth.clone();
+    let app = axum::Router::new().fallback(
+        move |uri: axum::http::Uri, headers: axum::http::HeaderMap| {
+            let seen = seen.clone();
+            async move {
+                let a = headers.get("authorization").map(|v| v.to_str().unwrap_or("").to_string());
+                seen.lock().unwrap().push((uri.to_string(), a));
+                let body = match uri.to_string().as_str() {
+                    "/api/v4/projects/acme%2Fci" => r#"{"default_branch": "trunk"}"#,
+                    "/api/v4/projects/acme%2Fci/repository/files/jobs%2Fbuild.yml/raw?ref=trunk" => {
+                        ".build:\n  image: golang:1.23\n  script: make\n"
+                    }
+                    _ => return (axum::http::StatusCode::NOT_FOUND, "").into_response(),
+                };
+                body.into_response()
+            }
+        },
+    );
+    let server = kiln_tests::fake_server::ServerThread::start("gitlab-api", app);
+    let url = server.url.clone();
+    std::fs::create_dir_all(dir.join("p")).unwrap();
+    let file = dir.join("p/.gitlab-ci.yml");
+    std::fs::write(
+        &file,
+        "include:\n  - project: acme/ci\n    file: /jobs/build.yml\nbuild:\n  extends: .build\n",
+    )
+    .unwrap();
+    let list = |extra: &[&str]| {
+        kiln_cmd(&dir)
+            .env("KILN_CACHE_DIR", &cache)
+            .env("GITLAB_TOKEN", TOKEN)
+            .arg("run-job")
+            .arg(&file)
+            .args(["--list", "--json", "--gitlab-url", &url])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let check = |o: std::process::Output| {
+        let (out, err) = (
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        );
+        assert!(o.status.success(), "{err}");
+        assert!(!out.contains(TOKEN) && !err.contains(TOKEN), "{out}{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["jobs"][0]["image"], "golang:1.23", "{out}");
+    };
+    check(list(&[]));
+    assert_eq!(
+        *auth.lock().unwrap(),
+        [
+            (
+                "/api/v4/projects/acme%2Fci".to_string(),
+                Some(format!("Bearer {TOKEN}"))
+            ),
+            (
+                "/api/v4/projects/acme%2Fci/repository/files/jobs%2Fbuild.yml/raw?ref=trunk"
+                    .to_string(),
+                Some(format!("Bearer {TOKEN}"))
+            ),
+        ]
+    );
+    drop(server);
+    check(list(&["--offline"]));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn main() -> std::process::ExitCode {
     kiln_testkit::Suite::new()
         .test("help_lists_the_commands", &[], help_lists_the_commands)
@@ -376,6 +456,11 @@ fn main() -> std::process::ExitCode {
             "remote_includes_are_fetched_cached_and_bounded",
             &[],
             remote_includes_are_fetched_cached_and_bounded,
+        )
+        .test(
+            "project_includes_come_through_the_gitlab_api",
+            &[],
+            project_includes_come_through_the_gitlab_api,
         )
         .test(
             "bad_input_gets_clear_errors",

@@ -101,55 +101,66 @@ impl Parser<'_> {
             };
             for (i, entry) in entries.iter().enumerate() {
                 let path = [key("include"), Seg::Index(i)];
-                let Some(Include {
+                for Include {
                     read,
                     shown,
                     inputs,
-                }) = self.include_path(entry, &path, idx, base)?
-                else {
-                    continue;
-                };
-                self.includes += 1;
-                if self.includes > self.limits.max_includes {
-                    return Err(Error::Limit {
+                } in self.include_path(entry, &path, idx, base)?
+                {
+                    self.includes += 1;
+                    if self.includes > self.limits.max_includes {
+                        return Err(Error::Limit {
+                            file: file.to_string(),
+                            location: yaml::locate(&self.sources[idx].1, &path),
+                            message: format!(
+                                "include: the pipeline includes more than {} files, nested and \
+                             repeated ones counted (max_includes)",
+                                self.limits.max_includes
+                            ),
+                        });
+                    }
+                    if inputs.is_none() && !self.seen_includes.insert(shown.clone()) {
+                        continue;
+                    }
+                    let (content, sub_base) = match &read {
+                        From::Project(p) => ((self.read)(p), Base::Project),
+                        From::Dir(dir, p) => (
+                            crate::ProjectFiles::new(dir, self.limits).read(p),
+                            Base::Dir(dir.clone()),
+                        ),
+                        From::Remote(url, sri) => (
+                            self.fetch(url)
+                                .and_then(|t| check_integrity(t, sri.as_ref())),
+                            Base::NoProject("remote"),
+                        ),
+                        From::Template(dir, name) => (
+                            crate::ProjectFiles::new(dir, self.limits).read(name),
+                            Base::NoProject("template"),
+                        ),
+                        From::Api(f) => (
+                            self.api_file(&f.project, &f.file, f.git_ref.as_deref()),
+                            Base::Api(f.project.clone(), f.git_ref.clone()),
+                        ),
+                        From::Component(c) => match self.component(c) {
+                            Ok((text, base)) => (Ok(text), base),
+                            Err(e) => (Err(e), Base::NoProject("component")),
+                        },
+                    };
+                    let content = content.map_err(|source| Error::Include {
                         file: file.to_string(),
                         location: yaml::locate(&self.sources[idx].1, &path),
-                        message: format!(
-                            "include: the pipeline includes more than {} files, nested and \
-                             repeated ones counted (max_includes)",
-                            self.limits.max_includes
-                        ),
-                    });
+                        include: shown.clone(),
+                        source,
+                    })?;
+                    let sub = self.load(
+                        &shown,
+                        content,
+                        depth + 1,
+                        Given::Include(inputs.as_ref()),
+                        &sub_base,
+                    )?;
+                    merge_into(&mut merged, Value::Mapping(sub));
                 }
-                if inputs.is_none() && !self.seen_includes.insert(shown.clone()) {
-                    continue;
-                }
-                let (content, sub_base) = match &read {
-                    From::Project(p) => ((self.read)(p), Base::Project),
-                    From::Dir(dir, p) => (
-                        crate::ProjectFiles::new(dir, self.limits).read(p),
-                        Base::Dir(dir.clone()),
-                    ),
-                    From::Remote(url) => (self.fetch(url), Base::NoProject("remote")),
-                    From::Template(dir, name) => (
-                        crate::ProjectFiles::new(dir, self.limits).read(name),
-                        Base::NoProject("template"),
-                    ),
-                };
-                let content = content.map_err(|source| Error::Include {
-                    file: file.to_string(),
-                    location: yaml::locate(&self.sources[idx].1, &path),
-                    include: shown.clone(),
-                    source,
-                })?;
-                let sub = self.load(
-                    &shown,
-                    content,
-                    depth + 1,
-                    Given::Include(inputs.as_ref()),
-                    &sub_base,
-                )?;
-                merge_into(&mut merged, Value::Mapping(sub));
             }
         }
         for (k, _) in &map {
@@ -170,7 +181,93 @@ impl Parser<'_> {
         let Some(fetch) = self.opts.remote_includes.fetcher() else {
             return Err(std::io::Error::other("remote includes are not fetched"));
         };
-        let text = fetch(url)?;
+        self.bounded(fetch(url)?)
+    }
+
+    /// Reads `file` of `project` through the GitLab API, bounded like any
+    /// pipeline file.
+    fn api_file(
+        &self,
+        project: &str,
+        file: &str,
+        git_ref: Option<&str>,
+    ) -> std::io::Result<String> {
+        let Some(api) = self.opts.gitlab_api.files() else {
+            return Err(std::io::Error::other(
+                "no GitLab server was given (--gitlab-url)",
+            ));
+        };
+        self.bounded(api.file(project, file, git_ref)?)
+    }
+
+    /// The text of component `c` and where its `local` includes are read:
+    /// `templates/NAME.yml` or `templates/NAME/template.yml` of its
+    /// project at its version, from a mapped checkout or the GitLab API.
+    fn component(&self, c: &Component) -> std::io::Result<(String, Base)> {
+        let paths = [
+            format!("templates/{}.yml", c.name),
+            format!("templates/{}/template.yml", c.name),
+        ];
+        let not_found = |why: Option<std::io::Error>| {
+            let why = why.map(|e| format!(" ({e})")).unwrap_or_default();
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "component `{}`: neither {} nor {} exists in project {}{why}",
+                    c.name, paths[0], paths[1], c.project
+                ),
+            )
+        };
+        if let Some(dir) = &c.dir {
+            let files = crate::ProjectFiles::new(dir, self.limits);
+            for p in &paths {
+                match files.read(p) {
+                    Ok(text) => return Ok((text, Base::Dir(dir.clone()))),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            return Err(not_found(None));
+        }
+        let Some(api) = self.opts.gitlab_api.files() else {
+            return Err(std::io::Error::other(
+                "no GitLab server was given (--gitlab-url)",
+            ));
+        };
+        let version = if wants_release(&c.version) {
+            let tags = api.releases(&c.project)?;
+            pick_release(&c.version, &tags).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!(
+                        "component `{}`: project {} has no release matching `{}` \
+                         (of {} releases read)",
+                        c.name,
+                        c.project,
+                        short(&c.version),
+                        tags.len()
+                    ),
+                )
+            })?
+        } else {
+            c.version.clone()
+        };
+        let mut last = None;
+        for p in &paths {
+            match api.file(&c.project, p, Some(&version)) {
+                Ok(text) => {
+                    let text = self.bounded(text)?;
+                    return Ok((text, Base::Api(c.project.clone(), Some(version))));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(not_found(last))
+    }
+
+    /// `text`, unless it is larger than a pipeline file may be.
+    fn bounded(&self, text: String) -> std::io::Result<String> {
         if text.len() as u64 > self.limits.max_file_bytes {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::FileTooLarge,
@@ -184,27 +281,38 @@ impl Parser<'_> {
     }
 
     /// Where to read an `include:` entry of source `src` (read from `base`)
-    /// from; `None` when its `rules` skip it or it cannot be read (then
-    /// with a warning).
+    /// from: one file, several (`project` with a list of files), or none
+    /// when its `rules` skip it or it cannot be read (then with a warning).
     fn include_path(
         &mut self,
         entry: &Value,
         path: &[Seg],
         src: usize,
         base: &Base,
-    ) -> Result<Option<Include>> {
+    ) -> Result<Vec<Include>> {
         let (file, text) = &self.sources[src];
         let c = yaml::Ctx { file, text };
+        // GitLab expands project, group, instance and pipeline variables
+        // and the predefined ones in the location (not the file's
+        // `variables:`): what `base_vars` holds.
+        let vars = self.base_vars();
+        let ex = |s: &str, at: &[Seg]| -> Result<String> {
+            expand_location(s, &vars).map_err(|m| c.err(at, m))
+        };
         let mut inputs = None;
         let (local, project_dir) = match entry {
-            Value::String(s) if is_url(s) => return Ok(self.remote(s, None, src)),
-            Value::String(s) => (s.clone(), None),
+            Value::String(s) => {
+                let s = ex(s, path)?;
+                if is_url(&s) {
+                    return Ok(self.remote(&s, None, None, src).into_iter().collect());
+                }
+                (s, None)
+            }
             Value::Mapping(m) => {
                 if let Some(rules) = m.get("rules") {
-                    let vars = self.base_vars();
                     let rules_path = join(path, &[key("rules")]);
                     if !self.include_rules_match(rules, &vars, &rules_path, &c)? {
-                        return Ok(None);
+                        return Ok(Vec::new());
                     }
                 }
                 inputs = match m.get("inputs") {
@@ -217,9 +325,13 @@ impl Parser<'_> {
                     }
                 };
                 if let Some(s) = m.get("local").and_then(Value::as_str) {
-                    (s.to_string(), None)
+                    (ex(s, &join(path, &[key("local")]))?, None)
                 } else if let Some(url) = m.get("remote") {
-                    let url = url.as_str().unwrap_or_default();
+                    let url = ex(
+                        url.as_str().unwrap_or_default(),
+                        &join(path, &[key("remote")]),
+                    )?;
+                    let url = url.as_str();
                     if !is_url(url) {
                         return Err(c.err(
                             &join(path, &[key("remote")]),
@@ -229,7 +341,17 @@ impl Parser<'_> {
                             ),
                         ));
                     }
-                    return Ok(self.remote(url, inputs, src));
+                    let sri = match m.get("integrity") {
+                        None | Some(Value::Null) => None,
+                        Some(v) => Some(parse_integrity(v).ok_or_else(|| {
+                            c.err(
+                                &join(path, &[key("integrity")]),
+                                "`integrity` must be `sha256-` and the file's SHA-256 in \
+                                 base64 (`sha256-$(openssl dgst -sha256 -binary FILE | base64)`)",
+                            )
+                        })?),
+                    };
+                    return Ok(self.remote(url, inputs, sri, src).into_iter().collect());
                 } else if let Some(project) = m.get("project").and_then(Value::as_str) {
                     let files = match m.get("file") {
                         Some(f) => yaml::strings(f),
@@ -240,41 +362,29 @@ impl Parser<'_> {
                             c.err(path, "`include: project` needs `file` (a path or a list)")
                         );
                     };
-                    let Some(dir) = self
-                        .opts
-                        .include_projects
-                        .iter()
-                        .find(|(p, _)| p.trim_matches('/') == project.trim_matches('/'))
-                        .map(|(_, d)| d.clone())
-                    else {
-                        let w = format!(
-                            "{file}: include project `{}` skipped: pass --include-project {}=DIR \
-                             (a local checkout of it) to read it",
-                            short(project),
-                            short(project)
-                        );
-                        self.warnings.push(w);
-                        return Ok(None);
+                    let git_ref = match m.get("ref").and_then(scalar) {
+                        Some(r) => Some(ex(&r, &join(path, &[key("ref")]))?),
+                        None => None,
                     };
-                    if files.len() != 1 {
-                        // Each file of a multi-file project include is its own entry.
-                        return Err(c.err(
-                            path,
-                            "`include: project` with several files: write one entry per file",
-                        ));
-                    }
-                    (files[0].clone(), Some(dir))
+                    let project = ex(project, &join(path, &[key("project")]))?;
+                    let files = files
+                        .iter()
+                        .map(|f| ex(f, &join(path, &[key("file")])))
+                        .collect::<Result<Vec<_>>>()?;
+                    return self.project(&project, &files, git_ref, inputs, path, src);
                 } else if let Some(name) = m.get("template") {
                     let name = scalar(name).unwrap_or_default();
-                    return self.template(&name, inputs, &join(path, &[key("template")]), src);
+                    return Ok(self
+                        .template(&name, inputs, &join(path, &[key("template")]), src)?
+                        .into_iter()
+                        .collect());
                 } else if let Some(what) = m.get("component") {
-                    let what = scalar(what).unwrap_or_default();
-                    self.warnings.push(format!(
-                        "{file}: include component `{}` skipped: components are not fetched; \
-                         include a local checkout's template as `local` or with --include-project",
-                        short(&what)
-                    ));
-                    return Ok(None);
+                    let path = join(path, &[key("component")]);
+                    let what = ex(&scalar(what).unwrap_or_default(), &path)?;
+                    return Ok(self
+                        .component_path(&what, inputs, &path, src)?
+                        .into_iter()
+                        .collect());
                 } else {
                     return Err(c.err(
                         path,
@@ -304,6 +414,18 @@ impl Parser<'_> {
             (Some(dir), _) => Some(dir),
             (None, Base::Project) => None,
             (None, Base::Dir(dir)) => Some(dir.clone()),
+            (None, Base::Api(project, git_ref)) => {
+                let f = ApiFile {
+                    project: project.clone(),
+                    file: trimmed,
+                    git_ref: git_ref.clone(),
+                };
+                return Ok(vec![Include {
+                    shown: f.shown(),
+                    read: From::Api(f),
+                    inputs,
+                }]);
+            }
             (None, Base::NoProject(kind)) => {
                 return Err(c.err(
                     path,
@@ -317,7 +439,7 @@ impl Parser<'_> {
                 ))
             }
         };
-        Ok(Some(match project_dir {
+        Ok(vec![match project_dir {
             None => Include {
                 shown: trimmed.clone(),
                 read: From::Project(trimmed),
@@ -328,6 +450,138 @@ impl Parser<'_> {
                 read: From::Dir(dir, trimmed),
                 inputs,
             },
+        }])
+    }
+
+    /// An `include: project` of source `src`: each file from the project's
+    /// local checkout (`--include-project`) or through the GitLab API
+    /// (`--gitlab-url`), or skipped with a warning that says what to pass.
+    fn project(
+        &mut self,
+        project: &str,
+        files: &[String],
+        git_ref: Option<String>,
+        inputs: Option<Mapping>,
+        path: &[Seg],
+        src: usize,
+    ) -> Result<Vec<Include>> {
+        let (file, text) = &self.sources[src];
+        let c = yaml::Ctx { file, text };
+        let project = project.trim_matches('/').to_string();
+        let mut out = Vec::new();
+        for f in files {
+            let trimmed = f.trim_start_matches('/').to_string();
+            if trimmed.is_empty() || trimmed.split('/').any(|part| part == "..") {
+                return Err(c.err(
+                    &join(path, &[key("file")]),
+                    format!(
+                        "include project file `{}`: expected a path in the project",
+                        short(f)
+                    ),
+                ));
+            }
+            let read = if let Some(dir) = self.mapped(&project) {
+                From::Dir(dir, trimmed)
+            } else if self.opts.gitlab_api.files().is_some() {
+                From::Api(ApiFile {
+                    project: project.clone(),
+                    file: trimmed,
+                    git_ref: git_ref.clone(),
+                })
+            } else {
+                let w = format!(
+                    "{file}: include project `{p}` skipped: pass --gitlab-url URL (with \
+                     GITLAB_TOKEN for a private project) to read it through the GitLab API, or \
+                     --include-project {p}=DIR (a local checkout of it)",
+                    p = short(&project),
+                );
+                self.warnings.push(w);
+                return Ok(Vec::new());
+            };
+            let shown = match &read {
+                From::Dir(dir, p) => format!("{}/{p}", dir.display()),
+                From::Api(f) => f.shown(),
+                _ => unreachable!("a project include is read from a checkout or the API"),
+            };
+            out.push(Include {
+                read,
+                shown,
+                inputs: inputs.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The local checkout `--include-project` maps `project` to.
+    fn mapped(&self, project: &str) -> Option<std::path::PathBuf> {
+        self.opts
+            .include_projects
+            .iter()
+            .find(|(p, _)| p.trim_matches('/') == project)
+            .map(|(_, d)| d.clone())
+    }
+
+    /// An `include: component` (`HOST/GROUP/PROJECT/NAME@VERSION`) of
+    /// source `src`: from the project's local checkout or the GitLab API
+    /// of that host, or skipped with a warning that says what to pass.
+    fn component_path(
+        &mut self,
+        what: &str,
+        inputs: Option<Mapping>,
+        path: &[Seg],
+        src: usize,
+    ) -> Result<Option<Include>> {
+        let (file, text) = &self.sources[src];
+        let c = yaml::Ctx { file, text };
+        let Some((host, project, name, version)) = parse_component(what) else {
+            return Err(c.err(
+                path,
+                format!(
+                    "include component `{}`: expected HOST/GROUP/PROJECT/NAME@VERSION, such as \
+                     gitlab.com/components/opentofu/full-pipeline@1.0.0",
+                    short(what)
+                ),
+            ));
+        };
+        let dir = self.mapped(&project);
+        if dir.is_none() {
+            match self.opts.gitlab_api.files() {
+                None => {
+                    self.warnings.push(format!(
+                        "{file}: include component `{w}` skipped: pass --gitlab-url https://{host} \
+                         (with GITLAB_TOKEN for a private project) to read it through the GitLab \
+                         API, or --include-project {project}=DIR (a local checkout of it)",
+                        w = short(what),
+                        host = short(&host),
+                        project = short(&project),
+                    ));
+                    return Ok(None);
+                }
+                Some(api) if !api.host().eq_ignore_ascii_case(&host) => {
+                    return Err(c.err(
+                        path,
+                        format!(
+                            "include component `{}`: it is on {}, but the GitLab server given \
+                             (--gitlab-url) is {}; GitLab reads components only from its own \
+                             host (CI_SERVER_FQDN)",
+                            short(what),
+                            short(&host),
+                            api.host()
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(Some(Include {
+            shown: what.to_string(),
+            read: From::Component(Component {
+                project,
+                name,
+                version,
+                dir,
+            }),
+            inputs,
         }))
     }
 
@@ -368,7 +622,13 @@ impl Parser<'_> {
 
     /// An `include: remote` of source `src`: read with the caller's
     /// fetcher, or skipped with a warning when there is none.
-    fn remote(&mut self, url: &str, inputs: Option<Mapping>, src: usize) -> Option<Include> {
+    fn remote(
+        &mut self,
+        url: &str,
+        inputs: Option<Mapping>,
+        sri: Option<[u8; 32]>,
+        src: usize,
+    ) -> Option<Include> {
         if self.opts.remote_includes.fetcher().is_none() {
             let w = format!(
                 "{}: include remote `{}` skipped: remote files are not fetched here; \
@@ -380,7 +640,7 @@ impl Parser<'_> {
             return None;
         }
         Some(Include {
-            read: From::Remote(url.to_string()),
+            read: From::Remote(url.to_string(), sri),
             shown: url.to_string(),
             inputs,
         })
@@ -417,10 +677,103 @@ enum From {
     Project(String),
     /// A path in another project's local checkout (`--include-project`).
     Dir(std::path::PathBuf, String),
-    /// A URL (`include: remote`), through the caller's fetcher.
-    Remote(String),
+    /// A URL (`include: remote`), through the caller's fetcher, with the
+    /// SHA-256 its `integrity:` wants.
+    Remote(String, Option<[u8; 32]>),
     /// A GitLab template (`include: template`) in `--include-template-dir`.
     Template(std::path::PathBuf, String),
+    /// Another project's file through the GitLab API.
+    Api(ApiFile),
+    /// A CI/CD component (`include: component`).
+    Component(Component),
+}
+
+/// A file of another project, read through the GitLab API.
+struct ApiFile {
+    project: String,
+    /// Without a leading `/`.
+    file: String,
+    /// `None`: the project's default branch.
+    git_ref: Option<String>,
+}
+
+impl ApiFile {
+    /// The name errors use: `group/project/path@ref`.
+    fn shown(&self) -> String {
+        match &self.git_ref {
+            Some(r) => format!("{}/{}@{r}", self.project, self.file),
+            None => format!("{}/{}", self.project, self.file),
+        }
+    }
+}
+
+/// A component to read.
+struct Component {
+    project: String,
+    name: String,
+    /// As written: a tag, branch or SHA, `~latest`, or a partial version.
+    version: String,
+    /// The project's local checkout (`--include-project`), if mapped.
+    dir: Option<std::path::PathBuf>,
+}
+
+/// Splits `HOST/GROUP[/SUBGROUP...]/PROJECT/NAME@VERSION` into its host,
+/// project path, component name and version.
+fn parse_component(s: &str) -> Option<(String, String, String, String)> {
+    let (path, version) = s.trim().rsplit_once('@')?;
+    let parts: Vec<&str> = path.split('/').collect();
+    let ok = |p: &&str| {
+        !p.is_empty()
+            && *p != ".."
+            && *p != "."
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    if parts.len() < 4 || !parts.iter().all(ok) || version.is_empty() {
+        return None;
+    }
+    let name = parts[parts.len() - 1].to_string();
+    let project = parts[1..parts.len() - 1].join("/");
+    Some((parts[0].to_string(), project, name, version.to_string()))
+}
+
+/// Whether a component version names a release to look up: `~latest`,
+/// or a partial version (`1`, `1.2`) meaning its latest patch.
+fn wants_release(v: &str) -> bool {
+    v == "~latest" || (semver(v).is_none() && partial(v).is_some())
+}
+
+/// `MAJOR.MINOR.PATCH` (GitLab's catalog versions; no prerelease).
+fn semver(v: &str) -> Option<(u64, u64, u64)> {
+    let mut it = v.split('.').map(|n| n.parse::<u64>().ok());
+    let t = (it.next()??, it.next()??, it.next()??);
+    it.next().is_none().then_some(t)
+}
+
+/// `MAJOR` or `MAJOR.MINOR`.
+fn partial(v: &str) -> Option<Vec<u64>> {
+    let nums: Option<Vec<u64>> = v.split('.').map(|n| n.parse().ok()).collect();
+    nums.filter(|n| (1..=2).contains(&n.len()))
+}
+
+/// The release `version` (`~latest` or a partial version) picks from
+/// `tags`, as GitLab does: the highest `MAJOR.MINOR.PATCH` that matches.
+fn pick_release(version: &str, tags: &[String]) -> Option<String> {
+    let prefix = if version == "~latest" {
+        Vec::new()
+    } else {
+        partial(version)?
+    };
+    tags.iter()
+        .filter_map(|t| semver(t).map(|v| (v, t)))
+        .filter(|((a, b, _), _)| match prefix.as_slice() {
+            [] => true,
+            [ma] => a == ma,
+            [ma, mi] => a == ma && b == mi,
+            _ => false,
+        })
+        .max_by_key(|(v, _)| *v)
+        .map(|(_, t)| t.clone())
 }
 
 /// Where the `local` includes of a file are read from: GitLab reads them
@@ -431,9 +784,94 @@ pub(super) enum Base {
     Project,
     /// A mapped project's checkout (`include: project`).
     Dir(std::path::PathBuf),
+    /// Another project through the GitLab API, at a ref (`None`: its
+    /// default branch).
+    Api(String, Option<String>),
     /// A remote file or a template (the kind): it has no project, so
     /// `local` includes are refused.
     NoProject(&'static str),
+}
+
+/// The SHA-256 of an `integrity:` value (`sha256-<base64>`, a subresource
+/// integrity string as GitLab takes it).
+fn parse_integrity(v: &Value) -> Option<[u8; 32]> {
+    use base64::Engine as _;
+    let b64 = v.as_str()?.trim().strip_prefix("sha256-")?;
+    let raw = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    raw.try_into().ok()
+}
+
+/// `text`, when `want` is none or its SHA-256; otherwise an error with
+/// both digests.
+fn check_integrity(text: String, want: Option<&[u8; 32]>) -> std::io::Result<String> {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let Some(want) = want else {
+        return Ok(text);
+    };
+    let got = sha2::Sha256::digest(text.as_bytes());
+    if got.as_slice() == want {
+        return Ok(text);
+    }
+    let b64 = |d: &[u8]| base64::engine::general_purpose::STANDARD.encode(d);
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!(
+            "integrity check failed: `integrity:` wants sha256-{} but the file is sha256-{}; \
+             the file changed since `integrity` was written: check the new version, then update \
+             `integrity`",
+            b64(want),
+            b64(&got)
+        ),
+    ))
+}
+
+/// An include location with `$NAME`/`${NAME}` replaced from `vars`
+/// (`$$` is a `$`), or a message naming the first variable it does not
+/// define (GitLab would make it empty and then fail to find the file).
+fn expand_location(
+    s: &str,
+    vars: &BTreeMap<String, String>,
+) -> std::result::Result<String, String> {
+    /// Longer locations are surely wrong; this bounds `$A$A$A...`.
+    const MAX: usize = 4096;
+    let mut rest = s;
+    while let Some(pos) = rest.find('$') {
+        let after = &rest[pos + 1..];
+        if let Some(r) = after.strip_prefix('$') {
+            rest = r;
+            continue;
+        }
+        let (name, next) = match after.strip_prefix('{') {
+            Some(r) => match r.find('}') {
+                Some(end) => (&r[..end], &r[end + 1..]),
+                None => ("", r),
+            },
+            None => {
+                let end = after
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(after.len());
+                (&after[..end], &after[end..])
+            }
+        };
+        if !name.is_empty() && !vars.contains_key(name) {
+            return Err(format!(
+                "include `{}`: variable `{}` is not defined here; GitLab expands only project, \
+                 group and instance variables (give them with --var {}=VALUE) and predefined \
+                 ones in `include:`, not those of `variables:`",
+                short(s),
+                short(name),
+                short(name)
+            ));
+        }
+        rest = next;
+    }
+    super::variables::expand_capped(s, vars, MAX).ok_or_else(|| {
+        format!(
+            "include `{}`: it expands to more than {MAX} bytes",
+            short(s)
+        )
+    })
 }
 
 /// Whether `s` is an `http://` or `https://` URL (GitLab's `remote`, and
@@ -483,6 +921,12 @@ mod tests {
         (opts, asked)
     }
 
+    /// The error `main` gives and its source, as text.
+    fn chain_of(main: &str, opts: &Options) -> String {
+        let e = parse_with(main, &ctx(), opts, &[]).unwrap_err();
+        format!("{e}: {}", std::error::Error::source(&e).unwrap())
+    }
+
     #[test]
     fn local_includes_merge_and_the_including_file_wins() {
         let p = parse_files(
@@ -527,7 +971,9 @@ mod tests {
             ),
             (
                 "{project: group/p, file: ci.yml}",
-                "include project `group/p` skipped: pass --include-project group/p=DIR",
+                "include project `group/p` skipped: pass --gitlab-url URL (with GITLAB_TOKEN \
+                 for a private project) to read it through the GitLab API, or --include-project \
+                 group/p=DIR",
             ),
             (
                 "{remote: 'https://x/y.yml'}",
@@ -541,7 +987,9 @@ mod tests {
             ),
             (
                 "{component: 'gitlab.com/a/b/c@1.0'}",
-                "include component `gitlab.com/a/b/c@1.0` skipped",
+                "include component `gitlab.com/a/b/c@1.0` skipped: pass --gitlab-url \
+                 https://gitlab.com (with GITLAB_TOKEN for a private project) to read it through \
+                 the GitLab API, or --include-project a/b=DIR",
             ),
         ] {
             let p = parse_files(&format!("include:\n  - {entry}\nj:\n  script: x\n"), &[])
@@ -662,14 +1110,10 @@ mod tests {
     #[test]
     fn a_remote_include_that_cannot_be_fetched_is_an_error_at_its_entry() {
         let (opts, _) = serving(&[("https://ci.example.com/big.yml", &"x".repeat(64))]);
-        let e = parse_with(
+        let chain = chain_of(
             "j:\n  script: x\ninclude:\n  - remote: https://ci.example.com/gone.yml\n",
-            &ctx(),
             &opts,
-            &[],
-        )
-        .unwrap_err();
-        let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+        );
         assert_eq!(
             chain,
             ".gitlab-ci.yml:4:3: cannot read included file `https://ci.example.com/gone.yml`: \
@@ -797,5 +1241,344 @@ mod tests {
             e.contains("local include `local.yml` in a template file"),
             "{e}"
         );
+    }
+
+    /// A GitLab server in memory: files by (project, path, ref), the
+    /// default branch `main`, releases by project; records each request.
+    struct FakeGitlab {
+        files: Vec<(&'static str, &'static str, &'static str, &'static str)>,
+        releases: Vec<(&'static str, &'static str)>,
+        asked: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl crate::GitlabFiles for FakeGitlab {
+        fn host(&self) -> &str {
+            "gitlab.example.com"
+        }
+
+        fn file(&self, project: &str, file: &str, git_ref: Option<&str>) -> io::Result<String> {
+            let r = git_ref.unwrap_or("main");
+            self.asked
+                .lock()
+                .unwrap()
+                .push(format!("{project}:{file}@{r}"));
+            self.files
+                .iter()
+                .find(|f| (f.0, f.1, f.2) == (project, file, r))
+                .map(|f| f.3.to_string())
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "404 File Not Found"))
+        }
+
+        fn releases(&self, project: &str) -> io::Result<Vec<String>> {
+            self.asked
+                .lock()
+                .unwrap()
+                .push(format!("{project}:releases"));
+            Ok(self
+                .releases
+                .iter()
+                .filter(|r| r.0 == project)
+                .map(|r| r.1.to_string())
+                .collect())
+        }
+    }
+
+    fn gitlab(
+        files: Vec<(&'static str, &'static str, &'static str, &'static str)>,
+        releases: Vec<(&'static str, &'static str)>,
+    ) -> (Options, Arc<Mutex<Vec<String>>>) {
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let opts = Options {
+            gitlab_api: crate::GitlabApi::with(FakeGitlab {
+                files,
+                releases,
+                asked: asked.clone(),
+            }),
+            ..Options::default()
+        };
+        (opts, asked)
+    }
+
+    #[test]
+    fn project_includes_are_read_through_the_gitlab_api() {
+        let (opts, asked) = gitlab(
+            vec![
+                (
+                    "group/ci",
+                    "build.yml",
+                    "v1",
+                    "include: /common.yml\n.build:\n  script: make\n",
+                ),
+                ("group/ci", "common.yml", "v1", "variables: {FROM: v1}\n"),
+                ("group/ci", "lint.yml", "main", "lint:\n  script: lint\n"),
+                ("group/ci", "test.yml", "main", "test:\n  script: test\n"),
+            ],
+            Vec::new(),
+        );
+        let main = "include:\n  - project: /group/ci\n    ref: v1\n    file: /build.yml\n\
+                    \x20 - project: group/ci\n    file: [lint.yml, test.yml]\n\
+                    b:\n  extends: .build\n";
+        let p = parse_with(
+            main,
+            &ctx(),
+            &opts,
+            &[("common.yml", "from-main:\n  script: x\n")],
+        )
+        .unwrap();
+        assert_eq!(names(&p), ["lint", "test", "b"]);
+        // The nested `local` include is the included project's, at its ref.
+        assert_eq!(var(job(&p, "b"), "FROM"), Some("v1"));
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        assert_eq!(
+            *asked.lock().unwrap(),
+            [
+                "group/ci:build.yml@v1",
+                "group/ci:common.yml@v1",
+                "group/ci:lint.yml@main",
+                "group/ci:test.yml@main"
+            ]
+        );
+        // A missing file is an error at its entry, naming project, file and ref.
+        let chain = chain_of(
+            "include:\n  - project: group/ci\n    ref: v2\n    file: build.yml\n",
+            &opts,
+        );
+        assert_eq!(
+            chain,
+            ".gitlab-ci.yml:2:3: cannot read included file `group/ci/build.yml@v2`: 404 File Not \
+             Found"
+        );
+        // `..` cannot leave the project.
+        let e = parse_with(
+            "include:\n  - project: group/ci\n    file: ../x.yml\n",
+            &ctx(),
+            &opts,
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("expected a path in the project"), "{e}");
+    }
+
+    #[test]
+    fn components_are_read_at_their_version_through_the_gitlab_api() {
+        let (opts, asked) = gitlab(
+            vec![
+                (
+                    "comp/go",
+                    "templates/build.yml",
+                    "1.2.0",
+                    "go-build-1.2.0:\n  script: x\n",
+                ),
+                (
+                    "comp/go",
+                    "templates/build.yml",
+                    "1.10.1",
+                    "go-build-1.10.1:\n  script: x\n",
+                ),
+                (
+                    "comp/go",
+                    "templates/lint/template.yml",
+                    "2.0.0",
+                    "spec:\n  inputs:\n    stage: {default: test}\n---\n\
+                     go-lint:\n  stage: $[[ inputs.stage ]]\n  script: x\n",
+                ),
+            ],
+            vec![
+                ("comp/go", "1.2.0"),
+                ("comp/go", "1.10.1"),
+                ("comp/go", "2.0.0"),
+                ("comp/go", "2.1.0-rc1"),
+                ("comp/go", "not-a-version"),
+            ],
+        );
+        let parse = |entry: &str| {
+            parse_with(
+                &format!("stages: [build, check, test]\ninclude:\n  - {entry}\n"),
+                &ctx(),
+                &opts,
+                &[],
+            )
+        };
+        for (entry, job_name) in [
+            (
+                "component: gitlab.example.com/comp/go/build@1.2.0",
+                "go-build-1.2.0",
+            ),
+            // A partial version is its highest release; ~latest the highest of all.
+            (
+                "component: gitlab.example.com/comp/go/build@1",
+                "go-build-1.10.1",
+            ),
+            (
+                "component: gitlab.example.com/comp/go/build@1.10",
+                "go-build-1.10.1",
+            ),
+            (
+                "{component: gitlab.example.com/comp/go/lint@~latest, inputs: {stage: check}}",
+                "go-lint",
+            ),
+        ] {
+            let p = parse(entry).unwrap_or_else(|e| panic!("{entry}: {e}"));
+            assert_eq!(names(&p), [job_name], "{entry}");
+            assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        }
+        let p =
+            parse("{component: gitlab.example.com/comp/go/lint@~latest, inputs: {stage: check}}")
+                .unwrap();
+        assert_eq!(job(&p, "go-lint").stage.as_deref(), Some("check"));
+        assert!(asked
+            .lock()
+            .unwrap()
+            .contains(&"comp/go:templates/lint/template.yml@2.0.0".to_string()));
+        for (entry, says) in [
+            (
+                "component: gitlab.example.com/comp/go/nope@1.2.0",
+                "component `nope`: neither templates/nope.yml nor templates/nope/template.yml \
+                 exists in project comp/go",
+            ),
+            (
+                "component: gitlab.example.com/comp/go/build@3",
+                "project comp/go has no release matching `3` (of 5 releases read)",
+            ),
+        ] {
+            let e = parse(entry).unwrap_err();
+            let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+            assert!(chain.contains(says), "{entry}: {chain}");
+        }
+        for (entry, says) in [
+            (
+                "component: gitlab.com/comp/go/build@1.2.0",
+                "it is on gitlab.com, but the GitLab server given (--gitlab-url) is \
+                 gitlab.example.com",
+            ),
+            (
+                "component: gitlab.example.com/go@1",
+                "expected HOST/GROUP/PROJECT/NAME@VERSION",
+            ),
+            (
+                "component: gitlab.example.com/a/../b@1",
+                "expected HOST/GROUP/PROJECT/NAME@VERSION",
+            ),
+        ] {
+            let e = parse(entry).unwrap_err().to_string();
+            assert!(e.contains(says), "{entry}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_component_of_a_mapped_project_is_read_from_its_checkout() {
+        let dir = tempfile_dir("comp");
+        std::fs::create_dir_all(dir.join("templates/deploy")).unwrap();
+        std::fs::write(
+            dir.join("templates/deploy/template.yml"),
+            "deploy:\n  script: x\n",
+        )
+        .unwrap();
+        // CI_SERVER_FQDN comes from the checkout's remote.
+        let mut on_gitlab_com = ctx();
+        on_gitlab_com.remote_url = Some("git@gitlab.com:demo/demo.git".into());
+        let opts = Options {
+            include_projects: vec![("comp/ops".into(), dir.clone())],
+            ..Options::default()
+        };
+        let p = parse_with(
+            "include:\n  - component: $CI_SERVER_FQDN/comp/ops/deploy@1.0.0\n",
+            &on_gitlab_com,
+            &opts,
+            &[],
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(names(&p.unwrap()), ["deploy"]);
+    }
+
+    fn tempfile_dir(what: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("kiln-inc-{what}-{}", std::process::id()))
+    }
+
+    #[test]
+    fn include_locations_expand_pipeline_and_predefined_variables_only() {
+        let mut c = ctx();
+        c.extra_vars = vec![("CI_DIR".into(), "ci".into()), ("REF".into(), "v2".into())];
+        let (mut opts, asked) = gitlab(
+            vec![(
+                "demo/lib",
+                "jobs/main.yml",
+                "v2",
+                "from-lib:\n  script: x\n",
+            )],
+            Vec::new(),
+        );
+        let files = [("ci/main.yml", "from-local:\n  script: x\n")];
+        let main = "include:\n  - local: $CI_DIR/${CI_COMMIT_BRANCH}.yml\n\
+                    \x20 - project: $CI_PROJECT_NAME/lib\n    ref: $REF\n    file: jobs/${CI_COMMIT_BRANCH}.yml\n";
+        let p = parse_with(main, &c, &opts, &files).unwrap();
+        assert_eq!(names(&p), ["from-local", "from-lib"]);
+        assert_eq!(*asked.lock().unwrap(), ["demo/lib:jobs/main.yml@v2"]);
+        // The file's own `variables:` are not used, as on GitLab.
+        let e = parse_with(
+            "variables: {DIR: ci}\ninclude:\n  - local: $DIR/main.yml\n",
+            &c,
+            &opts,
+            &files,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            ".gitlab-ci.yml:3:5: include[0].local: include `$DIR/main.yml`: variable `DIR` is not \
+             defined here; GitLab expands only project, group and instance variables (give them \
+             with --var DIR=VALUE) and predefined ones in `include:`, not those of `variables:`"
+        );
+        // `$$` is a dollar; a remote URL is expanded before it is checked.
+        opts.remote_includes = crate::RemoteIncludes::with(|url| {
+            assert_eq!(url, "https://ci.example.com/v2/a$b.yml");
+            Ok("r:\n  script: x\n".into())
+        });
+        let p = parse_with(
+            "include: https://ci.example.com/$REF/a$$b.yml\n",
+            &c,
+            &opts,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(names(&p), ["r"]);
+    }
+
+    #[test]
+    fn remote_includes_with_integrity_are_checked() {
+        // sha256-$(printf 'r:\n  script: x\n' | openssl dgst -sha256 -binary | base64)
+        let good = "sha256-PxiQ6AY3ZcvkLvgN2ucmqUxrUNOLYjWxS+KExwOl/us=";
+        let (opts, _) = serving(&[("https://ci.example.com/r.yml", "r:\n  script: x\n")]);
+        let parse = |sri: &str| {
+            parse_with(
+                &format!(
+                    "include:\n  - remote: https://ci.example.com/r.yml\n    integrity: '{sri}'\n"
+                ),
+                &ctx(),
+                &opts,
+                &[],
+            )
+        };
+        assert_eq!(names(&parse(good).unwrap()), ["r"]);
+        let other = "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
+        let e = parse(other).unwrap_err();
+        let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+        assert_eq!(
+            chain,
+            format!(
+                ".gitlab-ci.yml:2:3: cannot read included file `https://ci.example.com/r.yml`: \
+                 integrity check failed: `integrity:` wants {other} but the file is {good}; the \
+                 file changed since `integrity` was written: check the new version, then update \
+                 `integrity`"
+            )
+        );
+        for bad in ["sha512-abc", "sha256-not base64!", "sha256-YWJj"] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(
+                e.starts_with(".gitlab-ci.yml:3:5: include[0].integrity: `integrity` must be"),
+                "{bad}: {e}"
+            );
+        }
     }
 }

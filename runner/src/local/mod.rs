@@ -33,11 +33,14 @@ use results::{Ended, Results};
 
 pub mod artifacts;
 mod copy;
+pub mod gitlab_include;
 pub mod pipeline_args;
 pub mod plan;
 pub mod remote_include;
 mod results;
 pub mod stage;
+#[cfg(test)]
+mod test_http;
 
 pub use artifacts::{
     check_artifacts_target, collect_artifacts, copy_tree, job_dir_name, Collected, ARTIFACTS_MARKER,

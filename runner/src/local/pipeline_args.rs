@@ -49,6 +49,23 @@ pub struct PipelineArgs {
     /// (fetched by an earlier run), without the network.
     #[arg(long)]
     offline: bool,
+    /// GitLab server whose API reads `include: project` and `include:
+    /// component` files (e.g. https://gitlab.com); cached like remote
+    /// includes, so --offline works once they were read. Not taken from
+    /// CI_SERVER_URL: kiln inside a GitLab job (a test suite) must not
+    /// reach the network unasked.
+    #[arg(long = "gitlab-url", env = "KILN_GITLAB_URL", value_name = "URL")]
+    gitlab_url: Option<String>,
+    /// Access token for --gitlab-url (read_api scope), for private
+    /// projects; prefer the GITLAB_TOKEN variable (a flag shows in `ps`).
+    /// Never printed.
+    #[arg(
+        long = "gitlab-token",
+        env = "GITLAB_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    gitlab_token: Option<super::gitlab_include::Token>,
     /// kiln's cache directory: remote includes are kept there (set by
     /// `main`; without it remote includes are skipped with a warning).
     #[arg(skip)]
@@ -77,6 +94,14 @@ impl PipelineArgs {
                 self.offline,
                 opts.limits.max_file_bytes,
             );
+            if let Some(url) = &self.gitlab_url {
+                let client = super::gitlab_include::GitlabClient::new(
+                    url,
+                    self.gitlab_token.clone(),
+                    fetcher.clone(),
+                )?;
+                opts.gitlab_api = kiln_pipelines::GitlabApi::with(client);
+            }
             opts.remote_includes = fetcher.hook();
         }
         if self.force {

@@ -94,6 +94,14 @@ impl RemoteFetcher {
     /// The text of `url`: from the server (then cached), or with
     /// `offline` from the cache only.
     pub fn fetch(&self, url: &str) -> Result<String, RemoteIncludeError> {
+        self.fetch_with(url, None)
+    }
+
+    /// As [`fetch`](Self::fetch), sending `token` as `Authorization:
+    /// Bearer` (marked sensitive: never logged, and dropped by the HTTP
+    /// client on a redirect to another host or port). The cache is keyed by
+    /// the URL alone: the token is never written anywhere.
+    pub fn fetch_with(&self, url: &str, token: Option<&str>) -> Result<String, RemoteIncludeError> {
         let parsed = reqwest::Url::parse(url).map_err(|_| RemoteIncludeError::Scheme)?;
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(RemoteIncludeError::Scheme);
@@ -111,7 +119,7 @@ impl RemoteFetcher {
                 Err(source) => Err(RemoteIncludeError::Cache { path, source }),
             };
         }
-        let text = self.download(parsed)?;
+        let text = self.download(parsed, token)?;
         if let Err(e) = self.store(&path, &text) {
             // The pipeline still loads; only --offline will miss it.
             tracing::warn!(url, path = %path.display(), "cannot cache a remote include: {e}");
@@ -137,7 +145,11 @@ impl RemoteFetcher {
         })
     }
 
-    fn download(&self, url: reqwest::Url) -> Result<String, RemoteIncludeError> {
+    fn download(
+        &self,
+        url: reqwest::Url,
+        token: Option<&str>,
+    ) -> Result<String, RemoteIncludeError> {
         let loopback = url.host_str().is_some_and(|h| {
             h == "localhost"
                 || h.trim_start_matches('[')
@@ -169,9 +181,19 @@ impl RemoteFetcher {
             .build()
             .map_err(|e| RemoteIncludeError::Unreachable(error_chain(&e)))?;
         let max = self.max_bytes;
+        let mut request = client.get(url);
+        if let Some(token) = token {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| {
+                    RemoteIncludeError::Unreachable(
+                        "the token has characters an HTTP header cannot carry".into(),
+                    )
+                })?;
+            value.set_sensitive(true);
+            request = request.header(reqwest::header::AUTHORIZATION, value);
+        }
         let get = async move {
-            let mut resp = client
-                .get(url)
+            let mut resp = request
                 .send()
                 .await
                 .map_err(|e| RemoteIncludeError::Unreachable(error_chain(&e.without_url())))?;
@@ -243,81 +265,8 @@ impl RemoteFetcher {
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Read, Write};
-    use std::net::TcpListener;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
-
+    use super::super::test_http::{ok, serve};
     use super::*;
-
-    /// An HTTP/1.1 server on 127.0.0.1 that answers each path with a fixed
-    /// raw response (404 for others) and records the paths asked for.
-    struct Server {
-        url: String,
-        hits: Arc<Mutex<Vec<String>>>,
-        stop: Arc<AtomicBool>,
-        thread: Option<std::thread::JoinHandle<()>>,
-    }
-
-    fn ok(body: &str) -> String {
-        format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-    }
-
-    fn serve(routes: Vec<(&'static str, String)>) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let hits = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (h, st) = (hits.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            while !st.load(Ordering::Relaxed) {
-                let Ok((mut conn, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(5));
-                    continue;
-                };
-                conn.set_nonblocking(false).unwrap();
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let req = String::from_utf8_lossy(&req);
-                let path = req.split(' ').nth(1).unwrap_or("").to_string();
-                h.lock().unwrap().push(path.clone());
-                let resp = routes
-                    .iter()
-                    .find(|(p, _)| *p == path)
-                    .map(|(_, r)| r.clone())
-                    .unwrap_or_else(|| {
-                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                            .into()
-                    });
-                let _ = conn.write_all(resp.as_bytes());
-            }
-        });
-        Server {
-            url,
-            hits,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    impl Drop for Server {
-        fn drop(&mut self) {
-            self.stop.store(true, Ordering::Relaxed);
-            if let Some(t) = self.thread.take() {
-                let _ = t.join();
-            }
-        }
-    }
 
     fn fetcher(dir: &Path, offline: bool) -> RemoteFetcher {
         RemoteFetcher::new(dir, offline, 1024).with_timeout(Duration::from_secs(20))
