@@ -7,5 +7,6 @@ pub mod fake_gitlab;
 pub mod fake_server;
 pub mod fixtures;
 pub mod harness;
+pub mod lab_registry;
 pub mod nested;
 pub mod netlab;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use kiln_testkit::{self as testkit, Need};
 use kiln_tests::harness::{self, assert_no_leaks};
+use kiln_tests::lab_registry::{self, LabRegistry, MANIFEST_TYPE, REGISTRY_PORT};
 use kiln_tests::netlab::*;
 use sha2::{Digest, Sha256};
 
@@ -20,6 +21,12 @@ fn needs() -> Vec<Need> {
         testkit::tool("iptables", "iptables"),
     ];
     n.extend(harness::vm());
+    n
+}
+
+fn registry_needs() -> Vec<Need> {
+    let mut n = needs();
+    n.push(testkit::tool("docker-registry", "docker-registry"));
     n
 }
 
@@ -133,20 +140,68 @@ fn blob() -> Vec<u8> {
         .collect()
 }
 
+/// What a job pulls from the lab's registry ([`download_by_name`] with
+/// `pull`): the manifest's and the layer's digests to find in its output.
+struct Pulled {
+    manifest: String,
+    layer: String,
+}
+
+/// Start the test registry in the lab's outside namespace, push an image
+/// to it, and return the guest script that pulls it by name with busybox
+/// `wget` over the registry HTTP API (the manifest, then the layer it
+/// names) and checks both digests with `sha256sum`.
+fn registry_pull(lab: &Lab, dir: &Path) -> (LabRegistry, String, Pulled) {
+    let registry = LabRegistry::start(lab, dir).unwrap();
+    // 256 KiB unlike the downloaded blob.
+    let layer: Vec<u8> = blob().iter().take(256 << 10).map(|b| b ^ 0xa5).collect();
+    let (_, manifest) = registry.push_image("kiln/pull", "v1", &layer).unwrap();
+    let base = format!("http://{FILE_HOST}:{REGISTRY_PORT}/v2/kiln/pull");
+    let script = format!(
+        "wget -q -O /tmp/m --header 'Accept: {MANIFEST_TYPE}' {base}/manifests/v1 || \
+         {{ echo REGISTRY-FAILED manifest; exit 1; }}; sha256sum /tmp/m; \
+         l=$(grep -o 'sha256:[0-9a-f]*' /tmp/m | tail -n 1); \
+         wget -q -O /tmp/l {base}/blobs/$l || {{ echo REGISTRY-FAILED blob $l; exit 1; }}; \
+         [ \"$(sha256sum /tmp/l | cut -d' ' -f1)\" = \"${{l#sha256:}}\" ] && echo LAYER-VERIFIED $l"
+    );
+    let pulled = Pulled {
+        manifest: manifest.trim_start_matches("sha256:").to_string(),
+        layer: lab_registry::digest(&layer),
+    };
+    (registry, script, pulled)
+}
+
 /// A job downloads a file by name (the outside DNS server answers it)
 /// and checks its SHA-256; the job's name-service files are kiln's.
-fn download_by_name(tag: &str, mode: &str, resolver: &str, user: Option<&Unprivileged>) {
+/// `pull`: the same VM also pulls from the local test registry
+/// ([`registry_pull`]).
+fn download_by_name(
+    tag: &str,
+    mode: &str,
+    resolver: &str,
+    user: Option<&Unprivileged>,
+    pull: bool,
+) {
     let lab = Lab::new(tag).unwrap();
     let body = blob();
     let want = hex::encode(Sha256::digest(&body));
     lab.http_server(&lab.outside, body).unwrap();
     lab.dns_server().unwrap();
     let dir = harness::run_dir(&format!("net-{tag}"));
-    let script = format!(
+    let mut script = format!(
         "set -e; cat /etc/resolv.conf; echo host=$(hostname); grep -c localhost /etc/hosts; \
          wget -q -O /tmp/f http://{FILE_HOST}:{HTTP_PORT}/blob || \
          {{ echo DOWNLOAD-FAILED; ip addr; ip route; nslookup {FILE_HOST}; exit 1; }}; sha256sum /tmp/f"
     );
+    // The registry's storage lives outside the job's run directory, which
+    // must be left empty.
+    let registry_dir = harness::run_dir(&format!("net-{tag}-registry"));
+    let pulled = pull.then(|| {
+        let (registry, pull, pulled) = registry_pull(&lab, &registry_dir);
+        script.push_str("; ");
+        script.push_str(&pull);
+        (registry, pulled)
+    });
     let o = match user {
         None => run(&lab, &dir, mode, &script),
         Some(u) => {
@@ -165,16 +220,28 @@ fn download_by_name(tag: &str, mode: &str, resolver: &str, user: Option<&Unprivi
     assert!(out.contains(&format!("{want}  /tmp/f")), "{out}");
     assert!(out.contains(&format!("nameserver {resolver}")), "{out}");
     assert!(out.contains("host=kiln"), "{out}");
+    if let Some((registry, pulled)) = pulled {
+        assert!(
+            out.contains(&format!("{}  /tmp/m", pulled.manifest)),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("LAYER-VERIFIED {}", pulled.layer)),
+            "{out}"
+        );
+        drop(registry);
+    }
+    let _ = std::fs::remove_dir_all(&registry_dir);
     assert_no_leaks(&dir);
     assert_eq!(leftovers(&lab, &dir), Vec::<String>::new());
 }
 
-fn downloads_a_file_by_name_over_nat() {
-    download_by_name("dl", "nat", "10.213.", None);
+fn downloads_by_name_and_pulls_from_the_registry_over_nat() {
+    download_by_name("dl", "nat", "10.213.", None, true);
 }
 
 fn user_mode_downloads_through_passt() {
-    download_by_name("us", "user", "10.0.2.3", None);
+    download_by_name("us", "user", "10.0.2.3", None, false);
 }
 
 /// `nobody`, with a home of its own under the test root: kiln's cache (the
@@ -272,7 +339,7 @@ fn user_mode_works_as_an_unprivileged_user() {
         "not unprivileged: {id}"
     );
     drop(lab);
-    download_by_name("un", "user", "10.0.2.3", Some(&u));
+    download_by_name("un", "user", "10.0.2.3", Some(&u), false);
 }
 /// The guest script that tries `targets` on the HTTP port and reports one
 /// line per target: `TRY <addr> secs=<n> [<reply or error>]`.
@@ -620,9 +687,9 @@ fn spoofed_source_addresses_and_macs_are_dropped() {
 fn main() -> std::process::ExitCode {
     kiln_testkit::Suite::new()
         .test(
-            "downloads_a_file_by_name_over_nat",
-            &needs(),
-            downloads_a_file_by_name_over_nat,
+            "downloads_by_name_and_pulls_from_the_registry_over_nat",
+            &registry_needs(),
+            downloads_by_name_and_pulls_from_the_registry_over_nat,
         )
         .test(
             "cannot_reach_the_host_metadata_private_or_denied_networks",
