@@ -7,7 +7,9 @@
 //! read-only), the host's `/lib*`, `/bin`, `/sbin` symlinks into it (or
 //! read-only binds where they are directories), `/etc/ld.so.cache`, the
 //! kernel and initramfs (read-only, at [`KERNEL`] and [`INITRD`]),
-//! `/dev/null`, `/dev/urandom`, and `/dev/kvm` only with `-accel kvm` — and
+//! `/dev/null`, `/dev/urandom`, and `/dev/kvm` only with `-accel kvm` (a
+//! node of the VM's own, `<run_dir>/kvm`, owned by its uid, mode 0600, as
+//! Firecracker's jailer makes one: the host's may be 0600 root) — and
 //! the console socket ([`CONSOLE`], owned by the VM's uid). Disks, the TAP
 //! and passt's connection are descriptors QEMU inherits (`-add-fd`,
 //! `fd=`), opened by kiln, so QEMU needs no path for them and no write
@@ -19,7 +21,7 @@
 //! the VM's uid, and ends as QEMU ended), new mount, IPC, UTS and network
 //! namespaces, the binds, `pivot_root` into the root (then read-only), the
 //! capability bounding set cleared, the per-VM uid/gid (no supplementary
-//! group but `/dev/kvm`'s with `-accel kvm`; no capability left),
+//! group; no capability left),
 //! `no_new_privs`. A step that fails ends the child with a message on
 //! QEMU's stderr naming it: kiln reports it as the start's failure.
 
@@ -67,7 +69,8 @@ pub struct QemuJail {
     binds: Vec<Bind>,
     uid: u32,
     gid: u32,
-    /// Supplementary groups: `/dev/kvm`'s with `-accel kvm`, else none.
+    /// Supplementary groups: none (QEMU reaches KVM through a node of its
+    /// own uid).
     groups: Vec<libc::gid_t>,
     /// QEMU's executable as an absolute path (it is looked up in `PATH`
     /// before the jail hides the host).
@@ -163,12 +166,24 @@ impl QemuJail {
             jail.bind(Path::new(dev), Path::new(dev), BindKind::Device)?;
         }
         if kvm {
+            // A /dev/kvm node of the VM's own, as Firecracker's jailer
+            // makes one in its chroot: the host's node is often 0600
+            // root (no udev rule for group kvm, e.g. in a nested L1), and
+            // QEMU opens it by path as the VM's uid.
             let dev = Path::new("/dev/kvm");
             let meta = std::fs::metadata(dev).map_err(io("/dev/kvm"))?;
-            jail.bind(dev, dev, BindKind::Device)?;
-            if meta.gid() != 0 {
-                jail.groups.push(meta.gid());
+            let node = run_dir.join("kvm");
+            let node_c = c_path(&node)?;
+            // SAFETY: mknod on a NUL-terminated path alive across the call;
+            // it only creates a node in kiln's own per-VM run directory.
+            if unsafe { libc::mknod(node_c.as_ptr(), libc::S_IFCHR | 0o600, meta.rdev()) } != 0 {
+                return Err(io("QEMU's jail: a /dev/kvm node")(
+                    std::io::Error::last_os_error(),
+                ));
             }
+            std::os::unix::fs::chown(&node, Some(uid), Some(gid))
+                .map_err(io("QEMU's jail: a /dev/kvm node"))?;
+            jail.bind(&node, dev, BindKind::Device)?;
         }
         Ok(jail)
     }
@@ -497,5 +512,47 @@ mod tests {
             "{:?}",
             jail.binds
         );
+    }
+
+    #[test]
+    fn with_kvm_the_vm_gets_a_kvm_node_of_its_own() {
+        use std::os::unix::fs::FileTypeExt;
+        let Ok(host) = std::fs::metadata("/dev/kvm") else {
+            eprintln!("skipped: no /dev/kvm here");
+            return;
+        };
+        if is_root() {
+            let tmp = tempfile::tempdir().unwrap();
+            let kernel = tmp.path().join("k");
+            let initrd = tmp.path().join("i");
+            std::fs::write(&kernel, b"k").unwrap();
+            std::fs::write(&initrd, b"i").unwrap();
+            let jail = QemuJail::prepare(
+                tmp.path(),
+                &kernel,
+                &initrd,
+                Path::new("sh"),
+                true,
+                64002,
+                64003,
+            )
+            .unwrap();
+            let node = std::fs::metadata(tmp.path().join("kvm")).unwrap();
+            assert!(node.file_type().is_char_device());
+            assert_eq!(node.rdev(), host.rdev(), "the same device as the host's");
+            assert_eq!((node.uid(), node.gid()), (64002, 64003));
+            assert_eq!(node.mode() & 0o777, 0o600);
+            assert!(tmp.path().join("root/dev/kvm").exists(), "its mount point");
+            assert!(jail.groups.is_empty());
+        } else {
+            eprintln!("skipped: making a device node needs root");
+        }
+    }
+
+    fn is_root() -> bool {
+        std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
     }
 }
