@@ -401,6 +401,9 @@ impl Executor {
             }
         };
         result.backend = machine.describe();
+        if ready.is_some() {
+            result.backend.push_str(", from a snapshot");
+        }
         let timeout = job.timeout.unwrap_or(self.config.default_job_timeout);
         let run = Run {
             job,
