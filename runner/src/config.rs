@@ -151,6 +151,10 @@ pub struct RunnerConfig {
     /// as `--isolation` takes it.
     #[serde(default, with = "isolation_name")]
     pub isolation: IsolationMode,
+    /// Start jobs from a VM snapshot where one can be used (kvm backend,
+    /// no network); `false`: every job boots.
+    #[serde(default = "yes")]
+    pub snapshots: bool,
     /// Jobs' network: `auto` (`nat` where possible, else `user`), `nat`,
     /// `user` or `none` (see docs/network.md).
     #[serde(default = "auto")]
@@ -176,6 +180,10 @@ pub struct RunnerConfig {
 
 fn auto() -> String {
     "auto".into()
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn network_pool() -> String {
@@ -437,6 +445,11 @@ image = "/images/debian"
         let back: Config = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
         assert_eq!(back.runners[0].backend, BackendKind::Qemu);
         assert_eq!(c.runners[0].isolation, IsolationMode::BestEffort);
+        assert!(c.runners[0].snapshots, "on unless turned off");
+        let off: Config =
+            toml::from_str("[[runners]]\nname='a'\nurl='https://x'\ntoken='t'\nsnapshots=false\n")
+                .unwrap();
+        assert!(!off.runners[0].snapshots);
         let c: Config = toml::from_str(
             "[[runners]]\nname='a'\nurl='https://x'\ntoken='t'\nisolation='strict'\n",
         )

@@ -139,6 +139,10 @@ struct VmArgs {
     /// start a VM when part of it cannot be applied), best-effort or off.
     #[arg(long, default_value = "best-effort", env = "KILN_ISOLATION")]
     isolation: kiln_vmm::IsolationMode,
+    /// Boot every job instead of restoring it from a VM snapshot (kvm
+    /// backend, jobs without a network; see `kiln snapshot ls`).
+    #[arg(long)]
+    no_snapshot: bool,
     /// Guest kernel (vmlinux or bzImage); default: the cached Debian cloud kernel.
     #[arg(long, env = "KILN_KERNEL")]
     kernel: Option<PathBuf>,
@@ -405,6 +409,7 @@ fn executor_config(vm: &VmArgs, cache_dir: PathBuf, env: &Env) -> Result<Executo
         .agent(vm.agent.clone())
         .backend(vm.backend)
         .isolation(vm.isolation)
+        .snapshots(!vm.no_snapshot)
         .vmm_program(env.vmm())
         .vcpus(vm.cpus)
         .memory_mib(vm.memory)

@@ -6,7 +6,7 @@
 //! when it is looked up (and listed as stale). `kiln snapshot ls|rm` and
 //! `kiln doctor` show them.
 //!
-//! Not yet used by the executor: every job cold-boots (see the
+//! The executor takes and restores them (`executor/snapshot.rs`; the
 //! "Snapshots" section of docs/architecture.md).
 
 use std::fs::File;

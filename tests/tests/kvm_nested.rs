@@ -33,6 +33,7 @@ const SUITE: &[&str] = &[
     "kvm_two_vcpus_run_the_job",
     "kvm_guest_kernel_panic_is_a_system_failure_with_the_log_kept",
     "kvm_guest_reset_ends_the_vm_as_a_system_failure",
+    "kvm_jobs_from_a_snapshot_match_cold_boot_and_share_nothing",
 ];
 
 fn job(script: &str) -> JobSpec {
@@ -208,6 +209,8 @@ async fn kvm_guest_that_never_answers_is_killed_at_the_boot_timeout() {
         |c| {
             c.agent = busybox;
             c.boot_timeout = Duration::from_secs(20);
+            // A snapshot attempt would wait for the boot timeout as well.
+            c.snapshots = false;
         },
         &mut BufferSink::default(),
         rx,
@@ -324,6 +327,53 @@ async fn kvm_guest_reset_ends_the_vm_as_a_system_failure() {
     );
 }
 
+/// Issue 15: the same job cold-booted and twice restored from one snapshot
+/// (the first restore takes it): the same output, but each restored job
+/// reads its own `/dev/urandom` bytes (the CRNG `getrandom()` also reads)
+/// and boot id, and finds nothing the previous one wrote.
+async fn kvm_jobs_from_a_snapshot_match_cold_boot_and_share_nothing() {
+    let script = "echo same; uname -r; \
+        for f in /dev/shm/mark /tmp/mark; do test -e $f && echo SEEN $f || true; done; \
+        echo x > /dev/shm/mark; echo x > /tmp/mark; \
+        echo rand=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'); \
+        echo boot=$(cat /proc/sys/kernel/random/boot_id)";
+    let j = job(script);
+    let mut runs = Vec::new();
+    for (name, snapshots) in [
+        ("kvm-snap-cold", false),
+        ("kvm-snap-a", true),
+        ("kvm-snap-b", true),
+    ] {
+        let (_tx, rx) = tokio::sync::watch::channel(None);
+        let mut sink = BufferSink::default();
+        let r = run_kvm(name, &j, |c| c.snapshots = snapshots, &mut sink, rx, None).await;
+        assert!(r.success(), "{name}: {} {}", r.summary(), serial_log(&r));
+        assert_eq!(
+            r.backend.contains("from a snapshot"),
+            snapshots,
+            "{name}: {}",
+            r.backend
+        );
+        let out = String::from_utf8_lossy(&step_output(&sink, 0, Stream::Stdout)).to_string();
+        runs.push(out);
+    }
+    let line = |out: &str, key: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {out}"))
+            .to_string()
+    };
+    let head = |out: &str| out.lines().take(2).collect::<Vec<_>>().join("\n");
+    for out in &runs {
+        assert_eq!(head(out), head(&runs[0]), "same output as cold boot");
+        assert!(!out.contains("SEEN"), "a job saw another's write: {out}");
+        assert_eq!(line(out, "rand=").len(), 32, "{out}");
+    }
+    let (a, b) = (&runs[1], &runs[2]);
+    assert_ne!(line(a, "rand="), line(b, "rand="), "same random bytes");
+    assert_ne!(line(a, "boot="), line(b, "boot="), "same boot id");
+}
+
 /// Where the host cannot boot Linux on the kvm backend, run every `kvm_*`
 /// test above inside an L1 VM that can (QEMU TCG emulating AMD-V).
 fn kvm_suite_runs_in_a_nested_l1_vm() {
@@ -436,6 +486,11 @@ fn main() -> std::process::ExitCode {
             "kvm_guest_reset_ends_the_vm_as_a_system_failure",
             &[harness::busybox(), harness::hardware_kvm()],
             kvm_guest_reset_ends_the_vm_as_a_system_failure,
+        )
+        .tokio(
+            "kvm_jobs_from_a_snapshot_match_cold_boot_and_share_nothing",
+            &[harness::busybox(), harness::hardware_kvm()],
+            kvm_jobs_from_a_snapshot_match_cold_boot_and_share_nothing,
         )
         .test(
             "kvm_suite_runs_in_a_nested_l1_vm",

@@ -62,6 +62,9 @@ pub struct ExecutorConfig {
     pub qemu: QemuOptions,
     /// The jobs' network (`crate::network`); default: none.
     pub network: crate::network::NetworkConfig,
+    /// Start jobs from a snapshot where one can be used (kvm backend, no
+    /// network); default: on.
+    pub snapshots: bool,
 }
 
 /// Why an [`ExecutorConfig`] could not be built.
@@ -123,6 +126,7 @@ pub struct ExecutorConfigBuilder {
     serial_log: Option<PathBuf>,
     qemu: QemuOptions,
     network: crate::network::NetworkConfig,
+    snapshots: bool,
 }
 
 impl ExecutorConfig {
@@ -151,6 +155,7 @@ impl ExecutorConfig {
             serial_log: None,
             qemu: QemuOptions::default(),
             network: crate::network::NetworkConfig::default(),
+            snapshots: true,
         }
     }
 }
@@ -263,6 +268,13 @@ impl ExecutorConfigBuilder {
         self
     }
 
+    /// Start jobs from a snapshot where one can be used (default on;
+    /// `snapshots = false`, `--no-snapshot`: every job boots).
+    pub fn snapshots(mut self, on: bool) -> Self {
+        self.snapshots = on;
+        self
+    }
+
     /// Find the kernel and the agent; the configuration.
     pub fn build(self) -> Result<ExecutorConfig, ExecutorConfigError> {
         let kernel = match self.kernel {
@@ -307,6 +319,7 @@ impl ExecutorConfigBuilder {
             serial_log: self.serial_log,
             qemu: self.qemu,
             network: self.network,
+            snapshots: self.snapshots,
         })
     }
 }

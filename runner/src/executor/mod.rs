@@ -30,6 +30,7 @@ mod config;
 mod conversation;
 mod outcome;
 mod services;
+mod snapshot;
 mod steps;
 mod workflow;
 
@@ -41,6 +42,7 @@ pub use config::{
 };
 pub use outcome::{error_chain, human_bytes, FailureReason, JobResult};
 pub use services::{DEFAULT_SERVICES_WAIT, HEALTHCHECK_PORT_VAR, WAIT_VAR};
+pub use snapshot::SnapshotStartError;
 pub use steps::build_start;
 
 use conversation::Conversation;
@@ -54,6 +56,8 @@ pub struct Executor {
     kvm: KvmSupport,
     initramfs: PathBuf,
     networks: crate::network::Networks,
+    /// Jobs from a snapshot (`snapshot`).
+    snapshots: snapshot::Snapshots,
     /// Most artifact bytes (file contents) one job may send back.
     max_artifact_bytes: u64,
     /// Most bytes (file contents) of one cache a job may send back.
@@ -97,6 +101,9 @@ struct Run<'a> {
     cancel: &'a mut watch::Receiver<Option<bool>>,
     /// Where to extract the artifacts, and where to spool their tar.
     artifacts: Option<(&'a Path, PathBuf)>,
+    /// A VM restored from a snapshot: its agent's `Ready`, already
+    /// received (the handshake is done).
+    ready: Option<proto::Ready>,
     /// Where to extract the caches' files, and where to spool their tars.
     caches: Option<(&'a Path, PathBuf)>,
 }
@@ -145,12 +152,14 @@ impl Executor {
         let initramfs = kiln_images::build_initramfs(&cache, &config.agent, &config.kernel)
             .map_err(ExecutorError::Initramfs)?;
         let images = Images::new(cache, config.images.clone()).map_err(ExecutorError::Images)?;
+        let snapshots = snapshot::Snapshots::new(&config.cache_dir);
         Ok(Executor {
             config,
             images,
             kvm,
             initramfs,
             networks,
+            snapshots,
             max_artifact_bytes: proto::MAX_ARTIFACT_BYTES,
             max_cache_bytes: proto::MAX_ARTIFACT_BYTES,
         })
@@ -380,8 +389,11 @@ impl Executor {
             network: network.machine(),
         };
         let boot_started = Instant::now();
-        let (machine, console) = match Machine::start(mconfig, self.config.backend, &self.kvm).await
-        {
+        let root = snapshot::JobRoot {
+            rootfstype: &rootfs.fstype,
+            workdir: workspace.as_ref().map(|_| start.workdir.as_str()),
+        };
+        let (machine, console, ready) = match self.start_vm(mconfig, &dir.0, root).await {
             Ok(m) => m,
             Err(e) => {
                 result.failure = Some(FailureReason::RunnerSystemFailure(error_chain(&e)));
@@ -389,6 +401,9 @@ impl Executor {
             }
         };
         result.backend = machine.describe();
+        if ready.is_some() {
+            result.backend.push_str(", from a snapshot");
+        }
         let timeout = job.timeout.unwrap_or(self.config.default_job_timeout);
         let run = Run {
             job,
@@ -397,6 +412,7 @@ impl Executor {
             boot_started,
             timeout,
             cancel: &mut cancel,
+            ready,
             artifacts: artifacts_to.map(|to| (to, dir.0.join("artifacts.tar"))),
             caches: collect.caches_to.map(|to| (to, dir.0.clone())),
         };
@@ -493,7 +509,10 @@ impl Executor {
         run: &mut Run<'_>,
     ) -> Result<(), Early> {
         let mut io = Conversation::new(machine, console, run.cancel, self.config.boot_timeout);
-        let ready = io.handshake(run.job, run.sink).await?;
+        let ready = match run.ready.take() {
+            Some(ready) => ready,
+            None => io.handshake(run.job, run.sink).await?,
+        };
         if ready.protocol != proto::PROTOCOL_VERSION {
             return Err(sys(format!(
                 "the guest agent speaks protocol {} but kiln speaks {}; rebuild the agent",

@@ -123,6 +123,7 @@ fn executor_config(config: &Config, r: &RunnerConfig) -> Result<ExecutorConfig, 
     .agent(config.agent.clone())
     .backend(r.backend)
     .isolation(r.isolation)
+    .snapshots(r.snapshots)
     .vmm_program(config.vmm.clone())
     .vcpus(r.cpus)
     .memory_mib(r.memory)

@@ -69,6 +69,13 @@ pub enum Error {
     Artifacts(#[source] io::Error),
     #[error("network: {0}")]
     Network(String),
+    #[error("refused the host's Resume: {0}")]
+    BadResume(String),
+    #[error("could not {what} after a restore")]
+    Identity {
+        what: &'static str,
+        source: io::Error,
+    },
     #[error("network: could not {what} {iface}")]
     NetIoctl {
         what: String,

@@ -2,6 +2,7 @@
 //!
 //! - `boot`: API filesystems, kernel modules, the command line, devices;
 //! - `disks`: the job's root filesystem (image, scratch, overlay, workspace);
+//! - `identity`: a fresh identity after a restore from a snapshot (`Resume`);
 //! - `port`: the protocol's virtio-console port;
 //! - `session`: the frame loop (`Ready`, `Start`, `ServiceStatus`, `RunStep`,
 //!   `CollectArtifacts`, `Cancel`, `Finish`, `Done`);
@@ -19,6 +20,7 @@ mod artifacts;
 mod boot;
 mod disks;
 mod error;
+mod identity;
 mod job;
 mod net;
 mod port;
@@ -30,7 +32,7 @@ mod sys;
 
 use std::time::Duration;
 
-use kiln_agent::proto::{self, Fatal, Frame, Ready};
+use kiln_agent::proto::{self, Fatal, Frame, Ready, Resume};
 
 use error::Result;
 use port::Port;
@@ -60,21 +62,50 @@ pub fn main() {
     std::process::exit(if ok { 0 } else { 1 });
 }
 
-/// Boot, tell the host we are ready, serve the job.
+/// Boot, tell the host we are ready, serve the job. Booted to be
+/// snapshotted (`kiln.snapshot=wait`): tell the host we are ready before
+/// anything of a job is there, wait (the snapshot is taken here) for
+/// `Resume`, take its fresh identity, then mount the job's disks and go on
+/// as a cold boot does.
 fn run(port_slot: &mut Option<Port>) -> Result<()> {
     boot::mount_early()?;
     let cmdline = boot::cmdline();
     boot::load_modules()?;
     let port = port_slot.insert(Port::open()?);
 
-    disks::mount_root(&cmdline)?;
-    sys::sethostname("kiln");
+    if boot::cmdline_value(&cmdline, proto::CMDLINE_SNAPSHOT) == Some(proto::SNAPSHOT_WAIT) {
+        // 0 in the snapshot: every restored VM starts from it.
+        let mut generation = 0u64;
+        port.send(&ready())?;
+        let Some(resume) = wait_for_resume(port)? else {
+            return port.send(&Frame::Done);
+        };
+        identity::apply(&resume, &mut generation, &mut identity::Guest)?;
+        disks::mount_root(&disks::RootPlan::from_resume(&resume))?;
+    } else {
+        disks::mount_root(&disks::RootPlan::from_cmdline(&cmdline))?;
+        sys::sethostname("kiln");
+    }
+    port.send(&ready())?;
+    session::serve(port)
+}
 
-    port.send(&Frame::Ready(Ready {
+fn ready() -> Frame {
+    Frame::Ready(Ready {
         protocol: proto::PROTOCOL_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").into(),
         boot_ms: boot::uptime_ms(),
         kernel: boot::kernel_release(),
-    }))?;
-    session::serve(port)
+    })
+}
+
+/// At the snapshot point: the next `Resume` (`None`: the host cancelled).
+fn wait_for_resume(port: &mut Port) -> Result<Option<Resume>> {
+    loop {
+        match port.read_frame()? {
+            Frame::Resume(r) => return Ok(Some(r)),
+            Frame::Cancel(_) => return Ok(None),
+            other => port.log(&format!("ignoring {} before Resume", other.describe())),
+        }
+    }
 }

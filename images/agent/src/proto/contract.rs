@@ -62,6 +62,13 @@ pub const CMDLINE_WORKDIR: &str = "kiln.workdir";
 pub const CMDLINE_SCRATCH: &str = "kiln.scratch";
 /// The [`CMDLINE_SCRATCH`] value for "no scratch disk".
 pub const SCRATCH_NONE: &str = "none";
+/// Kernel command-line key: `kiln.snapshot=`[`SNAPSHOT_WAIT`] boots a VM to
+/// be snapshotted: the agent sends `Ready` before it mounts anything and
+/// waits for [`Frame::Resume`](super::Frame::Resume), which carries what
+/// the per-job keys above would have said.
+pub const CMDLINE_SNAPSHOT: &str = "kiln.snapshot";
+/// The [`CMDLINE_SNAPSHOT`] value.
+pub const SNAPSHOT_WAIT: &str = "wait";
 
 /// A step's exit code when the agent could not start it (its script or
 /// working directory could not be made, fork failed, it could not enter the

@@ -109,6 +109,15 @@ mod tests {
                     }],
                 }),
             }),
+            Frame::Resume(Resume {
+                generation: 3,
+                entropy: (0..=255).collect(),
+                time_ns: 1_764_500_000_000_000_000,
+                hostname: "kiln".into(),
+                rootfstype: "erofs".into(),
+                workdir: "/builds/x".into(),
+                no_scratch: true,
+            }),
             Frame::ServiceStatus(ServiceStatus {
                 index: 0,
                 healthy: false,

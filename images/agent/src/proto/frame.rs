@@ -31,6 +31,7 @@ pub(super) enum Kind {
     CollectArtifacts = 13,
     ArtifactsEnd = 14,
     ServiceStatus = 15,
+    Resume = 16,
 }
 
 impl Kind {
@@ -51,6 +52,7 @@ impl Kind {
             13 => Kind::CollectArtifacts,
             14 => Kind::ArtifactsEnd,
             15 => Kind::ServiceStatus,
+            16 => Kind::Resume,
             _ => return None,
         })
     }
@@ -81,6 +83,8 @@ pub enum Frame {
     /// Guest -> host: how one of `Start::services` started (one frame per
     /// service, before the first step).
     ServiceStatus(ServiceStatus),
+    /// Host -> guest: the first frame to a VM restored from a snapshot.
+    Resume(Resume),
 }
 
 /// A frame that cannot be encoded, or bytes from the peer that are not a
@@ -125,6 +129,7 @@ impl Frame {
             Frame::CollectArtifacts(v) => json(out, Kind::CollectArtifacts, v),
             Frame::ArtifactsEnd(v) => json(out, Kind::ArtifactsEnd, v),
             Frame::ServiceStatus(v) => json(out, Kind::ServiceStatus, v),
+            Frame::Resume(v) => json(out, Kind::Resume, v),
             Frame::Done => out.push(Kind::Done as u8),
             Frame::Finish => out.push(Kind::Finish as u8),
             Frame::Output { step, stream, data } => {
@@ -168,6 +173,7 @@ impl Frame {
             Frame::CollectArtifacts(_) => "CollectArtifacts".into(),
             Frame::ArtifactsEnd(_) => "ArtifactsEnd".into(),
             Frame::ServiceStatus(s) => format!("ServiceStatus for service {}", s.index),
+            Frame::Resume(r) => format!("Resume (generation {})", r.generation),
         }
     }
 
@@ -202,6 +208,7 @@ impl Frame {
             Kind::CollectArtifacts => Frame::CollectArtifacts(j(k, payload)?),
             Kind::ArtifactsEnd => Frame::ArtifactsEnd(j(k, payload)?),
             Kind::ServiceStatus => Frame::ServiceStatus(j(k, payload)?),
+            Kind::Resume => Frame::Resume(j(k, payload)?),
             Kind::Done | Kind::Finish => {
                 if !payload.is_empty() {
                     return Err(ProtoError::BadBody {

@@ -20,6 +20,74 @@ pub struct Ready {
     pub kernel: String,
 }
 
+/// Host -> guest, first frame to a VM restored from a snapshot (booted with
+/// `kiln.snapshot=wait`): take a fresh identity, then mount the job's disks
+/// (attached after the restore) and send `Ready` again. Every field is
+/// checked in the guest ([`Resume::check`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// Drawn by the host per restore, never 0; the agent refuses one not
+    /// above the generation it holds (0 in the snapshot).
+    pub generation: u64,
+    /// Fresh random bytes for the guest's CRNG,
+    /// [`MIN_RESUME_ENTROPY`]..=[`MAX_RESUME_ENTROPY`].
+    pub entropy: Vec<u8>,
+    /// The host's `CLOCK_REALTIME`, nanoseconds since the epoch.
+    pub time_ns: u64,
+    /// The guest's host name (`kiln` on a cold boot).
+    pub hostname: String,
+    /// What `kiln.rootfstype` would say: the root disk's filesystem.
+    pub rootfstype: String,
+    /// What `kiln.workdir` would say; empty: no workspace disk.
+    #[serde(default)]
+    pub workdir: String,
+    /// What `kiln.scratch=none` would say: no scratch disk.
+    #[serde(default)]
+    pub no_scratch: bool,
+}
+
+/// Fewest entropy bytes a [`Resume`] may carry (256 bits).
+pub const MIN_RESUME_ENTROPY: usize = 32;
+/// Most entropy bytes a [`Resume`] may carry.
+pub const MAX_RESUME_ENTROPY: usize = 512;
+/// Longest host name (`HOST_NAME_MAX`).
+pub const MAX_HOSTNAME: usize = 64;
+
+impl Resume {
+    /// Whether the agent may apply this `Resume` in a VM whose generation
+    /// is `current`: a later generation, enough (and not too much)
+    /// entropy, a host name that is one, a root filesystem type the agent
+    /// mounts, a clean absolute workspace path.
+    pub fn check(&self, current: u64) -> Result<(), String> {
+        if self.generation == 0 || self.generation <= current {
+            return Err(format!(
+                "generation {} is not above {current}: this VM was already resumed",
+                self.generation
+            ));
+        }
+        if !(MIN_RESUME_ENTROPY..=MAX_RESUME_ENTROPY).contains(&self.entropy.len()) {
+            return Err(format!(
+                "{} entropy bytes, not {MIN_RESUME_ENTROPY}..={MAX_RESUME_ENTROPY}",
+                self.entropy.len()
+            ));
+        }
+        if self.hostname.len() > MAX_HOSTNAME || !super::is_host_alias(&self.hostname) {
+            return Err("the host name is not a host name".into());
+        }
+        if !matches!(self.rootfstype.as_str(), "ext4" | "erofs") {
+            return Err("the root filesystem type is neither ext4 nor erofs".into());
+        }
+        if !self.workdir.is_empty()
+            && (!self.workdir.starts_with('/')
+                || self.workdir.split('/').any(|c| c == "..")
+                || self.workdir.contains(char::is_whitespace))
+        {
+            return Err("the workspace directory is not a clean absolute path".into());
+        }
+        Ok(())
+    }
+}
+
 /// Host -> guest: the job's context. Steps follow one at a time as
 /// [`Frame::RunStep`](super::Frame::RunStep); the host decides which steps run (their `when`,
 /// conditions, earlier failures), the agent only runs what it is sent.
@@ -239,6 +307,41 @@ pub struct Fatal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn resume() -> Resume {
+        Resume {
+            generation: 7,
+            entropy: vec![1; 64],
+            time_ns: 1_700_000_000_000_000_000,
+            hostname: "kiln".into(),
+            rootfstype: "erofs".into(),
+            workdir: "/builds/x".into(),
+            no_scratch: false,
+        }
+    }
+
+    #[test]
+    fn a_resume_is_checked_before_it_is_applied() {
+        assert_eq!(resume().check(0), Ok(()));
+        assert_eq!(resume().check(6), Ok(()));
+        type Change = fn(&mut Resume);
+        let bad: [(Change, u64); 9] = [
+            (|_| {}, 7),
+            (|_| {}, 8),
+            (|r| r.generation = 0, 0),
+            (|r| r.entropy = vec![1; MIN_RESUME_ENTROPY - 1], 0),
+            (|r| r.entropy = vec![1; MAX_RESUME_ENTROPY + 1], 0),
+            (|r| r.hostname = "a b".into(), 0),
+            (|r| r.rootfstype = "nfs".into(), 0),
+            (|r| r.workdir = "/a/../etc".into(), 0),
+            (|r| r.workdir = "builds".into(), 0),
+        ];
+        for (change, current) in bad {
+            let mut r = resume();
+            change(&mut r);
+            assert!(r.check(current).is_err(), "{r:?} at {current}");
+        }
+    }
 
     /// Hosts and agents of before the network field understand each other.
     #[test]

@@ -229,6 +229,12 @@ pub(crate) fn restore_machine(
             .lock()
             .map_err(|_| SnapshotError::Device("device lock poisoned".into()))?;
         t.restore_state(ts).map_err(SnapshotError::Device)?;
+        if ts.device_type == crate::kvm::devices::virtio::block::VIRTIO_ID_BLOCK {
+            // The disk may be another file than when the snapshot was taken
+            // (a job's disks are attached after the restore: the snapshot's
+            // were empty): the guest's virtio_blk reads its capacity again.
+            t.config_changed();
+        }
     }
     let pio: Vec<_> = bus.pio_devices().collect();
     if st.pio.len() != pio.len() {

@@ -237,8 +237,11 @@ mod tests {
     use vm_memory::GuestAddress;
 
     use super::*;
-    use crate::kvm::devices::virtio::mmio::tests::init;
-    use crate::kvm::devices::virtio::mmio::{MmioTransport, VIRTIO_F_VERSION_1};
+    use crate::kvm::devices::virtio::mmio::tests::{init, r, w};
+    use crate::kvm::devices::virtio::mmio::{
+        MmioTransport, INT_CONFIG, INT_USED_RING, REG_CONFIG_GENERATION, REG_INTERRUPT_ACK,
+        REG_INTERRUPT_STATUS, VIRTIO_F_VERSION_1,
+    };
     use crate::kvm::devices::virtio::queue::mock::*;
 
     const HDR: u64 = 0x20000;
@@ -285,6 +288,52 @@ mod tests {
         assert_eq!(used_idx(mem), before.wrapping_add(1));
         let st: u8 = mem.read_obj(GuestAddress(ST)).unwrap();
         (st, used_elem(mem, before % 16).1)
+    }
+
+    /// Step 1 of jobs from a snapshot: the snapshot's disk was empty, the
+    /// restored one is the job's; after the restore the driver is told to
+    /// read the configuration again and finds the new capacity, and the
+    /// queue goes on where the snapshot left it.
+    #[test]
+    fn a_disk_restored_with_another_file_signals_its_new_capacity() {
+        let empty = tempfile::NamedTempFile::new().unwrap();
+        let mem = Arc::new(memory());
+        let b = Block::new(empty.reopen().unwrap(), false, false, "kiln-root").unwrap();
+        let mut before = MmioTransport::new(Box::new(b), mem.clone()).unwrap();
+        init(&mut before, VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH);
+        let mut cap = [0u8; 8];
+        before.read(0x100, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 0, "probed empty");
+        let gen_before = r(&mut before, REG_CONFIG_GENERATION);
+        let saved = before.save_state();
+
+        // A fresh transport over the job's 4 KiB disk, in the same memory.
+        let mut job = tempfile::NamedTempFile::new().unwrap();
+        job.write_all(&[7u8; 4096]).unwrap();
+        let b = Block::new(job.reopen().unwrap(), false, false, "kiln-root").unwrap();
+        let mut after = MmioTransport::new(Box::new(b), mem.clone()).unwrap();
+        after.restore_state(&saved).unwrap();
+        assert_eq!(r(&mut after, REG_INTERRUPT_STATUS), 0);
+        after.config_changed();
+        assert_eq!(r(&mut after, REG_INTERRUPT_STATUS) & INT_CONFIG, INT_CONFIG);
+        assert_eq!(after.irq_evt.read().unwrap(), 1, "interrupted");
+        assert_ne!(r(&mut after, REG_CONFIG_GENERATION), gen_before);
+        after.read(0x100, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 8, "the job's disk: 8 sectors");
+        assert_eq!(
+            request(&mem, &mut after, VIRTIO_BLK_T_IN, 7, 512, WRITE),
+            (VIRTIO_BLK_S_OK, 513),
+            "the last sector reads"
+        );
+        w(&mut after, REG_INTERRUPT_ACK, INT_CONFIG | INT_USED_RING);
+        assert_eq!(r(&mut after, REG_INTERRUPT_STATUS), 0);
+
+        // A device no driver activated is not interrupted.
+        let b = Block::new(empty.reopen().unwrap(), false, false, "x").unwrap();
+        let mut idle = MmioTransport::new(Box::new(b), mem).unwrap();
+        idle.config_changed();
+        assert_eq!(r(&mut idle, REG_INTERRUPT_STATUS), 0);
+        assert!(idle.irq_evt.read().is_err(), "no interrupt");
     }
 
     #[test]

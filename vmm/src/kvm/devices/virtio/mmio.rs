@@ -55,6 +55,8 @@ pub const STATUS_FEATURES_OK: u32 = 8;
 pub const STATUS_FAILED: u32 = 0x80;
 
 pub const INT_USED_RING: u32 = 1;
+/// `InterruptStatus` bit 1: the device's configuration changed.
+pub const INT_CONFIG: u32 = 2;
 
 /// What the host side of a device wants from the event loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -324,6 +326,23 @@ impl MmioTransport {
 
     pub fn is_active(&self) -> bool {
         self.activated
+    }
+
+    /// The device's configuration changed under an active driver (a disk
+    /// restored from a snapshot with another backing file: its capacity):
+    /// bump `ConfigGeneration`, set `InterruptStatus` bit 1 and interrupt,
+    /// so the driver reads its configuration again (virtio 1.x, 4.2.2.1).
+    /// Nothing for a device no driver activated (it reads the
+    /// configuration when it does).
+    pub fn config_changed(&mut self) {
+        if !self.activated {
+            return;
+        }
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt_status |= INT_CONFIG;
+        if let Err(e) = self.irq_evt.write(1) {
+            tracing::warn!("virtio-mmio: irqfd write failed: {e}");
+        }
     }
 
     fn signal_used(&mut self) {

@@ -1,0 +1,511 @@
+//! Jobs from a snapshot (kvm backend; docs/architecture.md, "Snapshots").
+//!
+//! A job's VM has a profile: kernel, initramfs (the agent is inside), the
+//! snapshot command line (`kiln.snapshot=wait`, none of the per-job keys),
+//! vCPUs, memory and its devices (disk serials and read-only flags). The
+//! first job of a profile boots a VM for it with empty disks, waits for the
+//! agent's `Ready` (sent before it mounts anything), snapshots it into the
+//! cache and throws it away; every job then restores a new VM from the
+//! snapshot with its own disks (the VMM raises a configuration-change
+//! interrupt for them) and sends `Resume` (fresh identity, what the command
+//! line would have said) before the usual handshake. Any error on this path
+//! is logged and the job cold-boots; so do jobs with a network (the kvm
+//! backend has no network device yet), on the qemu backend, and with
+//! `snapshots = false` / `--no-snapshot`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kiln_agent::proto::{self, Decoder, Frame, Ready, Resume};
+use kiln_vmm::kvm::snapshot::{sha256_of, Profile, SnapshotUse};
+use kiln_vmm::{BackendKind, ConsoleStream, Disk, Machine, MachineConfig, MachineError};
+use tokio::io::AsyncReadExt;
+use tokio::io::AsyncWriteExt;
+
+use super::Executor;
+use crate::snapshots::SnapshotCache;
+
+/// Entropy bytes each restored VM gets.
+const RESUME_ENTROPY: usize = 64;
+
+/// Per restore, never 0 (the agent's generation in the snapshot).
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Why a job could not start from a snapshot (it then cold-boots).
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotStartError {
+    #[error("hashing the kernel and initramfs for the snapshot profile")]
+    Digest(#[source] std::io::Error),
+    #[error("snapshot cache {what}")]
+    Cache {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another job is taking this profile's snapshot")]
+    Busy,
+    #[error("the VM booted for the snapshot: {0}")]
+    Boot(String),
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    #[error("the restored VM's agent: {0}")]
+    Resume(String),
+    #[error("drawing entropy for the restored VM from /dev/urandom")]
+    Entropy(#[source] std::io::Error),
+}
+
+/// The executor's snapshot state: the cache, the kernel's and initramfs's
+/// digests (hashed once), one snapshot taken at a time.
+pub(super) struct Snapshots {
+    cache: SnapshotCache,
+    digests: OnceLock<(String, String)>,
+    taking: tokio::sync::Mutex<()>,
+}
+
+impl Snapshots {
+    pub(super) fn new(cache_root: &Path) -> Snapshots {
+        Snapshots {
+            cache: SnapshotCache::new(cache_root),
+            digests: OnceLock::new(),
+            taking: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+/// What the agent needs after a restore instead of the per-job command-line
+/// keys.
+pub(super) struct JobRoot<'a> {
+    pub rootfstype: &'a str,
+    /// The workspace disk's mount point, when there is one.
+    pub workdir: Option<&'a str>,
+}
+
+/// The command line of every VM of a snapshot profile.
+pub(super) fn snapshot_cmdline(extra: &str) -> String {
+    let mut c = MachineConfig::default_cmdline().to_string();
+    if !extra.is_empty() {
+        c.push(' ');
+        c.push_str(extra);
+    }
+    c.push_str(&format!(
+        " {}={}",
+        proto::CMDLINE_SNAPSHOT,
+        proto::SNAPSHOT_WAIT
+    ));
+    c
+}
+
+/// A fresh identity for one restored VM.
+pub(super) fn fresh_resume(root: &JobRoot<'_>) -> std::io::Result<Resume> {
+    let mut entropy = vec![0u8; RESUME_ENTROPY];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut entropy)?;
+    let time_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    Ok(Resume {
+        generation: GENERATION.fetch_add(1, Ordering::Relaxed) + 1,
+        entropy,
+        time_ns,
+        hostname: "kiln".into(),
+        rootfstype: root.rootfstype.into(),
+        workdir: root.workdir.unwrap_or_default().into(),
+        no_scratch: false,
+    })
+}
+
+/// `config` as the snapshot profile has it: the snapshot command line, the
+/// same disks (serials, read-only flags) backed by empty files under `dir`.
+fn profile_config(config: &MachineConfig, cmdline: &str, dir: &Path) -> MachineConfig {
+    let mut c = config.clone();
+    c.cmdline = cmdline.into();
+    c.disks = config
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| Disk {
+            path: dir.join(format!("empty-{i}.img")),
+            ..d.clone()
+        })
+        .collect();
+    c.run_dir = dir.join("vm");
+    c
+}
+
+/// Read frames until the agent's `Ready` (its logs are passed to tracing).
+async fn wait_ready(console: &mut ConsoleStream, limit: Duration) -> Result<Ready, String> {
+    let mut decoder = Decoder::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        while let Some(frame) = decoder.next_frame().map_err(|e| e.to_string())? {
+            match frame {
+                Frame::Ready(r) if r.protocol == proto::PROTOCOL_VERSION => {
+                    // The agent says nothing more until it is sent a frame:
+                    // bytes after `Ready` are a broken agent.
+                    if decoder.pending() > 0 {
+                        return Err("the agent sent bytes after Ready".into());
+                    }
+                    return Ok(r);
+                }
+                Frame::Log(l) => tracing::debug!(
+                    "agent: {}",
+                    proto::quote(l.message.as_bytes(), proto::QUOTE_MAX)
+                ),
+                other => return Err(format!("the agent sent {}", other.describe())),
+            }
+        }
+        let n = tokio::time::timeout_at(deadline, console.read(&mut buf))
+            .await
+            .map_err(|_| format!("no Ready within {limit:?}"))?
+            .map_err(|e| format!("reading the console: {e}"))?;
+        if n == 0 {
+            return Err("the VM ended before its agent was ready".into());
+        }
+        decoder.push(&buf[..n]);
+    }
+}
+
+/// Send the restored agent its `Resume`; its `Ready` (or why not).
+async fn resume_agent(
+    console: &mut ConsoleStream,
+    resume: Resume,
+    limit: Duration,
+) -> Result<Ready, String> {
+    let bytes = Frame::Resume(resume)
+        .to_bytes()
+        .map_err(|e| format!("encoding Resume: {e}"))?;
+    console
+        .write_all(&bytes)
+        .await
+        .map_err(|e| format!("sending Resume: {e}"))?;
+    wait_ready(console, limit).await
+}
+
+impl Executor {
+    /// Whether this job's VM may start from a snapshot, and why not.
+    fn snapshot_refusal(&self, config: &MachineConfig) -> Option<&'static str> {
+        if !self.config.snapshots {
+            return Some("snapshots are off");
+        }
+        match self.config.backend.resolve(&self.kvm) {
+            Ok((BackendKind::Kvm, _)) => {}
+            _ => return Some("the qemu backend always boots"),
+        }
+        if !matches!(config.network, kiln_vmm::Network::None) {
+            return Some("restored VMs have no network device yet");
+        }
+        None
+    }
+
+    /// Start the job's VM: restored from its profile's snapshot (taken
+    /// first if there is none) when it can, else booted. A restored VM
+    /// comes with the agent's `Ready` (after `Resume`: it has its fresh
+    /// identity and the job's disks mounted); until that `Ready` any
+    /// failure destroys it and the job boots cold.
+    pub(super) async fn start_vm(
+        &self,
+        config: MachineConfig,
+        job_dir: &Path,
+        root: JobRoot<'_>,
+    ) -> Result<(Machine, ConsoleStream, Option<Ready>), MachineError> {
+        match self.snapshot_refusal(&config) {
+            Some(why) => tracing::debug!("booting cold: {why}"),
+            None => match self.restore(&config, job_dir, &root).await {
+                Ok(started) => return Ok(started),
+                Err(e) => tracing::warn!(
+                    "starting the job from a snapshot failed, booting cold: {}",
+                    super::error_chain(&e)
+                ),
+            },
+        }
+        let (m, c) = Machine::start(config, self.config.backend, &self.kvm).await?;
+        Ok((m, c, None))
+    }
+
+    async fn restore(
+        &self,
+        config: &MachineConfig,
+        job_dir: &Path,
+        root: &JobRoot<'_>,
+    ) -> Result<(Machine, ConsoleStream, Option<Ready>), SnapshotStartError> {
+        let cmdline = snapshot_cmdline(&self.config.extra_cmdline);
+        let (kernel, initramfs) = self.digests().await?;
+        let empty_dir = job_dir.join("snapshot-boot");
+        let boot_config = profile_config(config, &cmdline, &empty_dir);
+        let profile = Profile::for_config(&boot_config, &kernel, &initramfs);
+        let path = match self.snapshots.cache.lookup(&profile) {
+            Some(_) => self.snapshots.cache.path_for(&profile),
+            None => self.take_snapshot(boot_config, &profile).await?,
+        };
+        let resume = fresh_resume(root).map_err(SnapshotStartError::Entropy)?;
+        let mut restored = config.clone();
+        restored.cmdline = cmdline;
+        let (m, mut c) = Machine::start_with_snapshot(
+            restored,
+            self.config.backend,
+            &self.kvm,
+            SnapshotUse::Restore {
+                path,
+                profile_hash: profile.hash(),
+            },
+        )
+        .await?;
+        match resume_agent(&mut c, resume, self.config.boot_timeout).await {
+            Ok(ready) => {
+                tracing::debug!(profile = %profile.hash(), "job VM restored from a snapshot");
+                Ok((m, c, Some(ready)))
+            }
+            Err(e) => {
+                if let Err(d) = m.destroy().await {
+                    tracing::warn!("destroying the restored VM: {d}");
+                }
+                Err(SnapshotStartError::Resume(e))
+            }
+        }
+    }
+
+    /// The kernel's and the initramfs's SHA-256, hashed once.
+    async fn digests(&self) -> Result<(String, String), SnapshotStartError> {
+        if let Some(d) = self.snapshots.digests.get() {
+            return Ok(d.clone());
+        }
+        let (k, i) = (self.config.kernel.image.clone(), self.initramfs.clone());
+        let d = tokio::task::spawn_blocking(move || -> std::io::Result<(String, String)> {
+            Ok((
+                sha256_of(std::fs::File::open(k)?)?,
+                sha256_of(std::fs::File::open(i)?)?,
+            ))
+        })
+        .await
+        .map_err(|e| SnapshotStartError::Digest(std::io::Error::other(e)))?
+        .map_err(SnapshotStartError::Digest)?;
+        Ok(self.snapshots.digests.get_or_init(|| d).clone())
+    }
+
+    /// Boot `config` (empty disks, the snapshot command line) to the
+    /// agent's `Ready`, snapshot it for `profile` into the cache, destroy
+    /// it. One at a time: a job that finds another taking one cold-boots.
+    async fn take_snapshot(
+        &self,
+        config: MachineConfig,
+        profile: &Profile,
+    ) -> Result<PathBuf, SnapshotStartError> {
+        let _one = self
+            .snapshots
+            .taking
+            .try_lock()
+            .map_err(|_| SnapshotStartError::Busy)?;
+        let cache = &self.snapshots.cache;
+        if cache.lookup(profile).is_some() {
+            return Ok(cache.path_for(profile));
+        }
+        let cache_err = |what| move |source| SnapshotStartError::Cache { what, source };
+        let dir = config.run_dir.parent().unwrap_or(Path::new("/"));
+        std::fs::create_dir_all(dir).map_err(cache_err("boot directory"))?;
+        for d in &config.disks {
+            std::fs::File::create(&d.path).map_err(cache_err("empty disk"))?;
+        }
+        let staging = cache.staging(profile).map_err(cache_err("staging"))?;
+        let started = std::time::Instant::now();
+        let (mut machine, mut console) = Machine::start_with_snapshot(
+            config,
+            self.config.backend,
+            &self.kvm,
+            SnapshotUse::WriteTo(staging.clone()),
+        )
+        .await?;
+        let taken = match wait_ready(&mut console, self.config.boot_timeout).await {
+            Ok(_) => machine
+                .snapshot(profile)
+                .await
+                .map_err(SnapshotStartError::from),
+            Err(e) => Err(SnapshotStartError::Boot(e)),
+        };
+        if let Err(e) = machine.destroy().await {
+            tracing::warn!("destroying the VM booted for a snapshot: {e}");
+        }
+        let published = taken.and_then(|_| {
+            cache
+                .publish(&staging, profile)
+                .map_err(cache_err("publish"))
+        });
+        if published.is_err() {
+            let _ = std::fs::remove_file(&staging);
+        }
+        let path = published?;
+        tracing::info!(
+            profile = %profile.hash(),
+            elapsed = ?started.elapsed(),
+            "took a VM snapshot for jobs of this profile"
+        );
+        Ok(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_snapshot_command_line_has_no_per_job_keys() {
+        let c = snapshot_cmdline("foo=1");
+        assert!(c.ends_with(" foo=1 kiln.snapshot=wait"), "{c}");
+        for key in [
+            proto::CMDLINE_ROOTFSTYPE,
+            proto::CMDLINE_WORKDIR,
+            proto::CMDLINE_SCRATCH,
+        ] {
+            assert!(!c.contains(key), "{c}");
+        }
+    }
+
+    #[test]
+    fn every_restore_has_its_own_identity() {
+        let root = JobRoot {
+            rootfstype: "erofs",
+            workdir: Some("/builds/p"),
+        };
+        let (a, b) = (fresh_resume(&root).unwrap(), fresh_resume(&root).unwrap());
+        assert!(a.check(0).is_ok() && b.check(0).is_ok(), "{a:?}");
+        assert!(b.generation > a.generation);
+        assert_ne!(a.entropy, b.entropy);
+        assert_eq!(a.workdir, "/builds/p");
+        assert!(a.time_ns > 1_700_000_000 * 1_000_000_000);
+    }
+
+    #[test]
+    fn the_profile_is_the_jobs_disks_unbacked() {
+        let dir = Path::new("/run/j/snapshot-boot");
+        let job = MachineConfig {
+            disks: vec![
+                Disk {
+                    path: "/img/root.erofs".into(),
+                    read_only: true,
+                    serial: proto::ROOT_DISK_SERIAL.into(),
+                    ephemeral: false,
+                },
+                Disk {
+                    path: "/run/j/scratch.ext4".into(),
+                    read_only: false,
+                    serial: proto::SCRATCH_DISK_SERIAL.into(),
+                    ephemeral: true,
+                },
+            ],
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            cmdline: "console=ttyS0 kiln.rootfstype=erofs".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            console_port: proto::AGENT_PORT_NAME.into(),
+            run_dir: "/run/j/vm".into(),
+            serial_log_limit: 1024,
+            start_timeout: Duration::from_secs(1),
+            qemu: Default::default(),
+            isolation: Default::default(),
+            test_forbidden_syscall: None,
+            network: kiln_vmm::Network::None,
+        };
+        let c = profile_config(&job, "x kiln.snapshot=wait", dir);
+        assert_eq!(c.cmdline, "x kiln.snapshot=wait");
+        assert!(c.disks.iter().all(|d| d.path.starts_with(dir)));
+        let p = Profile::for_config(&c, "k", "i");
+        let mut other_paths = job.clone();
+        other_paths.cmdline = c.cmdline.clone();
+        assert_eq!(
+            p,
+            Profile::for_config(&other_paths, "k", "i"),
+            "the backing files are not part of the profile"
+        );
+    }
+
+    fn ready() -> Frame {
+        Frame::Ready(Ready {
+            protocol: proto::PROTOCOL_VERSION,
+            agent_version: "t".into(),
+            boot_ms: 1,
+            kernel: "6.1".into(),
+        })
+    }
+
+    /// The host side of a restore against a scripted agent: `Resume` goes
+    /// out first, and only a clean `Ready` (nothing after it) is a resumed
+    /// agent; anything else sends the job to a cold boot.
+    #[tokio::test]
+    async fn resume_then_ready_or_a_reason_to_boot_cold() {
+        let root = JobRoot {
+            rootfstype: "ext4",
+            workdir: None,
+        };
+        let answers: [(Vec<Frame>, Result<(), &str>); 4] = [
+            (vec![ready()], Ok(())),
+            (
+                vec![
+                    Frame::Log(proto::Log {
+                        message: "mounting".into(),
+                    }),
+                    ready(),
+                ],
+                Ok(()),
+            ),
+            (
+                vec![Frame::Fatal(proto::Fatal {
+                    message: "the root disk did not appear".into(),
+                })],
+                Err("Fatal"),
+            ),
+            (vec![ready(), Frame::Done], Err("after Ready")),
+        ];
+        for (frames, want) in answers {
+            let (mut host, mut guest) = tokio::net::UnixStream::pair().unwrap();
+            let agent = tokio::spawn(async move {
+                let mut d = Decoder::new();
+                let mut buf = [0u8; 4096];
+                let resume = loop {
+                    if let Some(f) = d.next_frame().unwrap() {
+                        break f;
+                    }
+                    let n = guest.read(&mut buf).await.unwrap();
+                    d.push(&buf[..n]);
+                };
+                let mut out = Vec::new();
+                for f in &frames {
+                    f.encode(&mut out).unwrap();
+                }
+                guest.write_all(&out).await.unwrap();
+                (resume, guest)
+            });
+            let r = resume_agent(
+                &mut host,
+                fresh_resume(&root).unwrap(),
+                Duration::from_secs(30),
+            )
+            .await;
+            let (resume, _guest) = agent.await.unwrap();
+            assert!(
+                matches!(&resume, Frame::Resume(r) if r.check(0).is_ok()),
+                "{resume:?}"
+            );
+            match want {
+                Ok(()) => assert_eq!(r.unwrap().kernel, "6.1"),
+                Err(what) => {
+                    let e = r.unwrap_err();
+                    assert!(e.contains(what), "{e}");
+                }
+            }
+        }
+        // A guest that never answers: the limit, not a hang.
+        let (mut host, _guest) = tokio::net::UnixStream::pair().unwrap();
+        let e = resume_agent(
+            &mut host,
+            fresh_resume(&root).unwrap(),
+            Duration::from_millis(50),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains("no Ready"), "{e}");
+    }
+}
