@@ -22,9 +22,10 @@
 //! and `user` run without it too, so that the jail's CPU quota (1.5 CPUs
 //! for one vCPU) weighs on none of the three: only the network differs.
 //!
-//! - guest → host TCP throughput: the job POSTs zeros with `wget`; a server
+//! - guest → host TCP throughput: the job pipes zeros into `nc`; a listener
 //!   of the bench in the "outside" namespace times first byte to last and
-//!   answers (so the job waits until every byte arrived);
+//!   answers `GOT <bytes>` (busybox `nc` waits for the server's close after
+//!   its input ends, so the job does not end with bytes in flight);
 //! - a download's time: the job `wget`s a blob from a server of the bench,
 //!   which times the request to the client's close after the last byte.
 //!
@@ -54,38 +55,26 @@ struct Sample {
     download_s: f64,
 }
 
-/// Accept uploads (HTTP POSTs) forever; for each, time the first byte to
-/// the `expect`-th body byte, answer 200 (the client waits for it, so the
-/// job cannot end and take the VM's network away with bytes in flight) and
-/// send (body bytes, seconds).
+/// Accept uploads forever; for each, time the first byte to the
+/// `expect`-th, answer `GOT <bytes>` and close (busybox `nc` waits for
+/// that close), and send (bytes, seconds).
 fn upload_server(l: TcpListener, expect: u64, tx: mpsc::Sender<(u64, f64)>) {
     for c in l.incoming().flatten() {
         let mut c = c;
         let _ = c.set_read_timeout(Some(Duration::from_secs(300)));
         let mut buf = vec![0u8; 256 * 1024];
-        let (mut head, mut got, mut first) = (Vec::new(), 0u64, None);
+        let (mut got, mut first) = (0u64, None);
         while got < expect {
             match c.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     first.get_or_insert_with(Instant::now);
-                    if head.len() < 16384 && !head.ends_with(b"\r\n\r\n") {
-                        // Still in the request head: only what follows it
-                        // is the body.
-                        head.extend_from_slice(&buf[..n]);
-                        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                            got += (head.len() - end - 4) as u64;
-                            head.truncate(end + 4);
-                        }
-                    } else {
-                        got += n as u64;
-                    }
+                    got += n as u64;
                 }
             }
         }
         let secs = first.map_or(0.0, |t| t.elapsed().as_secs_f64());
-        let _ = c.write_all(response_head(0).as_bytes());
-        let _ = c.shutdown(std::net::Shutdown::Write);
+        let _ = writeln!(c, "GOT {got}");
         let _ = tx.send((got, secs));
     }
 }
@@ -160,8 +149,7 @@ fn main() {
 
     let script = format!(
         "wget -q -O /dev/null http://{OUTSIDE_ADDR}:{DOWNLOAD_PORT}/blob && echo DOWNLOADED; \
-         dd if=/dev/zero bs=65536 count={} 2>/dev/null | \
-         wget -q -O /dev/null --post-file=/proc/self/fd/0 http://{OUTSIDE_ADDR}:{UPLOAD_PORT}/up && \
+         dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc {OUTSIDE_ADDR} {UPLOAD_PORT}; \
          echo UPLOADED",
         upload / 65536
     );

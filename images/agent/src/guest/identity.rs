@@ -67,8 +67,8 @@ pub fn pool_info(bytes: &[u8]) -> Vec<u8> {
 /// `CLOCK_REALTIME` nanoseconds as a `timespec`.
 pub fn timespec(time_ns: u64) -> libc::timespec {
     libc::timespec {
-        tv_sec: (time_ns / 1_000_000_000) as libc::time_t,
-        tv_nsec: (time_ns % 1_000_000_000) as libc::c_long,
+        tv_sec: (time_ns / 1_000_000_000) as _,
+        tv_nsec: (time_ns % 1_000_000_000) as _,
     }
 }
 
