@@ -477,6 +477,11 @@ pub fn qemu_args(config: &MachineConfig, accel: &str, inputs: &QemuInputs) -> Ve
     push(&config.vcpus.to_string());
     push("-m");
     push(&format!("{}M", config.memory_mib));
+    // Which VM this is, for `ps` and for leak checks: a jailed QEMU has no
+    // other host path on its command line. A label only (QEMU opens
+    // nothing by it); commas doubled for QEMU's option parser.
+    push("-name");
+    push(&format!("guest=kiln:{}", config.run_dir.display()).replace(',', ",,"));
     for s in [
         "-nodefaults",
         "-no-user-config",
@@ -727,6 +732,10 @@ mod tests {
         assert!(
             joined.contains("-kernel /kernel -initrd /initrd"),
             "{joined}"
+        );
+        assert!(
+            joined.contains(&format!("-name guest=kiln:{}", cfg.run_dir.display())),
+            "the VM's directory names it: {joined}"
         );
         assert!(
             !joined.contains("a,,b.img"),
