@@ -123,18 +123,32 @@ pub fn enter_pid_namespace(
 
 /// The waiter left in kiln's PID namespace: end as `child` ends.
 fn wait_as_parent(spec: &JailSpec, user_ns: &UserNamespace, child: libc::pid_t) -> ! {
+    // SAFETY: getppid takes no arguments.
+    let parent = unsafe { libc::getppid() };
     let _ = close_other_fds(&[]);
     let mut scratch = JailReport::default();
     drop_privileges(spec, user_ns, &mut scratch);
     // SAFETY: prctl takes integers only.
     unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-    end_as(child)
+    end_as(child, parent)
 }
 
 /// Wait for `child` and end this process as it ended: the same exit code,
 /// or death by the same signal. Async-signal-safe (no allocation): QEMU's
-/// waiter calls it between fork and exec.
-pub(super) fn end_as(child: libc::pid_t) -> ! {
+/// waiter calls it between fork and exec. `parent`: kiln's pid, taken
+/// before the waiter changed its credentials, which cleared its
+/// parent-death signal: it is set again here, and a waiter whose kiln
+/// already died kills `child` and ends (else a `kill -9` of kiln left the
+/// VM running).
+pub(super) fn end_as(child: libc::pid_t, parent: libc::pid_t) -> ! {
+    // SAFETY: prctl, getppid, kill and _exit take integers only.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if libc::getppid() != parent {
+            libc::kill(child, libc::SIGKILL);
+            libc::_exit(1);
+        }
+    }
     let mut status = 0;
     loop {
         // SAFETY: waitpid writes the status into a valid local.

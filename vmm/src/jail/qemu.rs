@@ -259,13 +259,15 @@ impl QemuJail {
         // and locals; nothing is allocated; the caller runs it
         // single-threaded between fork and exec.
         unsafe {
+            // kiln: this child's parent until it changes credentials.
+            let parent = libc::getppid();
             if libc::unshare(libc::CLONE_NEWPID) != 0 {
                 fail("unshare a PID namespace");
             }
             match libc::fork() {
                 -1 => fail("fork into the PID namespace"),
                 0 => {}
-                child => self.wait_for(child),
+                child => self.wait_for(child, parent),
             }
             // QEMU dies with the waiter, which dies with kiln.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
@@ -380,7 +382,7 @@ impl QemuJail {
     ///
     /// # Safety
     /// As [`QemuJail::enter`].
-    unsafe fn wait_for(&self, child: libc::pid_t) -> ! {
+    unsafe fn wait_for(&self, child: libc::pid_t, parent: libc::pid_t) -> ! {
         // SAFETY: close_range, setgroups (empty list), setresgid/uid and
         // prctl take integers only.
         unsafe {
@@ -390,7 +392,7 @@ impl QemuJail {
             libc::setresuid(self.uid, self.uid, self.uid);
             libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
         }
-        super::namespaces::end_as(child)
+        super::namespaces::end_as(child, parent)
     }
 }
 
