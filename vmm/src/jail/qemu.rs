@@ -496,21 +496,7 @@ mod tests {
 
     #[test]
     fn prepare_makes_mount_points_and_no_kvm_without_kvm() {
-        let tmp = tempfile::tempdir().unwrap();
-        let kernel = tmp.path().join("k");
-        let initrd = tmp.path().join("i");
-        std::fs::write(&kernel, b"k").unwrap();
-        std::fs::write(&initrd, b"i").unwrap();
-        let jail = QemuJail::prepare(
-            tmp.path(),
-            &kernel,
-            &initrd,
-            Path::new("sh"),
-            false,
-            64001,
-            64001,
-        )
-        .unwrap();
+        let (tmp, jail) = prepared(false, 64001, 64001);
         let root = tmp.path().join("root");
         assert!(root.join("kernel").is_file() && root.join("initrd").is_file());
         assert!(root.join("dev/null").exists());
@@ -538,21 +524,7 @@ mod tests {
             return;
         };
         if is_root() {
-            let tmp = tempfile::tempdir().unwrap();
-            let kernel = tmp.path().join("k");
-            let initrd = tmp.path().join("i");
-            std::fs::write(&kernel, b"k").unwrap();
-            std::fs::write(&initrd, b"i").unwrap();
-            let jail = QemuJail::prepare(
-                tmp.path(),
-                &kernel,
-                &initrd,
-                Path::new("sh"),
-                true,
-                64002,
-                64003,
-            )
-            .unwrap();
+            let (tmp, jail) = prepared(true, 64002, 64003);
             let node = std::fs::metadata(tmp.path().join("kvm")).unwrap();
             assert!(node.file_type().is_char_device());
             assert_eq!(node.rdev(), host.rdev(), "the same device as the host's");
@@ -563,6 +535,19 @@ mod tests {
         } else {
             eprintln!("skipped: making a device node needs root");
         }
+    }
+
+    /// A jail prepared in a temporary run directory with a kernel and an
+    /// initramfs of one byte each.
+    fn prepared(kvm: bool, uid: u32, gid: u32) -> (tempfile::TempDir, QemuJail) {
+        let tmp = tempfile::tempdir().unwrap();
+        let kernel = tmp.path().join("k");
+        let initrd = tmp.path().join("i");
+        std::fs::write(&kernel, b"k").unwrap();
+        std::fs::write(&initrd, b"i").unwrap();
+        let jail = QemuJail::prepare(tmp.path(), &kernel, &initrd, Path::new("sh"), kvm, uid, gid)
+            .unwrap();
+        (tmp, jail)
     }
 
     fn is_root() -> bool {
