@@ -37,6 +37,7 @@ mod cache;
 mod expr;
 mod extends;
 mod include;
+mod include_source;
 mod inputs;
 mod job;
 mod needs;
@@ -170,7 +171,7 @@ pub fn parse(
         contents.to_string(),
         0,
         inputs::Given::Cli(&opts.inputs),
-        &include::Base::Project,
+        &include_source::Base::Project,
     )?;
     let top = p.resolve_references(top)?;
     p.build(top)
