@@ -351,6 +351,8 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+# cgroup v2, as a host runs with it: the VMM jail puts each VM in one.
+mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 echo "{MARK_READY}$(cut -d' ' -f1 /proc/uptime)"
 for m in $(cat /kiln-l1/modules/order); do
   insmod /kiln-l1/modules/$m || echo "kiln-l1: insmod $m failed"

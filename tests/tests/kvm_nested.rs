@@ -60,6 +60,9 @@ async fn run_kvm(
     let dir = harness::run_dir(name);
     let mut cfg = harness::config(&dir);
     cfg.backend = BackendKind::Kvm;
+    // Fully jailed or not at all: a part of the VMM's jail missing in L1
+    // (pivot_root on its initramfs root, the cgroup) fails the job.
+    cfg.isolation = kiln_vmm::IsolationMode::Strict;
     tweak(&mut cfg);
     let ex = kiln::Executor::new(cfg).expect("executor");
     let t = Instant::now();

@@ -137,6 +137,31 @@ impl Hierarchy {
     }
 }
 
+/// The v2 controllers a VM's group needs.
+const CONTROLLERS: &str = "+memory +pids +cpu";
+
+/// Where kiln's own group does not hand `CONTROLLERS` down to its children
+/// (a host without systemd: an initramfs, a minimal init), enable them in
+/// its `cgroup.subtree_control`. That works only where the group has no
+/// process of its own (the root group is exempt); elsewhere it fails, and
+/// the write below reports what is missing.
+fn delegate_from_parent(base: &Path) {
+    let Some(parent) = base.parent() else { return };
+    let control = parent.join("cgroup.subtree_control");
+    let enabled = std::fs::read_to_string(&control).unwrap_or_default();
+    let missing = CONTROLLERS
+        .split(' ')
+        .any(|c| !enabled.split_whitespace().any(|e| e == &c[1..]));
+    if missing {
+        if let Err(e) = std::fs::write(&control, CONTROLLERS) {
+            tracing::debug!(
+                "could not enable {CONTROLLERS} in {}: {e}",
+                control.display()
+            );
+        }
+    }
+}
+
 fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
     std::fs::write(path, value).map_err(|source| CgroupError::Io {
         what: "write",
@@ -186,7 +211,8 @@ impl Cgroup {
                     source,
                 })?;
                 if cg.v2 {
-                    write(&base.join("cgroup.subtree_control"), "+memory +pids +cpu")?;
+                    delegate_from_parent(&base);
+                    write(&base.join("cgroup.subtree_control"), CONTROLLERS)?;
                 }
             }
             let dir = base.join(&name);

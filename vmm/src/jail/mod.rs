@@ -341,11 +341,56 @@ fn cstr(p: &std::path::Path) -> Result<std::ffi::CString, JailError> {
     })
 }
 
+/// Make the current directory (a mount point) this mount namespace's `/`.
+///
+/// `pivot_root(".", ".")`: the old root is stacked on the new one and
+/// detached at once, so no directory for it is needed. Where `/` is the
+/// initramfs (rootfs), which cannot be pivoted (EINVAL; the nested tier's L1
+/// boots that way), the directory is moved over `/` and chrooted into, as
+/// switch_root and runc's no-pivot mode do: the old root stays hidden under
+/// it in this mount namespace, and a jailed process, with no capability
+/// left, cannot chroot out. On failure, the step that failed (errno is
+/// still its error). Allocates nothing: safe between fork and exec.
+///
+/// # Safety
+/// The caller is alone in a new mount namespace whose mounts are private,
+/// with its working directory at the new root.
+pub(crate) unsafe fn root_here() -> Result<(), &'static str> {
+    let dot = c".";
+    let slash = c"/";
+    // SAFETY: NUL-terminated literals alive across each call; null for the
+    // unused filesystem type and data; the caller's own mount namespace.
+    unsafe {
+        if libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) == 0 {
+            if libc::umount2(dot.as_ptr(), libc::MNT_DETACH) != 0 {
+                return Err("detach the old root");
+            }
+            return Ok(());
+        }
+        if *libc::__errno_location() != libc::EINVAL {
+            return Err("pivot_root into the jail");
+        }
+        if libc::mount(
+            dot.as_ptr(),
+            slash.as_ptr(),
+            std::ptr::null(),
+            libc::MS_MOVE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err("move the jail root over / (no pivot_root on rootfs)");
+        }
+        if libc::chroot(dot.as_ptr()) != 0 {
+            return Err("chroot into the jail");
+        }
+    }
+    Ok(())
+}
+
 /// Make `root` this mount namespace's `/` and drop the old root entirely.
 fn pivot_into(root: &std::path::Path) -> Result<(), JailError> {
     let root = cstr(root)?;
     let slash = c"/";
-    let dot = c".";
     // SAFETY: mount/chdir/pivot_root/umount2 below take NUL-terminated
     // strings that live across each call, and null for the unused
     // filesystem type and data; they change only this process's (new)
@@ -376,14 +421,7 @@ fn pivot_into(root: &std::path::Path) -> Result<(), JailError> {
         if libc::chdir(root.as_ptr()) != 0 {
             return Err(last_err("enter the jail root"));
         }
-        // pivot_root(".", "."): the old root is stacked on top of the new
-        // one and detached right after, so no directory for it is needed.
-        if libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) != 0 {
-            return Err(last_err("pivot_root into the jail"));
-        }
-        if libc::umount2(dot.as_ptr(), libc::MNT_DETACH) != 0 {
-            return Err(last_err("detach the old root"));
-        }
+        root_here().map_err(last_err)?;
         if libc::chdir(slash.as_ptr()) != 0 {
             return Err(last_err("enter the new root"));
         }

@@ -307,7 +307,6 @@ impl QemuJail {
     unsafe fn mount_and_pivot(&self) {
         let null = std::ptr::null::<libc::c_char>();
         let slash = c"/";
-        let dot = c".";
         // SAFETY: mount/chdir/pivot_root/umount2/chroot take NUL-terminated
         // strings alive across each call and null for the unused type and
         // data; they change only this child's new mount namespace.
@@ -341,26 +340,8 @@ impl QemuJail {
             if libc::chdir(root) != 0 {
                 fail("enter the jail root");
             }
-            // The old root is stacked on the new one and detached at once.
-            if libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) == 0 {
-                if libc::umount2(dot.as_ptr(), libc::MNT_DETACH) != 0 {
-                    fail("detach the old root");
-                }
-            } else if *libc::__errno_location() == libc::EINVAL {
-                // The host's root is the initramfs (rootfs), which cannot
-                // be pivoted (e.g. the nested tier's L1): the jail root
-                // is moved over `/` and QEMU chrooted into it, as
-                // switch_root and runc's no-pivot mode do. The old root
-                // is hidden under it in this mount namespace, and QEMU,
-                // with no capability left, cannot chroot out.
-                if !mount(dot.as_ptr(), slash.as_ptr(), libc::MS_MOVE) {
-                    fail("move the jail root over / (no pivot_root on rootfs)");
-                }
-                if libc::chroot(dot.as_ptr()) != 0 {
-                    fail("chroot into the jail");
-                }
-            } else {
-                fail("pivot_root into the jail");
+            if let Err(step) = super::root_here() {
+                fail(step);
             }
             if libc::chdir(slash.as_ptr()) != 0 {
                 fail("enter the new root");
