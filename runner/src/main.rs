@@ -118,7 +118,11 @@ enum KernelCmd {
 #[derive(Subcommand)]
 enum SnapshotCmd {
     /// List cached snapshots: profile, size, whether this kiln can use them.
-    Ls,
+    Ls {
+        /// One JSON array on stdout (name, path, bytes, state, why, profile).
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove the snapshots whose profile hash starts with PREFIX.
     Rm {
         /// A profile hash or its start (see `kiln snapshot ls`).
@@ -271,30 +275,59 @@ fn snapshot_cmd(cmd: SnapshotCmd, cache_dir: &std::path::Path) -> Result<ExitCod
     use kiln::snapshots::{EntryState, SnapshotCache};
     let cache = SnapshotCache::new(cache_dir);
     match cmd {
-        SnapshotCmd::Ls => {
+        SnapshotCmd::Ls { json } => {
             let list = cache.list();
+            if json {
+                let recs: Vec<serde_json::Value> = list
+                    .iter()
+                    .map(|e| {
+                        let (state, why, profile) = match &e.state {
+                            EntryState::Usable(h) => (
+                                "usable",
+                                None,
+                                Some(serde_json::json!({
+                                    "vcpus": h.profile.vcpus,
+                                    "memory_mib": h.profile.memory_mib,
+                                    "kernel_sha256": h.profile.kernel_sha256,
+                                    "initramfs_sha256": h.profile.initramfs_sha256,
+                                })),
+                            ),
+                            EntryState::Stale(why) => ("stale", Some(why.as_str()), None),
+                            EntryState::Damaged(why) => ("damaged", Some(why.as_str()), None),
+                        };
+                        serde_json::json!({
+                            "name": e.name,
+                            "path": e.path,
+                            "disk_bytes": e.disk_bytes,
+                            "state": state,
+                            "why": why,
+                            "profile": profile,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&recs)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             if list.is_empty() {
                 println!("no snapshots in {}", cache.dir().display());
             }
             for e in list {
                 let size = format!("{:.1} MiB", e.disk_bytes as f64 / (1 << 20) as f64);
+                let short = &e.name[..e.name.len().min(16)];
                 match e.state {
                     EntryState::Usable(h) => println!(
-                        "{}  {size}  usable  {} vCPU, {} MiB, kernel {}, initramfs {}",
-                        &e.name[..e.name.len().min(16)],
+                        "{short}  {size}  usable  {} vCPU, {} MiB, kernel {}, initramfs {}",
                         h.profile.vcpus,
                         h.profile.memory_mib,
                         &h.profile.kernel_sha256[..h.profile.kernel_sha256.len().min(12)],
                         &h.profile.initramfs_sha256[..h.profile.initramfs_sha256.len().min(12)],
                     ),
-                    EntryState::Stale(why) => println!(
-                        "{}  {size}  stale ({why}): `kiln snapshot rm` it",
-                        &e.name[..e.name.len().min(16)]
-                    ),
-                    EntryState::Damaged(why) => println!(
-                        "{}  {size}  damaged ({why}): `kiln snapshot rm` it",
-                        &e.name[..e.name.len().min(16)]
-                    ),
+                    EntryState::Stale(why) => {
+                        println!("{short}  {size}  stale ({why}): `kiln snapshot rm` it")
+                    }
+                    EntryState::Damaged(why) => {
+                        println!("{short}  {size}  damaged ({why}): `kiln snapshot rm` it")
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -307,6 +340,14 @@ fn snapshot_cmd(cmd: SnapshotCmd, cache_dir: &std::path::Path) -> Result<ExitCod
             let n = cache
                 .remove(prefix.as_deref())
                 .with_context(|| format!("removing snapshots in {}", cache.dir().display()))?;
+            if n == 0 {
+                if let Some(p) = &prefix {
+                    anyhow::bail!(
+                        "no snapshot's profile hash starts with {p:?} in {}: `kiln snapshot ls` lists them",
+                        cache.dir().display()
+                    );
+                }
+            }
             println!("removed {n} snapshot file(s)");
             Ok(ExitCode::SUCCESS)
         }

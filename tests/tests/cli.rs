@@ -145,6 +145,52 @@ fn bad_input_gets_clear_errors() {
     assert_no_leaks(&dir);
 }
 
+/// `kiln snapshot ls --json` and `rm` on a cache holding a damaged snapshot
+/// and a file that is not one: the damaged one is listed and removed by its
+/// prefix, a prefix that matches nothing (or names a path) is an error, and
+/// nothing but snapshot files is ever removed.
+fn snapshot_ls_and_rm_touch_only_snapshots() {
+    let dir = harness::run_dir("cli-snap");
+    let cache = dir.join("cache");
+    let snaps = cache.join("snapshots");
+    std::fs::create_dir_all(&snaps).unwrap();
+    std::fs::write(snaps.join("abcd1234.snap"), b"not a snapshot").unwrap();
+    std::fs::write(snaps.join("notes.txt"), b"the user's").unwrap();
+    let kiln = |args: &[&str]| {
+        kiln_cmd(&dir)
+            .env("KILN_CACHE_DIR", &cache)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = kiln(&["snapshot", "ls", "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).expect("ls --json is JSON");
+    let list = list.as_array().expect("an array");
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["name"], "abcd1234");
+    assert_eq!(list[0]["state"], "damaged");
+    assert!(list[0]["why"].as_str().is_some_and(|w| !w.is_empty()));
+
+    for bad in ["../../etc", "zz"] {
+        let o = kiln(&["snapshot", "rm", bad]);
+        assert_eq!(o.status.code(), Some(2), "rm {bad}: {o:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("kiln snapshot ls"), "{err}");
+    }
+    let o = kiln(&["snapshot", "rm", "abcd"]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(!snaps.join("abcd1234.snap").exists());
+    let o = kiln(&["snapshot", "rm", "--all"]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        std::fs::read(snaps.join("notes.txt")).unwrap(),
+        b"the user's",
+        "only snapshot files are removed"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `--list` with `--source`, `--tag`, `--input`, `--all` and `--json`, on a
 /// git checkout whose remote decides the project variables.
 fn list_simulates_sources_refs_and_inputs() {
@@ -432,6 +478,11 @@ fn project_includes_come_through_the_gitlab_api() {
 fn main() -> std::process::ExitCode {
     kiln_testkit::Suite::new()
         .test("help_lists_the_commands", &[], help_lists_the_commands)
+        .test(
+            "snapshot_ls_and_rm_touch_only_snapshots",
+            &[],
+            snapshot_ls_and_rm_touch_only_snapshots,
+        )
         .test(
             "doctor_reports_kvm_and_qemu_as_json",
             &[],
