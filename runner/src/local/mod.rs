@@ -51,14 +51,16 @@ pub use stage::{stage_workspace, StageDir, Staged};
 /// `kiln run-job`'s flags (the VM's own flags are the CLI's).
 #[derive(clap::Args)]
 pub struct Args {
-    /// A pipeline file (.gitlab-ci.yml or a GitHub workflow); without it,
-    /// give --image and a command or --script.
+    /// A pipeline file (.gitlab-ci.yml or a GitHub workflow). Without it:
+    /// the current directory's `.gitlab-ci.yml` or only workflow in
+    /// `.github/workflows` (then the first argument is the JOB), or
+    /// --image with a command or --script.
     pub file: Option<PathBuf>,
     /// The job to run from FILE (its `needs` run first).
     pub job: Option<String>,
     /// List FILE's jobs and exit (with --json: as JSON; with --all: the
     /// excluded jobs too).
-    #[arg(long, requires = "file")]
+    #[arg(long)]
     pub list: bool,
     /// Job image: a registry reference (NAME[:TAG][@DIGEST]), an OCI image
     /// layout directory (DIR[:TAG]) or a `docker save` tar (FILE[:TAG]).

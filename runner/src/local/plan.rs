@@ -197,12 +197,70 @@ pub(super) fn key_values(items: &[String], what: &str) -> Result<Vec<(String, St
         .collect()
 }
 
+/// The pipeline file of the project in `dir`, as act and gitlab-ci-local
+/// find it: `.gitlab-ci.yml`, else the only workflow in `.github/workflows`
+/// (several: none, the user names one).
+pub fn default_pipeline(dir: &Path) -> Option<PathBuf> {
+    let gitlab = dir.join(".gitlab-ci.yml");
+    if gitlab.is_file() {
+        return Some(gitlab);
+    }
+    let mut workflows = std::fs::read_dir(dir.join(".github/workflows"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yml" || x == "yaml"));
+    let only = workflows.next()?;
+    workflows.next().is_none().then_some(only)
+}
+
+/// FILE and JOB as given, or completed from the project in `dir`:
+/// `kiln run-job --list` and `kiln run-job JOB` read its default pipeline
+/// file ([`default_pipeline`]) when no FILE is given (and no `--image`
+/// makes it an ad-hoc job). A first argument that names an existing path,
+/// or looks like one (a `/` or a `.yml`/`.yaml` end), stays the FILE.
+pub fn pipeline_target(args: &Args, dir: &Path) -> Result<(Option<PathBuf>, Option<String>)> {
+    let looks_like_a_path = |p: &Path| {
+        dir.join(p).exists()
+            || p.components().count() > 1
+            || p.extension().is_some_and(|x| x == "yml" || x == "yaml")
+    };
+    let adhoc = args.image.is_some() || !args.command.is_empty() || args.script.is_some();
+    let found = || {
+        default_pipeline(dir).with_context(|| {
+            format!(
+                "no .gitlab-ci.yml or single workflow in .github/workflows in {}",
+                dir.display()
+            )
+        })
+    };
+    match (&args.file, &args.job) {
+        (Some(f), job) if job.is_some() || looks_like_a_path(f) => {
+            Ok((Some(f.clone()), job.clone()))
+        }
+        (Some(name), _) => {
+            let file = found().with_context(|| {
+                format!(
+                    "{} is neither a pipeline file nor, without one, a job",
+                    name.display()
+                )
+            })?;
+            Ok((Some(file), Some(name.to_string_lossy().into_owned())))
+        }
+        (None, _) if args.list => Ok((Some(found().context("--list without FILE")?), None)),
+        (None, _) if adhoc => Ok((None, None)),
+        (None, _) => Ok((default_pipeline(dir), None)),
+    }
+}
+
 /// The jobs `run-job` was asked for: one ad-hoc job, or jobs from a file
 /// (none when it only lists them).
 pub fn plan_jobs(args: &Args) -> Result<Option<Plan>> {
     let vars = key_values(&args.vars, "--var")?;
     let secrets = key_values(&args.secrets, "--secret")?;
-    let Some(file) = &args.file else {
+    let here = std::env::current_dir().context("reading the current directory")?;
+    let (file, job) = pipeline_target(args, &here)?;
+    let Some(file) = &file else {
         let Some(image) = &args.image else {
             bail!("give a pipeline FILE and JOB, or --image with a command after `--` or --script");
         };
@@ -253,8 +311,7 @@ pub fn plan_jobs(args: &Args) -> Result<Option<Plan>> {
     for (label, image) in key_values(&args.platforms, "--platform")? {
         opts.runner_images.set(label, image);
     }
-    args.pipeline
-        .apply(&mut ctx, &mut opts, args.job.as_deref())?;
+    args.pipeline.apply(&mut ctx, &mut opts, job.as_deref())?;
     opts.image = args.image.clone();
     let pipeline = load_pipeline(file, &ctx, &opts)?;
     for n in &pipeline.notes {
@@ -264,7 +321,7 @@ pub fn plan_jobs(args: &Args) -> Result<Option<Plan>> {
         args.pipeline.list(&pipeline, args.json)?;
         return Ok(None);
     }
-    let Some(name) = &args.job else {
+    let Some(name) = &job else {
         bail!("which job? give its name after the file (list them with --list)");
     };
     let matrix = key_values(&args.matrix, "--matrix")?;
@@ -292,4 +349,71 @@ pub fn plan_jobs(args: &Args) -> Result<Option<Plan>> {
         conditions: pipeline.conditions,
         call_outputs: pipeline.call_outputs,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn target(dir: &Path, argv: &[&str]) -> Result<(Option<PathBuf>, Option<String>)> {
+        let cli = Cli::try_parse_from(std::iter::once("run-job").chain(argv.iter().copied()))?;
+        pipeline_target(&cli.args, dir)
+    }
+
+    #[test]
+    fn a_missing_file_is_found_in_the_project_and_a_bare_name_is_a_job() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path();
+        // Nothing to find: only an ad-hoc job or an explicit file works.
+        let e = target(dir, &["--list"]).unwrap_err();
+        assert!(format!("{e:#}").contains(".gitlab-ci.yml"), "{e:#}");
+        assert!(target(dir, &["build"]).is_err());
+        assert_eq!(target(dir, &[]).unwrap(), (None, None));
+
+        // Two workflows: which one is the user's to say.
+        let wf = dir.join(".github/workflows");
+        std::fs::create_dir_all(&wf).unwrap();
+        std::fs::write(wf.join("ci.yml"), "on: push\n").unwrap();
+        std::fs::write(wf.join("release.yaml"), "on: push\n").unwrap();
+        assert!(target(dir, &["--list"]).is_err());
+        std::fs::remove_file(wf.join("release.yaml")).unwrap();
+        assert_eq!(
+            target(dir, &["--list"]).unwrap(),
+            (Some(wf.join("ci.yml")), None)
+        );
+
+        // .gitlab-ci.yml wins; a bare name is then its job.
+        let gl = dir.join(".gitlab-ci.yml");
+        std::fs::write(&gl, "build:\n  script: [true]\n").unwrap();
+        assert_eq!(
+            target(dir, &["build"]).unwrap(),
+            (Some(gl.clone()), Some("build".into()))
+        );
+        assert_eq!(
+            target(dir, &["build", "--image", "alpine"]).unwrap(),
+            (Some(gl.clone()), Some("build".into())),
+            "--image with a job name overrides the job's image"
+        );
+        // What names a path stays the file, existing or not.
+        for f in ["other.yml", "ci/x", "x.yaml"] {
+            assert_eq!(target(dir, &[f]).unwrap(), (Some(f.into()), None), "{f}");
+        }
+        assert_eq!(
+            target(dir, &["f", "job"]).unwrap(),
+            (Some("f".into()), Some("job".into()))
+        );
+        // An ad-hoc job never reads the project's file.
+        assert_eq!(
+            target(dir, &["--image", "alpine", "--", "true"]).unwrap(),
+            (None, None)
+        );
+        assert_eq!(target(dir, &[]).unwrap(), (Some(gl), None));
+    }
 }
