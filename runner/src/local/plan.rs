@@ -228,10 +228,27 @@ pub fn pipeline_target(args: &Args, dir: &Path) -> Result<(Option<PathBuf>, Opti
     let adhoc = args.image.is_some() || !args.command.is_empty() || args.script.is_some();
     let found = || {
         default_pipeline(dir).with_context(|| {
-            format!(
-                "no .gitlab-ci.yml or single workflow in .github/workflows in {}",
-                dir.display()
-            )
+            let mut names: Vec<String> = std::fs::read_dir(dir.join(".github/workflows"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".yml") || n.ends_with(".yaml"))
+                .collect();
+            names.sort();
+            if names.len() > 1 {
+                format!(
+                    "{} workflows in {}: name one as FILE ({})",
+                    names.len(),
+                    dir.join(".github/workflows").display(),
+                    names.join(", ")
+                )
+            } else {
+                format!(
+                    "no .gitlab-ci.yml or workflow in .github/workflows in {}",
+                    dir.display()
+                )
+            }
         })
     };
     match (&args.file, &args.job) {
@@ -382,7 +399,8 @@ mod tests {
         std::fs::create_dir_all(&wf).unwrap();
         std::fs::write(wf.join("ci.yml"), "on: push\n").unwrap();
         std::fs::write(wf.join("release.yaml"), "on: push\n").unwrap();
-        assert!(target(dir, &["--list"]).is_err());
+        let e = target(dir, &["--list"]).unwrap_err();
+        assert!(format!("{e:#}").contains("ci.yml, release.yaml"), "{e:#}");
         std::fs::remove_file(wf.join("release.yaml")).unwrap();
         assert_eq!(
             target(dir, &["--list"]).unwrap(),
