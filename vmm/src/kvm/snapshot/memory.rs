@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     GuestRegionMmap,
 };
 
@@ -155,6 +155,7 @@ pub fn map_private(file: &File, ranges: &[MemoryRange]) -> Result<GuestMemoryMma
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::Bytes;
 
     /// The pages the guest wrote come back at their places, zeros are
     /// holes, and without swap only the touched pages are read.
