@@ -9,12 +9,46 @@
 //! The executor takes and restores them (`executor/snapshot.rs`; the
 //! "Snapshots" section of docs/architecture.md).
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use kiln_vmm::kvm::snapshot::{self, Header, Profile, Snapshot, SnapshotError, KILN_VERSION};
 
 const SUFFIX: &str = ".snap";
+/// File digests [`SnapshotCache::file_digest`] remembers.
+const DIGESTS: &str = "digests.json";
+/// At most this many remembered digests (then they start over).
+const MAX_DIGESTS: usize = 64;
+/// Files modified more recently than this are hashed every time.
+const RACY: std::time::Duration = std::time::Duration::from_secs(3);
+/// A digest store larger than this is ignored.
+const MAX_DIGESTS_BYTES: u64 = 64 * 1024;
+
+fn read_digests(path: &Path) -> BTreeMap<String, String> {
+    let Ok(f) = File::open(path) else {
+        return BTreeMap::new();
+    };
+    let mut bytes = Vec::new();
+    use std::io::Read;
+    if f.take(MAX_DIGESTS_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .is_err()
+        || bytes.len() as u64 > MAX_DIGESTS_BYTES
+    {
+        return BTreeMap::new();
+    }
+    serde_json::from_slice(&bytes).unwrap_or_default()
+}
+
+/// Write the digest store whole and rename it into place.
+fn write_digests(dir: &Path, d: &BTreeMap<String, String>) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".digests.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec(d).map_err(std::io::Error::other)?)?;
+    std::fs::rename(&tmp, dir.join(DIGESTS))
+}
 
 /// What a file in the cache is.
 #[derive(Debug)]
@@ -80,18 +114,29 @@ impl SnapshotCache {
         self.dir.join(format!("{}{SUFFIX}", profile.hash()))
     }
 
-    /// The snapshot for `profile`, checked and opened, if one is cached and
-    /// this kiln can use it; one it cannot use is removed (the caller cold
-    /// boots, and may take a new one).
-    pub fn lookup(&self, profile: &Profile) -> Option<Snapshot> {
+    /// The header of the snapshot for `profile`, checked, if one is cached
+    /// and this kiln can use it; one it cannot use is removed (the caller
+    /// cold boots, and may take a new one). The machine state is read and
+    /// checked by whoever restores it.
+    pub fn lookup(&self, profile: &Profile) -> Option<Header> {
+        self.lookup_or_refusal(profile).ok()
+    }
+
+    /// [`SnapshotCache::lookup`], saying why there is none: `Err(None)`
+    /// when none is cached, `Err(Some(why))` when the cached one was
+    /// refused (and removed).
+    pub fn lookup_or_refusal(&self, profile: &Profile) -> Result<Header, Option<String>> {
         let path = self.path_for(profile);
-        let file = File::open(&path).ok()?;
-        match Snapshot::open(file, &profile.hash()) {
-            Ok(s) => Some(s),
+        let file = File::open(&path).map_err(|_| None)?;
+        match Snapshot::check(&file, &profile.hash()) {
+            Ok(s) => Ok(s),
             Err(e) => {
-                tracing::info!(path = %path.display(), "snapshot not usable, removed: {e}");
+                tracing::warn!(
+                    path = %path.display(),
+                    "cached snapshot refused and removed (a new one is taken): {e}"
+                );
                 let _ = std::fs::remove_file(&path);
-                None
+                Err(Some(e.to_string()))
             }
         }
     }
@@ -113,6 +158,66 @@ impl SnapshotCache {
         let path = self.path_for(profile);
         std::fs::rename(staged, &path)?;
         Ok(path)
+    }
+
+    /// SHA-256 (hex) of the file at `path` (a kernel, an initramfs: what a
+    /// [`Profile`] names), remembered by the file's identity (device,
+    /// inode, size, modification and change times: a file replaced or
+    /// written since has another) in this process and in
+    /// `<cache>/snapshots/digests.json`, so that a job does not hash tens
+    /// of MiB of kernel before it can look its snapshot up.
+    pub fn file_digest(&self, path: &Path) -> std::io::Result<String> {
+        use std::os::unix::fs::MetadataExt;
+        static SEEN: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+        let file = File::open(path)?;
+        let m = file.metadata()?;
+        let key = format!(
+            "{}:{}:{}:{}.{}:{}.{}:{}",
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+            path.display()
+        );
+        // A file modified in the last seconds may be modified again within
+        // the file system's timestamp granularity, size unchanged: hashed
+        // every time until it is older (git's "racy" entries).
+        let settled = m
+            .modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > RACY);
+        if !settled {
+            return snapshot::sha256_of(&file);
+        }
+        let seen = |k: &str| SEEN.lock().ok().and_then(|s| s.get(k).cloned());
+        if let Some(d) = seen(&key) {
+            return Ok(d);
+        }
+        let store = self.dir.join(DIGESTS);
+        let mut stored = read_digests(&store);
+        let digest = match stored.get(&key) {
+            Some(d) if d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()) => d.clone(),
+            _ => {
+                let d = snapshot::sha256_of(&file)?;
+                if stored.len() >= MAX_DIGESTS {
+                    stored.clear();
+                }
+                stored.insert(key.clone(), d.clone());
+                // Only a cache: a failed write costs a hash next time.
+                if let Err(e) = write_digests(&self.dir, &stored) {
+                    tracing::debug!("remembering file digests in {}: {e}", store.display());
+                }
+                d
+            }
+        };
+        if let Ok(mut s) = SEEN.lock() {
+            s.insert(key, digest.clone());
+        }
+        Ok(digest)
     }
 
     /// Every snapshot file, by name.
@@ -272,8 +377,48 @@ mod tests {
         // Another profile (say, a new kernel) has no snapshot yet.
         assert!(cache.lookup(&profile(65)).is_none());
         let old = fake(&cache, &profile(128), "0.0.0-old");
-        assert!(cache.lookup(&profile(128)).is_none());
+        match cache.lookup_or_refusal(&profile(128)) {
+            Err(Some(why)) => assert!(why.contains("kiln 0.0.0-old"), "{why}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
         assert!(!old.exists(), "a snapshot of another kiln is removed");
+        assert!(matches!(cache.lookup_or_refusal(&profile(128)), Err(None)));
+    }
+
+    #[test]
+    fn file_digests_are_remembered_until_the_file_changes() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = SnapshotCache::new(&dir.path().join("cache"));
+        let f = dir.path().join("vmlinux");
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        let age = |f: &Path| {
+            let w = File::options().write(true).open(f).unwrap();
+            w.set_modified(hour_ago).unwrap();
+        };
+        std::fs::write(&f, b"kernel one").unwrap();
+        // Just written: hashed, not remembered (it may change again within
+        // the timestamps' granularity).
+        let one = cache.file_digest(&f).unwrap();
+        assert_eq!(one, hex::encode(sha2::Sha256::digest(b"kernel one")));
+        assert!(!cache.dir().join(DIGESTS).exists());
+        age(&f);
+        assert_eq!(cache.file_digest(&f).unwrap(), one);
+        let stored = std::fs::read_to_string(cache.dir().join(DIGESTS)).unwrap();
+        assert!(stored.contains(&one), "{stored}");
+        // Same size, written again: another identity, hashed again.
+        std::fs::write(&f, b"kernel two").unwrap();
+        let two = cache.file_digest(&f).unwrap();
+        assert_eq!(two, hex::encode(sha2::Sha256::digest(b"kernel two")));
+        // A damaged store is only a miss.
+        std::fs::write(cache.dir().join(DIGESTS), b"{not json").unwrap();
+        std::fs::write(&f, b"kernel 3").unwrap();
+        age(&f);
+        assert_eq!(
+            cache.file_digest(&f).unwrap(),
+            hex::encode(sha2::Sha256::digest(b"kernel 3"))
+        );
+        assert_eq!(cache.list().len(), 0, "the store is not a snapshot");
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub use config::{
     ExecutorConfig, ExecutorConfigBuilder, ExecutorConfigError, DEFAULT_BOOT_TIMEOUT,
     DEFAULT_DISK_GIB, DEFAULT_JOB_TIMEOUT, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
 };
-pub use outcome::{error_chain, human_bytes, FailureReason, JobResult};
+pub use outcome::{error_chain, human_bytes, BootPhase, FailureReason, JobResult};
 pub use services::{DEFAULT_SERVICES_WAIT, HEALTHCHECK_PORT_VAR, WAIT_VAR};
 pub use snapshot::SnapshotStartError;
 pub use steps::build_start;
@@ -393,7 +393,10 @@ impl Executor {
             rootfstype: &rootfs.fstype,
             workdir: workspace.as_ref().map(|_| start.workdir.as_str()),
         };
-        let (machine, console, ready) = match self.start_vm(mconfig, &dir.0, root).await {
+        let started = self
+            .start_vm(mconfig, &dir.0, root, &mut result.boot_phases)
+            .await;
+        let (machine, console, ready) = match started {
             Ok(m) => m,
             Err(e) => {
                 result.failure = Some(FailureReason::RunnerSystemFailure(error_chain(&e)));
@@ -511,7 +514,14 @@ impl Executor {
         let mut io = Conversation::new(machine, console, run.cancel, self.config.boot_timeout);
         let ready = match run.ready.take() {
             Some(ready) => ready,
-            None => io.handshake(run.job, run.sink).await?,
+            None => {
+                let t = Instant::now();
+                let ready = io.handshake(run.job, run.sink).await?;
+                run.result
+                    .boot_phases
+                    .push(BootPhase::since("cold boot to agent Ready", t));
+                ready
+            }
         };
         if ready.protocol != proto::PROTOCOL_VERSION {
             return Err(sys(format!(

@@ -46,6 +46,28 @@ pub struct JobResult {
     pub debug_log: Option<PathBuf>,
     /// GitHub: the job's `outputs:`, evaluated after its steps.
     pub outputs: Vec<(String, String)>,
+    /// Where the time from starting the VM to the agent's `Ready` went
+    /// (snapshot lookup, restore, the VMM process's own steps, `Resume`, or
+    /// the cold boot), in order; see [`JobResult::describe_boot`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub boot_phases: Vec<BootPhase>,
+}
+
+/// One timed part of a job's VM start.
+#[derive(Debug, Clone, Serialize)]
+pub struct BootPhase {
+    pub name: String,
+    pub ms: f64,
+}
+
+impl BootPhase {
+    /// Phase `name`, from `since` until now.
+    pub fn since(name: impl Into<String>, since: std::time::Instant) -> BootPhase {
+        BootPhase {
+            name: name.into(),
+            ms: since.elapsed().as_secs_f64() * 1e3,
+        }
+    }
 }
 
 impl JobResult {
@@ -63,7 +85,17 @@ impl JobResult {
             steps: Vec::new(),
             debug_log: None,
             outputs: Vec::new(),
+            boot_phases: Vec::new(),
         }
+    }
+
+    /// The boot phases as `name 1.2 ms, ...`.
+    pub fn describe_boot(&self) -> String {
+        self.boot_phases
+            .iter()
+            .map(|p| format!("{} {:.1} ms", p.name, p.ms))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     pub fn success(&self) -> bool {

@@ -17,15 +17,15 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kiln_agent::proto::{self, Decoder, Frame, Ready, Resume};
-use kiln_vmm::kvm::snapshot::{sha256_of, Profile, SnapshotUse};
+use kiln_vmm::kvm::snapshot::{Profile, SnapshotUse};
 use kiln_vmm::{BackendKind, ConsoleStream, Disk, Machine, MachineConfig, MachineError};
 use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWriteExt;
 
-use super::Executor;
+use super::{BootPhase, Executor};
 use crate::snapshots::SnapshotCache;
 
 /// Entropy bytes each restored VM gets.
@@ -135,8 +135,42 @@ fn profile_config(config: &MachineConfig, cmdline: &str, dir: &Path) -> MachineC
     c
 }
 
+/// The guest's `name=ms` pairs of a [`proto::RESUME_TIMINGS`] log, as
+/// boot phases (`guest: name`); nothing for any other log.
+fn guest_phases(message: &str) -> Vec<BootPhase> {
+    let Some(pairs) = message.strip_prefix(proto::RESUME_TIMINGS) else {
+        return Vec::new();
+    };
+    pairs
+        .split_whitespace()
+        .take(16)
+        .filter_map(|p| {
+            let (name, ms) = p.split_once('=')?;
+            let ms: f64 = ms.parse().ok().filter(|m: &f64| m.is_finite())?;
+            // Hostile bytes: short names of plain characters only.
+            let plain = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+            if name.is_empty() || name.len() > 32 || !name.chars().all(plain) {
+                return None;
+            }
+            Some(BootPhase {
+                name: format!("guest: {name}"),
+                ms,
+            })
+        })
+        .collect()
+}
+
 /// Read frames until the agent's `Ready` (its logs are passed to tracing).
 async fn wait_ready(console: &mut ConsoleStream, limit: Duration) -> Result<Ready, String> {
+    wait_ready_phases(console, limit, &mut Vec::new()).await
+}
+
+/// [`wait_ready`], adding the guest's timings it sends to `phases`.
+async fn wait_ready_phases(
+    console: &mut ConsoleStream,
+    limit: Duration,
+    phases: &mut Vec<BootPhase>,
+) -> Result<Ready, String> {
     let mut decoder = Decoder::new();
     let mut buf = vec![0u8; 16 * 1024];
     let deadline = tokio::time::Instant::now() + limit;
@@ -151,10 +185,13 @@ async fn wait_ready(console: &mut ConsoleStream, limit: Duration) -> Result<Read
                     }
                     return Ok(r);
                 }
-                Frame::Log(l) => tracing::debug!(
-                    "agent: {}",
-                    proto::quote(l.message.as_bytes(), proto::QUOTE_MAX)
-                ),
+                Frame::Log(l) => {
+                    tracing::debug!(
+                        "agent: {}",
+                        proto::quote(l.message.as_bytes(), proto::QUOTE_MAX)
+                    );
+                    phases.extend(guest_phases(&l.message));
+                }
                 other => return Err(format!("the agent sent {}", other.describe())),
             }
         }
@@ -174,6 +211,7 @@ async fn resume_agent(
     console: &mut ConsoleStream,
     resume: Resume,
     limit: Duration,
+    phases: &mut Vec<BootPhase>,
 ) -> Result<Ready, String> {
     let bytes = Frame::Resume(resume)
         .to_bytes()
@@ -182,7 +220,19 @@ async fn resume_agent(
         .write_all(&bytes)
         .await
         .map_err(|e| format!("sending Resume: {e}"))?;
-    wait_ready(console, limit).await
+    wait_ready_phases(console, limit, phases).await
+}
+
+/// Phase `name` (from `since`), then the VMM process's own steps, which
+/// it took within that phase (`vmm: ` before each).
+fn vmm_phases(phases: &mut Vec<BootPhase>, name: &str, since: Instant, m: &Machine) {
+    phases.push(BootPhase::since(name, since));
+    if let Some(jail) = m.jail() {
+        phases.extend(jail.steps.iter().map(|s| BootPhase {
+            name: format!("vmm: {}", s.name),
+            ms: s.micros as f64 / 1e3,
+        }));
+    }
 }
 
 impl Executor {
@@ -211,10 +261,11 @@ impl Executor {
         config: MachineConfig,
         job_dir: &Path,
         root: JobRoot<'_>,
+        phases: &mut Vec<BootPhase>,
     ) -> Result<(Machine, ConsoleStream, Option<Ready>), MachineError> {
         match self.snapshot_refusal(&config) {
             Some(why) => tracing::debug!("booting cold: {why}"),
-            None => match self.restore(&config, job_dir, &root).await {
+            None => match self.restore(&config, job_dir, &root, phases).await {
                 Ok(started) => return Ok(started),
                 Err(e) => tracing::warn!(
                     "starting the job from a snapshot failed, booting cold: {}",
@@ -222,7 +273,9 @@ impl Executor {
                 ),
             },
         }
+        let t = Instant::now();
         let (m, c) = Machine::start(config, self.config.backend, &self.kvm).await?;
+        vmm_phases(phases, "VMM process start (cold)", t, &m);
         Ok((m, c, None))
     }
 
@@ -231,30 +284,62 @@ impl Executor {
         config: &MachineConfig,
         job_dir: &Path,
         root: &JobRoot<'_>,
+        phases: &mut Vec<BootPhase>,
     ) -> Result<(Machine, ConsoleStream, Option<Ready>), SnapshotStartError> {
         let cmdline = snapshot_cmdline(&self.config.extra_cmdline);
+        let t = Instant::now();
         let (kernel, initramfs) = self.digests().await?;
+        phases.push(BootPhase::since("kernel and initramfs digests", t));
         let empty_dir = job_dir.join("snapshot-boot");
         let boot_config = profile_config(config, &cmdline, &empty_dir);
         let profile = Profile::for_config(&boot_config, &kernel, &initramfs);
-        let path = match self.snapshots.cache.lookup(&profile) {
-            Some(_) => self.snapshots.cache.path_for(&profile),
-            None => self.take_snapshot(boot_config, &profile).await?,
+        let t = Instant::now();
+        let found = self.snapshots.cache.lookup_or_refusal(&profile);
+        let path = match found {
+            Ok(_) => {
+                phases.push(BootPhase::since("snapshot lookup", t));
+                self.snapshots.cache.path_for(&profile)
+            }
+            Err(refused) => {
+                // The phase says why a snapshot is taken: none, or the
+                // cached one was refused (another kiln, format, profile).
+                let why = refused.map_or_else(|| "none cached".into(), |e| format!("refused: {e}"));
+                phases.push(BootPhase::since(format!("snapshot lookup ({why})"), t));
+                self.take_snapshot(boot_config, &profile, phases).await?
+            }
         };
         let resume = fresh_resume(root).map_err(SnapshotStartError::Entropy)?;
         let mut restored = config.clone();
         restored.cmdline = cmdline;
+        let t = Instant::now();
         let (m, mut c) = Machine::start_with_snapshot(
             restored,
             self.config.backend,
             &self.kvm,
             SnapshotUse::Restore {
-                path,
+                path: path.clone(),
                 profile_hash: profile.hash(),
             },
         )
-        .await?;
-        match resume_agent(&mut c, resume, self.config.boot_timeout).await {
+        .await
+        .inspect_err(|e| {
+            // The lookup checked only its header: a snapshot whose state
+            // the VMM refuses (damaged) is removed, and the next job takes
+            // a new one.
+            tracing::warn!(
+                path = %path.display(),
+                "restoring the cached snapshot failed; it is removed: {}",
+                super::error_chain(e)
+            );
+            let _ = std::fs::remove_file(&path);
+        })?;
+        vmm_phases(phases, "VMM process start (restore)", t, &m);
+        let t = Instant::now();
+        let mut guest = Vec::new();
+        let resumed = resume_agent(&mut c, resume, self.config.boot_timeout, &mut guest).await;
+        phases.push(BootPhase::since("Resume to agent Ready", t));
+        phases.extend(guest);
+        match resumed {
             Ok(ready) => {
                 tracing::debug!(profile = %profile.hash(), "job VM restored from a snapshot");
                 Ok((m, c, Some(ready)))
@@ -268,17 +353,17 @@ impl Executor {
         }
     }
 
-    /// The kernel's and the initramfs's SHA-256, hashed once.
+    /// The kernel's and the initramfs's SHA-256, hashed once per file
+    /// (`SnapshotCache::file_digest` remembers them across executors and
+    /// processes).
     async fn digests(&self) -> Result<(String, String), SnapshotStartError> {
         if let Some(d) = self.snapshots.digests.get() {
             return Ok(d.clone());
         }
         let (k, i) = (self.config.kernel.image.clone(), self.initramfs.clone());
+        let cache = self.snapshots.cache.clone();
         let d = tokio::task::spawn_blocking(move || -> std::io::Result<(String, String)> {
-            Ok((
-                sha256_of(std::fs::File::open(k)?)?,
-                sha256_of(std::fs::File::open(i)?)?,
-            ))
+            Ok((cache.file_digest(&k)?, cache.file_digest(&i)?))
         })
         .await
         .map_err(|e| SnapshotStartError::Digest(std::io::Error::other(e)))?
@@ -293,6 +378,7 @@ impl Executor {
         &self,
         config: MachineConfig,
         profile: &Profile,
+        phases: &mut Vec<BootPhase>,
     ) -> Result<PathBuf, SnapshotStartError> {
         let _one = self
             .snapshots
@@ -310,7 +396,7 @@ impl Executor {
             std::fs::File::create(&d.path).map_err(cache_err("empty disk"))?;
         }
         let staging = cache.staging(profile).map_err(cache_err("staging"))?;
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let (mut machine, mut console) = Machine::start_with_snapshot(
             config,
             self.config.backend,
@@ -318,21 +404,31 @@ impl Executor {
             SnapshotUse::WriteTo(staging.clone()),
         )
         .await?;
-        let taken = match wait_ready(&mut console, self.config.boot_timeout).await {
+        vmm_phases(phases, "snapshot: VMM process start", started, &machine);
+        let t = Instant::now();
+        let booted = wait_ready(&mut console, self.config.boot_timeout).await;
+        phases.push(BootPhase::since("snapshot: boot to agent Ready", t));
+        let t = Instant::now();
+        let taken = match booted {
             Ok(_) => machine
                 .snapshot(profile)
                 .await
                 .map_err(SnapshotStartError::from),
             Err(e) => Err(SnapshotStartError::Boot(e)),
         };
+        phases.push(BootPhase::since("snapshot: pause, save, write", t));
+        let t = Instant::now();
         if let Err(e) = machine.destroy().await {
             tracing::warn!("destroying the VM booted for a snapshot: {e}");
         }
+        phases.push(BootPhase::since("snapshot: destroy its VM", t));
+        let t = Instant::now();
         let published = taken.and_then(|_| {
             cache
                 .publish(&staging, profile)
                 .map_err(cache_err("publish"))
         });
+        phases.push(BootPhase::since("snapshot: sync and publish", t));
         if published.is_err() {
             let _ = std::fs::remove_file(&staging);
         }
@@ -422,6 +518,23 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_guests_resume_timings_become_phases_and_nothing_else_does() {
+        let p = guest_phases(&format!(
+            "{}identity=1.5 root-disk=20 mounts=x bad inf=inf",
+            proto::RESUME_TIMINGS
+        ));
+        let got: Vec<(String, f64)> = p.into_iter().map(|p| (p.name, p.ms)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("guest: identity".to_string(), 1.5),
+                ("guest: root-disk".to_string(), 20.0)
+            ]
+        );
+        assert!(guest_phases("mounting /lower").is_empty());
+    }
+
     fn ready() -> Frame {
         Frame::Ready(Ready {
             protocol: proto::PROTOCOL_VERSION,
@@ -482,6 +595,7 @@ mod tests {
                 &mut host,
                 fresh_resume(&root).unwrap(),
                 Duration::from_secs(30),
+                &mut Vec::new(),
             )
             .await;
             let (resume, _guest) = agent.await.unwrap();
@@ -503,6 +617,7 @@ mod tests {
             &mut host,
             fresh_resume(&root).unwrap(),
             Duration::from_millis(50),
+            &mut Vec::new(),
         )
         .await
         .unwrap_err();

@@ -152,6 +152,12 @@ pub fn main() -> ExitCode {
     let snapshot_file = (start.restore.is_some() || start.snapshot_out)
         .then(|| unsafe { File::from_raw_fd(fds::SNAPSHOT) });
 
+    if start.snapshot_out {
+        // Whether a snapshot may skip pages the host has not resident;
+        // `/proc` is out of reach once jailed.
+        crate::kvm::snapshot::memory::probe_swap();
+    }
+
     // Kiln put this process in its cgroup before it sent the start message:
     // the VMM forked here inherits it.
     let t = Instant::now();
@@ -237,17 +243,24 @@ pub fn main() -> ExitCode {
     let built = match (&start.restore, snapshot_file) {
         (Some(profile_hash), Some(file)) => Snapshot::open(file, profile_hash)
             .map_err(MachineError::from)
-            .and_then(|snap| KvmMachine::restore(&config, sources, snap, thread_start)),
+            .and_then(|snap| {
+                report.timed("open the snapshot", t);
+                let t = Instant::now();
+                let m = KvmMachine::restore(&config, sources, snap, thread_start);
+                report.timed("restore the VM", t);
+                m
+            }),
         (_, file) => {
             snapshot_out = file;
-            KvmMachine::start(&config, sources, thread_start)
+            let m = KvmMachine::start(&config, sources, thread_start);
+            report.timed("build the VM", t);
+            m
         }
     };
     let machine = match built {
         Ok(m) => m,
         Err(e) => return fail(&mut control, wire_error(&e)),
     };
-    report.timed("build the VM", t);
     if let Err(e) = proto::write_blocking(
         &mut control,
         &FromVmm::Started {

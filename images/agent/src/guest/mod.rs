@@ -30,7 +30,7 @@ mod spawn;
 mod step;
 mod sys;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kiln_agent::proto::{self, Fatal, Frame, Ready, Resume};
 
@@ -80,8 +80,25 @@ fn run(port_slot: &mut Option<Port>) -> Result<()> {
         let Some(resume) = wait_for_resume(port)? else {
             return port.send(&Frame::Done);
         };
+        let t = Instant::now();
         identity::apply(&resume, &mut generation, &mut identity::Guest)?;
+        let identity_ms = t.elapsed();
+        let t = Instant::now();
+        disks::wait_for_disk(proto::ROOT_DISK_SERIAL, "root")?;
+        let disk_ms = t.elapsed();
+        let t = Instant::now();
         disks::mount_root(&disks::RootPlan::from_resume(&resume))?;
+        // Where the resume's time went, for the host's boot breakdown (not
+        // to the kernel log: the serial console is slow).
+        port.send(&Frame::Log(proto::Log {
+            message: format!(
+                "{}identity={:.1} root-disk={:.1} mounts={:.1}",
+                proto::RESUME_TIMINGS,
+                identity_ms.as_secs_f64() * 1e3,
+                disk_ms.as_secs_f64() * 1e3,
+                t.elapsed().as_secs_f64() * 1e3
+            ),
+        }))?;
     } else {
         disks::mount_root(&disks::RootPlan::from_cmdline(&cmdline))?;
         sys::sethostname("kiln");

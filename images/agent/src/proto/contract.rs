@@ -69,6 +69,10 @@ pub const SCRATCH_NONE: &str = "none";
 pub const CMDLINE_SNAPSHOT: &str = "kiln.snapshot";
 /// The [`CMDLINE_SNAPSHOT`] value.
 pub const SNAPSHOT_WAIT: &str = "wait";
+/// A `Log` the agent sends after a `Resume`, before its `Ready`: this
+/// prefix, then `name=milliseconds` pairs separated by spaces (where the
+/// resume's time went; informational).
+pub const RESUME_TIMINGS: &str = "resume timings: ";
 
 /// A step's exit code when the agent could not start it (its script or
 /// working directory could not be made, fork failed, it could not enter the

@@ -118,7 +118,12 @@ pub fn write(
     file.write_all_at(&json, HEADER_AREA)
         .map_err(io("write the machine state"))?;
     let memory_start = (HEADER_AREA + json.len() as u64).next_multiple_of(PAGE);
-    let memory = super::memory::write(mem, file, memory_start)?;
+    let (memory, pages) = super::memory::write(mem, file, memory_start)?;
+    tracing::debug!(
+        read = pages.read,
+        written = pages.written,
+        "guest memory pages in the snapshot"
+    );
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -149,7 +154,24 @@ impl Snapshot {
     /// taken for another profile; damaged when its ranges do not fit the
     /// file.
     pub fn open(file: File, expected_profile: &str) -> Result<Snapshot, SnapshotError> {
-        let (_, header) = read_header(&file)?;
+        let header = Snapshot::check(&file, expected_profile)?;
+        let mut json = vec![0u8; header.state_len as usize];
+        file.read_exact_at(&mut json, HEADER_AREA)
+            .map_err(io("read the machine state"))?;
+        let state: MachineState = serde_json::from_slice(&json)
+            .map_err(|e| SnapshotError::Corrupt(format!("machine state: {e}")))?;
+        Ok(Snapshot {
+            header,
+            state,
+            file,
+        })
+    }
+
+    /// What [`Snapshot::open`] checks before it reads the machine state
+    /// (which the VMM that restores it reads and checks): the header, its
+    /// version and profile, and that its ranges fit the file.
+    pub fn check(file: &File, expected_profile: &str) -> Result<Header, SnapshotError> {
+        let (_, header) = read_header(file)?;
         if header.kiln_version != KILN_VERSION {
             return Err(SnapshotError::KilnVersion {
                 found: header.kiln_version,
@@ -191,16 +213,7 @@ impl Snapshot {
         if state_end > file_len {
             return Err(SnapshotError::Corrupt("file ends inside the state".into()));
         }
-        let mut json = vec![0u8; header.state_len as usize];
-        file.read_exact_at(&mut json, HEADER_AREA)
-            .map_err(io("read the machine state"))?;
-        let state: MachineState = serde_json::from_slice(&json)
-            .map_err(|e| SnapshotError::Corrupt(format!("machine state: {e}")))?;
-        Ok(Snapshot {
-            header,
-            state,
-            file,
-        })
+        Ok(header)
     }
 }
 
