@@ -461,7 +461,7 @@ fn kvm_nat_job_downloads_by_name_and_reaches_nothing_it_may_not() {
         DENIED.to_string(),
     );
     let script = format!(
-        "{}; set +e; {}",
+        "{}; set +e; {} {V6_ROUTES}",
         download_script(),
         tries(&[&outside, "$gw", &host, &md, &dn])
     );
@@ -477,6 +477,20 @@ fn kvm_nat_job_downloads_by_name_and_reaches_nothing_it_may_not() {
     for a in [&gw, &host, &md, &dn] {
         assert_refused_fast(&out, a);
     }
+    assert_no_v6_route(&out);
+}
+
+/// The guest script's line of IPv6 routes beyond its own link: kiln gives
+/// guests no IPv6 (the TAP has none, passt runs `-4`), so no router may
+/// have handed it one.
+const V6_ROUTES: &str =
+    "echo \"V6ROUTES=$(ip -6 route show | grep -v -e '^fe80::' -e '^::1 ' -e '^multicast' -e '^local' | wc -l)\"";
+
+fn assert_no_v6_route(out: &str) {
+    assert!(
+        out.contains("V6ROUTES=0"),
+        "the guest has IPv6 routes: {out}"
+    );
 }
 
 /// `user`: the job downloads by name through passt and checks the
@@ -486,8 +500,10 @@ fn kvm_user_job_downloads_by_name_through_passt() {
     std::fs::write("/etc/resolv.conf", format!("nameserver {OUTSIDE_ADDR}\n"))
         .expect("L1's /etc/resolv.conf");
     let (lab, want) = lab_with_files("ku");
-    let out = run_kvm_net("kvm-net-user", &lab, NetworkMode::User, download_script());
+    let script = format!("{}; {V6_ROUTES}", download_script());
+    let out = run_kvm_net("kvm-net-user", &lab, NetworkMode::User, script);
     assert_downloaded(&out, &want, "10.0.2.3");
+    assert_no_v6_route(&out);
 }
 
 /// Where the host cannot boot Linux on the kvm backend, run every `kvm_*`
