@@ -69,6 +69,9 @@ pub struct L1Config {
     pub kernel: Kernel,
     /// `irqbypass.ko`, `kvm.ko`, `kvm-amd.ko`, dependencies first.
     pub kvm_modules: Vec<PathBuf>,
+    /// What kiln's networks and the network lab need in L1 (TAP, veth,
+    /// nf_tables for `iptables-nft`, ...), loaded after the KVM modules.
+    pub net_modules: Vec<PathBuf>,
     pub memory_mib: u32,
     pub vcpus: u32,
     /// The whole run, boot included; L1 is killed past it.
@@ -157,9 +160,12 @@ pub fn default_config() -> Result<L1Config> {
     let cache = Cache::open(crate::harness::cache_dir())?;
     let kvm_modules = kiln_images::kernel::fetch_kvm_modules(&cache, &kernel)
         .context("keeping the kernel's KVM modules (irqbypass, kvm, kvm-amd)")?;
+    let net_modules = kiln_images::kernel::fetch_l1_net_modules(&cache, &kernel)
+        .context("keeping the kernel's network modules (tun, veth, nf_tables, ...)")?;
     Ok(L1Config {
         kernel,
         kvm_modules,
+        net_modules,
         memory_mib: 3072,
         vcpus: 1,
         timeout: Duration::from_secs(1200),
@@ -332,6 +338,15 @@ pub fn run(cfg: &L1Config, payload: &Payload, line: &mut dyn FnMut(&str)) -> Res
     })
 }
 
+/// Network tools copied into L1 when the host has them.
+const NET_TOOLS: &[&str] = &["ip", "iptables", "iptables-save", "passt"];
+/// Where iptables finds its extensions.
+const XTABLES_DIRS: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu/xtables",
+    "/usr/lib/xtables",
+    "/usr/lib64/xtables",
+];
+
 /// `'...'` for sh.
 fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
@@ -343,6 +358,19 @@ fn init_script() -> String {
         r#"#!/bin/busybox sh
 /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /tmp /run
 /bin/busybox --install -s /bin
+# The initramfs (rootfs) cannot be pivoted out of, which passt's sandbox
+# and the kvm backend's jail do: move everything onto a tmpfs and switch
+# root to it first.
+if [ ! -e /.kiln-l1-switched ]; then
+  mkdir -p /newroot
+  mount -t tmpfs -o size=95% tmpfs /newroot
+  for d in /*; do
+    case "$d" in /proc|/sys|/dev|/newroot) ;; *) cp -a "$d" /newroot/ ;; esac
+  done
+  mkdir -p /newroot/proc /newroot/sys /newroot/dev
+  : > /newroot/.kiln-l1-switched
+  exec switch_root /newroot /init
+fi
 export PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -528,6 +556,17 @@ fn build_initramfs(cfg: &L1Config, p: &Payload, to: &Path) -> Result<u64> {
     for tool in ["mkfs.ext4", "mke2fs", "mkfs.erofs"] {
         f.add_tool(tool)?;
     }
+    // Jobs' networks (`nat`: `ip`, `iptables`; `user`: passt) and the
+    // network lab (`ip netns`, `iptables-save`), where the host has them;
+    // iptables loads its extensions from `xtables/` (not in `ldd`).
+    for tool in NET_TOOLS {
+        f.add_tool(tool)?;
+    }
+    for dir in XTABLES_DIRS {
+        if Path::new(dir).is_dir() {
+            f.add(Path::new(dir), Path::new(dir))?;
+        }
+    }
     if Path::new("/etc/mke2fs.conf").is_file() {
         f.add(Path::new("/etc/mke2fs.conf"), Path::new("/etc/mke2fs.conf"))?;
     }
@@ -570,7 +609,7 @@ fn build_initramfs(cfg: &L1Config, p: &Payload, to: &Path) -> Result<u64> {
     w.file("init", 0o755, init_script().as_bytes())?;
     w.file("kiln-l1/run.sh", 0o755, run_script(p, &program).as_bytes())?;
     let mut order = String::new();
-    for m in &cfg.kvm_modules {
+    for m in cfg.kvm_modules.iter().chain(&cfg.net_modules) {
         let name = m
             .file_name()
             .context("module file name")?

@@ -291,6 +291,117 @@ pub fn response_head(len: usize) -> String {
     )
 }
 
+/// The file jobs download: 1 MiB of xorshift output.
+pub fn blob() -> Vec<u8> {
+    // 1 MiB that no compression or caching could fake.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The guest script that prints its name-service files and downloads
+/// [`blob`] by name from [`FILE_HOST`] into `/tmp/f`, printing its SHA-256
+/// (checked by [`assert_downloaded`]); on failure it prints the guest's
+/// addresses and routes and exits 1.
+pub fn download_script() -> String {
+    format!(
+        "set -e; cat /etc/resolv.conf; echo host=$(hostname); grep -c localhost /etc/hosts; \
+         wget -q -O /tmp/f http://{FILE_HOST}:{HTTP_PORT}/blob || \
+         {{ echo DOWNLOAD-FAILED; ip addr; ip route; nslookup {FILE_HOST}; exit 1; }}; sha256sum /tmp/f"
+    )
+}
+
+/// The output of [`download_script`] shows the file with SHA-256 `want`,
+/// a resolver whose address starts with `resolver` and kiln's host name.
+pub fn assert_downloaded(out: &str, want: &str, resolver: &str) {
+    assert!(out.contains(&format!("{want}  /tmp/f")), "{out}");
+    assert!(out.contains(&format!("nameserver {resolver}")), "{out}");
+    assert!(out.contains("host=kiln"), "{out}");
+}
+
+/// What kiln leaves in the host namespace: TAP devices, routes and
+/// iptables chains/rules of kiln, and passt, QEMU and kiln-vmm processes
+/// of `run_dir`.
+pub fn leftovers(lab: &Lab, run_dir: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let sh = |args: &[&str]| {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &lab.host])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    for l in sh(&["ip", "-o", "link"]).lines() {
+        if l.contains("kiln-") {
+            found.push(format!("link: {l}"));
+        }
+    }
+    for l in sh(&["ip", "route", "show", "table", "all"]).lines() {
+        if l.contains("kiln-") || l.contains("10.213.") {
+            found.push(format!("route: {l}"));
+        }
+    }
+    for l in sh(&["iptables-save"]).lines() {
+        if l.contains("KILN") || l.contains("kiln") {
+            found.push(format!("iptables: {l}"));
+        }
+    }
+    let needle = run_dir.to_string_lossy().to_string();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(&needle)
+                && ["passt", "qemu-system", "kiln-vmm"]
+                    .iter()
+                    .any(|p| cmd.contains(p))
+            {
+                found.push(format!("process: {cmd}"));
+            }
+        }
+    }
+    found
+}
+
+/// The guest script that tries `targets` on the HTTP port and reports one
+/// line per target: `TRY <addr> secs=<n> [<reply or error>]`.
+pub fn tries(targets: &[&str]) -> String {
+    let mut s = String::from(
+        "gw=$(ip route | awk '/^default/ {print $3}'); \
+         try() { t0=$(date +%s); out=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 20 \"$1\" 8080 2>&1 | head -c 100 | tr '\\r\\n' '  '); \
+         echo \"TRY $1 secs=$(( $(date +%s) - t0 )) [$out]\"; }; ",
+    );
+    for t in targets {
+        s.push_str(&format!("try {t}; "));
+    }
+    s
+}
+
+/// The `TRY` line of `addr` in `out`.
+pub fn try_line<'a>(out: &'a str, addr: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.starts_with(&format!("TRY {addr} ")))
+        .unwrap_or_else(|| panic!("no attempt at {addr} in:\n{out}"))
+}
+
+/// `addr`'s attempt failed at once (refused or unreachable, no timeout).
+pub fn assert_refused_fast(out: &str, addr: &str) {
+    let l = try_line(out, addr);
+    let lower = l.to_lowercase();
+    assert!(!l.contains("200 OK"), "{addr} was reachable: {l}");
+    assert!(
+        (lower.contains("refused") || lower.contains("unreachable"))
+            && !lower.contains("timed out"),
+        "{addr} did not fail fast: {l}"
+    );
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         self.teardown();

@@ -15,11 +15,16 @@ use std::time::{Duration, Instant};
 
 use kiln::executor::FailureReason;
 use kiln::joblog::BufferSink;
+use kiln::network::{NetworkConfig, NetworkMode};
 use kiln::JobResult;
 use kiln_agent::proto::Stream;
 use kiln_pipelines::{ArtifactWhen, JobSource, JobSpec, Step, StepWhen};
 use kiln_tests::harness::{self, assert_no_leaks, CancelAtFirstOutput};
 use kiln_tests::nested;
+use kiln_tests::netlab::{
+    assert_downloaded, assert_refused_fast, blob, download_script, leftovers, tries, try_line, Lab,
+    DENIED, DENIED_CIDR, HOST_ADDR, METADATA, OUTSIDE_ADDR,
+};
 use kiln_vmm::BackendKind;
 
 /// The tests the nested tier runs inside L1 (every `kvm_*` test below).
@@ -34,6 +39,8 @@ const SUITE: &[&str] = &[
     "kvm_guest_kernel_panic_is_a_system_failure_with_the_log_kept",
     "kvm_guest_reset_ends_the_vm_as_a_system_failure",
     "kvm_jobs_from_a_snapshot_match_cold_boot_and_share_nothing",
+    "kvm_nat_job_downloads_by_name_and_reaches_nothing_it_may_not",
+    "kvm_user_job_downloads_by_name_through_passt",
 ];
 
 fn job(script: &str) -> JobSpec {
@@ -437,6 +444,131 @@ async fn kvm_jobs_from_a_snapshot_match_cold_boot_and_share_nothing() {
     assert_eq!(rebuilt, 1, "one snapshot rebuilt in {}", snaps.display());
 }
 
+// Issue 17: jobs' networks on the kvm backend (its own virtio-net: over a
+// TAP for `nat`, over passt's socket for `user`), in the network lab of
+// `tests/tests/network.rs` (`kiln_tests::netlab`).
+
+/// Run `script` on the kvm backend with network `mode` in `lab`: kiln's
+/// side (executor, TAP, rules, DNS relay, passt, the VMM process) in the
+/// lab's host namespace, the servers outside. Checks that the job
+/// succeeded and that nothing of kiln's is left in the namespace; returns
+/// the job's stdout.
+fn run_kvm_net(name: &'static str, lab: &Lab, mode: NetworkMode, script: String) -> String {
+    let dir = harness::run_dir(name);
+    let (ok, summary, out, err) = Lab::within(&lab.host, move || {
+        // Threads and processes started from here on (the runtime's,
+        // iptables, passt, kiln-vmm) are in the lab's host namespace.
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("build a tokio runtime")
+            .block_on(async move {
+                let (_tx, rx) = tokio::sync::watch::channel(None);
+                let mut sink = BufferSink::default();
+                let net = NetworkConfig {
+                    mode,
+                    deny: vec![DENIED_CIDR.into()],
+                    dns: vec![OUTSIDE_ADDR.to_string()],
+                    ..NetworkConfig::default()
+                };
+                let r = run_kvm(
+                    name,
+                    &job(&script),
+                    |c| c.network = net,
+                    &mut sink,
+                    rx,
+                    None,
+                )
+                .await;
+                let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+                (
+                    r.success(),
+                    r.summary(),
+                    text(&sink.stdout),
+                    text(&sink.stderr),
+                )
+            })
+    })
+    .expect("the job ran in the lab's host namespace");
+    println!("--- stdout\n{out}--- stderr\n{err}");
+    assert!(ok, "{summary}\n{out}\n{err}");
+    assert_eq!(leftovers(lab, &dir), Vec::<String>::new());
+    out
+}
+
+/// A lab whose outside serves [`blob`] and answers DNS for it; returns
+/// the blob's SHA-256.
+fn lab_with_files(tag: &str) -> (Lab, String) {
+    use sha2::Digest as _;
+    let lab = Lab::new(tag).expect("the network lab");
+    let body = blob();
+    let want = hex::encode(sha2::Sha256::digest(&body));
+    lab.http_server(&lab.outside, body).unwrap();
+    lab.dns_server().unwrap();
+    (lab, want)
+}
+
+/// `nat`: the job downloads by name (kiln's DNS relay) and checks the
+/// SHA-256; in the same VM it cannot reach the host namespace (its
+/// gateway or its other address, where a server listens), the metadata
+/// stand-in or the denied CIDR, each failing at once, while the same
+/// server outside answers.
+fn kvm_nat_job_downloads_by_name_and_reaches_nothing_it_may_not() {
+    let (lab, want) = lab_with_files("kn");
+    lab.http_server(&lab.host, b"host".to_vec()).unwrap();
+    let (outside, host, md, dn) = (
+        OUTSIDE_ADDR.to_string(),
+        HOST_ADDR.to_string(),
+        METADATA.to_string(),
+        DENIED.to_string(),
+    );
+    let script = format!(
+        "{}; set +e; {} {V6_ROUTES}",
+        download_script(),
+        tries(&[&outside, "$gw", &host, &md, &dn])
+    );
+    let out = run_kvm_net("kvm-net-nat", &lab, NetworkMode::Nat, script);
+    assert_downloaded(&out, &want, "10.213.");
+    assert!(try_line(&out, &outside).contains("200 OK"), "{out}");
+    let gw = out
+        .lines()
+        .find(|l| l.starts_with("TRY 10.213."))
+        .and_then(|l| l.split(' ').nth(1))
+        .unwrap_or_else(|| panic!("no attempt at the gateway: {out}"))
+        .to_string();
+    for a in [&gw, &host, &md, &dn] {
+        assert_refused_fast(&out, a);
+    }
+    assert_no_v6_route(&out);
+}
+
+/// The guest script's line of IPv6 routes beyond its own link: kiln gives
+/// guests no IPv6 (the TAP has none, passt runs `-4`), so no router may
+/// have handed it one.
+const V6_ROUTES: &str =
+    "echo \"V6ROUTES=$(ip -6 route show | grep -v -e '^fe80::' -e '^::1 ' -e '^multicast' -e '^local' | wc -l)\"";
+
+fn assert_no_v6_route(out: &str) {
+    assert!(
+        out.contains("V6ROUTES=0"),
+        "the guest has IPv6 routes: {out}"
+    );
+}
+
+/// `user`: the job downloads by name through passt and checks the
+/// SHA-256; no passt is left. passt relays DNS to the first resolver of
+/// `/etc/resolv.conf`, which in L1 (its own, in memory) is the lab's.
+fn kvm_user_job_downloads_by_name_through_passt() {
+    std::fs::write("/etc/resolv.conf", format!("nameserver {OUTSIDE_ADDR}\n"))
+        .expect("L1's /etc/resolv.conf");
+    let (lab, want) = lab_with_files("ku");
+    let script = format!("{}; {V6_ROUTES}", download_script());
+    let out = run_kvm_net("kvm-net-user", &lab, NetworkMode::User, script);
+    assert_downloaded(&out, &want, "10.0.2.3");
+    assert_no_v6_route(&out);
+}
+
 /// Where the host cannot boot Linux on the kvm backend, run every `kvm_*`
 /// test above inside an L1 VM that can (QEMU TCG emulating AMD-V).
 fn kvm_suite_runs_in_a_nested_l1_vm() {
@@ -482,6 +614,34 @@ fn kvm_suite_runs_in_a_nested_l1_vm() {
             );
         }
     }
+}
+
+/// What the kvm backend's network tests need: the lab (root, `ip`,
+/// `iptables`), and a kvm backend that boots Linux; for `user`, `passt`
+/// and L1, whose `/etc/resolv.conf` the test may point at the lab (passt
+/// reads the resolver there; `ip netns exec` is not how kiln runs here).
+fn net_needs(passt: bool) -> Vec<kiln_testkit::Need> {
+    let mut n = vec![
+        kiln_testkit::root(),
+        kiln_testkit::tool("ip", "iproute2"),
+        kiln_testkit::tool("iptables", "iptables"),
+    ];
+    if passt {
+        n.push(kiln_testkit::tool("passt", "passt"));
+        n.push(kiln_testkit::Need::custom("in-l1", || {
+            if nested::in_l1() {
+                Ok(())
+            } else {
+                Err(
+                    "passt would relay DNS to this host's /etc/resolv.conf, which only \
+                     L1's test may point at the lab"
+                        .into(),
+                )
+            }
+        }));
+    }
+    n.extend([harness::busybox(), harness::hardware_kvm()]);
+    n
 }
 
 fn main() -> std::process::ExitCode {
@@ -554,6 +714,16 @@ fn main() -> std::process::ExitCode {
             "kvm_jobs_from_a_snapshot_match_cold_boot_and_share_nothing",
             &[harness::busybox(), harness::hardware_kvm()],
             kvm_jobs_from_a_snapshot_match_cold_boot_and_share_nothing,
+        )
+        .test(
+            "kvm_nat_job_downloads_by_name_and_reaches_nothing_it_may_not",
+            &net_needs(false),
+            kvm_nat_job_downloads_by_name_and_reaches_nothing_it_may_not,
+        )
+        .test(
+            "kvm_user_job_downloads_by_name_through_passt",
+            &net_needs(true),
+            kvm_user_job_downloads_by_name_through_passt,
         )
         .test(
             "kvm_suite_runs_in_a_nested_l1_vm",

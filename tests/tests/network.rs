@@ -88,58 +88,6 @@ fn show(o: Output) -> Output {
     o
 }
 
-/// What kiln leaves in the host namespace: TAP devices, routes and
-/// iptables chains/rules of kiln, and passt/QEMU processes of `run_dir`.
-fn leftovers(lab: &Lab, run_dir: &Path) -> Vec<String> {
-    let mut found = Vec::new();
-    let sh = |args: &[&str]| {
-        let o = Command::new("ip")
-            .args(["netns", "exec", &lab.host])
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&o.stdout).to_string()
-    };
-    for l in sh(&["ip", "-o", "link"]).lines() {
-        if l.contains("kiln-") {
-            found.push(format!("link: {l}"));
-        }
-    }
-    for l in sh(&["ip", "route", "show", "table", "all"]).lines() {
-        if l.contains("kiln-") || l.contains("10.213.") {
-            found.push(format!("route: {l}"));
-        }
-    }
-    for l in sh(&["iptables-save"]).lines() {
-        if l.contains("KILN") || l.contains("kiln") {
-            found.push(format!("iptables: {l}"));
-        }
-    }
-    let needle = run_dir.to_string_lossy().to_string();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(&needle) && (cmd.contains("passt") || cmd.contains("qemu-system")) {
-                found.push(format!("process: {cmd}"));
-            }
-        }
-    }
-    found
-}
-
-fn blob() -> Vec<u8> {
-    // 1 MiB that no compression or caching could fake.
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..1 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// What a job pulls from the lab's registry ([`download_by_name`] with
 /// `pull`): the manifest's and the layer's digests to find in its output.
 struct Pulled {
@@ -188,11 +136,7 @@ fn download_by_name(
     lab.http_server(&lab.outside, body).unwrap();
     lab.dns_server().unwrap();
     let dir = harness::run_dir(&format!("net-{tag}"));
-    let mut script = format!(
-        "set -e; cat /etc/resolv.conf; echo host=$(hostname); grep -c localhost /etc/hosts; \
-         wget -q -O /tmp/f http://{FILE_HOST}:{HTTP_PORT}/blob || \
-         {{ echo DOWNLOAD-FAILED; ip addr; ip route; nslookup {FILE_HOST}; exit 1; }}; sha256sum /tmp/f"
-    );
+    let mut script = download_script();
     // The registry's storage lives outside the job's run directory, which
     // must be left empty.
     let registry_dir = harness::run_dir(&format!("net-{tag}-registry"));
@@ -217,9 +161,7 @@ fn download_by_name(
     let out = String::from_utf8_lossy(&o.stdout);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{out}\n{err}");
-    assert!(out.contains(&format!("{want}  /tmp/f")), "{out}");
-    assert!(out.contains(&format!("nameserver {resolver}")), "{out}");
-    assert!(out.contains("host=kiln"), "{out}");
+    assert_downloaded(&out, &want, resolver);
     if let Some((registry, pulled)) = pulled {
         assert!(
             out.contains(&format!("{}  /tmp/m", pulled.manifest)),
@@ -341,38 +283,6 @@ fn user_mode_works_as_an_unprivileged_user() {
     drop(lab);
     download_by_name("un", "user", "10.0.2.3", Some(&u), false);
 }
-/// The guest script that tries `targets` on the HTTP port and reports one
-/// line per target: `TRY <addr> secs=<n> [<reply or error>]`.
-fn tries(targets: &[&str]) -> String {
-    let mut s = String::from(
-        "gw=$(ip route | awk '/^default/ {print $3}'); \
-         try() { t0=$(date +%s); out=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 20 \"$1\" 8080 2>&1 | head -c 100 | tr '\\r\\n' '  '); \
-         echo \"TRY $1 secs=$(( $(date +%s) - t0 )) [$out]\"; }; ",
-    );
-    for t in targets {
-        s.push_str(&format!("try {t}; "));
-    }
-    s
-}
-
-/// The `TRY` line of `addr` in `out`.
-fn try_line<'a>(out: &'a str, addr: &str) -> &'a str {
-    out.lines()
-        .find(|l| l.starts_with(&format!("TRY {addr} ")))
-        .unwrap_or_else(|| panic!("no attempt at {addr} in:\n{out}"))
-}
-
-fn assert_refused_fast(out: &str, addr: &str) {
-    let l = try_line(out, addr);
-    let lower = l.to_lowercase();
-    assert!(!l.contains("200 OK"), "{addr} was reachable: {l}");
-    assert!(
-        (lower.contains("refused") || lower.contains("unreachable"))
-            && !lower.contains("timed out"),
-        "{addr} did not fail fast: {l}"
-    );
-}
-
 fn cannot_reach_the_host_metadata_private_or_denied_networks() {
     let lab = Lab::new("iso").unwrap();
     lab.http_server(&lab.outside, b"outside".to_vec()).unwrap();

@@ -14,13 +14,31 @@ use crate::ImageError;
 /// Keep [`KVM_MODULES`] of a cached Debian kernel, downloading its package
 /// again (the exact version) when the cache entry predates them.
 pub fn fetch_kvm_modules(cache: &Cache, kernel: &Kernel) -> Result<Vec<PathBuf>, ImageError> {
-    if let Some(m) = kvm_modules(kernel) {
+    fetch_module_set(cache, kernel, KVM_MODULES_DIR, KVM_MODULES)
+}
+
+/// Keep [`L1_NET_MODULES`] of a cached Debian kernel, downloading its
+/// package again (the exact version) the first time.
+pub fn fetch_l1_net_modules(cache: &Cache, kernel: &Kernel) -> Result<Vec<PathBuf>, ImageError> {
+    fetch_module_set(cache, kernel, L1_NET_MODULES_DIR, L1_NET_MODULES)
+}
+
+/// Keep the modules `wanted` (and their dependencies) of a cached Debian
+/// kernel in its subdirectory `set`, from its package.
+fn fetch_module_set(
+    cache: &Cache,
+    kernel: &Kernel,
+    set: &str,
+    wanted: &[&str],
+) -> Result<Vec<PathBuf>, ImageError> {
+    if let Some(m) = module_set(kernel, set) {
         return Ok(m);
     }
     let not_debian = || ImageError::Corrupt {
         what: kernel.image.display().to_string(),
-        detail: "not a kernel kiln fetched from a Debian package; its KVM modules are unknown"
-            .into(),
+        detail: format!(
+            "not a kernel kiln fetched from a Debian package; its modules ({set}) are unknown"
+        ),
     };
     let mut src = kernel.source.split_whitespace();
     let (Some(pkg), Some(version)) = (src.next(), src.next()) else {
@@ -28,26 +46,31 @@ pub fn fetch_kvm_modules(cache: &Cache, kernel: &Kernel) -> Result<Vec<PathBuf>,
     };
     let dir = kernel.image.parent().ok_or_else(not_debian)?;
     let _lock = cache.lock(&format!("kernel-{pkg}"))?;
-    if let Some(m) = kvm_modules(kernel) {
+    if let Some(m) = module_set(kernel, set) {
         return Ok(m);
     }
-    let tmp = cache.temp_dir("kvm-modules")?;
+    let tmp = cache.temp_dir(set)?;
     let x = download_and_unpack(tmp.path(), &format!("{pkg}={version}"))?;
     let out = tmp.path().join("out");
-    keep_kvm_modules(&x, &kernel.release, &out)?;
-    tmp.publish(&out, &dir.join(KVM_MODULES_DIR))?;
-    kvm_modules(kernel).ok_or_else(|| ImageError::Corrupt {
+    keep_modules(&x, &kernel.release, wanted, &out)?;
+    tmp.publish(&out, &dir.join(set))?;
+    module_set(kernel, set).ok_or_else(|| ImageError::Corrupt {
         what: dir.display().to_string(),
-        detail: "the KVM modules were not kept".into(),
+        detail: format!("the modules ({set}) were not kept"),
     })
 }
 
-/// Copy [`KVM_MODULES`] and their dependencies from an unpacked package
+/// Copy `wanted` modules and their dependencies from an unpacked package
 /// into `out` (created), with their load order in `out/order`.
-fn keep_kvm_modules(unpacked: &Path, release: &str, out: &Path) -> Result<(), ImageError> {
+fn keep_modules(
+    unpacked: &Path,
+    release: &str,
+    wanted: &[&str],
+    out: &Path,
+) -> Result<(), ImageError> {
     let tree = unpacked.join("lib/modules").join(release);
     std::fs::create_dir_all(out).map_err(|e| ImageError::io("create", out, e))?;
-    let order: String = copy_modules(&tree, KVM_MODULES, out)?
+    let order: String = copy_modules(&tree, wanted, out)?
         .iter()
         .map(|name| format!("{name}\n"))
         .collect();
@@ -202,7 +225,7 @@ pub fn fetch_debian(cache: &Cache, package: &str) -> Result<Kernel, ImageError> 
 
     let mod_tree = x.join("lib/modules").join(&release);
     let names = copy_modules(&mod_tree, GUEST_MODULES, &out.join("modules"))?;
-    keep_kvm_modules(&x, &release, &out.join(KVM_MODULES_DIR))?;
+    keep_modules(&x, &release, KVM_MODULES, &out.join(KVM_MODULES_DIR))?;
     let meta = KernelMeta {
         release,
         pvh,

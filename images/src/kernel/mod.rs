@@ -12,7 +12,7 @@
 mod debian;
 mod vmlinux;
 
-pub use debian::{fetch_debian, fetch_kvm_modules, resolve_modules};
+pub use debian::{fetch_debian, fetch_kvm_modules, fetch_l1_net_modules, resolve_modules};
 pub use vmlinux::{elf_has_pvh_note, extract_vmlinux, pvh_entry};
 
 use std::path::{Path, PathBuf};
@@ -45,6 +45,33 @@ pub const KVM_MODULES: &[&str] = &["kvm_amd"];
 /// Subdirectory of a cached kernel holding [`KVM_MODULES`] and the file
 /// `order` (their file names, dependencies first).
 const KVM_MODULES_DIR: &str = "kvm-modules";
+
+/// Modules the nested-KVM tier's L1 needs to run kiln's jobs with a network
+/// (`nat`: TAP devices and kiln's iptables rules over nf_tables, as
+/// `iptables-nft` writes them; the test's network lab: veth pairs), by
+/// module name; dependencies are added. Kept like [`KVM_MODULES`], never
+/// loaded by kiln's guests.
+pub const L1_NET_MODULES: &[&str] = &[
+    "tun",
+    "veth",
+    "nf_tables",
+    "nft_compat",
+    "nft_chain_nat",
+    "nft_ct",
+    "nft_masq",
+    "nft_reject_ipv4",
+    "nf_nat",
+    "nf_conntrack",
+    "xt_conntrack",
+    "xt_mac",
+    "xt_MASQUERADE",
+    "xt_nat",
+    "xt_length",
+    "ipt_REJECT",
+];
+
+/// Subdirectory of a cached kernel holding [`L1_NET_MODULES`] and `order`.
+const L1_NET_MODULES_DIR: &str = "l1-net-modules";
 
 /// A provisioned kernel: the image to boot and its modules in load order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,7 +190,13 @@ fn module_name(file: &str) -> String {
 /// were kept: kernels fetched before kiln kept them have none (see
 /// [`fetch_kvm_modules`]).
 pub fn kvm_modules(kernel: &Kernel) -> Option<Vec<PathBuf>> {
-    let dir = kernel.image.parent()?.join(KVM_MODULES_DIR);
+    module_set(kernel, KVM_MODULES_DIR)
+}
+
+/// The modules kept in subdirectory `set` of a cached kernel, in their
+/// load order, if all are there.
+fn module_set(kernel: &Kernel, set: &str) -> Option<Vec<PathBuf>> {
+    let dir = kernel.image.parent()?.join(set);
     let order = std::fs::read_to_string(dir.join("order")).ok()?;
     let mods: Vec<PathBuf> = order
         .lines()
