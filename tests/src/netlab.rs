@@ -291,6 +291,18 @@ pub fn response_head(len: usize) -> String {
     )
 }
 
+/// A lab whose outside serves [`blob`] over HTTP, with its DNS server up;
+/// and the blob's SHA-256 (hex) a job's download must match.
+pub fn lab_serving_blob(tag: &str) -> (Lab, String) {
+    use sha2::Digest as _;
+    let lab = Lab::new(tag).expect("the network lab");
+    let body = blob();
+    let want = hex::encode(sha2::Sha256::digest(&body));
+    lab.http_server(&lab.outside, body).unwrap();
+    lab.dns_server().unwrap();
+    (lab, want)
+}
+
 /// The file jobs download: 1 MiB of xorshift output.
 pub fn blob() -> Vec<u8> {
     // 1 MiB that no compression or caching could fake.

@@ -22,8 +22,8 @@ use kiln_pipelines::{ArtifactWhen, JobSource, JobSpec, Step, StepWhen};
 use kiln_tests::harness::{self, assert_no_leaks, CancelAtFirstOutput};
 use kiln_tests::nested;
 use kiln_tests::netlab::{
-    assert_downloaded, assert_refused_fast, blob, download_script, leftovers, tries, try_line, Lab,
-    DENIED, DENIED_CIDR, HOST_ADDR, METADATA, OUTSIDE_ADDR,
+    assert_downloaded, assert_refused_fast, download_script, lab_serving_blob, leftovers, tries,
+    try_line, Lab, DENIED, DENIED_CIDR, HOST_ADDR, METADATA, OUTSIDE_ADDR,
 };
 use kiln_vmm::BackendKind;
 
@@ -497,25 +497,13 @@ fn run_kvm_net(name: &'static str, lab: &Lab, mode: NetworkMode, script: String)
     out
 }
 
-/// A lab whose outside serves [`blob`] and answers DNS for it; returns
-/// the blob's SHA-256.
-fn lab_with_files(tag: &str) -> (Lab, String) {
-    use sha2::Digest as _;
-    let lab = Lab::new(tag).expect("the network lab");
-    let body = blob();
-    let want = hex::encode(sha2::Sha256::digest(&body));
-    lab.http_server(&lab.outside, body).unwrap();
-    lab.dns_server().unwrap();
-    (lab, want)
-}
-
 /// `nat`: the job downloads by name (kiln's DNS relay) and checks the
 /// SHA-256; in the same VM it cannot reach the host namespace (its
 /// gateway or its other address, where a server listens), the metadata
 /// stand-in or the denied CIDR, each failing at once, while the same
 /// server outside answers.
 fn kvm_nat_job_downloads_by_name_and_reaches_nothing_it_may_not() {
-    let (lab, want) = lab_with_files("kn");
+    let (lab, want) = lab_serving_blob("kn");
     lab.http_server(&lab.host, b"host".to_vec()).unwrap();
     let (outside, host, md, dn) = (
         OUTSIDE_ADDR.to_string(),
@@ -562,7 +550,7 @@ fn assert_no_v6_route(out: &str) {
 fn kvm_user_job_downloads_by_name_through_passt() {
     std::fs::write("/etc/resolv.conf", format!("nameserver {OUTSIDE_ADDR}\n"))
         .expect("L1's /etc/resolv.conf");
-    let (lab, want) = lab_with_files("ku");
+    let (lab, want) = lab_serving_blob("ku");
     let script = format!("{}; {V6_ROUTES}", download_script());
     let out = run_kvm_net("kvm-net-user", &lab, NetworkMode::User, script);
     assert_downloaded(&out, &want, "10.0.2.3");

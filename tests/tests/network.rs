@@ -12,7 +12,6 @@ use kiln_testkit::{self as testkit, Need};
 use kiln_tests::harness::{self, assert_no_leaks};
 use kiln_tests::lab_registry::{self, LabRegistry, MANIFEST_TYPE, REGISTRY_PORT};
 use kiln_tests::netlab::*;
-use sha2::{Digest, Sha256};
 
 fn needs() -> Vec<Need> {
     let mut n = vec![
@@ -130,11 +129,7 @@ fn download_by_name(
     user: Option<&Unprivileged>,
     pull: bool,
 ) {
-    let lab = Lab::new(tag).unwrap();
-    let body = blob();
-    let want = hex::encode(Sha256::digest(&body));
-    lab.http_server(&lab.outside, body).unwrap();
-    lab.dns_server().unwrap();
+    let (lab, want) = lab_serving_blob(tag);
     let dir = harness::run_dir(&format!("net-{tag}"));
     let mut script = download_script();
     // The registry's storage lives outside the job's run directory, which

@@ -155,7 +155,7 @@ pub fn main() -> ExitCode {
     if start.snapshot_out {
         // Whether a snapshot may skip pages the host has not resident;
         // `/proc` is out of reach once jailed.
-        crate::kvm::snapshot::memory::probe_swap();
+        crate::kvm::snapshot::memory::no_swap();
     }
 
     // Kiln put this process in its cgroup before it sent the start message:

@@ -29,10 +29,10 @@ const PAGE: usize = 4096;
 /// read once. Unknown (unreadable) counts as swap.
 static NO_SWAP: OnceLock<bool> = OnceLock::new();
 
-/// Read whether the host has swap, for [`write`]. The VMM process calls it
+/// Whether the host has no swap, read once, for [`write`]. The VMM process calls it
 /// before its jail hides `/proc`; elsewhere `write` reads it when first
 /// needed.
-pub fn probe_swap() -> bool {
+pub fn no_swap() -> bool {
     *NO_SWAP.get_or_init(|| {
         std::fs::read_to_string("/proc/meminfo").is_ok_and(|m| {
             m.lines()
@@ -46,7 +46,7 @@ pub fn probe_swap() -> bool {
 /// `None` where residency does not tell which pages are zeros (swap on the
 /// host, file-backed memory) or `mincore` failed.
 fn resident_pages(region: &GuestRegionMmap) -> Option<Vec<u8>> {
-    if region.file_offset().is_some() || !probe_swap() {
+    if region.file_offset().is_some() || !no_swap() {
         return None;
     }
     let len = usize::try_from(region.len()).ok()?;
@@ -173,7 +173,7 @@ mod tests {
         let (ranges, pages) = write(&mem, &file, PAGE as u64).unwrap();
         assert_eq!(ranges.len(), 1);
         assert_eq!(pages.written, 2, "{pages:?}");
-        if probe_swap() {
+        if no_swap() {
             assert_eq!(pages.read, 3, "only the resident pages: {pages:?}");
         } else {
             assert_eq!(pages.read, 1024, "swap on: every page: {pages:?}");
