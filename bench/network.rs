@@ -22,10 +22,13 @@
 //! and `user` run without it too, so that the jail's CPU quota (1.5 CPUs
 //! for one vCPU) weighs on none of the three: only the network differs.
 //!
-//! - guest → host TCP throughput: the job pipes zeros into `nc`; a listener
-//!   of the bench in the "outside" namespace times first byte to last and
-//!   answers `GOT <bytes>` (busybox `nc` waits for the server's close after
-//!   its input ends, so the job does not end with bytes in flight);
+//! - guest → host TCP throughput: the job runs `tcp_send`
+//!   (`images/agent/examples/tcp_send.rs`, static, 256 KiB writes; busybox
+//!   `nc` moves 1 KiB per system call, which under TCG bounded every mode
+//!   alike), which sends zeros, shuts its side and waits for the answer; a
+//!   listener of the bench in the "outside" namespace times first byte to
+//!   last and answers `GOT <bytes>` (so the job does not end with bytes in
+//!   flight);
 //! - a download's time: the job `wget`s a blob from a server of the bench,
 //!   which times the request to the client's close after the last byte.
 //!
@@ -132,6 +135,8 @@ fn main() {
     } else {
         (16 * MIB, 10 * MIB)
     };
+    // Seconds: several times a round's slowest job under TCG.
+    let job_timeout = if smoke { 300 } else { 900 };
     let lab = Lab::new("bn").expect("the network lab");
     let (up_tx, up_rx) = mpsc::channel();
     let (down_tx, down_rx) = mpsc::channel();
@@ -149,9 +154,15 @@ fn main() {
 
     let script = format!(
         "wget -q -O /dev/null http://{OUTSIDE_ADDR}:{DOWNLOAD_PORT}/blob && echo DOWNLOADED; \
-         dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc {OUTSIDE_ADDR} {UPLOAD_PORT}; \
-         echo UPLOADED",
-        upload / 65536
+         tcp_send {OUTSIDE_ADDR}:{UPLOAD_PORT} {upload} && echo UPLOADED"
+    );
+    let image = harness::busybox_image_with(
+        "bench-net-image",
+        vec![(
+            "usr/bin/tcp_send".into(),
+            harness::agent_example("tcp_send"),
+            0o755,
+        )],
     );
     let run_dir = harness::run_dir("bench-net");
     let (wrapper, swapped) = slirp_wrapper(&harness::run_dir("bench-net-qemu"));
@@ -163,7 +174,7 @@ fn main() {
             .map(|i| (i + round) % modes.len())
             .collect();
         for m in order {
-            let mut cmd = harness::run_job_cmd(&run_dir);
+            let mut cmd = harness::run_job_cmd_on(&run_dir, &image);
             cmd.env("KILN_ISOLATION", "off");
             let network = if modes[m] == "qemu-user" {
                 let _ = std::fs::remove_file(&swapped);
@@ -174,6 +185,9 @@ fn main() {
             };
             let o = lab
                 .in_host(cmd)
+                // A job that hangs (a connection never closed) fails
+                // the bench in minutes, not at the default hour.
+                .args(["--timeout", &job_timeout.to_string()])
                 .args(["--network", network, "--", "sh", "-c", &script])
                 .output()
                 .expect("run kiln");

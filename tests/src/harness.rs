@@ -189,6 +189,34 @@ pub fn busybox_image() -> PathBuf {
     .clone()
 }
 
+/// A static test helper from `images/agent/examples/NAME.rs`, built for
+/// musl (the agent's target and profile, so it shares the agent's build).
+pub fn agent_example(name: &str) -> Vec<u8> {
+    agent();
+    let args = [&AGENT_BUILD[..], &["--example", name]].concat();
+    let target = cargo_build(&args, &format!("building the {name} example failed"));
+    let path = target.join("x86_64-unknown-linux-musl/agent/examples").join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The busybox image plus `files` (path in the image, content, mode), as
+/// `<test root>/<name>-<pid>`, removed when the test process exits.
+pub fn busybox_image_with(name: &str, files: Vec<(String, Vec<u8>, u32)>) -> PathBuf {
+    let dir = test_root().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    BusyboxImage {
+        files,
+        ..BusyboxImage::default()
+    }
+    .build(&dir)
+    .unwrap_or_else(|e| panic!("build the {name} image: {e}"));
+    let d = dir.clone();
+    kiln_testkit::at_exit(move || {
+        let _ = std::fs::remove_dir_all(d);
+    });
+    dir
+}
+
 /// What [`service_image`]'s `serve` program writes into the page it
 /// serves, before the variables' values: `hello from the service`.
 pub const SERVICE_PAGE: &str = "hello from the service";
@@ -369,6 +397,11 @@ pub fn kiln_cmd(run_dir: &Path) -> Command {
 /// `kiln run-job` on the busybox fixture with 1 CPU and 512 MiB, logging
 /// only kiln's errors; the caller adds what to run.
 pub fn run_job_cmd(run_dir: &Path) -> Command {
+    run_job_cmd_on(run_dir, &busybox_image())
+}
+
+/// [`run_job_cmd`] on another image.
+pub fn run_job_cmd_on(run_dir: &Path, image: &Path) -> Command {
     let mut c = kiln_cmd(run_dir);
     c.args([
         "--log-level",
@@ -380,7 +413,7 @@ pub fn run_job_cmd(run_dir: &Path) -> Command {
         "512",
         "--image",
     ])
-    .arg(busybox_image());
+    .arg(image);
     c
 }
 

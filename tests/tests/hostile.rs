@@ -19,7 +19,7 @@ use kiln::executor::FailureReason;
 use kiln::joblog::{BufferSink, JobSink, MaskingSink, Secrets};
 use kiln_agent::proto::{StepEnd, Stream, EXIT_CANNOT_START};
 use kiln_pipelines::{JobSpec, Step, StepWhen};
-use kiln_tests::fixtures::{self, BusyboxImage};
+use kiln_tests::fixtures;
 use kiln_tests::harness::{self, assert_no_leaks, kiln_cmd};
 
 /// Peak memory kiln may use for a job that forges 500k frames: the test's
@@ -356,36 +356,16 @@ async fn a_job_that_fills_the_agents_tmpfs_fails_itself() {
     assert!(err.lines().all(|l| l.len() < SHORT), "{err}");
 }
 
-/// The static helper a forging job runs in the guest
-/// (`images/agent/examples/port_writer.rs`), built for musl once.
-fn port_writer() -> Vec<u8> {
-    static BIN: OnceLock<Vec<u8>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        harness::agent(); // the same target and profile: shares the build
-        let args = [&harness::AGENT_BUILD[..], &["--example", "port_writer"]].concat();
-        let target = harness::cargo_build(&args, "building the port_writer example failed");
-        std::fs::read(target.join("x86_64-unknown-linux-musl/agent/examples/port_writer")).unwrap()
-    })
-    .clone()
-}
-
-/// The busybox image plus `/usr/bin/port_writer`.
+/// The busybox image plus `/usr/bin/port_writer`, the static helper a
+/// forging job runs in the guest (`images/agent/examples/port_writer.rs`).
 fn forger_image() -> PathBuf {
     static IMG: OnceLock<PathBuf> = OnceLock::new();
     IMG.get_or_init(|| {
-        let dir = harness::test_root().join(format!("forger-image-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        BusyboxImage {
-            files: vec![("usr/bin/port_writer".into(), port_writer(), 0o755)],
-            ..BusyboxImage::default()
-        }
-        .build(&dir)
-        .unwrap();
-        let d = dir.clone();
-        kiln_testkit::at_exit(move || {
-            let _ = std::fs::remove_dir_all(d);
-        });
-        dir
+        let bin = harness::agent_example("port_writer");
+        harness::busybox_image_with(
+            "forger-image",
+            vec![("usr/bin/port_writer".into(), bin, 0o755)],
+        )
     })
     .clone()
 }
