@@ -195,7 +195,9 @@ pub fn agent_example(name: &str) -> Vec<u8> {
     agent();
     let args = [&AGENT_BUILD[..], &["--example", name]].concat();
     let target = cargo_build(&args, &format!("building the {name} example failed"));
-    let path = target.join("x86_64-unknown-linux-musl/agent/examples").join(name);
+    let path = target
+        .join("x86_64-unknown-linux-musl/agent/examples")
+        .join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 

@@ -28,8 +28,11 @@ pub enum Network {
     /// No network device at all.
     #[default]
     None,
-    /// A TAP device the caller opened (`IFF_TAP | IFF_NO_PI`); the backend
-    /// hands the guest's frames to it. The caller keeps its own handle until
+    /// A TAP device the caller opened (`IFF_TAP | IFF_NO_PI |
+    /// IFF_VNET_HDR`, `TUNSETVNETHDRSZ` 12: a `virtio_net_hdr_v1` before
+    /// every frame; `TUNSETOFFLOAD` with checksum and TCP segmentation, which
+    /// QEMU sets again as its guest negotiates); the backend hands the
+    /// guest's frames to it. The caller keeps its own handle until
     /// the machine is destroyed.
     Tap {
         fd: Arc<OwnedFd>,

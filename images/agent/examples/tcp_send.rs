@@ -41,5 +41,7 @@ fn main() {
     let mut answer = Vec::new();
     s.read_to_end(&mut answer)
         .unwrap_or_else(|e| fail(format!("the server's answer: {e} (after {answer:?})")));
-    std::io::stdout().write_all(&answer).unwrap_or_else(|e| fail(format!("stdout: {e}")));
+    std::io::stdout()
+        .write_all(&answer)
+        .unwrap_or_else(|e| fail(format!("stdout: {e}")));
 }

@@ -1,16 +1,23 @@
 //! virtio-net (virtio 1.x, section 5.1): one receive and one transmit queue
 //! over a host-side backend kiln opened and handed over, never opened here:
 //!
-//! - [`NetBackend::Tap`]: a TAP device (`IFF_TAP | IFF_NO_PI`, no vnet
-//!   header): one read or write is one Ethernet frame (`--network nat`).
+//! - [`NetBackend::Tap`]: a TAP device (`IFF_TAP | IFF_NO_PI |
+//!   IFF_VNET_HDR`, a 12-byte header, `TUN_F_CSUM | TUN_F_TSO4 |
+//!   TUN_F_TSO6` set by kiln): one read or write is one `virtio_net_hdr_v1`
+//!   and one Ethernet frame (`--network nat`). The device offers checksum
+//!   and TCP segmentation offloads both ways (`CSUM`, `HOST_TSO4/6`,
+//!   `GUEST_CSUM`, `GUEST_TSO4/6`), so the guest hands the host's stack
+//!   64 KiB segments without checksums instead of computing and cutting
+//!   them on its own (slow) CPU. A guest header is checked against what
+//!   was negotiated before it reaches the TAP; a host frame that needs an
+//!   offload the guest did not take is dropped.
 //! - [`NetBackend::Stream`]: a connected stream socket speaking QEMU's
 //!   `-netdev stream` protocol, which `passt` serves: each frame is a 4-byte
-//!   big-endian length and the frame (`--network user`).
+//!   big-endian length and the frame (`--network user`). No offloads: the
+//!   header carries nothing but `num_buffers = 1`.
 //!
-//! No offloads are offered (no checksum, GSO or mergeable buffers), so every
-//! frame carries the 12-byte `virtio_net_hdr_v1` with nothing in it but
-//! `num_buffers = 1`, and the guest's frames are at most MTU + Ethernet and
-//! VLAN headers ([`Net::max_frame`]).
+//! Frames are at most MTU + Ethernet and VLAN headers ([`Net::max_frame`]),
+//! or [`MAX_GSO_FRAME`] for a segmentation-offload frame.
 //!
 //! Every guest byte is hostile: a transmit chain too short for the header,
 //! a frame shorter than an Ethernet header or longer than the bound, and
@@ -38,8 +45,34 @@ use super::mmio::{read_config_bytes, HostInterest, VirtioDevice};
 use super::queue::{Chain, Queue, QueueError};
 
 pub const VIRTIO_ID_NET: u32 = 1;
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
 pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+/// The offloads a TAP backend offers.
+pub const TAP_OFFLOADS: u64 = VIRTIO_NET_F_CSUM
+    | VIRTIO_NET_F_GUEST_CSUM
+    | VIRTIO_NET_F_GUEST_TSO4
+    | VIRTIO_NET_F_GUEST_TSO6
+    | VIRTIO_NET_F_HOST_TSO4
+    | VIRTIO_NET_F_HOST_TSO6;
+
+/// `virtio_net_hdr.flags`: the checksum from `csum_start` is to be filled.
+pub const HDR_F_NEEDS_CSUM: u8 = 1;
+/// `virtio_net_hdr.flags` (receive only): the checksum was checked.
+pub const HDR_F_DATA_VALID: u8 = 2;
+/// `virtio_net_hdr.gso_type` values.
+pub const GSO_NONE: u8 = 0;
+pub const GSO_TCPV4: u8 = 1;
+pub const GSO_TCPV6: u8 = 4;
+/// The largest segmentation-offload frame: a 64 KiB IP packet and its
+/// Ethernet and VLAN headers (Linux's legacy GSO limit, what virtio-net
+/// guests and TAP use).
+pub const MAX_GSO_FRAME: usize = 65536 + ETH_HLEN + VLAN_HLEN;
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -62,6 +95,9 @@ const STREAM_READ: usize = 64 * 1024;
 pub const RX_PENDING_FRAMES: usize = 256;
 /// Guest → host frames held while the backend cannot take them.
 pub const TX_PENDING_FRAMES: usize = 256;
+/// Bytes held either way, whatever the frames' count: with offloads a
+/// frame may be 64 KiB, and 256 of them would be 16 MiB.
+pub const PENDING_BYTES: usize = 2 << 20;
 /// Transmit chains looked at per wake-up. The guest's vCPUs run while the
 /// event loop drains, so a guest that keeps its ring full (or keeps moving
 /// its available index) would otherwise hold the loop, and the console
@@ -117,6 +153,11 @@ enum DropReason {
     RxBufferTooSmall,
     /// The backend refused the frame (e.g. the TAP is down).
     TxBackend,
+    /// A guest header asking for what was not negotiated or pointing
+    /// outside its frame.
+    TxBadHeader,
+    /// A host frame needing an offload the guest did not take.
+    RxNotNegotiated,
 }
 
 /// What the device counted: frames moved and dropped per reason.
@@ -129,6 +170,8 @@ pub struct NetCounters {
     pub rx_bad_size: u64,
     pub rx_buffer_too_small: u64,
     pub tx_backend: u64,
+    pub tx_bad_header: u64,
+    pub rx_not_negotiated: u64,
 }
 
 pub struct Net {
@@ -139,8 +182,11 @@ pub struct Net {
     mac: [u8; 6],
     mtu: u16,
     max_frame: usize,
-    /// Host frames, each already behind room for the virtio header.
+    /// The features the driver took (offloads among them).
+    acked: u64,
+    /// Host frames, each behind its virtio header (zeros but for a TAP's).
     rx_pending: VecDeque<Vec<u8>>,
+    rx_bytes: usize,
     /// Stream backend: bytes read but not yet a whole frame, and how many
     /// bytes of an oversize frame are still to be skipped.
     stream_in: Vec<u8>,
@@ -148,10 +194,11 @@ pub struct Net {
     /// Guest frames for the backend (with their length prefix for a
     /// stream), and how much of the first one a stream has taken.
     tx_pending: VecDeque<Vec<u8>>,
+    tx_bytes: usize,
     tx_offset: usize,
     /// The last drain stopped at [`TX_BUDGET`]: chains may be waiting.
     tx_more: bool,
-    /// One TAP read's buffer: the bound plus one byte.
+    /// One TAP read's buffer: a header, the bound, and one byte more.
     scratch: Vec<u8>,
     counters: NetCounters,
 }
@@ -163,19 +210,26 @@ impl Net {
         set_nonblocking(backend.fd())?;
         let mtu = mtu.max(MIN_MTU);
         let max_frame = usize::from(mtu) + ETH_HLEN + VLAN_HLEN;
+        let scratch = match backend {
+            NetBackend::Tap(_) => vec![0u8; NET_HDR_LEN + MAX_GSO_FRAME.max(max_frame) + 1],
+            NetBackend::Stream(_) => Vec::new(),
+        };
         Ok(Net {
             backend,
             host_closed: false,
             mac,
             mtu,
             max_frame,
+            acked: 0,
             rx_pending: VecDeque::new(),
+            rx_bytes: 0,
             stream_in: Vec::new(),
             stream_skip: 0,
             tx_pending: VecDeque::new(),
+            tx_bytes: 0,
             tx_offset: 0,
             tx_more: false,
-            scratch: vec![0u8; max_frame + 1],
+            scratch,
             counters: NetCounters::default(),
         })
     }
@@ -197,6 +251,8 @@ impl Net {
             DropReason::RxBadSize => &mut c.rx_bad_size,
             DropReason::RxBufferTooSmall => &mut c.rx_buffer_too_small,
             DropReason::TxBackend => &mut c.tx_backend,
+            DropReason::TxBadHeader => &mut c.tx_bad_header,
+            DropReason::RxNotNegotiated => &mut c.rx_not_negotiated,
         };
         *n += 1;
         tracing::debug!(?why, len, "virtio-net: frame dropped");
@@ -211,13 +267,33 @@ impl Net {
         if frame_len < ETH_HLEN {
             return self.dropped(DropReason::TxShort, frame_len);
         }
-        if frame_len > self.max_frame {
+        if frame_len > MAX_GSO_FRAME.max(self.max_frame) {
             return self.dropped(DropReason::TxOversize, frame_len);
         }
         if self.host_closed {
             return;
         }
         let stream = matches!(self.backend, NetBackend::Stream(_));
+        let mut hdr = [0u8; NET_HDR_LEN];
+        match Chain::read_from(descs, mem, &mut hdr) {
+            Ok(NET_HDR_LEN) => {}
+            Ok(n) => return self.dropped(DropReason::TxShort, n),
+            Err(e) => {
+                tracing::debug!("virtio-net: transmit buffer unreadable: {e}");
+                return;
+            }
+        }
+        // Only a TAP takes a header; anything else gets the MTU's bound.
+        let gso = !stream && hdr[1] != GSO_NONE;
+        if frame_len > self.max_frame && !gso {
+            return self.dropped(DropReason::TxOversize, frame_len);
+        }
+        if !stream {
+            if let Err(why) = check_tx_header(&hdr, frame_len, self.acked) {
+                tracing::debug!("virtio-net: transmit header refused: {why}");
+                return self.dropped(DropReason::TxBadHeader, frame_len);
+            }
+        }
         let mut buf = vec![0u8; total];
         match Chain::read_from(descs, mem, &mut buf) {
             Ok(n) if n == total => {}
@@ -227,16 +303,23 @@ impl Net {
                 return;
             }
         }
-        // The header is ours to drop (no offloads were offered); the
-        // stream's length prefix takes its last 4 bytes.
+        // A stream has no header (no offloads): its length prefix takes
+        // the header's last 4 bytes. A TAP takes the header checked above
+        // (read again with the frame, so the guest may have changed it
+        // since: checked again), `num_buffers` zeroed.
         let frame = if stream {
             let start = NET_HDR_LEN - STREAM_LEN;
             buf[start..NET_HDR_LEN].copy_from_slice(&(frame_len as u32).to_be_bytes());
             buf.split_off(start)
         } else {
-            buf.split_off(NET_HDR_LEN)
+            if buf[..NET_HDR_LEN] != hdr {
+                return self.dropped(DropReason::TxBadHeader, frame_len);
+            }
+            buf[NUM_BUFFERS..NET_HDR_LEN].fill(0);
+            buf
         };
         self.counters.tx_frames += 1;
+        self.tx_bytes += frame.len();
         self.tx_pending.push_back(frame);
     }
 
@@ -245,6 +328,7 @@ impl Net {
         while let Some(front) = self.tx_pending.front() {
             if self.host_closed {
                 self.tx_pending.clear();
+                self.tx_bytes = 0;
                 self.tx_offset = 0;
                 return;
             }
@@ -266,8 +350,7 @@ impl Net {
                         self.host_gone("the backend took nothing");
                     }
                     if done {
-                        self.tx_pending.pop_front();
-                        self.tx_offset = 0;
+                        self.pop_tx();
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
@@ -276,7 +359,7 @@ impl Net {
                     // A TAP that is down or refuses one frame stays usable.
                     NetBackend::Tap(_) if self.tx_offset == 0 => {
                         let len = front.len();
-                        self.tx_pending.pop_front();
+                        self.pop_tx();
                         self.dropped(DropReason::TxBackend, len);
                         tracing::debug!("virtio-net: TAP write failed: {e}");
                     }
@@ -284,6 +367,13 @@ impl Net {
                 },
             }
         }
+    }
+
+    fn pop_tx(&mut self) {
+        if let Some(f) = self.tx_pending.pop_front() {
+            self.tx_bytes -= f.len();
+        }
+        self.tx_offset = 0;
     }
 
     /// The backend is gone: nothing more is read or written, but the frames
@@ -296,21 +386,59 @@ impl Net {
     }
 
     fn rx_room(&self) -> bool {
-        !self.host_closed && self.rx_pending.len() < RX_PENDING_FRAMES
+        !self.host_closed && self.parse_room()
     }
 
     /// Whether the frames a stream already delivered may be cut out.
     fn parse_room(&self) -> bool {
-        self.rx_pending.len() < RX_PENDING_FRAMES
+        self.rx_pending.len() < RX_PENDING_FRAMES && self.rx_bytes < PENDING_BYTES
     }
 
-    /// Queue a host frame for the guest, or drop it when its size is wrong.
+    fn tx_room(&self) -> bool {
+        self.tx_pending.len() < TX_PENDING_FRAMES && self.tx_bytes < PENDING_BYTES
+    }
+
+    /// Queue a host frame (behind its header) for the guest.
     fn push_rx(&mut self, frame: Vec<u8>) {
-        let len = frame.len() - NET_HDR_LEN;
-        if !(ETH_HLEN..=self.max_frame).contains(&len) {
+        self.rx_bytes += frame.len();
+        self.rx_pending.push_back(frame);
+    }
+
+    /// A TAP's frame (header and frame, `n` bytes of the scratch buffer):
+    /// queued when its size fits its header and the guest took every
+    /// offload it needs.
+    fn push_tap_rx(&mut self, n: usize) {
+        let Some(len) = n.checked_sub(NET_HDR_LEN) else {
+            return self.dropped(DropReason::RxBadSize, n);
+        };
+        let hdr = &self.scratch[..NET_HDR_LEN];
+        let bound = if hdr[1] == GSO_NONE {
+            self.max_frame
+        } else {
+            MAX_GSO_FRAME
+        };
+        if !(ETH_HLEN..=bound).contains(&len) {
             return self.dropped(DropReason::RxBadSize, len);
         }
-        self.rx_pending.push_back(frame);
+        let (flags, gso) = (hdr[0], hdr[1]);
+        let needs = |f: u64| self.acked & f != 0;
+        let ok = (flags & HDR_F_NEEDS_CSUM == 0 || needs(VIRTIO_NET_F_GUEST_CSUM))
+            && match gso {
+                GSO_NONE => true,
+                GSO_TCPV4 => needs(VIRTIO_NET_F_GUEST_TSO4),
+                GSO_TCPV6 => needs(VIRTIO_NET_F_GUEST_TSO6),
+                _ => false,
+            };
+        if !ok {
+            return self.dropped(DropReason::RxNotNegotiated, len);
+        }
+        let mut frame = self.scratch[..n].to_vec();
+        if !needs(VIRTIO_NET_F_GUEST_CSUM) {
+            // Nothing in it the guest asked for (a frame needing an
+            // offload was dropped above): the empty header of no offloads.
+            frame[..NET_HDR_LEN].fill(0);
+        }
+        self.push_rx(frame);
     }
 
     /// Read host frames while there is room for them.
@@ -324,9 +452,7 @@ impl Net {
                     match f.read(&mut self.scratch) {
                         Ok(0) => Ok(0),
                         Ok(n) => {
-                            let mut frame = vec![0u8; NET_HDR_LEN + n];
-                            frame[NET_HDR_LEN..].copy_from_slice(&self.scratch[..n]);
-                            self.push_rx(frame);
+                            self.push_tap_rx(n);
                             Ok(n)
                         }
                         Err(e) => Err(e),
@@ -395,7 +521,7 @@ impl Net {
             };
             let mut frame = vec![0u8; NET_HDR_LEN + len];
             frame[NET_HDR_LEN..].copy_from_slice(body);
-            self.rx_pending.push_back(frame);
+            self.push_rx(frame);
             at += STREAM_LEN + len;
         }
         self.stream_in.drain(..at);
@@ -427,13 +553,13 @@ impl Net {
                 let Some(mut frame) = n.rx_pending.pop_front() else {
                     return Ok(0);
                 };
+                n.rx_bytes -= frame.len();
                 if Chain::writable_len(descs) < frame.len() {
                     // The guest chose the size; its frame is lost, not the
                     // order of the ones after it.
                     n.dropped(DropReason::RxBufferTooSmall, frame.len() - NET_HDR_LEN);
                     return Ok(0);
                 }
-                frame[..NET_HDR_LEN].fill(0);
                 frame[NUM_BUFFERS..NUM_BUFFERS + 2].copy_from_slice(&1u16.to_le_bytes());
                 let written = Chain::write_to(descs, mem, &frame)?;
                 if written != frame.len() {
@@ -461,7 +587,7 @@ impl Net {
             |n| {
                 let left = budget.get();
                 budget.set(left.saturating_sub(1));
-                left > 0 && n.tx_pending.len() < TX_PENDING_FRAMES
+                left > 0 && n.tx_room()
             },
             |n, descs| {
                 n.take_tx(descs, mem);
@@ -484,7 +610,14 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU
+        match self.backend {
+            NetBackend::Tap(_) => VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU | TAP_OFFLOADS,
+            NetBackend::Stream(_) => VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU,
+        }
+    }
+
+    fn activate(&mut self, features: u64) {
+        self.acked = features;
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -500,7 +633,9 @@ impl VirtioDevice for Net {
         // Frames for a driver that is gone; the stream's framing state and
         // what the backend still owes stay, so the stream stays in step.
         self.rx_pending.clear();
+        self.rx_bytes = 0;
         self.tx_more = false;
+        self.acked = 0;
     }
 
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
@@ -535,6 +670,47 @@ impl VirtioDevice for Net {
         }
         used
     }
+}
+
+/// Whether a guest's transmit header for a TAP asks only for what was
+/// negotiated (`acked`) and points inside its frame of `frame_len` bytes.
+/// The host's stack checks it again; this keeps what a guest may ask of
+/// it to what the device offered.
+fn check_tx_header(hdr: &[u8; NET_HDR_LEN], frame_len: usize, acked: u64) -> Result<(), String> {
+    let u16_at = |i: usize| usize::from(u16::from_le_bytes([hdr[i], hdr[i + 1]]));
+    let (flags, gso) = (hdr[0], hdr[1]);
+    let (hdr_len, gso_size, csum_start, csum_offset) = (u16_at(2), u16_at(4), u16_at(6), u16_at(8));
+    if flags & !HDR_F_NEEDS_CSUM != 0 {
+        return Err(format!("flags {flags:#x}"));
+    }
+    let csum = flags & HDR_F_NEEDS_CSUM != 0;
+    if csum {
+        if acked & VIRTIO_NET_F_CSUM == 0 {
+            return Err("checksum offload not negotiated".into());
+        }
+        if csum_start < ETH_HLEN || csum_start + csum_offset + 2 > frame_len {
+            return Err(format!(
+                "checksum at {csum_start}+{csum_offset} of {frame_len} bytes"
+            ));
+        }
+    }
+    let tso = match gso {
+        GSO_NONE => return Ok(()),
+        GSO_TCPV4 => VIRTIO_NET_F_HOST_TSO4,
+        GSO_TCPV6 => VIRTIO_NET_F_HOST_TSO6,
+        _ => return Err(format!("gso_type {gso:#x}")),
+    };
+    if acked & tso == 0 || !csum {
+        return Err(format!(
+            "gso_type {gso:#x} not negotiated, or without a checksum"
+        ));
+    }
+    if gso_size == 0 || hdr_len > frame_len {
+        return Err(format!(
+            "gso_size {gso_size}, hdr_len {hdr_len} of {frame_len} bytes"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! virtio-net against socketpairs: a datagram pair stands in for the TAP
-//! (one frame per read and write), a stream pair for passt.
+//! (one header and frame per read and write), a stream pair for passt.
 
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
@@ -67,8 +67,13 @@ fn frame(len: usize, tag: u8) -> Vec<u8> {
 /// Guest transmit buffer at slot `i`: header and frame in one descriptor.
 const TX_BUF: u64 = 0x40000;
 fn send(mem: &GuestMemoryMmap, i: u16, f: &[u8]) {
+    send_with(mem, i, [0; NET_HDR_LEN], f)
+}
+
+/// [`send`] with a header (a frame over 10 KiB runs into later slots).
+fn send_with(mem: &GuestMemoryMmap, i: u16, hdr: [u8; NET_HDR_LEN], f: &[u8]) {
     let addr = TX_BUF + u64::from(i) * 0x2800;
-    let mut b = vec![0u8; NET_HDR_LEN];
+    let mut b = hdr.to_vec();
     b.extend_from_slice(f);
     mem.write_slice(&b, GuestAddress(addr)).unwrap();
     desc(mem, TXQ, i, addr, b.len() as u32, 0, 0);
@@ -101,9 +106,56 @@ fn memory() -> Arc<GuestMemoryMmap> {
     Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap())
 }
 
+/// The host's end of a TAP stand-in: every datagram is a 12-byte
+/// `virtio_net_hdr_v1` and a frame, as on kiln's TAP devices.
+struct TapHost(UnixDatagram);
+
+impl TapHost {
+    /// A frame with an empty header.
+    fn send(&self, f: &[u8]) -> std::io::Result<usize> {
+        self.send_with([0; NET_HDR_LEN], f)
+    }
+
+    fn send_with(&self, hdr: [u8; NET_HDR_LEN], f: &[u8]) -> std::io::Result<usize> {
+        self.0.send(&[&hdr[..], f].concat())
+    }
+
+    /// One datagram's header and frame.
+    fn recv_with(&self) -> std::io::Result<([u8; NET_HDR_LEN], Vec<u8>)> {
+        let mut b = vec![0u8; NET_HDR_LEN + MAX_GSO_FRAME + 1];
+        let n = self.0.recv(&mut b)?;
+        assert!(n >= NET_HDR_LEN, "a datagram of {n} bytes has no header");
+        b.truncate(n);
+        let f = b.split_off(NET_HDR_LEN);
+        Ok((b.try_into().unwrap(), f))
+    }
+
+    /// One frame, into `b`; its header must be empty.
+    fn recv(&self, b: &mut [u8]) -> std::io::Result<usize> {
+        let (hdr, f) = self.recv_with()?;
+        assert_eq!(hdr, [0; NET_HDR_LEN], "an empty header");
+        b[..f.len()].copy_from_slice(&f);
+        Ok(f.len())
+    }
+
+    fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        self.0.set_nonblocking(on)
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.0.set_read_timeout(t)
+    }
+}
+
 /// A device over a datagram pair (the TAP's stand-in); the other end is
 /// returned, blocking with a timeout so a missing frame fails the test.
-fn tap_device(mtu: u16) -> (Arc<GuestMemoryMmap>, MmioTransport, UnixDatagram) {
+/// The driver takes no offloads.
+fn tap_device(mtu: u16) -> (Arc<GuestMemoryMmap>, MmioTransport, TapHost) {
+    tap_device_with(mtu, 0)
+}
+
+/// [`tap_device`] whose driver takes `offloads` too.
+fn tap_device_with(mtu: u16, offloads: u64) -> (Arc<GuestMemoryMmap>, MmioTransport, TapHost) {
     let mem = memory();
     let (a, b) = UnixDatagram::pair().unwrap();
     b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -112,9 +164,9 @@ fn tap_device(mtu: u16) -> (Arc<GuestMemoryMmap>, MmioTransport, UnixDatagram) {
     let mut t = MmioTransport::new(Box::new(net), mem.clone()).unwrap();
     init(
         &mut t,
-        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU,
+        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU | offloads,
     );
-    (mem, t, b)
+    (mem, t, TapHost(b))
 }
 
 fn stream_device() -> (Arc<GuestMemoryMmap>, MmioTransport, UnixStream) {
@@ -150,17 +202,16 @@ fn stream_device_with(
     (mem, t, b)
 }
 
-fn recv_dgram(host: &UnixDatagram) -> Vec<u8> {
-    let mut b = vec![0u8; 65536];
+fn recv_dgram(host: &TapHost) -> Vec<u8> {
+    let mut b = vec![0u8; MAX_GSO_FRAME];
     let n = host.recv(&mut b).unwrap();
     b.truncate(n);
     b
 }
 
-fn nothing_waiting(host: &UnixDatagram) -> bool {
+fn nothing_waiting(host: &TapHost) -> bool {
     host.set_nonblocking(true).unwrap();
-    let mut b = [0u8; 16];
-    let r = host.recv(&mut b);
+    let r = host.recv_with();
     host.set_nonblocking(false).unwrap();
     matches!(r, Err(e) if e.kind() == ErrorKind::WouldBlock)
 }
@@ -174,7 +225,15 @@ fn identity_mac_and_mtu_in_config_space() {
     t.read(REG_DEVICE_FEATURES, &mut b);
     assert_eq!(
         u64::from(u32::from_le_bytes(b)),
-        VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU
+        VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU | TAP_OFFLOADS,
+        "a TAP offers checksum and segmentation offloads"
+    );
+    let (_mem, mut s, _host) = stream_device();
+    s.read(REG_DEVICE_FEATURES, &mut b);
+    assert_eq!(
+        u64::from(u32::from_le_bytes(b)),
+        VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU,
+        "a stream offers none"
     );
     let mut mac = [0u8; 6];
     t.read(REG_CONFIG, &mut mac);
@@ -191,7 +250,7 @@ fn identity_mac_and_mtu_in_config_space() {
 #[test]
 fn tap_frames_flow_both_ways() {
     let (mem, mut t, host) = tap_device(1500);
-    // Guest → host: the header is stripped, the frame arrives whole.
+    // Guest → host: the frame arrives whole behind its (empty) header.
     let out = frame(1514, 7);
     send(&mem, 0, &out);
     send(&mem, 1, &frame(60, 8));
@@ -210,6 +269,119 @@ fn tap_frames_flow_both_ways() {
     assert_eq!(used(&mem, RXQ), 1);
     assert_eq!(used_elem(&mem, RXQ, 0).1 as usize, NET_HDR_LEN + 1514);
     assert_eq!(received(&mem, 0), inbound);
+}
+
+/// A `virtio_net_hdr_v1` (without `num_buffers`).
+fn hdr(flags: u8, gso: u8, gso_size: u16, csum_start: u16, csum_offset: u16) -> [u8; NET_HDR_LEN] {
+    let mut h = [0u8; NET_HDR_LEN];
+    h[0] = flags;
+    h[1] = gso;
+    h[2..4].copy_from_slice(&54u16.to_le_bytes());
+    h[4..6].copy_from_slice(&gso_size.to_le_bytes());
+    h[6..8].copy_from_slice(&csum_start.to_le_bytes());
+    h[8..10].copy_from_slice(&csum_offset.to_le_bytes());
+    h
+}
+
+/// With offloads taken, a guest's 30000-byte TCP segment without its
+/// checksum reaches the TAP with its header (the host's stack cuts it),
+/// and one from the host reaches the guest so; headers asking for what
+/// was not offered, or pointing past their frame, are dropped.
+#[test]
+fn offloads_reach_the_tap_and_the_guest_with_their_headers() {
+    let (mem, mut t, host) = tap_device_with(1500, TAP_OFFLOADS);
+    let big = frame(30000, 1);
+    let tso = hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 1448, 34, 16);
+    send_with(&mem, 0, tso, &big);
+    t.process_queue(TXQ as usize);
+    assert_eq!(host.recv_with().unwrap(), (tso, big.clone()));
+
+    let refused = [
+        hdr(0, 3, 1448, 0, 0), // UDP segmentation: not offered
+        hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4 | 0x80, 1448, 34, 16), // ECN: not offered
+        hdr(HDR_F_DATA_VALID, GSO_NONE, 0, 0, 0), // a receive-only flag
+        hdr(HDR_F_NEEDS_CSUM, GSO_NONE, 0, 90, 10), // checksum past a 100-byte frame
+        hdr(HDR_F_NEEDS_CSUM, GSO_NONE, 0, 4, 16), // checksum inside the Ethernet header
+        hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 0, 34, 16), // segments of 0 bytes
+        hdr(0, GSO_TCPV4, 1448, 0, 0), // segmentation without a checksum
+    ];
+    for (i, h) in refused.iter().enumerate() {
+        send_with(&mem, i as u16, *h, &frame(100, 2));
+    }
+    // Past the bound without segmentation: dropped as before.
+    send_with(&mem, 7, [0; NET_HDR_LEN], &frame(1519, 3));
+    send_with(
+        &mem,
+        8,
+        hdr(HDR_F_NEEDS_CSUM, GSO_NONE, 0, 34, 16),
+        &frame(100, 4),
+    );
+    t.process_queue(TXQ as usize);
+    assert_eq!(used(&mem, TXQ), 10, "every buffer is returned");
+    assert_eq!(
+        host.recv_with().unwrap(),
+        (hdr(HDR_F_NEEDS_CSUM, GSO_NONE, 0, 34, 16), frame(100, 4)),
+        "only the good frame"
+    );
+    assert!(nothing_waiting(&host));
+
+    // Host → guest: the segment and its header as the TAP gave them.
+    desc(&mem, RXQ, 0, 0xa0000, 0x10000, WRITE, 0);
+    publish(&mem, RXQ, 0);
+    let down = hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 1448, 34, 16);
+    host.send_with(down, &big).unwrap();
+    t.host_ready();
+    assert_eq!(used_elem(&mem, RXQ, 0), (0, (NET_HDR_LEN + 30000) as u32));
+    let mut got = vec![0u8; NET_HDR_LEN + 30000];
+    mem.read_slice(&mut got, GuestAddress(0xa0000)).unwrap();
+    assert_eq!(got[..10], down[..10]);
+    assert_eq!(got[10..12], 1u16.to_le_bytes(), "num_buffers is 1");
+    assert_eq!(got[NET_HDR_LEN..], big[..]);
+}
+
+/// A driver that took no offloads: a header asking for one is dropped on
+/// the way out, a host frame needing one on the way in, and the
+/// checksum-checked flag it did not ask for is cleared.
+#[test]
+fn offloads_not_taken_are_never_used() {
+    let (mem, mut t, host) = tap_device(1500);
+    send_with(
+        &mem,
+        0,
+        hdr(HDR_F_NEEDS_CSUM, GSO_NONE, 0, 34, 16),
+        &frame(100, 1),
+    );
+    t.process_queue(TXQ as usize);
+    send_with(
+        &mem,
+        1,
+        hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 1448, 34, 16),
+        &frame(3000, 2),
+    );
+    t.process_queue(TXQ as usize);
+    send(&mem, 2, &frame(100, 3));
+    t.process_queue(TXQ as usize);
+    assert_eq!(used(&mem, TXQ), 3);
+    assert_eq!(recv_dgram(&host), frame(100, 3));
+    assert!(nothing_waiting(&host));
+
+    post_rx(&mem, 0, 0x2800);
+    host.send_with(
+        hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 1448, 34, 16),
+        &frame(3000, 4),
+    )
+    .unwrap();
+    host.send_with(hdr(HDR_F_NEEDS_CSUM, GSO_NONE, 0, 34, 16), &frame(100, 5))
+        .unwrap();
+    host.send_with(hdr(HDR_F_DATA_VALID, GSO_NONE, 0, 0, 0), &frame(100, 6))
+        .unwrap();
+    t.host_ready();
+    assert_eq!(used(&mem, RXQ), 1);
+    assert_eq!(
+        received(&mem, 0),
+        frame(100, 6),
+        "flags cleared, frame kept"
+    );
 }
 
 #[test]
