@@ -252,7 +252,7 @@ fn main() {
         "target (issue 17): nat ≥ 2× QEMU user networking's throughput: {verdict} ({:.2}×){}",
         up(0) / up(base),
         if accel_is_tcg() {
-            " (TCG: the guest's CPU, not the network, bounds all three)"
+            " (guests under TCG: the guest's CPU weighs on all three)"
         } else {
             ""
         }
