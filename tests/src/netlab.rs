@@ -39,6 +39,8 @@ pub const DENIED_CIDR: &str = "203.0.113.0/24";
 pub const FILE_HOST: &str = "files.kiln.test";
 /// Port of the HTTP servers (outside, and on the host namespace).
 pub const HTTP_PORT: u16 = 8080;
+/// The port of the outside namespace's hash sink (see [`lab_serving_blob`]).
+pub const SINK_PORT: u16 = 9100;
 
 /// The two namespaces; removed (with everything in them) on drop.
 pub struct Lab {
@@ -199,6 +201,39 @@ impl Lab {
         Ok(())
     }
 
+    /// A TCP sink on `ns`'s [`SINK_PORT`]: it reads `len` bytes from each
+    /// connection, answers `SINK-SHA256 <hex>` (or `SINK-SHORT <n>` if the
+    /// peer closed first) and closes, which busybox `nc` waits for.
+    pub fn hash_sink(&self, ns: &str, len: usize) -> Result<()> {
+        use sha2::Digest as _;
+        let l = Lab::within(ns, || TcpListener::bind(("0.0.0.0", SINK_PORT)))??;
+        std::thread::spawn(move || {
+            for conn in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut c = conn;
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(60)));
+                    let (mut h, mut got, mut buf) = (sha2::Sha256::new(), 0, vec![0u8; 65536]);
+                    while got < len {
+                        match c.read(&mut buf[..(len - got).min(65536)]) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                h.update(&buf[..n]);
+                                got += n;
+                            }
+                        }
+                    }
+                    let answer = if got == len {
+                        format!("SINK-SHA256 {}\n", hex::encode(h.finalize()))
+                    } else {
+                        format!("SINK-SHORT {got}\n")
+                    };
+                    let _ = c.write_all(answer.as_bytes());
+                });
+            }
+        });
+        Ok(())
+    }
+
     /// A DNS server on the outside namespace's port 53: `A` of
     /// [`FILE_HOST`] is [`OUTSIDE_ADDR`]; every other name is NXDOMAIN.
     pub fn dns_server(&self) -> Result<()> {
@@ -300,7 +335,36 @@ pub fn lab_serving_blob(tag: &str) -> (Lab, String) {
     let want = hex::encode(sha2::Sha256::digest(&body));
     lab.http_server(&lab.outside, body).unwrap();
     lab.dns_server().unwrap();
+    lab.hash_sink(&lab.outside, 1 << 20).unwrap();
     (lab, want)
+}
+
+/// The guest script that sends `/tmp/f` (see [`download_script`]) back to
+/// the outside namespace's hash sink and prints its answer, and the
+/// virtio features its `eth0` negotiated (`FEATURES=`, one 0/1 per bit).
+pub fn upload_script() -> String {
+    format!(
+        "echo FEATURES=$(cat /sys/class/net/eth0/device/features); \
+         nc {OUTSIDE_ADDR} {SINK_PORT} < /tmp/f"
+    )
+}
+
+/// The output of [`upload_script`] shows that the sink got the bytes with
+/// SHA-256 `want`, and that `eth0` took checksum and TCP segmentation
+/// offloads both ways (virtio-net feature bits 0, 1, 7, 8, 11 and 12).
+pub fn assert_uploaded_with_offloads(out: &str, want: &str) {
+    assert!(out.contains(&format!("SINK-SHA256 {want}")), "{out}");
+    let bits = out
+        .lines()
+        .find_map(|l| l.strip_prefix("FEATURES="))
+        .unwrap_or_else(|| panic!("no features line: {out}"));
+    for bit in [0, 1, 7, 8, 11, 12] {
+        assert_eq!(
+            bits.as_bytes().get(bit),
+            Some(&b'1'),
+            "virtio-net feature bit {bit} not negotiated: {bits}"
+        );
+    }
 }
 
 /// The file jobs download: 1 MiB of xorshift output.

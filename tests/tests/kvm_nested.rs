@@ -22,8 +22,9 @@ use kiln_pipelines::{ArtifactWhen, JobSource, JobSpec, Step, StepWhen};
 use kiln_tests::harness::{self, assert_no_leaks, CancelAtFirstOutput};
 use kiln_tests::nested;
 use kiln_tests::netlab::{
-    assert_downloaded, assert_refused_fast, download_script, lab_serving_blob, leftovers, tries,
-    try_line, Lab, DENIED, DENIED_CIDR, HOST_ADDR, METADATA, OUTSIDE_ADDR,
+    assert_downloaded, assert_refused_fast, assert_uploaded_with_offloads, download_script,
+    lab_serving_blob, leftovers, tries, try_line, upload_script, Lab, DENIED, DENIED_CIDR,
+    HOST_ADDR, METADATA, OUTSIDE_ADDR,
 };
 use kiln_vmm::BackendKind;
 
@@ -512,12 +513,16 @@ fn kvm_nat_job_downloads_by_name_and_reaches_nothing_it_may_not() {
         DENIED.to_string(),
     );
     let script = format!(
-        "{}; set +e; {} {V6_ROUTES}",
+        "{}; {}; set +e; {} {V6_ROUTES}",
         download_script(),
+        upload_script(),
         tries(&[&outside, "$gw", &host, &md, &dn])
     );
     let out = run_kvm_net("kvm-net-nat", &lab, NetworkMode::Nat, script);
     assert_downloaded(&out, &want, "10.213.");
+    // kiln's own virtio-net with Linux's driver: offloads taken, and the
+    // segments the host's stack cut from the guest's arrive whole.
+    assert_uploaded_with_offloads(&out, &want);
     assert!(try_line(&out, &outside).contains("200 OK"), "{out}");
     let gw = out
         .lines()
