@@ -73,6 +73,9 @@ pub const GSO_TCPV6: u8 = 4;
 /// Ethernet and VLAN headers (Linux's legacy GSO limit, what virtio-net
 /// guests and TAP use).
 pub const MAX_GSO_FRAME: usize = 65536 + ETH_HLEN + VLAN_HLEN;
+/// The smallest segment a guest may ask the host to cut (Linux's
+/// `TCP_MIN_MSS`): a 64 KiB frame is then at most ~750 packets.
+pub const MIN_GSO_SIZE: usize = 88;
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -289,7 +292,7 @@ impl Net {
             return self.dropped(DropReason::TxOversize, frame_len);
         }
         if !stream {
-            if let Err(why) = check_tx_header(&hdr, frame_len, self.acked) {
+            if let Err(why) = check_tx_header(&hdr, frame_len, self.acked, self.mtu) {
                 tracing::debug!("virtio-net: transmit header refused: {why}");
                 return self.dropped(DropReason::TxBadHeader, frame_len);
             }
@@ -676,7 +679,12 @@ impl VirtioDevice for Net {
 /// negotiated (`acked`) and points inside its frame of `frame_len` bytes.
 /// The host's stack checks it again; this keeps what a guest may ask of
 /// it to what the device offered.
-fn check_tx_header(hdr: &[u8; NET_HDR_LEN], frame_len: usize, acked: u64) -> Result<(), String> {
+fn check_tx_header(
+    hdr: &[u8; NET_HDR_LEN],
+    frame_len: usize,
+    acked: u64,
+    mtu: u16,
+) -> Result<(), String> {
     let u16_at = |i: usize| usize::from(u16::from_le_bytes([hdr[i], hdr[i + 1]]));
     let (flags, gso) = (hdr[0], hdr[1]);
     let (hdr_len, gso_size, csum_start, csum_offset) = (u16_at(2), u16_at(4), u16_at(6), u16_at(8));
@@ -705,7 +713,9 @@ fn check_tx_header(hdr: &[u8; NET_HDR_LEN], frame_len: usize, acked: u64) -> Res
             "gso_type {gso:#x} not negotiated, or without a checksum"
         ));
     }
-    if gso_size == 0 || hdr_len > frame_len {
+    // The host's stack cuts the frame into gso_size pieces: a tiny one
+    // would turn one 64 KiB frame into tens of thousands of packets.
+    if !(MIN_GSO_SIZE..=usize::from(mtu)).contains(&gso_size) || hdr_len > frame_len {
         return Err(format!(
             "gso_size {gso_size}, hdr_len {hdr_len} of {frame_len} bytes"
         ));

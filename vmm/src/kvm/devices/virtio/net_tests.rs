@@ -303,21 +303,23 @@ fn offloads_reach_the_tap_and_the_guest_with_their_headers() {
         hdr(HDR_F_NEEDS_CSUM, GSO_NONE, 0, 90, 10), // checksum past a 100-byte frame
         hdr(HDR_F_NEEDS_CSUM, GSO_NONE, 0, 4, 16), // checksum inside the Ethernet header
         hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 0, 34, 16), // segments of 0 bytes
+        hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 1, 34, 16), // 1-byte segments: a packet storm
+        hdr(HDR_F_NEEDS_CSUM, GSO_TCPV6, 1501, 54, 16), // segments past the MTU
         hdr(0, GSO_TCPV4, 1448, 0, 0), // segmentation without a checksum
     ];
     for (i, h) in refused.iter().enumerate() {
         send_with(&mem, i as u16, *h, &frame(100, 2));
     }
     // Past the bound without segmentation: dropped as before.
-    send_with(&mem, 7, [0; NET_HDR_LEN], &frame(1519, 3));
+    send_with(&mem, 9, [0; NET_HDR_LEN], &frame(1519, 3));
     send_with(
         &mem,
-        8,
+        10,
         hdr(HDR_F_NEEDS_CSUM, GSO_NONE, 0, 34, 16),
         &frame(100, 4),
     );
     t.process_queue(TXQ as usize);
-    assert_eq!(used(&mem, TXQ), 10, "every buffer is returned");
+    assert_eq!(used(&mem, TXQ), 12, "every buffer is returned");
     assert_eq!(
         host.recv_with().unwrap(),
         (hdr(HDR_F_NEEDS_CSUM, GSO_NONE, 0, 34, 16), frame(100, 4)),
