@@ -140,11 +140,6 @@ impl Machine {
                 "snapshots need the kvm backend (the qemu backend always boots)",
             ));
         }
-        if !matches!(config.network, crate::Network::None) {
-            return Err(MachineError::Unsupported(
-                "the kvm backend has no network device yet: use --network none",
-            ));
-        }
         let (inner, console) = VmmProcess::start_with_snapshot(config, snapshot).await?;
         Ok((
             Machine {

@@ -8,9 +8,13 @@
 //! cache and throws it away; every job then restores a new VM from the
 //! snapshot with its own disks (the VMM raises a configuration-change
 //! interrupt for them) and sends `Resume` (fresh identity, what the command
-//! line would have said) before the usual handshake. Any error on this path
-//! is logged and the job cold-boots; so do jobs with a network (the kvm
-//! backend has no network device yet), on the qemu backend, and with
+//! line would have said) before the usual handshake. A job with a network
+//! has its kind of network device in the profile (TAP or passt's stream,
+//! and the MTU): the snapshot's VM boots with a stand-in backend, its
+//! driver binds the device but the interface stays down, and the restored
+//! VM gets the job's TAP or passt connection; the agent sets the job's MAC
+//! address before it brings the interface up. Any error on this path is
+//! logged and the job cold-boots; so do jobs on the qemu backend, and with
 //! `snapshots = false` / `--no-snapshot`.
 
 use std::io::Read;
@@ -135,6 +139,36 @@ fn profile_config(config: &MachineConfig, cmdline: &str, dir: &Path) -> MachineC
     c
 }
 
+/// What stands in for the job's network while the snapshot's VM boots:
+/// the other end of a socketpair for a TAP, a listener nobody serves for
+/// passt's socket (the kvm backend connects to it; nothing is ever read).
+/// The guest never brings its interface up before `Start`, so nothing
+/// moves; the job's own TAP or passt (which serves one connection only)
+/// is kept for the restored VM.
+enum StandIn {
+    None,
+    Tap(#[allow(dead_code)] std::os::unix::net::UnixDatagram),
+    Stream(#[allow(dead_code)] std::os::unix::net::UnixListener),
+}
+
+fn stand_in_network(config: &mut MachineConfig, dir: &Path) -> std::io::Result<StandIn> {
+    Ok(match &mut config.network {
+        kiln_vmm::Network::None => StandIn::None,
+        kiln_vmm::Network::Tap { fd, .. } => {
+            let (vmm_end, ours) = std::os::unix::net::UnixDatagram::pair()?;
+            *fd = std::sync::Arc::new(vmm_end.into());
+            StandIn::Tap(ours)
+        }
+        kiln_vmm::Network::Passt { socket, .. } => {
+            let path = dir.join("stand-in-net.sock");
+            let _ = std::fs::remove_file(&path);
+            let l = std::os::unix::net::UnixListener::bind(&path)?;
+            *socket = path;
+            StandIn::Stream(l)
+        }
+    })
+}
+
 /// The guest's `name=ms` pairs of a [`proto::RESUME_TIMINGS`] log, as
 /// boot phases (`guest: name`); nothing for any other log.
 fn guest_phases(message: &str) -> Vec<BootPhase> {
@@ -237,16 +271,13 @@ fn vmm_phases(phases: &mut Vec<BootPhase>, name: &str, since: Instant, m: &Machi
 
 impl Executor {
     /// Whether this job's VM may start from a snapshot, and why not.
-    fn snapshot_refusal(&self, config: &MachineConfig) -> Option<&'static str> {
+    fn snapshot_refusal(&self) -> Option<&'static str> {
         if !self.config.snapshots {
             return Some("snapshots are off");
         }
         match self.config.backend.resolve(&self.kvm) {
             Ok((BackendKind::Kvm, _)) => {}
             _ => return Some("the qemu backend always boots"),
-        }
-        if !matches!(config.network, kiln_vmm::Network::None) {
-            return Some("restored VMs have no network device yet");
         }
         None
     }
@@ -263,7 +294,7 @@ impl Executor {
         root: JobRoot<'_>,
         phases: &mut Vec<BootPhase>,
     ) -> Result<(Machine, ConsoleStream, Option<Ready>), MachineError> {
-        match self.snapshot_refusal(&config) {
+        match self.snapshot_refusal() {
             Some(why) => tracing::debug!("booting cold: {why}"),
             None => match self.restore(&config, job_dir, &root, phases).await {
                 Ok(started) => return Ok(started),
@@ -390,11 +421,20 @@ impl Executor {
             return Ok(cache.path_for(profile));
         }
         let cache_err = |what| move |source| SnapshotStartError::Cache { what, source };
-        let dir = config.run_dir.parent().unwrap_or(Path::new("/"));
+        let dir = config
+            .run_dir
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .to_path_buf();
+        let dir = dir.as_path();
         std::fs::create_dir_all(dir).map_err(cache_err("boot directory"))?;
         for d in &config.disks {
             std::fs::File::create(&d.path).map_err(cache_err("empty disk"))?;
         }
+        let mut config = config;
+        // Held until the snapshot's VM is gone.
+        let _stand_in =
+            stand_in_network(&mut config, dir).map_err(cache_err("stand-in network"))?;
         let staging = cache.staging(profile).map_err(cache_err("staging"))?;
         let started = Instant::now();
         let (mut machine, mut console) = Machine::start_with_snapshot(
@@ -473,10 +513,8 @@ mod tests {
         assert!(a.time_ns > 1_700_000_000 * 1_000_000_000);
     }
 
-    #[test]
-    fn the_profile_is_the_jobs_disks_unbacked() {
-        let dir = Path::new("/run/j/snapshot-boot");
-        let job = MachineConfig {
+    fn test_config() -> MachineConfig {
+        MachineConfig {
             disks: vec![
                 Disk {
                     path: "/img/root.erofs".into(),
@@ -504,7 +542,13 @@ mod tests {
             isolation: Default::default(),
             test_forbidden_syscall: None,
             network: kiln_vmm::Network::None,
-        };
+        }
+    }
+
+    #[test]
+    fn the_profile_is_the_jobs_disks_unbacked() {
+        let dir = Path::new("/run/j/snapshot-boot");
+        let job = test_config();
         let c = profile_config(&job, "x kiln.snapshot=wait", dir);
         assert_eq!(c.cmdline, "x kiln.snapshot=wait");
         assert!(c.disks.iter().all(|d| d.path.starts_with(dir)));
@@ -516,6 +560,71 @@ mod tests {
             Profile::for_config(&other_paths, "k", "i"),
             "the backing files are not part of the profile"
         );
+
+        // The network device's kind and MTU are; the job's TAP, passt
+        // socket and MAC are not (the agent sets the MAC).
+        let (tap_a, _) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let (tap_b, _) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let with = |network| {
+            let mut j = c.clone();
+            j.network = network;
+            Profile::for_config(&j, "k", "i").hash()
+        };
+        let tap = |fd: &std::os::unix::net::UnixDatagram, mac, mtu| kiln_vmm::Network::Tap {
+            fd: std::sync::Arc::new(fd.try_clone().unwrap().into()),
+            mac,
+            mtu,
+        };
+        let passt = |socket: &str, mtu| kiln_vmm::Network::Passt {
+            socket: socket.into(),
+            mac: [2; 6],
+            mtu,
+        };
+        let none = p.hash();
+        let t = with(tap(&tap_a, [2; 6], 1500));
+        assert_eq!(t, with(tap(&tap_b, [4; 6], 1500)));
+        assert_ne!(t, with(tap(&tap_a, [2; 6], 9000)));
+        let s = with(passt("/a.sock", 1500));
+        assert_eq!(s, with(passt("/b.sock", 1500)));
+        assert!(none != t && none != s && t != s);
+    }
+
+    /// The snapshot's VM never gets the job's network: a TAP becomes a
+    /// socketpair of kiln's, passt's socket a listener in the boot
+    /// directory (passt serves one connection, the restored VM's).
+    #[test]
+    fn the_snapshots_vm_boots_on_a_stand_in_network() {
+        let dir = tempfile::tempdir().unwrap();
+        let (job_tap, _) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let job_fd: std::sync::Arc<std::os::fd::OwnedFd> = std::sync::Arc::new(job_tap.into());
+        let mut c = MachineConfig {
+            network: kiln_vmm::Network::Tap {
+                fd: job_fd.clone(),
+                mac: [2; 6],
+                mtu: 1500,
+            },
+            ..test_config()
+        };
+        let held = stand_in_network(&mut c, dir.path()).unwrap();
+        assert!(matches!(held, StandIn::Tap(_)));
+        match &c.network {
+            kiln_vmm::Network::Tap { fd, .. } => assert!(!std::sync::Arc::ptr_eq(fd, &job_fd)),
+            n => panic!("{n:?}"),
+        }
+        c.network = kiln_vmm::Network::Passt {
+            socket: "/run/passt.sock".into(),
+            mac: [2; 6],
+            mtu: 1500,
+        };
+        let held = stand_in_network(&mut c, dir.path()).unwrap();
+        assert!(matches!(held, StandIn::Stream(_)));
+        match &c.network {
+            kiln_vmm::Network::Passt { socket, .. } => {
+                assert!(socket.starts_with(dir.path()));
+                std::os::unix::net::UnixStream::connect(socket).expect("the stand-in listens");
+            }
+            n => panic!("{n:?}"),
+        }
     }
 
     #[test]

@@ -332,7 +332,7 @@ impl Networks {
                 Ok(JobNetwork {
                     machine: kiln_vmm::Network::Passt {
                         socket: p.socket.clone(),
-                        mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+                        mac: PASST_GUEST_MAC,
                         mtu: self.mtu,
                     },
                     guest: Some(GuestNetwork {
@@ -342,6 +342,7 @@ impl Networks {
                         mtu: self.mtu,
                         dns: vec![passt::DNS.to_string()],
                         hostname: "kiln".into(),
+                        mac: pool::mac_text(&PASST_GUEST_MAC),
                     }),
                     _held: Held::Passt(p),
                 })
@@ -379,11 +380,16 @@ impl Networks {
                 mtu: self.mtu,
                 dns: vec![slot.host.to_string()],
                 hostname: "kiln".into(),
+                mac: slot.mac_text(),
             }),
             _held: Held::Nat(lease, relay),
         })
     }
 }
+
+/// The guest's MAC address in `user` mode (passt learns it from the
+/// guest's first frame).
+const PASST_GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
 /// One VM's network; dropping it removes everything the host set up for it.
 /// Drop it after the VM is gone.

@@ -42,12 +42,16 @@ impl Slot {
 
     /// [`Slot::mac`] as `iptables -m mac` writes it.
     pub fn mac_text(&self) -> String {
-        self.mac()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
+        mac_text(&self.mac())
     }
+}
+
+/// A MAC address as `aa:bb:cc:dd:ee:ff`.
+pub fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 pub fn tap_name(index: u32) -> String {

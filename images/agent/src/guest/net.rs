@@ -32,6 +32,8 @@ const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
 const SIOCSIFADDR: libc::c_ulong = 0x8916;
 const SIOCSIFNETMASK: libc::c_ulong = 0x891c;
 const SIOCSIFMTU: libc::c_ulong = 0x8922;
+const SIOCSIFHWADDR: libc::c_ulong = 0x8924;
+const ARPHRD_ETHER: u16 = 1;
 const SIOCADDRT: libc::c_ulong = 0x890b;
 const RTF_UP: libc::c_ushort = 0x1;
 const RTF_GATEWAY: libc::c_ushort = 0x2;
@@ -45,6 +47,7 @@ pub struct Checked {
     pub mtu: u32,
     pub dns: Vec<IpAddr>,
     pub hostname: String,
+    pub mac: Option<[u8; 6]>,
 }
 
 fn bad(what: &str, value: &str) -> Error {
@@ -99,6 +102,10 @@ pub fn check(n: &GuestNetwork) -> Result<Checked> {
     if h.len() > 64 || !h.split('.').all(label_ok) {
         return Err(bad("host name", h));
     }
+    let mac = match n.mac.as_str() {
+        "" => None,
+        m => Some(parse_mac(m).ok_or_else(|| bad("MAC address", m))?),
+    };
     Ok(Checked {
         address,
         netmask,
@@ -106,7 +113,23 @@ pub fn check(n: &GuestNetwork) -> Result<Checked> {
         mtu: n.mtu,
         dns,
         hostname: h.clone(),
+        mac,
     })
+}
+
+/// `aa:bb:cc:dd:ee:ff`, a unicast address (the low bit of the first octet
+/// clear) other than all zeros.
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
 }
 
 /// Bring up `lo`, and `eth0` with `net` if the job has a network; write
@@ -123,6 +146,9 @@ pub fn setup(net: Option<&GuestNetwork>, aliases: &[String]) -> Result<Vec<NameF
     };
     let c = check(net)?;
     wait_for_iface()?;
+    if let Some(mac) = c.mac {
+        sock.set_mac(IFACE, mac)?;
+    }
     sock.ioctl_int(IFACE, SIOCSIFMTU, c.mtu as libc::c_int, "set the MTU of")?;
     sock.ioctl_addr(IFACE, SIOCSIFADDR, c.address, "set the address of")?;
     sock.ioctl_addr(IFACE, SIOCSIFNETMASK, c.netmask, "set the netmask of")?;
@@ -262,6 +288,14 @@ impl Sock {
         self.ioctl(iface, req, &mut r, what)
     }
 
+    /// Set `iface`'s hardware address (while it is down).
+    fn set_mac(&self, iface: &str, mac: [u8; 6]) -> Result<()> {
+        let mut r = IfReq::new(iface);
+        r.data[..2].copy_from_slice(&ARPHRD_ETHER.to_ne_bytes());
+        r.data[2..8].copy_from_slice(&mac);
+        self.ioctl(iface, SIOCSIFHWADDR, &mut r, "set the MAC address of")
+    }
+
     fn up(&self, iface: &str) -> Result<()> {
         let mut r = IfReq::new(iface);
         self.ioctl(iface, SIOCGIFFLAGS, &mut r, "read the flags of")?;
@@ -379,6 +413,7 @@ mod tests {
             mtu: 1500,
             dns: vec!["10.213.0.1".into()],
             hostname: "kiln".into(),
+            mac: "52:54:00:0a:d5:02".into(),
         }
     }
 
@@ -392,6 +427,12 @@ mod tests {
         assert!(hosts.1.contains("127.0.0.1\tlocalhost db\n"), "{}", hosts.1);
         assert!(hosts.1.contains("10.213.0.2\tkiln\n"));
         assert_eq!(hostname.1, "kiln\n");
+        assert_eq!(c.mac, Some([0x52, 0x54, 0x00, 0x0a, 0xd5, 0x02]));
+        let keep = GuestNetwork {
+            mac: String::new(),
+            ..good()
+        };
+        assert_eq!(check(&keep).unwrap().mac, None, "no MAC: the device's");
     }
 
     #[test]
@@ -412,6 +453,13 @@ mod tests {
             Box::new(|n| n.hostname = "x".repeat(65)),
             Box::new(|n| n.hostname = "x/../../etc".into()),
             Box::new(|n| n.hostname = String::new()),
+            Box::new(|n| n.mac = "53:54:00:0a:d5:02".into()), // multicast
+            Box::new(|n| n.mac = "00:00:00:00:00:00".into()),
+            Box::new(|n| n.mac = "52:54:00:0a:d5".into()),
+            Box::new(|n| n.mac = "52:54:00:0a:d5:02:03".into()),
+            Box::new(|n| n.mac = "52:54:00:0a:d5:2".into()),
+            Box::new(|n| n.mac = "52:54:00:0a:d5:+2".into()),
+            Box::new(|n| n.mac = "52-54-00-0a-d5-02".into()),
         ];
         for (i, f) in cases.iter().enumerate() {
             let mut n = good();

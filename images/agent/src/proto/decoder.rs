@@ -93,6 +93,7 @@ mod tests {
                     mtu: 1500,
                     dns: vec!["10.213.0.1".into()],
                     hostname: "kiln".into(),
+                    mac: "52:54:00:00:00:01".into(),
                 }),
                 services: Some(Services {
                     wait_ms: 30_000,

@@ -180,6 +180,11 @@ pub struct GuestNetwork {
     pub dns: Vec<String>,
     /// The VM's host name (also in `/etc/hosts`).
     pub hostname: String,
+    /// `eth0`'s MAC address (`52:54:00:..`), set before it comes up: a VM
+    /// restored from a snapshot has the address its driver read when the
+    /// snapshot's VM booted. Empty: keep the device's.
+    #[serde(default)]
+    pub mac: String,
 }
 
 /// One step as the agent runs it.

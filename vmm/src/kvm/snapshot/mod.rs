@@ -139,6 +139,14 @@ impl Profile {
             )
         }));
         devices.push("rng".into());
+        // The kind of backend decides the offloads offered (and so what the
+        // driver took), the MTU what it allows; the MAC is the agent's to
+        // set after a restore (`GuestNetwork::mac`).
+        match &config.network {
+            crate::Network::None => {}
+            crate::Network::Tap { mtu, .. } => devices.push(format!("net:tap:mtu={mtu}")),
+            crate::Network::Passt { mtu, .. } => devices.push(format!("net:stream:mtu={mtu}")),
+        }
         Profile {
             kernel_sha256: kernel_sha256.into(),
             initramfs_sha256: initramfs_sha256.into(),
