@@ -144,7 +144,7 @@ struct VmArgs {
     #[arg(long, default_value = "best-effort", env = "KILN_ISOLATION")]
     isolation: kiln_vmm::IsolationMode,
     /// Boot every job instead of restoring it from a VM snapshot (kvm
-    /// backend, jobs without a network; see `kiln snapshot ls`).
+    /// backend; see `kiln snapshot ls`).
     #[arg(long)]
     no_snapshot: bool,
     /// Guest kernel (vmlinux or bzImage); default: the cached Debian cloud kernel.
