@@ -288,6 +288,7 @@ fn snapshot_cmd(cmd: SnapshotCmd, cache_dir: &std::path::Path) -> Result<ExitCod
                                 Some(serde_json::json!({
                                     "vcpus": h.profile.vcpus,
                                     "memory_mib": h.profile.memory_mib,
+                                    "devices": h.profile.devices,
                                     "kernel_sha256": h.profile.kernel_sha256,
                                     "initramfs_sha256": h.profile.initramfs_sha256,
                                 })),
@@ -316,9 +317,14 @@ fn snapshot_cmd(cmd: SnapshotCmd, cache_dir: &std::path::Path) -> Result<ExitCod
                 let short = &e.name[..e.name.len().min(16)];
                 match e.state {
                     EntryState::Usable(h) => println!(
-                        "{short}  {size}  usable  {} vCPU, {} MiB, kernel {}, initramfs {}",
+                        "{short}  {size}  usable  {} vCPU, {} MiB, {}, kernel {}, initramfs {}",
                         h.profile.vcpus,
                         h.profile.memory_mib,
+                        h.profile
+                            .devices
+                            .iter()
+                            .find_map(|d| d.strip_prefix("net:"))
+                            .map_or_else(|| "no network".to_string(), |n| format!("network {n}")),
                         &h.profile.kernel_sha256[..h.profile.kernel_sha256.len().min(12)],
                         &h.profile.initramfs_sha256[..h.profile.initramfs_sha256.len().min(12)],
                     ),
