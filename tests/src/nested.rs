@@ -540,34 +540,38 @@ fn build_initramfs(cfg: &L1Config, p: &Payload, to: &Path) -> Result<u64> {
     let mut f = Files::new();
     f.add(&program, &program)?;
     // The kvm backend runs each VM in kiln-vmm, found next to the program
-    // or one directory up (test binaries live in target/*/deps).
+    // or one directory up (test binaries live in target/*/deps). Under
+    // cargo, one built now in the program's profile goes next to it: a
+    // `kiln-vmm` an older build left in `target/release` speaks another
+    // protocol version, and a fresh clone has none there (`cargo bench`
+    // failed so). Elsewhere (L1's own payload) the one found is taken.
     let dir = program.parent();
-    for d in [dir, dir.and_then(Path::parent)].into_iter().flatten() {
-        let vmm = d.join("kiln-vmm");
-        if vmm.is_file() {
-            f.add(&vmm, &vmm)?;
+    match (dir, std::env::var_os("CARGO").is_some()) {
+        (Some(dir), true) => {
+            let profile = dir
+                .parent()
+                .filter(|_| dir.ends_with("deps"))
+                .and_then(|p| p.file_name())
+                .map(|n| n.to_string_lossy().to_string());
+            let release = profile.as_deref() == Some("release");
+            let mut args = vec!["-p", "kiln-vmm", "--bin", "kiln-vmm"];
+            if release {
+                args.push("--release");
+            }
+            let target = crate::harness::cargo_build(&args, "building kiln-vmm failed");
+            let fresh = target
+                .join(if release { "release" } else { "debug" })
+                .join("kiln-vmm");
+            f.files.insert(dir.join("kiln-vmm"), fresh);
         }
-    }
-    // Under cargo, one built now in the program's profile goes next to it
-    // (found first): a `kiln-vmm` an older build left in `target/release`
-    // speaks another protocol version, and a fresh clone has none there
-    // (`cargo bench` failed so).
-    if let (Some(dir), true) = (dir, std::env::var_os("CARGO").is_some()) {
-        let profile = dir
-            .parent()
-            .filter(|_| dir.ends_with("deps"))
-            .and_then(|p| p.file_name())
-            .map(|n| n.to_string_lossy().to_string());
-        let release = profile.as_deref() == Some("release");
-        let mut args = vec!["-p", "kiln-vmm", "--bin", "kiln-vmm"];
-        if release {
-            args.push("--release");
+        _ => {
+            for d in [dir, dir.and_then(Path::parent)].into_iter().flatten() {
+                let vmm = d.join("kiln-vmm");
+                if vmm.is_file() {
+                    f.add(&vmm, &vmm)?;
+                }
+            }
         }
-        let target = crate::harness::cargo_build(&args, "building kiln-vmm failed");
-        let fresh = target
-            .join(if release { "release" } else { "debug" })
-            .join("kiln-vmm");
-        f.files.insert(dir.join("kiln-vmm"), fresh);
     }
     let busybox = crate::fixtures::busybox_path()?;
     f.files.insert("/bin/busybox".into(), busybox.clone());

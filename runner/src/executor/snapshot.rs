@@ -421,20 +421,20 @@ impl Executor {
             return Ok(cache.path_for(profile));
         }
         let cache_err = |what| move |source| SnapshotStartError::Cache { what, source };
+        // Owned: `config` is changed below (its network).
         let dir = config
             .run_dir
             .parent()
             .unwrap_or(Path::new("/"))
             .to_path_buf();
-        let dir = dir.as_path();
-        std::fs::create_dir_all(dir).map_err(cache_err("boot directory"))?;
+        std::fs::create_dir_all(&dir).map_err(cache_err("boot directory"))?;
         for d in &config.disks {
             std::fs::File::create(&d.path).map_err(cache_err("empty disk"))?;
         }
         let mut config = config;
         // Held until the snapshot's VM is gone.
         let _stand_in =
-            stand_in_network(&mut config, dir).map_err(cache_err("stand-in network"))?;
+            stand_in_network(&mut config, &dir).map_err(cache_err("stand-in network"))?;
         let staging = cache.staging(profile).map_err(cache_err("staging"))?;
         let started = Instant::now();
         let (mut machine, mut console) = Machine::start_with_snapshot(

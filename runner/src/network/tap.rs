@@ -66,7 +66,8 @@ pub fn create(name: &str) -> Result<Option<OwnedFd>, NetworkError> {
     // segmentation offloads to the host's stack instead of the guest's
     // CPU (QEMU negotiates them itself; kiln's own device, see
     // `kiln_vmm::Network::Tap`).
-    let len: libc::c_int = VNET_HDR_LEN;
+    // The size kiln's own device reads and writes (`virtio_net_hdr_v1`).
+    let len = kiln_vmm::kvm::devices::virtio::net::NET_HDR_LEN as libc::c_int;
     // SAFETY: TUNSETVNETHDRSZ reads one `int` through the pointer, which
     // points at `len` for the duration of the call; `tun` is the TAP.
     let rc = unsafe {
@@ -104,9 +105,6 @@ pub fn create(name: &str) -> Result<Option<OwnedFd>, NetworkError> {
     }
     Ok(Some(tun.into()))
 }
-
-/// The virtio-net header before every frame on kiln's TAP devices.
-pub const VNET_HDR_LEN: libc::c_int = 12;
 
 /// Whether an interface `name` exists in this network namespace.
 pub fn exists(name: &str) -> bool {

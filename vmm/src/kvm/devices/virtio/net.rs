@@ -276,27 +276,8 @@ impl Net {
         if self.host_closed {
             return;
         }
-        let stream = matches!(self.backend, NetBackend::Stream(_));
-        let mut hdr = [0u8; NET_HDR_LEN];
-        match Chain::read_from(descs, mem, &mut hdr) {
-            Ok(NET_HDR_LEN) => {}
-            Ok(n) => return self.dropped(DropReason::TxShort, n),
-            Err(e) => {
-                tracing::debug!("virtio-net: transmit buffer unreadable: {e}");
-                return;
-            }
-        }
-        // Only a TAP takes a header; anything else gets the MTU's bound.
-        let gso = !stream && hdr[1] != GSO_NONE;
-        if frame_len > self.max_frame && !gso {
-            return self.dropped(DropReason::TxOversize, frame_len);
-        }
-        if !stream {
-            if let Err(why) = check_tx_header(&hdr, frame_len, self.acked, self.mtu) {
-                tracing::debug!("virtio-net: transmit header refused: {why}");
-                return self.dropped(DropReason::TxBadHeader, frame_len);
-            }
-        }
+        // At most a header and MAX_GSO_FRAME (checked above): read once,
+        // so the header checked is the header sent.
         let mut buf = vec![0u8; total];
         match Chain::read_from(descs, mem, &mut buf) {
             Ok(n) if n == total => {}
@@ -306,16 +287,24 @@ impl Net {
                 return;
             }
         }
+        let stream = matches!(self.backend, NetBackend::Stream(_));
+        // Only a TAP takes a header; anything else gets the MTU's bound.
+        let gso = !stream && buf[1] != GSO_NONE;
+        if frame_len > self.max_frame && !gso {
+            return self.dropped(DropReason::TxOversize, frame_len);
+        }
         // A stream has no header (no offloads): its length prefix takes
-        // the header's last 4 bytes. A TAP takes the header checked above
-        // (read again with the frame, so the guest may have changed it
-        // since: checked again), `num_buffers` zeroed.
+        // the header's last 4 bytes. A TAP takes the header once checked,
+        // `num_buffers` zeroed.
         let frame = if stream {
             let start = NET_HDR_LEN - STREAM_LEN;
             buf[start..NET_HDR_LEN].copy_from_slice(&(frame_len as u32).to_be_bytes());
             buf.split_off(start)
         } else {
-            if buf[..NET_HDR_LEN] != hdr {
+            let mut hdr = [0u8; NET_HDR_LEN];
+            hdr.copy_from_slice(&buf[..NET_HDR_LEN]);
+            if let Err(why) = check_tx_header(&hdr, frame_len, self.acked, self.mtu) {
+                tracing::debug!("virtio-net: transmit header refused: {why}");
                 return self.dropped(DropReason::TxBadHeader, frame_len);
             }
             buf[NUM_BUFFERS..NET_HDR_LEN].fill(0);
