@@ -600,6 +600,49 @@ fn spoofed_source_addresses_and_macs_are_dropped() {
     assert_eq!(leftovers(&lab, &dir), Vec::<String>::new());
 }
 
+/// The address pool never takes over addresses the host uses: a pool
+/// inside one of the host namespace's routes (the lab's veth network) is
+/// refused before any VM starts, and a slot overlapping a route (a dummy
+/// device holding `10.213.0.1/30`, slot 0's) is skipped: the job gets slot
+/// 1, `10.213.0.6`, and its network works.
+fn the_pool_skips_the_hosts_own_routes() {
+    let (lab, want) = lab_serving_blob("rt");
+    let dir = harness::run_dir("net-routes");
+    let mut args = job_args("nat", "true");
+    let at = args.iter().position(|a| a == "run-job").unwrap() + 1;
+    args.splice(at..at, ["--network-pool".into(), "198.51.100.0/28".into()]);
+    let o = show(kiln(&lab, &dir).args(&args).output().unwrap());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("network pool 198.51.100.0/28 lies inside this host's route 198.51.100.0/24 (dev veth0)"),
+        "{err}"
+    );
+    let host = |args: &[&str]| {
+        let o = Command::new("ip")
+            .args(["-n", &lab.host])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "ip {args:?}: {o:?}");
+    };
+    host(&["link", "add", "used0", "type", "dummy"]);
+    host(&["addr", "add", "10.213.0.1/30", "dev", "used0"]);
+    host(&["link", "set", "used0", "up"]);
+    let script = format!("ip -4 -o addr show dev eth0; {}", download_script());
+    let o = run(&lab, &dir, "nat", &script);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("inet 10.213.0.6/30"),
+        "slot 1's address: {out}"
+    );
+    assert_downloaded(&out, &want, "10.213.0.5");
+    host(&["link", "del", "used0"]);
+    assert_no_leaks(&dir);
+    assert_eq!(leftovers(&lab, &dir), Vec::<String>::new());
+}
+
 fn main() -> std::process::ExitCode {
     kiln_testkit::Suite::new()
         .test(
@@ -631,6 +674,11 @@ fn main() -> std::process::ExitCode {
             "ten_jobs_leave_nothing_behind",
             &needs(),
             ten_jobs_leave_nothing_behind,
+        )
+        .test(
+            "the_pool_skips_the_hosts_own_routes",
+            &needs(),
+            the_pool_skips_the_hosts_own_routes,
         )
         .test(
             "spoofed_source_addresses_and_macs_are_dropped",

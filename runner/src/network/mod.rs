@@ -48,7 +48,10 @@ pub enum NetworkError {
     },
     #[error("`{command}` failed: {stderr}")]
     Command { command: String, stderr: String },
-    #[error("every address of the network pool {0} is in use (configure a larger `network_pool`)")]
+    #[error(
+        "every address of the network pool {0} is in use or overlaps one of this host's routes \
+         (configure a larger or another `network_pool`)"
+    )]
     PoolExhausted(String),
     #[error("--network {mode} is not possible here: {why}")]
     Unavailable { mode: NetworkMode, why: String },
@@ -288,6 +291,13 @@ impl Networks {
             }
         };
         if mode == NetworkMode::Nat {
+            let routes = pool::host_routes()?;
+            for r in pool::check_against_routes(pool.range(), &routes)? {
+                tracing::warn!(
+                    "network pool {} overlaps this host's route {r}: the VMs' addresses skip it",
+                    pool.range()
+                );
+            }
             let stale = firewall::remove_stale();
             if stale > 0 {
                 tracing::info!("removed the firewall rules of {stale} VMs of a kiln that died");
@@ -436,7 +446,15 @@ struct NatLease {
 
 impl NatLease {
     fn create(pool: Pool, policy: &firewall::Policy, mtu: u32) -> Result<NatLease, NetworkError> {
-        let (slot, tap) = pool.take(|slot| tap::create(&slot.tap_name()))?;
+        // Read at each VM's start: a route added since is honoured too.
+        let routes = pool::host_routes()?;
+        let (slot, tap) = pool.take(|slot| {
+            if let Some(r) = routes.iter().find(|r| r.overlaps(&slot.net())) {
+                tracing::debug!("{} overlaps this host's route {r}: skipped", slot.net());
+                return Ok(None);
+            }
+            tap::create(&slot.tap_name())
+        })?;
         let lease = NatLease {
             pool,
             slot,

@@ -40,6 +40,12 @@ impl Slot {
         [0x52, 0x54, 0x00, (i >> 16) as u8, (i >> 8) as u8, i as u8]
     }
 
+    /// The slot's /30.
+    pub fn net(&self) -> Ipv4Net {
+        Ipv4Net::new(Ipv4Addr::from(u32::from(self.host) - 1), SLOT_PREFIX)
+            .expect("a /30 is a valid prefix")
+    }
+
     /// [`Slot::mac`] as `iptables -m mac` writes it.
     pub fn mac_text(&self) -> String {
         mac_text(&self.mac())
@@ -143,6 +149,104 @@ impl Pool {
     }
 }
 
+/// A route of this host that is not kiln's: a slot overlapping one is
+/// never used, since its TAP's addresses would take over traffic the host
+/// sends there (a careless `network_pool` naming the LAN would cut the host
+/// off its own gateway).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRoute {
+    pub dst: Ipv4Net,
+    /// The route's device; empty for one without (`unreachable`, ...).
+    pub dev: String,
+}
+
+impl HostRoute {
+    pub fn overlaps(&self, net: &Ipv4Net) -> bool {
+        self.dst.contains(&net.network()) || net.contains(&self.dst.network())
+    }
+}
+
+impl std::fmt::Display for HostRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.dev.is_empty() {
+            write!(f, "{}", self.dst)
+        } else {
+            write!(f, "{} (dev {})", self.dst, self.dev)
+        }
+    }
+}
+
+/// The routes of `ip -j -4 route show table all` that are not kiln's: not
+/// on a `kiln-*` device (another kiln's VMs are told apart by their TAP) and
+/// not a default route (every address is inside one).
+pub fn parse_host_routes(json: &str) -> Result<Vec<HostRoute>, String> {
+    #[derive(serde::Deserialize)]
+    struct Route {
+        #[serde(default)]
+        dst: String,
+        #[serde(default)]
+        dev: String,
+    }
+    if json.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let routes: Vec<Route> =
+        serde_json::from_str(json).map_err(|e| format!("`ip -j route` printed {e}"))?;
+    let mut found = Vec::new();
+    for r in routes {
+        if r.dst.is_empty() || r.dst == "default" || r.dev.starts_with("kiln-") {
+            continue;
+        }
+        let dst = r
+            .dst
+            .parse::<Ipv4Net>()
+            .or_else(|_| r.dst.parse::<Ipv4Addr>().map(Ipv4Net::from))
+            .map_err(|_| format!("`ip -j route` printed a destination '{}'", r.dst))?;
+        if dst.prefix_len() == 0 {
+            continue;
+        }
+        found.push(HostRoute {
+            dst: dst.trunc(),
+            dev: r.dev,
+        });
+    }
+    Ok(found)
+}
+
+/// This host's routes that are not kiln's (every table: the local table
+/// holds its own addresses), from `ip`.
+pub fn host_routes() -> Result<Vec<HostRoute>, NetworkError> {
+    let args = ["-j", "-4", "route", "show", "table", "all"];
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|source| NetworkError::Tool { tool: "ip", source })?;
+    if !out.status.success() {
+        return Err(NetworkError::Command {
+            command: format!("ip {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    parse_host_routes(&String::from_utf8_lossy(&out.stdout)).map_err(NetworkError::Config)
+}
+
+/// Refuse a pool that lies wholly inside one of `routes` (no slot of it
+/// could ever be used); otherwise the routes it overlaps, whose slots
+/// [`Pool::take`]'s caller skips.
+pub fn check_against_routes(
+    range: Ipv4Net,
+    routes: &[HostRoute],
+) -> Result<Vec<&HostRoute>, NetworkError> {
+    if let Some(r) = routes.iter().find(|r| r.dst.contains(&range)) {
+        return Err(NetworkError::Config(format!(
+            "network pool {range} lies inside this host's route {r}: its addresses \
+             would take over the host's traffic there; set `network_pool` \
+             (--network-pool) to a range this host does not use"
+        )));
+    }
+    Ok(routes.iter().filter(|r| r.overlaps(&range)).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,5 +285,50 @@ mod tests {
         p.release(1);
         let (slot, ()) = p.take(|s| Ok((s.index != 1).then_some(()))).unwrap();
         assert_eq!(slot.index, 2);
+    }
+
+    #[test]
+    fn host_routes_are_read_and_kilns_own_and_default_ones_left_out() {
+        let json = r#"[
+          {"dst":"default","gateway":"192.168.1.1","dev":"eth0","flags":[]},
+          {"dst":"192.168.1.0/24","dev":"eth0","protocol":"kernel","scope":"link"},
+          {"dst":"10.213.0.0/30","dev":"kiln-0","protocol":"kernel"},
+          {"type":"local","dst":"10.213.0.1","dev":"kiln-0","table":"local"},
+          {"type":"local","dst":"10.99.0.7","dev":"lo","table":"local"},
+          {"type":"unreachable","dst":"172.16.0.0/12","flags":[]},
+          {"type":"blackhole","dst":"0.0.0.0/0","table":"7"}
+        ]"#;
+        let routes = parse_host_routes(json).unwrap();
+        let shown: Vec<String> = routes.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            shown,
+            [
+                "192.168.1.0/24 (dev eth0)",
+                "10.99.0.7/32 (dev lo)",
+                "172.16.0.0/12"
+            ]
+        );
+        assert!(parse_host_routes("not json").is_err());
+        assert!(parse_host_routes(r#"[{"dst":"nonsense"}]"#).is_err());
+    }
+
+    #[test]
+    fn a_pool_inside_a_host_route_is_refused_and_overlapping_slots_are_named() {
+        let routes = parse_host_routes(
+            r#"[{"dst":"192.168.1.0/24","dev":"eth0"},{"dst":"10.213.0.5","dev":"lo"}]"#,
+        )
+        .unwrap();
+        let lan = Pool::new("192.168.1.0/26").unwrap();
+        let e = check_against_routes(lan.range(), &routes).unwrap_err();
+        assert!(e.to_string().contains("192.168.1.0/24 (dev eth0)"), "{e}");
+        let p = Pool::new("10.213.0.0/16").unwrap();
+        let over = check_against_routes(p.range(), &routes).unwrap();
+        assert_eq!(over.len(), 1);
+        // 10.213.0.5 is in slot 1's /30 only.
+        let hit: Vec<u32> = (0..4)
+            .filter(|&i| over.iter().any(|r| r.overlaps(&p.slot(i).net())))
+            .collect();
+        assert_eq!(hit, [1]);
+        assert_eq!(p.slot(1).net().to_string(), "10.213.0.4/30");
     }
 }
