@@ -292,10 +292,13 @@ impl Networks {
         };
         if mode == NetworkMode::Nat {
             let routes = pool::host_routes()?;
-            for r in pool::check_against_routes(pool.range(), &routes)? {
+            let over = pool::check_against_routes(pool.range(), &routes)?;
+            if !over.is_empty() {
+                let over: Vec<String> = over.iter().map(|r| r.to_string()).collect();
                 tracing::warn!(
-                    "network pool {} overlaps this host's route {r}: the VMs' addresses skip it",
-                    pool.range()
+                    "network pool {} overlaps this host's routes {}: the VMs' addresses skip them",
+                    pool.range(),
+                    over.join(", ")
                 );
             }
             let stale = firewall::remove_stale();
