@@ -305,6 +305,26 @@ fn cannot_reach_the_host_metadata_private_or_denied_networks() {
         PRIVATE_NET.to_string(),
         DENIED.to_string(),
     );
+    // What a kiln killed between creating the shared chains and filling
+    // them leaves, while another kiln's VM (kiln-9, whose TAP exists) keeps
+    // the next kiln from removing them: empty chains. A jump to an empty
+    // chain returns, so unrepaired they would let everything through.
+    let host_sh = |script: &str| {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &lab.host, "sh", "-c", script])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{script}: {o:?}");
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    // And a namespace that routes nothing (a new one may inherit the
+    // machine's forwarding).
+    host_sh(
+        "echo 0 > /proc/sys/net/ipv4/ip_forward && \
+         ip tuntap add dev kiln-9 mode tap && iptables -N KILN-9 && \
+         iptables -N KILN-REJECT && iptables -N KILN-FORWARD && \
+         iptables -I FORWARD -j KILN-FORWARD",
+    );
     let t0 = Instant::now();
     let o = run(
         &lab,
@@ -335,6 +355,14 @@ fn cannot_reach_the_host_metadata_private_or_denied_networks() {
         };
         assert_refused_fast(&out, &a);
     }
+    // The namespace routed nothing before: kiln's forwarding routes only
+    // what its chains accept.
+    assert!(
+        host_sh("iptables -S FORWARD").contains("-P FORWARD DROP"),
+        "{}",
+        host_sh("iptables -S FORWARD")
+    );
+    host_sh("ip link del kiln-9 && iptables-save | grep -v KILN | iptables-restore");
     assert_no_leaks(&dir);
     assert_eq!(leftovers(&lab, &dir), Vec::<String>::new());
 }
@@ -604,7 +632,8 @@ fn spoofed_source_addresses_and_macs_are_dropped() {
 /// inside one of the host namespace's routes (the lab's veth network) is
 /// refused before any VM starts, and a slot overlapping a route (the host
 /// holding `10.213.0.1/30`, slot 0's, on its loopback) is skipped: the job gets slot
-/// 1, `10.213.0.6`, and its network works.
+/// 1, `10.213.0.6`, and its network works. `network_allow` of a range
+/// holding the pool leaves the VM's gateway (the host) closed.
 fn the_pool_skips_the_hosts_own_routes() {
     let (lab, want) = lab_serving_blob("rt");
     let dir = harness::run_dir("net-routes");
@@ -627,14 +656,26 @@ fn the_pool_skips_the_hosts_own_routes() {
         assert!(o.status.success(), "ip {args:?}: {o:?}");
     };
     host(&["addr", "add", "10.213.0.1/30", "dev", "lo"]);
-    let script = format!("ip -4 -o addr show dev eth0; {}", download_script());
-    let o = run(&lab, &dir, "nat", &script);
+    // A host service, on every address of the host namespace: allowing
+    // 10.0.0.0/8 (a private registry, say) must not open the VMs'
+    // gateways, which are the host.
+    lab.http_server(&lab.host, b"host".to_vec()).unwrap();
+    let script = format!(
+        "ip -4 -o addr show dev eth0; {} {}",
+        tries(&["$gw"]),
+        download_script()
+    );
+    let mut args = job_args("nat", &script);
+    let at = args.iter().position(|a| a == "run-job").unwrap() + 1;
+    args.splice(at..at, ["--network-allow".into(), "10.0.0.0/8".into()]);
+    let o = show(kiln(&lab, &dir).args(&args).output().unwrap());
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{out}");
     assert!(
         out.contains("inet 10.213.0.6/30"),
         "slot 1's address: {out}"
     );
+    assert_refused_fast(&out, "10.213.0.5");
     assert_downloaded(&out, &want, "10.213.0.5");
     host(&["addr", "del", "10.213.0.1/30", "dev", "lo"]);
     assert_no_leaks(&dir);

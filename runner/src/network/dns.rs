@@ -4,24 +4,30 @@
 //! loopback (127.0.0.53 and the like) is out of the guest's reach, which is
 //! why kiln relays instead of handing the guest the host's servers.
 //!
-//! Bounded: queries and answers of at most [`MAX_MESSAGE`] bytes, at most
-//! [`MAX_IN_FLIGHT`] queries at once per VM (more are dropped, as a busy
-//! server would), each answered within [`UPSTREAM_TIMEOUT`] per server or
-//! not at all.
+//! Bounded: queries of at most [`MAX_MESSAGE`] bytes, answers of at most
+//! [`MAX_ANSWER`], at most [`MAX_IN_FLIGHT`] queries at once per VM (more
+//! are dropped, as a busy server would), each answered within
+//! [`UPSTREAM_TIMEOUT`] per server (at most three servers) or not at all.
+//! Only standard queries (QR 0, opcode QUERY, one question) are relayed:
+//! an UPDATE or NOTIFY would reach the upstream from the host's address.
+//! The relay's socket and its queries belong to one task, so dropping the
+//! [`Relay`] frees the gateway's port 53 for the slot's next VM.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
-use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
 
 use super::NetworkError;
 
-/// Largest DNS message relayed (EDNS0 answers above this are cut by the
-/// resolver to fit, with the TC bit set).
+/// Largest query relayed.
 pub const MAX_MESSAGE: usize = 4096;
+/// Largest answer relayed: a UDP datagram's largest payload (a resolver
+/// cuts an answer to the client's EDNS0 size itself, with the TC bit set).
+pub const MAX_ANSWER: usize = 65535;
 /// Queries of one VM being relayed at once.
 pub const MAX_IN_FLIGHT: usize = 32;
 /// How long one upstream server may take to answer.
@@ -84,45 +90,72 @@ pub async fn start(
     guest: IpAddr,
     upstreams: Vec<SocketAddr>,
 ) -> Result<Relay, NetworkError> {
-    let sock = UdpSocket::bind(listen)
-        .await
-        .map_err(|source| NetworkError::Tun {
-            what: "bind kiln's DNS relay on the VM's gateway address",
-            source,
-        })?;
+    // The slot's previous relay may still be going away (its task is
+    // aborted, not awaited): give it a moment.
+    let mut tries = 0;
+    let sock = loop {
+        match UdpSocket::bind(listen).await {
+            Ok(s) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 40 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(source) => {
+                return Err(NetworkError::Tun {
+                    what: "bind kiln's DNS relay on the VM's gateway address",
+                    source,
+                })
+            }
+        }
+    };
     let addr = sock.local_addr().unwrap_or(listen);
-    let sock = Arc::new(sock);
     let task = tokio::spawn(serve(sock, guest, upstreams));
     Ok(Relay { task, addr })
 }
 
-async fn serve(sock: Arc<UdpSocket>, guest: IpAddr, upstreams: Vec<SocketAddr>) {
-    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+/// Whether `m` is a standard query with one question (QR 0, opcode 0,
+/// QDCOUNT 1), the only message the relay passes on.
+pub fn is_standard_query(m: &[u8]) -> bool {
+    m.len() >= 12 && m[2] & 0xf8 == 0 && m[4..6] == [0, 1]
+}
+
+/// The relay's one task: it owns the socket and the queries in flight
+/// (their answers come back over a channel), so aborting it ends them all.
+async fn serve(sock: UdpSocket, guest: IpAddr, upstreams: Vec<SocketAddr>) {
     let upstreams: Arc<[SocketAddr]> = upstreams.into();
+    let (answers, mut answered) = mpsc::channel::<(Vec<u8>, SocketAddr)>(MAX_IN_FLIGHT);
+    let mut in_flight = JoinSet::new();
     let mut buf = vec![0u8; MAX_MESSAGE + 1];
     loop {
-        let (n, peer) = match sock.recv_from(&mut buf).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!("DNS relay: {e}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
+        tokio::select! {
+            got = sock.recv_from(&mut buf) => {
+                let (n, peer) = match got {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!("DNS relay: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                if peer.ip() != guest || n > MAX_MESSAGE || !is_standard_query(&buf[..n]) {
+                    continue;
+                }
+                if in_flight.len() >= MAX_IN_FLIGHT {
+                    continue; // too many queries in flight: drop, the guest retries
+                }
+                let query = buf[..n].to_vec();
+                let (answers, upstreams) = (answers.clone(), upstreams.clone());
+                in_flight.spawn(async move {
+                    if let Some(answer) = relay(&query, &upstreams).await {
+                        let _ = answers.send((answer, peer)).await;
+                    }
+                });
             }
-        };
-        if peer.ip() != guest || !(12..=MAX_MESSAGE).contains(&n) {
-            continue;
-        }
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            continue; // too many queries in flight: drop, the guest retries
-        };
-        let query = buf[..n].to_vec();
-        let (sock, upstreams) = (sock.clone(), upstreams.clone());
-        tokio::spawn(async move {
-            if let Some(answer) = relay(&query, &upstreams).await {
+            Some((answer, peer)) = answered.recv() => {
                 let _ = sock.send_to(&answer, peer).await;
             }
-            drop(permit);
-        });
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+        }
     }
 }
 
@@ -139,10 +172,11 @@ async fn relay(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
         if sock.connect(*server).await.is_err() || sock.send(query).await.is_err() {
             continue;
         }
-        let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut buf = vec![0u8; MAX_ANSWER];
         let deadline = tokio::time::Instant::now() + UPSTREAM_TIMEOUT;
         while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
-            if n >= 12 && buf[..2] == query[..2] {
+            // An answer (QR 1) with the query's ID.
+            if n >= 12 && buf[..2] == query[..2] && buf[2] & 0x80 != 0 {
                 buf.truncate(n);
                 return Some(buf);
             }
@@ -212,5 +246,67 @@ mod tests {
         assert!(tokio::time::timeout(quiet, guest.recv(&mut b))
             .await
             .is_err());
+    }
+
+    /// Updates, notifies, answers and multi-question messages are never
+    /// passed on: the upstream sees none of them.
+    #[tokio::test]
+    async fn only_standard_queries_reach_the_upstream() {
+        assert!(is_standard_query(&[0, 1, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0]));
+        let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let up = upstream.local_addr().unwrap();
+        let guest = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let r = start(
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1".parse().unwrap(),
+            vec![up],
+        )
+        .await
+        .unwrap();
+        let update = [0, 1, 5 << 3, 0, 0, 1, 0, 0, 0, 1, 0, 0];
+        let notify = [0, 2, 4 << 3, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        let response = [0, 3, 0x81, 0x80, 0, 1, 0, 0, 0, 0, 0, 0];
+        let two_questions = [0, 4, 1, 0, 0, 2, 0, 0, 0, 0, 0, 0];
+        for m in [update, notify, response, two_questions] {
+            assert!(!is_standard_query(&m), "{m:?}");
+            guest.send_to(&m, r.addr).await.unwrap();
+        }
+        let mut b = [0u8; 64];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), upstream.recv(&mut b))
+                .await
+                .is_err(),
+            "a non-query reached the upstream"
+        );
+    }
+
+    /// A relay dropped while a query waits on an upstream that never
+    /// answers frees its address at once: the slot's next VM binds it,
+    /// although the query's 3 s are not over.
+    #[tokio::test]
+    async fn a_dropped_relay_frees_its_address_with_queries_in_flight() {
+        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let up = silent.local_addr().unwrap();
+        let guest = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let r = start(
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1".parse().unwrap(),
+            vec![up],
+        )
+        .await
+        .unwrap();
+        let addr = r.addr;
+        let q = [0xab, 0xcd, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        guest.send_to(&q, addr).await.unwrap();
+        let mut b = [0u8; 64];
+        tokio::time::timeout(Duration::from_secs(5), silent.recv(&mut b))
+            .await
+            .expect("the query reaches the upstream")
+            .unwrap();
+        drop(r);
+        let t = std::time::Instant::now();
+        let again = start(addr, "127.0.0.1".parse().unwrap(), vec![up]).await;
+        assert!(again.is_ok(), "rebinding {addr}: {:?}", again.err());
+        assert!(t.elapsed() < UPSTREAM_TIMEOUT, "{:?}", t.elapsed());
     }
 }

@@ -129,52 +129,53 @@ fn ensure_jump(table: &str, from: &str, to: &str) -> Result<(), NetworkError> {
     Ok(())
 }
 
-/// The shared chains and their jumps, if missing.
+/// Whether `chain` of `table` holds `rule`.
+fn has(table: &str, chain: &str, rule: &[&str]) -> bool {
+    let mut args = vec!["-C", chain];
+    args.extend_from_slice(rule);
+    ok(table, &args)
+}
+
+/// The shared chains, their rules and their jumps, put back where missing.
+/// Checked at every VM's start, not only when a chain is created: a kiln
+/// killed between creating a chain and filling it, or an `iptables -F`,
+/// would otherwise leave `KILN-REJECT` empty, and a jump to an empty chain
+/// returns, so the VMs' rules would fall through to their final `ACCEPT`.
 fn ensure_base() -> Result<(), NetworkError> {
-    if new_chain("filter", REJECT) {
-        iptables(
-            "filter",
-            &[
-                "-A",
-                REJECT,
-                "-p",
-                "tcp",
-                "-j",
-                "REJECT",
-                "--reject-with",
-                "tcp-reset",
-            ],
-        )?;
-        iptables(
-            "filter",
-            &[
-                "-A",
-                REJECT,
-                "-j",
-                "REJECT",
-                "--reject-with",
-                "icmp-port-unreachable",
-            ],
-        )?;
+    new_chain("filter", REJECT);
+    let tcp = ["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"];
+    let other = ["-j", "REJECT", "--reject-with", "icmp-port-unreachable"];
+    if !has("filter", REJECT, &tcp) {
+        let mut args = vec!["-I", REJECT, "1"];
+        args.extend_from_slice(&tcp);
+        iptables("filter", &args)?;
     }
-    if new_chain("filter", FORWARD) {
-        iptables(
-            "filter",
-            &[
-                "-A",
-                FORWARD,
-                "-o",
-                "kiln-+",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "RELATED,ESTABLISHED",
-                "-j",
-                "ACCEPT",
-            ],
-        )?;
-        // Nothing starts a connection into a VM (other VMs neither).
-        iptables("filter", &["-A", FORWARD, "-o", "kiln-+", "-j", REJECT])?;
+    if !has("filter", REJECT, &other) {
+        let mut args = vec!["-A", REJECT];
+        args.extend_from_slice(&other);
+        iptables("filter", &args)?;
+    }
+    new_chain("filter", FORWARD);
+    let replies = [
+        "-o",
+        "kiln-+",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "RELATED,ESTABLISHED",
+        "-j",
+        "ACCEPT",
+    ];
+    // Nothing starts a connection into a VM (other VMs neither).
+    let into = ["-o", "kiln-+", "-j", REJECT];
+    if !(has("filter", FORWARD, &replies) && has("filter", FORWARD, &into)) {
+        // Both first, ahead of the VMs' jumps (a copy left further down
+        // does no harm).
+        for (at, rule) in [("1", &replies[..]), ("2", &into[..])] {
+            let mut args = vec!["-I", FORWARD, at];
+            args.extend_from_slice(rule);
+            iptables("filter", &args)?;
+        }
     }
     new_chain("filter", INPUT);
     new_chain("nat", POSTROUTING);
@@ -183,7 +184,11 @@ fn ensure_base() -> Result<(), NetworkError> {
     ensure_jump("nat", "POSTROUTING", POSTROUTING)
 }
 
-/// Routing between the TAP devices and the outside.
+/// Routing between the TAP devices and the outside. Where forwarding was
+/// off, the host routed nothing: the `FORWARD` chain's policy becomes
+/// `DROP` first (as docker does), so that only what kiln's chains accept is
+/// routed, not traffic between the host's other networks. Where it was on
+/// already, the host's own routing is the admin's, and left alone.
 fn enable_forwarding() -> Result<(), NetworkError> {
     let p = "/proc/sys/net/ipv4/ip_forward";
     if std::fs::read_to_string(p)
@@ -192,6 +197,7 @@ fn enable_forwarding() -> Result<(), NetworkError> {
     {
         return Ok(());
     }
+    iptables("filter", &["-P", "FORWARD", "DROP"])?;
     std::fs::write(p, b"1").map_err(|source| NetworkError::Tun {
         what: "enable IPv4 forwarding (/proc/sys/net/ipv4/ip_forward)",
         source,
@@ -254,6 +260,11 @@ fn add_vm_locked(slot: &Slot, policy: &Policy) -> Result<(), NetworkError> {
     f(&[
         "-A", &inp, "-d", &host, "-p", "udp", "--dport", "53", "-j", "ACCEPT",
     ])?;
+    // The gateways of the pool are the host too; `network_allow` (for a
+    // registry in 10.0.0.0/8, say) does not open them.
+    if let Some(p) = policy.pool {
+        f(&["-A", &inp, "-d", &p.to_string(), "-j", REJECT])?;
+    }
     for c in [&fwd, &inp] {
         for d in &policy.deny {
             f(&["-A", c, "-d", &d.to_string(), "-j", REJECT])?;
@@ -271,6 +282,8 @@ fn add_vm_locked(slot: &Slot, policy: &Policy) -> Result<(), NetworkError> {
     }
     f(&["-A", &fwd, "-j", "ACCEPT"])?;
     f(&["-A", &inp, "-j", REJECT])?;
+    // Should `KILN-REJECT` ever return, the host is still closed.
+    f(&["-A", &inp, "-j", "DROP"])?;
     iptables("nat", &["-A", &fwd, "-j", "MASQUERADE"])?;
     f(&["-A", FORWARD, "-i", &tap, "-j", &fwd])?;
     f(&["-A", INPUT, "-i", &tap, "-j", &inp])?;

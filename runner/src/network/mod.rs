@@ -270,7 +270,18 @@ impl Networks {
                 let user = unavailable(NetworkMode::User);
                 match (nat, user) {
                     (None, _) => NetworkMode::Nat,
-                    (Some(_), None) => NetworkMode::User,
+                    (Some(why), None) => {
+                        // Not silently: `user` has no isolation (cloud
+                        // metadata and the host's private networks are
+                        // reachable as for any process of this user).
+                        tracing::warn!(
+                            "jobs get `user` networking (passt), without nat's isolation: \
+                             they reach what this user reaches, cloud metadata at \
+                             169.254.169.254 included ({why}); choose --network user or \
+                             none to silence this"
+                        );
+                        NetworkMode::User
+                    }
                     (Some(a), Some(b)) => {
                         tracing::warn!("jobs get no network: {a}; {b}");
                         NetworkMode::None

@@ -161,6 +161,11 @@ pub struct HostRoute {
 }
 
 impl HostRoute {
+    /// A route of a kiln VM's TAP (this kiln's or another's).
+    pub fn is_kiln(&self) -> bool {
+        self.dev.starts_with("kiln-")
+    }
+
     pub fn overlaps(&self, net: &Ipv4Net) -> bool {
         self.dst.contains(&net.network()) || net.contains(&self.dst.network())
     }
@@ -176,9 +181,11 @@ impl std::fmt::Display for HostRoute {
     }
 }
 
-/// The routes of `ip -j -4 route show table all` that are not kiln's: not
-/// on a `kiln-*` device (another kiln's VMs are told apart by their TAP) and
-/// not a default route (every address is inside one).
+/// The routes of `ip -j -4 route show table all` but default routes and
+/// those shorter than a /8, which a pool may not be (every address is
+/// inside one; a VPN's `0.0.0.0/1` and `128.0.0.0/1` are a default route
+/// in two halves). Routes of kiln's TAPs are kept ([`HostRoute::is_kiln`]):
+/// another kiln's pool may overlap this one's without being the same.
 pub fn parse_host_routes(json: &str) -> Result<Vec<HostRoute>, String> {
     #[derive(serde::Deserialize)]
     struct Route {
@@ -194,7 +201,7 @@ pub fn parse_host_routes(json: &str) -> Result<Vec<HostRoute>, String> {
         serde_json::from_str(json).map_err(|e| format!("`ip -j route` printed {e}"))?;
     let mut found = Vec::new();
     for r in routes {
-        if r.dst.is_empty() || r.dst == "default" || r.dev.starts_with("kiln-") {
+        if r.dst.is_empty() || r.dst == "default" {
             continue;
         }
         let dst = r
@@ -202,7 +209,7 @@ pub fn parse_host_routes(json: &str) -> Result<Vec<HostRoute>, String> {
             .parse::<Ipv4Net>()
             .or_else(|_| r.dst.parse::<Ipv4Addr>().map(Ipv4Net::from))
             .map_err(|_| format!("`ip -j route` printed a destination '{}'", r.dst))?;
-        if dst.prefix_len() == 0 {
+        if dst.prefix_len() < 8 {
             continue;
         }
         found.push(HostRoute {
@@ -213,8 +220,8 @@ pub fn parse_host_routes(json: &str) -> Result<Vec<HostRoute>, String> {
     Ok(found)
 }
 
-/// This host's routes that are not kiln's (every table: the local table
-/// holds its own addresses), from `ip`.
+/// This host's routes (every table: the local table holds its own
+/// addresses), from `ip`.
 pub fn host_routes() -> Result<Vec<HostRoute>, NetworkError> {
     let args = ["-j", "-4", "route", "show", "table", "all"];
     let out = std::process::Command::new("ip")
@@ -230,21 +237,23 @@ pub fn host_routes() -> Result<Vec<HostRoute>, NetworkError> {
     parse_host_routes(&String::from_utf8_lossy(&out.stdout)).map_err(NetworkError::Config)
 }
 
-/// Refuse a pool that lies wholly inside one of `routes` (no slot of it
-/// could ever be used); otherwise the routes it overlaps, whose slots
-/// [`Pool::take`]'s caller skips.
+/// Refuse a pool that lies wholly inside one of `routes` that is not
+/// kiln's (no slot of it could ever be used); otherwise the routes it
+/// overlaps that are not kiln's. ([`Pool::take`]'s caller skips every slot
+/// that overlaps any route, kiln's included.)
 pub fn check_against_routes(
     range: Ipv4Net,
     routes: &[HostRoute],
 ) -> Result<Vec<&HostRoute>, NetworkError> {
-    if let Some(r) = routes.iter().find(|r| r.dst.contains(&range)) {
+    let routes = routes.iter().filter(|r| !r.is_kiln());
+    if let Some(r) = routes.clone().find(|r| r.dst.contains(&range)) {
         return Err(NetworkError::Config(format!(
             "network pool {range} lies inside this host's route {r}: its addresses \
              would take over the host's traffic there; set `network_pool` \
              (--network-pool) to a range this host does not use"
         )));
     }
-    Ok(routes.iter().filter(|r| r.overlaps(&range)).collect())
+    Ok(routes.filter(|r| r.overlaps(&range)).collect())
 }
 
 #[cfg(test)]
@@ -288,7 +297,7 @@ mod tests {
     }
 
     #[test]
-    fn host_routes_are_read_and_kilns_own_and_default_ones_left_out() {
+    fn host_routes_are_read_and_default_like_ones_left_out() {
         let json = r#"[
           {"dst":"default","gateway":"192.168.1.1","dev":"eth0","flags":[]},
           {"dst":"192.168.1.0/24","dev":"eth0","protocol":"kernel","scope":"link"},
@@ -296,7 +305,9 @@ mod tests {
           {"type":"local","dst":"10.213.0.1","dev":"kiln-0","table":"local"},
           {"type":"local","dst":"10.99.0.7","dev":"lo","table":"local"},
           {"type":"unreachable","dst":"172.16.0.0/12","flags":[]},
-          {"type":"blackhole","dst":"0.0.0.0/0","table":"7"}
+          {"type":"blackhole","dst":"0.0.0.0/0","table":"7"},
+          {"dst":"0.0.0.0/1","gateway":"10.8.0.1","dev":"tun0"},
+          {"dst":"128.0.0.0/1","gateway":"10.8.0.1","dev":"tun0"}
         ]"#;
         let routes = parse_host_routes(json).unwrap();
         let shown: Vec<String> = routes.iter().map(|r| r.to_string()).collect();
@@ -304,10 +315,13 @@ mod tests {
             shown,
             [
                 "192.168.1.0/24 (dev eth0)",
+                "10.213.0.0/30 (dev kiln-0)",
+                "10.213.0.1/32 (dev kiln-0)",
                 "10.99.0.7/32 (dev lo)",
                 "172.16.0.0/12"
             ]
         );
+        assert!(routes[1].is_kiln() && !routes[0].is_kiln());
         assert!(parse_host_routes("not json").is_err());
         assert!(parse_host_routes(r#"[{"dst":"nonsense"}]"#).is_err());
     }
@@ -315,9 +329,13 @@ mod tests {
     #[test]
     fn a_pool_inside_a_host_route_is_refused_and_overlapping_slots_are_named() {
         let routes = parse_host_routes(
-            r#"[{"dst":"192.168.1.0/24","dev":"eth0"},{"dst":"10.213.0.5","dev":"lo"}]"#,
+            r#"[{"dst":"192.168.1.0/24","dev":"eth0"},{"dst":"10.213.0.5","dev":"lo"},
+                {"dst":"10.214.0.0/30","dev":"kiln-0"}]"#,
         )
         .unwrap();
+        // Another kiln's VM is no reason to refuse a pool, nor to warn.
+        let tiny = "10.214.0.0/30".parse().unwrap();
+        assert!(check_against_routes(tiny, &routes).unwrap().is_empty());
         let lan = Pool::new("192.168.1.0/26").unwrap();
         let e = check_against_routes(lan.range(), &routes).unwrap_err();
         assert!(e.to_string().contains("192.168.1.0/24 (dev eth0)"), "{e}");

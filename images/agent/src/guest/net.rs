@@ -343,6 +343,9 @@ pub fn files(c: &Checked, aliases: &[String]) -> [NameFile; 3] {
     for d in &c.dns {
         resolv.push_str(&format!("nameserver {d}\n"));
     }
+    // glibc asks without EDNS0 unless told, and an answer over 512 bytes
+    // then comes truncated, for a retry over TCP, which kiln does not relay.
+    resolv.push_str("options edns0\n");
     [
         ("/etc/resolv.conf", resolv),
         ("/etc/hosts", hosts(Some(c.address), &c.hostname, aliases)),
@@ -423,7 +426,7 @@ mod tests {
         assert_eq!(c.netmask, Ipv4Addr::new(255, 255, 255, 252));
         let [resolv, hosts, hostname] =
             files(&c, &["db".into(), "a b".into(), "x\n1.2.3.4 y".into()]);
-        assert!(resolv.1.ends_with("nameserver 10.213.0.1\n"));
+        assert!(resolv.1.ends_with("nameserver 10.213.0.1\noptions edns0\n"));
         assert!(hosts.1.contains("127.0.0.1\tlocalhost db\n"), "{}", hosts.1);
         assert!(hosts.1.contains("10.213.0.2\tkiln\n"));
         assert_eq!(hostname.1, "kiln\n");
