@@ -64,10 +64,15 @@ pub fn clean_stale_jobs(run_dir: &Path) -> usize {
         else {
             continue;
         };
-        if pid != std::process::id()
-            && !Path::new(&format!("/proc/{pid}")).exists()
-            && std::fs::remove_dir_all(e.path()).is_ok()
-        {
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        // Its QEMU and kiln-vmm died with it; a passt may not have.
+        let passts = crate::network::passt::kill_under(&e.path());
+        if passts > 0 {
+            tracing::info!("killed {passts} passt of {}", e.path().display());
+        }
+        if std::fs::remove_dir_all(e.path()).is_ok() {
             removed += 1;
         }
     }

@@ -116,6 +116,55 @@ pub fn spawn(socket: &Path, mtu: u32) -> Result<Passt, NetworkError> {
     })
 }
 
+/// Kill the passt processes whose socket lies under `dir`: those of a
+/// killed kiln's job directory, before it is removed. As root, passt runs
+/// as `nobody` (`--runas` clears its death signal), and one whose VM never
+/// connected would wait on its socket for ever (`--one-off` ends it only
+/// when its client goes). Returns how many were killed.
+pub fn kill_under(dir: &Path) -> usize {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = 0;
+    for e in procs.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        if is_passt_under(&cmdline, dir) {
+            // SAFETY: kill(2) on a pid just read; a passt of a dead kiln's
+            // job. (Were the pid reused in between, it would be by a
+            // process that is not this passt: a negligible window, as
+            // `pkill` has.)
+            if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                killed += 1;
+            }
+        }
+    }
+    killed
+}
+
+/// Whether `cmdline` (NUL-separated, as `/proc/<pid>/cmdline`) is passt's
+/// (Debian's re-executes itself as `passt.avx2`) with `--socket` under
+/// `dir`.
+pub fn is_passt_under(cmdline: &[u8], dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let mut args = cmdline.split(|b| *b == 0).map(std::ffi::OsStr::from_bytes);
+    let is_passt = args
+        .next()
+        .and_then(|a0| Path::new(a0).file_name())
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n == "passt" || n.starts_with("passt."));
+    if !is_passt {
+        return false;
+    }
+    let args: Vec<&std::ffi::OsStr> = args.collect();
+    args.windows(2)
+        .any(|w| w[0] == "--socket" && Path::new(w[1]).starts_with(dir))
+}
+
 impl Passt {
     /// Wait until passt has created its socket (blocking: run it on the
     /// blocking pool).
@@ -142,5 +191,56 @@ impl Passt {
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_passts_of_the_directory_are_picked() {
+        let dir = Path::new("/run/kiln/job-7-1");
+        let line = |args: &[&str]| args.join("\0").into_bytes();
+        let sock = "/run/kiln/job-7-1/passt/passt.sock";
+        assert!(is_passt_under(
+            &line(&["passt", "-f", "--socket", sock]),
+            dir
+        ));
+        assert!(is_passt_under(
+            &line(&["/usr/bin/passt.avx2", "--socket", sock]),
+            dir
+        ));
+        let other = "/run/kiln/job-7-10/passt/passt.sock";
+        assert!(!is_passt_under(&line(&["passt", "--socket", other]), dir));
+        assert!(!is_passt_under(&line(&["qemu", "--socket", sock]), dir));
+        assert!(!is_passt_under(&line(&["passt", sock]), dir));
+        assert!(!is_passt_under(b"", dir));
+    }
+
+    /// A stand-in named passt, with its socket under a directory, is
+    /// killed; the same under another directory is not.
+    #[test]
+    fn a_dead_jobs_passt_is_killed() {
+        let d = tempfile::tempdir().unwrap();
+        let (job, other) = (d.path().join("job-1-1"), d.path().join("job-1-2"));
+        let spawn = |dir: &Path| {
+            Command::new("sh")
+                .arg0("passt")
+                .args(["-c", "sleep 30; true", "--socket"])
+                .arg(dir.join("passt/passt.sock"))
+                .spawn()
+                .unwrap()
+        };
+        let (mut victim, mut bystander) = (spawn(&job), spawn(&other));
+        assert_eq!(kill_under(&job), 1);
+        let status = victim.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        assert_eq!(bystander.try_wait().unwrap(), None);
+        let _ = bystander.kill();
+        let _ = bystander.wait();
     }
 }
