@@ -426,7 +426,9 @@ impl Executor {
             }
             result.failure = Some(reason);
         }
-        drop(network);
+        // Its removal runs iptables and waits for a lock: off the runtime's
+        // threads, but finished before the job's result is.
+        let _ = tokio::task::spawn_blocking(move || drop(network)).await;
         drop(dir);
         result
     }
