@@ -168,6 +168,10 @@ pub struct RunnerConfig {
     /// IPv4 range the VMs' addresses come from (`nat`).
     #[serde(default = "network_pool")]
     pub network_pool: String,
+    /// Connections one job may have open at once, UDP flows included
+    /// (`nat`).
+    #[serde(default = "network_max_connections")]
+    pub network_max_connections: u32,
     /// DNS servers kiln relays jobs' queries to (default: the host's
     /// /etc/resolv.conf).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -188,6 +192,10 @@ fn yes() -> bool {
 
 fn network_pool() -> String {
     crate::network::pool::DEFAULT_POOL.into()
+}
+
+fn network_max_connections() -> u32 {
+    crate::network::DEFAULT_MAX_CONNECTIONS
 }
 
 // The VM settings default to the executor's (`executor::DEFAULT_*`).
@@ -369,6 +377,7 @@ impl RunnerConfig {
             allow: self.network_allow.clone(),
             deny: self.network_deny.clone(),
             dns: self.dns.clone(),
+            max_connections: self.network_max_connections,
             ..crate::network::NetworkConfig::default()
         })
     }

@@ -190,6 +190,10 @@ struct VmArgs {
     /// IPv4 range the VMs' addresses come from (nat).
     #[arg(long, default_value = kiln::network::pool::DEFAULT_POOL)]
     network_pool: String,
+    /// Connections the job may have open at once, UDP flows included
+    /// (nat); a new one past it is refused.
+    #[arg(long, default_value_t = kiln::network::DEFAULT_MAX_CONNECTIONS)]
+    network_max_connections: u32,
     /// DNS server kiln relays the job's queries to (repeatable; default:
     /// the host's /etc/resolv.conf).
     #[arg(long)]
@@ -473,6 +477,7 @@ fn executor_config(vm: &VmArgs, cache_dir: PathBuf, env: &Env) -> Result<Executo
             allow: vm.network_allow.clone(),
             deny: vm.network_deny.clone(),
             dns: vm.dns.clone(),
+            max_connections: vm.network_max_connections,
             ..Default::default()
         })
         .build()?)

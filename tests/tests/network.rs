@@ -682,6 +682,35 @@ fn the_pool_skips_the_hosts_own_routes() {
     assert_eq!(leftovers(&lab, &dir), Vec::<String>::new());
 }
 
+/// A job may hold `--network-max-connections` connections at once: with 4,
+/// a first connection outside works (it is closed after), then 6 held open
+/// at once (the outside server waits 10 s for their requests) leave a new
+/// one refused at once, not timed out.
+fn connections_past_the_limit_are_refused() {
+    let lab = Lab::new("cl").unwrap();
+    lab.http_server(&lab.outside, b"outside".to_vec()).unwrap();
+    let dir = harness::run_dir("net-connlimit");
+    let out_addr = OUTSIDE_ADDR.to_string();
+    let script = format!(
+        "{tries} echo FIRST-DONE; \
+         for i in 1 2 3 4 5 6; do (sleep 8 | nc {out_addr} 8080 >/dev/null 2>&1 &); done; \
+         sleep 3; try {out_addr}",
+        tries = tries(&[&out_addr]),
+    );
+    let mut args = job_args("nat", &script);
+    let at = args.iter().position(|a| a == "run-job").unwrap() + 1;
+    args.splice(at..at, ["--network-max-connections".into(), "4".into()]);
+    let o = show(kiln(&lab, &dir).args(&args).output().unwrap());
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let (first, rest) = out
+        .split_once("FIRST-DONE")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(try_line(first, &out_addr).contains("200 OK"), "{out}");
+    assert_refused_fast(rest.trim_start(), &out_addr);
+    assert_no_leaks(&dir);
+    assert_eq!(leftovers(&lab, &dir), Vec::<String>::new());
+}
+
 fn main() -> std::process::ExitCode {
     kiln_testkit::Suite::new()
         .test(
@@ -713,6 +742,11 @@ fn main() -> std::process::ExitCode {
             "ten_jobs_leave_nothing_behind",
             &needs(),
             ten_jobs_leave_nothing_behind,
+        )
+        .test(
+            "connections_past_the_limit_are_refused",
+            &needs(),
+            connections_past_the_limit_are_refused,
         )
         .test(
             "the_pool_skips_the_hosts_own_routes",

@@ -67,11 +67,14 @@ pub const L1_NET_MODULES: &[&str] = &[
     "xt_MASQUERADE",
     "xt_nat",
     "xt_length",
+    "xt_connlimit",
     "ipt_REJECT",
 ];
 
-/// Subdirectory of a cached kernel holding [`L1_NET_MODULES`] and `order`.
-const L1_NET_MODULES_DIR: &str = "l1-net-modules";
+/// Subdirectory of a cached kernel holding [`L1_NET_MODULES`] and `order`;
+/// its number changes with the list, so that a cache kept from before
+/// fetches the new set.
+const L1_NET_MODULES_DIR: &str = "l1-net-modules-2";
 
 /// A provisioned kernel: the image to boot and its modules in load order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

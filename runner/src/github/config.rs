@@ -113,6 +113,9 @@ pub struct Profile {
     pub network_allow: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub network_deny: Vec<String>,
+    /// Connections one job may have open at once, UDP flows included.
+    #[serde(default = "network_max_connections")]
+    pub network_max_connections: u32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns: Vec<String>,
     /// `auto`, `kvm` or `qemu`.
@@ -157,6 +160,9 @@ fn disk() -> u64 {
 }
 fn auto() -> String {
     "auto".into()
+}
+fn network_max_connections() -> u32 {
+    crate::network::DEFAULT_MAX_CONNECTIONS
 }
 fn six_hours() -> u64 {
     6 * 3600
@@ -390,6 +396,7 @@ impl Profile {
             allow: self.network_allow.clone(),
             deny: self.network_deny.clone(),
             dns: self.dns.clone(),
+            max_connections: self.network_max_connections,
             ..crate::network::NetworkConfig::default()
         })
     }

@@ -52,12 +52,15 @@ const POSTROUTING: &str = "KILN-POSTROUTING";
 const LOCK: &str = "/run/kiln-firewall.lock";
 
 /// What one VM may reach.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Policy {
     pub allow: Vec<Ipv4Net>,
     pub deny: Vec<Ipv4Net>,
     /// The whole address pool (other VMs).
     pub pool: Option<Ipv4Net>,
+    /// Connections the VM may have open at once (conntrack entries, UDP
+    /// flows included); a new one past it is refused.
+    pub max_connections: u32,
 }
 
 fn chain(index: u32) -> String {
@@ -244,6 +247,25 @@ fn add_vm_locked(slot: &Slot, policy: &Policy) -> Result<(), NetworkError> {
             "DROP",
         ])?;
         f(&["-A", c, "!", "-s", &guest, "-j", "DROP"])?;
+        // The host's connection tracking table is shared by the host and
+        // every VM: one guest opening flows without end would fill it.
+        f(&[
+            "-A",
+            c,
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW",
+            "-m",
+            "connlimit",
+            "--connlimit-above",
+            &policy.max_connections.to_string(),
+            "--connlimit-mask",
+            "32",
+            "--connlimit-saddr",
+            "-j",
+            REJECT,
+        ])?;
     }
     // Replies to what the host itself opened (the guest opens nothing
     // to the host but DNS).

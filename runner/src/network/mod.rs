@@ -108,7 +108,16 @@ pub struct NetworkConfig {
     /// Servers kiln's DNS relay asks; empty: the host's `/etc/resolv.conf`.
     pub dns: Vec<String>,
     pub mtu: u32,
+    /// Connections one VM may have open at once (`nat`; conntrack entries,
+    /// UDP flows included): a guest cannot fill the host's connection
+    /// tracking table, which the host and every other VM share.
+    pub max_connections: u32,
 }
+
+/// [`NetworkConfig::max_connections`] unless configured.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 4096;
+/// The most `max_connections` may be.
+pub const MAX_MAX_CONNECTIONS: u32 = 1 << 20;
 
 impl Default for NetworkConfig {
     /// No network: what library users and tests get unless they ask.
@@ -120,6 +129,7 @@ impl Default for NetworkConfig {
             deny: Vec::new(),
             dns: Vec::new(),
             mtu: 1500,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -243,7 +253,14 @@ impl Networks {
             allow: cidrs(&config.allow, "network_allow")?,
             deny: cidrs(&config.deny, "network_deny")?,
             pool: Some(pool.range()),
+            max_connections: config.max_connections,
         };
+        if !(1..=MAX_MAX_CONNECTIONS).contains(&config.max_connections) {
+            return Err(NetworkError::Config(format!(
+                "network_max_connections {} is outside 1..{MAX_MAX_CONNECTIONS}",
+                config.max_connections
+            )));
+        }
         let dns = config
             .dns
             .iter()
@@ -536,6 +553,10 @@ mod tests {
             },
             NetworkConfig {
                 pool: "10.0.0.0/31".into(),
+                ..base.clone()
+            },
+            NetworkConfig {
+                max_connections: 0,
                 ..base.clone()
             },
             NetworkConfig {
