@@ -331,7 +331,8 @@ fn cannot_reach_the_host_metadata_private_or_denied_networks() {
         &dir,
         "nat",
         &format!(
-            "{} nslookup {FILE_HOST} >/dev/null && echo DNS-OK",
+            "{} nslookup {FILE_HOST} >/dev/null && echo DNS-OK; \
+             nc -w 5 $gw 53 </dev/null; echo TCP53 rc=$?",
             tries(&[&outside, "$gw", &host, &hp, &md, &pn, &dn])
         ),
     );
@@ -343,6 +344,7 @@ fn cannot_reach_the_host_metadata_private_or_denied_networks() {
         out.contains("DNS-OK"),
         "kiln's DNS relay on the gateway: {out}"
     );
+    assert!(out.contains("TCP53 rc=0"), "the relay's TCP side: {out}");
     for a in ["$gw", &host, &hp, &md, &pn, &dn] {
         let a = if a == "$gw" {
             // The line names the gateway's address.

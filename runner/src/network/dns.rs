@@ -12,12 +12,19 @@
 //! an UPDATE or NOTIFY would reach the upstream from the host's address.
 //! The relay's socket and its queries belong to one task, so dropping the
 //! [`Relay`] frees the gateway's port 53 for the slot's next VM.
+//!
+//! DNS over TCP (RFC 7766) is relayed too, for the answers too large for
+//! the guest's UDP: at most [`MAX_TCP_CONNECTIONS`] connections per VM,
+//! each closed after [`TCP_IDLE`] without a whole query or after
+//! [`MAX_TCP_QUERIES`] queries; each query goes to the upstreams over TCP
+//! with the same checks and timeouts as over UDP.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -32,6 +39,12 @@ pub const MAX_ANSWER: usize = 65535;
 pub const MAX_IN_FLIGHT: usize = 32;
 /// How long one upstream server may take to answer.
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+/// TCP connections of one VM to the relay at once.
+pub const MAX_TCP_CONNECTIONS: usize = 8;
+/// How long a TCP connection may wait for its next whole query.
+pub const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Queries one TCP connection may carry.
+pub const MAX_TCP_QUERIES: usize = 64;
 /// At most this many upstream servers are tried, as glibc does.
 const MAX_SERVERS: usize = 3;
 
@@ -74,12 +87,14 @@ pub fn upstreams(configured: &[IpAddr]) -> Result<Vec<SocketAddr>, NetworkError>
 /// A running relay; stops when dropped.
 pub struct Relay {
     task: JoinHandle<()>,
+    tcp_task: JoinHandle<()>,
     pub addr: SocketAddr,
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
         self.task.abort();
+        self.tcp_task.abort();
     }
 }
 
@@ -90,27 +105,124 @@ pub async fn start(
     guest: IpAddr,
     upstreams: Vec<SocketAddr>,
 ) -> Result<Relay, NetworkError> {
-    // The slot's previous relay may still be going away (its task is
+    // The slot's previous relay may still be going away (its tasks are
     // aborted, not awaited): give it a moment.
+    let sock = retry_in_use(|| UdpSocket::bind(listen))
+        .await
+        .map_err(|source| NetworkError::Tun {
+            what: "bind kiln's DNS relay on the VM's gateway address",
+            source,
+        })?;
+    let addr = sock.local_addr().unwrap_or(listen);
+    // The same port over TCP (a port 0 `listen`, in tests, is UDP's).
+    let tcp = retry_in_use(|| TcpListener::bind(addr))
+        .await
+        .map_err(|source| NetworkError::Tun {
+            what: "bind kiln's DNS relay (TCP) on the VM's gateway address",
+            source,
+        })?;
+    let tcp_task = tokio::spawn(serve_tcp(tcp, guest, upstreams.clone()));
+    let task = tokio::spawn(serve(sock, guest, upstreams));
+    Ok(Relay {
+        task,
+        tcp_task,
+        addr,
+    })
+}
+
+/// `bind` again while its address is in use, for up to 2 s.
+async fn retry_in_use<T, F: std::future::Future<Output = std::io::Result<T>>>(
+    mut bind: impl FnMut() -> F,
+) -> std::io::Result<T> {
     let mut tries = 0;
-    let sock = loop {
-        match UdpSocket::bind(listen).await {
-            Ok(s) => break s,
+    loop {
+        match bind().await {
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 40 => {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            Err(source) => {
-                return Err(NetworkError::Tun {
-                    what: "bind kiln's DNS relay on the VM's gateway address",
-                    source,
-                })
-            }
+            r => return r,
         }
+    }
+}
+
+/// The TCP side's one task: it owns the listener and the connections, so
+/// aborting it ends them all.
+async fn serve_tcp(l: TcpListener, guest: IpAddr, upstreams: Vec<SocketAddr>) {
+    let upstreams: Arc<[SocketAddr]> = upstreams.into();
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            got = l.accept() => {
+                let Ok((c, peer)) = got else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                if peer.ip() != guest || conns.len() >= MAX_TCP_CONNECTIONS {
+                    continue; // dropped: closed
+                }
+                conns.spawn(tcp_connection(c, upstreams.clone()));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+/// Read one length-prefixed DNS message of at most `max` bytes; `None` at
+/// the end, on a timeout, or for one over `max`.
+async fn read_framed(c: &mut TcpStream, max: usize, within: Duration) -> Option<Vec<u8>> {
+    let read = async {
+        let n = usize::from(c.read_u16().await.ok()?);
+        if !(12..=max).contains(&n) {
+            return None;
+        }
+        let mut m = vec![0u8; n];
+        c.read_exact(&mut m).await.ok()?;
+        Some(m)
     };
-    let addr = sock.local_addr().unwrap_or(listen);
-    let task = tokio::spawn(serve(sock, guest, upstreams));
-    Ok(Relay { task, addr })
+    tokio::time::timeout(within, read).await.ok().flatten()
+}
+
+async fn write_framed(c: &mut TcpStream, m: &[u8]) -> Option<()> {
+    let n = u16::try_from(m.len()).ok()?;
+    let mut out = Vec::with_capacity(m.len() + 2);
+    out.extend_from_slice(&n.to_be_bytes());
+    out.extend_from_slice(m);
+    c.write_all(&out).await.ok()
+}
+
+/// One guest connection: standard queries in, answers out, in order.
+async fn tcp_connection(mut c: TcpStream, upstreams: Arc<[SocketAddr]>) {
+    for _ in 0..MAX_TCP_QUERIES {
+        let Some(query) = read_framed(&mut c, MAX_MESSAGE, TCP_IDLE).await else {
+            return;
+        };
+        if !is_standard_query(&query) {
+            return;
+        }
+        let Some(answer) = relay_tcp(&query, &upstreams).await else {
+            return;
+        };
+        if write_framed(&mut c, &answer).await.is_none() {
+            return;
+        }
+    }
+}
+
+/// [`relay`] over TCP.
+async fn relay_tcp(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
+    for server in upstreams {
+        let attempt = async {
+            let mut s = TcpStream::connect(server).await.ok()?;
+            write_framed(&mut s, query).await?;
+            let a = read_framed(&mut s, MAX_ANSWER, UPSTREAM_TIMEOUT).await?;
+            (a[..2] == query[..2] && a[2] & 0x80 != 0).then_some(a)
+        };
+        if let Ok(Some(a)) = tokio::time::timeout(UPSTREAM_TIMEOUT, attempt).await {
+            return Some(a);
+        }
+    }
+    None
 }
 
 /// Whether `m` is a standard query with one question (QR 0, opcode 0,
@@ -308,5 +420,65 @@ mod tests {
         let again = start(addr, "127.0.0.1".parse().unwrap(), vec![up]).await;
         assert!(again.is_ok(), "rebinding {addr}: {:?}", again.err());
         assert!(t.elapsed() < UPSTREAM_TIMEOUT, "{:?}", t.elapsed());
+    }
+
+    /// Over TCP: a guest's length-prefixed query reaches a TCP upstream
+    /// and its answer (larger than UDP's 512 bytes) comes back whole; a
+    /// second query on the same connection too; an update closes the
+    /// connection; a stranger's connection is closed at once.
+    #[tokio::test]
+    async fn relays_over_tcp_only_for_the_guest() {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = upstream.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = upstream.accept().await {
+                tokio::spawn(async move {
+                    while let Some(q) = read_framed(&mut c, 4096, UPSTREAM_TIMEOUT).await {
+                        let mut a = q.clone();
+                        a[2] |= 0x80;
+                        a.resize(3000, 0x5a); // too large for plain UDP
+                        if write_framed(&mut c, &a).await.is_none() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let r = start(
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1".parse().unwrap(),
+            vec![up],
+        )
+        .await
+        .unwrap();
+        let mut c = TcpStream::connect(r.addr).await.unwrap();
+        for id in [0x11u8, 0x22] {
+            let q = [id, id, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+            write_framed(&mut c, &q).await.unwrap();
+            let a = read_framed(&mut c, MAX_ANSWER, Duration::from_secs(5))
+                .await
+                .expect("the relay answers over TCP");
+            assert_eq!((a.len(), &a[..3]), (3000, &[id, id, 0x81][..]));
+        }
+        write_framed(&mut c, &[0, 9, 5 << 3, 0, 0, 1, 0, 0, 0, 1, 0, 0])
+            .await
+            .unwrap();
+        let mut b = [0u8; 8];
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b))
+            .await
+            .expect("an update closes the connection")
+            .unwrap();
+        assert_eq!(n, 0);
+
+        // Bound to 127.0.0.2: not the guest's address.
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut stranger = s.connect(r.addr).await.unwrap();
+        let q = [0x33, 0x33, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        let _ = write_framed(&mut stranger, &q).await;
+        let got = tokio::time::timeout(Duration::from_secs(5), stranger.read(&mut b))
+            .await
+            .expect("the stranger's connection is closed");
+        assert!(matches!(got, Ok(0) | Err(_)), "{got:?}");
     }
 }

@@ -279,9 +279,11 @@ fn add_vm_locked(slot: &Slot, policy: &Policy) -> Result<(), NetworkError> {
         "-j",
         "ACCEPT",
     ])?;
-    f(&[
-        "-A", &inp, "-d", &host, "-p", "udp", "--dport", "53", "-j", "ACCEPT",
-    ])?;
+    for proto in ["udp", "tcp"] {
+        f(&[
+            "-A", &inp, "-d", &host, "-p", proto, "--dport", "53", "-j", "ACCEPT",
+        ])?;
+    }
     // The gateways of the pool are the host too; `network_allow` (for a
     // registry in 10.0.0.0/8, say) does not open them.
     if let Some(p) = policy.pool {
