@@ -74,8 +74,10 @@ impl Control {
     }
 
     /// Record how the VM ended (the first report wins). The VM is over:
-    /// every thread is told to stop, and the console is shut down so that
-    /// whoever reads it sees the end of the stream, as when QEMU exits.
+    /// every thread is told to stop. The console is shut down by the event
+    /// loop once it has handed the host what the guest wrote last
+    /// ([`Control::close_console`]), so that whoever reads it sees all of
+    /// it and then the end of the stream, as when QEMU exits.
     pub fn finish(&self, status: ExitStatus) {
         let first = self.exit.send_if_modified(|s| {
             if s.is_none() {
@@ -88,8 +90,12 @@ impl Control {
         if first {
             self.stop.store(true, Ordering::Release);
             self.wake();
-            let _ = self.console.shutdown(std::net::Shutdown::Both);
         }
+    }
+
+    /// Shut the console down: its reader sees the end of the stream.
+    pub fn close_console(&self) {
+        let _ = self.console.shutdown(std::net::Shutdown::Both);
     }
 
     /// Tell every thread to stop, whatever has been reported so far.

@@ -6,6 +6,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -13,6 +14,10 @@ use super::bus::Bus;
 use super::control::Control;
 use super::devices::virtio::mmio::HostInterest;
 use crate::machine::ExitStatus;
+
+/// How long a stopped VM's devices may take to hand the host what they
+/// still hold for it.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy)]
 enum Token {
@@ -119,6 +124,51 @@ impl EventLoop {
         }
     }
 
+    /// The VM is over: hand the host what the devices still hold for it
+    /// (the guest's last console line: a guest that writes it and resets at
+    /// once has it taken from its queue, but not yet written to a socket
+    /// that was full), for at most [`DRAIN_TIMEOUT`]. No queue is processed
+    /// any more.
+    fn drain_host_output(&mut self) {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        let mut events = vec![EpollEvent::default(); 64];
+        loop {
+            let mut pending = false;
+            for d in 0..self.host.len() {
+                self.update_host(d);
+                pending |= self.host[d].is_some_and(|i| i.write);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !pending || left.is_zero() {
+                return;
+            }
+            let ms = left.as_millis().clamp(1, 1000) as i32;
+            let n = match self.epoll.wait(ms, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            for ev in &events[..n] {
+                match self.tokens.get(ev.data() as usize).copied() {
+                    Some(Token::Host(d)) => {
+                        if let Ok(mut t) = self.bus.virtio_devices()[d].transport.lock() {
+                            t.host_ready();
+                        }
+                    }
+                    Some(Token::Wake) => {
+                        let _ = self.control.wake_fd().read();
+                    }
+                    Some(Token::Notify(d, q)) => {
+                        if let Ok(t) = self.bus.virtio_devices()[d].transport.lock() {
+                            let _ = t.queue_evts[q].read();
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+
     /// Run until the VM stops (or epoll fails, which ends the VM).
     pub fn run(mut self) {
         let mut events = vec![EpollEvent::default(); 64];
@@ -130,6 +180,7 @@ impl EventLoop {
                     tracing::error!("event loop: epoll_wait failed: {e}");
                     self.control
                         .finish(ExitStatus::Failed(format!("VMM event loop failed: {e}")));
+                    self.control.close_console();
                     return;
                 }
             };
@@ -141,6 +192,8 @@ impl EventLoop {
                     Token::Wake => {
                         let _ = self.control.wake_fd().read();
                         if self.control.stopping() {
+                            self.drain_host_output();
+                            self.control.close_console();
                             return;
                         }
                         for d in 0..self.host.len() {

@@ -224,6 +224,8 @@ impl KvmMachine {
         kick::join_vcpus(std::mem::take(&mut self.vcpu_threads), STOP_TIMEOUT);
         if let Some(h) = self.event_thread.take() {
             let _ = h.join();
+            // Where the event loop never ran, nobody else ends the stream.
+            self.control.close_console();
         }
         if self.exited.is_none() {
             self.exited = self.exit_rx.borrow().clone();
