@@ -301,6 +301,14 @@ async fn relay(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
+    /// A relay on a free loopback port for the guest 127.0.0.1, asking `up`.
+    async fn loopback_relay(up: SocketAddr) -> Relay {
+        let guest: IpAddr = "127.0.0.1".parse().unwrap();
+        start(SocketAddr::new(guest, 0), guest, vec![up])
+            .await
+            .unwrap()
+    }
+
     #[test]
     fn resolv_conf_servers_in_order_at_most_three() {
         let t = "# c\nsearch x\nnameserver 127.0.0.53\nnameserver fe80::1%eth0\n\
@@ -331,13 +339,7 @@ mod tests {
             }
         });
         let guest = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let r = start(
-            "127.0.0.1:0".parse().unwrap(),
-            "127.0.0.1".parse().unwrap(),
-            vec![up],
-        )
-        .await
-        .unwrap();
+        let r = loopback_relay(up).await;
         let q = [0xab, 0xcd, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
         guest.send_to(&q, r.addr).await.unwrap();
         let mut b = [0u8; 64];
@@ -368,13 +370,7 @@ mod tests {
         let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let up = upstream.local_addr().unwrap();
         let guest = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let r = start(
-            "127.0.0.1:0".parse().unwrap(),
-            "127.0.0.1".parse().unwrap(),
-            vec![up],
-        )
-        .await
-        .unwrap();
+        let r = loopback_relay(up).await;
         let update = [0, 1, 5 << 3, 0, 0, 1, 0, 0, 0, 1, 0, 0];
         let notify = [0, 2, 4 << 3, 0, 0, 1, 0, 0, 0, 0, 0, 0];
         let response = [0, 3, 0x81, 0x80, 0, 1, 0, 0, 0, 0, 0, 0];
@@ -400,13 +396,7 @@ mod tests {
         let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let up = silent.local_addr().unwrap();
         let guest = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let r = start(
-            "127.0.0.1:0".parse().unwrap(),
-            "127.0.0.1".parse().unwrap(),
-            vec![up],
-        )
-        .await
-        .unwrap();
+        let r = loopback_relay(up).await;
         let addr = r.addr;
         let q = [0xab, 0xcd, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
         guest.send_to(&q, addr).await.unwrap();
@@ -444,13 +434,7 @@ mod tests {
                 });
             }
         });
-        let r = start(
-            "127.0.0.1:0".parse().unwrap(),
-            "127.0.0.1".parse().unwrap(),
-            vec![up],
-        )
-        .await
-        .unwrap();
+        let r = loopback_relay(up).await;
         let mut c = TcpStream::connect(r.addr).await.unwrap();
         for id in [0x11u8, 0x22] {
             let q = [id, id, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
